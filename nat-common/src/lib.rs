@@ -1,0 +1,482 @@
+//! Map keys, values and constants shared by the eBPF programs (`nat-ebpf`) and the loader
+//! (`nat-user`).
+//!
+//! Every type is `#[repr(C)]` with explicit, zeroed padding: the kernel hashes raw key bytes,
+//! and `bytemuck::Pod` refuses to derive for a type with implicit padding. Addresses and ports
+//! are byte arrays in network order so that `bpftool map dump` prints them readably
+//! (`[10,88,0,2]`, `[0,80]`); integers that people do not read as addresses are native-endian.
+#![no_std]
+
+use bytemuck::{Pod, Zeroable};
+
+/// Version of the pinned layout. Bumped whenever a map's key or value changes, so that a new
+/// loader never silently reuses an old, differently shaped map pinned by an earlier version.
+pub const PIN_VERSION: &str = "v1";
+
+/// Map names as the kernel and bpftool see them (also the pin file names).
+pub mod map_names {
+    pub const CONFIG: &str = "config";
+    pub const ENDPOINTS: &str = "endpoints";
+    pub const PORTS: &str = "ports";
+    pub const CONNTRACK: &str = "conntrack";
+    pub const STATS: &str = "stats";
+}
+
+/// Program names in the eBPF object.
+pub mod prog_names {
+    /// TC ingress of a container's host-side veth: everything the container sends.
+    pub const TC_CONTAINER: &str = "tc_container";
+    /// TC ingress of the uplink: everything that arrives from outside.
+    pub const TC_UPLINK: &str = "tc_uplink";
+}
+
+/// Default size of the conntrack table (entries; two per connection).
+pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
+pub const ENDPOINTS_MAX_ENTRIES: u32 = 65_536;
+pub const PORTS_MAX_ENTRIES: u32 = 262_144;
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// `Config::flags`: masquerade traffic from the container subnet that leaves by the uplink.
+pub const CFG_MASQUERADE: u32 = 1 << 0;
+
+/// Node-wide settings, the single entry (index 0) of the `config` array map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Config {
+    /// ifindex of the uplink in the node's namespace; 0 while the datapath is down.
+    pub uplink_ifindex: u32,
+    /// `CFG_*` bits.
+    pub flags: u32,
+    /// Source address written by MASQUERADE (network order).
+    pub snat_addr: [u8; 4],
+    /// Virtual gateway address of the container subnet (network order).
+    pub gateway_addr: [u8; 4],
+    /// Container subnet base address (network order).
+    pub subnet_addr: [u8; 4],
+    /// Container subnet mask (network order), e.g. `[255,255,0,0]`.
+    pub subnet_mask: [u8; 4],
+    /// First port MASQUERADE may allocate when the original source port is taken (host order).
+    pub port_min: u16,
+    /// Last port MASQUERADE may allocate (host order, inclusive).
+    pub port_max: u16,
+    pub _pad: [u8; 4],
+}
+
+/// Endpoint flag: the entry is a container attached to this node.
+pub const EP_CONTAINER: u32 = 1 << 0;
+
+/// `endpoints` hash map value, keyed by the container's IPv4 address (`[u8; 4]`, network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Endpoint {
+    /// ifindex of the container's host-side veth in the node's namespace.
+    pub ifindex: u32,
+    /// `EP_*` bits.
+    pub flags: u32,
+    /// MAC address of the container's `eth0`.
+    pub mac: [u8; 6],
+    /// MAC address of the host-side veth; ARP for the gateway is answered with it.
+    pub host_mac: [u8; 6],
+}
+
+/// `ports` hash map key: a published port. `host_addr` all zero means every node address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct PortKey {
+    /// Host address the port is bound to, network order; `[0,0,0,0]` = any.
+    pub host_addr: [u8; 4],
+    /// Host port, network order.
+    pub host_port: [u8; 2],
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// `ports` hash map value: where a published port leads.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct PortTarget {
+    /// Container address, network order.
+    pub addr: [u8; 4],
+    /// Container port, network order.
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+    /// Incremented whenever the mapping is (re)written; conntrack entries created under an older
+    /// generation are not reused.
+    pub generation: u32,
+}
+
+/// `conntrack` key: a packet's tuple exactly as it is on the wire at the hook that looks it up.
+///
+/// For ICMP echo, the identifier stands in for a port: requests use
+/// `src_port = id, dst_port = 0`, replies `src_port = 0, dst_port = id`, so that swapping the
+/// two ends of a request's tuple yields its reply's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct CtKey {
+    /// Source address, network order.
+    pub src_addr: [u8; 4],
+    /// Destination address, network order.
+    pub dst_addr: [u8; 4],
+    /// Source port (or ICMP id), network order.
+    pub src_port: [u8; 2],
+    /// Destination port (or ICMP id), network order.
+    pub dst_port: [u8; 2],
+    /// IP protocol number.
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl CtKey {
+    /// The tuple of the packets that travel the other way.
+    #[must_use]
+    pub const fn reversed(&self) -> Self {
+        Self {
+            src_addr: self.dst_addr,
+            dst_addr: self.src_addr,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// `CtEntry::nat`: the source is rewritten (MASQUERADE, or the reply of a DNAT).
+pub const NAT_SNAT: u8 = 1;
+/// `CtEntry::nat`: the destination is rewritten (DNAT, or the reply of a MASQUERADE).
+pub const NAT_DNAT: u8 = 2;
+
+/// `CtEntry::dir`: the direction that created the connection.
+pub const DIR_ORIGINAL: u8 = 0;
+/// `CtEntry::dir`: the answering direction.
+pub const DIR_REPLY: u8 = 1;
+
+/// `CtEntry::origin`: a container's connection to the outside, masqueraded.
+pub const ORIGIN_MASQUERADE: u8 = 1;
+/// `CtEntry::origin`: an outside client's connection to a published port.
+pub const ORIGIN_PUBLISHED: u8 = 2;
+
+/// TCP states (`CtEntry::state` for TCP), after nf_conntrack's.
+pub mod tcp_state {
+    pub const NONE: u8 = 0;
+    pub const SYN_SENT: u8 = 1;
+    pub const SYN_RECV: u8 = 2;
+    pub const ESTABLISHED: u8 = 3;
+    pub const FIN_WAIT: u8 = 4;
+    pub const CLOSE_WAIT: u8 = 5;
+    pub const LAST_ACK: u8 = 6;
+    pub const TIME_WAIT: u8 = 7;
+    pub const CLOSE: u8 = 8;
+}
+
+/// TCP flag bits as in the header's flags byte.
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+}
+
+/// The TCP state after a packet with `flags` travelling in direction `dir` (`DIR_*`).
+///
+/// Loose like nf_conntrack: a connection first seen mid-stream starts ESTABLISHED; a SYN on a
+/// closed or closing connection reopens it.
+#[must_use]
+pub const fn tcp_transition(state: u8, dir: u8, flags: u8) -> u8 {
+    use tcp_flags::{ACK, FIN, RST, SYN};
+    use tcp_state::{
+        CLOSE, CLOSE_WAIT, ESTABLISHED, FIN_WAIT, LAST_ACK, NONE, SYN_RECV, SYN_SENT, TIME_WAIT,
+    };
+    if flags & RST != 0 {
+        return CLOSE;
+    }
+    if flags & SYN != 0 {
+        if flags & ACK == 0 {
+            return if dir == DIR_ORIGINAL { SYN_SENT } else { state };
+        }
+        return if dir == DIR_REPLY && state == SYN_SENT { SYN_RECV } else { state };
+    }
+    if state == NONE {
+        return ESTABLISHED;
+    }
+    if flags & FIN != 0 {
+        return match state {
+            SYN_RECV | ESTABLISHED => FIN_WAIT,
+            FIN_WAIT | CLOSE_WAIT => LAST_ACK,
+            s => s,
+        };
+    }
+    if flags & ACK != 0 {
+        return match state {
+            SYN_RECV => ESTABLISHED,
+            LAST_ACK => TIME_WAIT,
+            s => s,
+        };
+    }
+    state
+}
+
+/// UDP/ICMP states (`CtEntry::state` for those protocols).
+pub mod dgram_state {
+    /// Only the original direction has been seen.
+    pub const UNREPLIED: u8 = 0;
+    /// Packets have been seen both ways.
+    pub const REPLIED: u8 = 1;
+}
+
+/// Timeouts in nanoseconds, after nf_conntrack's defaults.
+pub mod timeout {
+    const S: u64 = 1_000_000_000;
+    pub const TCP_SYN_SENT: u64 = 120 * S;
+    pub const TCP_SYN_RECV: u64 = 60 * S;
+    pub const TCP_ESTABLISHED: u64 = 432_000 * S;
+    pub const TCP_FIN_WAIT: u64 = 120 * S;
+    pub const TCP_CLOSE_WAIT: u64 = 60 * S;
+    pub const TCP_LAST_ACK: u64 = 30 * S;
+    pub const TCP_TIME_WAIT: u64 = 120 * S;
+    pub const TCP_CLOSE: u64 = 10 * S;
+    pub const UDP_UNREPLIED: u64 = 30 * S;
+    pub const UDP_REPLIED: u64 = 120 * S;
+    pub const ICMP: u64 = 30 * S;
+}
+
+/// How long an entry in `state` for protocol `proto` may stay idle.
+#[must_use]
+pub const fn ct_timeout_ns(proto: u8, state: u8) -> u64 {
+    match proto {
+        PROTO_TCP => match state {
+            tcp_state::SYN_SENT | tcp_state::NONE => timeout::TCP_SYN_SENT,
+            tcp_state::SYN_RECV => timeout::TCP_SYN_RECV,
+            tcp_state::ESTABLISHED => timeout::TCP_ESTABLISHED,
+            tcp_state::FIN_WAIT => timeout::TCP_FIN_WAIT,
+            tcp_state::CLOSE_WAIT => timeout::TCP_CLOSE_WAIT,
+            tcp_state::LAST_ACK => timeout::TCP_LAST_ACK,
+            tcp_state::TIME_WAIT => timeout::TCP_TIME_WAIT,
+            _ => timeout::TCP_CLOSE,
+        },
+        PROTO_UDP => {
+            if state == dgram_state::REPLIED {
+                timeout::UDP_REPLIED
+            } else {
+                timeout::UDP_UNREPLIED
+            }
+        }
+        _ => timeout::ICMP,
+    }
+}
+
+/// `conntrack` value: what to do with packets of one direction of a connection.
+///
+/// A connection has two entries, created together: one keyed by the original direction's
+/// tuple and one by the reply direction's, so either direction is a single lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct CtEntry {
+    /// Source address after translation, network order.
+    pub xlate_src_addr: [u8; 4],
+    /// Destination address after translation, network order.
+    pub xlate_dst_addr: [u8; 4],
+    /// Source port (ICMP id) after translation, network order.
+    pub xlate_src_port: [u8; 2],
+    /// Destination port (ICMP id) after translation, network order.
+    pub xlate_dst_port: [u8; 2],
+    /// `NAT_SNAT` / `NAT_DNAT` bits.
+    pub nat: u8,
+    /// `DIR_ORIGINAL` or `DIR_REPLY`.
+    pub dir: u8,
+    /// `tcp_state::*` or `dgram_state::*`; kept equal in both entries.
+    pub state: u8,
+    /// `ORIGIN_*`: which rule created the connection.
+    pub origin: u8,
+    /// Generation of the port mapping that created the connection (published ports only).
+    pub generation: u32,
+    /// ifindex of the container's host veth this connection belongs to.
+    pub ifindex: u32,
+    /// `bpf_ktime_get_boot_ns` at creation (CLOCK_BOOTTIME).
+    pub created_ns: u64,
+    /// `bpf_ktime_get_boot_ns` of the last packet in this direction.
+    pub last_seen_ns: u64,
+    /// Packets seen in this direction.
+    pub packets: u64,
+    /// Bytes (IP total length) seen in this direction.
+    pub bytes: u64,
+}
+
+/// Why a packet was counted: the index into the per-CPU `stats` array.
+///
+/// Append only: the numbers are part of the pinned layout.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Handed to the kernel stack unchanged (not ours to handle).
+    Pass = 0,
+    /// Container to container, redirected to the peer's veth.
+    Forward = 1,
+    /// A new masqueraded connection.
+    SnatNew = 2,
+    /// A new connection to a published port.
+    DnatNew = 3,
+    /// A packet of a tracked connection, translated.
+    CtHit = 4,
+    /// ARP request answered by the datapath.
+    ArpReply = 5,
+    /// Packet redirected to the uplink after a FIB lookup.
+    FibRedirect = 6,
+    /// Packet redirected to the uplink, neighbour resolved by the kernel.
+    NeighRedirect = 7,
+    /// Translated, then handed to the stack (no FIB result to redirect with).
+    StackAfterNat = 8,
+    /// Dropped: source address or MAC not the one the container owns.
+    DropSpoof = 9,
+    /// Dropped: header truncated.
+    DropTruncated = 10,
+    /// Dropped: fragment of a datagram that would need translation.
+    DropFragment = 11,
+    /// Dropped: no free SNAT port within the probe budget.
+    DropNoPort = 12,
+    /// Dropped: conntrack insert failed.
+    DropCtFull = 13,
+    /// Dropped: ARP for an address the datapath does not know.
+    DropArpUnknown = 14,
+    /// Dropped: a helper (store, checksum, redirect) failed.
+    DropHelper = 15,
+    /// Dropped: a published port points at a container that is not attached.
+    DropNoEndpoint = 16,
+    /// Dropped: datapath not configured (`config` empty).
+    DropNoConfig = 17,
+    /// Dropped: TTL would reach zero.
+    DropTtl = 18,
+    /// Dropped: protocol that cannot be masqueraded (not TCP, UDP or ICMP echo).
+    DropUnsupported = 19,
+    /// Dropped: an outside packet for a container address that no published port or tracked
+    /// connection allows.
+    DropNotPublished = 20,
+}
+
+/// Number of `Reason` slots in the `stats` array.
+pub const REASON_COUNT: u32 = 21;
+
+impl Reason {
+    /// Every reason with its stable name, in index order.
+    pub const ALL: [(Self, &'static str); REASON_COUNT as usize] = [
+        (Self::Pass, "pass"),
+        (Self::Forward, "forward"),
+        (Self::SnatNew, "snat_new"),
+        (Self::DnatNew, "dnat_new"),
+        (Self::CtHit, "ct_hit"),
+        (Self::ArpReply, "arp_reply"),
+        (Self::FibRedirect, "fib_redirect"),
+        (Self::NeighRedirect, "neigh_redirect"),
+        (Self::StackAfterNat, "stack_after_nat"),
+        (Self::DropSpoof, "drop_spoof"),
+        (Self::DropTruncated, "drop_truncated"),
+        (Self::DropFragment, "drop_fragment"),
+        (Self::DropNoPort, "drop_no_port"),
+        (Self::DropCtFull, "drop_ct_full"),
+        (Self::DropArpUnknown, "drop_arp_unknown"),
+        (Self::DropHelper, "drop_helper"),
+        (Self::DropNoEndpoint, "drop_no_endpoint"),
+        (Self::DropNoConfig, "drop_no_config"),
+        (Self::DropTtl, "drop_ttl"),
+        (Self::DropUnsupported, "drop_unsupported"),
+        (Self::DropNotPublished, "drop_not_published"),
+    ];
+}
+
+/// One slot of the per-CPU `stats` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::{Config, Counter, CtEntry, CtKey, Endpoint, PortKey, PortTarget};
+
+    // SAFETY: every type is `#[repr(C)]`, `bytemuck::Pod` (no padding, any bit pattern valid).
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for Endpoint {}
+    unsafe impl aya::Pod for PortKey {}
+    unsafe impl aya::Pod for PortTarget {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for Counter {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reversed_swaps_both_ends() {
+        let k = CtKey {
+            src_addr: [10, 88, 0, 2],
+            dst_addr: [198, 51, 100, 1],
+            src_port: 40000u16.to_be_bytes(),
+            dst_port: 80u16.to_be_bytes(),
+            proto: PROTO_TCP,
+            _pad: [0; 3],
+        };
+        let r = k.reversed();
+        assert_eq!(r.src_addr, k.dst_addr);
+        assert_eq!(r.dst_port, k.src_port);
+        assert_eq!(r.reversed(), k);
+    }
+
+    #[test]
+    fn layouts_have_the_sizes_bpftool_shows() {
+        assert_eq!(size_of::<CtKey>(), 16);
+        assert_eq!(size_of::<CtEntry>(), 56);
+        assert_eq!(size_of::<PortKey>(), 8);
+        assert_eq!(size_of::<PortTarget>(), 12);
+        assert_eq!(size_of::<Endpoint>(), 20);
+        assert_eq!(size_of::<Config>(), 32);
+    }
+
+    #[test]
+    fn reason_table_is_in_index_order() {
+        for (i, (r, _)) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+    }
+
+    #[test]
+    fn tcp_handshake_and_close_walk_the_states() {
+        use tcp_flags::{ACK, FIN, RST, SYN};
+        let mut s = tcp_state::NONE;
+        s = tcp_transition(s, DIR_ORIGINAL, SYN);
+        assert_eq!(s, tcp_state::SYN_SENT);
+        s = tcp_transition(s, DIR_REPLY, SYN | ACK);
+        assert_eq!(s, tcp_state::SYN_RECV);
+        s = tcp_transition(s, DIR_ORIGINAL, ACK);
+        assert_eq!(s, tcp_state::ESTABLISHED);
+        s = tcp_transition(s, DIR_ORIGINAL, FIN | ACK);
+        assert_eq!(s, tcp_state::FIN_WAIT);
+        s = tcp_transition(s, DIR_REPLY, FIN | ACK);
+        assert_eq!(s, tcp_state::LAST_ACK);
+        s = tcp_transition(s, DIR_ORIGINAL, ACK);
+        assert_eq!(s, tcp_state::TIME_WAIT);
+        assert_eq!(tcp_transition(s, DIR_ORIGINAL, SYN), tcp_state::SYN_SENT);
+        assert_eq!(tcp_transition(tcp_state::ESTABLISHED, DIR_REPLY, RST), tcp_state::CLOSE);
+        assert_eq!(tcp_transition(tcp_state::NONE, DIR_ORIGINAL, ACK), tcp_state::ESTABLISHED);
+    }
+
+    #[test]
+    fn timeouts_follow_state() {
+        assert_eq!(
+            ct_timeout_ns(PROTO_TCP, tcp_state::ESTABLISHED),
+            timeout::TCP_ESTABLISHED
+        );
+        assert_eq!(
+            ct_timeout_ns(PROTO_UDP, dgram_state::REPLIED),
+            timeout::UDP_REPLIED
+        );
+        assert_eq!(ct_timeout_ns(PROTO_ICMP, 0), timeout::ICMP);
+    }
+}

@@ -1,0 +1,157 @@
+//! Where packets go: the ARP responder, delivery into a container, routing to the outside.
+
+use core::{ffi::c_void, mem::size_of, ptr::null_mut};
+
+use aya_ebpf::{
+    bindings::{
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
+    },
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
+    programs::TcContext,
+};
+use network_types::{arp::ArpHdr, eth::EthHdr};
+use nat_common::{Config, Endpoint, Reason};
+
+use crate::{
+    TC_ACT_OK, maps::ENDPOINTS, nat::dec_ttl, parse, parse::Ip4, stats::count,
+};
+
+const AF_INET: u8 = 2;
+const ARP_REQUEST: u16 = 1;
+const ARP_REPLY: u16 = 2;
+
+#[inline(always)]
+pub fn endpoint(addr: &[u8; 4]) -> Option<Endpoint> {
+    // SAFETY: the value is copied out at once.
+    unsafe { ENDPOINTS.get(addr).copied() }
+}
+
+#[inline(always)]
+fn set_macs(ctx: &TcContext, dst: [u8; 6], src: [u8; 6]) -> Result<(), Reason> {
+    let macs = [
+        dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], src[0], src[1], src[2], src[3], src[4],
+        src[5],
+    ];
+    ctx.store(0, &macs, 0).map_err(|_| Reason::DropHelper)
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct EthArp {
+    eth: EthHdr,
+    arp: ArpHdr,
+}
+
+/// Answer a container's ARP request for the gateway (with its host veth's MAC) or for another
+/// container (with that container's MAC), so all traffic reaches this program as unicast.
+#[inline(always)]
+pub fn arp_reply(ctx: &TcContext, cfg: &Config, ifindex: u32, eth_src: [u8; 6]) -> Result<i32, Reason> {
+    let Some(arp) = parse::arp(ctx) else {
+        return Err(Reason::DropTruncated);
+    };
+    if arp.oper() != ARP_REQUEST || arp.hlen != 6 || arp.plen != 4 {
+        // Replies to the node's own requests, gratuitous announcements: the stack's business.
+        count(Reason::Pass, ctx.len());
+        return Ok(TC_ACT_OK);
+    }
+    let me = endpoint(&arp.spa).ok_or(Reason::DropSpoof)?;
+    if me.ifindex != ifindex || me.mac != arp.sha || me.mac != eth_src {
+        return Err(Reason::DropSpoof);
+    }
+    let mac = if arp.tpa == cfg.gateway_addr {
+        me.host_mac
+    } else if let Some(peer) = endpoint(&arp.tpa)
+        && arp.tpa != arp.spa
+    {
+        peer.mac
+    } else {
+        return Err(Reason::DropArpUnknown);
+    };
+    let mut reply = arp;
+    reply.set_oper(ARP_REPLY);
+    reply.sha = mac;
+    reply.spa = arp.tpa;
+    reply.tha = arp.sha;
+    reply.tpa = arp.spa;
+    let frame = EthArp {
+        eth: EthHdr {
+            dst_addr: arp.sha,
+            src_addr: mac,
+            ether_type: network_types::eth::EtherType::Arp as u16,
+        },
+        arp: reply,
+    };
+    ctx.store(0, &frame, 0).map_err(|_| Reason::DropHelper)?;
+    count(Reason::ArpReply, ctx.len());
+    // SAFETY: plain helper call; egress of the veth the request came in on = back to the container.
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+}
+
+/// Deliver `p` into the container behind `ep`, straight into its namespace.
+#[inline(always)]
+pub fn to_endpoint(ctx: &TcContext, p: &mut Ip4, ep: &Endpoint, routed: bool, reason: Reason) -> Result<i32, Reason> {
+    if routed {
+        dec_ttl(ctx, p)?;
+    }
+    set_macs(ctx, ep.mac, ep.host_mac)?;
+    count(reason, ctx.len());
+    // SAFETY: plain helper call.
+    Ok(unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32)
+}
+
+/// FIB lookup for `p` as if it arrived on `ifindex`. Returns the kernel's code and the result.
+#[inline(always)]
+pub fn fib(ctx: &TcContext, p: &Ip4, ifindex: u32) -> (i64, FibParams) {
+    // SAFETY: an all-zero `bpf_fib_lookup` is a valid input.
+    let mut f: FibParams = unsafe { core::mem::zeroed() };
+    f.family = AF_INET;
+    f.l4_protocol = p.proto;
+    f.sport = u16::from_ne_bytes(p.sport);
+    f.dport = u16::from_ne_bytes(p.dport);
+    // tot_len 0: the kernel checks the skb (GSO aware) against the egress MTU itself.
+    f.__bindgen_anon_1.tot_len = 0;
+    f.ifindex = ifindex;
+    f.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(p.src);
+    f.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(p.dst);
+    // SAFETY: `f` lives on the stack for the call; size matches the struct.
+    let rc = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb as *mut c_void,
+            &mut f,
+            size_of::<FibParams>() as i32,
+            0,
+        )
+    };
+    (rc, f)
+}
+
+/// Whether `rc` from `fib` says the packet would be forwarded.
+#[inline(always)]
+pub fn fib_forwards(rc: i64) -> bool {
+    rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) || rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH)
+}
+
+/// Send an already translated `p` on towards the outside, using `hint` when the caller has
+/// already done the FIB lookup for this destination.
+#[inline(always)]
+pub fn route(ctx: &TcContext, p: &mut Ip4, ifindex: u32, hint: Option<(i64, FibParams)>) -> Result<i32, Reason> {
+    let (rc, f) = match hint {
+        Some(h) => h,
+        None => fib(ctx, p, ifindex),
+    };
+    if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        dec_ttl(ctx, p)?;
+        set_macs(ctx, f.dmac, f.smac)?;
+        count(Reason::FibRedirect, ctx.len());
+        // SAFETY: plain helper call.
+        return Ok(unsafe { bpf_redirect(f.ifindex, 0) } as i32);
+    }
+    if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+        dec_ttl(ctx, p)?;
+        count(Reason::NeighRedirect, ctx.len());
+        // SAFETY: a null `params` asks the kernel to resolve the next hop itself.
+        return Ok(unsafe { bpf_redirect_neigh(f.ifindex, null_mut(), 0, 0) } as i32);
+    }
+    count(Reason::StackAfterNat, ctx.len());
+    Ok(TC_ACT_OK)
+}

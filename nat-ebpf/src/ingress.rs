@@ -1,0 +1,168 @@
+//! The two decision paths: packets a container sent (TC ingress of its host veth) and packets
+//! from outside (TC ingress of the uplink). Each returns a TC action or the drop reason.
+
+use aya_ebpf::programs::TcContext;
+use nat_common::{CFG_MASQUERADE, Config, PROTO_TCP, PROTO_UDP, PortKey, PortTarget, Reason};
+
+use crate::{
+    TC_ACT_OK,
+    conntrack::{self, now},
+    forward::{self, endpoint},
+    maps::{CONFIG, PORTS},
+    nat,
+    parse::{self, L3},
+    stats::count,
+};
+
+#[inline(always)]
+fn config() -> Result<Config, Reason> {
+    match CONFIG.get(0) {
+        Some(c) if c.uplink_ifindex != 0 => Ok(*c),
+        _ => Err(Reason::DropNoConfig),
+    }
+}
+
+#[inline(always)]
+fn pass(ctx: &TcContext) -> Result<i32, Reason> {
+    count(Reason::Pass, ctx.len());
+    Ok(TC_ACT_OK)
+}
+
+#[inline(always)]
+fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: reading a field of the program's own `__sk_buff`.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// Everything a container sends: ARP answers, anti-spoofing, container-to-container
+/// forwarding, conntrack hits, new masqueraded connections, traffic for the node itself.
+#[inline(always)]
+pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
+    let cfg = config()?;
+    let ifindex = ifindex(ctx);
+    let (l3, eth_src) = parse::l3(ctx).ok_or(Reason::DropTruncated)?;
+    match l3 {
+        L3::Arp => return forward::arp_reply(ctx, &cfg, ifindex, eth_src),
+        L3::Ipv4 => {}
+        // IPv6 is a later milestone; router/neighbour solicitations are the stack's.
+        L3::Other => return pass(ctx),
+    }
+    let mut p = parse::ipv4(ctx)?;
+    let me = endpoint(&p.src).ok_or(Reason::DropSpoof)?;
+    if me.ifindex != ifindex || me.mac != eth_src {
+        return Err(Reason::DropSpoof);
+    }
+
+    // F1: the subnet is one flat L2 segment, as on a bridge: no TTL change.
+    if let Some(peer) = endpoint(&p.dst) {
+        return forward::to_endpoint(ctx, &mut p, &peer, false, Reason::Forward);
+    }
+
+    if p.is_trackable()
+        && let Some(e) = conntrack::lookup(&p.key())
+    {
+        if p.ttl <= 1 {
+            return pass(ctx);
+        }
+        conntrack::touch(e, &p, now());
+        // SAFETY: copy of the map value's translation fields.
+        let e = unsafe { *e };
+        nat::apply(ctx, &mut p, &e)?;
+        count(Reason::CtHit, ctx.len());
+        return forward::route(ctx, &mut p, ifindex, None);
+    }
+
+    if parse::in_subnet(p.dst, cfg.subnet_addr, cfg.subnet_mask) {
+        // An address in the subnet that no container holds: never route it elsewhere.
+        return Err(Reason::DropNoEndpoint);
+    }
+    let (rc, fib) = forward::fib(ctx, &p, ifindex);
+    let leaves_by_uplink = forward::fib_forwards(rc) && fib.ifindex == cfg.uplink_ifindex;
+    if !leaves_by_uplink || cfg.flags & CFG_MASQUERADE == 0 {
+        // F6 (the node's own addresses) and anything routed elsewhere: the stack decides.
+        return pass(ctx);
+    }
+    if p.ttl <= 1 {
+        // Let the kernel answer with ICMP time exceeded.
+        return pass(ctx);
+    }
+    if p.frag {
+        return Err(Reason::DropFragment);
+    }
+    if !p.is_trackable() {
+        return Err(Reason::DropUnsupported);
+    }
+    let e = conntrack::create_snat(&p, &cfg, ifindex, now())?;
+    nat::apply(ctx, &mut p, &e)?;
+    count(Reason::SnatNew, ctx.len());
+    forward::route(ctx, &mut p, ifindex, Some((rc, fib)))
+}
+
+/// The published port `p` is addressed to, if any: a mapping bound to the destination address
+/// first, then one bound to every node address.
+#[inline(always)]
+fn published(ctx: &TcContext, p: &parse::Ip4, ifindex: u32) -> Option<PortTarget> {
+    if p.proto != PROTO_TCP && p.proto != PROTO_UDP {
+        return None;
+    }
+    let mut key = PortKey {
+        host_addr: p.dst,
+        host_port: p.dport,
+        proto: p.proto,
+        _pad: 0,
+    };
+    // SAFETY: the value is copied out at once.
+    if let Some(t) = unsafe { PORTS.get(&key) } {
+        return Some(*t);
+    }
+    key.host_addr = [0; 4];
+    // SAFETY: as above.
+    let t = unsafe { PORTS.get(&key) }.copied()?;
+    // "Any address" means the node's own addresses: the kernel would deliver locally.
+    let (rc, _) = forward::fib(ctx, p, ifindex);
+    if forward::fib_forwards(rc) { None } else { Some(t) }
+}
+
+/// Everything that arrives on the uplink: replies to masqueraded connections, packets of
+/// connections to published ports, new connections to published ports; the rest is the
+/// node's and goes to the stack untouched.
+#[inline(always)]
+pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
+    let cfg = config()?;
+    let ifindex = ifindex(ctx);
+    let Some((L3::Ipv4, _)) = parse::l3(ctx) else {
+        return pass(ctx);
+    };
+    let Ok(mut p) = parse::ipv4(ctx) else {
+        // Malformed: not ours to judge; the stack drops what it cannot parse.
+        return pass(ctx);
+    };
+    if !p.is_trackable() {
+        return pass(ctx);
+    }
+
+    let e = if let Some(e) = conntrack::lookup(&p.key()) {
+        conntrack::touch(e, &p, now());
+        count(Reason::CtHit, ctx.len());
+        // SAFETY: copy of the map value.
+        unsafe { *e }
+    } else if let Some(t) = published(ctx, &p, ifindex) {
+        let ep = endpoint(&t.addr).ok_or(Reason::DropNoEndpoint)?;
+        let e = conntrack::create_dnat(&p, &t, ep.ifindex, now())?;
+        count(Reason::DnatNew, ctx.len());
+        e
+    } else if parse::in_subnet(p.dst, cfg.subnet_addr, cfg.subnet_mask) {
+        return Err(Reason::DropNotPublished);
+    } else {
+        return pass(ctx);
+    };
+
+    if p.ttl <= 1 {
+        return Err(Reason::DropTtl);
+    }
+    nat::apply(ctx, &mut p, &e)?;
+    match endpoint(&p.dst) {
+        Some(ep) => forward::to_endpoint(ctx, &mut p, &ep, true, Reason::Pass),
+        None => forward::route(ctx, &mut p, ifindex, None),
+    }
+}

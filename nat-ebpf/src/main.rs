@@ -1,0 +1,47 @@
+//! bpfnat's eBPF programs. Entry points only; the rules live in the modules, by subject.
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod forward;
+mod ingress;
+mod maps;
+mod nat;
+mod parse;
+mod stats;
+
+use aya_ebpf::{macros::classifier, programs::TcContext};
+
+pub(crate) const TC_ACT_OK: i32 = 0;
+pub(crate) const TC_ACT_SHOT: i32 = 2;
+
+#[inline(always)]
+fn verdict(ctx: &TcContext, r: Result<i32, nat_common::Reason>) -> i32 {
+    r.unwrap_or_else(|reason| {
+        stats::count(reason, ctx.len());
+        TC_ACT_SHOT
+    })
+}
+
+/// TC ingress of a container's host-side veth.
+#[classifier]
+pub fn tc_container(ctx: TcContext) -> i32 {
+    verdict(&ctx, ingress::from_container(&ctx))
+}
+
+/// TC ingress of the uplink.
+#[classifier]
+pub fn tc_uplink(ctx: TcContext) -> i32 {
+    verdict(&ctx, ingress::from_uplink(&ctx))
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+/// The kernel allows the FIB and redirect helpers only to GPL-compatible programs.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

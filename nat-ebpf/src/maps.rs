@@ -1,0 +1,30 @@
+//! Map definitions. Every map is a BTF map, so `bpftool map dump` prints named fields; the
+//! loader pins them under `<bpffs-dir>/v1/` and overrides sizes where the user asks.
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use nat_common::{
+    CONNTRACK_MAX_ENTRIES, Config, Counter, CtEntry, CtKey, ENDPOINTS_MAX_ENTRIES, Endpoint,
+    PORTS_MAX_ENTRIES, PortKey, PortTarget, REASON_COUNT,
+};
+
+#[btf_map(name = "config")]
+pub static CONFIG: Array<Config, 1> = Array::new();
+
+/// Container IPv4 address (network order) → its veth and MACs.
+#[btf_map(name = "endpoints")]
+pub static ENDPOINTS: HashMap<[u8; 4], Endpoint, { ENDPOINTS_MAX_ENTRIES as usize }> =
+    HashMap::new();
+
+#[btf_map(name = "ports")]
+pub static PORTS: HashMap<PortKey, PortTarget, { PORTS_MAX_ENTRIES as usize }> = HashMap::new();
+
+/// Common (not per-CPU) LRU: a per-CPU LRU evicts live NAT entries long before the table is full.
+#[btf_map(name = "conntrack")]
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { CONNTRACK_MAX_ENTRIES as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "stats")]
+pub static STATS: PerCpuArray<Counter, { REASON_COUNT as usize }> = PerCpuArray::new();

@@ -1,0 +1,194 @@
+//! Bounds-checked header access. Nothing else touches raw packet pointers.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::TcContext;
+use network_types::{
+    arp::ArpHdr,
+    eth::{EthHdr, EtherType},
+    ip::Ipv4Hdr,
+};
+use nat_common::{CtKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP, Reason};
+
+pub const ETH_LEN: usize = EthHdr::LEN;
+pub const IP_OFF: usize = ETH_LEN;
+pub const IP_TTL_OFF: usize = IP_OFF + 8;
+pub const IP_CSUM_OFF: usize = IP_OFF + 10;
+pub const IP_SRC_OFF: usize = IP_OFF + 12;
+pub const IP_DST_OFF: usize = IP_OFF + 16;
+
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+
+
+
+
+
+
+/// A whole `T` at `off`, or `None` when the packet is shorter.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + off) as *const T)
+}
+
+/// What the Ethernet header carries.
+pub enum L3 {
+    Arp,
+    Ipv4,
+    Other,
+}
+
+#[inline(always)]
+pub fn l3(ctx: &TcContext) -> Option<(L3, [u8; 6])> {
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    // SAFETY: `ptr_at` checked the whole header is inside the packet.
+    let (ty, src) = unsafe { ((*eth).ether_type, (*eth).src_addr) };
+    let l3 = if ty == EtherType::Ipv4 as u16 {
+        L3::Ipv4
+    } else if ty == EtherType::Arp as u16 {
+        L3::Arp
+    } else {
+        L3::Other
+    };
+    Some((l3, src))
+}
+
+/// The ARP header after the Ethernet header.
+#[inline(always)]
+pub fn arp(ctx: &TcContext) -> Option<ArpHdr> {
+    let p = ptr_at::<ArpHdr>(ctx, ETH_LEN)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    Some(unsafe { *p })
+}
+
+/// The fields of an IPv4 packet the datapath decides on.
+#[derive(Clone, Copy)]
+pub struct Ip4 {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    /// Source port, or for ICMP echo the id of a request (0 for a reply).
+    pub sport: [u8; 2],
+    /// Destination port, or for ICMP echo the id of a reply (0 for a request).
+    pub dport: [u8; 2],
+    pub proto: u8,
+    pub ttl: u8,
+    pub tcp_flags: u8,
+    pub icmp_type: u8,
+    /// Part of a fragmented datagram (MF set or a non-zero offset).
+    pub frag: bool,
+    /// Offset of the L4 header (Ethernet + IP header with options).
+    pub l4_off: usize,
+    pub tot_len: u16,
+}
+
+impl Ip4 {
+    #[inline(always)]
+    pub fn key(&self) -> CtKey {
+        CtKey {
+            src_addr: self.src,
+            dst_addr: self.dst,
+            src_port: self.sport,
+            dst_port: self.dport,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+
+    /// TCP, UDP, or an ICMP echo request/reply: the packets that conntrack and NAT handle.
+    #[inline(always)]
+    pub fn is_trackable(&self) -> bool {
+        match self.proto {
+            PROTO_TCP | PROTO_UDP => !self.frag,
+            PROTO_ICMP => {
+                !self.frag
+                    && (self.icmp_type == ICMP_ECHO_REQUEST || self.icmp_type == ICMP_ECHO_REPLY)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Parse the IPv4 header and the L4 ports. Only the first fragment carries L4 headers; later
+/// fragments come back with zero ports and `frag` set.
+#[inline(always)]
+pub fn ipv4(ctx: &TcContext) -> Result<Ip4, Reason> {
+    let ip = ptr_at::<Ipv4Hdr>(ctx, IP_OFF).ok_or(Reason::DropTruncated)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let h = unsafe { *ip };
+    let ihl = usize::from(h.vihl & 0x0f) * 4;
+    if h.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
+        return Err(Reason::DropTruncated);
+    }
+    let frags = u16::from_be_bytes(h.frags);
+    let more_fragments = frags & 0x2000 != 0;
+    let offset = frags & 0x1fff;
+    let mut p = Ip4 {
+        src: h.src_addr,
+        dst: h.dst_addr,
+        sport: [0; 2],
+        dport: [0; 2],
+        proto: h.proto,
+        ttl: h.ttl,
+        tcp_flags: 0,
+        icmp_type: 0,
+        frag: more_fragments || offset != 0,
+        l4_off: IP_OFF + ihl,
+        tot_len: u16::from_be_bytes(h.tot_len),
+    };
+    if offset != 0 {
+        return Ok(p);
+    }
+    match h.proto {
+        PROTO_TCP => {
+            // sport, dport, seq, ack, doff/flags: 14 bytes cover the flags byte.
+            let t = ptr_at::<[u8; 14]>(ctx, p.l4_off).ok_or(Reason::DropTruncated)?;
+            // SAFETY: bounds checked by `ptr_at`.
+            let t = unsafe { *t };
+            p.sport = [t[0], t[1]];
+            p.dport = [t[2], t[3]];
+            p.tcp_flags = t[13];
+        }
+        PROTO_UDP => {
+            let u = ptr_at::<[u8; 4]>(ctx, p.l4_off).ok_or(Reason::DropTruncated)?;
+            // SAFETY: bounds checked by `ptr_at`.
+            let u = unsafe { *u };
+            p.sport = [u[0], u[1]];
+            p.dport = [u[2], u[3]];
+        }
+        PROTO_ICMP => {
+            // type, code, checksum, id.
+            let i = ptr_at::<[u8; 6]>(ctx, p.l4_off).ok_or(Reason::DropTruncated)?;
+            // SAFETY: bounds checked by `ptr_at`.
+            let i = unsafe { *i };
+            p.icmp_type = i[0];
+            if i[0] == ICMP_ECHO_REQUEST {
+                p.sport = [i[4], i[5]];
+            } else if i[0] == ICMP_ECHO_REPLY {
+                p.dport = [i[4], i[5]];
+            }
+        }
+        _ => {}
+    }
+    Ok(p)
+}
+
+/// Offset of the L4 checksum field, and whether it covers the pseudo-header.
+#[inline(always)]
+pub fn l4_csum_off(p: &Ip4) -> Option<(usize, bool)> {
+    match p.proto {
+        PROTO_TCP => Some((p.l4_off + 16, true)),
+        PROTO_UDP => Some((p.l4_off + 6, true)),
+        PROTO_ICMP => Some((p.l4_off + 2, false)),
+        _ => None,
+    }
+}
+
+#[inline(always)]
+pub fn in_subnet(addr: [u8; 4], base: [u8; 4], mask: [u8; 4]) -> bool {
+    u32::from_ne_bytes(addr) & u32::from_ne_bytes(mask) == u32::from_ne_bytes(base)
+}

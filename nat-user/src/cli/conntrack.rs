@@ -1,0 +1,109 @@
+//! `bpfnat conntrack list / flush / stats / gc`.
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use clap::Subcommand;
+use serde::Serialize;
+
+use super::{Ctx, table};
+use crate::datapath::{Flow, Maps};
+
+#[derive(Subcommand, Debug)]
+pub enum ConntrackCmd {
+    /// Tracked connections: original and reply tuples, state, age, counters.
+    List,
+    /// Forget every tracked connection.
+    Flush,
+    /// Table occupancy and connections per state.
+    Stats,
+    /// Remove connections idle past their timeout (the agent does this periodically).
+    Gc,
+}
+
+fn tuple(e: &crate::datapath::FlowEnd) -> String {
+    format!("{}:{} -> {}:{}", e.src, e.sport, e.dst, e.dport)
+}
+
+#[derive(Serialize)]
+struct Cleared {
+    connections: usize,
+}
+
+#[derive(Serialize)]
+struct CtStats {
+    entries: usize,
+    max_entries: u32,
+    connections: usize,
+    by_state: BTreeMap<String, usize>,
+    by_kind: BTreeMap<String, usize>,
+}
+
+pub fn run(ctx: &Ctx, cmd: ConntrackCmd) -> Result<()> {
+    let mut maps = Maps::open(&ctx.pins)?;
+    match cmd {
+        ConntrackCmd::List => {
+            let flows = maps.flows()?;
+            ctx.emit(&flows, || list_text(&flows))
+        }
+        ConntrackCmd::Flush => {
+            let n = maps.ct_flush()?;
+            ctx.emit(&Cleared { connections: n }, || format!("flushed {n} connection(s)"))
+        }
+        ConntrackCmd::Gc => {
+            let n = maps.ct_gc()?;
+            ctx.emit(&Cleared { connections: n }, || format!("expired {n} connection(s)"))
+        }
+        ConntrackCmd::Stats => {
+            let flows = maps.flows()?;
+            let mut by_state = BTreeMap::new();
+            let mut by_kind = BTreeMap::new();
+            for f in &flows {
+                *by_state.entry(format!("{}/{}", f.proto, f.state)).or_insert(0) += 1;
+                *by_kind.entry(f.kind.to_owned()).or_insert(0) += 1;
+            }
+            let s = CtStats {
+                entries: maps.ct_len()?,
+                max_entries: maps.ct_max_entries(),
+                connections: flows.len(),
+                by_state,
+                by_kind,
+            };
+            ctx.emit(&s, || {
+                let mut t = format!(
+                    "entries:     {} of {}\nconnections: {}",
+                    s.entries, s.max_entries, s.connections
+                );
+                for (k, v) in s.by_kind.iter().chain(s.by_state.iter()) {
+                    t.push_str(&format!("\n  {k:<20} {v}"));
+                }
+                t
+            })
+        }
+    }
+}
+
+fn list_text(flows: &[Flow]) -> String {
+    if flows.is_empty() {
+        return "no tracked connections".to_owned();
+    }
+    table(
+        &["PROTO", "KIND", "ORIGINAL", "REPLY", "STATE", "AGE", "IDLE", "PKTS", "BYTES"],
+        &flows
+            .iter()
+            .map(|f| {
+                vec![
+                    f.proto.to_owned(),
+                    f.kind.to_owned(),
+                    tuple(&f.original),
+                    tuple(&f.reply),
+                    f.state.to_owned(),
+                    format!("{}s", f.age_secs),
+                    format!("{}s", f.idle_secs),
+                    format!("{}/{}", f.original.packets, f.reply.packets),
+                    format!("{}/{}", f.original.bytes, f.reply.bytes),
+                ]
+            })
+            .collect::<Vec<_>>(),
+    )
+}

@@ -1,0 +1,341 @@
+//! `bpfnat container add / del / list`.
+
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use clap::Subcommand;
+use nat_common::{EP_CONTAINER, Endpoint};
+use serde::Serialize;
+
+use super::{Ctx, table, up::require_node};
+use crate::{
+    datapath::{self, Hook, Maps},
+    net::{Cidr, fmt_mac, mac_for},
+    netlink::Netlink,
+    netns,
+    spec::{PortMapping, PortSpec},
+    state::{Container, Node, State},
+};
+
+#[derive(Subcommand, Debug)]
+pub enum ContainerCmd {
+    /// Create a container network: namespace, veth pair, address, routes, datapath hooks.
+    Add {
+        name: String,
+        /// Address in the node's subnet (default: the lowest free one).
+        #[arg(long)]
+        ip: Option<Ipv4Addr>,
+        /// Publish a port: [HOST_IP:]HOST_PORT[-END]:CONTAINER_PORT[-END][/tcp|/udp].
+        #[arg(short = 'p', long = "publish")]
+        publish: Vec<PortSpec>,
+        /// A per-namespace sysctl set before the container's interfaces come up (net.*).
+        #[arg(long = "sysctl", value_name = "KEY=VALUE")]
+        sysctl: Vec<String>,
+        /// Use this existing network namespace (a runtime's) instead of creating one.
+        #[arg(long)]
+        netns: Option<PathBuf>,
+    },
+    /// Remove a container's network (and its namespace, if bpfnat created it).
+    Del { name: String },
+    /// List containers.
+    List,
+}
+
+pub async fn run(ctx: &Ctx, cmd: ContainerCmd) -> Result<()> {
+    match cmd {
+        ContainerCmd::Add {
+            name,
+            ip,
+            publish,
+            sysctl,
+            netns,
+        } => add(ctx, name, ip, publish, sysctl, netns).await,
+        ContainerCmd::Del { name } => del(ctx, &name).await,
+        ContainerCmd::List => list(ctx),
+    }
+}
+
+/// The host-side veth name: `bn-` and a hash of the container name (15 bytes at most).
+fn host_if_name(name: &str) -> String {
+    // FNV-1a: stable across versions, unlike std's hasher.
+    let h = name
+        .bytes()
+        .fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    format!("bn-{h:08x}")
+}
+
+fn parse_sysctls(raw: &[String]) -> Result<Vec<(String, String)>> {
+    raw.iter()
+        .map(|s| {
+            let (k, v) = s
+                .split_once('=')
+                .ok_or_else(|| anyhow!("invalid --sysctl {s:?}: expected KEY=VALUE"))?;
+            netns::sysctl_path(k)?;
+            Ok((k.to_owned(), v.to_owned()))
+        })
+        .collect()
+}
+
+fn subnet_of(node: &Node) -> Cidr {
+    Cidr {
+        addr: node.subnet,
+        prefix: node.prefix_len,
+    }
+}
+
+fn pick_ip(state: &State, node: &Node, want: Option<Ipv4Addr>) -> Result<Ipv4Addr> {
+    let subnet = subnet_of(node);
+    let used = |ip: Ipv4Addr| ip == node.gateway || state.containers.values().any(|c| c.ip == ip);
+    match want {
+        Some(ip) => {
+            if !subnet.contains(ip) || ip == subnet.addr || ip == subnet.broadcast() {
+                bail!("address {ip} is not a host address of the container subnet {subnet}");
+            }
+            if ip == node.gateway {
+                bail!("address {ip} is the gateway's");
+            }
+            if let Some(c) = state.containers.values().find(|c| c.ip == ip) {
+                bail!("address {ip} is already used by container {}", c.name);
+            }
+            Ok(ip)
+        }
+        None => subnet
+            .hosts()
+            .find(|ip| !used(*ip))
+            .ok_or_else(|| anyhow!("no free address left in {subnet}")),
+    }
+}
+
+/// Refuse mappings whose host port another mapping (here or in another container) holds.
+pub fn check_ports(state: &State, adding: &[PortMapping]) -> Result<()> {
+    for (i, m) in adding.iter().enumerate() {
+        if let Some(o) = adding[..i].iter().find(|o| o.conflicts_with(m)) {
+            bail!("port {m} conflicts with {o} given in the same command");
+        }
+        for c in state.containers.values() {
+            if let Some(o) = c.ports.iter().find(|o| o.conflicts_with(m)) {
+                bail!(
+                    "host port {}/{} is already published by container {} ({o})",
+                    m.host_port,
+                    m.proto,
+                    c.name
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn add(
+    ctx: &Ctx,
+    name: String,
+    ip: Option<Ipv4Addr>,
+    publish: Vec<PortSpec>,
+    sysctl: Vec<String>,
+    netns_path: Option<PathBuf>,
+) -> Result<()> {
+    netns::validate_name(&name)?;
+    let store = ctx.store()?;
+    let mut state = store.load()?;
+    let node = require_node(&state)?.clone();
+    if state.containers.contains_key(&name) {
+        bail!("container {name} already exists");
+    }
+    let ip = pick_ip(&state, &node, ip)?;
+    let ports: Vec<PortMapping> = publish.into_iter().flat_map(|s| s.mappings).collect();
+    check_ports(&state, &ports)?;
+    let sysctls = parse_sysctls(&sysctl)?;
+    let host_if = host_if_name(&name);
+    let nl = Netlink::current()?;
+    if nl.link(&host_if).await?.is_some() {
+        bail!("interface {host_if} (for container {name}) already exists");
+    }
+    if let Some(p) = &netns_path {
+        netns::open(p)?;
+    }
+
+    let (ns, owns_netns) = match netns_path {
+        Some(p) => (p, false),
+        None => (netns::create(&name)?, true),
+    };
+    let mut c = Container {
+        name: name.clone(),
+        ip,
+        mac: mac_for(ip),
+        host_if,
+        host_ifindex: 0,
+        host_mac: [0; 6],
+        netns: ns,
+        owns_netns,
+        ports: Vec::new(),
+        sysctls,
+    };
+    match wire(ctx, &nl, &node, &mut c, &ports, &mut state).await {
+        Ok(()) => {
+            state.containers.insert(name, c.clone());
+            store.save(&state)?;
+            ctx.emit(&c, || {
+                let mut s = format!(
+                    "container {} added: {} ({}) on {}, netns {}",
+                    c.name,
+                    c.ip,
+                    fmt_mac(&c.mac),
+                    c.host_if,
+                    c.netns.display()
+                );
+                for p in &c.ports {
+                    s.push_str(&format!("\n  published {p}"));
+                }
+                s
+            })
+        }
+        Err(e) => {
+            let _ = remove(ctx, &nl, &c).await;
+            Err(e)
+        }
+    }
+}
+
+/// Everything after the namespace exists; `remove` undoes any prefix of it.
+async fn wire(ctx: &Ctx, nl: &Netlink, node: &Node, c: &mut Container, ports: &[PortMapping], state: &mut State) -> Result<()> {
+    let uplink = nl.check_link(&node.uplink, node.uplink_ifindex).await?;
+    nl.add_veth(&c.host_if, "eth0", &c.netns, c.mac, uplink.mtu.max(68))
+        .await?;
+    let host = nl.require_link(&c.host_if).await?;
+    c.host_ifindex = host.index;
+    c.host_mac = host.mac;
+
+    // Sysctls first: nothing in the container has used the network yet.
+    for (k, v) in &c.sysctls {
+        netns::set_sysctl(&c.netns, k, v)
+            .with_context(|| format!("container {}", c.name))?;
+    }
+    let inner = Netlink::in_netns(&c.netns)?;
+    inner.lo_up().await?;
+    let eth0 = inner.require_link("eth0").await?;
+    inner
+        .add_addr(eth0.index, c.ip, node.prefix_len)
+        .await?;
+    inner.set_up(eth0.index).await?;
+    inner.add_default_route(node.gateway, eth0.index).await?;
+
+    nl.set_up(host.index).await?;
+    nl.add_host_route(c.ip, host.index, node.gateway).await?;
+    datapath::attach(&ctx.pins, Hook::Container, &c.host_if)?;
+
+    let mut maps = Maps::open(&ctx.pins)?;
+    maps.put_endpoint(
+        c.ip,
+        &Endpoint {
+            ifindex: c.host_ifindex,
+            flags: EP_CONTAINER,
+            mac: c.mac,
+            host_mac: c.host_mac,
+        },
+    )?;
+    for m in ports {
+        maps.put_port(m, c.ip, state.next_generation())?;
+        c.ports.push(*m);
+    }
+    Ok(())
+}
+
+/// Undo everything `wire` and `add` did for `c`; tolerant of parts that never happened.
+pub async fn remove(ctx: &Ctx, nl: &Netlink, c: &Container) -> Result<()> {
+    if ctx.pins.installed() {
+        let mut maps = Maps::open(&ctx.pins)?;
+        for m in &c.ports {
+            maps.remove_port(m)?;
+        }
+        maps.remove_endpoint(c.ip)?;
+        if c.host_ifindex != 0 {
+            maps.forget_container(c.host_ifindex)?;
+        }
+    }
+    datapath::detach(&ctx.pins, &c.host_if)?;
+    if let Some(l) = nl.link(&c.host_if).await? {
+        // Deleting one end of a veth deletes both.
+        nl.del_link(l.index).await?;
+    }
+    if c.owns_netns {
+        netns::remove(&c.netns)?;
+    }
+    Ok(())
+}
+
+async fn del(ctx: &Ctx, name: &str) -> Result<()> {
+    let store = ctx.store()?;
+    let mut state = store.load()?;
+    let c = state
+        .containers
+        .get(name)
+        .cloned()
+        .ok_or_else(|| anyhow!("no such container: {name}"))?;
+    let nl = Netlink::current()?;
+    remove(ctx, &nl, &c).await?;
+    state.containers.remove(name);
+    store.save(&state)?;
+    ctx.emit(&c, || format!("container {name} removed"))
+}
+
+#[derive(Serialize)]
+struct Row<'a> {
+    #[serde(flatten)]
+    c: &'a Container,
+    mac_str: String,
+}
+
+fn list(ctx: &Ctx) -> Result<()> {
+    let store = ctx.store()?;
+    let state = store.load()?;
+    let rows: Vec<Row<'_>> = state
+        .containers
+        .values()
+        .map(|c| Row {
+            c,
+            mac_str: fmt_mac(&c.mac),
+        })
+        .collect();
+    ctx.emit(&rows, || {
+        table(
+            &["NAME", "IP", "MAC", "HOST-IF", "NETNS", "PORTS"],
+            &rows
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.c.name.clone(),
+                        r.c.ip.to_string(),
+                        r.mac_str.clone(),
+                        r.c.host_if.clone(),
+                        r.c.netns.display().to_string(),
+                        r.c.ports
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_interface_names_fit_ifnamsiz() {
+        let n = host_if_name("a-very-long-container-name-that-goes-on");
+        assert!(n.len() <= 15);
+        assert_ne!(host_if_name("a"), host_if_name("b"));
+        assert_eq!(host_if_name("web"), host_if_name("web"));
+    }
+
+    #[test]
+    fn sysctls_need_key_and_value() {
+        assert!(parse_sysctls(&["net.ipv4.ip_forward=1".into()]).is_ok());
+        assert!(parse_sysctls(&["net.ipv4.ip_forward".into()]).is_err());
+        assert!(parse_sysctls(&["kernel.pid_max=5".into()]).is_err());
+    }
+}

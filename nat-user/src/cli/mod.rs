@@ -1,0 +1,155 @@
+//! The `bpfnat` command line: argument types and dispatch. One file per command group.
+
+mod conntrack;
+mod container;
+mod demo;
+mod port;
+mod stats;
+mod up;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+
+pub use container::ContainerCmd;
+pub use conntrack::ConntrackCmd;
+pub use port::PortCmd;
+pub use up::UpArgs;
+
+use crate::{datapath::Pins, state::Store};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "bpfnat",
+    version,
+    about = "eBPF NAT and forwarding for container hosts: MASQUERADE, published ports and bridge forwarding without iptables"
+)]
+pub struct Cli {
+    /// Where programs, links and maps are pinned (a directory on bpffs).
+    #[arg(long, global = true, default_value = "/sys/fs/bpf/bpfnat")]
+    pub bpffs_dir: PathBuf,
+    /// Where the small state file and its lock live.
+    #[arg(long, global = true, default_value = "/run/bpfnat")]
+    pub state_dir: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Text)]
+    pub output: Format,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Load and attach the datapath to the uplink and create the container gateway.
+    Up(UpArgs),
+    /// Remove every container, link, pin and map this instance owns.
+    Down,
+    /// Show whether the datapath is up and how it is configured.
+    Status,
+    /// Create, remove and list containers (network namespaces behind the node).
+    #[command(subcommand)]
+    Container(ContainerCmd),
+    /// Publish and unpublish container ports (`docker -p`).
+    #[command(subcommand)]
+    Port(PortCmd),
+    /// Inspect and manage tracked connections.
+    #[command(subcommand)]
+    Conntrack(ConntrackCmd),
+    /// Per-reason packet counters of the datapath.
+    Stats,
+    /// Build a self-contained lab, show NAT and port publishing working, tear it down.
+    Demo,
+}
+
+/// Everything a command needs besides its own arguments.
+pub struct Ctx {
+    pub pins: Pins,
+    pub bpffs_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub format: Format,
+}
+
+impl Ctx {
+    pub fn store(&self) -> Result<Store> {
+        Store::open(&self.state_dir)
+    }
+
+    /// Print `value` as JSON, or `text` for people.
+    pub fn emit<T: Serialize>(&self, value: &T, text: impl FnOnce() -> String) -> Result<()> {
+        match self.format {
+            Format::Json => println!("{}", serde_json::to_string_pretty(value)?),
+            Format::Text => {
+                let t = text();
+                if !t.is_empty() {
+                    println!("{}", t.trim_end());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Run a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    let ctx = Ctx {
+        pins: Pins::new(&cli.bpffs_dir),
+        bpffs_dir: cli.bpffs_dir,
+        state_dir: cli.state_dir,
+        format: cli.output,
+    };
+    if let Command::Demo = cli.command {
+        // The demo drives bpfnat as child processes; it needs no runtime of its own here.
+        return demo::run(&ctx);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Up(a) => up::up(&ctx, a).await,
+            Command::Down => up::down(&ctx).await,
+            Command::Status => up::status(&ctx).await,
+            Command::Container(c) => container::run(&ctx, c).await,
+            Command::Port(c) => port::run(&ctx, c),
+            Command::Conntrack(c) => conntrack::run(&ctx, c),
+            Command::Stats => stats::run(&ctx),
+            Command::Demo => unreachable!("handled above"),
+        }
+    })
+}
+
+/// A plain text table: a header row and rows, columns padded to their widest cell.
+pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if let Some(x) = w.get_mut(i) {
+                *x = (*x).max(c.len());
+            }
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w.get(i).copied().unwrap_or(0)))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    let mut out = line(header.to_vec());
+    for r in rows {
+        out.push('\n');
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    out
+}

@@ -1,0 +1,119 @@
+//! `bpfnat port add / del / list`.
+
+use anyhow::{Result, anyhow, bail};
+use clap::Subcommand;
+use serde::Serialize;
+
+use super::{Ctx, container::check_ports, table, up::require_node};
+use crate::{datapath::Maps, spec::PortSpec};
+
+#[derive(Subcommand, Debug)]
+pub enum PortCmd {
+    /// Publish ports of a running container.
+    Add { name: String, spec: PortSpec },
+    /// Unpublish ports of a container.
+    Del { name: String, spec: PortSpec },
+    /// List every published port.
+    List,
+}
+
+#[derive(Serialize)]
+struct PortRow {
+    container: String,
+    host_ip: String,
+    host_port: u16,
+    container_ip: String,
+    container_port: u16,
+    proto: String,
+}
+
+pub fn run(ctx: &Ctx, cmd: PortCmd) -> Result<()> {
+    let store = ctx.store()?;
+    let mut state = store.load()?;
+    match cmd {
+        PortCmd::Add { name, spec } => {
+            require_node(&state)?;
+            if !state.containers.contains_key(&name) {
+                bail!("no such container: {name}");
+            }
+            check_ports(&state, &spec.mappings)?;
+            let mut maps = Maps::open(&ctx.pins)?;
+            let ip = state.containers[&name].ip;
+            let mut done = Vec::new();
+            for m in &spec.mappings {
+                let generation = state.next_generation();
+                if let Err(e) = maps.put_port(m, ip, generation) {
+                    for d in &done {
+                        let _ = maps.remove_port(d);
+                    }
+                    return Err(e);
+                }
+                done.push(*m);
+            }
+            if let Some(c) = state.containers.get_mut(&name) {
+                c.ports.extend(done.iter().copied());
+            }
+            store.save(&state)?;
+            ctx.emit(&spec.mappings, || {
+                done.iter()
+                    .map(|m| format!("{name}: published {m}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+        }
+        PortCmd::Del { name, spec } => {
+            let c = state
+                .containers
+                .get_mut(&name)
+                .ok_or_else(|| anyhow!("no such container: {name}"))?;
+            if let Some(m) = spec.mappings.iter().find(|m| !c.ports.contains(m)) {
+                bail!("container {name} does not publish {m}");
+            }
+            let mut maps = Maps::open(&ctx.pins)?;
+            for m in &spec.mappings {
+                maps.remove_port(m)?;
+            }
+            c.ports.retain(|p| !spec.mappings.contains(p));
+            store.save(&state)?;
+            ctx.emit(&spec.mappings, || {
+                spec.mappings
+                    .iter()
+                    .map(|m| format!("{name}: unpublished {m}"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+        }
+        PortCmd::List => {
+            let rows: Vec<PortRow> = state
+                .containers
+                .values()
+                .flat_map(|c| {
+                    c.ports.iter().map(|m| PortRow {
+                        container: c.name.clone(),
+                        host_ip: m.host_ip.map_or_else(|| "0.0.0.0".to_owned(), |i| i.to_string()),
+                        host_port: m.host_port,
+                        container_ip: c.ip.to_string(),
+                        container_port: m.container_port,
+                        proto: m.proto.to_string(),
+                    })
+                })
+                .collect();
+            ctx.emit(&rows, || {
+                table(
+                    &["CONTAINER", "HOST", "TARGET", "PROTO"],
+                    &rows
+                        .iter()
+                        .map(|r| {
+                            vec![
+                                r.container.clone(),
+                                format!("{}:{}", r.host_ip, r.host_port),
+                                format!("{}:{}", r.container_ip, r.container_port),
+                                r.proto.clone(),
+                            ]
+                        })
+                        .collect::<Vec<_>>(),
+                )
+            })
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! `bpfnat up`, `down`, `status`.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::programs::{SchedClassifier, TcAttachType};
+use clap::Args;
+use nat_common::{CFG_MASQUERADE, CONNTRACK_MAX_ENTRIES, Config};
+use serde::Serialize;
+
+use super::{Ctx, container};
+use crate::{
+    datapath::{self, Hook, Maps},
+    net::{Cidr, PortRange},
+    netlink::Netlink,
+    netns,
+    state::{Node, State},
+};
+
+/// The interface that holds the container gateway address (one end of a veth pair whose
+/// other end is `GATEWAY_PEER`; deleting either deletes both).
+pub const GATEWAY_IF: &str = "bn-gw";
+const GATEWAY_PEER: &str = "bn-gw-p";
+
+#[derive(Args, Debug, Clone)]
+pub struct UpArgs {
+    /// The interface that leads outside (its address is the MASQUERADE address).
+    #[arg(long)]
+    pub uplink: String,
+    /// The container subnet.
+    #[arg(long, default_value = "10.88.0.0/16")]
+    pub subnet: Cidr,
+    /// The containers' gateway address (default: the subnet's first address).
+    #[arg(long)]
+    pub gateway: Option<Ipv4Addr>,
+    /// Source address for MASQUERADE instead of the uplink's own address.
+    #[arg(long)]
+    pub snat_ip: Option<Ipv4Addr>,
+    /// Ports MASQUERADE may allocate when a container's source port is taken.
+    #[arg(long, default_value = "1024-65535")]
+    pub port_range: PortRange,
+    /// Conntrack table size in entries (two per connection).
+    #[arg(long, default_value_t = CONNTRACK_MAX_ENTRIES)]
+    pub conntrack_max: u32,
+}
+
+/// Fail with a hint unless the node is up.
+pub fn require_node(state: &State) -> Result<&Node> {
+    state
+        .node
+        .as_ref()
+        .ok_or_else(|| anyhow!("bpfnat is not up: run `bpfnat up --uplink IFACE` first"))
+}
+
+pub fn config_of(node: &Node) -> Config {
+    let subnet = Cidr {
+        addr: node.subnet,
+        prefix: node.prefix_len,
+    };
+    Config {
+        uplink_ifindex: node.uplink_ifindex,
+        flags: CFG_MASQUERADE,
+        snat_addr: node.snat_ip.octets(),
+        gateway_addr: node.gateway.octets(),
+        subnet_addr: node.subnet.octets(),
+        subnet_mask: subnet.mask().octets(),
+        port_min: node.port_min,
+        port_max: node.port_max,
+        _pad: [0; 4],
+    }
+}
+
+pub async fn up(ctx: &Ctx, a: UpArgs) -> Result<()> {
+    if a.conntrack_max < 1024 {
+        bail!("--conntrack-max {} is too small (at least 1024)", a.conntrack_max);
+    }
+    let gateway = a.gateway.unwrap_or_else(|| a.subnet.hosts().next().unwrap_or(a.subnet.addr));
+    if !a.subnet.contains(gateway) || gateway == a.subnet.addr || gateway == a.subnet.broadcast() {
+        bail!("gateway {gateway} is not a host address of subnet {}", a.subnet);
+    }
+    let store = ctx.store()?;
+    let mut state = store.load()?;
+    let nl = Netlink::current()?;
+    let uplink = nl
+        .link(&a.uplink)
+        .await?
+        .ok_or_else(|| anyhow!("attach to uplink {}: interface not found", a.uplink))?;
+    let snat_ip = match a.snat_ip {
+        Some(ip) => ip,
+        None => nl
+            .ipv4_addrs(uplink.index)
+            .await?
+            .first()
+            .map(|(ip, _)| *ip)
+            .ok_or_else(|| {
+                anyhow!(
+                    "uplink {} has no IPv4 address to masquerade with: add one or pass --snat-ip",
+                    a.uplink
+                )
+            })?,
+    };
+    let node = Node {
+        uplink: a.uplink.clone(),
+        uplink_ifindex: uplink.index,
+        subnet: a.subnet.addr,
+        prefix_len: a.subnet.prefix,
+        gateway,
+        snat_ip,
+        snat_from_uplink: a.snat_ip.is_none(),
+        port_min: a.port_range.min,
+        port_max: a.port_range.max,
+        gateway_ifindex: 0,
+        gateway_if: GATEWAY_IF.to_owned(),
+    };
+    if let Some(old) = &state.node {
+        let same = Node {
+            gateway_ifindex: old.gateway_ifindex,
+            ..node.clone()
+        };
+        if *old == same && ctx.pins.installed() {
+            return ctx.emit(old, || format!("bpfnat is already up on {}", old.uplink));
+        }
+        bail!(
+            "bpfnat is already up with uplink {} and subnet {}/{}: run `bpfnat down` first to change it",
+            old.uplink,
+            old.subnet,
+            old.prefix_len
+        );
+    }
+
+    datapath::ensure_bpffs(&ctx.bpffs_dir)?;
+    match bring_up(ctx, &nl, node, gateway, a.conntrack_max).await {
+        Ok(node) => {
+            state.node = Some(node.clone());
+            store.save(&state)?;
+            ctx.emit(&node, || {
+                format!(
+                    "bpfnat is up: uplink {} (masquerade as {}), containers in {}/{} via {}, pins in {}",
+                    node.uplink,
+                    node.snat_ip,
+                    node.subnet,
+                    node.prefix_len,
+                    node.gateway,
+                    ctx.pins.root().display()
+                )
+            })
+        }
+        Err(e) => {
+            // Leave nothing half-done behind.
+            let _ = teardown(ctx, &nl).await;
+            Err(e)
+        }
+    }
+}
+
+async fn bring_up(ctx: &Ctx, nl: &Netlink, mut node: Node, gateway: Ipv4Addr, ct_max: u32) -> Result<Node> {
+    netns::set_own_sysctl("net.ipv4.ip_forward", "1")?;
+    if let Some(stale) = nl.link(GATEWAY_IF).await? {
+        nl.del_link(stale.index).await?;
+    }
+    nl.add_local_veth(GATEWAY_IF, GATEWAY_PEER).await?;
+    let gw = nl.require_link(GATEWAY_IF).await?;
+    nl.add_addr(gw.index, gateway, 32).await?;
+    node.gateway_ifindex = gw.index;
+
+    datapath::install(&ctx.pins, ct_max)?;
+    let mut maps = Maps::open(&ctx.pins)?;
+    maps.set_config(&config_of(&node))?;
+    datapath::attach(&ctx.pins, Hook::Uplink, &node.uplink)?;
+    Ok(node)
+}
+
+/// Remove the gateway interface and every pin; idempotent.
+async fn teardown(ctx: &Ctx, nl: &Netlink) -> Result<()> {
+    if let Some(gw) = nl.link(GATEWAY_IF).await? {
+        nl.del_link(gw.index).await?;
+    }
+    datapath::uninstall(&ctx.pins)
+}
+
+#[derive(Serialize)]
+struct DownReport {
+    containers_removed: Vec<String>,
+    was_up: bool,
+}
+
+pub async fn down(ctx: &Ctx) -> Result<()> {
+    let store = ctx.store()?;
+    let mut state = store.load()?;
+    let nl = Netlink::current()?;
+    let was_up = state.node.is_some() || ctx.pins.root().exists();
+    let mut removed = Vec::new();
+    let mut errors = Vec::new();
+    let names: Vec<String> = state.containers.keys().cloned().collect();
+    for name in names {
+        if let Some(c) = state.containers.remove(&name) {
+            match container::remove(ctx, &nl, &c).await {
+                Ok(()) => removed.push(name),
+                Err(e) => errors.push(format!("container {name}: {e:#}")),
+            }
+        }
+    }
+    if let Some(node) = &state.node {
+        datapath::detach(&ctx.pins, &node.uplink)?;
+    }
+    teardown(ctx, &nl).await?;
+    state.node = None;
+    store.save(&state)?;
+    if state.containers.is_empty() {
+        store.clear()?;
+    }
+    if !errors.is_empty() {
+        bail!("down finished with errors:\n  {}", errors.join("\n  "));
+    }
+    let report = DownReport {
+        containers_removed: removed,
+        was_up,
+    };
+    ctx.emit(&report, || {
+        if report.was_up {
+            format!(
+                "bpfnat is down ({} container(s) removed)",
+                report.containers_removed.len()
+            )
+        } else {
+            "bpfnat was not up; nothing to do".to_owned()
+        }
+    })
+}
+
+#[derive(Serialize)]
+struct Status {
+    up: bool,
+    node: Option<Node>,
+    pins: String,
+    containers: usize,
+    published_ports: usize,
+    conntrack_entries: Option<usize>,
+    uplink_programs: Vec<String>,
+}
+
+pub async fn status(ctx: &Ctx) -> Result<()> {
+    let store = ctx.store()?;
+    let state = store.load()?;
+    let installed = ctx.pins.installed();
+    let maps = if installed { Some(Maps::open(&ctx.pins)?) } else { None };
+    let uplink_programs = match &state.node {
+        Some(n) => SchedClassifier::query_tcx(&n.uplink, TcAttachType::Ingress)
+            .map(|(_, progs)| {
+                progs
+                    .iter()
+                    .map(|p| p.name_as_str().unwrap_or("?").to_owned())
+                    .collect()
+            })
+            .with_context(|| format!("query tc programs on {}", n.uplink))?,
+        None => Vec::new(),
+    };
+    let s = Status {
+        up: state.node.is_some() && installed,
+        node: state.node.clone(),
+        pins: ctx.pins.root().display().to_string(),
+        containers: state.containers.len(),
+        published_ports: state.containers.values().map(|c| c.ports.len()).sum(),
+        conntrack_entries: maps.as_ref().map(Maps::ct_len).transpose()?,
+        uplink_programs,
+    };
+    ctx.emit(&s, || {
+        let Some(n) = &s.node else {
+            return "bpfnat is down".to_owned();
+        };
+        format!(
+            "state:        {}\nuplink:       {} (ifindex {}, tc ingress: {})\nmasquerade:   {} (ports {}-{})\nsubnet:       {}/{} gateway {}\ncontainers:   {}\nports:        {}\nconntrack:    {} entries\npins:         {}",
+            if s.up { "up" } else { "degraded (pins missing: run `bpfnat down` then `up`)" },
+            n.uplink,
+            n.uplink_ifindex,
+            if s.uplink_programs.is_empty() { "none".to_owned() } else { s.uplink_programs.join(",") },
+            n.snat_ip,
+            n.port_min,
+            n.port_max,
+            n.subnet,
+            n.prefix_len,
+            n.gateway,
+            s.containers,
+            s.published_ports,
+            s.conntrack_entries.unwrap_or(0),
+            s.pins
+        )
+    })
+}

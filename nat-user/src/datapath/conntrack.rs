@@ -1,0 +1,224 @@
+//! The conntrack map in connection terms: pairs of entries shown as flows, expiry, flushing.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context as _, Result, anyhow};
+use nat_common::{
+    CtEntry, CtKey, DIR_ORIGINAL, ORIGIN_MASQUERADE, ORIGIN_PUBLISHED, PROTO_ICMP, PROTO_TCP,
+    PROTO_UDP, ct_timeout_ns, dgram_state, tcp_state,
+};
+use serde::Serialize;
+
+use super::{Maps, port_key};
+use crate::spec::PortMapping;
+
+/// CLOCK_BOOTTIME in nanoseconds: the clock the datapath stamps entries with.
+pub fn ct_now_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// One direction of a flow, as its packets are on the wire at the node.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct FlowEnd {
+    pub src: Ipv4Addr,
+    pub sport: u16,
+    pub dst: Ipv4Addr,
+    pub dport: u16,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// A tracked connection.
+#[derive(Clone, Debug, Serialize)]
+pub struct Flow {
+    pub proto: &'static str,
+    /// `masquerade` (a container's connection out) or `published` (a client's connection in).
+    pub kind: &'static str,
+    pub state: &'static str,
+    /// The direction that opened the connection.
+    pub original: FlowEnd,
+    /// The answering direction.
+    pub reply: FlowEnd,
+    pub age_secs: u64,
+    pub idle_secs: u64,
+    pub timeout_secs: u64,
+    /// ifindex of the container's host veth.
+    pub ifindex: u32,
+}
+
+fn proto_name(p: u8) -> &'static str {
+    match p {
+        PROTO_TCP => "tcp",
+        PROTO_UDP => "udp",
+        PROTO_ICMP => "icmp",
+        _ => "other",
+    }
+}
+
+fn state_name(proto: u8, s: u8) -> &'static str {
+    if proto == PROTO_TCP {
+        match s {
+            tcp_state::SYN_SENT => "SYN_SENT",
+            tcp_state::SYN_RECV => "SYN_RECV",
+            tcp_state::ESTABLISHED => "ESTABLISHED",
+            tcp_state::FIN_WAIT => "FIN_WAIT",
+            tcp_state::CLOSE_WAIT => "CLOSE_WAIT",
+            tcp_state::LAST_ACK => "LAST_ACK",
+            tcp_state::TIME_WAIT => "TIME_WAIT",
+            tcp_state::CLOSE => "CLOSE",
+            _ => "NONE",
+        }
+    } else if s == dgram_state::REPLIED {
+        "REPLIED"
+    } else {
+        "UNREPLIED"
+    }
+}
+
+/// The key of the other direction's entry.
+fn peer_key(e: &CtEntry, proto: u8) -> CtKey {
+    CtKey {
+        src_addr: e.xlate_dst_addr,
+        dst_addr: e.xlate_src_addr,
+        src_port: e.xlate_dst_port,
+        dst_port: e.xlate_src_port,
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+fn end(k: &CtKey, e: Option<&CtEntry>) -> FlowEnd {
+    FlowEnd {
+        src: Ipv4Addr::from(k.src_addr),
+        sport: u16::from_be_bytes(k.src_port),
+        dst: Ipv4Addr::from(k.dst_addr),
+        dport: u16::from_be_bytes(k.dst_port),
+        packets: e.map_or(0, |e| e.packets),
+        bytes: e.map_or(0, |e| e.bytes),
+    }
+}
+
+const NS: u64 = 1_000_000_000;
+
+impl Maps {
+    fn ct_entries(&self) -> Result<Vec<(CtKey, CtEntry)>> {
+        self.conntrack
+            .iter()
+            .map(|r| r.context("read conntrack map"))
+            .collect()
+    }
+
+    fn ct_remove(&mut self, k: &CtKey) -> Result<()> {
+        match self.conntrack.remove(k) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(anyhow!(e).context("delete conntrack entry")),
+        }
+    }
+
+    /// Every connection, original direction first. Entries whose partner was evicted are
+    /// shown with an empty reply side.
+    pub fn flows(&self) -> Result<Vec<Flow>> {
+        let entries = self.ct_entries()?;
+        let now = ct_now_ns();
+        let find = |k: &CtKey| entries.iter().find(|(kk, _)| kk == k).map(|(_, e)| *e);
+        let mut out = Vec::new();
+        for (k, e) in &entries {
+            if e.dir != DIR_ORIGINAL {
+                continue;
+            }
+            let rk = peer_key(e, k.proto);
+            let r = find(&rk);
+            let last = r.map_or(e.last_seen_ns, |r| r.last_seen_ns.max(e.last_seen_ns));
+            out.push(Flow {
+                proto: proto_name(k.proto),
+                kind: match e.origin {
+                    ORIGIN_MASQUERADE => "masquerade",
+                    ORIGIN_PUBLISHED => "published",
+                    _ => "other",
+                },
+                state: state_name(k.proto, e.state),
+                original: end(k, Some(e)),
+                reply: end(&rk, r.as_ref()),
+                age_secs: now.saturating_sub(e.created_ns) / NS,
+                idle_secs: now.saturating_sub(last) / NS,
+                timeout_secs: ct_timeout_ns(k.proto, e.state) / NS,
+                ifindex: e.ifindex,
+            });
+        }
+        out.sort_by(|a, b| {
+            (a.proto, a.original.src, a.original.sport).cmp(&(b.proto, b.original.src, b.original.sport))
+        });
+        Ok(out)
+    }
+
+    /// Number of entries (two per connection).
+    pub fn ct_len(&self) -> Result<usize> {
+        Ok(self.ct_entries()?.len())
+    }
+
+    /// Delete both entries of every connection matching `pred`; returns connections removed.
+    fn ct_remove_where(&mut self, pred: impl Fn(&CtKey, &CtEntry, Option<&CtEntry>) -> bool) -> Result<usize> {
+        let entries = self.ct_entries()?;
+        let mut doomed = Vec::new();
+        let mut conns = 0;
+        for (k, e) in &entries {
+            let peer = peer_key(e, k.proto);
+            let p = entries.iter().find(|(kk, _)| *kk == peer).map(|(_, e)| e);
+            // Judge each connection once, from its original entry (or an orphan entry).
+            if e.dir != DIR_ORIGINAL && p.is_some() {
+                continue;
+            }
+            if pred(k, e, p) {
+                conns += 1;
+                doomed.push(*k);
+                if p.is_some() {
+                    doomed.push(peer);
+                }
+            }
+        }
+        for k in &doomed {
+            self.ct_remove(k)?;
+        }
+        Ok(conns)
+    }
+
+    /// Remove connections idle past their timeout; returns how many.
+    pub fn ct_gc(&mut self) -> Result<usize> {
+        let now = ct_now_ns();
+        self.ct_remove_where(|k, e, p| {
+            let last = p.map_or(e.last_seen_ns, |p| p.last_seen_ns.max(e.last_seen_ns));
+            now.saturating_sub(last) > ct_timeout_ns(k.proto, e.state)
+        })
+    }
+
+    /// Remove every connection; returns how many.
+    pub fn ct_flush(&mut self) -> Result<usize> {
+        self.ct_remove_where(|_, _, _| true)
+    }
+
+    /// Forget the connections of the container behind host veth `ifindex`.
+    pub fn forget_container(&mut self, ifindex: u32) -> Result<usize> {
+        self.ct_remove_where(|_, e, _| e.ifindex == ifindex)
+    }
+
+    /// Forget connections made to published port `m`.
+    pub fn forget_port(&mut self, m: &PortMapping) -> Result<()> {
+        let pk = port_key(m);
+        self.ct_remove_where(|k, e, _| {
+            e.origin == ORIGIN_PUBLISHED
+                && k.proto == pk.proto
+                && k.dst_port == pk.host_port
+                && (pk.host_addr == [0; 4] || k.dst_addr == pk.host_addr)
+        })
+        .map(|_| ())
+    }
+}
+
+impl Maps {
+    /// The conntrack table's capacity.
+    pub fn ct_max_entries(&self) -> u32 {
+        self.conntrack_max
+    }
+}

@@ -1,0 +1,371 @@
+//! The only place that knows map names and pin paths: load the embedded eBPF object, pin
+//! programs, maps and links under `<bpffs-dir>/v1/`, and read and write the maps in domain
+//! terms.
+//!
+//! Layout:
+//! ```text
+//! <bpffs-dir>/v1/maps/{config,endpoints,ports,conntrack,stats}
+//! <bpffs-dir>/v1/progs/{tc_container,tc_uplink}
+//! <bpffs-dir>/v1/links/<interface>          one TCX ingress link per interface
+//! ```
+//! Links are pinned, so the datapath keeps running after the loader exits.
+
+mod conntrack;
+
+use std::{
+    io,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use aya::{
+    EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, MapInfo, MapType, PerCpuArray},
+    programs::{
+        SchedClassifier, TcAttachType,
+        links::FdLink,
+    },
+};
+use nat_common::{
+    Config, Counter, CtEntry, CtKey, Endpoint, PIN_VERSION, PortKey, PortTarget, Reason,
+    map_names, prog_names,
+};
+use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
+
+pub use conntrack::{Flow, FlowEnd, ct_now_ns};
+
+use crate::spec::PortMapping;
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nat"));
+
+const MAPS: [&str; 5] = [
+    map_names::CONFIG,
+    map_names::ENDPOINTS,
+    map_names::PORTS,
+    map_names::CONNTRACK,
+    map_names::STATS,
+];
+const PROGS: [&str; 2] = [prog_names::TC_CONTAINER, prog_names::TC_UPLINK];
+
+/// Pin locations for one bpfnat instance.
+#[derive(Clone, Debug)]
+pub struct Pins {
+    root: PathBuf,
+}
+
+impl Pins {
+    #[must_use]
+    pub fn new(bpffs_dir: &Path) -> Self {
+        Self {
+            root: bpffs_dir.join(PIN_VERSION),
+        }
+    }
+
+    #[must_use]
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn map(&self, name: &str) -> PathBuf {
+        self.root.join("maps").join(name)
+    }
+
+    fn prog(&self, name: &str) -> PathBuf {
+        self.root.join("progs").join(name)
+    }
+
+    fn link(&self, ifname: &str) -> PathBuf {
+        self.root.join("links").join(ifname)
+    }
+
+    /// Whether a datapath is installed here.
+    #[must_use]
+    pub fn installed(&self) -> bool {
+        self.prog(prog_names::TC_CONTAINER).exists()
+    }
+
+    /// Interfaces with a pinned link.
+    pub fn linked_interfaces(&self) -> Vec<String> {
+        std::fs::read_dir(self.root.join("links"))
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Mount bpffs on /sys/fs/bpf when it is not (a fresh machine), and check `dir` is on a bpffs.
+pub fn ensure_bpffs(dir: &Path) -> Result<()> {
+    const SYS_FS_BPF: &str = "/sys/fs/bpf";
+    let is_bpffs = |p: &Path| statfs(p).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC);
+    if dir.starts_with(SYS_FS_BPF) && !is_bpffs(Path::new(SYS_FS_BPF)) {
+        nix::mount::mount(
+            Some("bpf"),
+            SYS_FS_BPF,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .context("mount bpffs on /sys/fs/bpf")?;
+    }
+    let mut probe = dir;
+    while !probe.exists() {
+        probe = probe.parent().unwrap_or(Path::new("/"));
+    }
+    if !is_bpffs(probe) {
+        bail!(
+            "{} is not on a bpffs: choose a --bpffs-dir below a mounted bpf filesystem (e.g. /sys/fs/bpf/bpfnat)",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))
+}
+
+/// What each pinned map must look like for this build.
+fn expected(name: &str) -> (MapType, usize, usize) {
+    use std::mem::size_of;
+    match name {
+        map_names::CONFIG => (MapType::Array, 4, size_of::<Config>()),
+        map_names::ENDPOINTS => (MapType::Hash, 4, size_of::<Endpoint>()),
+        map_names::PORTS => (MapType::Hash, size_of::<PortKey>(), size_of::<PortTarget>()),
+        map_names::CONNTRACK => (MapType::LruHash, size_of::<CtKey>(), size_of::<CtEntry>()),
+        _ => (MapType::PerCpuArray, 4, size_of::<Counter>()),
+    }
+}
+
+/// aya reuses whatever is pinned at a map's path, whatever its shape: check first.
+fn check_pinned_maps(pins: &Pins) -> Result<()> {
+    for name in MAPS {
+        let path = pins.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapInfo::from_pin(&path)
+            .with_context(|| format!("inspect pinned map {}", path.display()))?;
+        let (ty, k, v) = expected(name);
+        let found = (info.map_type().ok(), info.key_size() as usize, info.value_size() as usize);
+        if found != (Some(ty), k, v) {
+            bail!(
+                "pinned map {} has another layout ({:?}, key {} B, value {} B) than this bpfnat expects; run `bpfnat down` or remove it",
+                path.display(),
+                found.0,
+                found.1,
+                found.2
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Load the programs, create (or reuse) and pin the maps, pin the programs.
+pub fn install(pins: &Pins, conntrack_max: u32) -> Result<()> {
+    check_pinned_maps(pins)?;
+    for sub in ["maps", "progs", "links"] {
+        let d = pins.root.join(sub);
+        std::fs::create_dir_all(&d).with_context(|| format!("create {}", d.display()))?;
+    }
+    let mut loader = EbpfLoader::new();
+    let map_paths: Vec<(&str, PathBuf)> = MAPS.iter().map(|n| (*n, pins.map(n))).collect();
+    for (name, path) in &map_paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    loader.map_max_entries(map_names::CONNTRACK, conntrack_max);
+    let mut ebpf = loader.load(OBJECT).context("load the eBPF object")?;
+    for name in PROGS {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+            .try_into()
+            .with_context(|| format!("{name} is not a TC program"))?;
+        prog.load()
+            .with_context(|| format!("load program {name} (verifier)"))?;
+        let path = pins.prog(name);
+        remove_pin(&path)?;
+        prog.pin(&path)
+            .with_context(|| format!("pin program {name} at {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Remove every pin of this instance (detaching every link).
+pub fn uninstall(pins: &Pins) -> Result<()> {
+    match std::fs::remove_dir_all(&pins.root) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(anyhow!(e).context(format!("remove {}", pins.root.display()))),
+    }?;
+    // The parent directory is ours too when it is empty now.
+    if let Some(parent) = pins.root.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
+    Ok(())
+}
+
+fn remove_pin(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(anyhow!(e).context(format!("remove {}", path.display()))),
+    }
+}
+
+/// Which program an interface gets.
+#[derive(Clone, Copy, Debug)]
+pub enum Hook {
+    /// A container's host-side veth.
+    Container,
+    /// The node's uplink.
+    Uplink,
+}
+
+/// Attach the program for `hook` to TC ingress of `ifname` (in the calling thread's
+/// namespace) and pin the link, replacing an earlier link of ours on that interface.
+pub fn attach(pins: &Pins, hook: Hook, ifname: &str) -> Result<()> {
+    let name = match hook {
+        Hook::Container => prog_names::TC_CONTAINER,
+        Hook::Uplink => prog_names::TC_UPLINK,
+    };
+    let mut prog = SchedClassifier::from_pin(pins.prog(name))
+        .with_context(|| format!("open pinned program {name} (is the datapath up?)"))?;
+    let link_path = pins.link(ifname);
+    remove_pin(&link_path)?;
+    let id = prog
+        .attach(ifname, TcAttachType::Ingress)
+        .with_context(|| format!("attach tc ingress to {ifname}"))?;
+    let link: FdLink = prog
+        .take_link(id)
+        .context("take the TC link")?
+        .try_into()
+        .with_context(|| format!("TC link on {ifname} is not a TCX link (kernel < 6.6?)"))?;
+    link.pin(&link_path)
+        .with_context(|| format!("pin link at {}", link_path.display()))?;
+    Ok(())
+}
+
+/// Detach what we attached to `ifname` (removing the pin drops the last reference).
+pub fn detach(pins: &Pins, ifname: &str) -> Result<()> {
+    remove_pin(&pins.link(ifname))
+}
+
+fn open_map(pins: &Pins, name: &str) -> Result<Map> {
+    let path = pins.map(name);
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("open pinned map {} (is the datapath up?)", path.display()))?;
+    Map::from_map_data(data).with_context(|| format!("map {name}"))
+}
+
+/// Typed access to the pinned maps.
+pub struct Maps {
+    config: Array<MapData, Config>,
+    endpoints: HashMap<MapData, [u8; 4], Endpoint>,
+    ports: HashMap<MapData, PortKey, PortTarget>,
+    conntrack: HashMap<MapData, CtKey, CtEntry>,
+    stats: PerCpuArray<MapData, Counter>,
+    conntrack_max: u32,
+}
+
+/// One named counter summed over CPUs.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Stat {
+    pub reason: &'static str,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+fn port_key(m: &PortMapping) -> PortKey {
+    PortKey {
+        host_addr: m.host_ip.map_or([0; 4], |ip| ip.octets()),
+        host_port: m.host_port.to_be_bytes(),
+        proto: m.proto.number(),
+        _pad: 0,
+    }
+}
+
+impl Maps {
+    pub fn open(pins: &Pins) -> Result<Self> {
+        Ok(Self {
+            config: open_map(pins, map_names::CONFIG)?.try_into()?,
+            endpoints: open_map(pins, map_names::ENDPOINTS)?.try_into()?,
+            ports: open_map(pins, map_names::PORTS)?.try_into()?,
+            conntrack: open_map(pins, map_names::CONNTRACK)?.try_into()?,
+            stats: open_map(pins, map_names::STATS)?.try_into()?,
+            conntrack_max: MapInfo::from_pin(pins.map(map_names::CONNTRACK))
+                .context("inspect conntrack map")?
+                .max_entries(),
+        })
+    }
+
+    pub fn set_config(&mut self, c: &Config) -> Result<()> {
+        self.config.set(0, c, 0).context("write config map")
+    }
+
+    pub fn config(&self) -> Result<Config> {
+        self.config.get(&0, 0).context("read config map")
+    }
+
+    pub fn put_endpoint(&mut self, ip: Ipv4Addr, ep: &Endpoint) -> Result<()> {
+        self.endpoints
+            .insert(ip.octets(), ep, 0)
+            .with_context(|| format!("write endpoint {ip}"))
+    }
+
+    pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<()> {
+        match self.endpoints.remove(&ip.octets()) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(anyhow!(e).context(format!("remove endpoint {ip}"))),
+        }
+    }
+
+    /// Publish `m` towards `target`. Connections tracked for the same host port from an
+    /// earlier mapping are forgotten, so they cannot shadow the new one.
+    pub fn put_port(&mut self, m: &PortMapping, target: Ipv4Addr, generation: u32) -> Result<()> {
+        let t = PortTarget {
+            addr: target.octets(),
+            port: m.container_port.to_be_bytes(),
+            _pad: [0; 2],
+            generation,
+        };
+        self.ports
+            .insert(port_key(m), t, 0)
+            .with_context(|| format!("publish {m}"))?;
+        self.forget_port(m)
+    }
+
+    pub fn remove_port(&mut self, m: &PortMapping) -> Result<()> {
+        match self.ports.remove(&port_key(m)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+            Err(e) => return Err(anyhow!(e).context(format!("unpublish {m}"))),
+        }
+        self.forget_port(m)
+    }
+
+    /// Published ports as they are in the map: (proto, host addr, host port) → (addr, port).
+    pub fn ports(&self) -> Result<Vec<(PortKey, PortTarget)>> {
+        self.ports
+            .iter()
+            .map(|r| r.context("read ports map"))
+            .collect()
+    }
+
+    pub fn stats(&self) -> Result<Vec<Stat>> {
+        Reason::ALL
+            .iter()
+            .map(|(r, name)| {
+                let per_cpu = self
+                    .stats
+                    .get(&(*r as u32), 0)
+                    .with_context(|| format!("read counter {name}"))?;
+                let (packets, bytes) = per_cpu
+                    .iter()
+                    .fold((0, 0), |(p, b), c| (p + c.packets, b + c.bytes));
+                Ok(Stat {
+                    reason: name,
+                    packets,
+                    bytes,
+                })
+            })
+            .collect()
+    }
+}

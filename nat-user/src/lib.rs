@@ -1,0 +1,11 @@
+//! bpfnat's userspace: the loader CLI's building blocks, shared with the demo and the
+//! end-to-end tests (which build their labs with [`lab`]).
+
+pub mod cli;
+pub mod datapath;
+pub mod lab;
+pub mod netlink;
+pub mod netns;
+pub mod net;
+pub mod spec;
+pub mod state;

@@ -1,0 +1,135 @@
+//! Small IPv4 value types for the CLI: subnets and port ranges.
+
+use std::{fmt, net::Ipv4Addr, str::FromStr};
+
+use anyhow::{Result, anyhow, bail};
+
+/// An IPv4 network in CIDR notation, e.g. `10.88.0.0/16`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    #[must_use]
+    pub fn mask(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0))
+    }
+
+    #[must_use]
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & u32::from(self.mask()) == u32::from(self.addr)
+    }
+
+    #[must_use]
+    pub fn broadcast(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) | !u32::from(self.mask()))
+    }
+
+    /// Host addresses, lowest first (network and broadcast excluded).
+    pub fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> {
+        let first = u32::from(self.addr) + 1;
+        let last = u32::from(self.broadcast()) - 1;
+        (first..=last).map(Ipv4Addr::from)
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let (a, p) = s
+            .split_once('/')
+            .ok_or_else(|| anyhow!("invalid subnet {s:?}: expected ADDRESS/PREFIX, e.g. 10.88.0.0/16"))?;
+        let addr: Ipv4Addr = a
+            .parse()
+            .map_err(|_| anyhow!("invalid subnet {s:?}: {a:?} is not an IPv4 address"))?;
+        let prefix: u8 = p
+            .parse()
+            .ok()
+            .filter(|p| (8..=30).contains(p))
+            .ok_or_else(|| anyhow!("invalid subnet {s:?}: prefix must be 8-30"))?;
+        let c = Self { addr, prefix };
+        let net = Ipv4Addr::from(u32::from(addr) & u32::from(c.mask()));
+        if net != addr {
+            bail!("invalid subnet {s:?}: host bits set (did you mean {net}/{prefix}?)");
+        }
+        Ok(c)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// An inclusive port range `MIN-MAX`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl FromStr for PortRange {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let err = || anyhow!("invalid port range {s:?}: expected MIN-MAX within 1-65535, MIN <= MAX");
+        let (a, b) = s.split_once('-').ok_or_else(err)?;
+        let (min, max): (u16, u16) = (a.parse().map_err(|_| err())?, b.parse().map_err(|_| err())?);
+        if min == 0 || min > max {
+            return Err(err());
+        }
+        Ok(Self { min, max })
+    }
+}
+
+/// Docker's MAC scheme: `02:42` followed by the IPv4 address.
+#[must_use]
+pub fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x02, 0x42, o[0], o[1], o[2], o[3]]
+}
+
+#[must_use]
+pub fn fmt_mac(m: &[u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_parses_and_checks_host_bits() {
+        let c: Cidr = "10.88.0.0/16".parse().unwrap();
+        assert_eq!(c.mask(), Ipv4Addr::new(255, 255, 0, 0));
+        assert!(c.contains(Ipv4Addr::new(10, 88, 3, 4)));
+        assert!(!c.contains(Ipv4Addr::new(10, 89, 0, 1)));
+        assert_eq!(c.broadcast(), Ipv4Addr::new(10, 88, 255, 255));
+        assert_eq!(c.hosts().next(), Some(Ipv4Addr::new(10, 88, 0, 1)));
+        assert!("10.88.0.1/16".parse::<Cidr>().is_err());
+        assert!("10.88.0.0/31".parse::<Cidr>().is_err());
+        assert!("10.88.0.0".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn port_ranges() {
+        assert_eq!(
+            "1024-65535".parse::<PortRange>().unwrap(),
+            PortRange { min: 1024, max: 65535 }
+        );
+        assert!("0-10".parse::<PortRange>().is_err());
+        assert!("10-9".parse::<PortRange>().is_err());
+    }
+
+    #[test]
+    fn macs_follow_docker() {
+        assert_eq!(fmt_mac(&mac_for(Ipv4Addr::new(10, 88, 0, 2))), "02:42:0a:58:00:02");
+    }
+}

@@ -1,0 +1,227 @@
+//! rtnetlink wrappers: links, veths, addresses, routes. A [`Netlink`] is bound to one network
+//! namespace: the one its socket was opened in.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    os::fd::AsRawFd as _,
+    path::Path,
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use futures::TryStreamExt as _;
+use rtnetlink::{
+    Handle, LinkUnspec, LinkVeth, RouteMessageBuilder,
+    packet_route::{
+        address::AddressAttribute,
+        link::{InfoData, InfoVeth, LinkAttribute, LinkMessage},
+        route::RouteScope,
+    },
+};
+
+/// A link as bpfnat cares about it.
+#[derive(Clone, Debug)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+}
+
+pub struct Netlink {
+    handle: Handle,
+}
+
+fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -errno)
+}
+
+impl Netlink {
+    /// A socket in the calling thread's namespace. Needs a tokio runtime.
+    pub fn current() -> Result<Self> {
+        let (conn, handle, _) = rtnetlink::new_connection().context("open rtnetlink socket")?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    /// A socket in the namespace at `ns`, driven by the current tokio runtime.
+    pub fn in_netns(ns: &Path) -> Result<Self> {
+        let rt = tokio::runtime::Handle::current();
+        let (conn, handle) = crate::netns::run_in(ns, move || {
+            let _guard = rt.enter();
+            let (conn, handle, _) =
+                rtnetlink::new_connection().context("open rtnetlink socket")?;
+            Ok((conn, handle))
+        })
+        .with_context(|| format!("netlink in {}", ns.display()))?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    fn to_link(msg: &LinkMessage) -> Link {
+        let mut link = Link {
+            index: msg.header.index,
+            name: String::new(),
+            mac: [0; 6],
+            mtu: 0,
+        };
+        for a in &msg.attributes {
+            match a {
+                LinkAttribute::IfName(n) => link.name.clone_from(n),
+                LinkAttribute::Address(m) if m.len() == 6 => link.mac.copy_from_slice(m),
+                LinkAttribute::Mtu(m) => link.mtu = *m,
+                _ => {}
+            }
+        }
+        link
+    }
+
+    /// The link called `name`, or `None`.
+    pub async fn link(&self, name: &str) -> Result<Option<Link>> {
+        let mut s = self.handle.link().get().match_name(name.to_owned()).execute();
+        match s.try_next().await {
+            Ok(Some(m)) => Ok(Some(Self::to_link(&m))),
+            Ok(None) => Ok(None),
+            Err(e) if is_errno(&e, libc::ENODEV) => Ok(None),
+            Err(e) => Err(anyhow!(e).context(format!("look up link {name}"))),
+        }
+    }
+
+    /// The link called `name`; a clear error when there is none.
+    pub async fn require_link(&self, name: &str) -> Result<Link> {
+        self.link(name)
+            .await?
+            .ok_or_else(|| anyhow!("interface {name} not found"))
+    }
+
+    /// Create a veth pair: `host` here, `peer` created directly inside the namespace `peer_ns`
+    /// with MAC `peer_mac`.
+    pub async fn add_veth(&self, host: &str, peer: &str, peer_ns: &Path, peer_mac: [u8; 6], mtu: u32) -> Result<()> {
+        let ns = crate::netns::open(peer_ns)?;
+        let peer_msg = LinkUnspec::new_with_name(peer)
+            .setns_by_fd(ns.as_raw_fd())
+            .address(peer_mac.to_vec())
+            .mtu(mtu)
+            .build();
+        let msg = LinkVeth::new(host, peer)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
+            .mtu(mtu)
+            .build();
+        self.handle.link().add(msg).execute().await.map_err(|e| {
+            if is_errno(&e, libc::EEXIST) {
+                anyhow!("interface {host} already exists")
+            } else {
+                anyhow!(e)
+            }
+        }).with_context(|| format!("create veth pair {host} / {peer}"))
+    }
+
+    /// Create a veth pair with both ends here, both up: a home for node-local addresses that
+    /// does not need the `dummy` module (which not every kernel has).
+    pub async fn add_local_veth(&self, name: &str, peer: &str) -> Result<()> {
+        self.handle
+            .link()
+            .add(LinkVeth::new(name, peer).up().build())
+            .execute()
+            .await
+            .with_context(|| format!("create veth pair {name} / {peer}"))?;
+        let p = self.require_link(peer).await?;
+        self.set_up(p.index).await
+    }
+
+    pub async fn set_up(&self, index: u32) -> Result<()> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .with_context(|| format!("set link {index} up"))
+    }
+
+    /// Delete a link; a link that is already gone is fine.
+    pub async fn del_link(&self, index: u32) -> Result<()> {
+        match self.handle.link().del(index).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if is_errno(&e, libc::ENODEV) => Ok(()),
+            Err(e) => Err(anyhow!(e).context(format!("delete link {index}"))),
+        }
+    }
+
+    pub async fn add_addr(&self, index: u32, addr: Ipv4Addr, prefix: u8) -> Result<()> {
+        match self
+            .handle
+            .address()
+            .add(index, IpAddr::V4(addr), prefix)
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if is_errno(&e, libc::EEXIST) => Ok(()),
+            Err(e) => Err(anyhow!(e).context(format!("add address {addr}/{prefix}"))),
+        }
+    }
+
+    /// IPv4 addresses on link `index`, primary first.
+    pub async fn ipv4_addrs(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>> {
+        let mut s = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        let mut out = Vec::new();
+        while let Some(m) = s.try_next().await.context("list addresses")? {
+            for a in &m.attributes {
+                if let AddressAttribute::Local(IpAddr::V4(v4)) = a {
+                    out.push((*v4, m.header.prefix_len));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `default via gw dev index`.
+    pub async fn add_default_route(&self, gw: Ipv4Addr, index: u32) -> Result<()> {
+        let r = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+            .gateway(gw)
+            .output_interface(index)
+            .build();
+        match self.handle.route().add(r).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if is_errno(&e, libc::EEXIST) => Ok(()),
+            Err(e) => Err(anyhow!(e).context(format!("add default route via {gw}"))),
+        }
+    }
+
+    /// `dst/32 dev index scope link src src`: how the node reaches a container.
+    pub async fn add_host_route(&self, dst: Ipv4Addr, index: u32, src: Ipv4Addr) -> Result<()> {
+        let r = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst, 32)
+            .output_interface(index)
+            .pref_source(src)
+            .scope(RouteScope::Link)
+            .build();
+        self.handle
+            .route()
+            .add(r)
+            .execute()
+            .await
+            .with_context(|| format!("add route {dst}/32"))
+    }
+
+    /// Bring `lo` up (a fresh namespace has it down).
+    pub async fn lo_up(&self) -> Result<()> {
+        let lo = self.require_link("lo").await?;
+        self.set_up(lo.index).await
+    }
+
+    /// Fail unless the link exists and has the expected index (guards against a name reused
+    /// by another interface).
+    pub async fn check_link(&self, name: &str, index: u32) -> Result<Link> {
+        let l = self.require_link(name).await?;
+        if l.index != index {
+            bail!("interface {name} has index {} now, expected {index}", l.index);
+        }
+        Ok(l)
+    }
+}

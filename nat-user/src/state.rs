@@ -1,0 +1,122 @@
+//! The small on-disk record of the node and its containers (`<state-dir>/state.json`).
+//! Every command holds an exclusive lock on `<state-dir>/lock` while it reads and writes it;
+//! writes go to a temporary file that is renamed into place.
+
+use std::{
+    collections::BTreeMap,
+    fs::{File, OpenOptions},
+    io,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, anyhow};
+use serde::{Deserialize, Serialize};
+
+use crate::spec::PortMapping;
+
+/// The node-wide settings `up` was given and derived.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub uplink: String,
+    pub uplink_ifindex: u32,
+    pub subnet: Ipv4Addr,
+    pub prefix_len: u8,
+    pub gateway: Ipv4Addr,
+    pub snat_ip: Ipv4Addr,
+    /// `snat_ip` is the uplink's own address rather than one given with `--snat-ip`.
+    pub snat_from_uplink: bool,
+    pub port_min: u16,
+    pub port_max: u16,
+    /// ifindex of the interface that holds the gateway address.
+    pub gateway_ifindex: u32,
+    pub gateway_if: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Container {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub mac: [u8; 6],
+    pub host_if: String,
+    pub host_ifindex: u32,
+    pub host_mac: [u8; 6],
+    pub netns: PathBuf,
+    /// bpfnat created the namespace (and removes it on `container del`).
+    pub owns_netns: bool,
+    pub ports: Vec<PortMapping>,
+    pub sysctls: Vec<(String, String)>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct State {
+    pub node: Option<Node>,
+    pub containers: BTreeMap<String, Container>,
+    /// Last generation handed to a port mapping.
+    pub generation: u32,
+}
+
+impl State {
+    pub fn next_generation(&mut self) -> u32 {
+        self.generation = self.generation.wrapping_add(1).max(1);
+        self.generation
+    }
+}
+
+/// The locked state directory. The lock is released on drop.
+pub struct Store {
+    dir: PathBuf,
+    _lock: File,
+}
+
+impl Store {
+    /// Create the directory if needed and take the lock (waits for other bpfnat commands).
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("create state directory {}", dir.display()))?;
+        let lock_path = dir.join("lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("open {}", lock_path.display()))?;
+        lock.lock()
+            .with_context(|| format!("lock {}", lock_path.display()))?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            _lock: lock,
+        })
+    }
+
+    fn file(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+
+    pub fn load(&self) -> Result<State> {
+        let path = self.file();
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .with_context(|| format!("parse {} (remove it to start over)", path.display())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(State::default()),
+            Err(e) => Err(anyhow!(e).context(format!("read {}", path.display()))),
+        }
+    }
+
+    pub fn save(&self, state: &State) -> Result<()> {
+        let path = self.file();
+        let tmp = self.dir.join("state.json.tmp");
+        let data = serde_json::to_vec_pretty(state).context("serialize state")?;
+        std::fs::write(&tmp, data).with_context(|| format!("write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("replace {}", path.display()))
+    }
+
+    /// Remove the state file (after `down`). The directory and lock file stay.
+    pub fn clear(&self) -> Result<()> {
+        match std::fs::remove_file(self.file()) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(anyhow!(e).context("remove state file")),
+        }
+    }
+}
