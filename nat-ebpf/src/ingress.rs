@@ -72,6 +72,10 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
         return forward::route(ctx, &mut p, ifindex, None);
     }
 
+    if p.dst == cfg.gateway_addr {
+        // F6: the node, by its gateway address.
+        return pass(ctx);
+    }
     if parse::in_subnet(p.dst, cfg.subnet_addr, cfg.subnet_mask) {
         // An address in the subnet that no container holds: never route it elsewhere.
         return Err(Reason::DropNoEndpoint);

@@ -1,1 +1,98 @@
+//! Support for bpfnat's end-to-end tests: every test builds its own lab (namespaces with a
+//! test-unique prefix, its own bpffs and state directories) through [`lab`], and the lab
+//! removes everything when dropped, also when the test fails.
 
+use std::{
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+pub use bpfnat::lab::{EXT_ADDR, Lab, NODE_ADDR, UPLINK, traffic};
+use bpfnat::netns;
+
+/// The bpfnat binary under test: `$BPFNAT_BIN` (set by `cargo xtask test`) or the one cargo
+/// built next to this test executable.
+#[must_use]
+pub fn bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("BPFNAT_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/bpfnat
+    exe.parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("bpfnat"))
+        .expect("target directory")
+}
+
+/// A fresh lab named after the test.
+#[must_use]
+pub fn lab(test: &str) -> Lab {
+    Lab::new(&format!("bnt-{test}"), &bin()).expect("build the lab")
+}
+
+/// A lab with the datapath up.
+#[must_use]
+pub fn lab_up(test: &str) -> Lab {
+    let l = lab(test);
+    l.ok(&["up", "--uplink", UPLINK]).expect("bpfnat up");
+    l
+}
+
+#[must_use]
+pub fn v4(ip: Ipv4Addr, port: u16) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(ip, port))
+}
+
+/// `bpfnat -o json ARGS` in the lab's node, parsed.
+#[must_use]
+pub fn json(lab: &Lab, args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["-o", "json"];
+    a.extend_from_slice(args);
+    let out = lab.ok(&a).expect("bpfnat json command");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("bpfnat {args:?} printed bad JSON ({e}): {out}"))
+}
+
+/// One ping from namespace `ns` to `dst`; true when a reply came back.
+#[must_use]
+pub fn ping(ns: &Path, dst: Ipv4Addr) -> bool {
+    let mut c = Command::new("ping");
+    c.args(["-c", "1", "-W", "2", &dst.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    netns::command_in(&mut c, ns).expect("enter namespace");
+    c.status().is_ok_and(|s| s.success())
+}
+
+/// Whether interface `name` exists in namespace `ns`.
+#[must_use]
+pub fn link_exists(ns: &Path, name: &str) -> bool {
+    let mut c = Command::new("ip");
+    c.args(["link", "show", "dev", name])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    netns::command_in(&mut c, ns).expect("enter namespace");
+    c.status().is_ok_and(|s| s.success())
+}
+
+/// The counter `reason` from `bpfnat -o json stats`.
+#[must_use]
+pub fn counter(lab: &Lab, reason: &str) -> u64 {
+    json(lab, &["stats"])
+        .as_array()
+        .expect("stats array")
+        .iter()
+        .find(|s| s["reason"] == reason)
+        .and_then(|s| s["packets"].as_u64())
+        .unwrap_or_else(|| panic!("no counter {reason}"))
+}
+
+/// Tracked connections from `bpfnat -o json conntrack list`.
+#[must_use]
+pub fn flows(lab: &Lab) -> Vec<serde_json::Value> {
+    json(lab, &["conntrack", "list"])
+        .as_array()
+        .expect("flow array")
+        .clone()
+}
