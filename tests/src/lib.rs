@@ -11,6 +11,9 @@ use std::{
 pub use bpfnat::lab::{EXT_ADDR, Lab, NODE_ADDR, UPLINK, traffic};
 use bpfnat::netns;
 
+
+pub mod packet;
+
 /// The bpfnat binary under test: `$BPFNAT_BIN` (set by `cargo xtask test`) or the one cargo
 /// built next to this test executable.
 #[must_use]

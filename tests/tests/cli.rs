@@ -200,3 +200,22 @@ fn status_reports_the_running_datapath() {
     let text = lab.ok(&["status"]).unwrap();
     assert!(text.contains("state:        up"), "{text}");
 }
+
+#[test]
+fn demo_shows_every_flow_and_cleans_up() {
+    let out = Command::new(bpfnat_tests::bin())
+        .arg("demo")
+        .output()
+        .expect("run bpfnat demo");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "demo failed: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("hello from web, you are 198.51.100.1:"), "F3 keeps the client address: {text}");
+    assert!(text.contains("hello from web, you are 10.88.0.3:"), "F1: {text}");
+    assert!(text.contains("saw the connection come from 198.51.100.2:"), "F2: {text}");
+    assert!(text.contains("masquerade") && text.contains("published"), "conntrack table: {text}");
+    let left: Vec<_> = std::fs::read_dir("/run/netns")
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("bpfnat-demo")).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "demo left namespaces: {left:?}");
+    assert!(!Path::new("/sys/fs/bpf/bpfnat-demo").exists(), "demo left pins");
+}

@@ -110,7 +110,7 @@ fn main() -> Result<()> {
             require_root("the tests")?;
             let bin = build(false)?;
             let mut c = cargo();
-            c.args(["test", "--workspace"])
+            c.args(["test", "--workspace", "--exclude", "nat-ebpf"])
                 .env("BPFNAT_BIN", &bin)
                 .args(&args);
             run(&mut c)
@@ -121,6 +121,8 @@ fn main() -> Result<()> {
             run(cargo().args([
                 "clippy",
                 "--workspace",
+                "--exclude",
+                "nat-ebpf",
                 "--all-targets",
                 "--",
                 "-D",

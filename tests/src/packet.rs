@@ -1,0 +1,171 @@
+//! Hand-built packets for `BPF_PROG_TEST_RUN` tests, and checksum verification of what the
+//! programs write back. Checksums are computed from scratch here, independently of the
+//! incremental updates the datapath does.
+
+use std::net::Ipv4Addr;
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Internet checksum of `data` starting from the partial sum `init`.
+#[must_use]
+pub fn csum(data: &[u8], init: u32) -> u16 {
+    let mut sum = init;
+    for chunk in data.chunks(2) {
+        let w = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
+        sum += u32::from(w);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn pseudo(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> u32 {
+    let mut p = Vec::with_capacity(12);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&[0, proto]);
+    p.extend_from_slice(&(len as u16).to_be_bytes());
+    p.chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum()
+}
+
+/// A TCP segment with `flags` and a short payload, checksummed for `src -> dst`.
+#[must_use]
+pub fn tcp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut t = vec![0u8; 20];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[4..8].copy_from_slice(&1_000u32.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = flags;
+    t[14..16].copy_from_slice(&65_535u16.to_be_bytes());
+    t.extend_from_slice(b"hello");
+    let c = csum(&t, pseudo(src, dst, PROTO_TCP, t.len()));
+    t[16..18].copy_from_slice(&c.to_be_bytes());
+    t
+}
+
+/// A UDP datagram; `checksum = false` leaves the field 0 ("no checksum").
+#[must_use]
+pub fn udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, checksum: bool) -> Vec<u8> {
+    let mut u = vec![0u8; 8];
+    u[0..2].copy_from_slice(&sport.to_be_bytes());
+    u[2..4].copy_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(b"query");
+    let len = u.len() as u16;
+    u[4..6].copy_from_slice(&len.to_be_bytes());
+    if checksum {
+        let c = csum(&u, pseudo(src, dst, PROTO_UDP, u.len()));
+        u[6..8].copy_from_slice(&c.to_be_bytes());
+    }
+    u
+}
+
+/// An ICMP echo request.
+#[must_use]
+pub fn echo_request(id: u16, seq: u16) -> Vec<u8> {
+    let mut i = vec![8, 0, 0, 0];
+    i.extend_from_slice(&id.to_be_bytes());
+    i.extend_from_slice(&seq.to_be_bytes());
+    i.extend_from_slice(b"ping-payload");
+    let c = csum(&i, 0);
+    i[2..4].copy_from_slice(&c.to_be_bytes());
+    i
+}
+
+/// Ethernet + IPv4 (TTL 64, DF) around `l4`.
+#[must_use]
+pub fn frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(34 + l4.len());
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let mut ip = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, 64, proto, 0, 0];
+    ip[2..4].copy_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let c = csum(&ip, 0);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(l4);
+    f
+}
+
+/// The parsed view of a frame the program wrote back.
+#[derive(Debug)]
+pub struct Seen {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub ttl: u8,
+    pub sport: u16,
+    pub dport: u16,
+    pub l4_csum: u16,
+}
+
+/// Parse `f` and assert that its IPv4 and L4 checksums are correct.
+#[must_use]
+pub fn verify(f: &[u8]) -> Seen {
+    assert!(f.len() >= 34, "frame too short: {}", f.len());
+    let ip = &f[14..34];
+    assert_eq!(csum(ip, 0), 0, "IPv4 header checksum is wrong");
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let l4 = &f[34..14 + total];
+    let proto = ip[9];
+    let (sport, dport, l4_csum) = match proto {
+        PROTO_TCP | PROTO_UDP => {
+            let c = u16::from_be_bytes(if proto == PROTO_TCP { [l4[16], l4[17]] } else { [l4[6], l4[7]] });
+            if !(proto == PROTO_UDP && c == 0) {
+                assert_eq!(csum(l4, pseudo(src, dst, proto, l4.len())), 0, "L4 checksum is wrong");
+            }
+            (u16::from_be_bytes([l4[0], l4[1]]), u16::from_be_bytes([l4[2], l4[3]]), c)
+        }
+        _ => {
+            assert_eq!(csum(l4, 0), 0, "ICMP checksum is wrong");
+            (u16::from_be_bytes([l4[4], l4[5]]), 0, u16::from_be_bytes([l4[2], l4[3]]))
+        }
+    };
+    Seen {
+        dst_mac: f[0..6].try_into().unwrap_or_default(),
+        src_mac: f[6..12].try_into().unwrap_or_default(),
+        src,
+        dst,
+        ttl: ip[8],
+        sport,
+        dport,
+        l4_csum,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_packets_verify() {
+        let a = Ipv4Addr::new(10, 88, 0, 2);
+        let b = Ipv4Addr::new(198, 51, 100, 1);
+        let s = verify(&frame([2; 6], [4; 6], a, b, PROTO_TCP, &tcp(a, b, 1, 2, 0x02)));
+        assert_eq!((s.sport, s.dport, s.ttl), (1, 2, 64));
+        let s = verify(&frame([2; 6], [4; 6], a, b, PROTO_UDP, &udp(a, b, 3, 4, false)));
+        assert_eq!(s.l4_csum, 0);
+        let s = verify(&frame([2; 6], [4; 6], a, b, PROTO_ICMP, &echo_request(9, 1)));
+        assert_eq!(s.sport, 9);
+    }
+
+    #[test]
+    #[should_panic(expected = "checksum")]
+    fn corrupted_packets_do_not_verify() {
+        let a = Ipv4Addr::new(10, 88, 0, 2);
+        let mut f = frame([2; 6], [4; 6], a, a, PROTO_TCP, &tcp(a, a, 1, 2, 0x02));
+        f[40] ^= 1;
+        let _ = verify(&f);
+    }
+}
