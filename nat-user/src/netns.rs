@@ -46,10 +46,27 @@ fn prepare_netns_dir() -> Result<()> {
         .with_context(|| format!("make {NETNS_DIR} shared"))
 }
 
+/// A machine-wide lock for one-time host setup (mounting bpffs, sharing /run/netns), which
+/// concurrent bpfnat processes would otherwise race on. Released on drop.
+pub fn host_lock() -> Result<File> {
+    let path = "/run/bpfnat.host.lock";
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("open {path}"))?;
+    f.lock().with_context(|| format!("lock {path}"))?;
+    Ok(f)
+}
+
 /// Create the named network namespace `name`. Fails if it exists.
 pub fn create(name: &str) -> Result<PathBuf> {
     validate_name(name)?;
-    prepare_netns_dir()?;
+    {
+        let _lock = host_lock()?;
+        prepare_netns_dir()?;
+    }
     let path = path_of(name);
     std::fs::OpenOptions::new()
         .write(true)

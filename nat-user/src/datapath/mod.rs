@@ -100,6 +100,8 @@ impl Pins {
 pub fn ensure_bpffs(dir: &Path) -> Result<()> {
     const SYS_FS_BPF: &str = "/sys/fs/bpf";
     let is_bpffs = |p: &Path| statfs(p).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC);
+    // Two instances starting at once must not stack two mounts.
+    let _lock = crate::netns::host_lock()?;
     if dir.starts_with(SYS_FS_BPF) && !is_bpffs(Path::new(SYS_FS_BPF)) {
         nix::mount::mount(
             Some("bpf"),
