@@ -198,7 +198,11 @@ pub const fn tcp_transition(state: u8, dir: u8, flags: u8) -> u8 {
         if flags & ACK == 0 {
             return if dir == DIR_ORIGINAL { SYN_SENT } else { state };
         }
-        return if dir == DIR_REPLY && state == SYN_SENT { SYN_RECV } else { state };
+        return if dir == DIR_REPLY && state == SYN_SENT {
+            SYN_RECV
+        } else {
+            state
+        };
     }
     if state == NONE {
         return ESTABLISHED;
@@ -463,8 +467,14 @@ mod tests {
         s = tcp_transition(s, DIR_ORIGINAL, ACK);
         assert_eq!(s, tcp_state::TIME_WAIT);
         assert_eq!(tcp_transition(s, DIR_ORIGINAL, SYN), tcp_state::SYN_SENT);
-        assert_eq!(tcp_transition(tcp_state::ESTABLISHED, DIR_REPLY, RST), tcp_state::CLOSE);
-        assert_eq!(tcp_transition(tcp_state::NONE, DIR_ORIGINAL, ACK), tcp_state::ESTABLISHED);
+        assert_eq!(
+            tcp_transition(tcp_state::ESTABLISHED, DIR_REPLY, RST),
+            tcp_state::CLOSE
+        );
+        assert_eq!(
+            tcp_transition(tcp_state::NONE, DIR_ORIGINAL, ACK),
+            tcp_state::ESTABLISHED
+        );
     }
 
     #[test]

@@ -170,7 +170,10 @@ pub fn create_snat(p: &Ip4, cfg: &Config, ifindex: u32, now: u64) -> Result<CtEn
     orig.nat = NAT_SNAT;
     orig.dir = DIR_ORIGINAL;
     orig.origin = ORIGIN_MASQUERADE;
-    if CONNTRACK.insert(&p.key(), &orig, u64::from(BPF_ANY)).is_err() {
+    if CONNTRACK
+        .insert(&p.key(), &orig, u64::from(BPF_ANY))
+        .is_err()
+    {
         let _ = CONNTRACK.remove(&rkey);
         return Err(Reason::DropCtFull);
     }
@@ -202,7 +205,10 @@ pub fn create_dnat(p: &Ip4, t: &PortTarget, ifindex: u32, now: u64) -> Result<Ct
     if CONNTRACK.insert(&rkey, &reply, u64::from(BPF_ANY)).is_err() {
         return Err(Reason::DropCtFull);
     }
-    if CONNTRACK.insert(&p.key(), &orig, u64::from(BPF_ANY)).is_err() {
+    if CONNTRACK
+        .insert(&p.key(), &orig, u64::from(BPF_ANY))
+        .is_err()
+    {
         let _ = CONNTRACK.remove(&rkey);
         return Err(Reason::DropCtFull);
     }

@@ -3,18 +3,14 @@
 use core::{ffi::c_void, mem::size_of, ptr::null_mut};
 
 use aya_ebpf::{
-    bindings::{
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams,
-    },
+    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams},
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
-use network_types::{arp::ArpHdr, eth::EthHdr};
 use nat_common::{Config, Endpoint, Reason};
+use network_types::{arp::ArpHdr, eth::EthHdr};
 
-use crate::{
-    TC_ACT_OK, maps::ENDPOINTS, nat::dec_ttl, parse, parse::Ip4, stats::count,
-};
+use crate::{TC_ACT_OK, maps::ENDPOINTS, nat::dec_ttl, parse, parse::Ip4, stats::count};
 
 const AF_INET: u8 = 2;
 const ARP_REQUEST: u16 = 1;
@@ -45,7 +41,12 @@ struct EthArp {
 /// Answer a container's ARP request for the gateway (with its host veth's MAC) or for another
 /// container (with that container's MAC), so all traffic reaches this program as unicast.
 #[inline(always)]
-pub fn arp_reply(ctx: &TcContext, cfg: &Config, ifindex: u32, eth_src: [u8; 6]) -> Result<i32, Reason> {
+pub fn arp_reply(
+    ctx: &TcContext,
+    cfg: &Config,
+    ifindex: u32,
+    eth_src: [u8; 6],
+) -> Result<i32, Reason> {
     let Some(arp) = parse::arp(ctx) else {
         return Err(Reason::DropTruncated);
     };
@@ -89,7 +90,13 @@ pub fn arp_reply(ctx: &TcContext, cfg: &Config, ifindex: u32, eth_src: [u8; 6]) 
 
 /// Deliver `p` into the container behind `ep`, straight into its namespace.
 #[inline(always)]
-pub fn to_endpoint(ctx: &TcContext, p: &mut Ip4, ep: &Endpoint, routed: bool, reason: Reason) -> Result<i32, Reason> {
+pub fn to_endpoint(
+    ctx: &TcContext,
+    p: &mut Ip4,
+    ep: &Endpoint,
+    routed: bool,
+    reason: Reason,
+) -> Result<i32, Reason> {
     if routed {
         dec_ttl(ctx, p)?;
     }
@@ -134,7 +141,12 @@ pub fn fib_forwards(rc: i64) -> bool {
 /// Send an already translated `p` on towards the outside, using `hint` when the caller has
 /// already done the FIB lookup for this destination.
 #[inline(always)]
-pub fn route(ctx: &TcContext, p: &mut Ip4, ifindex: u32, hint: Option<(i64, FibParams)>) -> Result<i32, Reason> {
+pub fn route(
+    ctx: &TcContext,
+    p: &mut Ip4,
+    ifindex: u32,
+    hint: Option<(i64, FibParams)>,
+) -> Result<i32, Reason> {
     let (rc, f) = match hint {
         Some(h) => h,
         None => fib(ctx, p, ifindex),

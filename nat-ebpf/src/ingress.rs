@@ -124,7 +124,11 @@ fn published(ctx: &TcContext, p: &parse::Ip4, ifindex: u32) -> Option<PortTarget
     let t = unsafe { PORTS.get(&key) }.copied()?;
     // "Any address" means the node's own addresses: the kernel would deliver locally.
     let (rc, _) = forward::fib(ctx, p, ifindex);
-    if forward::fib_forwards(rc) { None } else { Some(t) }
+    if forward::fib_forwards(rc) {
+        None
+    } else {
+        Some(t)
+    }
 }
 
 /// Everything that arrives on the uplink: replies to masqueraded connections, packets of

@@ -2,7 +2,10 @@
 //! (`bpf_l3_csum_replace` / `bpf_l4_csum_replace`): they keep CHECKSUM_PARTIAL skbs, which is
 //! what containers send over veth, correct, where a hand-computed checksum would corrupt them.
 
-use aya_ebpf::{bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR}, programs::TcContext};
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::TcContext,
+};
 use nat_common::{CtEntry, PROTO_ICMP, PROTO_UDP, Reason};
 
 use crate::parse::{
@@ -26,8 +29,17 @@ fn l4_flags(p: &Ip4) -> u64 {
 
 /// Replace one IPv4 address (at `addr_off`) and fix the IP and L4 checksums.
 #[inline(always)]
-fn set_addr(ctx: &TcContext, p: &Ip4, addr_off: usize, old: [u8; 4], new: [u8; 4]) -> Result<(), Reason> {
-    let (o, n) = (u64::from(u32::from_ne_bytes(old)), u64::from(u32::from_ne_bytes(new)));
+fn set_addr(
+    ctx: &TcContext,
+    p: &Ip4,
+    addr_off: usize,
+    old: [u8; 4],
+    new: [u8; 4],
+) -> Result<(), Reason> {
+    let (o, n) = (
+        u64::from(u32::from_ne_bytes(old)),
+        u64::from(u32::from_ne_bytes(new)),
+    );
     if let Some((csum_off, pseudo)) = l4_csum_off(p)
         && pseudo
     {
@@ -44,8 +56,17 @@ fn set_addr(ctx: &TcContext, p: &Ip4, addr_off: usize, old: [u8; 4], new: [u8; 4
 
 /// Replace a port (or the ICMP echo id) at `off` and fix the L4 checksum.
 #[inline(always)]
-fn set_port(ctx: &TcContext, p: &Ip4, off: usize, old: [u8; 2], new: [u8; 2]) -> Result<(), Reason> {
-    let (o, n) = (u64::from(u16::from_ne_bytes(old)), u64::from(u16::from_ne_bytes(new)));
+fn set_port(
+    ctx: &TcContext,
+    p: &Ip4,
+    off: usize,
+    old: [u8; 2],
+    new: [u8; 2],
+) -> Result<(), Reason> {
+    let (o, n) = (
+        u64::from(u16::from_ne_bytes(old)),
+        u64::from(u16::from_ne_bytes(new)),
+    );
     if let Some((csum_off, _)) = l4_csum_off(p) {
         helper(ctx.l4_csum_replace(csum_off, o, n, l4_flags(p) | 2))?;
     }

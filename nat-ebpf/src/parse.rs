@@ -3,12 +3,12 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::TcContext;
+use nat_common::{CtKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP, Reason};
 use network_types::{
     arp::ArpHdr,
     eth::{EthHdr, EtherType},
     ip::Ipv4Hdr,
 };
-use nat_common::{CtKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP, Reason};
 
 pub const ETH_LEN: usize = EthHdr::LEN;
 pub const IP_OFF: usize = ETH_LEN;
@@ -19,11 +19,6 @@ pub const IP_DST_OFF: usize = IP_OFF + 16;
 
 pub const ICMP_ECHO_REPLY: u8 = 0;
 pub const ICMP_ECHO_REQUEST: u8 = 8;
-
-
-
-
-
 
 /// A whole `T` at `off`, or `None` when the packet is shorter.
 #[inline(always)]

@@ -177,7 +177,13 @@ pub mod traffic {
 
     /// A TCP server in namespace `ns` on `addr` that answers up to `max` connections (or
     /// until `window` passes) with an HTTP response naming `who` and the peer it saw.
-    pub fn http_server(ns: &Path, addr: SocketAddr, who: &str, max: usize, window: Duration) -> Result<Seen> {
+    pub fn http_server(
+        ns: &Path,
+        addr: SocketAddr,
+        who: &str,
+        max: usize,
+        window: Duration,
+    ) -> Result<Seen> {
         let listener = run_in(ns, move || {
             TcpListener::bind(addr).with_context(|| format!("bind {addr}"))
         })?;
@@ -234,7 +240,9 @@ pub mod traffic {
     /// A UDP server in `ns` on `addr` that echoes up to `max` datagrams, prefixed with the
     /// peer address it saw (`"<peer> <payload>"`).
     pub fn udp_echo(ns: &Path, addr: SocketAddr, max: usize, window: Duration) -> Result<Seen> {
-        let sock = run_in(ns, move || UdpSocket::bind(addr).with_context(|| format!("bind udp {addr}")))?;
+        let sock = run_in(ns, move || {
+            UdpSocket::bind(addr).with_context(|| format!("bind udp {addr}"))
+        })?;
         sock.set_read_timeout(Some(Duration::from_millis(100)))?;
         Ok(std::thread::spawn(move || {
             let deadline = Instant::now() + window;
@@ -254,7 +262,12 @@ pub mod traffic {
 
     /// Send `payload` from `ns` (bound to `local`, port 0 = any) to `dst` and wait for one
     /// reply; retries a few times, since the first datagram may race ARP.
-    pub fn udp_ask(ns: &Path, local: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Result<String> {
+    pub fn udp_ask(
+        ns: &Path,
+        local: SocketAddr,
+        dst: SocketAddr,
+        payload: &[u8],
+    ) -> Result<String> {
         let payload = payload.to_vec();
         run_in(ns, move || {
             let sock = UdpSocket::bind(local).with_context(|| format!("bind udp {local}"))?;
@@ -263,10 +276,10 @@ pub mod traffic {
             for _ in 0..6 {
                 sock.send_to(&payload, dst)
                     .with_context(|| format!("send to {dst}"))?;
-                if let Ok((n, from)) = sock.recv_from(&mut buf) {
-                    if from == dst {
-                        return Ok(String::from_utf8_lossy(&buf[..n]).into_owned());
-                    }
+                if let Ok((n, from)) = sock.recv_from(&mut buf)
+                    && from == dst
+                {
+                    return Ok(String::from_utf8_lossy(&buf[..n]).into_owned());
                 }
             }
             bail!("no UDP reply from {dst}")

@@ -4,8 +4,8 @@
 pub mod cli;
 pub mod datapath;
 pub mod lab;
+pub mod net;
 pub mod netlink;
 pub mod netns;
-pub mod net;
 pub mod spec;
 pub mod state;

@@ -14,7 +14,11 @@ pub struct Cidr {
 impl Cidr {
     #[must_use]
     pub fn mask(&self) -> Ipv4Addr {
-        Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0))
+        Ipv4Addr::from(
+            u32::MAX
+                .checked_shl(32 - u32::from(self.prefix))
+                .unwrap_or(0),
+        )
     }
 
     #[must_use]
@@ -39,9 +43,9 @@ impl FromStr for Cidr {
     type Err = anyhow::Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        let (a, p) = s
-            .split_once('/')
-            .ok_or_else(|| anyhow!("invalid subnet {s:?}: expected ADDRESS/PREFIX, e.g. 10.88.0.0/16"))?;
+        let (a, p) = s.split_once('/').ok_or_else(|| {
+            anyhow!("invalid subnet {s:?}: expected ADDRESS/PREFIX, e.g. 10.88.0.0/16")
+        })?;
         let addr: Ipv4Addr = a
             .parse()
             .map_err(|_| anyhow!("invalid subnet {s:?}: {a:?} is not an IPv4 address"))?;
@@ -76,7 +80,8 @@ impl FromStr for PortRange {
     type Err = anyhow::Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        let err = || anyhow!("invalid port range {s:?}: expected MIN-MAX within 1-65535, MIN <= MAX");
+        let err =
+            || anyhow!("invalid port range {s:?}: expected MIN-MAX within 1-65535, MIN <= MAX");
         let (a, b) = s.split_once('-').ok_or_else(err)?;
         let (min, max): (u16, u16) = (a.parse().map_err(|_| err())?, b.parse().map_err(|_| err())?);
         if min == 0 || min > max {
@@ -122,7 +127,10 @@ mod tests {
     fn port_ranges() {
         assert_eq!(
             "1024-65535".parse::<PortRange>().unwrap(),
-            PortRange { min: 1024, max: 65535 }
+            PortRange {
+                min: 1024,
+                max: 65535
+            }
         );
         assert!("0-10".parse::<PortRange>().is_err());
         assert!("10-9".parse::<PortRange>().is_err());
@@ -130,6 +138,9 @@ mod tests {
 
     #[test]
     fn macs_follow_docker() {
-        assert_eq!(fmt_mac(&mac_for(Ipv4Addr::new(10, 88, 0, 2))), "02:42:0a:58:00:02");
+        assert_eq!(
+            fmt_mac(&mac_for(Ipv4Addr::new(10, 88, 0, 2))),
+            "02:42:0a:58:00:02"
+        );
     }
 }

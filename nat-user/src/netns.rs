@@ -74,7 +74,10 @@ pub fn create(name: &str) -> Result<PathBuf> {
         .open(&path)
         .map_err(|e| {
             if e.kind() == io::ErrorKind::AlreadyExists {
-                anyhow!("network namespace {name} already exists ({})", path.display())
+                anyhow!(
+                    "network namespace {name} already exists ({})",
+                    path.display()
+                )
             } else {
                 anyhow!(e).context(format!("create {}", path.display()))
             }
@@ -160,9 +163,7 @@ pub fn command_in(cmd: &mut Command, path: &Path) -> Result<()> {
     let ns = open(path)?;
     // SAFETY: only async-signal-safe work (setns) between fork and exec.
     unsafe {
-        cmd.pre_exec(move || {
-            setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
-        });
+        cmd.pre_exec(move || setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from));
     }
     Ok(())
 }
@@ -186,9 +187,12 @@ pub fn set_own_sysctl(key: &str, value: &str) -> Result<()> {
 /// the ones that a container's own namespace isolates.
 pub fn sysctl_path(key: &str) -> Result<PathBuf> {
     let ok = key.starts_with("net.")
-        && key
-            .split('.')
-            .all(|p| !p.is_empty() && p != ".." && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-')));
+        && key.split('.').all(|p| {
+            !p.is_empty()
+                && p != ".."
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+        });
     if !ok {
         bail!(
             "sysctl {key:?} is not a per-network-namespace key: only net.* keys can be set for a container"

@@ -56,7 +56,11 @@ impl fmt::Display for PortMapping {
         if let Some(ip) = self.host_ip {
             write!(f, "{ip}:")?;
         }
-        write!(f, "{}:{}/{}", self.host_port, self.container_port, self.proto)
+        write!(
+            f,
+            "{}:{}/{}",
+            self.host_port, self.container_port, self.proto
+        )
     }
 }
 
@@ -149,7 +153,10 @@ mod tests {
     fn plain_mapping_defaults_to_tcp_on_every_address() {
         let m = one("8080:80");
         assert_eq!(m.host_ip, None);
-        assert_eq!((m.host_port, m.container_port, m.proto), (8080, 80, Proto::Tcp));
+        assert_eq!(
+            (m.host_port, m.container_port, m.proto),
+            (8080, 80, Proto::Tcp)
+        );
     }
 
     #[test]
@@ -163,15 +170,28 @@ mod tests {
     #[test]
     fn ranges_expand_pairwise() {
         let p: PortSpec = "8000-8002:9000-9002/udp".parse().unwrap();
-        let pairs: Vec<_> = p.mappings.iter().map(|m| (m.host_port, m.container_port)).collect();
+        let pairs: Vec<_> = p
+            .mappings
+            .iter()
+            .map(|m| (m.host_port, m.container_port))
+            .collect();
         assert_eq!(pairs, vec![(8000, 9000), (8001, 9001), (8002, 9002)]);
     }
 
     #[test]
     fn malformed_specs_are_rejected() {
         for bad in [
-            "", "80", "abc:80", "80:0", "70000:80", "80:80/sctp", "1.2.3:80:80", "8000-8001:80",
-            "9-8:9-8", ":80", "1:2:3:4",
+            "",
+            "80",
+            "abc:80",
+            "80:0",
+            "70000:80",
+            "80:80/sctp",
+            "1.2.3:80:80",
+            "8000-8001:80",
+            "9-8:9-8",
+            ":80",
+            "1:2:3:4",
         ] {
             assert!(bad.parse::<PortSpec>().is_err(), "{bad:?} was accepted");
         }

@@ -11,7 +11,6 @@ use std::{
 pub use bpfnat::lab::{EXT_ADDR, Lab, NODE_ADDR, UPLINK, traffic};
 use bpfnat::netns;
 
-
 pub mod packet;
 
 /// The bpfnat binary under test: `$BPFNAT_BIN` (set by `cargo xtask test`) or the one cargo
@@ -54,7 +53,8 @@ pub fn json(lab: &Lab, args: &[&str]) -> serde_json::Value {
     let mut a = vec!["-o", "json"];
     a.extend_from_slice(args);
     let out = lab.ok(&a).expect("bpfnat json command");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("bpfnat {args:?} printed bad JSON ({e}): {out}"))
+    serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("bpfnat {args:?} printed bad JSON ({e}): {out}"))
 }
 
 /// One ping from namespace `ns` to `dst`; true when a reply came back.

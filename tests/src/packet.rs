@@ -79,7 +79,14 @@ pub fn echo_request(id: u16, seq: u16) -> Vec<u8> {
 
 /// Ethernet + IPv4 (TTL 64, DF) around `l4`.
 #[must_use]
-pub fn frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
+pub fn frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    l4: &[u8],
+) -> Vec<u8> {
     let mut f = Vec::with_capacity(34 + l4.len());
     f.extend_from_slice(&dst_mac);
     f.extend_from_slice(&src_mac);
@@ -121,15 +128,31 @@ pub fn verify(f: &[u8]) -> Seen {
     let proto = ip[9];
     let (sport, dport, l4_csum) = match proto {
         PROTO_TCP | PROTO_UDP => {
-            let c = u16::from_be_bytes(if proto == PROTO_TCP { [l4[16], l4[17]] } else { [l4[6], l4[7]] });
+            let c = u16::from_be_bytes(if proto == PROTO_TCP {
+                [l4[16], l4[17]]
+            } else {
+                [l4[6], l4[7]]
+            });
             if !(proto == PROTO_UDP && c == 0) {
-                assert_eq!(csum(l4, pseudo(src, dst, proto, l4.len())), 0, "L4 checksum is wrong");
+                assert_eq!(
+                    csum(l4, pseudo(src, dst, proto, l4.len())),
+                    0,
+                    "L4 checksum is wrong"
+                );
             }
-            (u16::from_be_bytes([l4[0], l4[1]]), u16::from_be_bytes([l4[2], l4[3]]), c)
+            (
+                u16::from_be_bytes([l4[0], l4[1]]),
+                u16::from_be_bytes([l4[2], l4[3]]),
+                c,
+            )
         }
         _ => {
             assert_eq!(csum(l4, 0), 0, "ICMP checksum is wrong");
-            (u16::from_be_bytes([l4[4], l4[5]]), 0, u16::from_be_bytes([l4[2], l4[3]]))
+            (
+                u16::from_be_bytes([l4[4], l4[5]]),
+                0,
+                u16::from_be_bytes([l4[2], l4[3]]),
+            )
         }
     };
     Seen {
@@ -152,11 +175,32 @@ mod tests {
     fn built_packets_verify() {
         let a = Ipv4Addr::new(10, 88, 0, 2);
         let b = Ipv4Addr::new(198, 51, 100, 1);
-        let s = verify(&frame([2; 6], [4; 6], a, b, PROTO_TCP, &tcp(a, b, 1, 2, 0x02)));
+        let s = verify(&frame(
+            [2; 6],
+            [4; 6],
+            a,
+            b,
+            PROTO_TCP,
+            &tcp(a, b, 1, 2, 0x02),
+        ));
         assert_eq!((s.sport, s.dport, s.ttl), (1, 2, 64));
-        let s = verify(&frame([2; 6], [4; 6], a, b, PROTO_UDP, &udp(a, b, 3, 4, false)));
+        let s = verify(&frame(
+            [2; 6],
+            [4; 6],
+            a,
+            b,
+            PROTO_UDP,
+            &udp(a, b, 3, 4, false),
+        ));
         assert_eq!(s.l4_csum, 0);
-        let s = verify(&frame([2; 6], [4; 6], a, b, PROTO_ICMP, &echo_request(9, 1)));
+        let s = verify(&frame(
+            [2; 6],
+            [4; 6],
+            a,
+            b,
+            PROTO_ICMP,
+            &echo_request(9, 1),
+        ));
         assert_eq!(s.sport, 9);
     }
 

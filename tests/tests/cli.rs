@@ -9,7 +9,10 @@ fn fails_with(lab: &bpfnat_tests::Lab, args: &[&str], needle: &str) {
     let out = lab.run(args).unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "bpfnat {args:?} should fail");
-    assert!(err.contains(needle), "bpfnat {args:?}: stderr {err:?} lacks {needle:?}");
+    assert!(
+        err.contains(needle),
+        "bpfnat {args:?}: stderr {err:?} lacks {needle:?}"
+    );
 }
 
 fn host_if(lab: &bpfnat_tests::Lab, name: &str) -> String {
@@ -28,7 +31,11 @@ fn duplicate_container_name_is_rejected_and_changes_nothing() {
     let c = lab.name("c");
     lab.ok(&["container", "add", &c, "-p", "8080:80"]).unwrap();
     let before = json(&lab, &["container", "list"]);
-    fails_with(&lab, &["container", "add", &c, "-p", "9090:90"], "already exists");
+    fails_with(
+        &lab,
+        &["container", "add", &c, "-p", "9090:90"],
+        "already exists",
+    );
     assert_eq!(json(&lab, &["container", "list"]), before);
     assert_eq!(json(&lab, &["port", "list"]).as_array().unwrap().len(), 1);
 }
@@ -38,10 +45,19 @@ fn malformed_publish_spec_is_rejected() {
     let lab = lab_up("badspec");
     let c = lab.name("c");
     for spec in ["80", "http:80", "8080:80/sctp", "8000-8001:80"] {
-        fails_with(&lab, &["container", "add", &c, "-p", spec], "invalid port spec");
+        fails_with(
+            &lab,
+            &["container", "add", &c, "-p", spec],
+            "invalid port spec",
+        );
     }
     assert!(!lab.container_ns(&c).exists(), "no namespace left behind");
-    assert!(json(&lab, &["container", "list"]).as_array().unwrap().is_empty());
+    assert!(
+        json(&lab, &["container", "list"])
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[test]
@@ -49,10 +65,18 @@ fn host_port_already_published_is_rejected() {
     let lab = lab_up("dupport");
     let (a, b) = (lab.name("a"), lab.name("b"));
     lab.ok(&["container", "add", &a, "-p", "8080:80"]).unwrap();
-    fails_with(&lab, &["container", "add", &b, "-p", "8080:81"], "already published by container");
+    fails_with(
+        &lab,
+        &["container", "add", &b, "-p", "8080:81"],
+        "already published by container",
+    );
     assert!(!lab.container_ns(&b).exists(), "no namespace left behind");
     lab.ok(&["container", "add", &b]).unwrap();
-    fails_with(&lab, &["port", "add", &b, "127.0.0.1:8080:80"], "already published");
+    fails_with(
+        &lab,
+        &["port", "add", &b, "127.0.0.1:8080:80"],
+        "already published",
+    );
     // The same port on the other protocol is free.
     lab.ok(&["port", "add", &b, "8080:80/udp"]).unwrap();
     let ports = json(&lab, &["port", "list"]);
@@ -76,11 +100,37 @@ fn missing_uplink_is_rejected() {
 fn bad_arguments_are_refused() {
     let lab = lab_up("badargs");
     fails_with(&lab, &["container", "add", "a/b"], "invalid name");
-    fails_with(&lab, &["container", "add", &lab.name("x"), "--ip", "192.0.2.7"], "not a host address");
-    fails_with(&lab, &["container", "add", &lab.name("x"), "--ip", "10.88.0.1"], "gateway");
-    fails_with(&lab, &["container", "add", &lab.name("x"), "--sysctl", "kernel.pid_max=5"], "net.*");
-    fails_with(&lab, &["container", "del", &lab.name("ghost")], "no such container");
-    fails_with(&lab, &["up", "--uplink", UPLINK, "--subnet", "10.99.0.0/16"], "already up");
+    fails_with(
+        &lab,
+        &["container", "add", &lab.name("x"), "--ip", "192.0.2.7"],
+        "not a host address",
+    );
+    fails_with(
+        &lab,
+        &["container", "add", &lab.name("x"), "--ip", "10.88.0.1"],
+        "gateway",
+    );
+    fails_with(
+        &lab,
+        &[
+            "container",
+            "add",
+            &lab.name("x"),
+            "--sysctl",
+            "kernel.pid_max=5",
+        ],
+        "net.*",
+    );
+    fails_with(
+        &lab,
+        &["container", "del", &lab.name("ghost")],
+        "no such container",
+    );
+    fails_with(
+        &lab,
+        &["up", "--uplink", UPLINK, "--subnet", "10.99.0.0/16"],
+        "already up",
+    );
     assert!(!lab.container_ns(&lab.name("x")).exists());
     // `up` with the same settings again is fine.
     lab.ok(&["up", "--uplink", UPLINK]).unwrap();
@@ -90,15 +140,37 @@ fn bad_arguments_are_refused() {
 fn sysctls_are_set_in_the_container_namespace() {
     let lab = lab_up("sysctl");
     let c = lab.name("c");
-    lab.ok(&["container", "add", &c, "--sysctl", "net.ipv4.ip_default_ttl=33", "--sysctl", "net.ipv4.ping_group_range=0 2147483647"]).unwrap();
+    lab.ok(&[
+        "container",
+        "add",
+        &c,
+        "--sysctl",
+        "net.ipv4.ip_default_ttl=33",
+        "--sysctl",
+        "net.ipv4.ping_group_range=0 2147483647",
+    ])
+    .unwrap();
     let read = |key: &str| {
         let path = bpfnat::netns::sysctl_path(key).unwrap();
-        bpfnat::netns::run_in(&lab.container_ns(&c), move || Ok(std::fs::read_to_string(path)?)).unwrap()
+        bpfnat::netns::run_in(&lab.container_ns(&c), move || {
+            Ok(std::fs::read_to_string(path)?)
+        })
+        .unwrap()
     };
     assert_eq!(read("net.ipv4.ip_default_ttl").trim(), "33");
-    assert_eq!(read("net.ipv4.ping_group_range").split_whitespace().collect::<Vec<_>>(), ["0", "2147483647"]);
+    assert_eq!(
+        read("net.ipv4.ping_group_range")
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["0", "2147483647"]
+    );
     // The node's own value is untouched.
-    let node = bpfnat::netns::run_in(&lab.node, || Ok(std::fs::read_to_string("/proc/sys/net/ipv4/ip_default_ttl")?)).unwrap();
+    let node = bpfnat::netns::run_in(&lab.node, || {
+        Ok(std::fs::read_to_string(
+            "/proc/sys/net/ipv4/ip_default_ttl",
+        )?)
+    })
+    .unwrap();
     assert_eq!(node.trim(), "64");
 }
 
@@ -112,17 +184,33 @@ fn container_del_and_down_remove_everything() {
     assert!(lab.container_ns(&a).exists() && link_exists(&lab.node, &ifa) && pin.exists());
 
     // Leave a tracked connection behind to see it go with the container.
-    let srv = traffic::http_server(&lab.ext, v4(EXT_ADDR, 9000), "ext", 1, std::time::Duration::from_secs(10)).unwrap();
+    let srv = traffic::http_server(
+        &lab.ext,
+        v4(EXT_ADDR, 9000),
+        "ext",
+        1,
+        std::time::Duration::from_secs(10),
+    )
+    .unwrap();
     traffic::http_get(&lab.container_ns(&a), v4(EXT_ADDR, 9000)).unwrap();
     srv.join().unwrap();
-    assert!(json(&lab, &["conntrack", "stats"])["entries"].as_u64().unwrap() > 0);
+    assert!(
+        json(&lab, &["conntrack", "stats"])["entries"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
 
     lab.ok(&["container", "del", &a]).unwrap();
     assert!(!lab.container_ns(&a).exists(), "namespace removed");
     assert!(!link_exists(&lab.node, &ifa), "veth removed");
     assert!(!pin.exists(), "link pin removed");
     assert!(json(&lab, &["port", "list"]).as_array().unwrap().is_empty());
-    assert_eq!(json(&lab, &["conntrack", "stats"])["entries"], 0, "its connections are forgotten");
+    assert_eq!(
+        json(&lab, &["conntrack", "stats"])["entries"],
+        0,
+        "its connections are forgotten"
+    );
     // The freed host port can be published again.
     lab.ok(&["container", "add", &b, "-p", "8080:80"]).unwrap();
     let ifb = host_if(&lab, &b);
@@ -142,12 +230,33 @@ fn externally_created_namespace_is_attached_and_kept() {
     let lab = lab_up("extns");
     let name = lab.name("rt");
     let ns = bpfnat::netns::create(&name).unwrap();
-    lab.ok(&["container", "add", &lab.name("c"), "--netns", ns.to_str().unwrap()]).unwrap();
-    let srv = traffic::http_server(&lab.ext, v4(EXT_ADDR, 9000), "ext", 1, std::time::Duration::from_secs(10)).unwrap();
-    assert!(traffic::http_get(&ns, v4(EXT_ADDR, 9000)).unwrap().contains(&NODE_ADDR.to_string()));
+    lab.ok(&[
+        "container",
+        "add",
+        &lab.name("c"),
+        "--netns",
+        ns.to_str().unwrap(),
+    ])
+    .unwrap();
+    let srv = traffic::http_server(
+        &lab.ext,
+        v4(EXT_ADDR, 9000),
+        "ext",
+        1,
+        std::time::Duration::from_secs(10),
+    )
+    .unwrap();
+    assert!(
+        traffic::http_get(&ns, v4(EXT_ADDR, 9000))
+            .unwrap()
+            .contains(&NODE_ADDR.to_string())
+    );
     srv.join().unwrap();
     lab.ok(&["container", "del", &lab.name("c")]).unwrap();
-    assert!(ns.exists(), "a namespace bpfnat did not create is not removed");
+    assert!(
+        ns.exists(),
+        "a namespace bpfnat did not create is not removed"
+    );
     assert!(!link_exists(&ns, "eth0"), "but its interface is");
 }
 
@@ -155,8 +264,16 @@ fn externally_created_namespace_is_attached_and_kept() {
 fn pinned_maps_dump_with_field_names_in_bpftool() {
     let lab = lab_up("bpftool");
     let c = lab.name("c");
-    lab.ok(&["container", "add", &c, "--ip", "10.88.0.2", "-p", "8080:80"]).unwrap();
-    let srv = traffic::http_server(&lab.ext, v4(EXT_ADDR, 9000), "ext", 1, std::time::Duration::from_secs(10)).unwrap();
+    lab.ok(&["container", "add", &c, "--ip", "10.88.0.2", "-p", "8080:80"])
+        .unwrap();
+    let srv = traffic::http_server(
+        &lab.ext,
+        v4(EXT_ADDR, 9000),
+        "ext",
+        1,
+        std::time::Duration::from_secs(10),
+    )
+    .unwrap();
     traffic::http_get(&lab.container_ns(&c), v4(EXT_ADDR, 9000)).unwrap();
     srv.join().unwrap();
 
@@ -168,7 +285,11 @@ fn pinned_maps_dump_with_field_names_in_bpftool() {
             .arg(&path)
             .output()
             .expect("run bpftool");
-        assert!(out.status.success(), "bpftool: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "bpftool: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("bpftool JSON")
     };
     let ct = dump("conntrack");
@@ -176,16 +297,35 @@ fn pinned_maps_dump_with_field_names_in_bpftool() {
     assert!(!entries.is_empty());
     let f = &entries[0]["formatted"];
     assert!(f["key"]["src_addr"].is_array(), "named key fields: {f}");
-    assert!(f["value"]["xlate_src_addr"].is_array() && f["value"]["last_seen_ns"].is_u64(), "named value fields: {f}");
-    assert!(entries.iter().any(|e| e["formatted"]["key"]["src_addr"] == serde_json::json!([10, 88, 0, 2])));
+    assert!(
+        f["value"]["xlate_src_addr"].is_array() && f["value"]["last_seen_ns"].is_u64(),
+        "named value fields: {f}"
+    );
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["formatted"]["key"]["src_addr"] == serde_json::json!([10, 88, 0, 2]))
+    );
 
     let eps = dump("endpoints");
-    assert_eq!(eps[0]["formatted"]["key"], serde_json::json!([10, 88, 0, 2]));
-    assert_eq!(eps[0]["formatted"]["value"]["mac"], serde_json::json!([2, 66, 10, 88, 0, 2]));
+    assert_eq!(
+        eps[0]["formatted"]["key"],
+        serde_json::json!([10, 88, 0, 2])
+    );
+    assert_eq!(
+        eps[0]["formatted"]["value"]["mac"],
+        serde_json::json!([2, 66, 10, 88, 0, 2])
+    );
     let ports = dump("ports");
-    assert_eq!(ports[0]["formatted"]["key"]["host_port"], serde_json::json!([0x1f, 0x90]));
+    assert_eq!(
+        ports[0]["formatted"]["key"]["host_port"],
+        serde_json::json!([0x1f, 0x90])
+    );
     let cfg = dump("config");
-    assert_eq!(cfg[0]["formatted"]["value"]["snat_addr"], serde_json::json!(NODE_ADDR.octets()));
+    assert_eq!(
+        cfg[0]["formatted"]["value"]["snat_addr"],
+        serde_json::json!(NODE_ADDR.octets())
+    );
     dump("stats");
 }
 
@@ -208,14 +348,38 @@ fn demo_shows_every_flow_and_cleans_up() {
         .output()
         .expect("run bpfnat demo");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "demo failed: {text}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("hello from web, you are 198.51.100.1:"), "F3 keeps the client address: {text}");
-    assert!(text.contains("hello from web, you are 10.88.0.3:"), "F1: {text}");
-    assert!(text.contains("saw the connection come from 198.51.100.2:"), "F2: {text}");
-    assert!(text.contains("masquerade") && text.contains("published"), "conntrack table: {text}");
+    assert!(
+        out.status.success(),
+        "demo failed: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("hello from web, you are 198.51.100.1:"),
+        "F3 keeps the client address: {text}"
+    );
+    assert!(
+        text.contains("hello from web, you are 10.88.0.3:"),
+        "F1: {text}"
+    );
+    assert!(
+        text.contains("saw the connection come from 198.51.100.2:"),
+        "F2: {text}"
+    );
+    assert!(
+        text.contains("masquerade") && text.contains("published"),
+        "conntrack table: {text}"
+    );
     let left: Vec<_> = std::fs::read_dir("/run/netns")
-        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("bpfnat-demo")).collect())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("bpfnat-demo"))
+                .collect()
+        })
         .unwrap_or_default();
     assert!(left.is_empty(), "demo left namespaces: {left:?}");
-    assert!(!Path::new("/sys/fs/bpf/bpfnat-demo").exists(), "demo left pins");
+    assert!(
+        !Path::new("/sys/fs/bpf/bpfnat-demo").exists(),
+        "demo left pins"
+    );
 }

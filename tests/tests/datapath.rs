@@ -4,10 +4,7 @@
 
 use std::net::Ipv4Addr;
 
-use aya::{
-    TestRun as _, TestRunOptions,
-    programs::SchedClassifier,
-};
+use aya::{TestRun as _, TestRunOptions, programs::SchedClassifier};
 use bpfnat_tests::{
     EXT_ADDR, Lab, NODE_ADDR, UPLINK, counter, json, lab,
     packet::{self, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
@@ -64,7 +61,12 @@ fn container(lab: &Lab, short: &str, ip: &str, extra: &[&str]) -> Box1 {
         .iter()
         .find(|c| c["name"] == name)
         .unwrap();
-    let mac: Vec<u8> = c["mac"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8).collect();
+    let mac: Vec<u8> = c["mac"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_u64().unwrap() as u8)
+        .collect();
     Box1 {
         ip: ip.parse().unwrap(),
         mac: mac.try_into().unwrap(),
@@ -73,7 +75,9 @@ fn container(lab: &Lab, short: &str, ip: &str, extra: &[&str]) -> Box1 {
 }
 
 fn uplink_ifindex(lab: &Lab) -> u32 {
-    json(lab, &["status"])["node"]["uplink_ifindex"].as_u64().unwrap() as u32
+    json(lab, &["status"])["node"]["uplink_ifindex"]
+        .as_u64()
+        .unwrap() as u32
 }
 
 fn up(lab: &Lab, extra: &[&str]) {
@@ -89,34 +93,78 @@ const ANY_MAC: [u8; 6] = [0xee; 6];
 fn dnat_rewrites_destination_and_keeps_checksums_valid() {
     let lab = lab("tr-dnat");
     up(&lab, &[]);
-    let web = container(&lab, "web", "10.88.0.2", &["-p", "8080:80", "-p", "5353:53/udp"]);
+    let web = container(
+        &lab,
+        "web",
+        "10.88.0.2",
+        &["-p", "8080:80", "-p", "5353:53/udp"],
+    );
     let up_if = uplink_ifindex(&lab);
 
-    let syn = packet::frame(EXT_MAC, ANY_MAC, EXT_ADDR, NODE_ADDR, PROTO_TCP, &packet::tcp(EXT_ADDR, NODE_ADDR, 40000, 8080, SYN));
+    let syn = packet::frame(
+        EXT_MAC,
+        ANY_MAC,
+        EXT_ADDR,
+        NODE_ADDR,
+        PROTO_TCP,
+        &packet::tcp(EXT_ADDR, NODE_ADDR, 40000, 8080, SYN),
+    );
     let r = run(&lab, "tc_uplink", up_if, syn);
     assert_eq!(r.action, TC_ACT_REDIRECT, "delivered into the container");
     let s = packet::verify(&r.out);
-    assert_eq!((s.src, s.sport), (EXT_ADDR, 40000), "client address preserved");
+    assert_eq!(
+        (s.src, s.sport),
+        (EXT_ADDR, 40000),
+        "client address preserved"
+    );
     assert_eq!((s.dst, s.dport), (web.ip, 80));
     assert_eq!(s.ttl, 63);
     assert_eq!(s.dst_mac, web.mac);
 
     // UDP without a checksum keeps "no checksum".
-    let q = packet::frame(EXT_MAC, ANY_MAC, EXT_ADDR, NODE_ADDR, PROTO_UDP, &packet::udp(EXT_ADDR, NODE_ADDR, 40001, 5353, false));
+    let q = packet::frame(
+        EXT_MAC,
+        ANY_MAC,
+        EXT_ADDR,
+        NODE_ADDR,
+        PROTO_UDP,
+        &packet::udp(EXT_ADDR, NODE_ADDR, 40001, 5353, false),
+    );
     let r = run(&lab, "tc_uplink", up_if, q);
     assert_eq!(r.action, TC_ACT_REDIRECT);
     let s = packet::verify(&r.out);
     assert_eq!((s.dst, s.dport, s.l4_csum), (web.ip, 53, 0));
-    let q = packet::frame(EXT_MAC, ANY_MAC, EXT_ADDR, NODE_ADDR, PROTO_UDP, &packet::udp(EXT_ADDR, NODE_ADDR, 40002, 5353, true));
+    let q = packet::frame(
+        EXT_MAC,
+        ANY_MAC,
+        EXT_ADDR,
+        NODE_ADDR,
+        PROTO_UDP,
+        &packet::udp(EXT_ADDR, NODE_ADDR, 40002, 5353, true),
+    );
     let s = packet::verify(&run(&lab, "tc_uplink", up_if, q).out);
     assert_ne!(s.l4_csum, 0);
 
     // The reply is translated back to the published address and port.
-    let synack = packet::frame(web.mac, ANY_MAC, web.ip, EXT_ADDR, PROTO_TCP, &packet::tcp(web.ip, EXT_ADDR, 80, 40000, SYN | 0x10));
+    let synack = packet::frame(
+        web.mac,
+        ANY_MAC,
+        web.ip,
+        EXT_ADDR,
+        PROTO_TCP,
+        &packet::tcp(web.ip, EXT_ADDR, 80, 40000, SYN | 0x10),
+    );
     let r = run(&lab, "tc_container", web.ifindex, synack);
-    assert!(r.action == TC_ACT_REDIRECT || r.action == 0, "action {}", r.action);
+    assert!(
+        r.action == TC_ACT_REDIRECT || r.action == 0,
+        "action {}",
+        r.action
+    );
     let s = packet::verify(&r.out);
-    assert_eq!((s.src, s.sport, s.dst, s.dport), (NODE_ADDR, 8080, EXT_ADDR, 40000));
+    assert_eq!(
+        (s.src, s.sport, s.dst, s.dport),
+        (NODE_ADDR, 8080, EXT_ADDR, 40000)
+    );
     assert_eq!(counter(&lab, "dnat_new"), 3);
 }
 
@@ -125,19 +173,44 @@ fn snat_rewrites_source_and_keeps_checksums_valid() {
     let lab = lab("tr-snat");
     up(&lab, &[]);
     let c = container(&lab, "c", "10.88.0.2", &[]);
-    let syn = packet::frame(c.mac, ANY_MAC, c.ip, EXT_ADDR, PROTO_TCP, &packet::tcp(c.ip, EXT_ADDR, 40000, 80, SYN));
+    let syn = packet::frame(
+        c.mac,
+        ANY_MAC,
+        c.ip,
+        EXT_ADDR,
+        PROTO_TCP,
+        &packet::tcp(c.ip, EXT_ADDR, 40000, 80, SYN),
+    );
     let r = run(&lab, "tc_container", c.ifindex, syn);
     assert_eq!(r.action, TC_ACT_REDIRECT, "sent on to the uplink");
     let s = packet::verify(&r.out);
-    assert_eq!((s.src, s.sport), (NODE_ADDR, 40000), "masqueraded, port kept");
+    assert_eq!(
+        (s.src, s.sport),
+        (NODE_ADDR, 40000),
+        "masqueraded, port kept"
+    );
     assert_eq!((s.dst, s.dport, s.ttl), (EXT_ADDR, 80, 63));
 
-    let ping = packet::frame(c.mac, ANY_MAC, c.ip, EXT_ADDR, PROTO_ICMP, &packet::echo_request(777, 1));
+    let ping = packet::frame(
+        c.mac,
+        ANY_MAC,
+        c.ip,
+        EXT_ADDR,
+        PROTO_ICMP,
+        &packet::echo_request(777, 1),
+    );
     let s = packet::verify(&run(&lab, "tc_container", c.ifindex, ping).out);
     assert_eq!((s.src, s.sport), (NODE_ADDR, 777));
 
     // The reply comes back to the container, checksums intact.
-    let synack = packet::frame(EXT_MAC, ANY_MAC, EXT_ADDR, NODE_ADDR, PROTO_TCP, &packet::tcp(EXT_ADDR, NODE_ADDR, 80, 40000, SYN | 0x10));
+    let synack = packet::frame(
+        EXT_MAC,
+        ANY_MAC,
+        EXT_ADDR,
+        NODE_ADDR,
+        PROTO_TCP,
+        &packet::tcp(EXT_ADDR, NODE_ADDR, 80, 40000, SYN | 0x10),
+    );
     let r = run(&lab, "tc_uplink", uplink_ifindex(&lab), synack);
     assert_eq!(r.action, TC_ACT_REDIRECT);
     let s = packet::verify(&r.out);
@@ -152,7 +225,14 @@ fn snat_port_allocation_stays_in_range_and_counts_exhaustion() {
     let mut ports = Vec::new();
     for (i, short) in ["a", "b", "c"].iter().enumerate() {
         let c = container(&lab, short, &format!("10.88.0.{}", i + 2), &[]);
-        let f = packet::frame(c.mac, ANY_MAC, c.ip, dst, PROTO_UDP, &packet::udp(c.ip, dst, 5000, 53, true));
+        let f = packet::frame(
+            c.mac,
+            ANY_MAC,
+            c.ip,
+            dst,
+            PROTO_UDP,
+            &packet::udp(c.ip, dst, 5000, 53, true),
+        );
         let r = run(&lab, "tc_container", c.ifindex, f);
         assert_eq!(r.action, TC_ACT_REDIRECT);
         let s = packet::verify(&r.out);
@@ -165,14 +245,35 @@ fn snat_port_allocation_stays_in_range_and_counts_exhaustion() {
     assert_eq!(rest, [30000, 30001], "the others get the configured range");
 
     let d = container(&lab, "d", "10.88.0.5", &[]);
-    let f = packet::frame(d.mac, ANY_MAC, d.ip, dst, PROTO_UDP, &packet::udp(d.ip, dst, 5000, 53, true));
-    assert_eq!(run(&lab, "tc_container", d.ifindex, f).action, TC_ACT_SHOT, "range exhausted");
+    let f = packet::frame(
+        d.mac,
+        ANY_MAC,
+        d.ip,
+        dst,
+        PROTO_UDP,
+        &packet::udp(d.ip, dst, 5000, 53, true),
+    );
+    assert_eq!(
+        run(&lab, "tc_container", d.ifindex, f).action,
+        TC_ACT_SHOT,
+        "range exhausted"
+    );
     assert_eq!(counter(&lab, "drop_no_port"), 1);
 
     // Freeing the conntrack table frees the ports.
     lab.ok(&["conntrack", "flush"]).unwrap();
-    let f = packet::frame(d.mac, ANY_MAC, d.ip, dst, PROTO_UDP, &packet::udp(d.ip, dst, 5000, 53, true));
-    assert_eq!(run(&lab, "tc_container", d.ifindex, f).action, TC_ACT_REDIRECT);
+    let f = packet::frame(
+        d.mac,
+        ANY_MAC,
+        d.ip,
+        dst,
+        PROTO_UDP,
+        &packet::udp(d.ip, dst, 5000, 53, true),
+    );
+    assert_eq!(
+        run(&lab, "tc_container", d.ifindex, f).action,
+        TC_ACT_REDIRECT
+    );
 }
 
 #[test]
@@ -180,41 +281,96 @@ fn malformed_and_spoofed_packets_are_dropped_and_counted() {
     let lab = lab("tr-drops");
     up(&lab, &[]);
     let c = container(&lab, "c", "10.88.0.2", &[]);
-    let good = packet::frame(c.mac, ANY_MAC, c.ip, EXT_ADDR, PROTO_TCP, &packet::tcp(c.ip, EXT_ADDR, 40000, 80, SYN));
+    let good = packet::frame(
+        c.mac,
+        ANY_MAC,
+        c.ip,
+        EXT_ADDR,
+        PROTO_TCP,
+        &packet::tcp(c.ip, EXT_ADDR, 40000, 80, SYN),
+    );
 
     let truncated = good[..14 + 20 + 6].to_vec();
-    assert_eq!(run(&lab, "tc_container", c.ifindex, truncated).action, TC_ACT_SHOT);
+    assert_eq!(
+        run(&lab, "tc_container", c.ifindex, truncated).action,
+        TC_ACT_SHOT
+    );
     assert_eq!(counter(&lab, "drop_truncated"), 1);
 
     let mut bad_ihl = good.clone();
     bad_ihl[14] = 0x43;
-    assert_eq!(run(&lab, "tc_container", c.ifindex, bad_ihl).action, TC_ACT_SHOT);
+    assert_eq!(
+        run(&lab, "tc_container", c.ifindex, bad_ihl).action,
+        TC_ACT_SHOT
+    );
     assert_eq!(counter(&lab, "drop_truncated"), 2);
 
     let other = Ipv4Addr::new(10, 88, 0, 9);
-    let spoofed = packet::frame(c.mac, ANY_MAC, other, EXT_ADDR, PROTO_TCP, &packet::tcp(other, EXT_ADDR, 40000, 80, SYN));
-    assert_eq!(run(&lab, "tc_container", c.ifindex, spoofed).action, TC_ACT_SHOT);
-    let wrong_mac = packet::frame([2, 0, 0, 0, 0, 9], ANY_MAC, c.ip, EXT_ADDR, PROTO_TCP, &packet::tcp(c.ip, EXT_ADDR, 40000, 80, SYN));
-    assert_eq!(run(&lab, "tc_container", c.ifindex, wrong_mac).action, TC_ACT_SHOT);
+    let spoofed = packet::frame(
+        c.mac,
+        ANY_MAC,
+        other,
+        EXT_ADDR,
+        PROTO_TCP,
+        &packet::tcp(other, EXT_ADDR, 40000, 80, SYN),
+    );
+    assert_eq!(
+        run(&lab, "tc_container", c.ifindex, spoofed).action,
+        TC_ACT_SHOT
+    );
+    let wrong_mac = packet::frame(
+        [2, 0, 0, 0, 0, 9],
+        ANY_MAC,
+        c.ip,
+        EXT_ADDR,
+        PROTO_TCP,
+        &packet::tcp(c.ip, EXT_ADDR, 40000, 80, SYN),
+    );
+    assert_eq!(
+        run(&lab, "tc_container", c.ifindex, wrong_mac).action,
+        TC_ACT_SHOT
+    );
     assert_eq!(counter(&lab, "drop_spoof"), 2);
 
     // A non-first fragment that would need translation is dropped, not leaked untranslated.
     let mut frag = good.clone();
     frag[20] = 0x00;
     frag[21] = 0x10;
-    let ipc = packet::csum(&{
-        let mut h = frag[14..34].to_vec();
-        h[10] = 0;
-        h[11] = 0;
-        h
-    }, 0);
+    let ipc = packet::csum(
+        &{
+            let mut h = frag[14..34].to_vec();
+            h[10] = 0;
+            h[11] = 0;
+            h
+        },
+        0,
+    );
     frag[24..26].copy_from_slice(&ipc.to_be_bytes());
-    assert_eq!(run(&lab, "tc_container", c.ifindex, frag).action, TC_ACT_SHOT);
+    assert_eq!(
+        run(&lab, "tc_container", c.ifindex, frag).action,
+        TC_ACT_SHOT
+    );
     assert_eq!(counter(&lab, "drop_fragment"), 1);
 
     // Outside packets to container addresses are not routed in.
-    let probe = packet::frame(EXT_MAC, ANY_MAC, EXT_ADDR, c.ip, PROTO_TCP, &packet::tcp(EXT_ADDR, c.ip, 40000, 22, SYN));
-    assert_eq!(run(&lab, "tc_uplink", uplink_ifindex(&lab), probe).action, TC_ACT_SHOT);
+    let probe = packet::frame(
+        EXT_MAC,
+        ANY_MAC,
+        EXT_ADDR,
+        c.ip,
+        PROTO_TCP,
+        &packet::tcp(EXT_ADDR, c.ip, 40000, 22, SYN),
+    );
+    assert_eq!(
+        run(&lab, "tc_uplink", uplink_ifindex(&lab), probe).action,
+        TC_ACT_SHOT
+    );
     assert_eq!(counter(&lab, "drop_not_published"), 1);
-    assert!(json(&lab, &["conntrack", "list"]).as_array().unwrap().is_empty(), "nothing was tracked");
+    assert!(
+        json(&lab, &["conntrack", "list"])
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "nothing was tracked"
+    );
 }

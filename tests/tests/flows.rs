@@ -2,9 +2,7 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
-use bpfnat_tests::{
-    EXT_ADDR, NODE_ADDR, counter, flows, json, lab_up, ping, traffic, v4,
-};
+use bpfnat_tests::{EXT_ADDR, NODE_ADDR, counter, flows, json, lab_up, ping, traffic, v4};
 
 const C1: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 2);
 const C2: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 3);
@@ -15,30 +13,50 @@ const WINDOW: Duration = Duration::from_secs(20);
 fn bridge_forwarding_connects_containers_directly() {
     let lab = lab_up("f1");
     let (a, b) = (lab.name("a"), lab.name("b"));
-    lab.ok(&["container", "add", &a, "--ip", "10.88.0.2"]).unwrap();
-    lab.ok(&["container", "add", &b, "--ip", "10.88.0.3"]).unwrap();
+    lab.ok(&["container", "add", &a, "--ip", "10.88.0.2"])
+        .unwrap();
+    lab.ok(&["container", "add", &b, "--ip", "10.88.0.3"])
+        .unwrap();
 
-    let srv = traffic::http_server(&lab.container_ns(&b), v4(Ipv4Addr::UNSPECIFIED, 80), "b", 1, WINDOW).unwrap();
+    let srv = traffic::http_server(
+        &lab.container_ns(&b),
+        v4(Ipv4Addr::UNSPECIFIED, 80),
+        "b",
+        1,
+        WINDOW,
+    )
+    .unwrap();
     let body = traffic::http_get(&lab.container_ns(&a), v4(C2, 80)).unwrap();
     assert!(body.contains("you are 10.88.0.2:"), "b saw: {body}");
     assert_eq!(srv.join().unwrap()[0].ip(), C1);
     assert!(ping(&lab.container_ns(&b), C1), "ping b -> a");
 
     assert!(counter(&lab, "forward") > 0, "forwarded by the datapath");
-    assert!(counter(&lab, "arp_reply") > 0, "ARP answered by the datapath");
-    assert!(flows(&lab).is_empty(), "container-to-container traffic needs no NAT state");
+    assert!(
+        counter(&lab, "arp_reply") > 0,
+        "ARP answered by the datapath"
+    );
+    assert!(
+        flows(&lab).is_empty(),
+        "container-to-container traffic needs no NAT state"
+    );
 }
 
 #[test]
 fn masquerade_rewrites_source_to_uplink_address() {
     let lab = lab_up("f2tcp");
     let c = lab.name("c");
-    lab.ok(&["container", "add", &c, "--ip", "10.88.0.2"]).unwrap();
+    lab.ok(&["container", "add", &c, "--ip", "10.88.0.2"])
+        .unwrap();
     let srv = traffic::http_server(&lab.ext, v4(EXT_ADDR, 9000), "ext", 1, WINDOW).unwrap();
     let body = traffic::http_get(&lab.container_ns(&c), v4(EXT_ADDR, 9000)).unwrap();
     let seen = srv.join().unwrap();
     assert_eq!(seen.len(), 1);
-    assert_eq!(seen[0].ip(), NODE_ADDR, "the external host must see the node's address");
+    assert_eq!(
+        seen[0].ip(),
+        NODE_ADDR,
+        "the external host must see the node's address"
+    );
     assert!(body.contains(&format!("you are {NODE_ADDR}:")));
 
     let f = flows(&lab);
@@ -64,17 +82,31 @@ fn masquerade_carries_udp_and_ping() {
     lab.ok(&["container", "add", &c]).unwrap();
     let ns = lab.container_ns(&c);
     let echo = traffic::udp_echo(&lab.ext, v4(EXT_ADDR, 7777), 10, WINDOW).unwrap();
-    let reply = traffic::udp_ask(&ns, v4(Ipv4Addr::UNSPECIFIED, 40000), v4(EXT_ADDR, 7777), b"hi").unwrap();
-    assert_eq!(reply, format!("{NODE_ADDR}:40000 hi"), "source port is kept when free");
+    let reply = traffic::udp_ask(
+        &ns,
+        v4(Ipv4Addr::UNSPECIFIED, 40000),
+        v4(EXT_ADDR, 7777),
+        b"hi",
+    )
+    .unwrap();
+    assert_eq!(
+        reply,
+        format!("{NODE_ADDR}:40000 hi"),
+        "source port is kept when free"
+    );
 
     assert!(ping(&ns, EXT_ADDR), "ping through MASQUERADE");
     let f = flows(&lab);
     assert!(
-        f.iter().any(|f| f["proto"] == "udp" && f["reply"]["dst"] == NODE_ADDR.to_string() && f["state"] == "REPLIED"),
+        f.iter().any(|f| f["proto"] == "udp"
+            && f["reply"]["dst"] == NODE_ADDR.to_string()
+            && f["state"] == "REPLIED"),
         "udp flow: {f:?}"
     );
     assert!(
-        f.iter().any(|f| f["proto"] == "icmp" && f["original"]["src"] == C1.to_string() && f["reply"]["dst"] == NODE_ADDR.to_string()),
+        f.iter().any(|f| f["proto"] == "icmp"
+            && f["original"]["src"] == C1.to_string()
+            && f["reply"]["dst"] == NODE_ADDR.to_string()),
         "icmp flow: {f:?}"
     );
     drop(echo);
@@ -95,7 +127,11 @@ fn masquerade_allocates_another_port_when_the_source_port_is_taken() {
     assert_eq!(payload, "b", "each reply reaches the container that asked");
     let peer: std::net::SocketAddr = peer.parse().unwrap();
     assert_eq!(peer.ip(), NODE_ADDR);
-    assert_ne!(peer.port(), 41000, "the second container needs another port");
+    assert_ne!(
+        peer.port(),
+        41000,
+        "the second container needs another port"
+    );
     assert!((1024..=65535).contains(&peer.port()));
     drop(echo);
 }
@@ -105,13 +141,27 @@ fn published_tcp_port_preserves_client_address() {
     let lab = lab_up("f3tcp");
     let c = lab.name("web");
     lab.ok(&["container", "add", &c, "-p", "8080:80"]).unwrap();
-    let srv = traffic::http_server(&lab.container_ns(&c), v4(Ipv4Addr::UNSPECIFIED, 80), "web", 1, WINDOW).unwrap();
+    let srv = traffic::http_server(
+        &lab.container_ns(&c),
+        v4(Ipv4Addr::UNSPECIFIED, 80),
+        "web",
+        1,
+        WINDOW,
+    )
+    .unwrap();
     let body = traffic::http_get(&lab.ext, v4(NODE_ADDR, 8080)).unwrap();
     assert!(body.starts_with("hello from web"));
     let seen = srv.join().unwrap();
-    assert_eq!(seen[0].ip(), EXT_ADDR, "the container sees the real client address");
+    assert_eq!(
+        seen[0].ip(),
+        EXT_ADDR,
+        "the container sees the real client address"
+    );
     let f = flows(&lab);
-    let flow = f.iter().find(|f| f["kind"] == "published").expect("published flow");
+    let flow = f
+        .iter()
+        .find(|f| f["kind"] == "published")
+        .expect("published flow");
     assert_eq!(flow["original"]["dst"], NODE_ADDR.to_string());
     assert_eq!(flow["original"]["dport"], 8080);
     assert_eq!(flow["reply"]["src"], C1.to_string());
@@ -123,8 +173,15 @@ fn published_tcp_port_preserves_client_address() {
 fn published_udp_port_preserves_client_address() {
     let lab = lab_up("f3udp");
     let c = lab.name("dns");
-    lab.ok(&["container", "add", &c, "-p", "5353:53/udp"]).unwrap();
-    let echo = traffic::udp_echo(&lab.container_ns(&c), v4(Ipv4Addr::UNSPECIFIED, 53), 10, WINDOW).unwrap();
+    lab.ok(&["container", "add", &c, "-p", "5353:53/udp"])
+        .unwrap();
+    let echo = traffic::udp_echo(
+        &lab.container_ns(&c),
+        v4(Ipv4Addr::UNSPECIFIED, 53),
+        10,
+        WINDOW,
+    )
+    .unwrap();
     let reply = traffic::udp_ask(&lab.ext, v4(EXT_ADDR, 45000), v4(NODE_ADDR, 5353), b"q").unwrap();
     assert_eq!(reply, format!("{EXT_ADDR}:45000 q"));
     drop(echo);
@@ -136,19 +193,39 @@ fn published_udp_port_preserves_client_address() {
 fn node_and_containers_reach_each_other() {
     let lab = lab_up("f6");
     let c = lab.name("c");
-    lab.ok(&["container", "add", &c, "--ip", "10.88.0.2"]).unwrap();
+    lab.ok(&["container", "add", &c, "--ip", "10.88.0.2"])
+        .unwrap();
     let ns = lab.container_ns(&c);
 
     // Container -> node, on the gateway address and on the uplink address.
-    let srv = traffic::http_server(&lab.node, v4(Ipv4Addr::UNSPECIFIED, 7000), "node", 2, WINDOW).unwrap();
-    assert!(traffic::http_get(&ns, v4(GW, 7000)).unwrap().contains("you are 10.88.0.2:"));
-    assert!(traffic::http_get(&ns, v4(NODE_ADDR, 7000)).unwrap().contains("you are 10.88.0.2:"));
+    let srv = traffic::http_server(
+        &lab.node,
+        v4(Ipv4Addr::UNSPECIFIED, 7000),
+        "node",
+        2,
+        WINDOW,
+    )
+    .unwrap();
+    assert!(
+        traffic::http_get(&ns, v4(GW, 7000))
+            .unwrap()
+            .contains("you are 10.88.0.2:")
+    );
+    assert!(
+        traffic::http_get(&ns, v4(NODE_ADDR, 7000))
+            .unwrap()
+            .contains("you are 10.88.0.2:")
+    );
     srv.join().unwrap();
     assert!(ping(&ns, GW), "ping the gateway");
 
     // Node -> container.
     let srv = traffic::http_server(&ns, v4(Ipv4Addr::UNSPECIFIED, 80), "c", 1, WINDOW).unwrap();
-    assert!(traffic::http_get(&lab.node, v4(C1, 80)).unwrap().contains("you are 10.88.0.1:"));
+    assert!(
+        traffic::http_get(&lab.node, v4(C1, 80))
+            .unwrap()
+            .contains("you are 10.88.0.1:")
+    );
     srv.join().unwrap();
     assert!(ping(&lab.node, C1), "ping the container from the node");
     assert!(
@@ -163,7 +240,14 @@ fn masquerade_carries_200_concurrent_connections() {
     let lab = lab_up("f2many");
     let c = lab.name("c");
     lab.ok(&["container", "add", &c]).unwrap();
-    let srv = traffic::http_server(&lab.ext, v4(EXT_ADDR, 9000), "ext", N, Duration::from_secs(60)).unwrap();
+    let srv = traffic::http_server(
+        &lab.ext,
+        v4(EXT_ADDR, 9000),
+        "ext",
+        N,
+        Duration::from_secs(60),
+    )
+    .unwrap();
     let ns = lab.container_ns(&c);
     let clients: Vec<_> = (0..N)
         .map(|_| {
@@ -174,14 +258,20 @@ fn masquerade_carries_200_concurrent_connections() {
     let ok = clients
         .into_iter()
         .map(|h| h.join().unwrap())
-        .filter(|r| r.as_ref().is_ok_and(|b| b.contains(&format!("you are {NODE_ADDR}:"))))
+        .filter(|r| {
+            r.as_ref()
+                .is_ok_and(|b| b.contains(&format!("you are {NODE_ADDR}:")))
+        })
         .count();
     let seen = srv.join().unwrap();
     assert_eq!(ok, N, "every connection got its answer");
     assert_eq!(seen.len(), N);
     assert!(seen.iter().all(|p| p.ip() == NODE_ADDR));
     let f = flows(&lab);
-    let masq = f.iter().filter(|f| f["kind"] == "masquerade" && f["proto"] == "tcp").count();
+    let masq = f
+        .iter()
+        .filter(|f| f["kind"] == "masquerade" && f["proto"] == "tcp")
+        .count();
     assert_eq!(masq, N, "one conntrack connection per client connection");
     let s = json(&lab, &["conntrack", "stats"]);
     assert_eq!(s["entries"], 2 * N as u64);

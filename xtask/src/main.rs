@@ -128,17 +128,21 @@ fn main() -> Result<()> {
                 "-D",
                 "warnings",
             ]))?;
-            run(cargo().current_dir(root().join("nat-ebpf")).args([
-                "+nightly",
-                "clippy",
-                "--target",
-                "bpfel-unknown-none",
-                "-Z",
-                "build-std=core",
-                "--",
-                "-D",
-                "warnings",
-            ]))
+            // The rustup proxy, not $CARGO: only the proxy understands `+nightly`.
+            run(Command::new("cargo")
+                .current_dir(root().join("nat-ebpf"))
+                .env("PATH", setup::path_with_cargo_bin())
+                .args([
+                    "+nightly",
+                    "clippy",
+                    "--target",
+                    "bpfel-unknown-none",
+                    "-Z",
+                    "build-std=core",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]))
         }
     }
 }

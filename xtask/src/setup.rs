@@ -52,7 +52,10 @@ fn output(cmd: &mut Command) -> Result<String> {
         .output()
         .with_context(|| format!("run {shown}"))?;
     if !out.status.success() {
-        bail!("{shown} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{shown} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -129,7 +132,9 @@ fn bpf_linker() -> Result<()> {
         std::os::unix::fs::symlink(lib.join(&name), &link)
             .with_context(|| format!("link {}", link.display()))?;
     }
-    println!("setup: building bpf-linker against the nightly toolchain's LLVM {major} (about a minute)");
+    println!(
+        "setup: building bpf-linker against the nightly toolchain's LLVM {major} (about a minute)"
+    );
     run(Command::new("cargo")
         .args([
             "install",
@@ -159,7 +164,10 @@ pub fn ensure() -> Result<()> {
             .map(|(p, _)| *p)
             .collect();
         if !missing.is_empty() {
-            println!("setup: not root, not installing Debian packages: {}", missing.join(" "));
+            println!(
+                "setup: not root, not installing Debian packages: {}",
+                missing.join(" ")
+            );
         }
     }
     Ok(())

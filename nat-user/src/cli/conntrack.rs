@@ -48,18 +48,24 @@ pub fn run(ctx: &Ctx, cmd: ConntrackCmd) -> Result<()> {
         }
         ConntrackCmd::Flush => {
             let n = maps.ct_flush()?;
-            ctx.emit(&Cleared { connections: n }, || format!("flushed {n} connection(s)"))
+            ctx.emit(&Cleared { connections: n }, || {
+                format!("flushed {n} connection(s)")
+            })
         }
         ConntrackCmd::Gc => {
             let n = maps.ct_gc()?;
-            ctx.emit(&Cleared { connections: n }, || format!("expired {n} connection(s)"))
+            ctx.emit(&Cleared { connections: n }, || {
+                format!("expired {n} connection(s)")
+            })
         }
         ConntrackCmd::Stats => {
             let flows = maps.flows()?;
             let mut by_state = BTreeMap::new();
             let mut by_kind = BTreeMap::new();
             for f in &flows {
-                *by_state.entry(format!("{}/{}", f.proto, f.state)).or_insert(0) += 1;
+                *by_state
+                    .entry(format!("{}/{}", f.proto, f.state))
+                    .or_insert(0) += 1;
                 *by_kind.entry(f.kind.to_owned()).or_insert(0) += 1;
             }
             let s = CtStats {
@@ -88,7 +94,9 @@ fn list_text(flows: &[Flow]) -> String {
         return "no tracked connections".to_owned();
     }
     table(
-        &["PROTO", "KIND", "ORIGINAL", "REPLY", "STATE", "AGE", "IDLE", "PKTS", "BYTES"],
+        &[
+            "PROTO", "KIND", "ORIGINAL", "REPLY", "STATE", "AGE", "IDLE", "PKTS", "BYTES",
+        ],
         &flows
             .iter()
             .map(|f| {

@@ -58,9 +58,9 @@ pub async fn run(ctx: &Ctx, cmd: ContainerCmd) -> Result<()> {
 /// The host-side veth name: `bn-` and a hash of the container name (15 bytes at most).
 fn host_if_name(name: &str) -> String {
     // FNV-1a: stable across versions, unlike std's hasher.
-    let h = name
-        .bytes()
-        .fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    let h = name.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
     format!("bn-{h:08x}")
 }
 
@@ -197,7 +197,14 @@ async fn add(
 }
 
 /// Everything after the namespace exists; `remove` undoes any prefix of it.
-async fn wire(ctx: &Ctx, nl: &Netlink, node: &Node, c: &mut Container, ports: &[PortMapping], state: &mut State) -> Result<()> {
+async fn wire(
+    ctx: &Ctx,
+    nl: &Netlink,
+    node: &Node,
+    c: &mut Container,
+    ports: &[PortMapping],
+    state: &mut State,
+) -> Result<()> {
     let uplink = nl.check_link(&node.uplink, node.uplink_ifindex).await?;
     nl.add_veth(&c.host_if, "eth0", &c.netns, c.mac, uplink.mtu.max(68))
         .await?;
@@ -207,15 +214,12 @@ async fn wire(ctx: &Ctx, nl: &Netlink, node: &Node, c: &mut Container, ports: &[
 
     // Sysctls first: nothing in the container has used the network yet.
     for (k, v) in &c.sysctls {
-        netns::set_sysctl(&c.netns, k, v)
-            .with_context(|| format!("container {}", c.name))?;
+        netns::set_sysctl(&c.netns, k, v).with_context(|| format!("container {}", c.name))?;
     }
     let inner = Netlink::in_netns(&c.netns)?;
     inner.lo_up().await?;
     let eth0 = inner.require_link("eth0").await?;
-    inner
-        .add_addr(eth0.index, c.ip, node.prefix_len)
-        .await?;
+    inner.add_addr(eth0.index, c.ip, node.prefix_len).await?;
     inner.set_up(eth0.index).await?;
     inner.add_default_route(node.gateway, eth0.index).await?;
 

@@ -22,30 +22,56 @@ fn step(lab: &Lab, args: &[&str]) -> Result<String> {
 pub fn run(_ctx: &Ctx) -> Result<()> {
     let exe = std::env::current_exe().context("find the bpfnat binary")?;
     let started = std::time::Instant::now();
-    println!("== building the lab: namespaces bpfnat-demo-ext (external host {EXT_ADDR}) and bpfnat-demo-node (node, uplink {UPLINK} {NODE_ADDR})");
+    println!(
+        "== building the lab: namespaces bpfnat-demo-ext (external host {EXT_ADDR}) and bpfnat-demo-node (node, uplink {UPLINK} {NODE_ADDR})"
+    );
     let lab = Lab::new("bpfnat-demo", &exe)?;
     let web = lab.name("web");
     let client = lab.name("client");
 
     println!("\n== datapath up, two containers, one published port");
     step(&lab, &["up", "--uplink", UPLINK])?;
-    step(&lab, &["container", "add", &web, "--ip", "10.88.0.2", "-p", "8080:80"])?;
+    step(
+        &lab,
+        &[
+            "container",
+            "add",
+            &web,
+            "--ip",
+            "10.88.0.2",
+            "-p",
+            "8080:80",
+        ],
+    )?;
     step(&lab, &["container", "add", &client, "--ip", "10.88.0.3"])?;
 
     let web_ip = Ipv4Addr::new(10, 88, 0, 2);
     let any80 = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 80));
-    let srv = traffic::http_server(&lab.container_ns(&web), any80, "web", 2, Duration::from_secs(15))?;
+    let srv = traffic::http_server(
+        &lab.container_ns(&web),
+        any80,
+        "web",
+        2,
+        Duration::from_secs(15),
+    )?;
 
     println!("\n== F3: the external host fetches http://{NODE_ADDR}:8080/ (published to web:80)");
     let body = traffic::http_get(&lab.ext, SocketAddr::V4(SocketAddrV4::new(NODE_ADDR, 8080)))?;
     println!("  fetched {} bytes: {}", body.len(), body.trim());
 
-    println!("\n== F1: container client fetches http://{web_ip}:80/ directly (eBPF bridge forwarding)");
-    let body = traffic::http_get(&lab.container_ns(&client), SocketAddr::V4(SocketAddrV4::new(web_ip, 80)))?;
+    println!(
+        "\n== F1: container client fetches http://{web_ip}:80/ directly (eBPF bridge forwarding)"
+    );
+    let body = traffic::http_get(
+        &lab.container_ns(&client),
+        SocketAddr::V4(SocketAddrV4::new(web_ip, 80)),
+    )?;
     println!("  fetched {} bytes: {}", body.len(), body.trim());
     let _ = srv.join();
 
-    println!("\n== F2: container client connects to the external host {EXT_ADDR}:9000 (MASQUERADE)");
+    println!(
+        "\n== F2: container client connects to the external host {EXT_ADDR}:9000 (MASQUERADE)"
+    );
     let ext_srv = traffic::http_server(
         &lab.ext,
         SocketAddr::V4(SocketAddrV4::new(EXT_ADDR, 9000)),
@@ -61,7 +87,9 @@ pub fn run(_ctx: &Ctx) -> Result<()> {
     let seen = ext_srv.join().unwrap_or_default();
     match seen.first() {
         Some(peer) if peer.ip() == std::net::IpAddr::V4(NODE_ADDR) => {
-            println!("  the external host saw the connection come from {peer}: the node's address, not 10.88.0.3");
+            println!(
+                "  the external host saw the connection come from {peer}: the node's address, not 10.88.0.3"
+            );
         }
         other => bail!("the external host saw {other:?}, expected the node address {NODE_ADDR}"),
     }
@@ -79,6 +107,9 @@ pub fn run(_ctx: &Ctx) -> Result<()> {
     println!("\n== tearing down");
     step(&lab, &["down"])?;
     drop(lab);
-    println!("\ndemo finished in {:.1}s; every namespace, link and pin it made is gone", started.elapsed().as_secs_f64());
+    println!(
+        "\ndemo finished in {:.1}s; every namespace, link and pin it made is gone",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

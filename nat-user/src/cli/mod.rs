@@ -13,8 +13,8 @@ use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
-pub use container::ContainerCmd;
 pub use conntrack::ConntrackCmd;
+pub use container::ContainerCmd;
 pub use port::PortCmd;
 pub use up::UpArgs;
 

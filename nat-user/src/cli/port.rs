@@ -90,7 +90,9 @@ pub fn run(ctx: &Ctx, cmd: PortCmd) -> Result<()> {
                 .flat_map(|c| {
                     c.ports.iter().map(|m| PortRow {
                         container: c.name.clone(),
-                        host_ip: m.host_ip.map_or_else(|| "0.0.0.0".to_owned(), |i| i.to_string()),
+                        host_ip: m
+                            .host_ip
+                            .map_or_else(|| "0.0.0.0".to_owned(), |i| i.to_string()),
                         host_port: m.host_port,
                         container_ip: c.ip.to_string(),
                         container_port: m.container_port,

@@ -13,7 +13,13 @@ pub fn run(ctx: &Ctx) -> Result<()> {
             &["REASON", "PACKETS", "BYTES"],
             &stats
                 .iter()
-                .map(|s| vec![s.reason.to_owned(), s.packets.to_string(), s.bytes.to_string()])
+                .map(|s| {
+                    vec![
+                        s.reason.to_owned(),
+                        s.packets.to_string(),
+                        s.bytes.to_string(),
+                    ]
+                })
                 .collect::<Vec<_>>(),
         )
     })

@@ -72,11 +72,19 @@ pub fn config_of(node: &Node) -> Config {
 
 pub async fn up(ctx: &Ctx, a: UpArgs) -> Result<()> {
     if a.conntrack_max < 1024 {
-        bail!("--conntrack-max {} is too small (at least 1024)", a.conntrack_max);
+        bail!(
+            "--conntrack-max {} is too small (at least 1024)",
+            a.conntrack_max
+        );
     }
-    let gateway = a.gateway.unwrap_or_else(|| a.subnet.hosts().next().unwrap_or(a.subnet.addr));
+    let gateway = a
+        .gateway
+        .unwrap_or_else(|| a.subnet.hosts().next().unwrap_or(a.subnet.addr));
     if !a.subnet.contains(gateway) || gateway == a.subnet.addr || gateway == a.subnet.broadcast() {
-        bail!("gateway {gateway} is not a host address of subnet {}", a.subnet);
+        bail!(
+            "gateway {gateway} is not a host address of subnet {}",
+            a.subnet
+        );
     }
     let store = ctx.store()?;
     let mut state = store.load()?;
@@ -153,7 +161,13 @@ pub async fn up(ctx: &Ctx, a: UpArgs) -> Result<()> {
     }
 }
 
-async fn bring_up(ctx: &Ctx, nl: &Netlink, mut node: Node, gateway: Ipv4Addr, ct_max: u32) -> Result<Node> {
+async fn bring_up(
+    ctx: &Ctx,
+    nl: &Netlink,
+    mut node: Node,
+    gateway: Ipv4Addr,
+    ct_max: u32,
+) -> Result<Node> {
     netns::set_own_sysctl("net.ipv4.ip_forward", "1")?;
     if let Some(stale) = nl.link(GATEWAY_IF).await? {
         nl.del_link(stale.index).await?;
@@ -243,7 +257,11 @@ pub async fn status(ctx: &Ctx) -> Result<()> {
     let store = ctx.store()?;
     let state = store.load()?;
     let installed = ctx.pins.installed();
-    let maps = if installed { Some(Maps::open(&ctx.pins)?) } else { None };
+    let maps = if installed {
+        Some(Maps::open(&ctx.pins)?)
+    } else {
+        None
+    };
     let uplink_programs = match &state.node {
         Some(n) => SchedClassifier::query_tcx(&n.uplink, TcAttachType::Ingress)
             .map(|(_, progs)| {

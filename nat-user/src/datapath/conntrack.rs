@@ -148,7 +148,11 @@ impl Maps {
             });
         }
         out.sort_by(|a, b| {
-            (a.proto, a.original.src, a.original.sport).cmp(&(b.proto, b.original.src, b.original.sport))
+            (a.proto, a.original.src, a.original.sport).cmp(&(
+                b.proto,
+                b.original.src,
+                b.original.sport,
+            ))
         });
         Ok(out)
     }
@@ -159,7 +163,10 @@ impl Maps {
     }
 
     /// Delete both entries of every connection matching `pred`; returns connections removed.
-    fn ct_remove_where(&mut self, pred: impl Fn(&CtKey, &CtEntry, Option<&CtEntry>) -> bool) -> Result<usize> {
+    fn ct_remove_where(
+        &mut self,
+        pred: impl Fn(&CtKey, &CtEntry, Option<&CtEntry>) -> bool,
+    ) -> Result<usize> {
         let entries = self.ct_entries()?;
         let mut doomed = Vec::new();
         let mut conns = 0;

@@ -22,14 +22,11 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     EbpfLoader,
     maps::{Array, HashMap, Map, MapData, MapInfo, MapType, PerCpuArray},
-    programs::{
-        SchedClassifier, TcAttachType,
-        links::FdLink,
-    },
+    programs::{SchedClassifier, TcAttachType, links::FdLink},
 };
 use nat_common::{
-    Config, Counter, CtEntry, CtKey, Endpoint, PIN_VERSION, PortKey, PortTarget, Reason,
-    map_names, prog_names,
+    Config, Counter, CtEntry, CtKey, Endpoint, PIN_VERSION, PortKey, PortTarget, Reason, map_names,
+    prog_names,
 };
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 
@@ -147,7 +144,11 @@ fn check_pinned_maps(pins: &Pins) -> Result<()> {
         let info = MapInfo::from_pin(&path)
             .with_context(|| format!("inspect pinned map {}", path.display()))?;
         let (ty, k, v) = expected(name);
-        let found = (info.map_type().ok(), info.key_size() as usize, info.value_size() as usize);
+        let found = (
+            info.map_type().ok(),
+            info.key_size() as usize,
+            info.value_size() as usize,
+        );
         if found != (Some(ty), k, v) {
             bail!(
                 "pinned map {} has another layout ({:?}, key {} B, value {} B) than this bpfnat expects; run `bpfnat down` or remove it",

@@ -48,8 +48,7 @@ impl Netlink {
         let rt = tokio::runtime::Handle::current();
         let (conn, handle) = crate::netns::run_in(ns, move || {
             let _guard = rt.enter();
-            let (conn, handle, _) =
-                rtnetlink::new_connection().context("open rtnetlink socket")?;
+            let (conn, handle, _) = rtnetlink::new_connection().context("open rtnetlink socket")?;
             Ok((conn, handle))
         })
         .with_context(|| format!("netlink in {}", ns.display()))?;
@@ -77,7 +76,12 @@ impl Netlink {
 
     /// The link called `name`, or `None`.
     pub async fn link(&self, name: &str) -> Result<Option<Link>> {
-        let mut s = self.handle.link().get().match_name(name.to_owned()).execute();
+        let mut s = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
         match s.try_next().await {
             Ok(Some(m)) => Ok(Some(Self::to_link(&m))),
             Ok(None) => Ok(None),
@@ -95,7 +99,14 @@ impl Netlink {
 
     /// Create a veth pair: `host` here, `peer` created directly inside the namespace `peer_ns`
     /// with MAC `peer_mac`.
-    pub async fn add_veth(&self, host: &str, peer: &str, peer_ns: &Path, peer_mac: [u8; 6], mtu: u32) -> Result<()> {
+    pub async fn add_veth(
+        &self,
+        host: &str,
+        peer: &str,
+        peer_ns: &Path,
+        peer_mac: [u8; 6],
+        mtu: u32,
+    ) -> Result<()> {
         let ns = crate::netns::open(peer_ns)?;
         let peer_msg = LinkUnspec::new_with_name(peer)
             .setns_by_fd(ns.as_raw_fd())
@@ -106,13 +117,19 @@ impl Netlink {
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg)))
             .mtu(mtu)
             .build();
-        self.handle.link().add(msg).execute().await.map_err(|e| {
-            if is_errno(&e, libc::EEXIST) {
-                anyhow!("interface {host} already exists")
-            } else {
-                anyhow!(e)
-            }
-        }).with_context(|| format!("create veth pair {host} / {peer}"))
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(|e| {
+                if is_errno(&e, libc::EEXIST) {
+                    anyhow!("interface {host} already exists")
+                } else {
+                    anyhow!(e)
+                }
+            })
+            .with_context(|| format!("create veth pair {host} / {peer}"))
     }
 
     /// Create a veth pair with both ends here, both up: a home for node-local addresses that
@@ -220,7 +237,10 @@ impl Netlink {
     pub async fn check_link(&self, name: &str, index: u32) -> Result<Link> {
         let l = self.require_link(name).await?;
         if l.index != index {
-            bail!("interface {name} has index {} now, expected {index}", l.index);
+            bail!(
+                "interface {name} has index {} now, expected {index}",
+                l.index
+            );
         }
         Ok(l)
     }
