@@ -276,3 +276,88 @@ fn masquerade_carries_200_concurrent_connections() {
     let s = json(&lab, &["conntrack", "stats"]);
     assert_eq!(s["entries"], 2 * N as u64);
 }
+
+/// Poll `bpfnat conntrack list` until a flow matches `pred` (the last ACK of a close may
+/// still be in flight when the client returns).
+fn wait_flow(
+    lab: &bpfnat_tests::Lab,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let f = flows(lab);
+        if let Some(x) = f.iter().find(|x| pred(x)) {
+            return x.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no matching flow in {f:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn conntrack_follows_tcp_states_and_gc_expires_dead_connections() {
+    use std::io::{Read as _, Write as _};
+    let lab = lab_up("ctgc");
+    let c = lab.name("c");
+    lab.ok(&["container", "add", &c]).unwrap();
+    let ns = lab.container_ns(&c);
+
+    // A finished exchange walks to TIME_WAIT.
+    let srv = traffic::http_server(&lab.ext, v4(EXT_ADDR, 9000), "ext", 1, WINDOW).unwrap();
+    traffic::http_get(&ns, v4(EXT_ADDR, 9000)).unwrap();
+    srv.join().unwrap();
+    wait_flow(&lab, |f| {
+        f["original"]["dport"] == 9000 && f["state"] == "TIME_WAIT"
+    });
+
+    // An open connection is ESTABLISHED.
+    let listener = bpfnat::netns::run_in(&lab.ext, || {
+        Ok(std::net::TcpListener::bind(v4(EXT_ADDR, 9001))?)
+    })
+    .unwrap();
+    let mut held = bpfnat::netns::run_in(&ns, || {
+        Ok(std::net::TcpStream::connect(v4(EXT_ADDR, 9001))?)
+    })
+    .unwrap();
+    let (mut peer, _) = listener.accept().unwrap();
+    held.write_all(b"x").unwrap();
+    let mut one = [0u8; 1];
+    peer.read_exact(&mut one).unwrap();
+    wait_flow(&lab, |f| {
+        f["original"]["dport"] == 9001 && f["state"] == "ESTABLISHED"
+    });
+
+    // A refused connection ends in CLOSE (RST), whose timeout is 10 s.
+    let refused = bpfnat::netns::run_in(&ns, || {
+        Ok(std::net::TcpStream::connect(v4(EXT_ADDR, 9002)).is_err())
+    })
+    .unwrap();
+    assert!(refused, "nothing listens on 9002");
+    wait_flow(&lab, |f| {
+        f["original"]["dport"] == 9002 && f["state"] == "CLOSE"
+    });
+
+    std::thread::sleep(Duration::from_secs(11));
+    let gc = json(&lab, &["conntrack", "gc"]);
+    assert_eq!(
+        gc["connections"], 1,
+        "only the closed connection is past its timeout"
+    );
+    let f = flows(&lab);
+    assert!(f.iter().all(|x| x["original"]["dport"] != 9002), "{f:?}");
+    assert!(
+        f.iter().any(|x| x["original"]["dport"] == 9001),
+        "live connection kept"
+    );
+    // The kept connection still works after gc.
+    held.write_all(b"y").unwrap();
+    peer.read_exact(&mut one).unwrap();
+    assert_eq!(&one, b"y");
+
+    let flushed = json(&lab, &["conntrack", "flush"]);
+    assert_eq!(flushed["connections"], 2);
+    assert!(flows(&lab).is_empty());
+}
