@@ -312,7 +312,9 @@ pub struct CtEntry {
 
 /// Why a packet was counted: the index into the per-CPU `stats` array.
 ///
-/// Append only: the numbers are part of the pinned layout.
+/// A packet counts once for the decision taken on it (`ct_hit`, `snat_new`, a drop, …) and
+/// once more for how it left (`fib_redirect`, `deliver`, …). Append only: the numbers are
+/// part of the pinned layout.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
@@ -359,10 +361,12 @@ pub enum Reason {
     /// Dropped: an outside packet for a container address that no published port or tracked
     /// connection allows.
     DropNotPublished = 20,
+    /// Redirected into a container's namespace after translation.
+    Deliver = 21,
 }
 
 /// Number of `Reason` slots in the `stats` array.
-pub const REASON_COUNT: u32 = 21;
+pub const REASON_COUNT: u32 = 22;
 
 impl Reason {
     /// Every reason with its stable name, in index order.
@@ -388,6 +392,7 @@ impl Reason {
         (Self::DropTtl, "drop_ttl"),
         (Self::DropUnsupported, "drop_unsupported"),
         (Self::DropNotPublished, "drop_not_published"),
+        (Self::Deliver, "deliver"),
     ];
 }
 

@@ -170,7 +170,7 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
     }
     nat::apply(ctx, &mut p, &e)?;
     match endpoint(&p.dst) {
-        Some(ep) => forward::to_endpoint(ctx, &mut p, &ep, true, Reason::Pass),
+        Some(ep) => forward::to_endpoint(ctx, &mut p, &ep, true, Reason::Deliver),
         None => forward::route(ctx, &mut p, ifindex, None),
     }
 }

@@ -167,6 +167,10 @@ fn published_tcp_port_preserves_client_address() {
     assert_eq!(flow["reply"]["src"], C1.to_string());
     assert_eq!(flow["reply"]["sport"], 80);
     assert!(counter(&lab, "dnat_new") >= 1);
+    assert!(
+        counter(&lab, "deliver") >= 3,
+        "redirected into the container"
+    );
 }
 
 #[test]
