@@ -159,6 +159,8 @@ pub const DIR_REPLY: u8 = 1;
 pub const ORIGIN_MASQUERADE: u8 = 1;
 /// `CtEntry::origin`: an outside client's connection to a published port.
 pub const ORIGIN_PUBLISHED: u8 = 2;
+/// `CtEntry::origin`: a container's connection to a published port on a node address.
+pub const ORIGIN_HAIRPIN: u8 = 3;
 
 /// TCP states (`CtEntry::state` for TCP), after nf_conntrack's.
 pub mod tcp_state {
@@ -181,47 +183,66 @@ pub mod tcp_flags {
     pub const ACK: u8 = 0x10;
 }
 
-/// The TCP state after a packet with `flags` travelling in direction `dir` (`DIR_*`).
+/// `CtEntry::flags`: a FIN was seen from the original direction.
+pub const CT_FIN_ORIG: u8 = 1 << 0;
+/// `CtEntry::flags`: a FIN was seen from the reply direction.
+pub const CT_FIN_REPLY: u8 = 1 << 1;
+
+/// The TCP state (and FIN bits, `CT_FIN_*`) after a packet with TCP `flags` travelling in
+/// direction `dir` (`DIR_*`).
 ///
 /// Loose like nf_conntrack: a connection first seen mid-stream starts ESTABLISHED; a SYN on a
-/// closed or closing connection reopens it.
+/// closed or closing connection reopens it. FIN_WAIT: one side sent FIN; CLOSE_WAIT: the other
+/// side acknowledged it; LAST_ACK: both sent FIN; TIME_WAIT: the last FIN was acknowledged.
 #[must_use]
-pub const fn tcp_transition(state: u8, dir: u8, flags: u8) -> u8 {
+pub const fn tcp_transition(state: u8, fins: u8, dir: u8, flags: u8) -> (u8, u8) {
     use tcp_flags::{ACK, FIN, RST, SYN};
     use tcp_state::{
         CLOSE, CLOSE_WAIT, ESTABLISHED, FIN_WAIT, LAST_ACK, NONE, SYN_RECV, SYN_SENT, TIME_WAIT,
     };
     if flags & RST != 0 {
-        return CLOSE;
+        return (CLOSE, fins);
     }
     if flags & SYN != 0 {
         if flags & ACK == 0 {
-            return if dir == DIR_ORIGINAL { SYN_SENT } else { state };
+            return if dir == DIR_ORIGINAL {
+                (SYN_SENT, 0)
+            } else {
+                (state, fins)
+            };
         }
         return if dir == DIR_REPLY && state == SYN_SENT {
-            SYN_RECV
+            (SYN_RECV, fins)
         } else {
-            state
+            (state, fins)
         };
+    }
+    let mine = if dir == DIR_ORIGINAL {
+        CT_FIN_ORIG
+    } else {
+        CT_FIN_REPLY
+    };
+    if flags & FIN != 0 {
+        let fins = fins | mine;
+        if fins == CT_FIN_ORIG | CT_FIN_REPLY {
+            return (LAST_ACK, fins);
+        }
+        return (FIN_WAIT, fins);
     }
     if state == NONE {
-        return ESTABLISHED;
-    }
-    if flags & FIN != 0 {
-        return match state {
-            SYN_RECV | ESTABLISHED => FIN_WAIT,
-            FIN_WAIT | CLOSE_WAIT => LAST_ACK,
-            s => s,
-        };
+        return (ESTABLISHED, fins);
     }
     if flags & ACK != 0 {
-        return match state {
+        let next = match state {
             SYN_RECV => ESTABLISHED,
+            // The side that has not closed acknowledges the other's FIN.
+            FIN_WAIT if fins & mine == 0 => CLOSE_WAIT,
             LAST_ACK => TIME_WAIT,
             s => s,
         };
+        return (next, fins);
     }
-    state
+    (state, fins)
 }
 
 /// UDP/ICMP states (`CtEntry::state` for those protocols).
@@ -308,6 +329,9 @@ pub struct CtEntry {
     pub packets: u64,
     /// Bytes (IP total length) seen in this direction.
     pub bytes: u64,
+    /// `CT_FIN_*` bits; kept equal in both entries.
+    pub flags: u8,
+    pub _pad: [u8; 7],
 }
 
 /// Why a packet was counted: the index into the per-CPU `stats` array.
@@ -363,10 +387,12 @@ pub enum Reason {
     DropNotPublished = 20,
     /// Redirected into a container's namespace after translation.
     Deliver = 21,
+    /// A new hairpin connection (container to a published port on a node address).
+    HairpinNew = 22,
 }
 
 /// Number of `Reason` slots in the `stats` array.
-pub const REASON_COUNT: u32 = 22;
+pub const REASON_COUNT: u32 = 23;
 
 impl Reason {
     /// Every reason with its stable name, in index order.
@@ -393,6 +419,7 @@ impl Reason {
         (Self::DropUnsupported, "drop_unsupported"),
         (Self::DropNotPublished, "drop_not_published"),
         (Self::Deliver, "deliver"),
+        (Self::HairpinNew, "hairpin_new"),
     ];
 }
 
@@ -441,7 +468,7 @@ mod tests {
     #[test]
     fn layouts_have_the_sizes_bpftool_shows() {
         assert_eq!(size_of::<CtKey>(), 16);
-        assert_eq!(size_of::<CtEntry>(), 56);
+        assert_eq!(size_of::<CtEntry>(), 64);
         assert_eq!(size_of::<PortKey>(), 8);
         assert_eq!(size_of::<PortTarget>(), 12);
         assert_eq!(size_of::<Endpoint>(), 20);
@@ -458,28 +485,35 @@ mod tests {
     #[test]
     fn tcp_handshake_and_close_walk_the_states() {
         use tcp_flags::{ACK, FIN, RST, SYN};
-        let mut s = tcp_state::NONE;
-        s = tcp_transition(s, DIR_ORIGINAL, SYN);
-        assert_eq!(s, tcp_state::SYN_SENT);
-        s = tcp_transition(s, DIR_REPLY, SYN | ACK);
-        assert_eq!(s, tcp_state::SYN_RECV);
-        s = tcp_transition(s, DIR_ORIGINAL, ACK);
-        assert_eq!(s, tcp_state::ESTABLISHED);
-        s = tcp_transition(s, DIR_ORIGINAL, FIN | ACK);
-        assert_eq!(s, tcp_state::FIN_WAIT);
-        s = tcp_transition(s, DIR_REPLY, FIN | ACK);
-        assert_eq!(s, tcp_state::LAST_ACK);
-        s = tcp_transition(s, DIR_ORIGINAL, ACK);
-        assert_eq!(s, tcp_state::TIME_WAIT);
-        assert_eq!(tcp_transition(s, DIR_ORIGINAL, SYN), tcp_state::SYN_SENT);
-        assert_eq!(
-            tcp_transition(tcp_state::ESTABLISHED, DIR_REPLY, RST),
-            tcp_state::CLOSE
+        use tcp_state::*;
+        let step = |(s, f): (u8, u8), dir, flags| tcp_transition(s, f, dir, flags);
+        let mut c = (NONE, 0);
+        c = step(c, DIR_ORIGINAL, SYN);
+        assert_eq!(c.0, SYN_SENT);
+        c = step(c, DIR_REPLY, SYN | ACK);
+        assert_eq!(c.0, SYN_RECV);
+        c = step(c, DIR_ORIGINAL, ACK);
+        assert_eq!(c.0, ESTABLISHED);
+        c = step(c, DIR_ORIGINAL, FIN | ACK);
+        assert_eq!(c, (FIN_WAIT, CT_FIN_ORIG));
+        // The closing side's own ACKs do not move it; the other side's ACK does.
+        assert_eq!(step(c, DIR_ORIGINAL, ACK).0, FIN_WAIT);
+        c = step(c, DIR_REPLY, ACK);
+        assert_eq!(c.0, CLOSE_WAIT);
+        c = step(c, DIR_REPLY, FIN | ACK);
+        assert_eq!(c.0, LAST_ACK);
+        c = step(c, DIR_ORIGINAL, ACK);
+        assert_eq!(c.0, TIME_WAIT);
+        assert_eq!(step(c, DIR_ORIGINAL, SYN), (SYN_SENT, 0), "reopened");
+        assert_eq!(step((ESTABLISHED, 0), DIR_REPLY, RST).0, CLOSE);
+        assert_eq!(step((NONE, 0), DIR_ORIGINAL, ACK).0, ESTABLISHED);
+        // Simultaneous close: both FINs before any ACK.
+        let c = step(
+            step((ESTABLISHED, 0), DIR_ORIGINAL, FIN),
+            DIR_REPLY,
+            FIN | ACK,
         );
-        assert_eq!(
-            tcp_transition(tcp_state::NONE, DIR_ORIGINAL, ACK),
-            tcp_state::ESTABLISHED
-        );
+        assert_eq!(c.0, LAST_ACK);
     }
 
     #[test]

@@ -3,17 +3,22 @@
 //! connection's age is the newer `last_seen_ns` of its two entries, which is what port
 //! allocation here and garbage collection in userspace both use.
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_boot_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_boot_ns, bpf_loop},
 };
 use nat_common::{
-    Config, CtEntry, CtKey, DIR_ORIGINAL, DIR_REPLY, NAT_DNAT, NAT_SNAT, ORIGIN_MASQUERADE,
-    ORIGIN_PUBLISHED, PROTO_TCP, PortTarget, Reason, ct_timeout_ns, dgram_state, tcp_state,
-    tcp_transition,
+    Config, CtEntry, CtKey, DIR_ORIGINAL, DIR_REPLY, NAT_DNAT, NAT_SNAT, ORIGIN_HAIRPIN,
+    ORIGIN_MASQUERADE, ORIGIN_PUBLISHED, PROTO_TCP, PortTarget, Reason, ct_timeout_ns, dgram_state,
+    tcp_state, tcp_transition,
 };
 
-use crate::{maps::CONNTRACK, parse::Ip4};
+use crate::{
+    maps::{CONNTRACK, SCRATCH},
+    parse::Ip4,
+};
 
 /// Ports tried from a random start when the original source port is taken.
 const SNAT_PROBES: u32 = 32;
@@ -45,7 +50,7 @@ fn peer_key(e: &CtEntry, proto: u8) -> CtKey {
 #[inline(always)]
 fn initial_state(p: &Ip4) -> u8 {
     if p.proto == PROTO_TCP {
-        tcp_transition(tcp_state::NONE, DIR_ORIGINAL, p.tcp_flags)
+        tcp_transition(tcp_state::NONE, 0, DIR_ORIGINAL, p.tcp_flags).0
     } else {
         dgram_state::UNREPLIED
     }
@@ -60,18 +65,22 @@ pub fn touch(e: *mut CtEntry, p: &Ip4, now: u64) {
     e.last_seen_ns = now;
     e.packets += 1;
     e.bytes += u64::from(p.tot_len);
-    let next = if p.proto == PROTO_TCP {
-        tcp_transition(e.state, e.dir, p.tcp_flags)
+    let (next, fins) = if p.proto == PROTO_TCP {
+        tcp_transition(e.state, e.flags, e.dir, p.tcp_flags)
     } else if e.dir == DIR_REPLY {
-        dgram_state::REPLIED
+        (dgram_state::REPLIED, e.flags)
     } else {
-        e.state
+        (e.state, e.flags)
     };
-    if next != e.state {
+    if next != e.state || fins != e.flags {
         e.state = next;
+        e.flags = fins;
         if let Some(peer) = lookup(&peer_key(e, p.proto)) {
             // SAFETY: as above.
-            unsafe { (*peer).state = next };
+            unsafe {
+                (*peer).state = next;
+                (*peer).flags = fins;
+            }
         }
     }
 }
@@ -117,59 +126,144 @@ fn entry(p: &Ip4, now: u64, ifindex: u32) -> CtEntry {
     }
 }
 
-/// Create a MASQUERADE connection for `p` (sent by the container behind `ifindex`) and return
-/// the entry for its original direction. The source port is kept when the reply tuple is free,
-/// otherwise a port is probed for from a random start within the configured range.
+/// State of the port search, shared with the `bpf_loop` callback. The reply entry to insert
+/// waits in the per-CPU `SCRATCH` map: the 512-byte stack is shared with the callback.
+#[repr(C)]
+struct Probe {
+    rkey: CtKey,
+    now: u64,
+    min: u32,
+    range: u32,
+    start: u32,
+    found: u32,
+}
+
+/// One candidate port: `bpf_loop` callback (1 stops the loop).
+unsafe extern "C" fn probe_one(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `Probe` on the caller's stack that `probe_port` passed in.
+    let c = unsafe { &mut *ctx.cast::<Probe>() };
+    let off = c
+        .start
+        .wrapping_add(i as u32)
+        .checked_rem(c.range)
+        .unwrap_or(0);
+    let port = (c.min + off) as u16;
+    c.rkey.dst_port = port.to_be_bytes();
+    let Some(reply) = SCRATCH.get_ptr(0) else {
+        return 1;
+    };
+    // SAFETY: per-CPU scratch slot, written by `create` just before the loop.
+    if claim(&c.rkey, unsafe { &*reply }, c.now) {
+        c.found = 1;
+        return 1;
+    }
+    0
+}
+
+/// Claim a free reply tuple by probing `SNAT_PROBES` ports of the configured range from a
+/// random start. `bpf_loop` makes the verifier check the body once instead of once per
+/// iteration and caller path.
 #[inline(always)]
-pub fn create_snat(p: &Ip4, cfg: &Config, ifindex: u32, now: u64) -> Result<CtEntry, Reason> {
-    let mut reply = entry(p, now, ifindex);
+fn probe_port(rkey: CtKey, cfg: &Config, now: u64) -> Result<[u8; 2], Reason> {
+    let min = u32::from(cfg.port_min);
+    let max = u32::from(cfg.port_max);
+    let mut c = Probe {
+        rkey,
+        now,
+        min,
+        range: if max >= min { max - min + 1 } else { 1 },
+        // SAFETY: helper without arguments.
+        start: unsafe { bpf_get_prandom_u32() },
+        found: 0,
+    };
+    // SAFETY: the callback only touches `c`, which outlives the call.
+    unsafe {
+        bpf_loop(
+            SNAT_PROBES,
+            probe_one as *mut c_void,
+            (&raw mut c).cast::<c_void>(),
+            0,
+        );
+    }
+    if c.found == 1 {
+        Ok(c.rkey.dst_port)
+    } else {
+        Err(Reason::DropNoPort)
+    }
+}
+
+/// How a new connection is translated in its original direction.
+pub struct NewConn {
+    /// Source address after translation.
+    pub src: [u8; 4],
+    /// Destination address and port after translation.
+    pub dst: [u8; 4],
+    pub dport: [u8; 2],
+    /// Find a source port (keep the original when free, else probe the configured range);
+    /// `false` keeps the source port as it is.
+    pub alloc_port: bool,
+    /// `ORIGIN_*`.
+    pub origin: u8,
+    /// The mapping's generation (published ports).
+    pub generation: u32,
+    /// The container the connection belongs to.
+    pub ifindex: u32,
+}
+
+/// Create both entries of a new connection for `p` and return the original direction's.
+/// The reply entry is claimed first: its tuple is what must be unique.
+#[inline(always)]
+pub fn create(p: &Ip4, n: &NewConn, cfg: &Config, now: u64) -> Result<CtEntry, Reason> {
+    let mut nat = 0;
+    if n.src != p.src {
+        nat |= NAT_SNAT;
+    }
+    if n.dst != p.dst || n.dport != p.dport {
+        nat |= NAT_DNAT;
+    }
+    let slot = SCRATCH.get_ptr_mut(0).ok_or(Reason::DropHelper)?;
+    // SAFETY: per-CPU scratch slot; nothing else on this CPU uses it while we run.
+    let reply = unsafe { &mut *slot };
+    *reply = entry(p, now, n.ifindex);
     reply.xlate_src_addr = p.dst;
     reply.xlate_dst_addr = p.src;
     reply.xlate_src_port = p.dport;
     reply.xlate_dst_port = p.sport;
-    reply.nat = NAT_DNAT;
+    // What the original direction rewrites on the source, the reply rewrites on the
+    // destination, and the other way round.
+    reply.nat = ((nat & NAT_SNAT) << 1) | ((nat & NAT_DNAT) >> 1);
     reply.dir = DIR_REPLY;
-    reply.origin = ORIGIN_MASQUERADE;
-    reply.packets = 0;
-    reply.bytes = 0;
-    // A reply direction nobody has heard from yet: created == last_seen keeps it young.
+    reply.origin = n.origin;
+    reply.generation = n.generation;
 
     let mut rkey = CtKey {
-        src_addr: p.dst,
-        dst_addr: cfg.snat_addr,
-        src_port: p.dport,
+        src_addr: n.dst,
+        dst_addr: n.src,
+        src_port: n.dport,
         dst_port: p.sport,
         proto: p.proto,
         _pad: [0; 3],
     };
-    if !claim(&rkey, &reply, now) {
-        let min = u32::from(cfg.port_min);
-        let max = u32::from(cfg.port_max);
-        let range = if max >= min { max - min + 1 } else { 1 };
-        // SAFETY: helper without arguments.
-        let start = unsafe { bpf_get_prandom_u32() };
-        let mut found = false;
-        for i in 0..SNAT_PROBES {
-            let port = (min + (start.wrapping_add(i) % range)) as u16;
-            rkey.dst_port = port.to_be_bytes();
-            if claim(&rkey, &reply, now) {
-                found = true;
-                break;
-            }
+    if n.alloc_port {
+        if !claim(&rkey, reply, now) {
+            rkey.dst_port = probe_port(rkey, cfg, now)?;
         }
-        if !found {
-            return Err(Reason::DropNoPort);
-        }
+    } else if CONNTRACK
+        .insert(&rkey, &*reply, u64::from(BPF_ANY))
+        .is_err()
+    {
+        return Err(Reason::DropCtFull);
     }
 
-    let mut orig = entry(p, now, ifindex);
-    orig.xlate_src_addr = cfg.snat_addr;
-    orig.xlate_dst_addr = p.dst;
+    let mut orig = entry(p, now, n.ifindex);
+    orig.xlate_src_addr = n.src;
+    orig.xlate_dst_addr = n.dst;
     orig.xlate_src_port = rkey.dst_port;
-    orig.xlate_dst_port = p.dport;
-    orig.nat = NAT_SNAT;
+    orig.xlate_dst_port = n.dport;
+    orig.nat = nat;
     orig.dir = DIR_ORIGINAL;
-    orig.origin = ORIGIN_MASQUERADE;
+    orig.origin = n.origin;
+    orig.generation = n.generation;
     if CONNTRACK
         .insert(&p.key(), &orig, u64::from(BPF_ANY))
         .is_err()
@@ -180,37 +274,61 @@ pub fn create_snat(p: &Ip4, cfg: &Config, ifindex: u32, now: u64) -> Result<CtEn
     Ok(orig)
 }
 
-/// Create a connection from an outside client to the published port that `t` describes and
-/// return the entry for its original direction.
+/// MASQUERADE: `p` from the container behind `ifindex` leaves with the SNAT address.
 #[inline(always)]
-pub fn create_dnat(p: &Ip4, t: &PortTarget, ifindex: u32, now: u64) -> Result<CtEntry, Reason> {
-    let mut orig = entry(p, now, ifindex);
-    orig.xlate_src_addr = p.src;
-    orig.xlate_dst_addr = t.addr;
-    orig.xlate_src_port = p.sport;
-    orig.xlate_dst_port = t.port;
-    orig.nat = NAT_DNAT;
-    orig.dir = DIR_ORIGINAL;
-    orig.origin = ORIGIN_PUBLISHED;
-    orig.generation = t.generation;
+pub fn create_snat(p: &Ip4, cfg: &Config, ifindex: u32, now: u64) -> Result<CtEntry, Reason> {
+    let n = NewConn {
+        src: cfg.snat_addr,
+        dst: p.dst,
+        dport: p.dport,
+        alloc_port: true,
+        origin: ORIGIN_MASQUERADE,
+        generation: 0,
+        ifindex,
+    };
+    create(p, &n, cfg, now)
+}
 
-    let mut reply = orig;
-    reply.xlate_src_addr = p.dst;
-    reply.xlate_dst_addr = p.src;
-    reply.xlate_src_port = p.dport;
-    reply.xlate_dst_port = p.sport;
-    reply.nat = NAT_SNAT;
-    reply.dir = DIR_REPLY;
-    let rkey = peer_key(&orig, p.proto);
-    if CONNTRACK.insert(&rkey, &reply, u64::from(BPF_ANY)).is_err() {
-        return Err(Reason::DropCtFull);
-    }
-    if CONNTRACK
-        .insert(&p.key(), &orig, u64::from(BPF_ANY))
-        .is_err()
-    {
-        let _ = CONNTRACK.remove(&rkey);
-        return Err(Reason::DropCtFull);
-    }
-    Ok(orig)
+/// A client outside connects to the published port `t`; its address is kept.
+#[inline(always)]
+pub fn create_dnat(
+    p: &Ip4,
+    t: &PortTarget,
+    cfg: &Config,
+    ifindex: u32,
+    now: u64,
+) -> Result<CtEntry, Reason> {
+    let n = NewConn {
+        src: p.src,
+        dst: t.addr,
+        dport: t.port,
+        alloc_port: false,
+        origin: ORIGIN_PUBLISHED,
+        generation: t.generation,
+        ifindex,
+    };
+    create(p, &n, cfg, now)
+}
+
+/// Hairpin: a container connects to a published port on a node address. The source becomes
+/// the gateway address so that the reply comes back through the datapath (the target may be
+/// the sender itself).
+#[inline(always)]
+pub fn create_hairpin(
+    p: &Ip4,
+    t: &PortTarget,
+    cfg: &Config,
+    target_ifindex: u32,
+    now: u64,
+) -> Result<CtEntry, Reason> {
+    let n = NewConn {
+        src: cfg.gateway_addr,
+        dst: t.addr,
+        dport: t.port,
+        alloc_port: true,
+        origin: ORIGIN_HAIRPIN,
+        generation: t.generation,
+        ifindex: target_ifindex,
+    };
+    create(p, &n, cfg, now)
 }

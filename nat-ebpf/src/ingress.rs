@@ -69,7 +69,7 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
         let e = unsafe { *e };
         nat::apply(ctx, &mut p, &e)?;
         count(Reason::CtHit, ctx.len());
-        return forward::route(ctx, &mut p, ifindex, None);
+        return deliver(ctx, &mut p, ifindex);
     }
 
     if p.dst == cfg.gateway_addr {
@@ -79,6 +79,17 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
     if parse::in_subnet(p.dst, cfg.subnet_addr, cfg.subnet_mask) {
         // An address in the subnet that no container holds: never route it elsewhere.
         return Err(Reason::DropNoEndpoint);
+    }
+    if let Some(t) = published(ctx, &p, ifindex) {
+        // F5, hairpin: a published port on a node address, possibly the sender's own.
+        if p.ttl <= 1 {
+            return pass(ctx);
+        }
+        let target = endpoint(&t.addr).ok_or(Reason::DropNoEndpoint)?;
+        let e = conntrack::create_hairpin(&p, &t, &cfg, target.ifindex, now())?;
+        nat::apply(ctx, &mut p, &e)?;
+        count(Reason::HairpinNew, ctx.len());
+        return forward::to_endpoint(ctx, &mut p, &target, true, Reason::Deliver);
     }
     let (rc, fib) = forward::fib(ctx, &p, ifindex);
     let leaves_by_uplink = forward::fib_forwards(rc) && fib.ifindex == cfg.uplink_ifindex;
@@ -102,11 +113,22 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
     forward::route(ctx, &mut p, ifindex, Some((rc, fib)))
 }
 
+/// Send a translated packet on: into a container when the new destination is one, else
+/// towards the outside.
+#[inline(always)]
+fn deliver(ctx: &TcContext, p: &mut parse::Ip4, ifindex: u32) -> Result<i32, Reason> {
+    match endpoint(&p.dst) {
+        Some(ep) => forward::to_endpoint(ctx, p, &ep, true, Reason::Deliver),
+        None => forward::route(ctx, p, ifindex, None),
+    }
+}
+
 /// The published port `p` is addressed to, if any: a mapping bound to the destination address
-/// first, then one bound to every node address.
+/// first, then one bound to every node address. Either way the destination must be one of the
+/// node's own addresses (the kernel would deliver it locally).
 #[inline(always)]
 fn published(ctx: &TcContext, p: &parse::Ip4, ifindex: u32) -> Option<PortTarget> {
-    if p.proto != PROTO_TCP && p.proto != PROTO_UDP {
+    if (p.proto != PROTO_TCP && p.proto != PROTO_UDP) || p.frag {
         return None;
     }
     let mut key = PortKey {
@@ -116,13 +138,14 @@ fn published(ctx: &TcContext, p: &parse::Ip4, ifindex: u32) -> Option<PortTarget
         _pad: 0,
     };
     // SAFETY: the value is copied out at once.
-    if let Some(t) = unsafe { PORTS.get(&key) } {
-        return Some(*t);
-    }
-    key.host_addr = [0; 4];
-    // SAFETY: as above.
-    let t = unsafe { PORTS.get(&key) }.copied()?;
-    // "Any address" means the node's own addresses: the kernel would deliver locally.
+    let t = match unsafe { PORTS.get(&key) } {
+        Some(t) => *t,
+        None => {
+            key.host_addr = [0; 4];
+            // SAFETY: as above.
+            unsafe { PORTS.get(&key) }.copied()?
+        }
+    };
     let (rc, _) = forward::fib(ctx, p, ifindex);
     if forward::fib_forwards(rc) {
         None
@@ -156,7 +179,7 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
         unsafe { *e }
     } else if let Some(t) = published(ctx, &p, ifindex) {
         let ep = endpoint(&t.addr).ok_or(Reason::DropNoEndpoint)?;
-        let e = conntrack::create_dnat(&p, &t, ep.ifindex, now())?;
+        let e = conntrack::create_dnat(&p, &t, &cfg, ep.ifindex, now())?;
         count(Reason::DnatNew, ctx.len());
         e
     } else if parse::in_subnet(p.dst, cfg.subnet_addr, cfg.subnet_mask) {
@@ -169,8 +192,5 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
         return Err(Reason::DropTtl);
     }
     nat::apply(ctx, &mut p, &e)?;
-    match endpoint(&p.dst) {
-        Some(ep) => forward::to_endpoint(ctx, &mut p, &ep, true, Reason::Deliver),
-        None => forward::route(ctx, &mut p, ifindex, None),
-    }
+    deliver(ctx, &mut p, ifindex)
 }

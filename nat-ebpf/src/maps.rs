@@ -28,3 +28,7 @@ pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { CONNTRACK_MAX_ENTRIES as usiz
 
 #[btf_map(name = "stats")]
 pub static STATS: PerCpuArray<Counter, { REASON_COUNT as usize }> = PerCpuArray::new();
+
+/// Per-CPU scratch space for values too large for the shared 512-byte stack.
+#[btf_map(name = "scratch")]
+pub static SCRATCH: PerCpuArray<CtEntry, 1> = PerCpuArray::new();

@@ -365,3 +365,47 @@ fn conntrack_follows_tcp_states_and_gc_expires_dead_connections() {
     assert_eq!(flushed["connections"], 2);
     assert!(flows(&lab).is_empty());
 }
+
+#[test]
+fn hairpin_reaches_published_ports_from_containers_including_their_own() {
+    let lab = lab_up("f5");
+    let (web, other) = (lab.name("web"), lab.name("other"));
+    lab.ok(&[
+        "container",
+        "add",
+        &web,
+        "--ip",
+        "10.88.0.2",
+        "-p",
+        "8080:80",
+    ])
+    .unwrap();
+    lab.ok(&["container", "add", &other, "--ip", "10.88.0.3"])
+        .unwrap();
+    let srv = traffic::http_server(
+        &lab.container_ns(&web),
+        v4(Ipv4Addr::UNSPECIFIED, 80),
+        "web",
+        2,
+        WINDOW,
+    )
+    .unwrap();
+    let from_other = traffic::http_get(&lab.container_ns(&other), v4(NODE_ADDR, 8080)).unwrap();
+    let from_self = traffic::http_get(&lab.container_ns(&web), v4(NODE_ADDR, 8080)).unwrap();
+    let seen = srv.join().unwrap();
+    assert!(from_other.starts_with("hello from web") && from_self.starts_with("hello from web"));
+    assert_eq!(seen.len(), 2);
+    assert!(
+        seen.iter().all(|p| p.ip() == GW),
+        "hairpin traffic comes from the gateway: {seen:?}"
+    );
+    let f = flows(&lab);
+    let hp: Vec<_> = f.iter().filter(|f| f["kind"] == "hairpin").collect();
+    assert_eq!(hp.len(), 2, "{f:?}");
+    assert!(
+        hp.iter()
+            .all(|f| f["original"]["dst"] == NODE_ADDR.to_string()
+                && f["reply"]["src"] == C1.to_string())
+    );
+    assert!(counter(&lab, "hairpin_new") >= 2);
+}

@@ -4,8 +4,8 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, Result, anyhow};
 use nat_common::{
-    CtEntry, CtKey, DIR_ORIGINAL, ORIGIN_MASQUERADE, ORIGIN_PUBLISHED, PROTO_ICMP, PROTO_TCP,
-    PROTO_UDP, ct_timeout_ns, dgram_state, tcp_state,
+    CtEntry, CtKey, DIR_ORIGINAL, ORIGIN_HAIRPIN, ORIGIN_MASQUERADE, ORIGIN_PUBLISHED, PROTO_ICMP,
+    PROTO_TCP, PROTO_UDP, ct_timeout_ns, dgram_state, tcp_state,
 };
 use serde::Serialize;
 
@@ -136,6 +136,7 @@ impl Maps {
                 kind: match e.origin {
                     ORIGIN_MASQUERADE => "masquerade",
                     ORIGIN_PUBLISHED => "published",
+                    ORIGIN_HAIRPIN => "hairpin",
                     _ => "other",
                 },
                 state: state_name(k.proto, e.state),
@@ -214,7 +215,7 @@ impl Maps {
     pub fn forget_port(&mut self, m: &PortMapping) -> Result<()> {
         let pk = port_key(m);
         self.ct_remove_where(|k, e, _| {
-            e.origin == ORIGIN_PUBLISHED
+            (e.origin == ORIGIN_PUBLISHED || e.origin == ORIGIN_HAIRPIN)
                 && k.proto == pk.proto
                 && k.dst_port == pk.host_port
                 && (pk.host_addr == [0; 4] || k.dst_addr == pk.host_addr)
