@@ -64,10 +64,84 @@ impl fmt::Display for PortMapping {
     }
 }
 
-/// A parsed `-p` argument: one or more mappings (a range expands to one per port).
+/// Which host port a request wants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostPort {
+    /// Exactly this port (`8080:80`, or one port of a pairwise range).
+    Exact(u16),
+    /// Any free port of this range (`8000-8010:80`).
+    OneOf(u16, u16),
+    /// Any free port of the node's ephemeral range (`80`, `127.0.0.1::80`).
+    Ephemeral,
+}
+
+/// One container port to publish, before the host port is chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRequest {
+    pub host_ip: Option<Ipv4Addr>,
+    pub host: HostPort,
+    pub container_port: u16,
+    pub proto: Proto,
+}
+
+impl PortRequest {
+    /// Whether an existing mapping is what this request asked for (`port del`).
+    #[must_use]
+    pub fn matches(&self, m: &PortMapping) -> bool {
+        self.host_ip == m.host_ip
+            && self.container_port == m.container_port
+            && self.proto == m.proto
+            && match self.host {
+                HostPort::Exact(p) => m.host_port == p,
+                HostPort::OneOf(a, b) => (a..=b).contains(&m.host_port),
+                HostPort::Ephemeral => true,
+            }
+    }
+}
+
+/// A parsed `-p` argument: Docker's syntax, one request per container port.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortSpec {
-    pub mappings: Vec<PortMapping>,
+    pub requests: Vec<PortRequest>,
+}
+
+impl PortSpec {
+    /// Choose host ports: exact ones as given, the others the lowest port of their range
+    /// for which `free` holds (and that this spec has not taken already).
+    pub fn resolve(
+        &self,
+        ephemeral: (u16, u16),
+        free: impl Fn(&PortMapping) -> bool,
+    ) -> Result<Vec<PortMapping>> {
+        let mut out: Vec<PortMapping> = Vec::new();
+        for r in &self.requests {
+            let (lo, hi) = match r.host {
+                HostPort::Exact(p) => (p, p),
+                HostPort::OneOf(a, b) => (a, b),
+                HostPort::Ephemeral => ephemeral,
+            };
+            let pick = (lo..=hi)
+                .map(|host_port| PortMapping {
+                    host_ip: r.host_ip,
+                    host_port,
+                    container_port: r.container_port,
+                    proto: r.proto,
+                })
+                .find(|m| {
+                    matches!(r.host, HostPort::Exact(_))
+                        || (free(m) && !out.iter().any(|o| o.conflicts_with(m)))
+                });
+            match pick {
+                Some(m) => out.push(m),
+                None => bail!(
+                    "no free host port in {lo}-{hi} for container port {}/{}",
+                    r.container_port,
+                    r.proto
+                ),
+            }
+        }
+        Ok(out)
+    }
 }
 
 fn port(s: &str, what: &str) -> Result<u16> {
@@ -99,43 +173,56 @@ impl FromStr for PortSpec {
     fn from_str(spec: &str) -> Result<Self> {
         let err = |why: &str| {
             anyhow!(
-                "invalid port spec {spec:?}: {why} (expected [HOST_IP:]HOST_PORT[-END]:CONTAINER_PORT[-END][/tcp|/udp])"
+                "invalid port spec {spec:?}: {why} (expected [[HOST_IP:]HOST_PORT[-END]:]CONTAINER_PORT[-END][/tcp|/udp])"
             )
         };
         let (ports, proto) = match spec.rsplit_once('/') {
             Some((p, "tcp")) => (p, Proto::Tcp),
             Some((p, "udp")) => (p, Proto::Udp),
-            Some((_, other)) => return Err(err(&format!("unknown protocol {other:?}"))),
+            Some((_, other)) => return Err(err(&format!("unsupported protocol {other:?}"))),
             None => (spec, Proto::Tcp),
         };
         let parts: Vec<&str> = ports.split(':').collect();
         let (host_ip, host, cont) = match parts.as_slice() {
-            [h, c] => (None, *h, *c),
+            [c] => (None, "", *c),
+            [h, c] => {
+                if h.is_empty() {
+                    return Err(err("the host port is missing"));
+                }
+                (None, *h, *c)
+            }
             [ip, h, c] => {
                 let ip: Ipv4Addr = ip
                     .parse()
                     .map_err(|_| err(&format!("{ip:?} is not an IPv4 address")))?;
                 (if ip.is_unspecified() { None } else { Some(ip) }, *h, *c)
             }
-            _ => return Err(err("wrong number of ':'-separated fields")),
+            _ => return Err(err("too many ':'-separated fields")),
         };
-        if host.is_empty() {
-            return Err(err("the host port is missing"));
-        }
-        let (h0, h1) = range(host, "host").map_err(|e| err(&e.to_string()))?;
         let (c0, c1) = range(cont, "container").map_err(|e| err(&e.to_string()))?;
-        if h1 - h0 != c1 - c0 {
-            return Err(err("host and container ranges differ in length"));
-        }
-        let mappings = (0..=h1 - h0)
-            .map(|i| PortMapping {
+        let hosts: Vec<HostPort> = if host.is_empty() {
+            vec![HostPort::Ephemeral; usize::from(c1 - c0) + 1]
+        } else {
+            let (h0, h1) = range(host, "host").map_err(|e| err(&e.to_string()))?;
+            if c0 == c1 && h0 != h1 {
+                vec![HostPort::OneOf(h0, h1)]
+            } else if h1 - h0 == c1 - c0 {
+                (h0..=h1).map(HostPort::Exact).collect()
+            } else {
+                return Err(err("host and container ranges differ in length"));
+            }
+        };
+        let requests = hosts
+            .into_iter()
+            .zip(c0..=c1)
+            .map(|(host, container_port)| PortRequest {
                 host_ip,
-                host_port: h0 + i,
-                container_port: c0 + i,
+                host,
+                container_port,
                 proto,
             })
             .collect();
-        Ok(Self { mappings })
+        Ok(Self { requests })
     }
 }
 
@@ -143,10 +230,17 @@ impl FromStr for PortSpec {
 mod tests {
     use super::*;
 
+    fn resolve(s: &str) -> Vec<PortMapping> {
+        s.parse::<PortSpec>()
+            .unwrap()
+            .resolve((32768, 60999), |_| true)
+            .unwrap()
+    }
+
     fn one(s: &str) -> PortMapping {
-        let p: PortSpec = s.parse().unwrap();
-        assert_eq!(p.mappings.len(), 1);
-        p.mappings[0]
+        let m = resolve(s);
+        assert_eq!(m.len(), 1);
+        m[0]
     }
 
     #[test]
@@ -169,9 +263,7 @@ mod tests {
 
     #[test]
     fn ranges_expand_pairwise() {
-        let p: PortSpec = "8000-8002:9000-9002/udp".parse().unwrap();
-        let pairs: Vec<_> = p
-            .mappings
+        let pairs: Vec<_> = resolve("8000-8002:9000-9002/udp")
             .iter()
             .map(|m| (m.host_port, m.container_port))
             .collect();
@@ -179,16 +271,47 @@ mod tests {
     }
 
     #[test]
+    fn omitted_host_ports_come_from_the_ephemeral_range() {
+        assert_eq!(one("80").host_port, 32768);
+        let m = one("127.0.0.1::80");
+        assert_eq!((m.host_ip, m.host_port), (Some(Ipv4Addr::LOCALHOST), 32768));
+        let two = resolve("80-81");
+        assert_eq!((two[0].host_port, two[1].host_port), (32768, 32769));
+        let taken = "80"
+            .parse::<PortSpec>()
+            .unwrap()
+            .resolve((32768, 60999), |m| m.host_port > 32770);
+        assert_eq!(taken.unwrap()[0].host_port, 32771);
+    }
+
+    #[test]
+    fn a_host_range_for_one_container_port_takes_the_first_free() {
+        let spec: PortSpec = "8000-8010:80".parse().unwrap();
+        let m = spec
+            .resolve((32768, 60999), |m| m.host_port != 8000)
+            .unwrap();
+        assert_eq!((m[0].host_port, m[0].container_port), (8001, 80));
+        assert!(spec.resolve((32768, 60999), |_| false).is_err());
+    }
+
+    #[test]
+    fn del_requests_match_what_add_chose() {
+        let m = one("8001:80");
+        assert!("8000-8010:80".parse::<PortSpec>().unwrap().requests[0].matches(&m));
+        assert!("80".parse::<PortSpec>().unwrap().requests[0].matches(&m));
+        assert!(!"80/udp".parse::<PortSpec>().unwrap().requests[0].matches(&m));
+    }
+
+    #[test]
     fn malformed_specs_are_rejected() {
         for bad in [
             "",
-            "80",
             "abc:80",
             "80:0",
             "70000:80",
             "80:80/sctp",
             "1.2.3:80:80",
-            "8000-8001:80",
+            "8000-8001:80-82",
             "9-8:9-8",
             ":80",
             "1:2:3:4",

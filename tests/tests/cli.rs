@@ -44,7 +44,7 @@ fn duplicate_container_name_is_rejected_and_changes_nothing() {
 fn malformed_publish_spec_is_rejected() {
     let lab = lab_up("badspec");
     let c = lab.name("c");
-    for spec in ["80", "http:80", "8080:80/sctp", "8000-8001:80"] {
+    for spec in [":80", "http:80", "8080:80/sctp", "8000-8001:80-82"] {
         fails_with(
             &lab,
             &["container", "add", &c, "-p", spec],

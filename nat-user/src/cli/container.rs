@@ -106,6 +106,36 @@ fn pick_ip(state: &State, node: &Node, want: Option<Ipv4Addr>) -> Result<Ipv4Add
     }
 }
 
+/// Choose host ports for `specs` (where they leave a choice) and check the result.
+pub fn resolve_ports(state: &State, specs: &[PortSpec]) -> Result<Vec<PortMapping>> {
+    let ephemeral = ephemeral_range();
+    let mut all: Vec<PortMapping> = Vec::new();
+    for spec in specs {
+        let free = |m: &PortMapping| {
+            !all.iter().any(|o| o.conflicts_with(m))
+                && !state
+                    .containers
+                    .values()
+                    .any(|c| c.ports.iter().any(|o| o.conflicts_with(m)))
+        };
+        let chosen = spec.resolve(ephemeral, free)?;
+        all.extend(chosen);
+    }
+    check_ports(state, &all)?;
+    Ok(all)
+}
+
+/// The node's ephemeral port range, where Docker picks host ports that were left open.
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(str::parse::<u16>);
+            Some((it.next()?.ok()?, it.next()?.ok()?))
+        })
+        .unwrap_or((32768, 60999))
+}
+
 /// Refuse mappings whose host port another mapping (here or in another container) holds.
 pub fn check_ports(state: &State, adding: &[PortMapping]) -> Result<()> {
     for (i, m) in adding.iter().enumerate() {
@@ -142,8 +172,7 @@ async fn add(
         bail!("container {name} already exists");
     }
     let ip = pick_ip(&state, &node, ip)?;
-    let ports: Vec<PortMapping> = publish.into_iter().flat_map(|s| s.mappings).collect();
-    check_ports(&state, &ports)?;
+    let ports = resolve_ports(&state, &publish)?;
     let sysctls = parse_sysctls(&sysctl)?;
     let host_if = host_if_name(&name);
     let nl = Netlink::current()?;

@@ -4,8 +4,20 @@ use anyhow::{Result, anyhow, bail};
 use clap::Subcommand;
 use serde::Serialize;
 
-use super::{Ctx, container::check_ports, table, up::require_node};
-use crate::{datapath::Maps, spec::PortSpec};
+use super::{Ctx, container::resolve_ports, table, up::require_node};
+use crate::{
+    datapath::Maps,
+    spec::{HostPort, PortRequest, PortSpec},
+};
+
+fn describe(r: &PortRequest) -> String {
+    let ip = r.host_ip.map(|i| format!("{i}:")).unwrap_or_default();
+    match r.host {
+        HostPort::Exact(p) => format!("{ip}{p}:{}/{}", r.container_port, r.proto),
+        HostPort::OneOf(a, b) => format!("{ip}{a}-{b}:{}/{}", r.container_port, r.proto),
+        HostPort::Ephemeral => format!("{ip}?:{}/{}", r.container_port, r.proto),
+    }
+}
 
 #[derive(Subcommand, Debug)]
 pub enum PortCmd {
@@ -36,11 +48,11 @@ pub fn run(ctx: &Ctx, cmd: PortCmd) -> Result<()> {
             if !state.containers.contains_key(&name) {
                 bail!("no such container: {name}");
             }
-            check_ports(&state, &spec.mappings)?;
+            let mappings = resolve_ports(&state, std::slice::from_ref(&spec))?;
             let mut maps = Maps::open(&ctx.pins)?;
             let ip = state.containers[&name].ip;
             let mut done = Vec::new();
-            for m in &spec.mappings {
+            for m in &mappings {
                 let generation = state.next_generation();
                 if let Err(e) = maps.put_port(m, ip, generation) {
                     for d in &done {
@@ -54,7 +66,7 @@ pub fn run(ctx: &Ctx, cmd: PortCmd) -> Result<()> {
                 c.ports.extend(done.iter().copied());
             }
             store.save(&state)?;
-            ctx.emit(&spec.mappings, || {
+            ctx.emit(&done, || {
                 done.iter()
                     .map(|m| format!("{name}: published {m}"))
                     .collect::<Vec<_>>()
@@ -66,18 +78,24 @@ pub fn run(ctx: &Ctx, cmd: PortCmd) -> Result<()> {
                 .containers
                 .get_mut(&name)
                 .ok_or_else(|| anyhow!("no such container: {name}"))?;
-            if let Some(m) = spec.mappings.iter().find(|m| !c.ports.contains(m)) {
-                bail!("container {name} does not publish {m}");
+            let mut gone = Vec::new();
+            for r in &spec.requests {
+                let m = c
+                    .ports
+                    .iter()
+                    .find(|m| r.matches(m) && !gone.contains(*m))
+                    .copied()
+                    .ok_or_else(|| anyhow!("container {name} does not publish {}", describe(r)))?;
+                gone.push(m);
             }
             let mut maps = Maps::open(&ctx.pins)?;
-            for m in &spec.mappings {
+            for m in &gone {
                 maps.remove_port(m)?;
             }
-            c.ports.retain(|p| !spec.mappings.contains(p));
+            c.ports.retain(|p| !gone.contains(p));
             store.save(&state)?;
-            ctx.emit(&spec.mappings, || {
-                spec.mappings
-                    .iter()
+            ctx.emit(&gone, || {
+                gone.iter()
                     .map(|m| format!("{name}: unpublished {m}"))
                     .collect::<Vec<_>>()
                     .join("\n")
