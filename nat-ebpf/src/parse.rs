@@ -140,8 +140,8 @@ pub fn ipv4(ctx: &TcContext) -> Result<Ip4, Reason> {
     }
     match h.proto {
         PROTO_TCP => {
-            // sport, dport, seq, ack, doff/flags: 14 bytes cover the flags byte.
-            let t = ptr_at::<[u8; 14]>(ctx, p.l4_off).ok_or(Reason::DropTruncated)?;
+            // The whole fixed header: the checksum a rewrite updates is at offset 16.
+            let t = ptr_at::<[u8; 20]>(ctx, p.l4_off).ok_or(Reason::DropTruncated)?;
             // SAFETY: bounds checked by `ptr_at`.
             let t = unsafe { *t };
             p.sport = [t[0], t[1]];
@@ -149,15 +149,15 @@ pub fn ipv4(ctx: &TcContext) -> Result<Ip4, Reason> {
             p.tcp_flags = t[13];
         }
         PROTO_UDP => {
-            let u = ptr_at::<[u8; 4]>(ctx, p.l4_off).ok_or(Reason::DropTruncated)?;
+            let u = ptr_at::<[u8; 8]>(ctx, p.l4_off).ok_or(Reason::DropTruncated)?;
             // SAFETY: bounds checked by `ptr_at`.
             let u = unsafe { *u };
             p.sport = [u[0], u[1]];
             p.dport = [u[2], u[3]];
         }
         PROTO_ICMP => {
-            // type, code, checksum, id.
-            let i = ptr_at::<[u8; 6]>(ctx, p.l4_off).ok_or(Reason::DropTruncated)?;
+            // type, code, checksum, id, sequence.
+            let i = ptr_at::<[u8; 8]>(ctx, p.l4_off).ok_or(Reason::DropTruncated)?;
             // SAFETY: bounds checked by `ptr_at`.
             let i = unsafe { *i };
             p.icmp_type = i[0];

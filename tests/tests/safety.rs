@@ -1,0 +1,209 @@
+//! What a container or an outside host must not be able to do, with real packets: spoofed
+//! frames written on a raw socket, IP options, truncated headers, unpublished addresses.
+
+use std::{net::Ipv4Addr, os::fd::AsRawFd as _, process::Command, time::Duration};
+
+use bpfnat_tests::{
+    EXT_ADDR, NODE_ADDR, counter, json, lab_up,
+    packet::{self, PROTO_UDP},
+    traffic, v4,
+};
+
+const WINDOW: Duration = Duration::from_secs(5);
+
+struct Box1 {
+    ns: std::path::PathBuf,
+    ip: Ipv4Addr,
+    mac: [u8; 6],
+    gw_mac: [u8; 6],
+}
+
+fn container(lab: &bpfnat_tests::Lab, short: &str) -> Box1 {
+    let name = lab.name(short);
+    lab.ok(&["container", "add", &name]).unwrap();
+    let list = json(lab, &["container", "list"]);
+    let c = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap();
+    let mac = |k: &str| -> [u8; 6] {
+        let v: Vec<u8> = c[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect();
+        v.try_into().unwrap()
+    };
+    Box1 {
+        ns: lab.container_ns(&name),
+        ip: c["ip"].as_str().unwrap().parse().unwrap(),
+        mac: mac("mac"),
+        gw_mac: mac("host_mac"),
+    }
+}
+
+/// Write `frame` as it is on the container's eth0 (AF_PACKET), bypassing its IP stack.
+fn send_raw(c: &Box1, frame: Vec<u8>) {
+    bpfnat::netns::run_in(&c.ns, move || {
+        // SAFETY: plain socket syscalls on a descriptor owned by this closure.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(fd >= 0, "AF_PACKET socket");
+            let sock = std::os::fd::OwnedFd::from_raw_fd_checked(fd);
+            let ifindex = libc::if_nametoindex(c"eth0".as_ptr());
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = ifindex as i32;
+            addr.sll_halen = 6;
+            addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+            let n = libc::sendto(
+                sock.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const addr).cast(),
+                size_of::<libc::sockaddr_ll>() as u32,
+            );
+            assert_eq!(n, frame.len() as isize, "raw send");
+        }
+        Ok(())
+    })
+    .unwrap();
+}
+
+trait FromRawChecked {
+    fn from_raw_fd_checked(fd: i32) -> Self;
+}
+impl FromRawChecked for std::os::fd::OwnedFd {
+    fn from_raw_fd_checked(fd: i32) -> Self {
+        use std::os::fd::FromRawFd as _;
+        // SAFETY: `fd` was just returned by socket() and is owned by nobody else.
+        unsafe { Self::from_raw_fd(fd) }
+    }
+}
+
+#[test]
+fn a_container_cannot_send_with_another_address_or_mac() {
+    let lab = lab_up("spoof");
+    let c = container(&lab, "c");
+    let _victim = container(&lab, "v");
+    let echo = traffic::udp_echo(&lab.ext, v4(EXT_ADDR, 7777), 10, WINDOW).unwrap();
+    let udp = |src: Ipv4Addr| packet::udp(src, EXT_ADDR, 5555, 7777, true);
+
+    // Honest frame first: proves the raw path itself reaches the external host.
+    send_raw(
+        &c,
+        packet::frame(c.mac, c.gw_mac, c.ip, EXT_ADDR, PROTO_UDP, &udp(c.ip)),
+    );
+    // Another container's address, an address nobody has, and a forged MAC.
+    let victim = Ipv4Addr::new(10, 88, 0, 3);
+    send_raw(
+        &c,
+        packet::frame(c.mac, c.gw_mac, victim, EXT_ADDR, PROTO_UDP, &udp(victim)),
+    );
+    let nobody = Ipv4Addr::new(10, 88, 9, 9);
+    send_raw(
+        &c,
+        packet::frame(c.mac, c.gw_mac, nobody, EXT_ADDR, PROTO_UDP, &udp(nobody)),
+    );
+    let forged = [0x02, 0x42, 10, 88, 0, 3];
+    send_raw(
+        &c,
+        packet::frame(forged, c.gw_mac, c.ip, EXT_ADDR, PROTO_UDP, &udp(c.ip)),
+    );
+
+    let seen = echo.join().unwrap();
+    assert_eq!(seen.len(), 1, "only the honest datagram arrives: {seen:?}");
+    assert_eq!(seen[0].ip(), NODE_ADDR);
+    assert_eq!(counter(&lab, "drop_spoof"), 3);
+}
+
+#[test]
+fn truncated_headers_are_dropped_and_counted() {
+    let lab = lab_up("trunc");
+    let c = container(&lab, "c");
+    let good = packet::frame(
+        c.mac,
+        c.gw_mac,
+        c.ip,
+        EXT_ADDR,
+        PROTO_UDP,
+        &packet::udp(c.ip, EXT_ADDR, 5555, 7777, true),
+    );
+    // IPv4 header claims 60 bytes of options that are not there.
+    let mut bad_ihl = good[..14 + 24].to_vec();
+    bad_ihl[14] = 0x4f;
+    send_raw(&c, bad_ihl);
+    // UDP header cut short.
+    send_raw(&c, good[..14 + 20 + 4].to_vec());
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(counter(&lab, "drop_truncated"), 2);
+    assert!(
+        json(&lab, &["conntrack", "list"])
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn packets_with_ip_options_are_translated_correctly() {
+    let lab = lab_up("ipopts");
+    let c = container(&lab, "c");
+    let echo = traffic::udp_echo(&lab.ext, v4(EXT_ADDR, 7777), 1, Duration::from_secs(10)).unwrap();
+    let reply = bpfnat::netns::run_in(&c.ns, || {
+        let sock = std::net::UdpSocket::bind(v4(Ipv4Addr::UNSPECIFIED, 46000))?;
+        // Four NOP options: the IPv4 header grows to 24 bytes.
+        let opts = [1u8, 1, 1, 1];
+        // SAFETY: setsockopt with a valid buffer and length.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_OPTIONS,
+                opts.as_ptr().cast(),
+                4,
+            )
+        };
+        assert_eq!(rc, 0, "IP_OPTIONS");
+        sock.set_read_timeout(Some(Duration::from_secs(2)))?;
+        sock.send_to(b"opts", v4(EXT_ADDR, 7777))?;
+        let mut buf = [0u8; 256];
+        let (n, _) = sock.recv_from(&mut buf)?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })
+    .unwrap();
+    assert_eq!(reply, format!("{NODE_ADDR}:46000 opts"));
+    assert_eq!(echo.join().unwrap().len(), 1);
+}
+
+#[test]
+fn container_addresses_are_not_reachable_from_outside() {
+    let lab = lab_up("noroute");
+    let c = container(&lab, "c");
+    // The outside host routes the container subnet at the node, as a neighbour could.
+    let mut r = Command::new("ip");
+    r.args([
+        "route",
+        "add",
+        "10.88.0.0/16",
+        "via",
+        &NODE_ADDR.to_string(),
+    ]);
+    bpfnat::netns::command_in(&mut r, &lab.ext).unwrap();
+    assert!(r.status().unwrap().success());
+    let srv = traffic::http_server(
+        &c.ns,
+        v4(Ipv4Addr::UNSPECIFIED, 22),
+        "c",
+        1,
+        Duration::from_secs(4),
+    )
+    .unwrap();
+    assert!(traffic::http_get(&lab.ext, v4(c.ip, 22)).is_err());
+    assert!(srv.join().unwrap().is_empty());
+    assert!(counter(&lab, "drop_not_published") >= 1);
+}
