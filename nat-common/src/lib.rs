@@ -20,6 +20,7 @@ pub mod map_names {
     pub const PORTS: &str = "ports";
     pub const CONNTRACK: &str = "conntrack";
     pub const STATS: &str = "stats";
+    pub const STATIC_NAT: &str = "static_nat";
 }
 
 /// Program names in the eBPF object.
@@ -34,6 +35,7 @@ pub mod prog_names {
 pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
 pub const ENDPOINTS_MAX_ENTRIES: u32 = 65_536;
 pub const PORTS_MAX_ENTRIES: u32 = 262_144;
+pub const STATIC_NAT_MAX_ENTRIES: u32 = 8_192;
 
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
@@ -62,7 +64,9 @@ pub struct Config {
     pub port_min: u16,
     /// Last port MASQUERADE may allocate (host order, inclusive).
     pub port_max: u16,
-    pub _pad: [u8; 4],
+    /// MAC address of the uplink: ARP for static NAT addresses is answered with it.
+    pub uplink_mac: [u8; 6],
+    pub _pad: [u8; 6],
 }
 
 /// Endpoint flag: the entry is a container attached to this node.
@@ -80,6 +84,23 @@ pub struct Endpoint {
     pub mac: [u8; 6],
     /// MAC address of the host-side veth; ARP for the gateway is answered with it.
     pub host_mac: [u8; 6],
+}
+
+/// `StaticNat::kind`: the key is the external address, `peer` the container's.
+pub const STATIC_EXTERNAL: u8 = 1;
+/// `StaticNat::kind`: the key is the container's address, `peer` the external one.
+pub const STATIC_INTERNAL: u8 = 2;
+
+/// `static_nat` hash map value, keyed by an IPv4 address (`[u8; 4]`, network order). A 1:1
+/// mapping has two entries, one per direction, so either side is one lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct StaticNat {
+    /// The address on the other side of the mapping, network order.
+    pub peer: [u8; 4],
+    /// `STATIC_EXTERNAL` or `STATIC_INTERNAL`.
+    pub kind: u8,
+    pub _pad: [u8; 3],
 }
 
 /// `ports` hash map key: a published port. `host_addr` all zero means every node address.
@@ -389,10 +410,12 @@ pub enum Reason {
     Deliver = 21,
     /// A new hairpin connection (container to a published port on a node address).
     HairpinNew = 22,
+    /// Translated by a static 1:1 NAT mapping.
+    StaticNat = 23,
 }
 
 /// Number of `Reason` slots in the `stats` array.
-pub const REASON_COUNT: u32 = 23;
+pub const REASON_COUNT: u32 = 24;
 
 impl Reason {
     /// Every reason with its stable name, in index order.
@@ -420,6 +443,7 @@ impl Reason {
         (Self::DropNotPublished, "drop_not_published"),
         (Self::Deliver, "deliver"),
         (Self::HairpinNew, "hairpin_new"),
+        (Self::StaticNat, "static_nat"),
     ];
 }
 
@@ -433,7 +457,7 @@ pub struct Counter {
 
 #[cfg(feature = "user")]
 mod user {
-    use super::{Config, Counter, CtEntry, CtKey, Endpoint, PortKey, PortTarget};
+    use super::{Config, Counter, CtEntry, CtKey, Endpoint, PortKey, PortTarget, StaticNat};
 
     // SAFETY: every type is `#[repr(C)]`, `bytemuck::Pod` (no padding, any bit pattern valid).
     unsafe impl aya::Pod for Config {}
@@ -443,6 +467,7 @@ mod user {
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for StaticNat {}
 }
 
 #[cfg(test)]
@@ -472,7 +497,8 @@ mod tests {
         assert_eq!(size_of::<PortKey>(), 8);
         assert_eq!(size_of::<PortTarget>(), 12);
         assert_eq!(size_of::<Endpoint>(), 20);
-        assert_eq!(size_of::<Config>(), 32);
+        assert_eq!(size_of::<Config>(), 40);
+        assert_eq!(size_of::<StaticNat>(), 8);
     }
 
     #[test]

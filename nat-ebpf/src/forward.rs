@@ -7,10 +7,17 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
-use nat_common::{Config, Endpoint, Reason};
+use nat_common::{Config, Endpoint, Reason, STATIC_EXTERNAL, StaticNat};
 use network_types::{arp::ArpHdr, eth::EthHdr};
 
-use crate::{TC_ACT_OK, maps::ENDPOINTS, nat::dec_ttl, parse, parse::Ip4, stats::count};
+use crate::{
+    TC_ACT_OK,
+    maps::{ENDPOINTS, STATIC_NAT},
+    nat::dec_ttl,
+    parse,
+    parse::Ip4,
+    stats::count,
+};
 
 const AF_INET: u8 = 2;
 const ARP_REQUEST: u16 = 1;
@@ -68,7 +75,14 @@ pub fn arp_reply(
     } else {
         return Err(Reason::DropArpUnknown);
     };
-    let mut reply = arp;
+    answer_arp(ctx, &arp, mac, ifindex)
+}
+
+/// Turn the ARP request in the packet into the reply "`arp.tpa` is at `mac`" and send it back
+/// out of `ifindex`, where it came from.
+#[inline(always)]
+fn answer_arp(ctx: &TcContext, arp: &ArpHdr, mac: [u8; 6], ifindex: u32) -> Result<i32, Reason> {
+    let mut reply = *arp;
     reply.set_oper(ARP_REPLY);
     reply.sha = mac;
     reply.spa = arp.tpa;
@@ -84,8 +98,31 @@ pub fn arp_reply(
     };
     ctx.store(0, &frame, 0).map_err(|_| Reason::DropHelper)?;
     count(Reason::ArpReply, ctx.len());
-    // SAFETY: plain helper call; egress of the veth the request came in on = back to the container.
+    // SAFETY: plain helper call; egress of the interface the request came in on.
     Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+}
+
+/// On the uplink: answer ARP for the external addresses of static NAT mappings with the
+/// uplink's MAC; everything else is the node's.
+#[inline(always)]
+pub fn uplink_arp(ctx: &TcContext, cfg: &Config, ifindex: u32) -> Result<i32, Reason> {
+    if let Some(arp) = parse::arp(ctx)
+        && arp.oper() == ARP_REQUEST
+        && arp.hlen == 6
+        && arp.plen == 4
+        && static_nat(&arp.tpa).is_some_and(|s| s.kind == STATIC_EXTERNAL)
+    {
+        return answer_arp(ctx, &arp, cfg.uplink_mac, ifindex);
+    }
+    count(Reason::Pass, ctx.len());
+    Ok(TC_ACT_OK)
+}
+
+/// The static NAT entry for `addr`, if any.
+#[inline(always)]
+pub fn static_nat(addr: &[u8; 4]) -> Option<StaticNat> {
+    // SAFETY: the value is copied out at once.
+    unsafe { STATIC_NAT.get(addr).copied() }
 }
 
 /// Deliver `p` into the container behind `ep`, straight into its namespace.

@@ -2,7 +2,10 @@
 //! from outside (TC ingress of the uplink). Each returns a TC action or the drop reason.
 
 use aya_ebpf::programs::TcContext;
-use nat_common::{CFG_MASQUERADE, Config, PROTO_TCP, PROTO_UDP, PortKey, PortTarget, Reason};
+use nat_common::{
+    CFG_MASQUERADE, Config, PROTO_TCP, PROTO_UDP, PortKey, PortTarget, Reason, STATIC_EXTERNAL,
+    STATIC_INTERNAL,
+};
 
 use crate::{
     TC_ACT_OK,
@@ -93,12 +96,23 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
     }
     let (rc, fib) = forward::fib(ctx, &p, ifindex);
     let leaves_by_uplink = forward::fib_forwards(rc) && fib.ifindex == cfg.uplink_ifindex;
-    if !leaves_by_uplink || cfg.flags & CFG_MASQUERADE == 0 {
+    if !leaves_by_uplink {
         // F6 (the node's own addresses) and anything routed elsewhere: the stack decides.
         return pass(ctx);
     }
     if p.ttl <= 1 {
         // Let the kernel answer with ICMP time exceeded.
+        return pass(ctx);
+    }
+    if let Some(s) = forward::static_nat(&p.src)
+        && s.kind == STATIC_INTERNAL
+    {
+        // F8: the container's own external address, for every protocol and fragment.
+        nat::set_src(ctx, &mut p, s.peer)?;
+        count(Reason::StaticNat, ctx.len());
+        return forward::route(ctx, &mut p, ifindex, Some((rc, fib)));
+    }
+    if cfg.flags & CFG_MASQUERADE == 0 {
         return pass(ctx);
     }
     if p.frag {
@@ -161,14 +175,31 @@ fn published(ctx: &TcContext, p: &parse::Ip4, ifindex: u32) -> Option<PortTarget
 pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
     let cfg = config()?;
     let ifindex = ifindex(ctx);
-    let Some((L3::Ipv4, _)) = parse::l3(ctx) else {
-        return pass(ctx);
-    };
+    match parse::l3(ctx) {
+        Some((L3::Ipv4, _)) => {}
+        Some((L3::Arp, _)) => return forward::uplink_arp(ctx, &cfg, ifindex),
+        _ => return pass(ctx),
+    }
     let Ok(mut p) = parse::ipv4(ctx) else {
         // Malformed: not ours to judge; the stack drops what it cannot parse.
         return pass(ctx);
     };
+    if let Some(s) = forward::static_nat(&p.dst)
+        && s.kind == STATIC_EXTERNAL
+    {
+        // F8: everything for the external address goes to its container.
+        if p.ttl <= 1 {
+            return Err(Reason::DropTtl);
+        }
+        nat::set_dst(ctx, &mut p, s.peer)?;
+        count(Reason::StaticNat, ctx.len());
+        let ep = endpoint(&p.dst).ok_or(Reason::DropNoEndpoint)?;
+        return forward::to_endpoint(ctx, &mut p, &ep, true, Reason::Deliver);
+    }
     if !p.is_trackable() {
+        if parse::in_subnet(p.dst, cfg.subnet_addr, cfg.subnet_mask) {
+            return Err(Reason::DropNotPublished);
+        }
         return pass(ctx);
     }
 

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use nat_common::{
     CONNTRACK_MAX_ENTRIES, Config, Counter, CtEntry, CtKey, ENDPOINTS_MAX_ENTRIES, Endpoint,
-    PORTS_MAX_ENTRIES, PortKey, PortTarget, REASON_COUNT,
+    PORTS_MAX_ENTRIES, PortKey, PortTarget, REASON_COUNT, STATIC_NAT_MAX_ENTRIES, StaticNat,
 };
 
 #[btf_map(name = "config")]
@@ -32,3 +32,8 @@ pub static STATS: PerCpuArray<Counter, { REASON_COUNT as usize }> = PerCpuArray:
 /// Per-CPU scratch space for values too large for the shared 512-byte stack.
 #[btf_map(name = "scratch")]
 pub static SCRATCH: PerCpuArray<CtEntry, 1> = PerCpuArray::new();
+
+/// Static 1:1 NAT: address → the other side of its mapping (two entries per mapping).
+#[btf_map(name = "static_nat")]
+pub static STATIC_NAT: HashMap<[u8; 4], StaticNat, { STATIC_NAT_MAX_ENTRIES as usize }> =
+    HashMap::new();

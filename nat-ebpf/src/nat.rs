@@ -109,6 +109,22 @@ pub fn apply(ctx: &TcContext, p: &mut Ip4, e: &CtEntry) -> Result<(), Reason> {
     Ok(())
 }
 
+/// Static 1:1 NAT: rewrite only the source or the destination address, whatever the
+/// protocol (ports, ICMP ids and fragments stay as they are).
+#[inline(always)]
+pub fn set_src(ctx: &TcContext, p: &mut Ip4, new: [u8; 4]) -> Result<(), Reason> {
+    set_addr(ctx, p, IP_SRC_OFF, p.src, new)?;
+    p.src = new;
+    Ok(())
+}
+
+#[inline(always)]
+pub fn set_dst(ctx: &TcContext, p: &mut Ip4, new: [u8; 4]) -> Result<(), Reason> {
+    set_addr(ctx, p, IP_DST_OFF, p.dst, new)?;
+    p.dst = new;
+    Ok(())
+}
+
 /// Decrement the TTL of a routed packet. Callers hand packets with TTL <= 1 to the stack
 /// beforehand, so that the kernel answers with ICMP time exceeded.
 #[inline(always)]

@@ -76,6 +76,8 @@ pub struct Ip4 {
     pub icmp_type: u8,
     /// Part of a fragmented datagram (MF set or a non-zero offset).
     pub frag: bool,
+    /// The L4 header is in this packet (not a non-first fragment).
+    pub l4_present: bool,
     /// Offset of the L4 header (Ethernet + IP header with options).
     pub l4_off: usize,
     pub tot_len: u16,
@@ -132,6 +134,7 @@ pub fn ipv4(ctx: &TcContext) -> Result<Ip4, Reason> {
         tcp_flags: 0,
         icmp_type: 0,
         frag: more_fragments || offset != 0,
+        l4_present: offset == 0,
         l4_off: IP_OFF + ihl,
         tot_len: u16::from_be_bytes(h.tot_len),
     };
@@ -175,6 +178,9 @@ pub fn ipv4(ctx: &TcContext) -> Result<Ip4, Reason> {
 /// Offset of the L4 checksum field, and whether it covers the pseudo-header.
 #[inline(always)]
 pub fn l4_csum_off(p: &Ip4) -> Option<(usize, bool)> {
+    if !p.l4_present {
+        return None;
+    }
     match p.proto {
         PROTO_TCP => Some((p.l4_off + 16, true)),
         PROTO_UDP => Some((p.l4_off + 6, true)),

@@ -31,6 +31,8 @@ pub struct Node {
     /// ifindex of the interface that holds the gateway address.
     pub gateway_ifindex: u32,
     pub gateway_if: String,
+    /// The uplink's MAC (ARP answers for static NAT addresses).
+    pub uplink_mac: [u8; 6],
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,10 +50,19 @@ pub struct Container {
     pub sysctls: Vec<(String, String)>,
 }
 
+/// A static 1:1 NAT mapping (`bpfnat nat add`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StaticMapping {
+    pub external: Ipv4Addr,
+    pub internal: Ipv4Addr,
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct State {
     pub node: Option<Node>,
     pub containers: BTreeMap<String, Container>,
+    #[serde(default)]
+    pub static_nat: Vec<StaticMapping>,
     /// Last generation handed to a port mapping.
     pub generation: u32,
 }

@@ -3,6 +3,7 @@
 mod conntrack;
 mod container;
 mod demo;
+mod nat;
 mod port;
 mod stats;
 mod up;
@@ -15,6 +16,7 @@ use serde::Serialize;
 
 pub use conntrack::ConntrackCmd;
 pub use container::ContainerCmd;
+pub use nat::NatCmd;
 pub use port::PortCmd;
 pub use up::UpArgs;
 
@@ -60,6 +62,9 @@ pub enum Command {
     /// Publish and unpublish container ports (`docker -p`).
     #[command(subcommand)]
     Port(PortCmd),
+    /// Static 1:1 NAT: an external address that belongs to one container, both ways.
+    #[command(subcommand)]
+    Nat(NatCmd),
     /// Inspect and manage tracked connections.
     #[command(subcommand)]
     Conntrack(ConntrackCmd),
@@ -119,6 +124,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Command::Status => up::status(&ctx).await,
             Command::Container(c) => container::run(&ctx, c).await,
             Command::Port(c) => port::run(&ctx, c),
+            Command::Nat(c) => nat::run(&ctx, c),
             Command::Conntrack(c) => conntrack::run(&ctx, c),
             Command::Stats => stats::run(&ctx),
             Command::Demo => unreachable!("handled above"),

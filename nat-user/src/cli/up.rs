@@ -66,7 +66,8 @@ pub fn config_of(node: &Node) -> Config {
         subnet_mask: subnet.mask().octets(),
         port_min: node.port_min,
         port_max: node.port_max,
-        _pad: [0; 4],
+        uplink_mac: node.uplink_mac,
+        _pad: [0; 6],
     }
 }
 
@@ -119,6 +120,7 @@ pub async fn up(ctx: &Ctx, a: UpArgs) -> Result<()> {
         port_max: a.port_range.max,
         gateway_ifindex: 0,
         gateway_if: GATEWAY_IF.to_owned(),
+        uplink_mac: uplink.mac,
     };
     if let Some(old) = &state.node {
         let same = Node {
@@ -219,6 +221,7 @@ pub async fn down(ctx: &Ctx) -> Result<()> {
     }
     teardown(ctx, &nl).await?;
     state.node = None;
+    state.static_nat.clear();
     store.save(&state)?;
     if state.containers.is_empty() {
         store.clear()?;

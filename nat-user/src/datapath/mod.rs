@@ -25,8 +25,8 @@ use aya::{
     programs::{SchedClassifier, TcAttachType, links::FdLink},
 };
 use nat_common::{
-    Config, Counter, CtEntry, CtKey, Endpoint, PIN_VERSION, PortKey, PortTarget, Reason, map_names,
-    prog_names,
+    Config, Counter, CtEntry, CtKey, Endpoint, PIN_VERSION, PortKey, PortTarget, Reason,
+    STATIC_EXTERNAL, STATIC_INTERNAL, StaticNat, map_names, prog_names,
 };
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 
@@ -36,12 +36,13 @@ use crate::spec::PortMapping;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nat"));
 
-const MAPS: [&str; 5] = [
+const MAPS: [&str; 6] = [
     map_names::CONFIG,
     map_names::ENDPOINTS,
     map_names::PORTS,
     map_names::CONNTRACK,
     map_names::STATS,
+    map_names::STATIC_NAT,
 ];
 const PROGS: [&str; 2] = [prog_names::TC_CONTAINER, prog_names::TC_UPLINK];
 
@@ -130,6 +131,7 @@ fn expected(name: &str) -> (MapType, usize, usize) {
         map_names::ENDPOINTS => (MapType::Hash, 4, size_of::<Endpoint>()),
         map_names::PORTS => (MapType::Hash, size_of::<PortKey>(), size_of::<PortTarget>()),
         map_names::CONNTRACK => (MapType::LruHash, size_of::<CtKey>(), size_of::<CtEntry>()),
+        map_names::STATIC_NAT => (MapType::Hash, 4, size_of::<StaticNat>()),
         _ => (MapType::PerCpuArray, 4, size_of::<Counter>()),
     }
 }
@@ -266,6 +268,7 @@ pub struct Maps {
     ports: HashMap<MapData, PortKey, PortTarget>,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
     stats: PerCpuArray<MapData, Counter>,
+    static_nat: HashMap<MapData, [u8; 4], StaticNat>,
     conntrack_max: u32,
 }
 
@@ -294,6 +297,7 @@ impl Maps {
             ports: open_map(pins, map_names::PORTS)?.try_into()?,
             conntrack: open_map(pins, map_names::CONNTRACK)?.try_into()?,
             stats: open_map(pins, map_names::STATS)?.try_into()?,
+            static_nat: open_map(pins, map_names::STATIC_NAT)?.try_into()?,
             conntrack_max: MapInfo::from_pin(pins.map(map_names::CONNTRACK))
                 .context("inspect conntrack map")?
                 .max_entries(),
@@ -350,6 +354,38 @@ impl Maps {
             .iter()
             .map(|r| r.context("read ports map"))
             .collect()
+    }
+
+    /// Map `external` to `internal` one to one, both ways.
+    pub fn put_static_nat(&mut self, external: Ipv4Addr, internal: Ipv4Addr) -> Result<()> {
+        let ext = StaticNat {
+            peer: internal.octets(),
+            kind: STATIC_EXTERNAL,
+            _pad: [0; 3],
+        };
+        let int = StaticNat {
+            peer: external.octets(),
+            kind: STATIC_INTERNAL,
+            _pad: [0; 3],
+        };
+        self.static_nat
+            .insert(external.octets(), ext, 0)
+            .with_context(|| format!("write static NAT {external}"))?;
+        if let Err(e) = self.static_nat.insert(internal.octets(), int, 0) {
+            let _ = self.static_nat.remove(&external.octets());
+            return Err(anyhow!(e).context(format!("write static NAT {internal}")));
+        }
+        Ok(())
+    }
+
+    pub fn remove_static_nat(&mut self, external: Ipv4Addr, internal: Ipv4Addr) -> Result<()> {
+        for a in [external, internal] {
+            match self.static_nat.remove(&a.octets()) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(anyhow!(e).context(format!("remove static NAT {a}"))),
+            }
+        }
+        Ok(())
     }
 
     pub fn stats(&self) -> Result<Vec<Stat>> {

@@ -1,0 +1,110 @@
+//! `bpfnat nat add / del / list`: static 1:1 NAT (seed 001's `routerns`: DNAT of an external
+//! address to one container plus SNAT of that container back to it).
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Result, anyhow, bail};
+use clap::Subcommand;
+
+use super::{Ctx, table, up::require_node};
+use crate::{datapath::Maps, net::Cidr, state::StaticMapping};
+
+#[derive(Subcommand, Debug)]
+pub enum NatCmd {
+    /// Map an external address to a container address, both ways. The node answers ARP for
+    /// the external address on the uplink.
+    Add {
+        #[arg(long)]
+        external: Ipv4Addr,
+        #[arg(long)]
+        internal: Ipv4Addr,
+    },
+    /// Remove the mapping of an external address.
+    Del {
+        #[arg(long)]
+        external: Ipv4Addr,
+    },
+    /// List static mappings.
+    List,
+}
+
+pub fn run(ctx: &Ctx, cmd: NatCmd) -> Result<()> {
+    let store = ctx.store()?;
+    let mut state = store.load()?;
+    match cmd {
+        NatCmd::Add { external, internal } => {
+            let node = require_node(&state)?;
+            let subnet = Cidr {
+                addr: node.subnet,
+                prefix: node.prefix_len,
+            };
+            if subnet.contains(external) {
+                bail!("external address {external} is inside the container subnet {subnet}");
+            }
+            if external == node.snat_ip || external.is_loopback() || external.is_unspecified() {
+                bail!(
+                    "external address {external} cannot be mapped (it is the node's own or not unicast)"
+                );
+            }
+            if !subnet.contains(internal)
+                || internal == node.gateway
+                || internal == subnet.broadcast()
+                || internal == subnet.addr
+            {
+                bail!("internal address {internal} is not a container address of {subnet}");
+            }
+            if let Some(m) = state
+                .static_nat
+                .iter()
+                .find(|m| m.external == external || m.internal == internal)
+            {
+                bail!("{} is already mapped to {}", m.external, m.internal);
+            }
+            let m = StaticMapping { external, internal };
+            Maps::open(&ctx.pins)?.put_static_nat(external, internal)?;
+            state.static_nat.push(m);
+            store.save(&state)?;
+            let owner = state
+                .containers
+                .values()
+                .find(|c| c.ip == internal)
+                .map(|c| c.name.clone());
+            ctx.emit(&m, || match owner {
+                Some(name) => format!("{external} <-> {internal} (container {name})"),
+                None => format!("{external} <-> {internal} (no container has {internal} yet)"),
+            })
+        }
+        NatCmd::Del { external } => {
+            let i = state
+                .static_nat
+                .iter()
+                .position(|m| m.external == external)
+                .ok_or_else(|| anyhow!("{external} has no static NAT mapping"))?;
+            let m = state.static_nat[i];
+            Maps::open(&ctx.pins)?.remove_static_nat(m.external, m.internal)?;
+            state.static_nat.remove(i);
+            store.save(&state)?;
+            ctx.emit(&m, || format!("removed {} <-> {}", m.external, m.internal))
+        }
+        NatCmd::List => ctx.emit(&state.static_nat, || {
+            table(
+                &["EXTERNAL", "INTERNAL", "CONTAINER"],
+                &state
+                    .static_nat
+                    .iter()
+                    .map(|m| {
+                        vec![
+                            m.external.to_string(),
+                            m.internal.to_string(),
+                            state
+                                .containers
+                                .values()
+                                .find(|c| c.ip == m.internal)
+                                .map_or_else(|| "-".to_owned(), |c| c.name.clone()),
+                        ]
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        }),
+    }
+}
