@@ -21,6 +21,7 @@ pub mod map_names {
     pub const CONNTRACK: &str = "conntrack";
     pub const STATS: &str = "stats";
     pub const STATIC_NAT: &str = "static_nat";
+    pub const SOCK_RNAT: &str = "sock_rnat";
 }
 
 /// Program names in the eBPF object.
@@ -29,6 +30,14 @@ pub mod prog_names {
     pub const TC_CONTAINER: &str = "tc_container";
     /// TC ingress of the uplink: everything that arrives from outside.
     pub const TC_UPLINK: &str = "tc_uplink";
+    /// cgroup `connect4`: node processes connecting to a published port.
+    pub const SOCK_CONNECT4: &str = "sock_connect4";
+    /// cgroup `sendmsg4`: unconnected UDP sends to a published port.
+    pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
+    /// cgroup `recvmsg4`: replies shown as coming from the published address.
+    pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
+    /// cgroup `getpeername4`: the peer shown as the published address.
+    pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
 }
 
 /// Default size of the conntrack table (entries; two per connection).
@@ -36,6 +45,7 @@ pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
 pub const ENDPOINTS_MAX_ENTRIES: u32 = 65_536;
 pub const PORTS_MAX_ENTRIES: u32 = 262_144;
 pub const STATIC_NAT_MAX_ENTRIES: u32 = 8_192;
+pub const SOCK_RNAT_MAX_ENTRIES: u32 = 65_536;
 
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
@@ -56,6 +66,9 @@ pub struct Config {
     pub snat_addr: [u8; 4],
     /// Virtual gateway address of the container subnet (network order).
     pub gateway_addr: [u8; 4],
+    /// The node's own address on the uplink (network order): host processes reach published
+    /// ports on it, on 127.0.0.0/8 and on the gateway address.
+    pub node_addr: [u8; 4],
     /// Container subnet base address (network order).
     pub subnet_addr: [u8; 4],
     /// Container subnet mask (network order), e.g. `[255,255,0,0]`.
@@ -66,7 +79,10 @@ pub struct Config {
     pub port_max: u16,
     /// MAC address of the uplink: ARP for static NAT addresses is answered with it.
     pub uplink_mac: [u8; 6],
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Cookie of the node's network namespace (`SO_NETNS_COOKIE`): the socket programs are
+    /// attached to a cgroup, which spans namespaces, and act only for sockets of this one.
+    pub netns_cookie: u64,
 }
 
 /// Endpoint flag: the entry is a container attached to this node.
@@ -84,6 +100,32 @@ pub struct Endpoint {
     pub mac: [u8; 6],
     /// MAC address of the host-side veth; ARP for the gateway is answered with it.
     pub host_mac: [u8; 6],
+}
+
+/// `sock_rnat` key: a socket whose connect/sendmsg was translated, and the container address
+/// it now talks to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockKey {
+    /// `bpf_get_socket_cookie`.
+    pub cookie: u64,
+    /// Container address, network order.
+    pub addr: [u8; 4],
+    /// Container port, network order.
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+/// `sock_rnat` value: the published address and port the application asked for, shown back
+/// to it by `getpeername` and `recvmsg`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SockOrig {
+    /// Network order.
+    pub addr: [u8; 4],
+    /// Network order.
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
 }
 
 /// `StaticNat::kind`: the key is the external address, `peer` the container's.
@@ -412,10 +454,12 @@ pub enum Reason {
     HairpinNew = 22,
     /// Translated by a static 1:1 NAT mapping.
     StaticNat = 23,
+    /// A node process's connect/sendmsg to a published port, translated at the socket.
+    SockXlate = 24,
 }
 
 /// Number of `Reason` slots in the `stats` array.
-pub const REASON_COUNT: u32 = 24;
+pub const REASON_COUNT: u32 = 25;
 
 impl Reason {
     /// Every reason with its stable name, in index order.
@@ -444,6 +488,7 @@ impl Reason {
         (Self::Deliver, "deliver"),
         (Self::HairpinNew, "hairpin_new"),
         (Self::StaticNat, "static_nat"),
+        (Self::SockXlate, "sock_xlate"),
     ];
 }
 
@@ -457,7 +502,10 @@ pub struct Counter {
 
 #[cfg(feature = "user")]
 mod user {
-    use super::{Config, Counter, CtEntry, CtKey, Endpoint, PortKey, PortTarget, StaticNat};
+    use super::{
+        Config, Counter, CtEntry, CtKey, Endpoint, PortKey, PortTarget, SockKey, SockOrig,
+        StaticNat,
+    };
 
     // SAFETY: every type is `#[repr(C)]`, `bytemuck::Pod` (no padding, any bit pattern valid).
     unsafe impl aya::Pod for Config {}
@@ -468,6 +516,8 @@ mod user {
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for Counter {}
     unsafe impl aya::Pod for StaticNat {}
+    unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for SockOrig {}
 }
 
 #[cfg(test)]
@@ -497,7 +547,7 @@ mod tests {
         assert_eq!(size_of::<PortKey>(), 8);
         assert_eq!(size_of::<PortTarget>(), 12);
         assert_eq!(size_of::<Endpoint>(), 20);
-        assert_eq!(size_of::<Config>(), 40);
+        assert_eq!(size_of::<Config>(), 48);
         assert_eq!(size_of::<StaticNat>(), 8);
     }
 

@@ -12,9 +12,13 @@ mod ingress;
 mod maps;
 mod nat;
 mod parse;
+mod sock;
 mod stats;
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
+};
 
 pub(crate) const TC_ACT_OK: i32 = 0;
 pub(crate) const TC_ACT_SHOT: i32 = 2;
@@ -37,6 +41,30 @@ pub fn tc_container(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn tc_uplink(ctx: TcContext) -> i32 {
     verdict(&ctx, ingress::from_uplink(&ctx))
+}
+
+/// cgroup connect4: node processes connecting to a published port (F4).
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx)
+}
+
+/// cgroup sendmsg4: unconnected UDP sends to a published port (F4).
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx)
+}
+
+/// cgroup recvmsg4: datagrams from the container appear to come from the published address.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
+}
+
+/// cgroup getpeername4: the peer is the published address.
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx)
 }
 
 #[cfg(not(test))]

@@ -7,7 +7,8 @@ use aya_ebpf::{
 };
 use nat_common::{
     CONNTRACK_MAX_ENTRIES, Config, Counter, CtEntry, CtKey, ENDPOINTS_MAX_ENTRIES, Endpoint,
-    PORTS_MAX_ENTRIES, PortKey, PortTarget, REASON_COUNT, STATIC_NAT_MAX_ENTRIES, StaticNat,
+    PORTS_MAX_ENTRIES, PortKey, PortTarget, REASON_COUNT, SOCK_RNAT_MAX_ENTRIES,
+    STATIC_NAT_MAX_ENTRIES, SockKey, SockOrig, StaticNat,
 };
 
 #[btf_map(name = "config")]
@@ -37,3 +38,8 @@ pub static SCRATCH: PerCpuArray<CtEntry, 1> = PerCpuArray::new();
 #[btf_map(name = "static_nat")]
 pub static STATIC_NAT: HashMap<[u8; 4], StaticNat, { STATIC_NAT_MAX_ENTRIES as usize }> =
     HashMap::new();
+
+/// Sockets whose destination the socket programs rewrote: what to show the application back.
+#[btf_map(name = "sock_rnat")]
+pub static SOCK_RNAT: LruHashMap<SockKey, SockOrig, { SOCK_RNAT_MAX_ENTRIES as usize }> =
+    LruHashMap::new();

@@ -33,6 +33,10 @@ pub struct Node {
     pub gateway_if: String,
     /// The uplink's MAC (ARP answers for static NAT addresses).
     pub uplink_mac: [u8; 6],
+    /// The uplink's own address (host processes reach published ports on it).
+    pub node_addr: Ipv4Addr,
+    /// Cookie of the node's network namespace.
+    pub netns_cookie: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

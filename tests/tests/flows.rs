@@ -409,3 +409,62 @@ fn hairpin_reaches_published_ports_from_containers_including_their_own() {
     );
     assert!(counter(&lab, "hairpin_new") >= 2);
 }
+
+#[test]
+fn node_processes_reach_published_ports_on_localhost_and_node_address() {
+    let lab = lab_up("f4");
+    let web = lab.name("web");
+    lab.ok(&[
+        "container",
+        "add",
+        &web,
+        "--ip",
+        "10.88.0.2",
+        "-p",
+        "8080:80",
+        "-p",
+        "127.0.0.1:8081:80",
+        "-p",
+        "5353:53/udp",
+    ])
+    .unwrap();
+    let ns = lab.container_ns(&web);
+    let srv = traffic::http_server(&ns, v4(Ipv4Addr::UNSPECIFIED, 80), "web", 4, WINDOW).unwrap();
+    let localhost = Ipv4Addr::LOCALHOST;
+    for target in [
+        v4(localhost, 8080),
+        v4(NODE_ADDR, 8080),
+        v4(localhost, 8081),
+    ] {
+        let body =
+            traffic::http_get(&lab.node, target).unwrap_or_else(|e| panic!("{target}: {e:#}"));
+        assert!(
+            body.contains("you are 10.88.0.1:"),
+            "{target}: the container sees the node: {body}"
+        );
+    }
+    // The application sees the address it connected to, not the container's.
+    let peer = bpfnat::netns::run_in(&lab.node, move || {
+        let s = std::net::TcpStream::connect(v4(localhost, 8080))?;
+        Ok(s.peer_addr()?)
+    })
+    .unwrap();
+    assert_eq!(peer, v4(localhost, 8080));
+    assert_eq!(srv.join().unwrap().len(), 4);
+
+    // UDP: the reply appears to come from 127.0.0.1:5353 (udp_ask insists on it).
+    let echo = traffic::udp_echo(&ns, v4(Ipv4Addr::UNSPECIFIED, 53), 1, WINDOW).unwrap();
+    let reply = traffic::udp_ask(
+        &lab.node,
+        v4(Ipv4Addr::UNSPECIFIED, 0),
+        v4(localhost, 5353),
+        b"q",
+    )
+    .unwrap();
+    assert!(reply.starts_with("10.88.0.1:"), "{reply}");
+    assert_eq!(echo.join().unwrap().len(), 1);
+    assert!(counter(&lab, "sock_xlate") >= 5);
+
+    // Other namespaces' localhost is theirs: the socket programs act only in the node.
+    assert!(traffic::http_get(&lab.ext, v4(localhost, 8080)).is_err());
+}

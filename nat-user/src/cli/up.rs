@@ -62,12 +62,14 @@ pub fn config_of(node: &Node) -> Config {
         flags: CFG_MASQUERADE,
         snat_addr: node.snat_ip.octets(),
         gateway_addr: node.gateway.octets(),
+        node_addr: node.node_addr.octets(),
         subnet_addr: node.subnet.octets(),
         subnet_mask: subnet.mask().octets(),
         port_min: node.port_min,
         port_max: node.port_max,
         uplink_mac: node.uplink_mac,
-        _pad: [0; 6],
+        _pad: [0; 2],
+        netns_cookie: node.netns_cookie,
     }
 }
 
@@ -94,19 +96,17 @@ pub async fn up(ctx: &Ctx, a: UpArgs) -> Result<()> {
         .link(&a.uplink)
         .await?
         .ok_or_else(|| anyhow!("attach to uplink {}: interface not found", a.uplink))?;
-    let snat_ip = match a.snat_ip {
-        Some(ip) => ip,
-        None => nl
-            .ipv4_addrs(uplink.index)
-            .await?
-            .first()
-            .map(|(ip, _)| *ip)
-            .ok_or_else(|| {
-                anyhow!(
-                    "uplink {} has no IPv4 address to masquerade with: add one or pass --snat-ip",
-                    a.uplink
-                )
-            })?,
+    let uplink_addr = nl
+        .ipv4_addrs(uplink.index)
+        .await?
+        .first()
+        .map(|(ip, _)| *ip);
+    let snat_ip = match (a.snat_ip, uplink_addr) {
+        (Some(ip), _) | (None, Some(ip)) => ip,
+        (None, None) => bail!(
+            "uplink {} has no IPv4 address to masquerade with: add one or pass --snat-ip",
+            a.uplink
+        ),
     };
     let node = Node {
         uplink: a.uplink.clone(),
@@ -121,6 +121,8 @@ pub async fn up(ctx: &Ctx, a: UpArgs) -> Result<()> {
         gateway_ifindex: 0,
         gateway_if: GATEWAY_IF.to_owned(),
         uplink_mac: uplink.mac,
+        node_addr: uplink_addr.unwrap_or(snat_ip),
+        netns_cookie: datapath::netns_cookie()?,
     };
     if let Some(old) = &state.node {
         let same = Node {
@@ -183,6 +185,7 @@ async fn bring_up(
     let mut maps = Maps::open(&ctx.pins)?;
     maps.set_config(&config_of(&node))?;
     datapath::attach(&ctx.pins, Hook::Uplink, &node.uplink)?;
+    datapath::attach_sock(&ctx.pins)?;
     Ok(node)
 }
 

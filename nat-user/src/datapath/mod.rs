@@ -22,11 +22,14 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     EbpfLoader,
     maps::{Array, HashMap, Map, MapData, MapInfo, MapType, PerCpuArray},
-    programs::{SchedClassifier, TcAttachType, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, CgroupSockAddrAttachType, SchedClassifier, TcAttachType,
+        links::FdLink,
+    },
 };
 use nat_common::{
     Config, Counter, CtEntry, CtKey, Endpoint, PIN_VERSION, PortKey, PortTarget, Reason,
-    STATIC_EXTERNAL, STATIC_INTERNAL, StaticNat, map_names, prog_names,
+    STATIC_EXTERNAL, STATIC_INTERNAL, SockKey, SockOrig, StaticNat, map_names, prog_names,
 };
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 
@@ -36,7 +39,8 @@ use crate::spec::PortMapping;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nat"));
 
-const MAPS: [&str; 6] = [
+const MAPS: [&str; 7] = [
+    map_names::SOCK_RNAT,
     map_names::CONFIG,
     map_names::ENDPOINTS,
     map_names::PORTS,
@@ -45,6 +49,26 @@ const MAPS: [&str; 6] = [
     map_names::STATIC_NAT,
 ];
 const PROGS: [&str; 2] = [prog_names::TC_CONTAINER, prog_names::TC_UPLINK];
+
+/// The socket programs for host-local access to published ports, with their hooks.
+const SOCK_PROGS: [(&str, CgroupSockAddrAttachType); 4] = [
+    (
+        prog_names::SOCK_CONNECT4,
+        CgroupSockAddrAttachType::Connect4,
+    ),
+    (
+        prog_names::SOCK_SENDMSG4,
+        CgroupSockAddrAttachType::UDPSendMsg4,
+    ),
+    (
+        prog_names::SOCK_RECVMSG4,
+        CgroupSockAddrAttachType::UDPRecvMsg4,
+    ),
+    (
+        prog_names::SOCK_GETPEERNAME4,
+        CgroupSockAddrAttachType::GetPeerName4,
+    ),
+];
 
 /// Pin locations for one bpfnat instance.
 #[derive(Clone, Debug)]
@@ -75,6 +99,10 @@ impl Pins {
 
     fn link(&self, ifname: &str) -> PathBuf {
         self.root.join("links").join(ifname)
+    }
+
+    fn cgroup_link(&self, prog: &str) -> PathBuf {
+        self.root.join("cgroup-links").join(prog)
     }
 
     /// Whether a datapath is installed here.
@@ -132,6 +160,11 @@ fn expected(name: &str) -> (MapType, usize, usize) {
         map_names::PORTS => (MapType::Hash, size_of::<PortKey>(), size_of::<PortTarget>()),
         map_names::CONNTRACK => (MapType::LruHash, size_of::<CtKey>(), size_of::<CtEntry>()),
         map_names::STATIC_NAT => (MapType::Hash, 4, size_of::<StaticNat>()),
+        map_names::SOCK_RNAT => (
+            MapType::LruHash,
+            size_of::<SockKey>(),
+            size_of::<SockOrig>(),
+        ),
         _ => (MapType::PerCpuArray, 4, size_of::<Counter>()),
     }
 }
@@ -167,7 +200,7 @@ fn check_pinned_maps(pins: &Pins) -> Result<()> {
 /// Load the programs, create (or reuse) and pin the maps, pin the programs.
 pub fn install(pins: &Pins, conntrack_max: u32) -> Result<()> {
     check_pinned_maps(pins)?;
-    for sub in ["maps", "progs", "links"] {
+    for sub in ["maps", "progs", "links", "cgroup-links"] {
         let d = pins.root.join(sub);
         std::fs::create_dir_all(&d).with_context(|| format!("create {}", d.display()))?;
     }
@@ -191,7 +224,86 @@ pub fn install(pins: &Pins, conntrack_max: u32) -> Result<()> {
         prog.pin(&path)
             .with_context(|| format!("pin program {name} at {}", path.display()))?;
     }
+    for (name, _) in SOCK_PROGS {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+            .try_into()
+            .with_context(|| format!("{name} is not a cgroup sock_addr program"))?;
+        prog.load()
+            .with_context(|| format!("load program {name} (verifier)"))?;
+        let path = pins.prog(name);
+        remove_pin(&path)?;
+        prog.pin(&path)
+            .with_context(|| format!("pin program {name} at {}", path.display()))?;
+    }
     Ok(())
+}
+
+/// The root of the cgroup v2 hierarchy (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on a
+/// hybrid layout).
+fn cgroup2_root() -> Result<PathBuf> {
+    let info =
+        std::fs::read_to_string("/proc/self/mountinfo").context("read /proc/self/mountinfo")?;
+    info.lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            (right.split_whitespace().next()? == "cgroup2")
+                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+        })
+        .ok_or_else(|| {
+            anyhow!("no cgroup v2 hierarchy is mounted: host access to published ports needs one (mount -t cgroup2 none /sys/fs/cgroup)")
+        })
+}
+
+/// Attach the socket programs to the root cgroup (they act only for sockets of the node's
+/// namespace, by its cookie in `config`) and pin the links. Replaces earlier links of ours.
+pub fn attach_sock(pins: &Pins) -> Result<()> {
+    let root = cgroup2_root()?;
+    for (name, ty) in SOCK_PROGS {
+        let mut prog = CgroupSockAddr::from_pin(pins.prog(name), ty)
+            .with_context(|| format!("open pinned program {name} (is the datapath up?)"))?;
+        let cg = std::fs::File::open(&root)
+            .with_context(|| format!("open cgroup {}", root.display()))?;
+        let path = pins.cgroup_link(name);
+        remove_pin(&path)?;
+        // With bpf_link (kernel >= 5.7) several programs share a hook whatever the mode, and
+        // the kernel wants the flags empty: `Single` is how aya says so.
+        let id = prog
+            .attach(cg, CgroupAttachMode::Single)
+            .with_context(|| format!("attach {name} to cgroup {}", root.display()))?;
+        let link: FdLink = prog
+            .take_link(id)
+            .context("take the cgroup link")?
+            .try_into()
+            .with_context(|| format!("cgroup link for {name} is not a bpf_link"))?;
+        link.pin(&path)
+            .with_context(|| format!("pin link at {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The cookie of the calling thread's network namespace.
+pub fn netns_cookie() -> Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").context("socket for SO_NETNS_COOKIE")?;
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(anyhow!(io::Error::last_os_error())
+            .context("getsockopt(SO_NETNS_COOKIE) (kernel >= 5.14)"));
+    }
+    Ok(cookie)
 }
 
 /// Remove every pin of this instance (detaching every link).
