@@ -456,10 +456,12 @@ pub enum Reason {
     StaticNat = 23,
     /// A node process's connect/sendmsg to a published port, translated at the socket.
     SockXlate = 24,
+    /// An ICMP error about a tracked connection, translated outside and inside.
+    IcmpError = 25,
 }
 
 /// Number of `Reason` slots in the `stats` array.
-pub const REASON_COUNT: u32 = 25;
+pub const REASON_COUNT: u32 = 26;
 
 impl Reason {
     /// Every reason with its stable name, in index order.
@@ -489,6 +491,7 @@ impl Reason {
         (Self::HairpinNew, "hairpin_new"),
         (Self::StaticNat, "static_nat"),
         (Self::SockXlate, "sock_xlate"),
+        (Self::IcmpError, "icmp_error"),
     ];
 }
 

@@ -11,6 +11,7 @@ use crate::{
     TC_ACT_OK,
     conntrack::{self, now},
     forward::{self, endpoint},
+    icmp,
     maps::{CONFIG, PORTS},
     nat,
     parse::{self, L3},
@@ -59,6 +60,10 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
     // F1: the subnet is one flat L2 segment, as on a bridge: no TTL change.
     if let Some(peer) = endpoint(&p.dst) {
         return forward::to_endpoint(ctx, &mut p, &peer, false, Reason::Forward);
+    }
+
+    if icmp::is_error(&p) && p.ttl > 1 && icmp::translate(ctx, &mut p)? {
+        return deliver(ctx, &mut p, ifindex);
     }
 
     if p.is_trackable()
@@ -195,6 +200,14 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
         count(Reason::StaticNat, ctx.len());
         let ep = endpoint(&p.dst).ok_or(Reason::DropNoEndpoint)?;
         return forward::to_endpoint(ctx, &mut p, &ep, true, Reason::Deliver);
+    }
+    if icmp::is_error(&p) {
+        if p.ttl <= 1 {
+            return Err(Reason::DropTtl);
+        }
+        if icmp::translate(ctx, &mut p)? {
+            return deliver(ctx, &mut p, ifindex);
+        }
     }
     if !p.is_trackable() {
         if parse::in_subnet(p.dst, cfg.subnet_addr, cfg.subnet_mask) {

@@ -20,6 +20,11 @@ use anyhow::{Context as _, Result, bail};
 use crate::{netlink::Netlink, netns};
 
 pub const EXT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+/// In a routed lab: the router's address on the node's link (the node's default gateway).
+pub const ROUTER_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+/// In a routed lab: the external host, behind the router.
+pub const FAR_ADDR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
+const ROUTER_FAR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 pub const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
 pub const UPLINK: &str = "uplink0";
 
@@ -29,6 +34,8 @@ pub struct Lab {
     pub node: PathBuf,
     pub bpffs_dir: PathBuf,
     pub state_dir: PathBuf,
+    /// The router between node and external host, in a routed lab.
+    pub router: Option<PathBuf>,
     bin: PathBuf,
 }
 
@@ -42,22 +49,75 @@ fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
 impl Lab {
     /// Build the lab. `bin` is the bpfnat binary that [`Lab::bpfnat`] runs.
     pub fn new(prefix: &str, bin: &Path) -> Result<Self> {
+        Self::make(prefix, bin, None)
+    }
+
+    /// A routed lab: node ── router ── external host ([`FAR_ADDR`]), where the router's link
+    /// to the external host has MTU `far_mtu`. For ICMP errors (PMTU discovery, traceroute).
+    pub fn with_router(prefix: &str, bin: &Path, far_mtu: u32) -> Result<Self> {
+        Self::make(prefix, bin, Some(far_mtu))
+    }
+
+    fn make(prefix: &str, bin: &Path, far_mtu: Option<u32>) -> Result<Self> {
         let mut lab = Self {
             prefix: prefix.to_owned(),
             ext: netns::path_of(&format!("{prefix}-ext")),
             node: netns::path_of(&format!("{prefix}-node")),
             bpffs_dir: PathBuf::from(format!("/sys/fs/bpf/{prefix}")),
             state_dir: PathBuf::from(format!("/run/bpfnat-{prefix}")),
+            router: far_mtu.map(|_| netns::path_of(&format!("{prefix}-router"))),
             bin: bin.to_owned(),
         };
         // Leftovers of an earlier run that died: start clean.
         lab.cleanup();
-        if let Err(e) = lab.build() {
+        let built = match far_mtu {
+            None => lab.build(),
+            Some(mtu) => lab.build_routed(mtu),
+        };
+        if let Err(e) = built {
             lab.cleanup();
             lab.prefix.clear();
             return Err(e);
         }
         Ok(lab)
+    }
+
+    fn build_routed(&self, far_mtu: u32) -> Result<()> {
+        netns::create(&format!("{}-ext", self.prefix))?;
+        netns::create(&format!("{}-node", self.prefix))?;
+        let router = netns::create(&format!("{}-router", self.prefix))?;
+        netns::set_sysctl(&router, "net.ipv4.ip_forward", "1")?;
+        let (ext, node) = (self.ext.clone(), self.node.clone());
+        block_on(async move {
+            let n = Netlink::in_netns(&node)?;
+            let r = Netlink::in_netns(&router)?;
+            let e = Netlink::in_netns(&ext)?;
+            for h in [&n, &r, &e] {
+                h.lo_up().await?;
+            }
+            n.add_veth(UPLINK, "eth0", &router, [0x02, 0x00, 198, 51, 100, 1], 1500)
+                .await?;
+            r.add_veth("eth1", "eth0", &ext, [0x02, 0x00, 203, 0, 113, 2], 1500)
+                .await?;
+            let up = n.require_link(UPLINK).await?;
+            n.add_addr(up.index, NODE_ADDR, 24).await?;
+            n.set_up(up.index).await?;
+            n.add_default_route(ROUTER_ADDR, up.index).await?;
+            let r0 = r.require_link("eth0").await?;
+            let r1 = r.require_link("eth1").await?;
+            r.add_addr(r0.index, ROUTER_ADDR, 24).await?;
+            r.add_addr(r1.index, ROUTER_FAR, 24).await?;
+            // Only the router's side is narrow: it must send "fragmentation needed".
+            r.set_mtu(r1.index, far_mtu).await?;
+            r.set_up(r0.index).await?;
+            r.set_up(r1.index).await?;
+            let e0 = e.require_link("eth0").await?;
+            e.add_addr(e0.index, FAR_ADDR, 24).await?;
+            e.set_up(e0.index).await?;
+            e.add_default_route(ROUTER_FAR, e0.index).await?;
+            Ok(())
+        })
+        .context("build the routed lab topology")
     }
 
     fn build(&self) -> Result<()> {

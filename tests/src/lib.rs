@@ -8,7 +8,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-pub use bpfnat::lab::{EXT_ADDR, Lab, NODE_ADDR, UPLINK, traffic};
+pub use bpfnat::lab::{EXT_ADDR, FAR_ADDR, Lab, NODE_ADDR, ROUTER_ADDR, UPLINK, traffic};
 use bpfnat::netns;
 
 pub mod packet;
@@ -66,6 +66,19 @@ pub fn ping(ns: &Path, dst: Ipv4Addr) -> bool {
         .stderr(Stdio::null());
     netns::command_in(&mut c, ns).expect("enter namespace");
     c.status().is_ok_and(|s| s.success())
+}
+
+/// Run `cmd ARGS` inside namespace `ns`; returns (success, stdout).
+#[must_use]
+pub fn run_in_ns(ns: &Path, cmd: &str, args: &[&str]) -> (bool, String) {
+    let mut c = Command::new(cmd);
+    c.args(args).stderr(Stdio::null());
+    netns::command_in(&mut c, ns).expect("enter namespace");
+    let out = c.output().expect("run command");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 /// Whether interface `name` exists in namespace `ns`.

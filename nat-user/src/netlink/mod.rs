@@ -154,6 +154,15 @@ impl Netlink {
             .with_context(|| format!("set link {index} up"))
     }
 
+    pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<()> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).mtu(mtu).build())
+            .execute()
+            .await
+            .with_context(|| format!("set link {index} mtu {mtu}"))
+    }
+
     /// Delete a link; a link that is already gone is fine.
     pub async fn del_link(&self, index: u32) -> Result<()> {
         match self.handle.link().del(index).execute().await {

@@ -1,0 +1,181 @@
+//! ICMP errors about tracked connections (F7): destination unreachable (including
+//! "fragmentation needed", which PMTU discovery depends on), time exceeded (traceroute) and
+//! parameter problem. The outer header is translated like any packet travelling in the error's
+//! direction, and the embedded header back to what its sender saw, so the error reaches the
+//! socket it is about.
+//!
+//! Checksums: an embedded address change is matched by its embedded IP checksum change, which
+//! leaves the ICMP checksum as it was; an embedded port (or echo id) change is folded into the
+//! ICMP checksum. The embedded TCP/UDP checksum is left alone: receivers do not check it and
+//! the embedded segment is usually cut short anyway.
+
+use aya_ebpf::programs::TcContext;
+use nat_common::{CtEntry, CtKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP, Reason};
+use network_types::ip::Ipv4Hdr;
+
+use crate::{
+    conntrack, nat,
+    parse::{ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, Ip4, ptr_at},
+    stats::count,
+};
+
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
+
+/// Whether `p` is an ICMP error message.
+#[inline(always)]
+pub fn is_error(p: &Ip4) -> bool {
+    p.proto == PROTO_ICMP
+        && p.l4_present
+        && matches!(
+            p.icmp_type,
+            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+        )
+}
+
+/// The packet an error message quotes.
+struct Inner {
+    /// Offset of the quoted IPv4 header.
+    ip_off: usize,
+    /// Offset of the quoted L4 header.
+    l4_off: usize,
+    /// The quoted packet's tuple (ICMP echo: id as the port, as in `parse`).
+    key: CtKey,
+    /// The quoted ICMP type, when the quoted packet is ICMP.
+    icmp_type: u8,
+}
+
+#[inline(always)]
+fn inner(ctx: &TcContext, p: &Ip4) -> Option<Inner> {
+    // Masked so the verifier sees the bound it lost when `l4_off` went through the stack
+    // (Ethernet + a 60-byte IPv4 header ends below 128).
+    let ip_off = (p.l4_off & 0x7f) + 8;
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ip_off)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let h = unsafe { *ip };
+    let ihl = usize::from(h.vihl & 0x0f) * 4;
+    if ihl < Ipv4Hdr::LEN {
+        return None;
+    }
+    let l4_off = ip_off + ihl;
+    // Only the first 8 bytes of the quoted L4 header are guaranteed to be there.
+    let l4 = ptr_at::<[u8; 8]>(ctx, l4_off)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let b = unsafe { *l4 };
+    let mut key = CtKey {
+        src_addr: h.src_addr,
+        dst_addr: h.dst_addr,
+        src_port: [0; 2],
+        dst_port: [0; 2],
+        proto: h.proto,
+        _pad: [0; 3],
+    };
+    let mut icmp_type = 0;
+    match h.proto {
+        PROTO_TCP | PROTO_UDP => {
+            key.src_port = [b[0], b[1]];
+            key.dst_port = [b[2], b[3]];
+        }
+        PROTO_ICMP => {
+            icmp_type = b[0];
+            if b[0] == ICMP_ECHO_REQUEST {
+                key.src_port = [b[4], b[5]];
+            } else if b[0] == ICMP_ECHO_REPLY {
+                key.dst_port = [b[4], b[5]];
+            } else {
+                return None;
+            }
+        }
+        _ => return None,
+    }
+    Some(Inner {
+        ip_off,
+        l4_off,
+        key,
+        icmp_type,
+    })
+}
+
+#[inline(always)]
+fn helper(r: Result<(), i64>) -> Result<(), Reason> {
+    r.map_err(|_| Reason::DropHelper)
+}
+
+/// Rewrite a quoted address (at `field` within the quoted header) and its header checksum.
+#[inline(always)]
+fn set_inner_addr(
+    ctx: &TcContext,
+    i: &Inner,
+    field: usize,
+    old: [u8; 4],
+    new: [u8; 4],
+) -> Result<(), Reason> {
+    if old == new {
+        return Ok(());
+    }
+    let (o, n) = (
+        u64::from(u32::from_ne_bytes(old)),
+        u64::from(u32::from_ne_bytes(new)),
+    );
+    helper(ctx.l3_csum_replace(i.ip_off + 10, o, n, 4))?;
+    helper(ctx.store(i.ip_off + field, &new, 0))
+}
+
+/// Rewrite a quoted port or echo id at `off`, folding the change into the ICMP checksum.
+#[inline(always)]
+fn set_inner_port(
+    ctx: &TcContext,
+    p: &Ip4,
+    off: usize,
+    old: [u8; 2],
+    new: [u8; 2],
+) -> Result<(), Reason> {
+    if old == new {
+        return Ok(());
+    }
+    let (o, n) = (
+        u64::from(u16::from_ne_bytes(old)),
+        u64::from(u16::from_ne_bytes(new)),
+    );
+    helper(ctx.l4_csum_replace(p.l4_off + 2, o, n, 2))?;
+    helper(ctx.store(off, &new, 0))
+}
+
+/// Translate the error `p` if it is about a tracked connection. `Ok(false)`: it is not.
+#[inline(always)]
+pub fn translate(ctx: &TcContext, p: &mut Ip4) -> Result<bool, Reason> {
+    let Some(i) = inner(ctx, p) else {
+        return Ok(false);
+    };
+    // The error travels against the quoted packet: its connection entry is keyed by the
+    // quoted tuple reversed.
+    let Some(e) = conntrack::lookup(&i.key.reversed()) else {
+        return Ok(false);
+    };
+    // SAFETY: copy of the map value.
+    let e: CtEntry = unsafe { *e };
+
+    // Outer: to whom the error goes, and from whom if the quoted packet's receiver sent it.
+    if p.src == i.key.dst_addr {
+        nat::set_src(ctx, p, e.xlate_src_addr)?;
+    }
+    nat::set_dst(ctx, p, e.xlate_dst_addr)?;
+
+    // Quoted: the packet as its sender saw it.
+    set_inner_addr(ctx, &i, 12, i.key.src_addr, e.xlate_dst_addr)?;
+    set_inner_addr(ctx, &i, 16, i.key.dst_addr, e.xlate_src_addr)?;
+    if i.key.proto == PROTO_ICMP {
+        let (old, new) = if i.icmp_type == ICMP_ECHO_REQUEST {
+            (i.key.src_port, e.xlate_dst_port)
+        } else {
+            (i.key.dst_port, e.xlate_src_port)
+        };
+        set_inner_port(ctx, p, i.l4_off + 4, old, new)?;
+    } else {
+        set_inner_port(ctx, p, i.l4_off, i.key.src_port, e.xlate_dst_port)?;
+        set_inner_port(ctx, p, i.l4_off + 2, i.key.dst_port, e.xlate_src_port)?;
+    }
+    count(Reason::IcmpError, ctx.len());
+    Ok(true)
+}
