@@ -22,6 +22,7 @@ pub mod map_names {
     pub const STATS: &str = "stats";
     pub const STATIC_NAT: &str = "static_nat";
     pub const SOCK_RNAT: &str = "sock_rnat";
+    pub const FRAGS: &str = "frags";
 }
 
 /// Program names in the eBPF object.
@@ -46,6 +47,7 @@ pub const ENDPOINTS_MAX_ENTRIES: u32 = 65_536;
 pub const PORTS_MAX_ENTRIES: u32 = 262_144;
 pub const STATIC_NAT_MAX_ENTRIES: u32 = 8_192;
 pub const SOCK_RNAT_MAX_ENTRIES: u32 = 65_536;
+pub const FRAGS_MAX_ENTRIES: u32 = 16_384;
 
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
@@ -126,6 +128,30 @@ pub struct SockOrig {
     /// Network order.
     pub port: [u8; 2],
     pub _pad: [u8; 2],
+}
+
+/// `frags` key: one fragmented datagram as it arrived at a hook.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FragKey {
+    /// Network order.
+    pub src_addr: [u8; 4],
+    /// Network order.
+    pub dst_addr: [u8; 4],
+    /// IPv4 identification, network order.
+    pub id: [u8; 2],
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// `frags` value: the ports the first fragment carried, for the fragments that do not.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FragPorts {
+    /// Network order.
+    pub src_port: [u8; 2],
+    /// Network order.
+    pub dst_port: [u8; 2],
 }
 
 /// `StaticNat::kind`: the key is the external address, `peer` the container's.
@@ -427,7 +453,8 @@ pub enum Reason {
     DropSpoof = 9,
     /// Dropped: header truncated.
     DropTruncated = 10,
-    /// Dropped: fragment of a datagram that would need translation.
+    /// Dropped: a fragment that needs translation but whose first fragment (with the ports)
+    /// has not been seen.
     DropFragment = 11,
     /// Dropped: no free SNAT port within the probe budget.
     DropNoPort = 12,
@@ -506,8 +533,8 @@ pub struct Counter {
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        Config, Counter, CtEntry, CtKey, Endpoint, PortKey, PortTarget, SockKey, SockOrig,
-        StaticNat,
+        Config, Counter, CtEntry, CtKey, Endpoint, FragKey, FragPorts, PortKey, PortTarget,
+        SockKey, SockOrig, StaticNat,
     };
 
     // SAFETY: every type is `#[repr(C)]`, `bytemuck::Pod` (no padding, any bit pattern valid).
@@ -521,6 +548,8 @@ mod user {
     unsafe impl aya::Pod for StaticNat {}
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for SockOrig {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragPorts {}
 }
 
 #[cfg(test)]

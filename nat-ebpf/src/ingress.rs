@@ -11,7 +11,7 @@ use crate::{
     TC_ACT_OK,
     conntrack::{self, now},
     forward::{self, endpoint},
-    icmp,
+    frag, icmp,
     maps::{CONFIG, PORTS},
     nat,
     parse::{self, L3},
@@ -52,6 +52,7 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
         L3::Other => return pass(ctx),
     }
     let mut p = parse::ipv4(ctx)?;
+    frag::resolve(&mut p);
     let me = endpoint(&p.src).ok_or(Reason::DropSpoof)?;
     if me.ifindex != ifindex || me.mac != eth_src {
         return Err(Reason::DropSpoof);
@@ -120,7 +121,8 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
     if cfg.flags & CFG_MASQUERADE == 0 {
         return pass(ctx);
     }
-    if p.frag {
+    if p.frag && !p.l4_present {
+        // A later fragment of a datagram whose first fragment we have not seen.
         return Err(Reason::DropFragment);
     }
     if !p.is_trackable() {
@@ -147,7 +149,7 @@ fn deliver(ctx: &TcContext, p: &mut parse::Ip4, ifindex: u32) -> Result<i32, Rea
 /// node's own addresses (the kernel would deliver it locally).
 #[inline(always)]
 fn published(ctx: &TcContext, p: &parse::Ip4, ifindex: u32) -> Option<PortTarget> {
-    if (p.proto != PROTO_TCP && p.proto != PROTO_UDP) || p.frag {
+    if (p.proto != PROTO_TCP && p.proto != PROTO_UDP) || !p.l4_present {
         return None;
     }
     let mut key = PortKey {
@@ -189,6 +191,7 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
         // Malformed: not ours to judge; the stack drops what it cannot parse.
         return pass(ctx);
     };
+    frag::resolve(&mut p);
     if let Some(s) = forward::static_nat(&p.dst)
         && s.kind == STATIC_EXTERNAL
     {

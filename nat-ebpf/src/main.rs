@@ -8,6 +8,7 @@
 
 mod conntrack;
 mod forward;
+mod frag;
 mod icmp;
 mod ingress;
 mod maps;

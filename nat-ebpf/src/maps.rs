@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use nat_common::{
     CONNTRACK_MAX_ENTRIES, Config, Counter, CtEntry, CtKey, ENDPOINTS_MAX_ENTRIES, Endpoint,
-    PORTS_MAX_ENTRIES, PortKey, PortTarget, REASON_COUNT, SOCK_RNAT_MAX_ENTRIES,
-    STATIC_NAT_MAX_ENTRIES, SockKey, SockOrig, StaticNat,
+    FRAGS_MAX_ENTRIES, FragKey, FragPorts, PORTS_MAX_ENTRIES, PortKey, PortTarget, REASON_COUNT,
+    SOCK_RNAT_MAX_ENTRIES, STATIC_NAT_MAX_ENTRIES, SockKey, SockOrig, StaticNat,
 };
 
 #[btf_map(name = "config")]
@@ -42,4 +42,9 @@ pub static STATIC_NAT: HashMap<[u8; 4], StaticNat, { STATIC_NAT_MAX_ENTRIES as u
 /// Sockets whose destination the socket programs rewrote: what to show the application back.
 #[btf_map(name = "sock_rnat")]
 pub static SOCK_RNAT: LruHashMap<SockKey, SockOrig, { SOCK_RNAT_MAX_ENTRIES as usize }> =
+    LruHashMap::new();
+
+/// Ports of fragmented datagrams, learned from their first fragment.
+#[btf_map(name = "frags")]
+pub static FRAGS: LruHashMap<FragKey, FragPorts, { FRAGS_MAX_ENTRIES as usize }> =
     LruHashMap::new();

@@ -73,7 +73,8 @@ fn set_port(
     helper(ctx.store(off, &new, 0))
 }
 
-/// Rewrite the packet to the tuple `e` says this direction translates to.
+/// Rewrite the packet to the tuple `e` says this direction translates to. Fragments after
+/// the first carry no L4 header: only their addresses change.
 #[inline(always)]
 pub fn apply(ctx: &TcContext, p: &mut Ip4, e: &CtEntry) -> Result<(), Reason> {
     if e.xlate_src_addr != p.src {
@@ -83,6 +84,11 @@ pub fn apply(ctx: &TcContext, p: &mut Ip4, e: &CtEntry) -> Result<(), Reason> {
     if e.xlate_dst_addr != p.dst {
         set_addr(ctx, p, IP_DST_OFF, p.dst, e.xlate_dst_addr)?;
         p.dst = e.xlate_dst_addr;
+    }
+    if !p.l4_present {
+        p.sport = e.xlate_src_port;
+        p.dport = e.xlate_dst_port;
+        return Ok(());
     }
     if p.proto == PROTO_ICMP {
         // The echo id is the "source port" of a request and the "destination port" of a reply.

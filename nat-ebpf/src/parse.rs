@@ -78,6 +78,10 @@ pub struct Ip4 {
     pub frag: bool,
     /// The L4 header is in this packet (not a non-first fragment).
     pub l4_present: bool,
+    /// A non-first fragment whose ports were learned from its first fragment.
+    pub ports_known: bool,
+    /// IPv4 identification (fragments of one datagram share it).
+    pub id: [u8; 2],
     /// Offset of the L4 header (Ethernet + IP header with options).
     pub l4_off: usize,
     pub tot_len: u16,
@@ -96,13 +100,14 @@ impl Ip4 {
         }
     }
 
-    /// TCP, UDP, or an ICMP echo request/reply: the packets that conntrack and NAT handle.
+    /// TCP, UDP, or an ICMP echo request/reply whose ports (ids) are known: the packets that
+    /// conntrack and NAT handle.
     #[inline(always)]
     pub fn is_trackable(&self) -> bool {
         match self.proto {
-            PROTO_TCP | PROTO_UDP => !self.frag,
+            PROTO_TCP | PROTO_UDP => self.l4_present || self.ports_known,
             PROTO_ICMP => {
-                !self.frag
+                self.l4_present
                     && (self.icmp_type == ICMP_ECHO_REQUEST || self.icmp_type == ICMP_ECHO_REPLY)
             }
             _ => false,
@@ -135,6 +140,8 @@ pub fn ipv4(ctx: &TcContext) -> Result<Ip4, Reason> {
         icmp_type: 0,
         frag: more_fragments || offset != 0,
         l4_present: offset == 0,
+        ports_known: false,
+        id: h.id,
         l4_off: IP_OFF + ihl,
         tot_len: u16::from_be_bytes(h.tot_len),
     };

@@ -307,7 +307,7 @@ pub mod traffic {
         Ok(std::thread::spawn(move || {
             let deadline = Instant::now() + window;
             let mut seen = Vec::new();
-            let mut buf = [0u8; 2048];
+            let mut buf = vec![0u8; 65536];
             while seen.len() < max && Instant::now() < deadline {
                 if let Ok((n, peer)) = sock.recv_from(&mut buf) {
                     let mut reply = format!("{peer} ").into_bytes();
@@ -332,7 +332,7 @@ pub mod traffic {
         run_in(ns, move || {
             let sock = UdpSocket::bind(local).with_context(|| format!("bind udp {local}"))?;
             sock.set_read_timeout(Some(Duration::from_millis(500)))?;
-            let mut buf = [0u8; 2048];
+            let mut buf = vec![0u8; 65536];
             for _ in 0..6 {
                 sock.send_to(&payload, dst)
                     .with_context(|| format!("send to {dst}"))?;

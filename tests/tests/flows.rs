@@ -468,3 +468,37 @@ fn node_processes_reach_published_ports_on_localhost_and_node_address() {
     // Other namespaces' localhost is theirs: the socket programs act only in the node.
     assert!(traffic::http_get(&lab.ext, v4(localhost, 8080)).is_err());
 }
+
+#[test]
+fn fragmented_udp_datagrams_are_translated_both_ways() {
+    let lab = lab_up("frags");
+    let c = lab.name("c");
+    lab.ok(&["container", "add", &c, "-p", "5353:53/udp"])
+        .unwrap();
+    let ns = lab.container_ns(&c);
+    // 4000 bytes: three fragments at MTU 1500, each way.
+    let big: Vec<u8> = (0..4000u32).map(|i| b'a' + (i % 26) as u8).collect();
+
+    // Out through MASQUERADE, and the fragmented echo back in.
+    let echo = traffic::udp_echo(&lab.ext, v4(EXT_ADDR, 7777), 1, WINDOW).unwrap();
+    let reply = traffic::udp_ask(
+        &ns,
+        v4(Ipv4Addr::UNSPECIFIED, 47000),
+        v4(EXT_ADDR, 7777),
+        &big,
+    )
+    .unwrap();
+    assert_eq!(reply.len(), format!("{NODE_ADDR}:47000 ").len() + big.len());
+    assert!(
+        reply.starts_with(&format!("{NODE_ADDR}:47000 "))
+            && reply.ends_with(std::str::from_utf8(&big).unwrap())
+    );
+    assert_eq!(echo.join().unwrap()[0].ip(), NODE_ADDR);
+
+    // In through a published port, and the fragmented answer back out.
+    let echo = traffic::udp_echo(&ns, v4(Ipv4Addr::UNSPECIFIED, 53), 1, WINDOW).unwrap();
+    let reply = traffic::udp_ask(&lab.ext, v4(EXT_ADDR, 47001), v4(NODE_ADDR, 5353), &big).unwrap();
+    assert!(reply.starts_with(&format!("{EXT_ADDR}:47001 ")) && reply.len() > big.len());
+    assert_eq!(echo.join().unwrap().len(), 1);
+    assert_eq!(counter(&lab, "drop_fragment"), 0);
+}
