@@ -502,3 +502,59 @@ fn fragmented_udp_datagrams_are_translated_both_ways() {
     assert_eq!(echo.join().unwrap().len(), 1);
     assert_eq!(counter(&lab, "drop_fragment"), 0);
 }
+
+#[test]
+fn a_full_conntrack_table_evicts_the_least_recently_used_and_keeps_working() {
+    const FLOWS: u16 = 900;
+    let lab = bpfnat_tests::lab("ctfull");
+    lab.ok(&[
+        "up",
+        "--uplink",
+        bpfnat_tests::UPLINK,
+        "--conntrack-max",
+        "1024",
+    ])
+    .unwrap();
+    let c = lab.name("c");
+    lab.ok(&["container", "add", &c]).unwrap();
+    let echo = traffic::udp_echo(
+        &lab.ext,
+        v4(EXT_ADDR, 7777),
+        usize::from(FLOWS),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    // 900 connections need 1800 entries: twice what the table holds.
+    let answered = bpfnat::netns::run_in(&lab.container_ns(&c), || {
+        let mut ok = 0;
+        let mut buf = [0u8; 256];
+        for i in 0..FLOWS {
+            let s = std::net::UdpSocket::bind(v4(Ipv4Addr::UNSPECIFIED, 20000 + i))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.send_to(b"x", v4(EXT_ADDR, 7777))?;
+            if s.recv_from(&mut buf).is_ok() {
+                ok += 1;
+            }
+        }
+        Ok(ok)
+    })
+    .unwrap();
+    assert_eq!(
+        answered, FLOWS,
+        "every new connection was admitted and answered"
+    );
+    assert_eq!(echo.join().unwrap().len(), usize::from(FLOWS));
+    let s = json(&lab, &["conntrack", "stats"]);
+    assert_eq!(s["max_entries"], 1024);
+    assert!(s["entries"].as_u64().unwrap() <= 1024, "{s}");
+    // The newest connection survived eviction.
+    let last = 20000 + FLOWS - 1;
+    assert!(
+        flows(&lab)
+            .iter()
+            .any(|f| f["original"]["sport"] == u64::from(last))
+    );
+    // gc clears half connections the eviction left behind.
+    json(&lab, &["conntrack", "gc"]);
+    assert_eq!(json(&lab, &["conntrack", "stats"])["orphans"], 0);
+}

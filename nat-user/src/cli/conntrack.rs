@@ -17,7 +17,7 @@ pub enum ConntrackCmd {
     Flush,
     /// Table occupancy and connections per state.
     Stats,
-    /// Remove connections idle past their timeout (the agent does this periodically).
+    /// Remove connections idle past their timeout and half connections the LRU broke.
     Gc,
 }
 
@@ -34,6 +34,8 @@ struct Cleared {
 struct CtStats {
     entries: usize,
     max_entries: u32,
+    /// Entries whose partner the LRU evicted when the table was full.
+    orphans: usize,
     connections: usize,
     by_state: BTreeMap<String, usize>,
     by_kind: BTreeMap<String, usize>,
@@ -71,14 +73,15 @@ pub fn run(ctx: &Ctx, cmd: ConntrackCmd) -> Result<()> {
             let s = CtStats {
                 entries: maps.ct_len()?,
                 max_entries: maps.ct_max_entries(),
+                orphans: maps.ct_orphans()?,
                 connections: flows.len(),
                 by_state,
                 by_kind,
             };
             ctx.emit(&s, || {
                 let mut t = format!(
-                    "entries:     {} of {}\nconnections: {}",
-                    s.entries, s.max_entries, s.connections
+                    "entries:     {} of {} (when full, the least recently used are evicted)\norphans:     {}\nconnections: {}",
+                    s.entries, s.max_entries, s.orphans, s.connections
                 );
                 for (k, v) in s.by_kind.iter().chain(s.by_state.iter()) {
                     t.push_str(&format!("\n  {k:<20} {v}"));

@@ -1,6 +1,9 @@
 //! The conntrack map in connection terms: pairs of entries shown as flows, expiry, flushing.
 
-use std::net::Ipv4Addr;
+use std::{
+    collections::{HashMap, HashSet},
+    net::Ipv4Addr,
+};
 
 use anyhow::{Context as _, Result, anyhow};
 use nat_common::{
@@ -121,8 +124,9 @@ impl Maps {
     /// shown with an empty reply side.
     pub fn flows(&self) -> Result<Vec<Flow>> {
         let entries = self.ct_entries()?;
+        let index: HashMap<CtKey, CtEntry> = entries.iter().copied().collect();
         let now = ct_now_ns();
-        let find = |k: &CtKey| entries.iter().find(|(kk, _)| kk == k).map(|(_, e)| *e);
+        let find = |k: &CtKey| index.get(k).copied();
         let mut out = Vec::new();
         for (k, e) in &entries {
             if e.dir != DIR_ORIGINAL {
@@ -163,17 +167,28 @@ impl Maps {
         Ok(self.ct_entries()?.len())
     }
 
+    /// Entries whose partner is gone (evicted by the LRU when the table was full).
+    pub fn ct_orphans(&self) -> Result<usize> {
+        let entries = self.ct_entries()?;
+        let keys: HashSet<CtKey> = entries.iter().map(|(k, _)| *k).collect();
+        Ok(entries
+            .iter()
+            .filter(|(k, e)| !keys.contains(&peer_key(e, k.proto)))
+            .count())
+    }
+
     /// Delete both entries of every connection matching `pred`; returns connections removed.
     fn ct_remove_where(
         &mut self,
         pred: impl Fn(&CtKey, &CtEntry, Option<&CtEntry>) -> bool,
     ) -> Result<usize> {
         let entries = self.ct_entries()?;
+        let index: HashMap<CtKey, CtEntry> = entries.iter().copied().collect();
         let mut doomed = Vec::new();
         let mut conns = 0;
         for (k, e) in &entries {
             let peer = peer_key(e, k.proto);
-            let p = entries.iter().find(|(kk, _)| *kk == peer).map(|(_, e)| e);
+            let p = index.get(&peer);
             // Judge each connection once, from its original entry (or an orphan entry).
             if e.dir != DIR_ORIGINAL && p.is_some() {
                 continue;
@@ -192,11 +207,15 @@ impl Maps {
         Ok(conns)
     }
 
-    /// Remove connections idle past their timeout; returns how many.
+    /// Remove connections idle past their timeout, and half connections whose other entry the
+    /// LRU evicted (they can no longer carry traffic both ways); returns how many.
     pub fn ct_gc(&mut self) -> Result<usize> {
         let now = ct_now_ns();
         self.ct_remove_where(|k, e, p| {
-            let last = p.map_or(e.last_seen_ns, |p| p.last_seen_ns.max(e.last_seen_ns));
+            let Some(p) = p else {
+                return true;
+            };
+            let last = p.last_seen_ns.max(e.last_seen_ns);
             now.saturating_sub(last) > ct_timeout_ns(k.proto, e.state)
         })
     }
