@@ -555,6 +555,6 @@ fn a_full_conntrack_table_evicts_the_least_recently_used_and_keeps_working() {
             .any(|f| f["original"]["sport"] == u64::from(last))
     );
     // gc clears half connections the eviction left behind.
-    json(&lab, &["conntrack", "gc"]);
+    let _ = json(&lab, &["conntrack", "gc"]);
     assert_eq!(json(&lab, &["conntrack", "stats"])["orphans"], 0);
 }
