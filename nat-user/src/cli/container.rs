@@ -1,6 +1,6 @@
 //! `bpfnat container add / del / list`.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{collections::HashMap, net::Ipv4Addr, path::PathBuf};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use clap::Subcommand;
@@ -13,7 +13,7 @@ use crate::{
     net::{Cidr, fmt_mac, mac_for},
     netlink::Netlink,
     netns,
-    spec::{PortMapping, PortSpec},
+    spec::{PortMapping, PortSpec, Proto},
     state::{Container, Node, State},
 };
 
@@ -106,22 +106,64 @@ fn pick_ip(state: &State, node: &Node, want: Option<Ipv4Addr>) -> Result<Ipv4Add
     }
 }
 
+/// Who holds which host port: the published ports of every container, indexed by
+/// (protocol, port) so checks stay linear when thousands of ports are published at once.
+struct PortBook<'a> {
+    held: HashMap<(Proto, u16), Vec<(PortMapping, &'a str)>>,
+}
+
+impl<'a> PortBook<'a> {
+    fn of(state: &'a State) -> Self {
+        let mut held: HashMap<(Proto, u16), Vec<(PortMapping, &'a str)>> = HashMap::new();
+        for c in state.containers.values() {
+            for m in &c.ports {
+                held.entry((m.proto, m.host_port))
+                    .or_default()
+                    .push((*m, c.name.as_str()));
+            }
+        }
+        Self { held }
+    }
+
+    fn conflict(&self, m: &PortMapping) -> Option<&(PortMapping, &'a str)> {
+        self.held
+            .get(&(m.proto, m.host_port))?
+            .iter()
+            .find(|(o, _)| o.conflicts_with(m))
+    }
+
+    /// Take `m` for this command (`owner` ""), or say who has it.
+    fn take(&mut self, m: PortMapping) -> Result<()> {
+        if let Some((o, owner)) = self.conflict(&m) {
+            if owner.is_empty() {
+                bail!("port {m} conflicts with {o} given in the same command");
+            }
+            bail!(
+                "host port {}/{} is already published by container {owner} ({o})",
+                m.host_port,
+                m.proto
+            );
+        }
+        self.held
+            .entry((m.proto, m.host_port))
+            .or_default()
+            .push((m, ""));
+        Ok(())
+    }
+}
+
 /// Choose host ports for `specs` (where they leave a choice) and check the result.
 pub fn resolve_ports(state: &State, specs: &[PortSpec]) -> Result<Vec<PortMapping>> {
     let ephemeral = ephemeral_range();
+    let mut book = PortBook::of(state);
     let mut all: Vec<PortMapping> = Vec::new();
     for spec in specs {
-        let free = |m: &PortMapping| {
-            !all.iter().any(|o| o.conflicts_with(m))
-                && !state
-                    .containers
-                    .values()
-                    .any(|c| c.ports.iter().any(|o| o.conflicts_with(m)))
-        };
-        let chosen = spec.resolve(ephemeral, free)?;
-        all.extend(chosen);
+        let chosen = spec.resolve(ephemeral, |m| book.conflict(m).is_none())?;
+        for m in chosen {
+            book.take(m)?;
+            all.push(m);
+        }
     }
-    check_ports(state, &all)?;
     Ok(all)
 }
 
@@ -134,26 +176,6 @@ fn ephemeral_range() -> (u16, u16) {
             Some((it.next()?.ok()?, it.next()?.ok()?))
         })
         .unwrap_or((32768, 60999))
-}
-
-/// Refuse mappings whose host port another mapping (here or in another container) holds.
-pub fn check_ports(state: &State, adding: &[PortMapping]) -> Result<()> {
-    for (i, m) in adding.iter().enumerate() {
-        if let Some(o) = adding[..i].iter().find(|o| o.conflicts_with(m)) {
-            bail!("port {m} conflicts with {o} given in the same command");
-        }
-        for c in state.containers.values() {
-            if let Some(o) = c.ports.iter().find(|o| o.conflicts_with(m)) {
-                bail!(
-                    "host port {}/{} is already published by container {} ({o})",
-                    m.host_port,
-                    m.proto,
-                    c.name
-                );
-            }
-        }
-    }
-    Ok(())
 }
 
 async fn add(
@@ -266,10 +288,10 @@ async fn wire(
             host_mac: c.host_mac,
         },
     )?;
-    for m in ports {
-        maps.put_port(m, c.ip, state.next_generation())?;
-        c.ports.push(*m);
-    }
+    let generation = state.next_generation();
+    state.generation = state.generation.wrapping_add(ports.len() as u32);
+    maps.put_ports(ports, c.ip, generation)?;
+    c.ports.extend_from_slice(ports);
     Ok(())
 }
 
@@ -277,9 +299,7 @@ async fn wire(
 pub async fn remove(ctx: &Ctx, nl: &Netlink, c: &Container) -> Result<()> {
     if ctx.pins.installed() {
         let mut maps = Maps::open(&ctx.pins)?;
-        for m in &c.ports {
-            maps.remove_port(m)?;
-        }
+        maps.remove_ports(&c.ports)?;
         maps.remove_endpoint(c.ip)?;
         if c.host_ifindex != 0 {
             maps.forget_container(c.host_ifindex)?;

@@ -51,17 +51,10 @@ pub fn run(ctx: &Ctx, cmd: PortCmd) -> Result<()> {
             let mappings = resolve_ports(&state, std::slice::from_ref(&spec))?;
             let mut maps = Maps::open(&ctx.pins)?;
             let ip = state.containers[&name].ip;
-            let mut done = Vec::new();
-            for m in &mappings {
-                let generation = state.next_generation();
-                if let Err(e) = maps.put_port(m, ip, generation) {
-                    for d in &done {
-                        let _ = maps.remove_port(d);
-                    }
-                    return Err(e);
-                }
-                done.push(*m);
-            }
+            let generation = state.next_generation();
+            state.generation = state.generation.wrapping_add(mappings.len() as u32);
+            maps.put_ports(&mappings, ip, generation)?;
+            let done = mappings;
             if let Some(c) = state.containers.get_mut(&name) {
                 c.ports.extend(done.iter().copied());
             }
@@ -88,10 +81,7 @@ pub fn run(ctx: &Ctx, cmd: PortCmd) -> Result<()> {
                     .ok_or_else(|| anyhow!("container {name} does not publish {}", describe(r)))?;
                 gone.push(m);
             }
-            let mut maps = Maps::open(&ctx.pins)?;
-            for m in &gone {
-                maps.remove_port(m)?;
-            }
+            Maps::open(&ctx.pins)?.remove_ports(&gone)?;
             c.ports.retain(|p| !gone.contains(p));
             store.save(&state)?;
             ctx.emit(&gone, || {

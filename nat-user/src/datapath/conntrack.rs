@@ -230,14 +230,22 @@ impl Maps {
         self.ct_remove_where(|_, e, _| e.ifindex == ifindex)
     }
 
-    /// Forget connections made to published port `m`.
-    pub fn forget_port(&mut self, m: &PortMapping) -> Result<()> {
-        let pk = port_key(m);
+    /// Forget connections made to the published ports `ms` (one pass over the table).
+    pub fn forget_ports(&mut self, ms: &[PortMapping]) -> Result<()> {
+        if ms.is_empty() {
+            return Ok(());
+        }
+        let keys: HashSet<([u8; 4], [u8; 2], u8)> = ms
+            .iter()
+            .map(|m| {
+                let k = port_key(m);
+                (k.host_addr, k.host_port, k.proto)
+            })
+            .collect();
         self.ct_remove_where(|k, e, _| {
             (e.origin == ORIGIN_PUBLISHED || e.origin == ORIGIN_HAIRPIN)
-                && k.proto == pk.proto
-                && k.dst_port == pk.host_port
-                && (pk.host_addr == [0; 4] || k.dst_addr == pk.host_addr)
+                && (keys.contains(&([0; 4], k.dst_port, k.proto))
+                    || keys.contains(&(k.dst_addr, k.dst_port, k.proto)))
         })
         .map(|_| ())
     }

@@ -437,27 +437,38 @@ impl Maps {
         }
     }
 
-    /// Publish `m` towards `target`. Connections tracked for the same host port from an
-    /// earlier mapping are forgotten, so they cannot shadow the new one.
-    pub fn put_port(&mut self, m: &PortMapping, target: Ipv4Addr, generation: u32) -> Result<()> {
-        let t = PortTarget {
-            addr: target.octets(),
-            port: m.container_port.to_be_bytes(),
-            _pad: [0; 2],
-            generation,
-        };
-        self.ports
-            .insert(port_key(m), t, 0)
-            .with_context(|| format!("publish {m}"))?;
-        self.forget_port(m)
+    /// Publish `ms` towards `target`, each with the next generation after `generation`.
+    /// Connections tracked for the same host ports from an earlier mapping are forgotten, so
+    /// they cannot shadow the new one. On error, what was published here is withdrawn.
+    pub fn put_ports(
+        &mut self,
+        ms: &[PortMapping],
+        target: Ipv4Addr,
+        generation: u32,
+    ) -> Result<()> {
+        for (i, m) in ms.iter().enumerate() {
+            let t = PortTarget {
+                addr: target.octets(),
+                port: m.container_port.to_be_bytes(),
+                _pad: [0; 2],
+                generation: generation.wrapping_add(i as u32),
+            };
+            if let Err(e) = self.ports.insert(port_key(m), t, 0) {
+                let _ = self.remove_ports(&ms[..i]);
+                return Err(anyhow!(e).context(format!("publish {m}")));
+            }
+        }
+        self.forget_ports(ms)
     }
 
-    pub fn remove_port(&mut self, m: &PortMapping) -> Result<()> {
-        match self.ports.remove(&port_key(m)) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-            Err(e) => return Err(anyhow!(e).context(format!("unpublish {m}"))),
+    pub fn remove_ports(&mut self, ms: &[PortMapping]) -> Result<()> {
+        for m in ms {
+            match self.ports.remove(&port_key(m)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(anyhow!(e).context(format!("unpublish {m}"))),
+            }
         }
-        self.forget_port(m)
+        self.forget_ports(ms)
     }
 
     /// Published ports as they are in the map: (proto, host addr, host port) → (addr, port).
