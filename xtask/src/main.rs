@@ -37,6 +37,13 @@ enum Cmd {
     },
     /// rustfmt and clippy on the host crates and the eBPF crate.
     Lint,
+    /// Build in release mode and run the side-by-side benchmark (needs root); the report
+    /// lands in target/bench/.
+    Bench {
+        /// Short measurements, one repetition (under 3 minutes).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn root() -> PathBuf {
@@ -113,6 +120,22 @@ fn main() -> Result<()> {
             c.args(["test", "--workspace", "--exclude", "nat-ebpf"])
                 .env("BPFNAT_BIN", &bin)
                 .args(&args);
+            run(&mut c)
+        }
+        Cmd::Bench { quick } => {
+            require_root("the benchmark")?;
+            setup::ensure_bench()?;
+            let bin = build(true)?;
+            run(cargo().args(["build", "--release", "--package", "bpfnat-bench"]))?;
+            let bench = bin.with_file_name("bpfnat-bench");
+            let mut c = Command::new(bench);
+            c.current_dir(root())
+                .args(["run", "--bin"])
+                .arg(&bin)
+                .args(["--out", "target/bench"]);
+            if quick {
+                c.arg("--quick");
+            }
             run(&mut c)
         }
         Cmd::Lint => {

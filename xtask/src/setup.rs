@@ -152,6 +152,34 @@ fn bpf_linker() -> Result<()> {
     Ok(())
 }
 
+/// What only the benchmark needs: its traffic tools and the baselines' rule engines.
+const BENCH_PACKAGES: &[(&str, &str)] = &[
+    ("iperf3", "iperf3"),
+    ("iptables", "iptables-restore"),
+    ("nftables", "nft"),
+];
+
+pub fn ensure_bench() -> Result<()> {
+    ensure()?;
+    let missing: Vec<&str> = BENCH_PACKAGES
+        .iter()
+        .filter(|(_, c)| !have_command(c))
+        .map(|(p, _)| *p)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!(
+        "setup: installing Debian packages for the benchmark: {}",
+        missing.join(" ")
+    );
+    run(Command::new("apt-get").arg("update").arg("-qq"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
 pub fn ensure() -> Result<()> {
     rust_src()?;
     bpf_linker()?;

@@ -1,0 +1,207 @@
+//! Traffic: iperf3 for throughput and small-packet UDP, and our own request/response tools for
+//! transactions and new connections per second. Every endpoint runs pinned to one CPU, so a
+//! rate reads as the CPU cost of one operation through the datapath.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use bpfnat::netns;
+
+use crate::topo::{Endpoints, IPERF_PORT, RR_PORT};
+
+/// The CPU the endpoints share (CPU 0 keeps the harness).
+pub const BENCH_CPU: usize = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Metric {
+    /// TCP single-stream throughput, Gbit/s.
+    TcpGbps,
+    /// 64-byte UDP datagrams received per second.
+    UdpPps,
+    /// New TCP connections per second (connect, 1-byte request, response, close).
+    Crr,
+    /// 1-byte request/response transactions per second on one connection.
+    Rr,
+}
+
+impl Metric {
+    pub const ALL: [Self; 4] = [Self::TcpGbps, Self::UdpPps, Self::Crr, Self::Rr];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::TcpGbps => "TCP Gbit/s",
+            Self::UdpPps => "UDP 64B pkt/s received",
+            Self::Crr => "TCP conn/s",
+            Self::Rr => "TCP trans/s",
+        }
+    }
+}
+
+fn pinned(ns: &Path, program: &Path, args: &[&str]) -> Result<Command> {
+    let mut c = Command::new("taskset");
+    c.arg("-c")
+        .arg(BENCH_CPU.to_string())
+        .arg(program)
+        .args(args);
+    netns::command_in(&mut c, ns)?;
+    Ok(c)
+}
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(mut c: Command) -> Result<Server> {
+    let child = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start server")?;
+    // Let it bind before the client connects.
+    std::thread::sleep(Duration::from_millis(150));
+    Ok(Server(child))
+}
+
+fn output(mut c: Command) -> Result<String> {
+    let out = c.output().context("run client")?;
+    if !out.status.success() {
+        bail!(
+            "client failed: {}{}",
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout)
+                .chars()
+                .take(400)
+                .collect::<String>()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Measure `metric` for `secs` seconds between the endpoints; `me` is this binary (the
+/// RR/CRR tools are its hidden subcommands).
+pub fn measure(me: &Path, e: &Endpoints, metric: Metric, secs: u32) -> Result<f64> {
+    let iperf = Path::new("iperf3");
+    let t = secs.to_string();
+    let target = e.target.to_string();
+    match metric {
+        Metric::TcpGbps | Metric::UdpPps => {
+            let port = IPERF_PORT.to_string();
+            let _srv = start(pinned(&e.server, iperf, &["-s", "-1", "-p", &port])?)?;
+            let mut args = vec!["-c", &target, "-p", &port, "-t", &t, "-J"];
+            if metric == Metric::UdpPps {
+                args.extend(["-u", "-l", "64", "-b", "0"]);
+            }
+            let json: serde_json::Value =
+                serde_json::from_str(&output(pinned(&e.client, iperf, &args)?)?)
+                    .context("parse iperf3 JSON")?;
+            if metric == Metric::TcpGbps {
+                json["end"]["sum_received"]["bits_per_second"]
+                    .as_f64()
+                    .map(|b| b / 1e9)
+                    .ok_or_else(|| anyhow!("no throughput in iperf3 output"))
+            } else {
+                let sum = &json["end"]["sum"];
+                let (p, l, s) = (
+                    sum["packets"].as_f64(),
+                    sum["lost_packets"].as_f64(),
+                    sum["seconds"].as_f64(),
+                );
+                match (p, l, s) {
+                    (Some(p), Some(l), Some(s)) if s > 0.0 => Ok((p - l) / s),
+                    _ => bail!("no UDP packet counts in iperf3 output"),
+                }
+            }
+        }
+        Metric::Crr | Metric::Rr => {
+            let listen = SocketAddr::from((Ipv4Addr::UNSPECIFIED, RR_PORT)).to_string();
+            let _srv = start(pinned(&e.server, me, &["rr-server", "--listen", &listen])?)?;
+            let addr = SocketAddr::from((e.target, RR_PORT)).to_string();
+            let mode = if metric == Metric::Crr { "crr" } else { "rr" };
+            let out = output(pinned(
+                &e.client,
+                me,
+                &["rr-client", "--addr", &addr, "--secs", &t, "--mode", mode],
+            )?)?;
+            out.trim().parse::<f64>().context("parse rr-client output")
+        }
+    }
+}
+
+/// Request byte asking the server to close after answering (CRR): the server side then holds
+/// TIME_WAIT, so the client never runs out of ports.
+const CLOSE_AFTER: u8 = 2;
+
+/// `rr-server`: answer each 1-byte request with 1 byte, one connection at a time.
+pub fn rr_server(listen: SocketAddr) -> Result<()> {
+    let l = TcpListener::bind(listen).with_context(|| format!("bind {listen}"))?;
+    let mut b = [0u8; 1];
+    loop {
+        let (mut s, _) = l.accept()?;
+        let _ = s.set_nodelay(true);
+        while matches!(s.read(&mut b), Ok(1)) {
+            if s.write_all(&b).is_err() || b[0] == CLOSE_AFTER {
+                break;
+            }
+        }
+    }
+}
+
+/// `rr-client`: transactions (or whole connections) per second for `secs` seconds.
+pub fn rr_client(addr: SocketAddr, secs: u64, new_connections: bool) -> Result<f64> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let start = Instant::now();
+    let mut n: u64 = 0;
+    let request = if new_connections { CLOSE_AFTER } else { 1 };
+    let mut b = [request; 1];
+    let connect = || -> Result<TcpStream> {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .with_context(|| format!("connect {addr}"))?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(s)
+    };
+    let mut conn = if new_connections {
+        None
+    } else {
+        Some(connect()?)
+    };
+    while Instant::now() < deadline {
+        let mut s = match conn.take() {
+            Some(s) => s,
+            None => connect()?,
+        };
+        s.write_all(&[request])?;
+        s.read_exact(&mut b)?;
+        n += 1;
+        if !new_connections {
+            conn = Some(s);
+        }
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Wait (at most `max`) for the 1-minute load average to drop below `below`.
+pub fn wait_idle(below: f64, max: Duration) {
+    let until = Instant::now() + max;
+    while Instant::now() < until {
+        let load = std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if load < below {
+            return;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,291 @@
+//! `bpfnat-bench`: the side-by-side benchmark behind `cargo xtask bench`. It builds five
+//! datapaths in their own namespaces — (0) direct, (a) plain routing, (b) Docker-style
+//! iptables, (c) nftables, (d) bpfnat — drives the same traffic through each, interleaved,
+//! and writes `report.md` with SVG charts. Bounded traffic, own namespaces only, everything
+//! torn down at the end.
+
+mod load;
+mod report;
+mod testrun;
+mod topo;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use clap::{Parser, Subcommand};
+
+use crate::{
+    load::Metric,
+    report::{ControlPlane, Samples, Scaling},
+    topo::{Dp, Flow, RR_PORT, Topo},
+};
+
+#[derive(Parser)]
+#[command(about = "bpfnat's side-by-side benchmark (run as root; `cargo xtask bench` wraps it)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the benchmark and write the report.
+    Run {
+        /// Short measurements, one repetition: under 3 minutes.
+        #[arg(long)]
+        quick: bool,
+        /// Where the report goes.
+        #[arg(long, default_value = "target/bench")]
+        out: PathBuf,
+        /// The bpfnat binary (default: next to this one).
+        #[arg(long)]
+        bin: Option<PathBuf>,
+    },
+    /// (internal) request/response server.
+    #[command(hide = true)]
+    RrServer {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// (internal) request/response client; prints operations per second.
+    #[command(hide = true)]
+    RrClient {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        secs: u64,
+        #[arg(long)]
+        mode: String,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::RrServer { listen } => load::rr_server(listen),
+        Cmd::RrClient { addr, secs, mode } => {
+            let rate = load::rr_client(addr, secs, mode == "crr")?;
+            println!("{rate:.1}");
+            Ok(())
+        }
+        Cmd::Run { quick, out, bin } => {
+            let me = std::env::current_exe().context("find this binary")?;
+            let bin = match bin {
+                Some(b) => b,
+                None => me
+                    .parent()
+                    .map(|d| d.join("bpfnat"))
+                    .ok_or_else(|| anyhow!("no directory for {}", me.display()))?,
+            };
+            run(&me, &bin, quick, &out)
+        }
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024 / 1024);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cpus} × {cpu}, {mem} GiB, Linux {}", kernel.trim())
+}
+
+fn run(me: &Path, bin: &Path, quick: bool, out: &Path) -> Result<()> {
+    if !bin.exists() {
+        bail!(
+            "{} not found: build it first (cargo xtask bench does)",
+            bin.display()
+        );
+    }
+    let started = Instant::now();
+    let (secs, reps) = if quick { (1, 1) } else { (3, 3) };
+    println!("bench: waiting for an idle machine");
+    load::wait_idle(0.7, Duration::from_secs(if quick { 10 } else { 60 }));
+
+    println!("bench: building the five datapaths");
+    let topos: Vec<Topo> = Dp::ALL
+        .iter()
+        .map(|dp| Topo::build(*dp, bin).with_context(|| format!("build {}", dp.label())))
+        .collect::<Result<_>>()?;
+
+    // Warm up: ARP, route caches, first connections.
+    for t in &topos {
+        for f in Flow::ALL {
+            load::measure(me, &t.endpoints(f), Metric::Rr, 1)
+                .with_context(|| format!("warm-up {} {}", t.dp.label(), f.label()))?;
+        }
+    }
+
+    let mut samples = Samples::new();
+    for rep in 0..reps {
+        for f in Flow::ALL {
+            for m in Metric::ALL {
+                for t in &topos {
+                    let v = load::measure(me, &t.endpoints(f), m, secs)
+                        .with_context(|| format!("{} {} {}", t.dp.label(), f.label(), m.label()))?;
+                    println!(
+                        "bench: rep {} {:<28} {:<24} {:<14} {v:.2}",
+                        rep + 1,
+                        f.label(),
+                        m.label(),
+                        t.dp.label()
+                    );
+                    samples.entry(report::key(t.dp, f, m)).or_default().push(v);
+                }
+            }
+        }
+    }
+
+    let scaling = scale(me, &topos, quick)?;
+    let control = control_plane(bin)?;
+
+    let d = topos
+        .iter()
+        .find(|t| t.dp == Dp::Bpfnat)
+        .and_then(|t| t.lab.as_ref())
+        .ok_or_else(|| anyhow!("bpfnat lab missing"))?;
+    let list: serde_json::Value =
+        serde_json::from_str(&d.ok(&["-o", "json", "container", "list"])?)?;
+    let c1 = &list[0];
+    let mac: Vec<u8> = c1["mac"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|b| b.as_u64())
+                .map(|b| b as u8)
+                .collect()
+        })
+        .unwrap_or_default();
+    let status: serde_json::Value = serde_json::from_str(&d.ok(&["-o", "json", "status"])?)?;
+    let paths = testrun::paths(
+        d,
+        c1["host_ifindex"].as_u64().unwrap_or(0) as u32,
+        mac.try_into()
+            .map_err(|_| anyhow!("bad MAC in container list"))?,
+        status["node"]["uplink_ifindex"].as_u64().unwrap_or(0) as u32,
+        if quick { 2_000 } else { 20_000 },
+    )?;
+    drop(topos);
+
+    report::write(
+        out,
+        &report::Report {
+            quick,
+            secs,
+            reps,
+            samples: &samples,
+            scaling: &scaling,
+            control: &control,
+            paths: &paths,
+            machine: machine(),
+            elapsed_s: started.elapsed().as_secs_f64(),
+        },
+    )?;
+    println!("bench: report in {}", out.join("report.md").display());
+    Ok(())
+}
+
+/// F3 new connections/s with N published ports, for iptables, nftables and bpfnat. New
+/// connections are where rule lists are walked: established packets skip the NAT table, and
+/// Docker accepts them before its per-port FORWARD rules.
+fn scale(me: &Path, topos: &[Topo], quick: bool) -> Result<Scaling> {
+    let ports: Vec<u32> = if quick {
+        vec![1, 1_000, 10_000]
+    } else {
+        vec![1, 100, 1_000, 10_000, 100_000]
+    };
+    let secs = if quick { 1 } else { 2 };
+    let find = |dp| {
+        topos
+            .iter()
+            .find(|t| t.dp == dp)
+            .ok_or_else(|| anyhow!("no {dp:?}"))
+    };
+    let (b, c, d) = (find(Dp::Iptables)?, find(Dp::Nftables)?, find(Dp::Bpfnat)?);
+    let lab = d
+        .lab
+        .as_ref()
+        .ok_or_else(|| anyhow!("bpfnat lab missing"))?;
+    let c1 = lab.name("c1");
+    let mut series = vec![
+        (Dp::Iptables.label(), Vec::new()),
+        (Dp::Nftables.label(), Vec::new()),
+        (Dp::Bpfnat.label(), Vec::new()),
+    ];
+    for &n in &ports {
+        let extra = n - 1;
+        let rules: Vec<u16> = (0..extra).map(|i| 10_000 + (i % 55_000) as u16).collect();
+        b.iptables_rules(&rules)?;
+        c.nft_rules(extra)?;
+        // bpfnat: the extra ports on other host addresses, 55,000 per address, clear of the
+        // ports the traffic uses.
+        let specs: Vec<String> = (0..extra.div_ceil(55_000))
+            .map(|k| {
+                let count = (extra - k * 55_000).min(55_000);
+                format!(
+                    "198.51.100.{}:10000-{}:10000-{}",
+                    10 + k,
+                    9999 + count,
+                    9999 + count
+                )
+            })
+            .collect();
+        for s in &specs {
+            lab.ok(&["port", "add", &c1, s])?;
+        }
+        for (i, t) in [b, c, d].iter().enumerate() {
+            let v = load::measure(me, &t.endpoints(Flow::Inbound), Metric::Crr, secs)?;
+            println!(
+                "bench: scaling {n:>6} ports {:<14} {v:.0} conn/s",
+                t.dp.label()
+            );
+            series[i].1.push(v);
+        }
+        for s in &specs {
+            lab.ok(&["port", "del", &c1, s])?;
+        }
+    }
+    b.iptables_rules(&[])?;
+    c.nft_rules(0)?;
+    let _ = RR_PORT;
+    Ok(Scaling { ports, series })
+}
+
+/// Wall-clock time of the control-plane operations users wait for.
+fn control_plane(bin: &Path) -> Result<ControlPlane> {
+    let lab = bpfnat::lab::Lab::new("bnb-cp", bin)?;
+    lab.ok(&["up", "--uplink", bpfnat::lab::UPLINK])?;
+    let c = lab.name("p");
+    lab.ok(&["container", "add", &c])?;
+    let t = Instant::now();
+    lab.ok(&["port", "add", &c, "10000-19999:10000-19999"])?;
+    let publish = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for i in 0..200 {
+        lab.ok(&["container", "add", &lab.name(&format!("n{i}"))])?;
+    }
+    let add = t.elapsed().as_secs_f64();
+    println!("bench: publish 10,000 ports {publish:.2} s, add 200 containers {add:.2} s");
+    Ok(ControlPlane {
+        publish_10k_ports_s: publish,
+        add_200_containers_s: add,
+    })
+}

@@ -1,0 +1,329 @@
+//! `target/bench/report.md` and its SVG charts.
+
+use std::{collections::BTreeMap, fmt::Write as _, path::Path};
+
+use anyhow::{Context as _, Result};
+
+use crate::{
+    load::Metric,
+    testrun::PathCost,
+    topo::{Dp, Flow},
+};
+
+/// Every sample of one (datapath, flow, metric).
+pub type Samples = BTreeMap<(usize, usize, usize), Vec<f64>>;
+
+pub fn key(dp: Dp, flow: Flow, m: Metric) -> (usize, usize, usize) {
+    let i = |x: usize| x;
+    (
+        i(Dp::ALL.iter().position(|d| *d == dp).unwrap_or(0)),
+        i(Flow::ALL.iter().position(|f| *f == flow).unwrap_or(0)),
+        i(Metric::ALL.iter().position(|x| *x == m).unwrap_or(0)),
+    )
+}
+
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+
+fn fmt(m: Metric, v: f64) -> String {
+    if v.is_nan() {
+        return "–".to_owned();
+    }
+    match m {
+        Metric::TcpGbps => format!("{v:.2}"),
+        _ if v >= 10_000.0 => format!("{:.0}k", v / 1000.0),
+        _ => format!("{v:.0}"),
+    }
+}
+
+pub struct Scaling {
+    pub ports: Vec<u32>,
+    /// Per datapath label: transactions/s at each port count.
+    pub series: Vec<(&'static str, Vec<f64>)>,
+}
+
+pub struct ControlPlane {
+    pub publish_10k_ports_s: f64,
+    pub add_200_containers_s: f64,
+}
+
+pub struct Report<'a> {
+    pub quick: bool,
+    pub secs: u32,
+    pub reps: usize,
+    pub samples: &'a Samples,
+    pub scaling: &'a Scaling,
+    pub control: &'a ControlPlane,
+    pub paths: &'a [PathCost],
+    pub machine: String,
+    pub elapsed_s: f64,
+}
+
+fn stat(r: &Report<'_>, dp: Dp, f: Flow, m: Metric) -> (f64, f64, f64) {
+    let v = r.samples.get(&key(dp, f, m)).cloned().unwrap_or_default();
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (median(&v), lo, hi)
+}
+
+pub fn write(dir: &Path, r: &Report<'_>) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let mut md = String::new();
+    let _ = writeln!(md, "# bpfnat benchmark\n");
+    let _ = writeln!(
+        md,
+        "{} run: {} s per measurement, {} interleaved repetition(s), endpoints pinned to CPU {}; medians with [min–max], and ratios to (a) plain routing and (b) Docker-style iptables. {:.0} s in all.\n",
+        if r.quick { "Quick" } else { "Full" },
+        r.secs,
+        r.reps,
+        crate::load::BENCH_CPU,
+        r.elapsed_s
+    );
+    let _ = writeln!(md, "Machine: {}\n", r.machine);
+    let _ = writeln!(
+        md,
+        "bpfnat runs its TC datapath (XDP off); every datapath sees the same traffic from local sockets with default offloads (TSO/GSO and tx checksum offload on).\n"
+    );
+    for f in Flow::ALL {
+        let _ = writeln!(md, "## {}\n", f.label());
+        let _ = write!(md, "| datapath |");
+        for m in Metric::ALL {
+            let _ = write!(md, " {} | ×(a) | ×(b) |", m.label());
+        }
+        let _ = write!(md, "\n| --- |");
+        for _ in Metric::ALL {
+            let _ = write!(md, " ---: | ---: | ---: |");
+        }
+        md.push('\n');
+        for dp in Dp::ALL {
+            let _ = write!(md, "| {} |", dp.label());
+            for m in Metric::ALL {
+                let (med, lo, hi) = stat(r, dp, f, m);
+                let a = stat(r, Dp::Routing, f, m).0;
+                let b = stat(r, Dp::Iptables, f, m).0;
+                let spread = if r.reps > 1 {
+                    format!(" [{}–{}]", fmt(m, lo), fmt(m, hi))
+                } else {
+                    String::new()
+                };
+                let _ = write!(
+                    md,
+                    " {}{spread} | {:.2} | {:.2} |",
+                    fmt(m, med),
+                    med / a,
+                    med / b
+                );
+            }
+            md.push('\n');
+        }
+        md.push('\n');
+    }
+    for (i, m) in Metric::ALL.iter().enumerate() {
+        let _ = writeln!(md, "![{}](chart-{i}.svg)\n", m.label());
+        std::fs::write(dir.join(format!("chart-{i}.svg")), bars(r, *m))?;
+    }
+
+    let _ = writeln!(
+        md,
+        "## Cost as published ports grow (F3, new TCP connections/s)\n"
+    );
+    let _ = writeln!(
+        md,
+        "The ports that do not match are installed in front of the one that does: iptables DNAT rules in the nat DOCKER chain and ACCEPT rules in the filter DOCKER chain (as Docker writes them), nftables map entries, bpfnat `ports` map entries. New connections are measured because that is where rule lists are walked: established packets skip the NAT table and are accepted before Docker's per-port rules.\n"
+    );
+    let _ = write!(md, "| datapath |");
+    for n in &r.scaling.ports {
+        let _ = write!(md, " {n} ports |");
+    }
+    let _ = write!(md, "\n| --- |");
+    for _ in &r.scaling.ports {
+        let _ = write!(md, " ---: |");
+    }
+    md.push('\n');
+    for (label, v) in &r.scaling.series {
+        let _ = write!(md, "| {label} |");
+        for x in v {
+            let _ = write!(md, " {} |", fmt(Metric::Crr, *x));
+        }
+        md.push('\n');
+    }
+    let _ = writeln!(md, "\n![scaling](scaling.svg)\n");
+    std::fs::write(dir.join("scaling.svg"), lines(r.scaling))?;
+
+    let _ = writeln!(md, "## Control plane\n");
+    let _ = writeln!(md, "| operation | seconds |\n| --- | ---: |");
+    let _ = writeln!(
+        md,
+        "| publish 10,000 ports (`bpfnat port add` with a range) | {:.2} |",
+        r.control.publish_10k_ports_s
+    );
+    let _ = writeln!(
+        md,
+        "| add 200 containers (`bpfnat container add`, one by one) | {:.2} |\n",
+        r.control.add_200_containers_s
+    );
+
+    let _ = writeln!(md, "## Per-path cost of the programs (BPF_PROG_TEST_RUN)\n");
+    let _ = writeln!(
+        md,
+        "One program run per sample on a fresh copy of the packet (the kernel's `repeat` would rerun on the rewritten buffer). Each sample includes the test harness's fixed cost, shown by the floor row: a frame the programs pass at once.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| path | ns/packet (median) | p90 |\n| --- | ---: | ---: |"
+    );
+    for p in r.paths {
+        let _ = writeln!(md, "| {} | {:.0} | {:.0} |", p.name, p.ns_median, p.ns_p90);
+    }
+    std::fs::write(dir.join("report.md"), md)?;
+    Ok(())
+}
+
+const COLORS: [&str; 5] = ["#9e9e9e", "#4e79a7", "#e15759", "#f28e2b", "#59a14f"];
+
+/// Grouped bars: one group per flow, one bar per datapath.
+fn bars(r: &Report<'_>, m: Metric) -> String {
+    let (w, h, left, bottom) = (760.0, 340.0, 70.0, 60.0);
+    let max = Flow::ALL
+        .iter()
+        .flat_map(|f| Dp::ALL.iter().map(move |d| stat(r, *d, *f, m).0))
+        .filter(|v| v.is_finite())
+        .fold(0.0_f64, f64::max)
+        .max(1e-9);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<text x=\"{left}\" y=\"18\" font-size=\"14\">{}</text>\n",
+        m.label()
+    );
+    let plot_h = h - bottom - 30.0;
+    let group_w = (w - left - 20.0) / Flow::ALL.len() as f64;
+    let bar_w = group_w / (Dp::ALL.len() as f64 + 1.0);
+    for (fi, f) in Flow::ALL.iter().enumerate() {
+        let gx = left + fi as f64 * group_w;
+        for (di, dp) in Dp::ALL.iter().enumerate() {
+            let v = stat(r, *dp, *f, m).0;
+            let v = if v.is_finite() { v } else { 0.0 };
+            let bh = plot_h * v / max;
+            let x = gx + (di as f64 + 0.5) * bar_w;
+            let y = h - bottom - bh;
+            let _ = writeln!(
+                s,
+                "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"{}\"><title>{} {}: {}</title></rect>",
+                bar_w * 0.9,
+                COLORS[di],
+                dp.label(),
+                f.label(),
+                fmt(m, v)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
+            gx + group_w / 2.0,
+            h - bottom + 16.0,
+            f.label()
+        );
+    }
+    let _ = writeln!(
+        s,
+        "<line x1=\"{left}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#333\"/>",
+        h - bottom,
+        w - 10.0,
+        h - bottom
+    );
+    let _ = writeln!(
+        s,
+        "<text x=\"4\" y=\"{:.1}\">{}</text>",
+        h - bottom - plot_h,
+        fmt(m, max)
+    );
+    for (di, dp) in Dp::ALL.iter().enumerate() {
+        let x = left + di as f64 * 130.0;
+        let _ = writeln!(
+            s,
+            "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{:.1}\">{}</text>",
+            h - 22.0,
+            COLORS[di],
+            x + 14.0,
+            h - 13.0,
+            dp.label()
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// Transactions/s against the number of published ports (log scale).
+fn lines(sc: &Scaling) -> String {
+    let (w, h, left, bottom) = (760.0, 340.0, 70.0, 60.0);
+    let max = sc
+        .series
+        .iter()
+        .flat_map(|(_, v)| v.iter().copied())
+        .filter(|v| v.is_finite())
+        .fold(0.0_f64, f64::max)
+        .max(1e-9);
+    let n = sc.ports.len().max(2) as f64 - 1.0;
+    let plot_w = w - left - 30.0;
+    let plot_h = h - bottom - 30.0;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<text x=\"{left}\" y=\"18\" font-size=\"14\">new TCP connections/s (F3) vs published ports</text>\n"
+    );
+    for (i, p) in sc.ports.iter().enumerate() {
+        let x = left + plot_w * i as f64 / n;
+        let _ = writeln!(
+            s,
+            "<text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{p}</text>",
+            h - bottom + 16.0
+        );
+    }
+    for (si, (label, v)) in sc.series.iter().enumerate() {
+        let color = COLORS[(si + 2).min(4)];
+        let pts: Vec<String> = v
+            .iter()
+            .enumerate()
+            .map(|(i, y)| {
+                let y = if y.is_finite() { *y } else { 0.0 };
+                format!(
+                    "{:.1},{:.1}",
+                    left + plot_w * i as f64 / n,
+                    h - bottom - plot_h * y / max
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>",
+            pts.join(" ")
+        );
+        let x = left + si as f64 * 160.0;
+        let _ = writeln!(
+            s,
+            "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"10\" height=\"10\" fill=\"{color}\"/><text x=\"{:.1}\" y=\"{:.1}\">{label}</text>",
+            h - 22.0,
+            x + 14.0,
+            h - 13.0
+        );
+    }
+    let _ = writeln!(
+        s,
+        "<line x1=\"{left}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#333\"/>",
+        h - bottom,
+        w - 10.0,
+        h - bottom
+    );
+    let _ = writeln!(
+        s,
+        "<text x=\"4\" y=\"{:.1}\">{}</text>",
+        h - bottom - plot_h,
+        fmt(Metric::Crr, max)
+    );
+    s.push_str("</svg>\n");
+    s
+}

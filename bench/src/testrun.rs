@@ -1,0 +1,168 @@
+//! Per-program cost with BPF_PROG_TEST_RUN: each run gets a fresh copy of its packet (the
+//! kernel's `repeat` would rerun on the already rewritten buffer), and each "new connection"
+//! run a new source port, so every run measures the path it is named after.
+
+use std::net::Ipv4Addr;
+
+use anyhow::{Context as _, Result};
+use aya::{TestRun as _, TestRunOptions, programs::SchedClassifier};
+use bpfnat::lab::Lab;
+use bpfnat_tests::packet::{self, PROTO_TCP, PROTO_UDP};
+
+use crate::topo::{C1, EXT, NODE, RR_PORT};
+
+pub struct PathCost {
+    pub name: &'static str,
+    pub ns_median: f64,
+    pub ns_p90: f64,
+}
+
+fn median_p90(mut v: Vec<u64>) -> (f64, f64) {
+    v.sort_unstable();
+    let at = |q: f64| {
+        v.get(((v.len() as f64 - 1.0) * q) as usize)
+            .copied()
+            .unwrap_or(0) as f64
+    };
+    (at(0.5), at(0.9))
+}
+
+/// `runs` runs of program `prog` as if on `ifindex`, packet `i` from `make(i)`.
+fn cost(
+    lab: &Lab,
+    prog: &str,
+    ifindex: u32,
+    runs: u32,
+    make: impl Fn(u32) -> Vec<u8> + Send + 'static,
+) -> Result<(f64, f64)> {
+    let pin = lab.bpffs_dir.join("v1/progs").join(prog);
+    let samples = bpfnat::netns::run_in(&lab.node, move || {
+        let p = SchedClassifier::from_pin(&pin)?;
+        let mut ctx = [0u8; 192];
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; 2048];
+        let mut v = Vec::with_capacity(runs as usize);
+        for i in 0..runs {
+            let data = make(i);
+            let r = p.test_run(TestRunOptions {
+                data_in: Some(&data),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::default()
+            })?;
+            v.push(r.duration.as_nanos() as u64);
+        }
+        Ok(v)
+    })
+    .context("BPF_PROG_TEST_RUN")?;
+    Ok(median_p90(samples))
+}
+
+/// The four paths, measured on the bpfnat lab (whose c1 publishes RR_PORT).
+pub fn paths(
+    lab: &Lab,
+    c1_ifindex: u32,
+    c1_mac: [u8; 6],
+    uplink_ifindex: u32,
+    runs: u32,
+) -> Result<Vec<PathCost>> {
+    const ANY: [u8; 6] = [0xee; 6];
+    const EXT_MAC: [u8; 6] = [2, 0, 198, 51, 100, 1];
+    let far = Ipv4Addr::new(203, 0, 113, 80);
+    let mut out = Vec::new();
+
+    // Established: one connection, created by the first packet, hit by every run.
+    let est = move |_| {
+        packet::frame(
+            c1_mac,
+            ANY,
+            C1,
+            far,
+            PROTO_TCP,
+            &packet::tcp(C1, far, 33000, 443, 0x10),
+        )
+    };
+    let _ = cost(lab, "tc_container", c1_ifindex, 1, est)?;
+    let (m, p) = cost(lab, "tc_container", c1_ifindex, runs, est)?;
+    out.push(PathCost {
+        name: "established (container → outside, conntrack hit)",
+        ns_median: m,
+        ns_p90: p,
+    });
+
+    let snat = move |i: u32| {
+        let sport = 1024 + (i % 60000) as u16;
+        let dst = Ipv4Addr::new(203, 0, 113, 1 + (i / 60000) as u8);
+        packet::frame(
+            c1_mac,
+            ANY,
+            C1,
+            dst,
+            PROTO_UDP,
+            &packet::udp(C1, dst, sport, 53, true),
+        )
+    };
+    let (m, p) = cost(lab, "tc_container", c1_ifindex, runs, snat)?;
+    out.push(PathCost {
+        name: "new MASQUERADE connection",
+        ns_median: m,
+        ns_p90: p,
+    });
+
+    let dnat = move |i: u32| {
+        let sport = 1024 + (i % 60000) as u16;
+        let src = Ipv4Addr::new(198, 51, 100, 100 + (i / 60000) as u8);
+        packet::frame(
+            EXT_MAC,
+            ANY,
+            src,
+            NODE,
+            PROTO_TCP,
+            &packet::tcp(src, NODE, sport, RR_PORT, 0x02),
+        )
+    };
+    let (m, p) = cost(lab, "tc_uplink", uplink_ifindex, runs, dnat)?;
+    out.push(PathCost {
+        name: "new connection to a published port",
+        ns_median: m,
+        ns_p90: p,
+    });
+
+    let floor = move |_| {
+        let mut f = packet::frame(
+            EXT_MAC,
+            ANY,
+            EXT,
+            NODE,
+            PROTO_TCP,
+            &packet::tcp(EXT, NODE, 40000, 22, 0x10),
+        );
+        // An EtherType nobody uses: the program returns at its first check.
+        f[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
+        f
+    };
+    let (m, p) = cost(lab, "tc_uplink", uplink_ifindex, runs, floor)?;
+    out.push(PathCost {
+        name: "floor (non-IP frame, passed at once)",
+        ns_median: m,
+        ns_p90: p,
+    });
+
+    let miss = move |_| {
+        packet::frame(
+            EXT_MAC,
+            ANY,
+            EXT,
+            NODE,
+            PROTO_TCP,
+            &packet::tcp(EXT, NODE, 40000, 22, 0x10),
+        )
+    };
+    let (m, p) = cost(lab, "tc_uplink", uplink_ifindex, runs, miss)?;
+    out.push(PathCost {
+        name: "miss (the node's own traffic, passed to the stack)",
+        ns_median: m,
+        ns_p90: p,
+    });
+    Ok(out)
+}
