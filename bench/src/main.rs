@@ -45,6 +45,13 @@ enum Cmd {
         #[arg(long)]
         bin: Option<PathBuf>,
     },
+    /// Only the per-path BPF_PROG_TEST_RUN costs (for profiling the programs).
+    Paths {
+        #[arg(long)]
+        bin: Option<PathBuf>,
+        #[arg(long, default_value_t = 20_000)]
+        runs: u32,
+    },
     /// (internal) request/response server.
     #[command(hide = true)]
     RrServer {
@@ -73,16 +80,57 @@ fn main() -> Result<()> {
         }
         Cmd::Run { quick, out, bin } => {
             let me = std::env::current_exe().context("find this binary")?;
-            let bin = match bin {
-                Some(b) => b,
-                None => me
-                    .parent()
-                    .map(|d| d.join("bpfnat"))
-                    .ok_or_else(|| anyhow!("no directory for {}", me.display()))?,
-            };
+            let bin = bpfnat_bin(&me, bin)?;
             run(&me, &bin, quick, &out)
         }
+        Cmd::Paths { bin, runs } => {
+            let me = std::env::current_exe().context("find this binary")?;
+            let topo = Topo::build(Dp::Bpfnat, &bpfnat_bin(&me, bin)?)?;
+            for p in paths_of(&topo, runs)? {
+                println!("{:>6.0} ns  p90 {:>6.0}  {}", p.ns_median, p.ns_p90, p.name);
+            }
+            Ok(())
+        }
     }
+}
+
+fn bpfnat_bin(me: &Path, bin: Option<PathBuf>) -> Result<PathBuf> {
+    match bin {
+        Some(b) => Ok(b),
+        None => me
+            .parent()
+            .map(|d| d.join("bpfnat"))
+            .ok_or_else(|| anyhow!("no directory for {}", me.display())),
+    }
+}
+
+/// The per-path costs on the bpfnat datapath of `t`.
+fn paths_of(t: &Topo, runs: u32) -> Result<Vec<testrun::PathCost>> {
+    let d = t
+        .lab
+        .as_ref()
+        .ok_or_else(|| anyhow!("bpfnat lab missing"))?;
+    let list: serde_json::Value =
+        serde_json::from_str(&d.ok(&["-o", "json", "container", "list"])?)?;
+    let c1 = &list[0];
+    let mac: Vec<u8> = c1["mac"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|b| b.as_u64())
+                .map(|b| b as u8)
+                .collect()
+        })
+        .unwrap_or_default();
+    let status: serde_json::Value = serde_json::from_str(&d.ok(&["-o", "json", "status"])?)?;
+    testrun::paths(
+        d,
+        c1["host_ifindex"].as_u64().unwrap_or(0) as u32,
+        mac.try_into()
+            .map_err(|_| anyhow!("bad MAC in container list"))?,
+        status["node"]["uplink_ifindex"].as_u64().unwrap_or(0) as u32,
+        runs,
+    )
 }
 
 fn machine() -> String {
@@ -160,29 +208,8 @@ fn run(me: &Path, bin: &Path, quick: bool, out: &Path) -> Result<()> {
     let d = topos
         .iter()
         .find(|t| t.dp == Dp::Bpfnat)
-        .and_then(|t| t.lab.as_ref())
-        .ok_or_else(|| anyhow!("bpfnat lab missing"))?;
-    let list: serde_json::Value =
-        serde_json::from_str(&d.ok(&["-o", "json", "container", "list"])?)?;
-    let c1 = &list[0];
-    let mac: Vec<u8> = c1["mac"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|b| b.as_u64())
-                .map(|b| b as u8)
-                .collect()
-        })
-        .unwrap_or_default();
-    let status: serde_json::Value = serde_json::from_str(&d.ok(&["-o", "json", "status"])?)?;
-    let paths = testrun::paths(
-        d,
-        c1["host_ifindex"].as_u64().unwrap_or(0) as u32,
-        mac.try_into()
-            .map_err(|_| anyhow!("bad MAC in container list"))?,
-        status["node"]["uplink_ifindex"].as_u64().unwrap_or(0) as u32,
-        if quick { 2_000 } else { 20_000 },
-    )?;
+        .ok_or_else(|| anyhow!("bpfnat datapath missing"))?;
+    let paths = paths_of(d, if quick { 2_000 } else { 20_000 })?;
     drop(topos);
 
     report::write(
