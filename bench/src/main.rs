@@ -52,6 +52,22 @@ enum Cmd {
         #[arg(long, default_value_t = 20_000)]
         runs: u32,
     },
+    /// (internal) UDP flood, 64-byte datagrams in sendmmsg batches; prints the count sent.
+    #[command(hide = true)]
+    UdpFlood {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        secs: u64,
+    },
+    /// (internal) UDP sink; prints the count received.
+    #[command(hide = true)]
+    UdpSink {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        secs: u64,
+    },
     /// (internal) request/response server.
     #[command(hide = true)]
     RrServer {
@@ -73,6 +89,14 @@ enum Cmd {
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::RrServer { listen } => load::rr_server(listen),
+        Cmd::UdpFlood { addr, secs } => {
+            println!("{}", load::udp_flood(addr, secs)?);
+            Ok(())
+        }
+        Cmd::UdpSink { listen, secs } => {
+            println!("{}", load::udp_sink(listen, secs)?);
+            Ok(())
+        }
         Cmd::RrClient { addr, secs, mode } => {
             let rate = load::rr_client(addr, secs, mode == "crr")?;
             println!("{rate:.1}");

@@ -97,11 +97,6 @@ fn inner(ctx: &TcContext, p: &Ip4) -> Option<Inner> {
     })
 }
 
-#[inline(always)]
-fn helper(r: Result<(), i64>) -> Result<(), Reason> {
-    r.map_err(|_| Reason::DropHelper)
-}
-
 /// Rewrite a quoted address (at `field` within the quoted header) and its header checksum.
 #[inline(always)]
 fn set_inner_addr(
@@ -118,11 +113,12 @@ fn set_inner_addr(
         u64::from(u32::from_ne_bytes(old)),
         u64::from(u32::from_ne_bytes(new)),
     );
-    helper(ctx.l3_csum_replace(i.ip_off + 10, o, n, 4))?;
-    helper(ctx.store(i.ip_off + field, &new, 0))
+    nat::helper(ctx.l3_csum_replace(i.ip_off + 10, o, n, 4))?;
+    nat::helper(ctx.store(i.ip_off + field, &new, 0))
 }
 
-/// Rewrite a quoted port or echo id at `off`, folding the change into the ICMP checksum.
+/// Rewrite a quoted port or echo id at `off`: the outer packet is ICMP, so `set_port` folds
+/// the change into the ICMP checksum.
 #[inline(always)]
 fn set_inner_port(
     ctx: &TcContext,
@@ -134,12 +130,7 @@ fn set_inner_port(
     if old == new {
         return Ok(());
     }
-    let (o, n) = (
-        u64::from(u16::from_ne_bytes(old)),
-        u64::from(u16::from_ne_bytes(new)),
-    );
-    helper(ctx.l4_csum_replace(p.l4_off + 2, o, n, 2))?;
-    helper(ctx.store(off, &new, 0))
+    nat::set_port(ctx, p, off, old, new)
 }
 
 /// Translate the error `p` if it is about a tracked connection. `Ok(false)`: it is not.

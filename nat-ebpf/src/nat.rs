@@ -13,7 +13,7 @@ use crate::parse::{
 };
 
 #[inline(always)]
-fn helper(r: Result<(), i64>) -> Result<(), Reason> {
+pub fn helper(r: Result<(), i64>) -> Result<(), Reason> {
     r.map_err(|_| Reason::DropHelper)
 }
 
@@ -56,7 +56,7 @@ fn set_addr(
 
 /// Replace a port (or the ICMP echo id) at `off` and fix the L4 checksum.
 #[inline(always)]
-fn set_port(
+pub fn set_port(
     ctx: &TcContext,
     p: &Ip4,
     off: usize,

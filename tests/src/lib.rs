@@ -112,3 +112,46 @@ pub fn flows(lab: &Lab) -> Vec<serde_json::Value> {
         .expect("flow array")
         .clone()
 }
+
+/// A container as the tests need to address it.
+pub struct ContainerInfo {
+    pub ns: PathBuf,
+    pub ip: Ipv4Addr,
+    pub mac: [u8; 6],
+    /// The host veth's MAC: the gateway's, as the container sees it.
+    pub host_mac: [u8; 6],
+    pub host_ifindex: u32,
+}
+
+/// `bpfnat container add <lab>-short ARGS` and what `container list` says about it.
+#[must_use]
+pub fn add_container(lab: &Lab, short: &str, args: &[&str]) -> ContainerInfo {
+    let name = lab.name(short);
+    let mut a = vec!["container", "add", name.as_str()];
+    a.extend_from_slice(args);
+    lab.ok(&a).expect("container add");
+    let list = json(lab, &["container", "list"]);
+    let c = list
+        .as_array()
+        .expect("container array")
+        .iter()
+        .find(|c| c["name"] == name)
+        .expect("the new container is listed")
+        .clone();
+    let mac = |k: &str| -> [u8; 6] {
+        let v: Vec<u8> = c[k]
+            .as_array()
+            .expect("MAC array")
+            .iter()
+            .map(|b| b.as_u64().expect("MAC byte") as u8)
+            .collect();
+        v.try_into().expect("6-byte MAC")
+    };
+    ContainerInfo {
+        ns: lab.container_ns(&name),
+        ip: c["ip"].as_str().expect("ip").parse().expect("IPv4"),
+        mac: mac("mac"),
+        host_mac: mac("host_mac"),
+        host_ifindex: c["host_ifindex"].as_u64().expect("ifindex") as u32,
+    }
+}

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 
 use aya::{TestRun as _, TestRunOptions, programs::SchedClassifier};
 use bpfnat_tests::{
-    EXT_ADDR, Lab, NODE_ADDR, UPLINK, counter, json, lab,
+    ContainerInfo, EXT_ADDR, Lab, NODE_ADDR, UPLINK, add_container, counter, json, lab,
     packet::{self, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
 };
 
@@ -43,35 +43,10 @@ fn run(lab: &Lab, prog: &str, ifindex: u32, frame: Vec<u8>) -> Ran {
     .expect("BPF_PROG_TEST_RUN")
 }
 
-struct Box1 {
-    ip: Ipv4Addr,
-    mac: [u8; 6],
-    ifindex: u32,
-}
-
-fn container(lab: &Lab, short: &str, ip: &str, extra: &[&str]) -> Box1 {
-    let name = lab.name(short);
-    let mut args = vec!["container", "add", name.as_str(), "--ip", ip];
+fn container(lab: &Lab, short: &str, ip: &str, extra: &[&str]) -> ContainerInfo {
+    let mut args = vec!["--ip", ip];
     args.extend_from_slice(extra);
-    lab.ok(&args).unwrap();
-    let list = json(lab, &["container", "list"]);
-    let c = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap();
-    let mac: Vec<u8> = c["mac"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b.as_u64().unwrap() as u8)
-        .collect();
-    Box1 {
-        ip: ip.parse().unwrap(),
-        mac: mac.try_into().unwrap(),
-        ifindex: c["host_ifindex"].as_u64().unwrap() as u32,
-    }
+    add_container(lab, short, &args)
 }
 
 fn uplink_ifindex(lab: &Lab) -> u32 {
@@ -154,7 +129,7 @@ fn dnat_rewrites_destination_and_keeps_checksums_valid() {
         PROTO_TCP,
         &packet::tcp(web.ip, EXT_ADDR, 80, 40000, SYN | 0x10),
     );
-    let r = run(&lab, "tc_container", web.ifindex, synack);
+    let r = run(&lab, "tc_container", web.host_ifindex, synack);
     assert!(
         r.action == TC_ACT_REDIRECT || r.action == 0,
         "action {}",
@@ -181,7 +156,7 @@ fn snat_rewrites_source_and_keeps_checksums_valid() {
         PROTO_TCP,
         &packet::tcp(c.ip, EXT_ADDR, 40000, 80, SYN),
     );
-    let r = run(&lab, "tc_container", c.ifindex, syn);
+    let r = run(&lab, "tc_container", c.host_ifindex, syn);
     assert_eq!(r.action, TC_ACT_REDIRECT, "sent on to the uplink");
     let s = packet::verify(&r.out);
     assert_eq!(
@@ -199,7 +174,7 @@ fn snat_rewrites_source_and_keeps_checksums_valid() {
         PROTO_ICMP,
         &packet::echo_request(777, 1),
     );
-    let s = packet::verify(&run(&lab, "tc_container", c.ifindex, ping).out);
+    let s = packet::verify(&run(&lab, "tc_container", c.host_ifindex, ping).out);
     assert_eq!((s.src, s.sport), (NODE_ADDR, 777));
 
     // The reply comes back to the container, checksums intact.
@@ -233,7 +208,7 @@ fn snat_port_allocation_stays_in_range_and_counts_exhaustion() {
             PROTO_UDP,
             &packet::udp(c.ip, dst, 5000, 53, true),
         );
-        let r = run(&lab, "tc_container", c.ifindex, f);
+        let r = run(&lab, "tc_container", c.host_ifindex, f);
         assert_eq!(r.action, TC_ACT_REDIRECT);
         let s = packet::verify(&r.out);
         assert_eq!(s.src, NODE_ADDR);
@@ -254,7 +229,7 @@ fn snat_port_allocation_stays_in_range_and_counts_exhaustion() {
         &packet::udp(d.ip, dst, 5000, 53, true),
     );
     assert_eq!(
-        run(&lab, "tc_container", d.ifindex, f).action,
+        run(&lab, "tc_container", d.host_ifindex, f).action,
         TC_ACT_SHOT,
         "range exhausted"
     );
@@ -271,7 +246,7 @@ fn snat_port_allocation_stays_in_range_and_counts_exhaustion() {
         &packet::udp(d.ip, dst, 5000, 53, true),
     );
     assert_eq!(
-        run(&lab, "tc_container", d.ifindex, f).action,
+        run(&lab, "tc_container", d.host_ifindex, f).action,
         TC_ACT_REDIRECT
     );
 }
@@ -292,7 +267,7 @@ fn malformed_and_spoofed_packets_are_dropped_and_counted() {
 
     let truncated = good[..14 + 20 + 6].to_vec();
     assert_eq!(
-        run(&lab, "tc_container", c.ifindex, truncated).action,
+        run(&lab, "tc_container", c.host_ifindex, truncated).action,
         TC_ACT_SHOT
     );
     assert_eq!(counter(&lab, "drop_truncated"), 1);
@@ -300,7 +275,7 @@ fn malformed_and_spoofed_packets_are_dropped_and_counted() {
     let mut bad_ihl = good.clone();
     bad_ihl[14] = 0x43;
     assert_eq!(
-        run(&lab, "tc_container", c.ifindex, bad_ihl).action,
+        run(&lab, "tc_container", c.host_ifindex, bad_ihl).action,
         TC_ACT_SHOT
     );
     assert_eq!(counter(&lab, "drop_truncated"), 2);
@@ -315,7 +290,7 @@ fn malformed_and_spoofed_packets_are_dropped_and_counted() {
         &packet::tcp(other, EXT_ADDR, 40000, 80, SYN),
     );
     assert_eq!(
-        run(&lab, "tc_container", c.ifindex, spoofed).action,
+        run(&lab, "tc_container", c.host_ifindex, spoofed).action,
         TC_ACT_SHOT
     );
     let wrong_mac = packet::frame(
@@ -327,7 +302,7 @@ fn malformed_and_spoofed_packets_are_dropped_and_counted() {
         &packet::tcp(c.ip, EXT_ADDR, 40000, 80, SYN),
     );
     assert_eq!(
-        run(&lab, "tc_container", c.ifindex, wrong_mac).action,
+        run(&lab, "tc_container", c.host_ifindex, wrong_mac).action,
         TC_ACT_SHOT
     );
     assert_eq!(counter(&lab, "drop_spoof"), 2);
@@ -347,7 +322,7 @@ fn malformed_and_spoofed_packets_are_dropped_and_counted() {
     );
     frag[24..26].copy_from_slice(&ipc.to_be_bytes());
     assert_eq!(
-        run(&lab, "tc_container", c.ifindex, frag).action,
+        run(&lab, "tc_container", c.host_ifindex, frag).action,
         TC_ACT_SHOT
     );
     assert_eq!(counter(&lab, "drop_fragment"), 1);

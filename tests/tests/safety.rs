@@ -4,49 +4,19 @@
 use std::{net::Ipv4Addr, os::fd::AsRawFd as _, process::Command, time::Duration};
 
 use bpfnat_tests::{
-    EXT_ADDR, NODE_ADDR, counter, json, lab_up,
+    ContainerInfo, EXT_ADDR, NODE_ADDR, add_container, counter, json, lab_up,
     packet::{self, PROTO_UDP},
     traffic, v4,
 };
 
 const WINDOW: Duration = Duration::from_secs(5);
 
-struct Box1 {
-    ns: std::path::PathBuf,
-    ip: Ipv4Addr,
-    mac: [u8; 6],
-    gw_mac: [u8; 6],
-}
-
-fn container(lab: &bpfnat_tests::Lab, short: &str) -> Box1 {
-    let name = lab.name(short);
-    lab.ok(&["container", "add", &name]).unwrap();
-    let list = json(lab, &["container", "list"]);
-    let c = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap();
-    let mac = |k: &str| -> [u8; 6] {
-        let v: Vec<u8> = c[k]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|b| b.as_u64().unwrap() as u8)
-            .collect();
-        v.try_into().unwrap()
-    };
-    Box1 {
-        ns: lab.container_ns(&name),
-        ip: c["ip"].as_str().unwrap().parse().unwrap(),
-        mac: mac("mac"),
-        gw_mac: mac("host_mac"),
-    }
+fn container(lab: &bpfnat_tests::Lab, short: &str) -> ContainerInfo {
+    add_container(lab, short, &[])
 }
 
 /// Write `frame` as it is on the container's eth0 (AF_PACKET), bypassing its IP stack.
-fn send_raw(c: &Box1, frame: Vec<u8>) {
+fn send_raw(c: &ContainerInfo, frame: Vec<u8>) {
     bpfnat::netns::run_in(&c.ns, move || {
         // SAFETY: plain socket syscalls on a descriptor owned by this closure.
         unsafe {
@@ -96,23 +66,23 @@ fn a_container_cannot_send_with_another_address_or_mac() {
     // Honest frame first: proves the raw path itself reaches the external host.
     send_raw(
         &c,
-        packet::frame(c.mac, c.gw_mac, c.ip, EXT_ADDR, PROTO_UDP, &udp(c.ip)),
+        packet::frame(c.mac, c.host_mac, c.ip, EXT_ADDR, PROTO_UDP, &udp(c.ip)),
     );
     // Another container's address, an address nobody has, and a forged MAC.
     let victim = Ipv4Addr::new(10, 88, 0, 3);
     send_raw(
         &c,
-        packet::frame(c.mac, c.gw_mac, victim, EXT_ADDR, PROTO_UDP, &udp(victim)),
+        packet::frame(c.mac, c.host_mac, victim, EXT_ADDR, PROTO_UDP, &udp(victim)),
     );
     let nobody = Ipv4Addr::new(10, 88, 9, 9);
     send_raw(
         &c,
-        packet::frame(c.mac, c.gw_mac, nobody, EXT_ADDR, PROTO_UDP, &udp(nobody)),
+        packet::frame(c.mac, c.host_mac, nobody, EXT_ADDR, PROTO_UDP, &udp(nobody)),
     );
     let forged = [0x02, 0x42, 10, 88, 0, 3];
     send_raw(
         &c,
-        packet::frame(forged, c.gw_mac, c.ip, EXT_ADDR, PROTO_UDP, &udp(c.ip)),
+        packet::frame(forged, c.host_mac, c.ip, EXT_ADDR, PROTO_UDP, &udp(c.ip)),
     );
 
     let seen = echo.join().unwrap();
@@ -127,7 +97,7 @@ fn truncated_headers_are_dropped_and_counted() {
     let c = container(&lab, "c");
     let good = packet::frame(
         c.mac,
-        c.gw_mac,
+        c.host_mac,
         c.ip,
         EXT_ADDR,
         PROTO_UDP,

@@ -23,8 +23,8 @@ use aya::{
     EbpfLoader,
     maps::{Array, HashMap, Map, MapData, MapInfo, MapType, PerCpuArray},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, CgroupSockAddrAttachType, SchedClassifier, TcAttachType,
-        links::FdLink,
+        CgroupAttachMode, CgroupSockAddr, CgroupSockAddrAttachType, Program, SchedClassifier,
+        TcAttachType, links::FdLink,
     },
 };
 use nat_common::{
@@ -211,27 +211,23 @@ pub fn install(pins: &Pins, conntrack_max: u32) -> Result<()> {
     }
     loader.map_max_entries(map_names::CONNTRACK, conntrack_max);
     let mut ebpf = loader.load(OBJECT).context("load the eBPF object")?;
-    for name in PROGS {
-        let prog: &mut SchedClassifier = ebpf
+    let names = PROGS
+        .iter()
+        .copied()
+        .chain(SOCK_PROGS.iter().map(|(n, _)| *n));
+    for name in names {
+        let prog = ebpf
             .program_mut(name)
-            .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
-            .try_into()
-            .with_context(|| format!("{name} is not a TC program"))?;
-        prog.load()
-            .with_context(|| format!("load program {name} (verifier)"))?;
-        let path = pins.prog(name);
-        remove_pin(&path)?;
-        prog.pin(&path)
-            .with_context(|| format!("pin program {name} at {}", path.display()))?;
-    }
-    for (name, _) in SOCK_PROGS {
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
-            .try_into()
-            .with_context(|| format!("{name} is not a cgroup sock_addr program"))?;
-        prog.load()
-            .with_context(|| format!("load program {name} (verifier)"))?;
+            .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
+        match prog {
+            Program::SchedClassifier(p) => p.load(),
+            Program::CgroupSockAddr(p) => p.load(),
+            other => bail!(
+                "program {name} has an unexpected type {:?}",
+                other.prog_type()
+            ),
+        }
+        .with_context(|| format!("load program {name} (verifier)"))?;
         let path = pins.prog(name);
         remove_pin(&path)?;
         prog.pin(&path)
