@@ -242,6 +242,19 @@ pub fn udp_flood(addr: SocketAddr, secs: u64) -> Result<u64> {
 pub fn udp_sink(listen: SocketAddr, secs: u64) -> Result<u64> {
     let sock = std::net::UdpSocket::bind(listen).with_context(|| format!("bind {listen}"))?;
     sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+    // Sender and sink share one CPU: a default-sized receive buffer would overflow while the
+    // sender runs its time slice, and measure the scheduler instead of the datapath.
+    let size: libc::c_int = 256 << 20;
+    // SAFETY: setsockopt with a valid int.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&raw const size).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
     let mut bufs = vec![[0u8; 256]; BATCH];
     let mut iov: Vec<libc::iovec> = bufs
         .iter_mut()
