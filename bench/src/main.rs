@@ -113,6 +113,15 @@ fn main() -> Result<()> {
             for p in paths_of(&topo, runs)? {
                 println!("{:>6.0} ns  p90 {:>6.0}  {}", p.ns_median, p.ns_p90, p.name);
             }
+            if let Some(lab) = &topo.lab {
+                let stats = lab.ok(&["stats"])?;
+                for l in stats
+                    .lines()
+                    .filter(|l| l.split_whitespace().nth(1).is_some_and(|n| n != "0"))
+                {
+                    println!("  {l}");
+                }
+            }
             Ok(())
         }
     }
@@ -134,6 +143,13 @@ fn paths_of(t: &Topo, runs: u32) -> Result<Vec<testrun::PathCost>> {
         .lab
         .as_ref()
         .ok_or_else(|| anyhow!("bpfnat lab missing"))?;
+    // The node must know its next hop's MAC, as it would after any traffic: otherwise every
+    // run takes the "neighbour unresolved" path.
+    let mut ping = std::process::Command::new("ping");
+    ping.args(["-c", "1", "-W", "1", &topo::EXT.to_string()])
+        .stdout(std::process::Stdio::null());
+    bpfnat::netns::command_in(&mut ping, &d.node)?;
+    let _ = ping.status();
     let list: serde_json::Value =
         serde_json::from_str(&d.ok(&["-o", "json", "container", "list"])?)?;
     let c1 = &list[0];

@@ -420,8 +420,21 @@ pub struct CtEntry {
     pub bytes: u64,
     /// `CT_FIN_*` bits; kept equal in both entries.
     pub flags: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
+    /// Next hop cached from the FIB for packets of this direction leaving by the uplink:
+    /// egress ifindex (0 = none cached).
+    pub nh_ifindex: u32,
+    /// Next hop's MAC.
+    pub nh_dmac: [u8; 6],
+    /// Egress interface's MAC.
+    pub nh_smac: [u8; 6],
+    pub _pad2: [u8; 4],
+    /// `bpf_ktime_get_boot_ns` until which the cached next hop is used without a FIB lookup.
+    pub nh_until_ns: u64,
 }
+
+/// How long a cached next hop is trusted: route and neighbour changes take effect within it.
+pub const NEXT_HOP_CACHE_NS: u64 = 1_000_000_000;
 
 /// Why a packet was counted: the index into the per-CPU `stats` array.
 ///
@@ -485,10 +498,12 @@ pub enum Reason {
     SockXlate = 24,
     /// An ICMP error about a tracked connection, translated outside and inside.
     IcmpError = 25,
+    /// Redirected to the uplink with the next hop cached in the conntrack entry.
+    NextHopCached = 26,
 }
 
 /// Number of `Reason` slots in the `stats` array.
-pub const REASON_COUNT: u32 = 26;
+pub const REASON_COUNT: u32 = 27;
 
 impl Reason {
     /// Every reason with its stable name, in index order.
@@ -519,6 +534,7 @@ impl Reason {
         (Self::StaticNat, "static_nat"),
         (Self::SockXlate, "sock_xlate"),
         (Self::IcmpError, "icmp_error"),
+        (Self::NextHopCached, "next_hop_cached"),
     ];
 }
 
@@ -575,7 +591,7 @@ mod tests {
     #[test]
     fn layouts_have_the_sizes_bpftool_shows() {
         assert_eq!(size_of::<CtKey>(), 16);
-        assert_eq!(size_of::<CtEntry>(), 64);
+        assert_eq!(size_of::<CtEntry>(), 88);
         assert_eq!(size_of::<PortKey>(), 8);
         assert_eq!(size_of::<PortTarget>(), 12);
         assert_eq!(size_of::<Endpoint>(), 20);

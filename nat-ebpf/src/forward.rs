@@ -7,7 +7,9 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
-use nat_common::{Config, Endpoint, Reason, STATIC_EXTERNAL, StaticNat};
+use nat_common::{
+    Config, CtEntry, Endpoint, NEXT_HOP_CACHE_NS, Reason, STATIC_EXTERNAL, StaticNat,
+};
 use network_types::{arp::ArpHdr, eth::EthHdr};
 
 use crate::{
@@ -173,6 +175,36 @@ pub fn fib(ctx: &TcContext, p: &Ip4, ifindex: u32) -> (i64, FibParams) {
 #[inline(always)]
 pub fn fib_forwards(rc: i64) -> bool {
     rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) || rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH)
+}
+
+/// Like `route`, for a packet of the tracked direction `e`: the next hop the FIB gave is kept
+/// in the entry for `NEXT_HOP_CACHE_NS`, so most packets of a connection skip the lookup.
+#[inline(always)]
+pub fn route_tracked(
+    ctx: &TcContext,
+    p: &mut Ip4,
+    ifindex: u32,
+    e: *mut CtEntry,
+    now: u64,
+) -> Result<i32, Reason> {
+    // SAFETY: `e` points at the connection's map value; concurrent writers store the same
+    // next hop, and a torn read costs one wrong-but-valid redirect at worst until refreshed.
+    let e = unsafe { &mut *e };
+    if e.nh_ifindex != 0 && now < e.nh_until_ns {
+        dec_ttl(ctx, p)?;
+        set_macs(ctx, e.nh_dmac, e.nh_smac)?;
+        count(Reason::NextHopCached, ctx.len());
+        // SAFETY: plain helper call.
+        return Ok(unsafe { bpf_redirect(e.nh_ifindex, 0) } as i32);
+    }
+    let (rc, f) = fib(ctx, p, ifindex);
+    if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        e.nh_ifindex = f.ifindex;
+        e.nh_dmac = f.dmac;
+        e.nh_smac = f.smac;
+        e.nh_until_ns = now + NEXT_HOP_CACHE_NS;
+    }
+    route(ctx, p, ifindex, Some((rc, f)))
 }
 
 /// Send an already translated `p` on towards the outside, using `hint` when the caller has

@@ -68,17 +68,21 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
     }
 
     if p.is_trackable()
-        && let Some(e) = conntrack::lookup(&p.key())
+        && let Some(ep) = conntrack::lookup(&p.key())
     {
         if p.ttl <= 1 {
             return pass(ctx);
         }
-        conntrack::touch(e, &p, now());
+        let t = now();
+        conntrack::touch(ep, &p, t);
         // SAFETY: copy of the map value's translation fields.
-        let e = unsafe { *e };
+        let e = unsafe { *ep };
         nat::apply(ctx, &mut p, &e)?;
         count(Reason::CtHit, ctx.len());
-        return deliver(ctx, &mut p, ifindex);
+        if let Some(peer) = endpoint(&p.dst) {
+            return forward::to_endpoint(ctx, &mut p, &peer, true, Reason::Deliver);
+        }
+        return forward::route_tracked(ctx, &mut p, ifindex, ep, t);
     }
 
     if p.dst == cfg.gateway_addr {

@@ -73,6 +73,10 @@ fn masquerade_rewrites_source_to_uplink_address() {
     assert!(flow["original"]["packets"].as_u64().unwrap() >= 3);
     assert!(flow["reply"]["packets"].as_u64().unwrap() >= 2);
     assert!(counter(&lab, "snat_new") >= 1);
+    assert!(
+        counter(&lab, "next_hop_cached") >= 1,
+        "later packets skip the FIB lookup"
+    );
 }
 
 #[test]
