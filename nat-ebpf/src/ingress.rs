@@ -59,12 +59,12 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
     }
 
     // F1: the subnet is one flat L2 segment, as on a bridge: no TTL change.
-    if let Some(peer) = endpoint(&p.dst) {
+    if let Some(peer) = container_at(&cfg, &p.dst) {
         return forward::to_endpoint(ctx, &mut p, &peer, false, Reason::Forward);
     }
 
     if icmp::is_error(&p) && p.ttl > 1 && icmp::translate(ctx, &mut p)? {
-        return deliver(ctx, &mut p, ifindex);
+        return deliver(ctx, &cfg, &mut p, ifindex);
     }
 
     if p.is_trackable()
@@ -79,7 +79,7 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
         let e = unsafe { *ep };
         nat::apply(ctx, &mut p, &e)?;
         count(Reason::CtHit, ctx.len());
-        if let Some(peer) = endpoint(&p.dst) {
+        if let Some(peer) = container_at(&cfg, &p.dst) {
             return forward::to_endpoint(ctx, &mut p, &peer, true, Reason::Deliver);
         }
         return forward::route_tracked(ctx, &mut p, ifindex, ep, t);
@@ -138,11 +138,22 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
     forward::route(ctx, &mut p, ifindex, Some((rc, fib)))
 }
 
+/// The container at `addr`, if any. Addresses outside the subnet skip the map lookup: that is
+/// every packet leaving for the outside.
+#[inline(always)]
+fn container_at(cfg: &Config, addr: &[u8; 4]) -> Option<nat_common::Endpoint> {
+    if parse::in_subnet(*addr, cfg.subnet_addr, cfg.subnet_mask) {
+        endpoint(addr)
+    } else {
+        None
+    }
+}
+
 /// Send a translated packet on: into a container when the new destination is one, else
 /// towards the outside.
 #[inline(always)]
-fn deliver(ctx: &TcContext, p: &mut parse::Ip4, ifindex: u32) -> Result<i32, Reason> {
-    match endpoint(&p.dst) {
+fn deliver(ctx: &TcContext, cfg: &Config, p: &mut parse::Ip4, ifindex: u32) -> Result<i32, Reason> {
+    match container_at(cfg, &p.dst) {
         Some(ep) => forward::to_endpoint(ctx, p, &ep, true, Reason::Deliver),
         None => forward::route(ctx, p, ifindex, None),
     }
@@ -213,7 +224,7 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
             return Err(Reason::DropTtl);
         }
         if icmp::translate(ctx, &mut p)? {
-            return deliver(ctx, &mut p, ifindex);
+            return deliver(ctx, &cfg, &mut p, ifindex);
         }
     }
     if !p.is_trackable() {
@@ -243,5 +254,5 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
         return Err(Reason::DropTtl);
     }
     nat::apply(ctx, &mut p, &e)?;
-    deliver(ctx, &mut p, ifindex)
+    deliver(ctx, &cfg, &mut p, ifindex)
 }
