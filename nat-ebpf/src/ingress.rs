@@ -93,7 +93,7 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
         // An address in the subnet that no container holds: never route it elsewhere.
         return Err(Reason::DropNoEndpoint);
     }
-    if let Some(t) = published(ctx, &p, ifindex) {
+    if let Some(t) = published(ctx, &cfg, &p, ifindex) {
         // F5, hairpin: a published port on a node address, possibly the sender's own.
         if p.ttl <= 1 {
             return pass(ctx);
@@ -163,7 +163,7 @@ fn deliver(ctx: &TcContext, cfg: &Config, p: &mut parse::Ip4, ifindex: u32) -> R
 /// first, then one bound to every node address. Either way the destination must be one of the
 /// node's own addresses (the kernel would deliver it locally).
 #[inline(always)]
-fn published(ctx: &TcContext, p: &parse::Ip4, ifindex: u32) -> Option<PortTarget> {
+fn published(ctx: &TcContext, cfg: &Config, p: &parse::Ip4, ifindex: u32) -> Option<PortTarget> {
     if (p.proto != PROTO_TCP && p.proto != PROTO_UDP) || !p.l4_present {
         return None;
     }
@@ -182,6 +182,9 @@ fn published(ctx: &TcContext, p: &parse::Ip4, ifindex: u32) -> Option<PortTarget
             unsafe { PORTS.get(&key) }.copied()?
         }
     };
+    if p.dst == cfg.node_addr {
+        return Some(t);
+    }
     let (rc, _) = forward::fib(ctx, p, ifindex);
     if forward::fib_forwards(rc) {
         None
@@ -239,7 +242,7 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
         count(Reason::CtHit, ctx.len());
         // SAFETY: copy of the map value.
         unsafe { *e }
-    } else if let Some(t) = published(ctx, &p, ifindex) {
+    } else if let Some(t) = published(ctx, &cfg, &p, ifindex) {
         let ep = endpoint(&t.addr).ok_or(Reason::DropNoEndpoint)?;
         let e = conntrack::create_dnat(&p, &t, &cfg, ep.ifindex, now())?;
         count(Reason::DnatNew, ctx.len());
