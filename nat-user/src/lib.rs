@@ -2,6 +2,7 @@
 //! end-to-end tests (which build their labs with [`lab`]).
 
 pub mod cli;
+pub mod cni;
 pub mod datapath;
 pub mod lab;
 pub mod net;

@@ -52,6 +52,16 @@ pub struct Container {
     pub owns_netns: bool,
     pub ports: Vec<PortMapping>,
     pub sysctls: Vec<(String, String)>,
+    /// The interface name inside the namespace.
+    #[serde(default = "default_ifname")]
+    pub ifname: String,
+    /// Created through the CNI plugin (CNI GC may remove it).
+    #[serde(default)]
+    pub cni: bool,
+}
+
+fn default_ifname() -> String {
+    "eth0".to_owned()
 }
 
 /// A static 1:1 NAT mapping (`bpfnat nat add`).

@@ -178,6 +178,20 @@ fn ephemeral_range() -> (u16, u16) {
         .unwrap_or((32768, 60999))
 }
 
+/// What `container add` (and the CNI plugin's ADD) asks for.
+pub struct AddRequest {
+    pub name: String,
+    pub ip: Option<Ipv4Addr>,
+    pub ports: Vec<PortSpec>,
+    pub sysctls: Vec<String>,
+    /// An existing namespace to wire instead of creating `/run/netns/NAME`.
+    pub netns: Option<PathBuf>,
+    /// The interface name inside the namespace.
+    pub ifname: String,
+    /// Created by the CNI plugin (subject to CNI GC).
+    pub cni: bool,
+}
+
 async fn add(
     ctx: &Ctx,
     name: String,
@@ -186,7 +200,50 @@ async fn add(
     sysctl: Vec<String>,
     netns_path: Option<PathBuf>,
 ) -> Result<()> {
+    let c = create(
+        ctx,
+        AddRequest {
+            name,
+            ip,
+            ports: publish,
+            sysctls: sysctl,
+            netns: netns_path,
+            ifname: "eth0".to_owned(),
+            cni: false,
+        },
+    )
+    .await?;
+    ctx.emit(&c, || {
+        let mut s = format!(
+            "container {} added: {} ({}) on {}, netns {}",
+            c.name,
+            c.ip,
+            fmt_mac(&c.mac),
+            c.host_if,
+            c.netns.display()
+        );
+        for p in &c.ports {
+            s.push_str(&format!("\n  published {p}"));
+        }
+        s
+    })
+}
+
+/// Create a container's network; on failure nothing is left behind.
+pub async fn create(ctx: &Ctx, req: AddRequest) -> Result<Container> {
+    let AddRequest {
+        name,
+        ip,
+        ports: publish,
+        sysctls: sysctl,
+        netns: netns_path,
+        ifname,
+        cni,
+    } = req;
     netns::validate_name(&name)?;
+    if ifname.is_empty() || ifname.len() > 15 || ifname.contains(['/', ' ']) {
+        bail!("invalid interface name {ifname:?}");
+    }
     let store = ctx.store()?;
     let mut state = store.load()?;
     let node = require_node(&state)?.clone();
@@ -220,25 +277,14 @@ async fn add(
         owns_netns,
         ports: Vec::new(),
         sysctls,
+        ifname,
+        cni,
     };
     match wire(ctx, &nl, &node, &mut c, &ports, &mut state).await {
         Ok(()) => {
             state.containers.insert(name, c.clone());
             store.save(&state)?;
-            ctx.emit(&c, || {
-                let mut s = format!(
-                    "container {} added: {} ({}) on {}, netns {}",
-                    c.name,
-                    c.ip,
-                    fmt_mac(&c.mac),
-                    c.host_if,
-                    c.netns.display()
-                );
-                for p in &c.ports {
-                    s.push_str(&format!("\n  published {p}"));
-                }
-                s
-            })
+            Ok(c)
         }
         Err(e) => {
             let _ = remove(ctx, &nl, &c).await;
@@ -257,7 +303,7 @@ async fn wire(
     state: &mut State,
 ) -> Result<()> {
     let uplink = nl.check_link(&node.uplink, node.uplink_ifindex).await?;
-    nl.add_veth(&c.host_if, "eth0", &c.netns, c.mac, uplink.mtu.max(68))
+    nl.add_veth(&c.host_if, &c.ifname, &c.netns, c.mac, uplink.mtu.max(68))
         .await?;
     let host = nl.require_link(&c.host_if).await?;
     c.host_ifindex = host.index;
@@ -269,7 +315,7 @@ async fn wire(
     }
     let inner = Netlink::in_netns(&c.netns)?;
     inner.lo_up().await?;
-    let eth0 = inner.require_link("eth0").await?;
+    let eth0 = inner.require_link(&c.ifname).await?;
     inner.add_addr(eth0.index, c.ip, node.prefix_len).await?;
     inner.set_up(eth0.index).await?;
     inner.add_default_route(node.gateway, eth0.index).await?;
@@ -317,18 +363,24 @@ pub async fn remove(ctx: &Ctx, nl: &Netlink, c: &Container) -> Result<()> {
 }
 
 async fn del(ctx: &Ctx, name: &str) -> Result<()> {
+    let c = destroy(ctx, name)
+        .await?
+        .ok_or_else(|| anyhow!("no such container: {name}"))?;
+    ctx.emit(&c, || format!("container {name} removed"))
+}
+
+/// Remove a container's network; `None` when there is no such container.
+pub async fn destroy(ctx: &Ctx, name: &str) -> Result<Option<Container>> {
     let store = ctx.store()?;
     let mut state = store.load()?;
-    let c = state
-        .containers
-        .get(name)
-        .cloned()
-        .ok_or_else(|| anyhow!("no such container: {name}"))?;
+    let Some(c) = state.containers.get(name).cloned() else {
+        return Ok(None);
+    };
     let nl = Netlink::current()?;
     remove(ctx, &nl, &c).await?;
     state.containers.remove(name);
     store.save(&state)?;
-    ctx.emit(&c, || format!("container {name} removed"))
+    Ok(Some(c))
 }
 
 #[derive(Serialize)]

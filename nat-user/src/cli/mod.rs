@@ -1,12 +1,12 @@
 //! The `bpfnat` command line: argument types and dispatch. One file per command group.
 
 mod conntrack;
-mod container;
+pub(crate) mod container;
 mod demo;
 mod nat;
 mod port;
 mod stats;
-mod up;
+pub(crate) mod up;
 
 use std::path::PathBuf;
 
@@ -80,6 +80,8 @@ pub struct Ctx {
     pub bpffs_dir: PathBuf,
     pub state_dir: PathBuf,
     pub format: Format,
+    /// Print nothing (the CNI plugin owns stdout).
+    pub quiet: bool,
 }
 
 impl Ctx {
@@ -89,6 +91,9 @@ impl Ctx {
 
     /// Print `value` as JSON, or `text` for people.
     pub fn emit<T: Serialize>(&self, value: &T, text: impl FnOnce() -> String) -> Result<()> {
+        if self.quiet {
+            return Ok(());
+        }
         match self.format {
             Format::Json => println!("{}", serde_json::to_string_pretty(value)?),
             Format::Text => {
@@ -109,6 +114,7 @@ pub fn run(cli: Cli) -> Result<()> {
         bpffs_dir: cli.bpffs_dir,
         state_dir: cli.state_dir,
         format: cli.output,
+        quiet: false,
     };
     if let Command::Demo = cli.command {
         // The demo drives bpfnat as child processes; it needs no runtime of its own here.

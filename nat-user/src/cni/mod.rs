@@ -1,0 +1,379 @@
+//! The CNI plugin (spec 0.4.0, 1.0.0, 1.1.0): the `bpfnat` binary acts as one when
+//! `CNI_COMMAND` is set (install it, or a link to it, as `/opt/cni/bin/bpfnat`). ADD wires the
+//! sandbox's namespace like `bpfnat container add --netns`, bringing the datapath up from the
+//! network configuration if it is not; DEL is idempotent; CHECK, STATUS, GC and VERSION as the
+//! spec says. `runtimeConfig.portMappings` (the `portMappings` capability) publishes
+//! Kubernetes `hostPort`s. Errors are CNI error objects on stdout with a non-zero exit.
+
+use std::{io::Read as _, net::Ipv4Addr, path::PathBuf};
+
+use anyhow::{Context as _, Result};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::{
+    cli::{
+        Ctx, Format,
+        container::{self, AddRequest},
+        up::{self, UpArgs},
+    },
+    datapath::Pins,
+    net::{Cidr, PortRange, fmt_mac},
+    netlink::Netlink,
+    netns,
+    spec::PortSpec,
+    state::{Container, Store},
+};
+
+pub const SUPPORTED_VERSIONS: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];
+
+/// CNI error codes (spec "Error" section).
+mod code {
+    pub const INCOMPATIBLE_VERSION: u32 = 1;
+    pub const UNKNOWN_CONTAINER: u32 = 3;
+    pub const INVALID_ENV: u32 = 4;
+    pub const DECODE: u32 = 6;
+    pub const INVALID_CONFIG: u32 = 7;
+    pub const NOT_AVAILABLE: u32 = 50;
+    pub const PLUGIN: u32 = 100;
+}
+
+struct CniError {
+    code: u32,
+    msg: String,
+    details: String,
+}
+
+fn err(code: u32, msg: impl Into<String>) -> CniError {
+    CniError {
+        code,
+        msg: msg.into(),
+        details: String::new(),
+    }
+}
+
+impl From<anyhow::Error> for CniError {
+    fn from(e: anyhow::Error) -> Self {
+        CniError {
+            code: code::PLUGIN,
+            msg: e.to_string(),
+            details: format!("{e:#}"),
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct PortMapping {
+    host_port: u16,
+    container_port: u16,
+    #[serde(default)]
+    protocol: Option<String>,
+    #[serde(rename = "hostIP", default)]
+    host_ip: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RuntimeConfig {
+    #[serde(default)]
+    port_mappings: Vec<PortMapping>,
+}
+
+#[derive(Deserialize)]
+struct Attachment {
+    #[serde(rename = "containerID")]
+    container_id: String,
+    ifname: String,
+}
+
+/// The network configuration on stdin.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NetConf {
+    cni_version: String,
+    #[serde(default)]
+    uplink: Option<String>,
+    #[serde(default)]
+    subnet: Option<String>,
+    #[serde(default)]
+    gateway: Option<Ipv4Addr>,
+    #[serde(default, rename = "snatIP")]
+    snat_ip: Option<Ipv4Addr>,
+    #[serde(default)]
+    bpffs_dir: Option<PathBuf>,
+    #[serde(default)]
+    state_dir: Option<PathBuf>,
+    #[serde(default)]
+    runtime_config: RuntimeConfig,
+    #[serde(default)]
+    prev_result: Option<Value>,
+    #[serde(rename = "cni.dev/valid-attachments", default)]
+    valid_attachments: Option<Vec<Attachment>>,
+}
+
+fn env(name: &str) -> Result<String, CniError> {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| err(code::INVALID_ENV, format!("{name} is not set")))
+}
+
+/// Run the plugin; returns the process exit code.
+pub fn main() -> i32 {
+    let mut input = String::new();
+    let _ = std::io::stdin().read_to_string(&mut input);
+    let version = serde_json::from_str::<Value>(&input)
+        .ok()
+        .and_then(|v| v["cniVersion"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "1.1.0".to_owned());
+    match run(&input, &version) {
+        Ok(Some(out)) => {
+            println!("{out}");
+            0
+        }
+        Ok(None) => 0,
+        Err(e) => {
+            println!(
+                "{}",
+                json!({"cniVersion": version, "code": e.code, "msg": e.msg, "details": e.details})
+            );
+            1
+        }
+    }
+}
+
+fn run(input: &str, version: &str) -> Result<Option<Value>, CniError> {
+    let command = env("CNI_COMMAND")?;
+    if command == "VERSION" {
+        return Ok(Some(
+            json!({"cniVersion": version, "supportedVersions": SUPPORTED_VERSIONS}),
+        ));
+    }
+    let conf: NetConf = serde_json::from_str(input)
+        .map_err(|e| err(code::DECODE, format!("decode network configuration: {e}")))?;
+    if !SUPPORTED_VERSIONS.contains(&conf.cni_version.as_str()) {
+        return Err(err(
+            code::INCOMPATIBLE_VERSION,
+            format!(
+                "cniVersion {} is not supported (supported: {})",
+                conf.cni_version,
+                SUPPORTED_VERSIONS.join(", ")
+            ),
+        ));
+    }
+    let bpffs = conf
+        .bpffs_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/bpfnat"));
+    let ctx = Ctx {
+        pins: Pins::new(&bpffs),
+        bpffs_dir: bpffs,
+        state_dir: conf
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/run/bpfnat")),
+        format: Format::Json,
+        quiet: true,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| err(code::PLUGIN, format!("tokio runtime: {e}")))?;
+    rt.block_on(async {
+        match command.as_str() {
+            "ADD" => add(&ctx, &conf).await.map(Some),
+            "DEL" => del(&ctx).await.map(|()| None),
+            "CHECK" => check(&ctx).await.map(|()| None),
+            "STATUS" => status(&ctx).map(|()| None),
+            "GC" => gc(&ctx, &conf).await.map(|()| None),
+            other => Err(err(
+                code::INVALID_ENV,
+                format!("unknown CNI_COMMAND {other}"),
+            )),
+        }
+    })
+}
+
+/// The container name for a sandbox: its container ID.
+fn name_of(id: &str) -> Result<String, CniError> {
+    netns::validate_name(id)
+        .map_err(|e| err(code::INVALID_ENV, format!("CNI_CONTAINERID: {e}")))?;
+    Ok(id.to_owned())
+}
+
+async fn ensure_up(ctx: &Ctx, conf: &NetConf) -> Result<(), CniError> {
+    if ctx.pins.installed() && Store::open(&ctx.state_dir)?.load()?.node.is_some() {
+        return Ok(());
+    }
+    let uplink = conf.uplink.clone().ok_or_else(|| {
+        err(
+            code::INVALID_CONFIG,
+            "the datapath is not up and the configuration names no \"uplink\"",
+        )
+    })?;
+    let subnet: Cidr = conf
+        .subnet
+        .as_deref()
+        .unwrap_or("10.88.0.0/16")
+        .parse()
+        .map_err(|e: anyhow::Error| err(code::INVALID_CONFIG, e.to_string()))?;
+    let args = UpArgs {
+        uplink,
+        subnet,
+        gateway: conf.gateway,
+        snat_ip: conf.snat_ip,
+        port_range: PortRange {
+            min: 1024,
+            max: 65535,
+        },
+        conntrack_max: nat_common::CONNTRACK_MAX_ENTRIES,
+    };
+    Ok(up::up(ctx, args).await?)
+}
+
+fn result(
+    version: &str,
+    c: &Container,
+    prefix: u8,
+    gateway: Ipv4Addr,
+    prev: Option<&Value>,
+) -> Value {
+    let mut ip = json!({"address": format!("{}/{prefix}", c.ip), "gateway": gateway.to_string()});
+    if version == "0.4.0" {
+        ip["version"] = json!("4");
+    }
+    let mut out = prev.cloned().unwrap_or_else(|| json!({}));
+    out["cniVersion"] = json!(version);
+    let mut interfaces = out["interfaces"].as_array().cloned().unwrap_or_default();
+    let base = interfaces.len();
+    interfaces.push(json!({"name": c.host_if, "mac": fmt_mac(&c.host_mac)}));
+    interfaces.push(
+        json!({"name": c.ifname, "mac": fmt_mac(&c.mac), "sandbox": c.netns.display().to_string()}),
+    );
+    ip["interface"] = json!(base + 1);
+    let mut ips = out["ips"].as_array().cloned().unwrap_or_default();
+    ips.push(ip);
+    let mut routes = out["routes"].as_array().cloned().unwrap_or_default();
+    routes.push(json!({"dst": "0.0.0.0/0", "gw": gateway.to_string()}));
+    out["interfaces"] = json!(interfaces);
+    out["ips"] = json!(ips);
+    out["routes"] = json!(routes);
+    if out.get("dns").is_none() {
+        out["dns"] = json!({});
+    }
+    out
+}
+
+async fn add(ctx: &Ctx, conf: &NetConf) -> Result<Value, CniError> {
+    let name = name_of(&env("CNI_CONTAINERID")?)?;
+    let netns_path = PathBuf::from(env("CNI_NETNS")?);
+    let ifname = env("CNI_IFNAME")?;
+    ensure_up(ctx, conf).await?;
+    let ports = conf
+        .runtime_config
+        .port_mappings
+        .iter()
+        .map(|m| {
+            let proto = m.protocol.as_deref().unwrap_or("tcp").to_ascii_lowercase();
+            let ip = m
+                .host_ip
+                .as_deref()
+                .filter(|s| !s.is_empty())
+                .map(|s| format!("{s}:"))
+                .unwrap_or_default();
+            format!("{ip}{}:{}/{proto}", m.host_port, m.container_port)
+                .parse::<PortSpec>()
+                .map_err(|e| err(code::INVALID_CONFIG, format!("portMappings: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let c = container::create(
+        ctx,
+        AddRequest {
+            name,
+            ip: None,
+            ports,
+            sysctls: Vec::new(),
+            netns: Some(netns_path),
+            ifname,
+            cni: true,
+        },
+    )
+    .await?;
+    let node = Store::open(&ctx.state_dir)?
+        .load()?
+        .node
+        .context("the datapath went down during ADD")?;
+    Ok(result(
+        &conf.cni_version,
+        &c,
+        node.prefix_len,
+        node.gateway,
+        conf.prev_result.as_ref(),
+    ))
+}
+
+async fn del(ctx: &Ctx) -> Result<(), CniError> {
+    let name = name_of(&env("CNI_CONTAINERID")?)?;
+    // Idempotent: an unknown sandbox, or one whose namespace is gone, is fine.
+    container::destroy(ctx, &name).await?;
+    Ok(())
+}
+
+async fn check(ctx: &Ctx) -> Result<(), CniError> {
+    let name = name_of(&env("CNI_CONTAINERID")?)?;
+    let state = Store::open(&ctx.state_dir)?.load()?;
+    let c = state.containers.get(&name).ok_or_else(|| {
+        err(
+            code::UNKNOWN_CONTAINER,
+            format!("no attachment for container {name}"),
+        )
+    })?;
+    let nl = Netlink::current()?;
+    nl.check_link(&c.host_if, c.host_ifindex)
+        .await
+        .map_err(|e| err(code::PLUGIN, format!("host side of {name}: {e:#}")))?;
+    let inner = Netlink::in_netns(&c.netns).map_err(|e| err(code::PLUGIN, format!("{e:#}")))?;
+    inner
+        .require_link(&c.ifname)
+        .await
+        .map_err(|e| err(code::PLUGIN, format!("sandbox side of {name}: {e:#}")))?;
+    if !ctx.pins.installed() {
+        return Err(err(code::NOT_AVAILABLE, "the bpfnat datapath is not up"));
+    }
+    Ok(())
+}
+
+fn status(ctx: &Ctx) -> Result<(), CniError> {
+    if ctx.pins.installed() {
+        Ok(())
+    } else {
+        Err(err(code::NOT_AVAILABLE, "the bpfnat datapath is not up"))
+    }
+}
+
+async fn gc(ctx: &Ctx, conf: &NetConf) -> Result<(), CniError> {
+    let Some(valid) = &conf.valid_attachments else {
+        return Err(err(
+            code::INVALID_CONFIG,
+            "GC without cni.dev/valid-attachments",
+        ));
+    };
+    let state = Store::open(&ctx.state_dir)?.load()?;
+    let stale: Vec<String> = state
+        .containers
+        .values()
+        .filter(|c| {
+            c.cni
+                && !valid
+                    .iter()
+                    .any(|a| a.container_id == c.name && a.ifname == c.ifname)
+        })
+        .map(|c| c.name.clone())
+        .collect();
+    drop(state);
+    for name in stale {
+        container::destroy(ctx, &name).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,226 @@
+//! The CNI plugin driven exactly as a runtime drives it: environment variables, the network
+//! configuration on stdin, the result (or a CNI error) on stdout.
+
+use std::{
+    io::Write as _,
+    net::Ipv4Addr,
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use bpfnat_tests::{EXT_ADDR, Lab, NODE_ADDR, bin, lab, link_exists, traffic, v4};
+use serde_json::{Value, json};
+
+fn conf(lab: &Lab, version: &str, extra: Value) -> Value {
+    let mut c = json!({
+        "cniVersion": version,
+        "name": "bpfnat",
+        "type": "bpfnat",
+        "uplink": bpfnat_tests::UPLINK,
+        "subnet": "10.88.0.0/16",
+        "bpffsDir": lab.bpffs_dir,
+        "stateDir": lab.state_dir,
+    });
+    if let (Some(o), Some(e)) = (c.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            o.insert(k.clone(), v.clone());
+        }
+    }
+    c
+}
+
+/// Run the plugin in the lab's node namespace: (exit success, parsed stdout or Null).
+fn cni(lab: &Lab, command: &str, id: &str, netns: &Path, conf: &Value) -> (bool, Value) {
+    let mut c = Command::new(bin());
+    c.env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", id)
+        .env("CNI_NETNS", netns)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/opt/cni/bin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    bpfnat::netns::command_in(&mut c, &lab.node).unwrap();
+    let mut child = c.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = if text.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{command}: bad JSON ({e}): {text}"))
+    };
+    (out.status.success(), v)
+}
+
+fn sandbox(lab: &Lab, short: &str) -> std::path::PathBuf {
+    bpfnat::netns::create(&lab.name(short)).unwrap()
+}
+
+#[test]
+fn add_check_del_with_port_mappings_as_a_runtime_calls_them() {
+    let lab = lab("cni");
+    let ns = sandbox(&lab, "pod1");
+    let id = "a1b2c3d4e5f6";
+    let c = conf(
+        &lab,
+        "1.0.0",
+        json!({"runtimeConfig": {"portMappings": [{"hostPort": 8080, "containerPort": 80, "protocol": "tcp"}]}}),
+    );
+    // VERSION lists what podman checks for.
+    let (ok, v) = cni(&lab, "VERSION", id, &ns, &json!({"cniVersion": "1.0.0"}));
+    assert!(ok);
+    assert!(
+        v["supportedVersions"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("1.1.0"))
+    );
+
+    // ADD brings the datapath up from the configuration and wires the sandbox.
+    let (ok, r) = cni(&lab, "ADD", id, &ns, &c);
+    assert!(ok, "ADD failed: {r}");
+    assert_eq!(r["cniVersion"], "1.0.0");
+    let ip = r["ips"][0]["address"].as_str().unwrap();
+    assert!(ip.starts_with("10.88.") && ip.ends_with("/16"), "{r}");
+    assert_eq!(r["ips"][0]["gateway"], "10.88.0.1");
+    let sandbox_if = &r["interfaces"][r["ips"][0]["interface"].as_u64().unwrap() as usize];
+    assert_eq!(sandbox_if["name"], "eth0");
+    assert_eq!(sandbox_if["sandbox"], ns.display().to_string());
+    assert!(sandbox_if["mac"].as_str().unwrap().starts_with("02:42:"));
+    assert_eq!(r["routes"][0]["dst"], "0.0.0.0/0");
+
+    // The pod reaches the outside (MASQUERADE) and its hostPort is published.
+    let srv = traffic::http_server(
+        &lab.ext,
+        v4(EXT_ADDR, 9000),
+        "ext",
+        1,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    traffic::http_get(&ns, v4(EXT_ADDR, 9000)).unwrap();
+    assert_eq!(srv.join().unwrap()[0].ip(), NODE_ADDR);
+    let srv = traffic::http_server(
+        &ns,
+        v4(Ipv4Addr::UNSPECIFIED, 80),
+        "pod",
+        1,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    assert!(
+        traffic::http_get(&lab.ext, v4(NODE_ADDR, 8080))
+            .unwrap()
+            .starts_with("hello from pod")
+    );
+    srv.join().unwrap();
+
+    assert!(
+        cni(&lab, "CHECK", id, &ns, &c).0,
+        "CHECK passes on a healthy attachment"
+    );
+    assert!(cni(&lab, "STATUS", id, &ns, &c).0);
+
+    // DEL removes it, and is idempotent.
+    assert!(cni(&lab, "DEL", id, &ns, &c).0);
+    assert!(!link_exists(&ns, "eth0"));
+    assert!(ns.exists(), "the runtime's namespace is the runtime's");
+    assert!(cni(&lab, "DEL", id, &ns, &c).0, "second DEL");
+    let (ok, e) = cni(&lab, "CHECK", id, &ns, &c);
+    assert!(!ok);
+    assert_eq!(e["code"], 3, "{e}");
+}
+
+#[test]
+fn del_after_the_namespace_vanished_and_check_after_the_veth_was_deleted() {
+    let lab = lab("cnigone");
+    let c = conf(&lab, "1.1.0", json!({}));
+    let ns1 = sandbox(&lab, "p1");
+    assert!(cni(&lab, "ADD", "pod-one", &ns1, &c).0);
+    let ns2 = sandbox(&lab, "p2");
+    assert!(cni(&lab, "ADD", "pod-two", &ns2, &c).0);
+
+    // pod-one's sandbox disappears before DEL (a crashed runtime).
+    bpfnat::netns::remove(&ns1).unwrap();
+    assert!(
+        cni(&lab, "DEL", "pod-one", &ns1, &c).0,
+        "DEL of a vanished sandbox succeeds"
+    );
+
+    // Someone deletes pod-two's veth behind our back: CHECK notices.
+    let mut ip = Command::new("ip");
+    ip.args(["link", "del", "eth0"]);
+    bpfnat::netns::command_in(&mut ip, &ns2).unwrap();
+    assert!(ip.status().unwrap().success());
+    let (ok, e) = cni(&lab, "CHECK", "pod-two", &ns2, &c);
+    assert!(!ok, "CHECK must fail");
+    assert!(e["msg"].as_str().unwrap().contains("pod-two"), "{e}");
+}
+
+#[test]
+fn gc_removes_attachments_the_runtime_no_longer_has() {
+    let lab = lab("cnigc");
+    let c = conf(&lab, "1.1.0", json!({}));
+    let (a, b) = (sandbox(&lab, "a"), sandbox(&lab, "b"));
+    assert!(cni(&lab, "ADD", "keep", &a, &c).0);
+    assert!(cni(&lab, "ADD", "stale", &b, &c).0);
+    let gc = conf(
+        &lab,
+        "1.1.0",
+        json!({"cni.dev/valid-attachments": [{"containerID": "keep", "ifname": "eth0"}]}),
+    );
+    assert!(cni(&lab, "GC", "", &a, &gc).0);
+    assert!(link_exists(&a, "eth0"), "valid attachment kept");
+    assert!(!link_exists(&b, "eth0"), "stale attachment removed");
+}
+
+#[test]
+fn parallel_adds_get_distinct_addresses() {
+    const N: usize = 8;
+    let lab = lab("cnipar");
+    let c = conf(&lab, "1.0.0", json!({}));
+    let sandboxes: Vec<_> = (0..N).map(|i| sandbox(&lab, &format!("s{i}"))).collect();
+    let results: Vec<(bool, Value)> = std::thread::scope(|s| {
+        let handles: Vec<_> = sandboxes
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| {
+                let (lab, c) = (&lab, &c);
+                s.spawn(move || cni(lab, "ADD", &format!("par{i}"), ns, c))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut ips: Vec<String> = results
+        .iter()
+        .map(|(ok, r)| {
+            assert!(*ok, "parallel ADD failed: {r}");
+            r["ips"][0]["address"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), N, "every sandbox got its own address");
+}
+
+#[test]
+fn unsupported_versions_and_bad_environment_are_cni_errors() {
+    let lab = lab("cnierr");
+    let ns = sandbox(&lab, "x");
+    let (ok, e) = cni(&lab, "ADD", "x1", &ns, &conf(&lab, "0.1.0", json!({})));
+    assert!(!ok);
+    assert_eq!(e["code"], 1, "{e}");
+    let (ok, e) = cni(&lab, "ADD", "bad/id", &ns, &conf(&lab, "1.0.0", json!({})));
+    assert!(!ok);
+    assert_eq!(e["code"], 4, "{e}");
+    let (ok, e) = cni(&lab, "STATUS", "x1", &ns, &conf(&lab, "1.1.0", json!({})));
+    assert!(!ok, "not up yet");
+    assert_eq!(e["code"], 50, "{e}");
+}
