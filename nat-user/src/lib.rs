@@ -1,6 +1,7 @@
 //! bpfnat's userspace: the loader CLI's building blocks, shared with the demo and the
 //! end-to-end tests (which build their labs with [`lab`]).
 
+pub mod agent;
 pub mod cli;
 pub mod cni;
 pub mod datapath;

@@ -70,6 +70,13 @@ pub enum Command {
     Conntrack(ConntrackCmd),
     /// Per-reason packet counters of the datapath.
     Stats,
+    /// Run the node agent: keep the datapath up, follow the uplink address, garbage-collect
+    /// conntrack, serve Prometheus metrics and /healthz.
+    Agent {
+        /// Agent configuration (JSON): uplink, subnet, metricsAddr, gcIntervalSecs, ...
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
     /// Build a self-contained lab, show NAT and port publishing working, tear it down.
     Demo,
 }
@@ -133,6 +140,10 @@ pub fn run(cli: Cli) -> Result<()> {
             Command::Nat(c) => nat::run(&ctx, c),
             Command::Conntrack(c) => conntrack::run(&ctx, c),
             Command::Stats => stats::run(&ctx),
+            Command::Agent { config } => {
+                let cfg = crate::agent::load_config(config.as_deref())?;
+                crate::agent::run(&ctx, cfg).await
+            }
             Command::Demo => unreachable!("handled above"),
         }
     })

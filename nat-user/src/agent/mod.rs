@@ -1,0 +1,234 @@
+//! `bpfnat agent`: the long-running node agent. It brings the datapath up (or adopts the one
+//! that is pinned), removes endpoints whose namespace is gone, follows the uplink's address,
+//! garbage-collects conntrack, and serves Prometheus metrics and `/healthz`. It never tears
+//! the datapath down: programs, links and maps are pinned, so killing, restarting or upgrading
+//! the agent drops no connection.
+
+mod metrics;
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use futures::StreamExt as _;
+use rtnetlink::{MulticastGroup, packet_core::NetlinkPayload, packet_route::RouteNetlinkMessage};
+use serde::Deserialize;
+use tracing::{info, warn};
+
+use crate::{
+    cli::{
+        Ctx, container,
+        up::{self, UpArgs},
+    },
+    datapath::Maps,
+    net::{Cidr, PortRange},
+    netlink::Netlink,
+};
+
+/// `--config FILE` (JSON).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The uplink; with it the agent brings the datapath up when it is not.
+    #[serde(default)]
+    pub uplink: Option<String>,
+    #[serde(default)]
+    pub subnet: Option<String>,
+    #[serde(default)]
+    pub gateway: Option<std::net::Ipv4Addr>,
+    #[serde(default, rename = "snatIP")]
+    pub snat_ip: Option<std::net::Ipv4Addr>,
+    /// Where `/metrics` and `/healthz` are served.
+    #[serde(default = "default_metrics")]
+    pub metrics_addr: SocketAddr,
+    /// Seconds between conntrack garbage collections.
+    #[serde(default = "default_gc")]
+    pub gc_interval_secs: u64,
+}
+
+fn default_metrics() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9967))
+}
+
+const fn default_gc() -> u64 {
+    30
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            uplink: None,
+            subnet: None,
+            gateway: None,
+            snat_ip: None,
+            metrics_addr: default_metrics(),
+            gc_interval_secs: default_gc(),
+        }
+    }
+}
+
+pub fn load_config(path: Option<&Path>) -> Result<AgentConfig> {
+    let Some(path) = path else {
+        return Ok(AgentConfig::default());
+    };
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("parse agent configuration {}", path.display()))
+}
+
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .try_init();
+}
+
+pub async fn run(ctx: &Ctx, cfg: AgentConfig) -> Result<()> {
+    init_logs();
+    bring_up(ctx, &cfg).await?;
+    reconcile(ctx).await?;
+    follow_uplink(ctx).await?;
+
+    let listener = tokio::net::TcpListener::bind(cfg.metrics_addr)
+        .await
+        .with_context(|| format!("listen on {}", cfg.metrics_addr))?;
+    info!(addr = %cfg.metrics_addr, "serving /metrics and /healthz");
+
+    let (mut events, watch_conn) = address_events()?;
+    tokio::spawn(watch_conn);
+    let mut gc = tokio::time::interval(Duration::from_secs(cfg.gc_interval_secs.max(1)));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            conn = listener.accept() => {
+                if let Ok((stream, _)) = conn
+                    && let Err(e) = metrics::serve(ctx, stream).await
+                {
+                    warn!(error = %format!("{e:#}"), "metrics request failed");
+                }
+            }
+            _ = gc.tick() => {
+                match Maps::open(&ctx.pins).and_then(|mut m| m.ct_gc()) {
+                    Ok(0) => {}
+                    Ok(n) => info!(connections = n, "conntrack gc"),
+                    Err(e) => warn!(error = %format!("{e:#}"), "conntrack gc failed"),
+                }
+            }
+            ev = events.next() => {
+                if ev.is_none() {
+                    bail!("the rtnetlink event stream ended");
+                }
+                if let Err(e) = follow_uplink(ctx).await {
+                    warn!(error = %format!("{e:#}"), "following the uplink address failed");
+                }
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+    }
+    info!("agent stopping; the datapath stays pinned and keeps forwarding");
+    Ok(())
+}
+
+async fn bring_up(ctx: &Ctx, cfg: &AgentConfig) -> Result<()> {
+    let state = ctx.store()?.load()?;
+    if state.node.is_some() && ctx.pins.installed() {
+        info!("adopting the pinned datapath");
+        return Ok(());
+    }
+    let Some(uplink) = cfg.uplink.clone() else {
+        bail!("the datapath is not up and the agent configuration names no \"uplink\"");
+    };
+    let subnet: Cidr = cfg.subnet.as_deref().unwrap_or("10.88.0.0/16").parse()?;
+    up::up(
+        ctx,
+        UpArgs {
+            uplink,
+            subnet,
+            gateway: cfg.gateway,
+            snat_ip: cfg.snat_ip,
+            port_range: PortRange {
+                min: 1024,
+                max: 65535,
+            },
+            conntrack_max: nat_common::CONNTRACK_MAX_ENTRIES,
+        },
+    )
+    .await?;
+    info!("datapath up");
+    Ok(())
+}
+
+/// Remove endpoints whose namespace no longer exists (a sandbox deleted while we were away).
+async fn reconcile(ctx: &Ctx) -> Result<()> {
+    let state = ctx.store()?.load()?;
+    let gone: Vec<String> = state
+        .containers
+        .values()
+        .filter(|c| !c.netns.exists())
+        .map(|c| c.name.clone())
+        .collect();
+    drop(state);
+    for name in gone {
+        container::destroy(ctx, &name).await?;
+        info!(container = %name, "removed: its network namespace is gone");
+    }
+    Ok(())
+}
+
+type Events = futures::channel::mpsc::UnboundedReceiver<(
+    rtnetlink::packet_core::NetlinkMessage<RouteNetlinkMessage>,
+    rtnetlink::sys::SocketAddr,
+)>;
+
+/// Address change notifications (only that something changed; `follow_uplink` re-reads).
+fn address_events() -> Result<(
+    impl futures::Stream<Item = ()>,
+    impl std::future::Future<Output = ()>,
+)> {
+    let (conn, _handle, messages): (_, _, Events) =
+        rtnetlink::new_multicast_connection(&[MulticastGroup::Ipv4Ifaddr])
+            .context("subscribe to address changes")?;
+    let events = messages.filter_map(|(m, _)| async move {
+        match m.payload {
+            NetlinkPayload::InnerMessage(
+                RouteNetlinkMessage::NewAddress(_) | RouteNetlinkMessage::DelAddress(_),
+            ) => Some(()),
+            _ => None,
+        }
+    });
+    Ok((Box::pin(events), conn))
+}
+
+/// Make the datapath use the uplink's current address (MASQUERADE, unless `--snat-ip` fixed
+/// it, and host access to published ports).
+async fn follow_uplink(ctx: &Ctx) -> Result<()> {
+    let store = ctx.store()?;
+    let mut state = store.load()?;
+    let Some(node) = state.node.as_mut() else {
+        return Ok(());
+    };
+    let nl = Netlink::current()?;
+    let Some(addr) = nl
+        .ipv4_addrs(node.uplink_ifindex)
+        .await?
+        .first()
+        .map(|(a, _)| *a)
+    else {
+        warn!(uplink = %node.uplink, "the uplink has no IPv4 address");
+        return Ok(());
+    };
+    if addr == node.node_addr && (!node.snat_from_uplink || addr == node.snat_ip) {
+        return Ok(());
+    }
+    info!(uplink = %node.uplink, old = %node.node_addr, new = %addr, "uplink address changed");
+    node.node_addr = addr;
+    if node.snat_from_uplink {
+        node.snat_ip = addr;
+    }
+    Maps::open(&ctx.pins)?.set_config(&up::config_of(node))?;
+    store.save(&state)
+}

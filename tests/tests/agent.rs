@@ -1,0 +1,187 @@
+//! The node agent: metrics and health, connections surviving `kill -9` and restart, following
+//! the uplink's address, reconciling endpoints whose namespace is gone.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use bpfnat_tests::{EXT_ADDR, Lab, NODE_ADDR, json, lab, traffic, v4};
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_agent(lab: &Lab, port: u16) -> Agent {
+    // Inside the lab's state directory, so the lab removes it.
+    std::fs::create_dir_all(&lab.state_dir).unwrap();
+    let cfg = lab.state_dir.join("agent.json");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"{{"uplink": "{}", "metricsAddr": "127.0.0.1:{port}", "gcIntervalSecs": 1}}"#,
+            bpfnat_tests::UPLINK
+        ),
+    )
+    .unwrap();
+    let mut c = lab
+        .bpfnat(&["agent", "--config", cfg.to_str().unwrap()])
+        .unwrap();
+    c.stdout(Stdio::null()).stderr(Stdio::null());
+    let agent = Agent(c.spawn().unwrap());
+    // Ready when /healthz answers.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if get(lab, port, "/healthz").is_some_and(|b| b.trim() == "ok") {
+            return agent;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the agent did not become healthy");
+}
+
+/// GET `path` from the agent in the node namespace.
+fn get(lab: &Lab, port: u16, path: &str) -> Option<String> {
+    let path = path.to_owned();
+    bpfnat::netns::run_in(&lab.node, move || {
+        let mut s = TcpStream::connect_timeout(
+            &SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_millis(500),
+        )?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
+        let mut r = String::new();
+        s.read_to_string(&mut r)?;
+        Ok(r.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default())
+    })
+    .ok()
+}
+
+fn metric(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{body}"))
+}
+
+#[test]
+fn a_stream_keeps_flowing_across_agent_kill_and_restart_and_metrics_count_it() {
+    let lab = lab("agentrst");
+    let agent = start_agent(&lab, 9971);
+    let c = lab.name("c");
+    lab.ok(&["container", "add", &c]).unwrap();
+    let listener =
+        bpfnat::netns::run_in(&lab.ext, || Ok(TcpListener::bind(v4(EXT_ADDR, 9000))?)).unwrap();
+    let mut client = bpfnat::netns::run_in(&lab.container_ns(&c), || {
+        Ok(TcpStream::connect(v4(EXT_ADDR, 9000))?)
+    })
+    .unwrap();
+    let (mut server, peer) = listener.accept().unwrap();
+    assert_eq!(peer.ip(), NODE_ADDR);
+    client
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut ping = |tag: u8| {
+        client.write_all(&[tag]).unwrap();
+        let mut b = [0u8; 1];
+        server.read_exact(&mut b).unwrap();
+        server.write_all(&b).unwrap();
+        client.read_exact(&mut b).unwrap();
+        assert_eq!(b[0], tag);
+    };
+    ping(1);
+
+    let m = get(&lab, 9971, "/metrics").unwrap();
+    assert!(metric(&m, "bpfnat_packets_total{reason=\"ct_hit\"}") > 0.0);
+    assert_eq!(metric(&m, "bpfnat_containers"), 1.0);
+    assert!(metric(&m, "bpfnat_conntrack_connections") >= 1.0);
+    assert!(metric(&m, "bpfnat_snat_ports_in_use") >= 1.0);
+
+    // kill -9: nothing the agent holds is needed for forwarding.
+    drop(agent);
+    ping(2);
+    let _agent = start_agent(&lab, 9971);
+    ping(3);
+    let srv = traffic::http_server(
+        &lab.ext,
+        v4(EXT_ADDR, 9001),
+        "ext",
+        1,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    traffic::http_get(&lab.container_ns(&c), v4(EXT_ADDR, 9001)).unwrap();
+    srv.join().unwrap();
+}
+
+#[test]
+fn the_agent_follows_the_uplink_address() {
+    let lab = lab("agentaddr");
+    let _agent = start_agent(&lab, 9972);
+    let c = lab.name("c");
+    lab.ok(&["container", "add", &c]).unwrap();
+    let new_addr = Ipv4Addr::new(198, 51, 100, 5);
+    let mut ip = Command::new("sh");
+    // Deleting a primary address also deletes its secondaries: renumber, as DHCP would.
+    ip.args(["-c", &format!("ip addr del {NODE_ADDR}/24 dev uplink0 && ip addr add {new_addr}/24 dev uplink0 && ip route replace default via {EXT_ADDR}")]);
+    bpfnat::netns::command_in(&mut ip, &lab.node).unwrap();
+    assert!(ip.status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while json(&lab, &["status"])["node"]["snat_ip"] != new_addr.to_string() {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not pick up the new address"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let srv = traffic::http_server(
+        &lab.ext,
+        v4(EXT_ADDR, 9000),
+        "ext",
+        1,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    traffic::http_get(&lab.container_ns(&c), v4(EXT_ADDR, 9000)).unwrap();
+    assert_eq!(
+        srv.join().unwrap()[0].ip(),
+        new_addr,
+        "masquerading with the new address"
+    );
+}
+
+#[test]
+fn the_agent_removes_endpoints_whose_namespace_is_gone() {
+    let lab = lab("agentrec");
+    lab.ok(&["up", "--uplink", bpfnat_tests::UPLINK]).unwrap();
+    let ns = bpfnat::netns::create(&lab.name("sandbox")).unwrap();
+    lab.ok(&[
+        "container",
+        "add",
+        &lab.name("c"),
+        "--netns",
+        ns.to_str().unwrap(),
+    ])
+    .unwrap();
+    // The runtime deleted the sandbox while no agent was running.
+    bpfnat::netns::remove(&ns).unwrap();
+    let _agent = start_agent(&lab, 9973);
+    assert!(
+        json(&lab, &["container", "list"])
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
