@@ -43,6 +43,12 @@ pub struct AgentConfig {
     /// Seconds between conntrack garbage collections.
     #[serde(default = "default_gc")]
     pub gc_interval_secs: u64,
+    /// Install this binary as the CNI plugin `bpfnat` here (e.g. /opt/cni/bin).
+    #[serde(default)]
+    pub cni_bin_dir: Option<std::path::PathBuf>,
+    /// Write the CNI network configuration `10-bpfnat.conflist` here (e.g. /etc/cni/net.d).
+    #[serde(default)]
+    pub cni_conf_dir: Option<std::path::PathBuf>,
 }
 
 fn default_metrics() -> SocketAddr {
@@ -62,6 +68,8 @@ impl Default for AgentConfig {
             snat_ip: None,
             metrics_addr: default_metrics(),
             gc_interval_secs: default_gc(),
+            cni_bin_dir: None,
+            cni_conf_dir: None,
         }
     }
 }
@@ -89,6 +97,7 @@ fn init_logs() {
 pub async fn run(ctx: &Ctx, cfg: AgentConfig) -> Result<()> {
     init_logs();
     bring_up(ctx, &cfg).await?;
+    install_cni(ctx, &cfg)?;
     reconcile(ctx).await?;
     follow_uplink(ctx).await?;
 
@@ -159,6 +168,54 @@ async fn bring_up(ctx: &Ctx, cfg: &AgentConfig) -> Result<()> {
     )
     .await?;
     info!("datapath up");
+    Ok(())
+}
+
+/// Write `content` to `path` through a temporary file and a rename, so a runtime never reads
+/// half a file.
+fn write_atomic(path: &Path, content: &[u8], mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let tmp = path.with_extension("bpfnat-tmp");
+    std::fs::write(&tmp, content).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("install {}", path.display()))
+}
+
+/// Install the CNI plugin (this very binary) and a network configuration matching the
+/// running datapath.
+fn install_cni(ctx: &Ctx, cfg: &AgentConfig) -> Result<()> {
+    if let Some(dir) = &cfg.cni_bin_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        let me = std::env::current_exe().context("find this binary")?;
+        let bytes = std::fs::read(&me).with_context(|| format!("read {}", me.display()))?;
+        let path = dir.join("bpfnat");
+        write_atomic(&path, &bytes, 0o755)?;
+        info!(path = %path.display(), "installed the CNI plugin");
+    }
+    if let Some(dir) = &cfg.cni_conf_dir {
+        let state = ctx.store()?.load()?;
+        let node = state.node.context("the datapath is not up")?;
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        let conf = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "bpfnat",
+            "plugins": [{
+                "type": "bpfnat",
+                "uplink": node.uplink,
+                "subnet": format!("{}/{}", node.subnet, node.prefix_len),
+                "bpffsDir": ctx.bpffs_dir,
+                "stateDir": ctx.state_dir,
+                "capabilities": {"portMappings": true}
+            }]
+        });
+        let path = dir.join("10-bpfnat.conflist");
+        write_atomic(
+            &path,
+            serde_json::to_string_pretty(&conf)?.as_bytes(),
+            0o644,
+        )?;
+        info!(path = %path.display(), "installed the CNI network configuration");
+    }
     Ok(())
 }
 
