@@ -280,6 +280,20 @@ pub mod traffic {
         }))
     }
 
+    /// `GET /` from namespace `ns` to `addr`: the whole response (any server, any status).
+    pub fn http_get_raw(ns: &Path, addr: SocketAddr) -> Result<String> {
+        run_in(ns, move || {
+            let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+                .with_context(|| format!("connect to {addr}"))?;
+            s.set_read_timeout(Some(IO_TIMEOUT))?;
+            s.write_all(format!("GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+            let mut resp = String::new();
+            s.read_to_string(&mut resp)
+                .with_context(|| format!("read the response from {addr}"))?;
+            Ok(resp)
+        })
+    }
+
     /// `GET /` from namespace `ns` to `addr`; returns the response body.
     pub fn http_get(ns: &Path, addr: SocketAddr) -> Result<String> {
         run_in(ns, move || {

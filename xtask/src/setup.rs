@@ -13,12 +13,18 @@ use anyhow::{Context as _, Result, anyhow, bail};
 
 use crate::run;
 
-/// Debian packages and a command each provides, to tell whether it is installed.
+/// Debian packages the tests use, and a command each provides (shown when missing).
 const PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("iproute2", "ip"),
     ("iputils-ping", "ping"),
     ("util-linux", "nsenter"),
+    // The container-runtime test: podman with the CNI backend, runc, and a static busybox
+    // to build its image from.
+    ("podman", "podman"),
+    ("runc", "runc"),
+    ("conmon", "conmon"),
+    ("busybox-static", "busybox"),
 ];
 
 fn home() -> PathBuf {
@@ -64,10 +70,15 @@ fn have_command(name: &str) -> bool {
     quiet_ok(Command::new("sh").args(["-c", &format!("command -v {name}")]))
 }
 
+fn installed(pkg: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f", "${Status}", pkg]))
+        .is_ok_and(|s| s.contains("install ok installed"))
+}
+
 fn debian_packages() -> Result<()> {
     let missing: Vec<&str> = PACKAGES
         .iter()
-        .filter(|(_, cmd)| !have_command(cmd))
+        .filter(|(pkg, _)| !installed(pkg))
         .map(|(pkg, _)| *pkg)
         .collect();
     if missing.is_empty() {
@@ -188,7 +199,7 @@ pub fn ensure() -> Result<()> {
     } else {
         let missing: Vec<&str> = PACKAGES
             .iter()
-            .filter(|(_, c)| !have_command(c))
+            .filter(|(p, _)| !installed(p))
             .map(|(p, _)| *p)
             .collect();
         if !missing.is_empty() {
