@@ -185,3 +185,31 @@ fn the_agent_removes_endpoints_whose_namespace_is_gone() {
             .is_empty()
     );
 }
+
+#[test]
+fn the_agent_garbage_collects_dead_connections() {
+    let lab = lab("agentgc");
+    let _agent = start_agent(&lab, 9975);
+    let c = lab.name("c");
+    lab.ok(&["container", "add", &c]).unwrap();
+    // Refused: the connection ends in CLOSE, whose timeout is 10 s.
+    let refused = bpfnat::netns::run_in(&lab.container_ns(&c), || {
+        Ok(TcpStream::connect_timeout(&v4(EXT_ADDR, 9099), Duration::from_secs(2)).is_err())
+    })
+    .unwrap();
+    assert!(refused);
+    let count = || {
+        json(&lab, &["conntrack", "stats"])["connections"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(count(), 1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not collect the closed connection"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}

@@ -224,3 +224,37 @@ fn unsupported_versions_and_bad_environment_are_cni_errors() {
     assert!(!ok, "not up yet");
     assert_eq!(e["code"], 50, "{e}");
 }
+
+#[test]
+fn chained_after_another_plugin_the_previous_result_is_kept() {
+    let lab = lab("cnichain");
+    let ns = sandbox(&lab, "c");
+    let prev = json!({
+        "cniVersion": "1.0.0",
+        "interfaces": [{"name": "tap0", "mac": "02:00:00:00:00:01", "sandbox": ns.display().to_string()}],
+        "ips": [{"address": "192.0.2.9/32", "interface": 0}],
+        "dns": {"nameservers": ["192.0.2.53"]}
+    });
+    let (ok, r) = cni(
+        &lab,
+        "ADD",
+        "chained",
+        &ns,
+        &conf(&lab, "1.0.0", json!({"prevResult": prev})),
+    );
+    assert!(ok, "{r}");
+    let ifs = r["interfaces"].as_array().unwrap();
+    assert_eq!(ifs.len(), 3, "{r}");
+    assert_eq!(
+        ifs[0]["name"], "tap0",
+        "the previous plugin's interface stays first"
+    );
+    let ips = r["ips"].as_array().unwrap();
+    assert_eq!(ips[0]["address"], "192.0.2.9/32");
+    assert_eq!(
+        ips[1]["interface"], 2,
+        "our address points at our sandbox interface"
+    );
+    assert_eq!(ifs[2]["name"], "eth0");
+    assert_eq!(r["dns"]["nameservers"][0], "192.0.2.53", "dns kept");
+}
