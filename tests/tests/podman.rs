@@ -32,7 +32,9 @@ impl Podman<'_> {
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().unwrap()
+        self.cmd(args)
+            .output()
+            .expect("run podman (cargo xtask setup installs it)")
     }
 
     fn ok(&self, args: &[&str]) -> String {
@@ -49,8 +51,8 @@ impl Podman<'_> {
 impl Drop for Podman<'_> {
     fn drop(&mut self) {
         // Containers hold mounts under the run root: remove them before the lab removes
-        // the directories.
-        let _ = self.run(&["rm", "-af", "-t", "0"]);
+        // the directories. No panic here: this may run while a failed test unwinds.
+        let _ = self.cmd(&["rm", "-af", "-t", "0"]).output();
     }
 }
 
