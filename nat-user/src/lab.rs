@@ -294,21 +294,13 @@ pub mod traffic {
         })
     }
 
-    /// `GET /` from namespace `ns` to `addr`; returns the response body.
+    /// `GET /` from namespace `ns` to `addr`; returns the body of a 200 response.
     pub fn http_get(ns: &Path, addr: SocketAddr) -> Result<String> {
-        run_in(ns, move || {
-            let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
-                .with_context(|| format!("connect to {addr}"))?;
-            s.set_read_timeout(Some(IO_TIMEOUT))?;
-            s.write_all(format!("GET / HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
-            let mut resp = String::new();
-            s.read_to_string(&mut resp)
-                .with_context(|| format!("read the response from {addr}"))?;
-            match resp.split_once("\r\n\r\n") {
-                Some((head, body)) if head.starts_with("HTTP/1.0 200") => Ok(body.to_owned()),
-                _ => bail!("unexpected response from {addr}: {resp:?}"),
-            }
-        })
+        let resp = http_get_raw(ns, addr)?;
+        match resp.split_once("\r\n\r\n") {
+            Some((head, body)) if head.starts_with("HTTP/1.0 200") => Ok(body.to_owned()),
+            _ => bail!("unexpected response from {addr}: {resp:?}"),
+        }
     }
 
     /// A UDP server in `ns` on `addr` that echoes up to `max` datagrams, prefixed with the
