@@ -81,7 +81,12 @@ pub struct Config {
     pub port_max: u16,
     /// MAC address of the uplink: ARP for static NAT addresses is answered with it.
     pub uplink_mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// The node's own ephemeral port range (`ip_local_port_range`, host order, inclusive).
+    /// MASQUERADE never takes a TCP/UDP source port from it: the node's own connections from
+    /// the uplink address use those ports, and conntrack does not see them.
+    pub host_port_min: u16,
+    pub host_port_max: u16,
+    pub _pad: [u8; 6],
     /// Cookie of the node's network namespace (`SO_NETNS_COOKIE`): the socket programs are
     /// attached to a cgroup, which spans namespaces, and act only for sockets of this one.
     pub netns_cookie: u64,
@@ -595,7 +600,7 @@ mod tests {
         assert_eq!(size_of::<PortKey>(), 8);
         assert_eq!(size_of::<PortTarget>(), 12);
         assert_eq!(size_of::<Endpoint>(), 20);
-        assert_eq!(size_of::<Config>(), 48);
+        assert_eq!(size_of::<Config>(), 56);
         assert_eq!(size_of::<StaticNat>(), 8);
     }
 

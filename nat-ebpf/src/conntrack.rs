@@ -11,8 +11,8 @@ use aya_ebpf::{
 };
 use nat_common::{
     Config, CtEntry, CtKey, DIR_ORIGINAL, DIR_REPLY, NAT_DNAT, NAT_SNAT, ORIGIN_HAIRPIN,
-    ORIGIN_MASQUERADE, ORIGIN_PUBLISHED, PROTO_TCP, PortTarget, Reason, ct_timeout_ns, dgram_state,
-    tcp_state, tcp_transition,
+    ORIGIN_MASQUERADE, ORIGIN_PUBLISHED, PROTO_TCP, PROTO_UDP, PortTarget, Reason, ct_timeout_ns,
+    dgram_state, tcp_state, tcp_transition,
 };
 
 use crate::{
@@ -131,11 +131,15 @@ fn entry(p: &Ip4, now: u64, ifindex: u32) -> CtEntry {
 #[repr(C)]
 struct Probe {
     rkey: CtKey,
-    now: u64,
-    min: u32,
-    range: u32,
     start: u32,
-    found: u32,
+    /// How many ports may be picked (the range less the avoided block).
+    range: u32,
+    min: u16,
+    /// Ports to step over (the node's own ephemeral range), inclusive; `avoid_min >
+    /// avoid_max` avoids nothing. Kept small: the callback shares the 512-byte stack.
+    avoid_min: u16,
+    avoid_max: u16,
+    found: u16,
 }
 
 /// One candidate port: `bpf_loop` callback (1 stops the loop).
@@ -147,13 +151,17 @@ unsafe extern "C" fn probe_one(i: u64, ctx: *mut c_void) -> i64 {
         .wrapping_add(i as u32)
         .checked_rem(c.range)
         .unwrap_or(0);
-    let port = (c.min + off) as u16;
-    c.rkey.dst_port = port.to_be_bytes();
+    // `range` counts only the allowed ports: step over the avoided block.
+    let mut port = u32::from(c.min) + off;
+    if c.avoid_min <= c.avoid_max && port >= u32::from(c.avoid_min) {
+        port += u32::from(c.avoid_max - c.avoid_min) + 1;
+    }
+    c.rkey.dst_port = (port as u16).to_be_bytes();
     let Some(reply) = SCRATCH.get_ptr(0) else {
         return 1;
     };
     // SAFETY: per-CPU scratch slot, written by `create` just before the loop.
-    if claim(&c.rkey, unsafe { &*reply }, c.now) {
+    if claim(&c.rkey, unsafe { &*reply }, now()) {
         c.found = 1;
         return 1;
     }
@@ -164,16 +172,32 @@ unsafe extern "C" fn probe_one(i: u64, ctx: *mut c_void) -> i64 {
 /// random start. `bpf_loop` makes the verifier check the body once instead of once per
 /// iteration and caller path.
 #[inline(always)]
-fn probe_port(rkey: CtKey, cfg: &Config, now: u64) -> Result<[u8; 2], Reason> {
+fn probe_port(rkey: CtKey, cfg: &Config, avoid_host: bool) -> Result<[u8; 2], Reason> {
     let min = u32::from(cfg.port_min);
     let max = u32::from(cfg.port_max);
+    // The part of the node's ephemeral range that falls inside the allocation range.
+    let (mut avoid_min, mut avoid_max) = (1u32, 0u32);
+    if avoid_host {
+        let lo = u32::from(cfg.host_port_min).max(min);
+        let hi = u32::from(cfg.host_port_max).min(max);
+        if lo <= hi {
+            (avoid_min, avoid_max) = (lo, hi);
+        }
+    }
+    let full = if max >= min { max - min + 1 } else { 1 };
+    let skipped = if avoid_min <= avoid_max {
+        avoid_max - avoid_min + 1
+    } else {
+        0
+    };
     let mut c = Probe {
         rkey,
-        now,
-        min,
-        range: if max >= min { max - min + 1 } else { 1 },
         // SAFETY: helper without arguments.
         start: unsafe { bpf_get_prandom_u32() },
+        range: if full > skipped { full - skipped } else { 1 },
+        min: cfg.port_min,
+        avoid_min: avoid_min as u16,
+        avoid_max: avoid_max as u16,
         found: 0,
     };
     // SAFETY: the callback only touches `c`, which outlives the call.
@@ -245,8 +269,13 @@ pub fn create(p: &Ip4, n: &NewConn, cfg: &Config, now: u64) -> Result<CtEntry, R
         _pad: [0; 3],
     };
     if n.alloc_port {
-        if !claim(&rkey, reply, now) {
-            rkey.dst_port = probe_port(rkey, cfg, now)?;
+        // TCP/UDP source ports in the node's ephemeral range may be in use by the node itself
+        // on the same address: never keep or pick those.
+        let avoid_host = p.proto == PROTO_TCP || p.proto == PROTO_UDP;
+        let sport = u16::from_be_bytes(p.sport);
+        let host_owned = avoid_host && sport >= cfg.host_port_min && sport <= cfg.host_port_max;
+        if host_owned || !claim(&rkey, reply, now) {
+            rkey.dst_port = probe_port(rkey, cfg, avoid_host)?;
         }
     } else if CONNTRACK
         .insert(&rkey, &*reply, u64::from(BPF_ANY))

@@ -19,9 +19,10 @@ use crate::{
 };
 
 #[inline(always)]
-fn config() -> Result<Config, Reason> {
+/// The node's settings, read in place (a copy would cost stack the port search needs).
+fn config() -> Result<&'static Config, Reason> {
     match CONFIG.get(0) {
-        Some(c) if c.uplink_ifindex != 0 => Ok(*c),
+        Some(c) if c.uplink_ifindex != 0 => Ok(c),
         _ => Err(Reason::DropNoConfig),
     }
 }
@@ -46,7 +47,7 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
     let ifindex = ifindex(ctx);
     let (l3, eth_src) = parse::l3(ctx).ok_or(Reason::DropTruncated)?;
     match l3 {
-        L3::Arp => return forward::arp_reply(ctx, &cfg, ifindex, eth_src),
+        L3::Arp => return forward::arp_reply(ctx, cfg, ifindex, eth_src),
         L3::Ipv4 => {}
         // IPv6 is a later milestone; router/neighbour solicitations are the stack's.
         L3::Other => return pass(ctx),
@@ -59,12 +60,12 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
     }
 
     // F1: the subnet is one flat L2 segment, as on a bridge: no TTL change.
-    if let Some(peer) = container_at(&cfg, &p.dst) {
+    if let Some(peer) = container_at(cfg, &p.dst) {
         return forward::to_endpoint(ctx, &mut p, &peer, false, Reason::Forward);
     }
 
     if icmp::is_error(&p) && p.ttl > 1 && icmp::translate(ctx, &mut p)? {
-        return deliver(ctx, &cfg, &mut p, ifindex);
+        return deliver(ctx, cfg, &mut p, ifindex);
     }
 
     if p.is_trackable()
@@ -79,7 +80,7 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
         let e = unsafe { *ep };
         nat::apply(ctx, &mut p, &e)?;
         count(Reason::CtHit, ctx.len());
-        if let Some(peer) = container_at(&cfg, &p.dst) {
+        if let Some(peer) = container_at(cfg, &p.dst) {
             return forward::to_endpoint(ctx, &mut p, &peer, true, Reason::Deliver);
         }
         return forward::route_tracked(ctx, &mut p, ifindex, ep, t);
@@ -93,13 +94,13 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
         // An address in the subnet that no container holds: never route it elsewhere.
         return Err(Reason::DropNoEndpoint);
     }
-    if let Some(t) = published(ctx, &cfg, &p, ifindex) {
+    if let Some(t) = published(ctx, cfg, &p, ifindex) {
         // F5, hairpin: a published port on a node address, possibly the sender's own.
         if p.ttl <= 1 {
             return pass(ctx);
         }
         let target = endpoint(&t.addr).ok_or(Reason::DropNoEndpoint)?;
-        let e = conntrack::create_hairpin(&p, &t, &cfg, target.ifindex, now())?;
+        let e = conntrack::create_hairpin(&p, &t, cfg, target.ifindex, now())?;
         nat::apply(ctx, &mut p, &e)?;
         count(Reason::HairpinNew, ctx.len());
         return forward::to_endpoint(ctx, &mut p, &target, true, Reason::Deliver);
@@ -132,7 +133,7 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
     if !p.is_trackable() {
         return Err(Reason::DropUnsupported);
     }
-    let e = conntrack::create_snat(&p, &cfg, ifindex, now())?;
+    let e = conntrack::create_snat(&p, cfg, ifindex, now())?;
     nat::apply(ctx, &mut p, &e)?;
     count(Reason::SnatNew, ctx.len());
     forward::route(ctx, &mut p, ifindex, Some((rc, fib)))
@@ -202,7 +203,7 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
     let ifindex = ifindex(ctx);
     match parse::l3(ctx) {
         Some((L3::Ipv4, _)) => {}
-        Some((L3::Arp, _)) => return forward::uplink_arp(ctx, &cfg, ifindex),
+        Some((L3::Arp, _)) => return forward::uplink_arp(ctx, cfg, ifindex),
         _ => return pass(ctx),
     }
     let Ok(mut p) = parse::ipv4(ctx) else {
@@ -227,7 +228,7 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
             return Err(Reason::DropTtl);
         }
         if icmp::translate(ctx, &mut p)? {
-            return deliver(ctx, &cfg, &mut p, ifindex);
+            return deliver(ctx, cfg, &mut p, ifindex);
         }
     }
     if !p.is_trackable() {
@@ -242,9 +243,9 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
         count(Reason::CtHit, ctx.len());
         // SAFETY: copy of the map value.
         unsafe { *e }
-    } else if let Some(t) = published(ctx, &cfg, &p, ifindex) {
+    } else if let Some(t) = published(ctx, cfg, &p, ifindex) {
         let ep = endpoint(&t.addr).ok_or(Reason::DropNoEndpoint)?;
-        let e = conntrack::create_dnat(&p, &t, &cfg, ep.ifindex, now())?;
+        let e = conntrack::create_dnat(&p, &t, cfg, ep.ifindex, now())?;
         count(Reason::DnatNew, ctx.len());
         e
     } else if parse::in_subnet(p.dst, cfg.subnet_addr, cfg.subnet_mask) {
@@ -257,5 +258,5 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
         return Err(Reason::DropTtl);
     }
     nat::apply(ctx, &mut p, &e)?;
-    deliver(ctx, &cfg, &mut p, ifindex)
+    deliver(ctx, cfg, &mut p, ifindex)
 }

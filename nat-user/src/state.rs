@@ -37,6 +37,11 @@ pub struct Node {
     pub node_addr: Ipv4Addr,
     /// Cookie of the node's network namespace.
     pub netns_cookie: u64,
+    /// The node's ephemeral port range: MASQUERADE leaves it to the node's own sockets.
+    #[serde(default)]
+    pub host_port_min: u16,
+    #[serde(default)]
+    pub host_port_max: u16,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

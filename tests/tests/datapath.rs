@@ -154,17 +154,34 @@ fn snat_rewrites_source_and_keeps_checksums_valid() {
         c.ip,
         EXT_ADDR,
         PROTO_TCP,
-        &packet::tcp(c.ip, EXT_ADDR, 40000, 80, SYN),
+        &packet::tcp(c.ip, EXT_ADDR, 20000, 80, SYN),
     );
     let r = run(&lab, "tc_container", c.host_ifindex, syn);
     assert_eq!(r.action, TC_ACT_REDIRECT, "sent on to the uplink");
     let s = packet::verify(&r.out);
     assert_eq!(
         (s.src, s.sport),
-        (NODE_ADDR, 40000),
+        (NODE_ADDR, 20000),
         "masqueraded, port kept"
     );
     assert_eq!((s.dst, s.dport, s.ttl), (EXT_ADDR, 80, 63));
+
+    // A source port from the node's own ephemeral range is never kept.
+    let syn2 = packet::frame(
+        c.mac,
+        ANY_MAC,
+        c.ip,
+        EXT_ADDR,
+        PROTO_TCP,
+        &packet::tcp(c.ip, EXT_ADDR, 40000, 81, SYN),
+    );
+    let s2 = packet::verify(&run(&lab, "tc_container", c.host_ifindex, syn2).out);
+    assert_eq!(s2.src, NODE_ADDR);
+    assert!(
+        !(32768..=60999).contains(&s2.sport),
+        "remapped out of the node's range: {}",
+        s2.sport
+    );
 
     let ping = packet::frame(
         c.mac,
@@ -184,12 +201,12 @@ fn snat_rewrites_source_and_keeps_checksums_valid() {
         EXT_ADDR,
         NODE_ADDR,
         PROTO_TCP,
-        &packet::tcp(EXT_ADDR, NODE_ADDR, 80, 40000, SYN | 0x10),
+        &packet::tcp(EXT_ADDR, NODE_ADDR, 80, 20000, SYN | 0x10),
     );
     let r = run(&lab, "tc_uplink", uplink_ifindex(&lab), synack);
     assert_eq!(r.action, TC_ACT_REDIRECT);
     let s = packet::verify(&r.out);
-    assert_eq!((s.dst, s.dport, s.dst_mac), (c.ip, 40000, c.mac));
+    assert_eq!((s.dst, s.dport, s.dst_mac), (c.ip, 20000, c.mac));
 }
 
 #[test]

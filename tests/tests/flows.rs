@@ -88,14 +88,14 @@ fn masquerade_carries_udp_and_ping() {
     let echo = traffic::udp_echo(&lab.ext, v4(EXT_ADDR, 7777), 10, WINDOW).unwrap();
     let reply = traffic::udp_ask(
         &ns,
-        v4(Ipv4Addr::UNSPECIFIED, 40000),
+        v4(Ipv4Addr::UNSPECIFIED, 20000),
         v4(EXT_ADDR, 7777),
         b"hi",
     )
     .unwrap();
     assert_eq!(
         reply,
-        format!("{NODE_ADDR}:40000 hi"),
+        format!("{NODE_ADDR}:20000 hi"),
         "source port is kept when free"
     );
 
@@ -123,21 +123,133 @@ fn masquerade_allocates_another_port_when_the_source_port_is_taken() {
     lab.ok(&["container", "add", &a]).unwrap();
     lab.ok(&["container", "add", &b]).unwrap();
     let echo = traffic::udp_echo(&lab.ext, v4(EXT_ADDR, 7777), 10, WINDOW).unwrap();
-    let from = v4(Ipv4Addr::UNSPECIFIED, 41000);
+    let from = v4(Ipv4Addr::UNSPECIFIED, 21000);
     let ra = traffic::udp_ask(&lab.container_ns(&a), from, v4(EXT_ADDR, 7777), b"a").unwrap();
     let rb = traffic::udp_ask(&lab.container_ns(&b), from, v4(EXT_ADDR, 7777), b"b").unwrap();
-    assert_eq!(ra, format!("{NODE_ADDR}:41000 a"));
+    assert_eq!(ra, format!("{NODE_ADDR}:21000 a"));
     let (peer, payload) = rb.split_once(' ').unwrap();
     assert_eq!(payload, "b", "each reply reaches the container that asked");
     let peer: std::net::SocketAddr = peer.parse().unwrap();
     assert_eq!(peer.ip(), NODE_ADDR);
     assert_ne!(
         peer.port(),
-        41000,
+        21000,
         "the second container needs another port"
     );
     assert!((1024..=65535).contains(&peer.port()));
+    assert!(
+        !(32768..=60999).contains(&peer.port()),
+        "never from the node's ephemeral range"
+    );
     drop(echo);
+}
+
+#[test]
+fn masquerade_never_collides_with_the_nodes_own_connections() {
+    use std::io::{Read as _, Write as _};
+    const PORT: u16 = 45000; // inside the node's ephemeral range
+    let lab = lab_up("f2host");
+    let c = lab.name("c");
+    lab.ok(&["container", "add", &c]).unwrap();
+    let listener = bpfnat::netns::run_in(&lab.ext, || {
+        Ok(std::net::TcpListener::bind(v4(EXT_ADDR, 9000))?)
+    })
+    .unwrap();
+    // The node talks to the external host from its uplink address and port 45000 ...
+    let mut node = bpfnat::netns::run_in(&lab.node, || {
+        let s = std::net::TcpStream::connect(v4(EXT_ADDR, 9000));
+        // Bind explicitly: a node connection that happens to use 45000.
+        drop(s);
+        let sock = libc_bind_connect(v4(NODE_ADDR, PORT), v4(EXT_ADDR, 9000))?;
+        Ok(sock)
+    })
+    .unwrap();
+    let (_, _) = listener.accept().unwrap();
+    let (mut node_peer, node_addr) = listener.accept().unwrap();
+    assert_eq!(node_addr, v4(NODE_ADDR, PORT));
+    // ... and a container uses the same source port to the same destination.
+    let mut cont = bpfnat::netns::run_in(&lab.container_ns(&c), || {
+        Ok(libc_bind_connect(
+            v4(Ipv4Addr::UNSPECIFIED, PORT),
+            v4(EXT_ADDR, 9000),
+        )?)
+    })
+    .unwrap();
+    let (mut cont_peer, cont_addr) = listener.accept().unwrap();
+    assert_eq!(cont_addr.ip(), NODE_ADDR);
+    assert_ne!(
+        cont_addr.port(),
+        PORT,
+        "MASQUERADE left the node's port alone"
+    );
+    // Both connections carry their own data.
+    for (mine, peer, tag) in [
+        (&mut node, &mut node_peer, b'n'),
+        (&mut cont, &mut cont_peer, b'c'),
+    ] {
+        mine.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        peer.write_all(&[tag]).unwrap();
+        let mut b = [0u8; 1];
+        mine.read_exact(&mut b).unwrap();
+        assert_eq!(b[0], tag);
+    }
+}
+
+/// A TCP connection from exactly `local` (SO_REUSEADDR, so the port can be chosen).
+fn libc_bind_connect(
+    local: std::net::SocketAddr,
+    remote: std::net::SocketAddr,
+) -> std::io::Result<std::net::TcpStream> {
+    use std::os::fd::FromRawFd as _;
+    let std::net::SocketAddr::V4(l) = local else {
+        unreachable!("IPv4 only")
+    };
+    let std::net::SocketAddr::V4(r) = remote else {
+        unreachable!("IPv4 only")
+    };
+    let sin = |a: std::net::SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(a.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: plain socket calls on a descriptor owned by the returned stream.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let s = std::net::TcpStream::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&raw const one).cast(),
+            4,
+        );
+        let la = sin(l);
+        if libc::bind(
+            fd,
+            (&raw const la).cast(),
+            size_of::<libc::sockaddr_in>() as u32,
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ra = sin(r);
+        if libc::connect(
+            fd,
+            (&raw const ra).cast(),
+            size_of::<libc::sockaddr_in>() as u32,
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(s)
+    }
 }
 
 #[test]
@@ -487,14 +599,14 @@ fn fragmented_udp_datagrams_are_translated_both_ways() {
     let echo = traffic::udp_echo(&lab.ext, v4(EXT_ADDR, 7777), 1, WINDOW).unwrap();
     let reply = traffic::udp_ask(
         &ns,
-        v4(Ipv4Addr::UNSPECIFIED, 47000),
+        v4(Ipv4Addr::UNSPECIFIED, 27000),
         v4(EXT_ADDR, 7777),
         &big,
     )
     .unwrap();
-    assert_eq!(reply.len(), format!("{NODE_ADDR}:47000 ").len() + big.len());
+    assert_eq!(reply.len(), format!("{NODE_ADDR}:27000 ").len() + big.len());
     assert!(
-        reply.starts_with(&format!("{NODE_ADDR}:47000 "))
+        reply.starts_with(&format!("{NODE_ADDR}:27000 "))
             && reply.ends_with(std::str::from_utf8(&big).unwrap())
     );
     assert_eq!(echo.join().unwrap()[0].ip(), NODE_ADDR);

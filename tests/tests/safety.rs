@@ -125,7 +125,7 @@ fn packets_with_ip_options_are_translated_correctly() {
     let c = container(&lab, "c");
     let echo = traffic::udp_echo(&lab.ext, v4(EXT_ADDR, 7777), 1, Duration::from_secs(10)).unwrap();
     let reply = bpfnat::netns::run_in(&c.ns, || {
-        let sock = std::net::UdpSocket::bind(v4(Ipv4Addr::UNSPECIFIED, 46000))?;
+        let sock = std::net::UdpSocket::bind(v4(Ipv4Addr::UNSPECIFIED, 26000))?;
         // Four NOP options: the IPv4 header grows to 24 bytes.
         let opts = [1u8, 1, 1, 1];
         // SAFETY: setsockopt with a valid buffer and length.
@@ -146,7 +146,7 @@ fn packets_with_ip_options_are_translated_correctly() {
         Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
     })
     .unwrap();
-    assert_eq!(reply, format!("{NODE_ADDR}:46000 opts"));
+    assert_eq!(reply, format!("{NODE_ADDR}:26000 opts"));
     assert_eq!(echo.join().unwrap().len(), 1);
 }
 

@@ -168,7 +168,7 @@ pub fn resolve_ports(state: &State, specs: &[PortSpec]) -> Result<Vec<PortMappin
 }
 
 /// The node's ephemeral port range, where Docker picks host ports that were left open.
-fn ephemeral_range() -> (u16, u16) {
+pub fn ephemeral_range() -> (u16, u16) {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| {

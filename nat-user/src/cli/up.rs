@@ -44,6 +44,13 @@ pub struct UpArgs {
     pub conntrack_max: u32,
 }
 
+/// How many ports two inclusive ranges share.
+fn overlap(a: (u16, u16), b: (u16, u16)) -> u32 {
+    let lo = a.0.max(b.0);
+    let hi = a.1.min(b.1);
+    if lo > hi { 0 } else { u32::from(hi - lo) + 1 }
+}
+
 /// Fail with a hint unless the node is up.
 pub fn require_node(state: &State) -> Result<&Node> {
     state
@@ -68,7 +75,9 @@ pub fn config_of(node: &Node) -> Config {
         port_min: node.port_min,
         port_max: node.port_max,
         uplink_mac: node.uplink_mac,
-        _pad: [0; 2],
+        host_port_min: node.host_port_min,
+        host_port_max: node.host_port_max,
+        _pad: [0; 6],
         netns_cookie: node.netns_cookie,
     }
 }
@@ -87,6 +96,18 @@ pub async fn up(ctx: &Ctx, a: UpArgs) -> Result<()> {
         bail!(
             "gateway {gateway} is not a host address of subnet {}",
             a.subnet
+        );
+    }
+    let host_ports = crate::cli::container::ephemeral_range();
+    let outside = u32::from(a.port_range.max - a.port_range.min) + 1
+        - overlap((a.port_range.min, a.port_range.max), host_ports);
+    if outside == 0 {
+        bail!(
+            "--port-range {}-{} lies inside the node's ephemeral ports {}-{} (net.ipv4.ip_local_port_range), which MASQUERADE leaves to the node's own connections: choose ports outside it",
+            a.port_range.min,
+            a.port_range.max,
+            host_ports.0,
+            host_ports.1
         );
     }
     let store = ctx.store()?;
@@ -123,6 +144,8 @@ pub async fn up(ctx: &Ctx, a: UpArgs) -> Result<()> {
         uplink_mac: uplink.mac,
         node_addr: uplink_addr.unwrap_or(snat_ip),
         netns_cookie: datapath::netns_cookie()?,
+        host_port_min: host_ports.0,
+        host_port_max: host_ports.1,
     };
     if let Some(old) = &state.node {
         let same = Node {
