@@ -99,18 +99,32 @@ fn conn_expired(e: &CtEntry, proto: u8, now: u64) -> bool {
     now.saturating_sub(last) > ct_timeout_ns(proto, e.state)
 }
 
-/// Take `key` for a new entry unless a live connection holds it.
+/// Whether the connection `e` belongs to may give its tuple to a new one: idle past its
+/// timeout, or a closed TCP connection (TIME_WAIT, CLOSE), which nf_nat also reuses — else a
+/// busy host would run out of ports to closed connections waiting out their 120 s.
+#[inline(always)]
+fn reclaimable(e: &CtEntry, proto: u8, now: u64) -> bool {
+    (proto == PROTO_TCP && (e.state == tcp_state::TIME_WAIT || e.state == tcp_state::CLOSE))
+        || conn_expired(e, proto, now)
+}
+
+/// Take `key` for a new entry unless a live connection holds it. Taking over a closed
+/// connection's tuple also drops that connection's other entry.
 #[inline(always)]
 fn claim(key: &CtKey, e: &CtEntry, now: u64) -> bool {
     if CONNTRACK.insert(key, e, u64::from(BPF_NOEXIST)).is_ok() {
         return true;
     }
     match lookup(key) {
-        // SAFETY: read of a map value.
-        Some(old) if conn_expired(unsafe { &*old }, key.proto, now) => {
+        Some(old) => {
+            // SAFETY: copy of a map value.
+            let old = unsafe { *old };
+            if !reclaimable(&old, key.proto, now) {
+                return false;
+            }
+            let _ = CONNTRACK.remove(&peer_key(&old, key.proto));
             CONNTRACK.insert(key, e, u64::from(BPF_ANY)).is_ok()
         }
-        Some(_) => false,
         None => CONNTRACK.insert(key, e, u64::from(BPF_NOEXIST)).is_ok(),
     }
 }

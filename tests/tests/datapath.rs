@@ -366,3 +366,42 @@ fn malformed_and_spoofed_packets_are_dropped_and_counted() {
         "nothing was tracked"
     );
 }
+
+#[test]
+fn closed_tcp_connections_give_their_masquerade_port_back() {
+    let lab = lab("tr-reuse");
+    up(&lab, &["--port-range", "30000-30000"]);
+    let dst = Ipv4Addr::new(203, 0, 113, 80);
+    let a = container(&lab, "a", "10.88.0.2", &[]);
+    let b = container(&lab, "b", "10.88.0.3", &[]);
+    // Both use a source port from the node's ephemeral range: each needs the one port 30000.
+    let syn = |c: &ContainerInfo, flags: u8| {
+        packet::frame(
+            c.mac,
+            ANY_MAC,
+            c.ip,
+            dst,
+            PROTO_TCP,
+            &packet::tcp(c.ip, dst, 40000, 443, flags),
+        )
+    };
+    let s = packet::verify(&run(&lab, "tc_container", a.host_ifindex, syn(&a, SYN)).out);
+    assert_eq!(s.sport, 30000);
+    assert_eq!(
+        run(&lab, "tc_container", b.host_ifindex, syn(&b, SYN)).action,
+        TC_ACT_SHOT,
+        "the port is taken"
+    );
+    // a's connection is reset: closed connections give their tuple to the next one.
+    const RST: u8 = 0x04;
+    let _ = run(&lab, "tc_container", a.host_ifindex, syn(&a, RST));
+    let r = run(&lab, "tc_container", b.host_ifindex, syn(&b, SYN));
+    assert_eq!(r.action, TC_ACT_REDIRECT);
+    assert_eq!(packet::verify(&r.out).sport, 30000);
+    let flows = json(&lab, &["conntrack", "list"]);
+    assert_eq!(
+        flows.as_array().unwrap().len(),
+        1,
+        "a's entries are gone: {flows}"
+    );
+}
