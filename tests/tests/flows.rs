@@ -387,14 +387,24 @@ fn masquerade_carries_200_concurrent_connections() {
     assert_eq!(ok, N, "every connection got its answer");
     assert_eq!(seen.len(), N);
     assert!(seen.iter().all(|p| p.ip() == NODE_ADDR));
-    let f = flows(&lab);
-    let masq = f
-        .iter()
-        .filter(|f| f["kind"] == "masquerade" && f["proto"] == "tcp")
-        .count();
-    assert_eq!(masq, N, "one conntrack connection per client connection");
+    // One tracked connection per client connection; the distinct source ports the external
+    // host saw are the MASQUERADE ports. (A closed connection's entries may already have
+    // been reclaimed by a later one, so the table can hold fewer than N.)
+    assert_eq!(
+        counter(&lab, "snat_new"),
+        N as u64,
+        "one conntrack connection per client connection"
+    );
+    let ports: std::collections::HashSet<u16> =
+        seen.iter().map(std::net::SocketAddr::port).collect();
+    assert!(
+        ports.len() >= N * 9 / 10,
+        "connections got their own ports: {}",
+        ports.len()
+    );
     let s = json(&lab, &["conntrack", "stats"]);
-    assert_eq!(s["entries"], 2 * N as u64);
+    assert!(s["entries"].as_u64().unwrap() <= 2 * N as u64);
+    assert_eq!(s["orphans"], 0, "no half connections");
 }
 
 /// Poll `bpfnat conntrack list` until a flow matches `pred` (the last ACK of a close may
