@@ -146,7 +146,7 @@ fn dnat_rewrites_destination_and_keeps_checksums_valid() {
 #[test]
 fn snat_rewrites_source_and_keeps_checksums_valid() {
     let lab = lab("tr-snat");
-    up(&lab, &[]);
+    up(&lab, &["--masquerade-avoid-host-ports"]);
     let c = container(&lab, "c", "10.88.0.2", &[]);
     let syn = packet::frame(
         c.mac,
@@ -370,7 +370,14 @@ fn malformed_and_spoofed_packets_are_dropped_and_counted() {
 #[test]
 fn closed_tcp_connections_give_their_masquerade_port_back() {
     let lab = lab("tr-reuse");
-    up(&lab, &["--port-range", "30000-30000"]);
+    up(
+        &lab,
+        &[
+            "--port-range",
+            "30000-30000",
+            "--masquerade-avoid-host-ports",
+        ],
+    );
     let dst = Ipv4Addr::new(203, 0, 113, 80);
     let a = container(&lab, "a", "10.88.0.2", &[]);
     let b = container(&lab, "b", "10.88.0.3", &[]);

@@ -148,7 +148,14 @@ fn masquerade_allocates_another_port_when_the_source_port_is_taken() {
 fn masquerade_never_collides_with_the_nodes_own_connections() {
     use std::io::{Read as _, Write as _};
     const PORT: u16 = 45000; // inside the node's ephemeral range
-    let lab = lab_up("f2host");
+    let lab = bpfnat_tests::lab("f2host");
+    lab.ok(&[
+        "up",
+        "--uplink",
+        bpfnat_tests::UPLINK,
+        "--masquerade-avoid-host-ports",
+    ])
+    .unwrap();
     let c = lab.name("c");
     lab.ok(&["container", "add", &c]).unwrap();
     let listener = bpfnat::netns::run_in(&lab.ext, || {

@@ -164,6 +164,7 @@ async fn bring_up(ctx: &Ctx, cfg: &AgentConfig) -> Result<()> {
                 max: 65535,
             },
             conntrack_max: nat_common::CONNTRACK_MAX_ENTRIES,
+            masquerade_avoid_host_ports: false,
         },
     )
     .await?;

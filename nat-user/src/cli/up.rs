@@ -42,6 +42,12 @@ pub struct UpArgs {
     /// Conntrack table size in entries (two per connection).
     #[arg(long, default_value_t = CONNTRACK_MAX_ENTRIES)]
     pub conntrack_max: u32,
+    /// Never MASQUERADE from a port of the node's own ephemeral range
+    /// (net.ipv4.ip_local_port_range): rules out tuple collisions with the node's own
+    /// connections from the uplink address, at the price of remapping most container source
+    /// ports (and of TIME_WAIT clashes at very high connection rates).
+    #[arg(long)]
+    pub masquerade_avoid_host_ports: bool,
 }
 
 /// How many ports two inclusive ranges share.
@@ -98,9 +104,14 @@ pub async fn up(ctx: &Ctx, a: UpArgs) -> Result<()> {
             a.subnet
         );
     }
-    let host_ports = crate::cli::container::ephemeral_range();
-    let outside = u32::from(a.port_range.max - a.port_range.min) + 1
-        - overlap((a.port_range.min, a.port_range.max), host_ports);
+    // (1, 0): an empty range, nothing avoided.
+    let host_ports = if a.masquerade_avoid_host_ports {
+        crate::cli::container::ephemeral_range()
+    } else {
+        (1, 0)
+    };
+    let outside = (u32::from(a.port_range.max - a.port_range.min) + 1)
+        .saturating_sub(overlap((a.port_range.min, a.port_range.max), host_ports));
     if outside == 0 {
         bail!(
             "--port-range {}-{} lies inside the node's ephemeral ports {}-{} (net.ipv4.ip_local_port_range), which MASQUERADE leaves to the node's own connections: choose ports outside it",

@@ -228,6 +228,7 @@ async fn ensure_up(ctx: &Ctx, conf: &NetConf) -> Result<(), CniError> {
             max: 65535,
         },
         conntrack_max: nat_common::CONNTRACK_MAX_ENTRIES,
+        masquerade_avoid_host_ports: false,
     };
     Ok(up::up(ctx, args).await?)
 }
