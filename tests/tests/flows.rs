@@ -137,10 +137,6 @@ fn masquerade_allocates_another_port_when_the_source_port_is_taken() {
         "the second container needs another port"
     );
     assert!((1024..=65535).contains(&peer.port()));
-    assert!(
-        !(32768..=60999).contains(&peer.port()),
-        "never from the node's ephemeral range"
-    );
     drop(echo);
 }
 
