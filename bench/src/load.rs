@@ -207,6 +207,19 @@ pub fn rr_client(addr: SocketAddr, secs: u64, new_connections: bool) -> Result<f
 const BATCH: usize = 64;
 const DGRAM: usize = 64;
 
+/// One message header per iovec, for sendmmsg/recvmmsg; `iov` must outlive their use.
+fn headers(iov: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
+    iov.iter_mut()
+        .map(|v| {
+            // SAFETY: an all-zero mmsghdr is valid; it then points at one live iovec.
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_iov = v;
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect()
+}
+
 /// `udp-flood`: send 64-byte datagrams to `addr` for `secs` seconds, 64 per sendmmsg; prints
 /// how many were sent.
 pub fn udp_flood(addr: SocketAddr, secs: u64) -> Result<u64> {
@@ -219,12 +232,7 @@ pub fn udp_flood(addr: SocketAddr, secs: u64) -> Result<u64> {
             iov_len: DGRAM,
         })
         .collect();
-    // SAFETY: zeroed mmsghdr is valid; each points at its own iovec, alive for the loop.
-    let mut msgs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
-    for (m, v) in msgs.iter_mut().zip(iov.iter_mut()) {
-        m.msg_hdr.msg_iov = v;
-        m.msg_hdr.msg_iovlen = 1;
-    }
+    let mut msgs = headers(&mut iov);
     let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut sent = 0u64;
@@ -263,19 +271,21 @@ pub fn udp_sink(listen: SocketAddr, secs: u64) -> Result<u64> {
             iov_len: b.len(),
         })
         .collect();
-    // SAFETY: as in `udp_flood`.
-    let mut msgs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
-    for (m, v) in msgs.iter_mut().zip(iov.iter_mut()) {
-        m.msg_hdr.msg_iov = v;
-        m.msg_hdr.msg_iovlen = 1;
-    }
+    let mut msgs = headers(&mut iov);
     let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut got = 0u64;
     while Instant::now() < deadline {
         // SAFETY: `msgs` holds BATCH valid headers pointing at live buffers.
-        let n =
-            unsafe { libc::recvmmsg(fd, msgs.as_mut_ptr(), BATCH as u32, 0, std::ptr::null_mut()) };
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                msgs.as_mut_ptr(),
+                BATCH as u32,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
         if n > 0 {
             got += n as u64;
         }
