@@ -31,6 +31,8 @@ pub mod prog_names {
     pub const TC_CONTAINER: &str = "tc_container";
     /// TC ingress of the uplink: everything that arrives from outside.
     pub const TC_UPLINK: &str = "tc_uplink";
+    /// XDP on the uplink: the inbound fast path (`up --xdp native|generic`).
+    pub const XDP_UPLINK: &str = "xdp_uplink";
     /// cgroup `connect4`: node processes connecting to a published port.
     pub const SOCK_CONNECT4: &str = "sock_connect4";
     /// cgroup `sendmsg4`: unconnected UDP sends to a published port.
@@ -388,6 +390,24 @@ pub const fn ct_timeout_ns(proto: u8, state: u8) -> u64 {
     }
 }
 
+/// The Internet checksum `csum` after a `size`-byte (2 or 4) field it covers changed from
+/// `old` to `new`, all as read from the packet in native order: HC' = ~(~HC + ~m + m')
+/// (RFC 1624, eqn. 3). What XDP uses where TC has the kernel's checksum helpers.
+#[must_use]
+#[inline(always)]
+pub const fn csum_replace(csum: u16, old: u32, new: u32, size: u64) -> u16 {
+    let mut sum = (!csum) as u32;
+    if size == 4 {
+        let nold = !old;
+        sum += (nold & 0xffff) + (nold >> 16) + (new & 0xffff) + (new >> 16);
+    } else {
+        sum += (!(old as u16)) as u32 + (new as u16) as u32;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
 /// `conntrack` value: what to do with packets of one direction of a connection.
 ///
 /// A connection has two entries, created together: one keyed by the original direction's
@@ -505,10 +525,16 @@ pub enum Reason {
     IcmpError = 25,
     /// Redirected to the uplink with the next hop cached in the conntrack entry.
     NextHopCached = 26,
+    /// Redirected into a container's veth by the uplink's XDP program (the packet also counts
+    /// for its decision: `ct_hit`, `dnat_new`, `static_nat`).
+    XdpDeliver = 27,
+    /// Handed on by the uplink's XDP program untouched, to TC and the stack (fragments, ICMP
+    /// errors, ARP, traffic for the node, anything XDP does not finish).
+    XdpPass = 28,
 }
 
 /// Number of `Reason` slots in the `stats` array.
-pub const REASON_COUNT: u32 = 27;
+pub const REASON_COUNT: u32 = 29;
 
 impl Reason {
     /// Every reason with its stable name, in index order.
@@ -540,6 +566,8 @@ impl Reason {
         (Self::SockXlate, "sock_xlate"),
         (Self::IcmpError, "icmp_error"),
         (Self::NextHopCached, "next_hop_cached"),
+        (Self::XdpDeliver, "xdp_deliver"),
+        (Self::XdpPass, "xdp_pass"),
     ];
 }
 
@@ -576,6 +604,51 @@ mod user {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The Internet checksum of `data` from scratch, as stored (native-order words).
+    fn full(data: &[u8]) -> u16 {
+        let mut sum: u32 = data
+            .chunks(2)
+            .map(|c| u32::from(u16::from_ne_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+            .sum();
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    #[test]
+    fn incremental_checksum_matches_a_recomputation() {
+        // An IPv4 header with its checksum, then every 4-byte and 2-byte rewrite NAT does.
+        let mut h: [u8; 20] = [
+            0x45, 0, 0, 60, 0x1c, 0x46, 0x40, 0, 64, 6, 0, 0, 198, 51, 100, 1, 198, 51, 100, 2,
+        ];
+        let c = full(&h);
+        h[10..12].copy_from_slice(&c.to_ne_bytes());
+        assert_eq!(full(&h), 0);
+        for new in [
+            [10, 88, 0, 2],
+            [0, 0, 0, 0],
+            [255, 255, 255, 255],
+            [203, 0, 113, 9],
+        ] {
+            let old: [u8; 4] = h[16..20].try_into().unwrap();
+            let csum = u16::from_ne_bytes([h[10], h[11]]);
+            let n = csum_replace(csum, u32::from_ne_bytes(old), u32::from_ne_bytes(new), 4);
+            h[16..20].copy_from_slice(&new);
+            h[10..12].copy_from_slice(&n.to_ne_bytes());
+            assert_eq!(full(&h), 0, "after writing {new:?}");
+        }
+        for ttl in [63u8, 1, 0, 255] {
+            let old = u16::from_ne_bytes([h[8], h[9]]);
+            let new = u16::from_ne_bytes([ttl, h[9]]);
+            let csum = u16::from_ne_bytes([h[10], h[11]]);
+            let n = csum_replace(csum, u32::from(old), u32::from(new), 2);
+            h[8] = ttl;
+            h[10..12].copy_from_slice(&n.to_ne_bytes());
+            assert_eq!(full(&h), 0, "after ttl {ttl}");
+        }
+    }
 
     #[test]
     fn reversed_swaps_both_ends() {

@@ -23,6 +23,32 @@ use crate::{
 /// Ports tried from a random start when the original source port is taken.
 const SNAT_PROBES: u32 = 32;
 
+/// The tuple one direction of a connection is rewritten to: the part of a `CtEntry` the
+/// rewrite needs, small enough to keep on the stack.
+#[derive(Clone, Copy)]
+pub struct Xlate {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+}
+
+impl Xlate {
+    /// Read from a map value (the entry itself stays in the map).
+    #[inline(always)]
+    pub fn of(e: *const CtEntry) -> Self {
+        // SAFETY: `e` points at a live map value; these fields are written only at creation.
+        unsafe {
+            Self {
+                src: (*e).xlate_src_addr,
+                dst: (*e).xlate_dst_addr,
+                sport: (*e).xlate_src_port,
+                dport: (*e).xlate_dst_port,
+            }
+        }
+    }
+}
+
 #[inline(always)]
 pub fn now() -> u64 {
     // SAFETY: helper without arguments.
@@ -117,12 +143,13 @@ fn claim(key: &CtKey, e: &CtEntry, now: u64) -> bool {
     }
     match lookup(key) {
         Some(old) => {
-            // SAFETY: copy of a map value.
-            let old = unsafe { *old };
-            if !reclaimable(&old, key.proto, now) {
+            // SAFETY: a live map value, read in place (a copy would cost the callback's
+            // stack); a racing writer can only make the reclaim decision stale.
+            let old = unsafe { &*old };
+            if !reclaimable(old, key.proto, now) {
                 return false;
             }
-            let _ = CONNTRACK.remove(&peer_key(&old, key.proto));
+            let _ = CONNTRACK.remove(&peer_key(old, key.proto));
             CONNTRACK.insert(key, e, u64::from(BPF_ANY)).is_ok()
         }
         None => CONNTRACK.insert(key, e, u64::from(BPF_NOEXIST)).is_ok(),
@@ -251,7 +278,7 @@ pub struct NewConn {
 /// Create both entries of a new connection for `p` and return the original direction's.
 /// The reply entry is claimed first: its tuple is what must be unique.
 #[inline(always)]
-pub fn create(p: &Ip4, n: &NewConn, cfg: &Config, now: u64) -> Result<CtEntry, Reason> {
+pub fn create(p: &Ip4, n: &NewConn, cfg: &Config, now: u64) -> Result<Xlate, Reason> {
     let mut nat = 0;
     if n.src != p.src {
         nat |= NAT_SNAT;
@@ -298,7 +325,11 @@ pub fn create(p: &Ip4, n: &NewConn, cfg: &Config, now: u64) -> Result<CtEntry, R
         return Err(Reason::DropCtFull);
     }
 
-    let mut orig = entry(p, now, n.ifindex);
+    // The original direction's entry waits in the second scratch slot, off the stack too.
+    let slot = SCRATCH.get_ptr_mut(1).ok_or(Reason::DropHelper)?;
+    // SAFETY: per-CPU scratch slot, as above.
+    let orig = unsafe { &mut *slot };
+    *orig = entry(p, now, n.ifindex);
     orig.xlate_src_addr = n.src;
     orig.xlate_dst_addr = n.dst;
     orig.xlate_src_port = rkey.dst_port;
@@ -308,18 +339,18 @@ pub fn create(p: &Ip4, n: &NewConn, cfg: &Config, now: u64) -> Result<CtEntry, R
     orig.origin = n.origin;
     orig.generation = n.generation;
     if CONNTRACK
-        .insert(&p.key(), &orig, u64::from(BPF_ANY))
+        .insert(&p.key(), &*orig, u64::from(BPF_ANY))
         .is_err()
     {
         let _ = CONNTRACK.remove(&rkey);
         return Err(Reason::DropCtFull);
     }
-    Ok(orig)
+    Ok(Xlate::of(orig))
 }
 
 /// MASQUERADE: `p` from the container behind `ifindex` leaves with the SNAT address.
 #[inline(always)]
-pub fn create_snat(p: &Ip4, cfg: &Config, ifindex: u32, now: u64) -> Result<CtEntry, Reason> {
+pub fn create_snat(p: &Ip4, cfg: &Config, ifindex: u32, now: u64) -> Result<Xlate, Reason> {
     let n = NewConn {
         src: cfg.snat_addr,
         dst: p.dst,
@@ -340,7 +371,7 @@ pub fn create_dnat(
     cfg: &Config,
     ifindex: u32,
     now: u64,
-) -> Result<CtEntry, Reason> {
+) -> Result<Xlate, Reason> {
     let n = NewConn {
         src: p.src,
         dst: t.addr,
@@ -363,7 +394,7 @@ pub fn create_hairpin(
     cfg: &Config,
     target_ifindex: u32,
     now: u64,
-) -> Result<CtEntry, Reason> {
+) -> Result<Xlate, Reason> {
     let n = NewConn {
         src: cfg.gateway_addr,
         dst: t.addr,

@@ -18,6 +18,7 @@ use crate::{
     nat::dec_ttl,
     parse,
     parse::Ip4,
+    pkt::Pkt,
     stats::count,
 };
 
@@ -32,12 +33,12 @@ pub fn endpoint(addr: &[u8; 4]) -> Option<Endpoint> {
 }
 
 #[inline(always)]
-fn set_macs(ctx: &TcContext, dst: [u8; 6], src: [u8; 6]) -> Result<(), Reason> {
+pub fn set_macs(ctx: &impl Pkt, dst: [u8; 6], src: [u8; 6]) -> Result<(), Reason> {
     let macs = [
         dst[0], dst[1], dst[2], dst[3], dst[4], dst[5], src[0], src[1], src[2], src[3], src[4],
         src[5],
     ];
-    ctx.store(0, &macs, 0).map_err(|_| Reason::DropHelper)
+    ctx.put(0, &macs)
 }
 
 #[repr(C)]
@@ -145,9 +146,28 @@ pub fn to_endpoint(
     Ok(unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32)
 }
 
-/// FIB lookup for `p` as if it arrived on `ifindex`. Returns the kernel's code and the result.
+/// What a FIB lookup said: the kernel's code and, on success, the next hop. Smaller than the
+/// kernel's `bpf_fib_lookup`, so it can be kept across the connection setup.
+#[derive(Clone, Copy)]
+pub struct NextHop {
+    pub rc: i64,
+    pub ifindex: u32,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+}
+
+impl NextHop {
+    /// Whether the packet would be forwarded.
+    #[inline(always)]
+    pub fn forwards(&self) -> bool {
+        self.rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS)
+            || self.rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH)
+    }
+}
+
+/// FIB lookup for `p` as if it arrived on `ifindex`.
 #[inline(always)]
-pub fn fib(ctx: &TcContext, p: &Ip4, ifindex: u32) -> (i64, FibParams) {
+pub fn fib(ctx: &TcContext, p: &Ip4, ifindex: u32) -> NextHop {
     // SAFETY: an all-zero `bpf_fib_lookup` is a valid input.
     let mut f: FibParams = unsafe { core::mem::zeroed() };
     f.family = AF_INET;
@@ -168,13 +188,12 @@ pub fn fib(ctx: &TcContext, p: &Ip4, ifindex: u32) -> (i64, FibParams) {
             0,
         )
     };
-    (rc, f)
-}
-
-/// Whether `rc` from `fib` says the packet would be forwarded.
-#[inline(always)]
-pub fn fib_forwards(rc: i64) -> bool {
-    rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) || rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH)
+    NextHop {
+        rc,
+        ifindex: f.ifindex,
+        dmac: f.dmac,
+        smac: f.smac,
+    }
 }
 
 /// Like `route`, for a packet of the tracked direction `e`: the next hop the FIB gave is kept
@@ -197,14 +216,14 @@ pub fn route_tracked(
         // SAFETY: plain helper call.
         return Ok(unsafe { bpf_redirect(e.nh_ifindex, 0) } as i32);
     }
-    let (rc, f) = fib(ctx, p, ifindex);
-    if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
-        e.nh_ifindex = f.ifindex;
-        e.nh_dmac = f.dmac;
-        e.nh_smac = f.smac;
+    let nh = fib(ctx, p, ifindex);
+    if nh.rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        e.nh_ifindex = nh.ifindex;
+        e.nh_dmac = nh.dmac;
+        e.nh_smac = nh.smac;
         e.nh_until_ns = now + NEXT_HOP_CACHE_NS;
     }
-    route(ctx, p, ifindex, Some((rc, f)))
+    route(ctx, p, ifindex, Some(nh))
 }
 
 /// Send an already translated `p` on towards the outside, using `hint` when the caller has
@@ -214,12 +233,13 @@ pub fn route(
     ctx: &TcContext,
     p: &mut Ip4,
     ifindex: u32,
-    hint: Option<(i64, FibParams)>,
+    hint: Option<NextHop>,
 ) -> Result<i32, Reason> {
-    let (rc, f) = match hint {
+    let f = match hint {
         Some(h) => h,
         None => fib(ctx, p, ifindex),
     };
+    let rc = f.rc;
     if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         dec_ttl(ctx, p)?;
         set_macs(ctx, f.dmac, f.smac)?;

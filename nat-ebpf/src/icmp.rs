@@ -9,13 +9,13 @@
 //! ICMP checksum. The embedded TCP/UDP checksum is left alone: receivers do not check it and
 //! the embedded segment is usually cut short anyway.
 
-use aya_ebpf::programs::TcContext;
-use nat_common::{CtEntry, CtKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP, Reason};
+use nat_common::{CtKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP, Reason};
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
     conntrack, nat,
     parse::{ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, Ip4, ptr_at},
+    pkt::Pkt,
     stats::count,
 };
 
@@ -47,7 +47,7 @@ struct Inner {
 }
 
 #[inline(always)]
-fn inner(ctx: &TcContext, p: &Ip4) -> Option<Inner> {
+fn inner(ctx: &impl Pkt, p: &Ip4) -> Option<Inner> {
     // Masked so the verifier sees the bound it lost when `l4_off` went through the stack
     // (Ethernet + a 60-byte IPv4 header ends below 128).
     let ip_off = (p.l4_off & 0x7f) + 8;
@@ -100,7 +100,7 @@ fn inner(ctx: &TcContext, p: &Ip4) -> Option<Inner> {
 /// Rewrite a quoted address (at `field` within the quoted header) and its header checksum.
 #[inline(always)]
 fn set_inner_addr(
-    ctx: &TcContext,
+    ctx: &impl Pkt,
     i: &Inner,
     field: usize,
     old: [u8; 4],
@@ -109,19 +109,16 @@ fn set_inner_addr(
     if old == new {
         return Ok(());
     }
-    let (o, n) = (
-        u64::from(u32::from_ne_bytes(old)),
-        u64::from(u32::from_ne_bytes(new)),
-    );
-    nat::helper(ctx.l3_csum_replace(i.ip_off + 10, o, n, 4))?;
-    nat::helper(ctx.store(i.ip_off + field, &new, 0))
+    let (o, n) = (u32::from_ne_bytes(old), u32::from_ne_bytes(new));
+    ctx.csum_l3(i.ip_off + 10, o, n, 4)?;
+    ctx.put(i.ip_off + field, &new)
 }
 
 /// Rewrite a quoted port or echo id at `off`: the outer packet is ICMP, so `set_port` folds
 /// the change into the ICMP checksum.
 #[inline(always)]
 fn set_inner_port(
-    ctx: &TcContext,
+    ctx: &impl Pkt,
     p: &Ip4,
     off: usize,
     old: [u8; 2],
@@ -135,7 +132,7 @@ fn set_inner_port(
 
 /// Translate the error `p` if it is about a tracked connection. `Ok(false)`: it is not.
 #[inline(always)]
-pub fn translate(ctx: &TcContext, p: &mut Ip4) -> Result<bool, Reason> {
+pub fn translate(ctx: &impl Pkt, p: &mut Ip4) -> Result<bool, Reason> {
     let Some(i) = inner(ctx, p) else {
         return Ok(false);
     };
@@ -144,29 +141,28 @@ pub fn translate(ctx: &TcContext, p: &mut Ip4) -> Result<bool, Reason> {
     let Some(e) = conntrack::lookup(&i.key.reversed()) else {
         return Ok(false);
     };
-    // SAFETY: copy of the map value.
-    let e: CtEntry = unsafe { *e };
+    let e = conntrack::Xlate::of(e);
 
     // Outer: to whom the error goes, and from whom if the quoted packet's receiver sent it.
     if p.src == i.key.dst_addr {
-        nat::set_src(ctx, p, e.xlate_src_addr)?;
+        nat::set_src(ctx, p, e.src)?;
     }
-    nat::set_dst(ctx, p, e.xlate_dst_addr)?;
+    nat::set_dst(ctx, p, e.dst)?;
 
     // Quoted: the packet as its sender saw it.
-    set_inner_addr(ctx, &i, 12, i.key.src_addr, e.xlate_dst_addr)?;
-    set_inner_addr(ctx, &i, 16, i.key.dst_addr, e.xlate_src_addr)?;
+    set_inner_addr(ctx, &i, 12, i.key.src_addr, e.dst)?;
+    set_inner_addr(ctx, &i, 16, i.key.dst_addr, e.src)?;
     if i.key.proto == PROTO_ICMP {
         let (old, new) = if i.icmp_type == ICMP_ECHO_REQUEST {
-            (i.key.src_port, e.xlate_dst_port)
+            (i.key.src_port, e.dport)
         } else {
-            (i.key.dst_port, e.xlate_src_port)
+            (i.key.dst_port, e.sport)
         };
         set_inner_port(ctx, p, i.l4_off + 4, old, new)?;
     } else {
-        set_inner_port(ctx, p, i.l4_off, i.key.src_port, e.xlate_dst_port)?;
-        set_inner_port(ctx, p, i.l4_off + 2, i.key.dst_port, e.xlate_src_port)?;
+        set_inner_port(ctx, p, i.l4_off, i.key.src_port, e.dport)?;
+        set_inner_port(ctx, p, i.l4_off + 2, i.key.dst_port, e.sport)?;
     }
-    count(Reason::IcmpError, ctx.len());
+    count(Reason::IcmpError, ctx.bytes());
     Ok(true)
 }

@@ -18,9 +18,9 @@ use crate::{
     stats::count,
 };
 
-#[inline(always)]
 /// The node's settings, read in place (a copy would cost stack the port search needs).
-fn config() -> Result<&'static Config, Reason> {
+#[inline(always)]
+pub fn config() -> Result<&'static Config, Reason> {
     match CONFIG.get(0) {
         Some(c) if c.uplink_ifindex != 0 => Ok(c),
         _ => Err(Reason::DropNoConfig),
@@ -76,9 +76,7 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
         }
         let t = now();
         conntrack::touch(ep, &p, t);
-        // SAFETY: copy of the map value's translation fields.
-        let e = unsafe { *ep };
-        nat::apply(ctx, &mut p, &e)?;
+        nat::apply(ctx, &mut p, &conntrack::Xlate::of(ep))?;
         count(Reason::CtHit, ctx.len());
         if let Some(peer) = container_at(cfg, &p.dst) {
             return forward::to_endpoint(ctx, &mut p, &peer, true, Reason::Deliver);
@@ -105,8 +103,8 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
         count(Reason::HairpinNew, ctx.len());
         return forward::to_endpoint(ctx, &mut p, &target, true, Reason::Deliver);
     }
-    let (rc, fib) = forward::fib(ctx, &p, ifindex);
-    let leaves_by_uplink = forward::fib_forwards(rc) && fib.ifindex == cfg.uplink_ifindex;
+    let nh = forward::fib(ctx, &p, ifindex);
+    let leaves_by_uplink = nh.forwards() && nh.ifindex == cfg.uplink_ifindex;
     if !leaves_by_uplink {
         // F6 (the node's own addresses) and anything routed elsewhere: the stack decides.
         return pass(ctx);
@@ -121,7 +119,7 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
         // F8: the container's own external address, for every protocol and fragment.
         nat::set_src(ctx, &mut p, s.peer)?;
         count(Reason::StaticNat, ctx.len());
-        return forward::route(ctx, &mut p, ifindex, Some((rc, fib)));
+        return forward::route(ctx, &mut p, ifindex, Some(nh));
     }
     if cfg.flags & CFG_MASQUERADE == 0 {
         return pass(ctx);
@@ -136,13 +134,13 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
     let e = conntrack::create_snat(&p, cfg, ifindex, now())?;
     nat::apply(ctx, &mut p, &e)?;
     count(Reason::SnatNew, ctx.len());
-    forward::route(ctx, &mut p, ifindex, Some((rc, fib)))
+    forward::route(ctx, &mut p, ifindex, Some(nh))
 }
 
 /// The container at `addr`, if any. Addresses outside the subnet skip the map lookup: that is
 /// every packet leaving for the outside.
 #[inline(always)]
-fn container_at(cfg: &Config, addr: &[u8; 4]) -> Option<nat_common::Endpoint> {
+pub fn container_at(cfg: &Config, addr: &[u8; 4]) -> Option<nat_common::Endpoint> {
     if parse::in_subnet(*addr, cfg.subnet_addr, cfg.subnet_mask) {
         endpoint(addr)
     } else {
@@ -165,6 +163,21 @@ fn deliver(ctx: &TcContext, cfg: &Config, p: &mut parse::Ip4, ifindex: u32) -> R
 /// node's own addresses (the kernel would deliver it locally).
 #[inline(always)]
 fn published(ctx: &TcContext, cfg: &Config, p: &parse::Ip4, ifindex: u32) -> Option<PortTarget> {
+    let t = port_target(p)?;
+    if p.dst == cfg.node_addr {
+        return Some(t);
+    }
+    if forward::fib(ctx, p, ifindex).forwards() {
+        None
+    } else {
+        Some(t)
+    }
+}
+
+/// The mapping for `p`'s destination port: one bound to its destination address first, then
+/// one bound to every node address. Whether that address is the node's is the caller's check.
+#[inline(always)]
+pub fn port_target(p: &parse::Ip4) -> Option<PortTarget> {
     if (p.proto != PROTO_TCP && p.proto != PROTO_UDP) || !p.l4_present {
         return None;
     }
@@ -175,23 +188,12 @@ fn published(ctx: &TcContext, cfg: &Config, p: &parse::Ip4, ifindex: u32) -> Opt
         _pad: 0,
     };
     // SAFETY: the value is copied out at once.
-    let t = match unsafe { PORTS.get(&key) } {
-        Some(t) => *t,
-        None => {
-            key.host_addr = [0; 4];
-            // SAFETY: as above.
-            unsafe { PORTS.get(&key) }.copied()?
-        }
-    };
-    if p.dst == cfg.node_addr {
-        return Some(t);
+    if let Some(t) = unsafe { PORTS.get(&key) } {
+        return Some(*t);
     }
-    let (rc, _) = forward::fib(ctx, p, ifindex);
-    if forward::fib_forwards(rc) {
-        None
-    } else {
-        Some(t)
-    }
+    key.host_addr = [0; 4];
+    // SAFETY: as above.
+    unsafe { PORTS.get(&key) }.copied()
 }
 
 /// Everything that arrives on the uplink: replies to masqueraded connections, packets of
@@ -241,8 +243,7 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
     let e = if let Some(e) = conntrack::lookup(&p.key()) {
         conntrack::touch(e, &p, now());
         count(Reason::CtHit, ctx.len());
-        // SAFETY: copy of the map value.
-        unsafe { *e }
+        conntrack::Xlate::of(e)
     } else if let Some(t) = published(ctx, cfg, &p, ifindex) {
         let ep = endpoint(&t.addr).ok_or(Reason::DropNoEndpoint)?;
         let e = conntrack::create_dnat(&p, &t, cfg, ep.ifindex, now())?;

@@ -14,12 +14,14 @@ mod ingress;
 mod maps;
 mod nat;
 mod parse;
+mod pkt;
 mod sock;
 mod stats;
+mod xdp;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, classifier},
-    programs::{SockAddrContext, TcContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 
 pub(crate) const TC_ACT_OK: i32 = 0;
@@ -43,6 +45,12 @@ pub fn tc_container(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn tc_uplink(ctx: TcContext) -> i32 {
     verdict(&ctx, ingress::from_uplink(&ctx))
+}
+
+/// XDP on the uplink: the inbound fast path in front of `tc_uplink`.
+#[xdp]
+pub fn xdp_uplink(ctx: XdpContext) -> u32 {
+    xdp::verdict(&ctx, xdp::from_uplink(&ctx))
 }
 
 /// cgroup connect4: node processes connecting to a published port (F4).

@@ -30,9 +30,10 @@ pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { CONNTRACK_MAX_ENTRIES as usiz
 #[btf_map(name = "stats")]
 pub static STATS: PerCpuArray<Counter, { REASON_COUNT as usize }> = PerCpuArray::new();
 
-/// Per-CPU scratch space for values too large for the shared 512-byte stack.
+/// Per-CPU scratch space for values too large for the shared 512-byte stack: the two entries
+/// of a connection being created (0: reply, 1: original direction).
 #[btf_map(name = "scratch")]
-pub static SCRATCH: PerCpuArray<CtEntry, 1> = PerCpuArray::new();
+pub static SCRATCH: PerCpuArray<CtEntry, 2> = PerCpuArray::new();
 
 /// Static 1:1 NAT: address → the other side of its mapping (two entries per mapping).
 #[btf_map(name = "static_nat")]

@@ -2,7 +2,7 @@
 
 use core::mem::size_of;
 
-use aya_ebpf::programs::TcContext;
+use crate::pkt::Pkt;
 use nat_common::{CtKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP, Reason};
 use network_types::{
     arp::ArpHdr,
@@ -22,9 +22,9 @@ pub const ICMP_ECHO_REQUEST: u8 = 8;
 
 /// A whole `T` at `off`, or `None` when the packet is shorter.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &TcContext, off: usize) -> Option<*const T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
+pub fn ptr_at<T>(ctx: &impl Pkt, off: usize) -> Option<*const T> {
+    let start = ctx.start();
+    let end = ctx.end();
     if start + off + size_of::<T>() > end {
         return None;
     }
@@ -39,7 +39,7 @@ pub enum L3 {
 }
 
 #[inline(always)]
-pub fn l3(ctx: &TcContext) -> Option<(L3, [u8; 6])> {
+pub fn l3(ctx: &impl Pkt) -> Option<(L3, [u8; 6])> {
     let eth = ptr_at::<EthHdr>(ctx, 0)?;
     // SAFETY: `ptr_at` checked the whole header is inside the packet.
     let (ty, src) = unsafe { ((*eth).ether_type, (*eth).src_addr) };
@@ -55,7 +55,7 @@ pub fn l3(ctx: &TcContext) -> Option<(L3, [u8; 6])> {
 
 /// The ARP header after the Ethernet header.
 #[inline(always)]
-pub fn arp(ctx: &TcContext) -> Option<ArpHdr> {
+pub fn arp(ctx: &impl Pkt) -> Option<ArpHdr> {
     let p = ptr_at::<ArpHdr>(ctx, ETH_LEN)?;
     // SAFETY: bounds checked by `ptr_at`.
     Some(unsafe { *p })
@@ -118,7 +118,7 @@ impl Ip4 {
 /// Parse the IPv4 header and the L4 ports. Only the first fragment carries L4 headers; later
 /// fragments come back with zero ports and `frag` set.
 #[inline(always)]
-pub fn ipv4(ctx: &TcContext) -> Result<Ip4, Reason> {
+pub fn ipv4(ctx: &impl Pkt) -> Result<Ip4, Reason> {
     let ip = ptr_at::<Ipv4Hdr>(ctx, IP_OFF).ok_or(Reason::DropTruncated)?;
     // SAFETY: bounds checked by `ptr_at`.
     let h = unsafe { *ip };

@@ -149,6 +149,13 @@ impl Lab {
         format!("{}-{short}", self.prefix)
     }
 
+    /// Turn the external host's transmit checksum offload off (or back on). Its packets then
+    /// leave with complete checksums, as from a real NIC: what XDP on the node's uplink needs
+    /// (XDP cannot see that a local sender's checksum is only partial).
+    pub fn ext_tx_checksum(&self, on: bool) -> Result<()> {
+        crate::ethtool::set_in(&self.ext, "eth0", crate::ethtool::Offload::TxChecksum, on)
+    }
+
     /// The namespace of container `name` (as created by `bpfnat container add`).
     #[must_use]
     pub fn container_ns(&self, name: &str) -> PathBuf {

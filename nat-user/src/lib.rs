@@ -5,6 +5,7 @@ pub mod agent;
 pub mod cli;
 pub mod cni;
 pub mod datapath;
+pub mod ethtool;
 pub mod lab;
 pub mod net;
 pub mod netlink;

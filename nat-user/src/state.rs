@@ -42,6 +42,32 @@ pub struct Node {
     pub host_port_min: u16,
     #[serde(default)]
     pub host_port_max: u16,
+    /// How the uplink's XDP fast path runs (`up --xdp`).
+    #[serde(default)]
+    pub xdp: XdpSetting,
+}
+
+/// How the uplink's inbound XDP fast path runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpSetting {
+    /// No XDP: TC does everything (`bpf_redirect_peer` into the containers).
+    #[default]
+    Off,
+    /// XDP in the driver; the containers' interfaces get GRO (NAPI) to accept redirects.
+    Native,
+    /// XDP on the skb, after the stack's receive allocation.
+    Generic,
+}
+
+impl std::fmt::Display for XdpSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Off => "off",
+            Self::Native => "native",
+            Self::Generic => "generic",
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,7 +4,10 @@
 
 use std::net::Ipv4Addr;
 
-use aya::{TestRun as _, TestRunOptions, programs::SchedClassifier};
+use aya::{
+    TestRun as _, TestRunOptions,
+    programs::{SchedClassifier, Xdp},
+};
 use bpfnat_tests::{
     ContainerInfo, EXT_ADDR, Lab, NODE_ADDR, UPLINK, add_container, counter, json, lab,
     packet::{self, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
@@ -42,6 +45,29 @@ fn run(lab: &Lab, prog: &str, ifindex: u32, frame: Vec<u8>) -> Ran {
     })
     .expect("BPF_PROG_TEST_RUN")
 }
+
+/// Run the pinned XDP program once on `frame`.
+fn run_xdp(lab: &Lab, frame: Vec<u8>) -> Ran {
+    let pin = lab.bpffs_dir.join("v1/progs/xdp_uplink");
+    bpfnat::netns::run_in(&lab.node, move || {
+        let p = Xdp::from_pin(&pin, aya_obj::programs::XdpAttachType::Interface)?;
+        let mut out = vec![0u8; frame.len() + 64];
+        let r = p.test_run(TestRunOptions {
+            data_in: Some(&frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })?;
+        out.truncate(r.data_size_out as usize);
+        Ok(Ran {
+            action: r.return_value,
+            out,
+        })
+    })
+    .expect("BPF_PROG_TEST_RUN (XDP)")
+}
+
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
 
 fn container(lab: &Lab, short: &str, ip: &str, extra: &[&str]) -> ContainerInfo {
     let mut args = vec!["--ip", ip];
@@ -410,5 +436,144 @@ fn closed_tcp_connections_give_their_masquerade_port_back() {
         flows.as_array().unwrap().len(),
         1,
         "a's entries are gone: {flows}"
+    );
+}
+
+#[test]
+fn xdp_translates_like_tc_and_passes_on_what_it_does_not_finish() {
+    let lab = lab("tr-xdp");
+    up(&lab, &[]);
+    let web = container(
+        &lab,
+        "web",
+        "10.88.0.2",
+        &["-p", "8080:80", "-p", "5353:53/udp"],
+    );
+    let c = container(&lab, "c", "10.88.0.3", &[]);
+
+    // A new connection to a published port: DNAT, TTL, MACs, checksums.
+    let syn = packet::frame(
+        EXT_MAC,
+        ANY_MAC,
+        EXT_ADDR,
+        NODE_ADDR,
+        PROTO_TCP,
+        &packet::tcp(EXT_ADDR, NODE_ADDR, 40000, 8080, SYN),
+    );
+    let r = run_xdp(&lab, syn);
+    assert_eq!(r.action, XDP_REDIRECT, "redirected to the container's veth");
+    let s = packet::verify(&r.out);
+    assert_eq!(
+        (s.src, s.sport, s.dst, s.dport),
+        (EXT_ADDR, 40000, web.ip, 80)
+    );
+    assert_eq!((s.ttl, s.dst_mac, s.src_mac), (63, web.mac, web.host_mac));
+    assert_eq!(counter(&lab, "dnat_new"), 1);
+
+    // UDP: "no checksum" stays zero, a real one stays right.
+    for (sport, with) in [(40001, false), (40002, true)] {
+        let q = packet::frame(
+            EXT_MAC,
+            ANY_MAC,
+            EXT_ADDR,
+            NODE_ADDR,
+            PROTO_UDP,
+            &packet::udp(EXT_ADDR, NODE_ADDR, sport, 5353, with),
+        );
+        let r = run_xdp(&lab, q);
+        assert_eq!(r.action, XDP_REDIRECT);
+        let s = packet::verify(&r.out);
+        assert_eq!((s.dst, s.dport), (web.ip, 53));
+        assert_eq!(s.l4_csum == 0, !with);
+    }
+
+    // Replies to a masqueraded TCP connection and ping.
+    let out = packet::frame(
+        c.mac,
+        ANY_MAC,
+        c.ip,
+        EXT_ADDR,
+        PROTO_TCP,
+        &packet::tcp(c.ip, EXT_ADDR, 20000, 80, SYN),
+    );
+    let sent = packet::verify(&run(&lab, "tc_container", c.host_ifindex, out).out);
+    let synack = packet::frame(
+        EXT_MAC,
+        ANY_MAC,
+        EXT_ADDR,
+        NODE_ADDR,
+        PROTO_TCP,
+        &packet::tcp(EXT_ADDR, NODE_ADDR, 80, sent.sport, SYN | 0x10),
+    );
+    let r = run_xdp(&lab, synack);
+    assert_eq!(r.action, XDP_REDIRECT);
+    let s = packet::verify(&r.out);
+    assert_eq!(
+        (s.src, s.sport, s.dst, s.dport),
+        (EXT_ADDR, 80, c.ip, 20000)
+    );
+
+    let req = packet::frame(
+        c.mac,
+        ANY_MAC,
+        c.ip,
+        EXT_ADDR,
+        PROTO_ICMP,
+        &packet::echo_request(777, 1),
+    );
+    let sent = packet::verify(&run(&lab, "tc_container", c.host_ifindex, req).out);
+    let mut reply = packet::echo_request(sent.sport, 1);
+    reply[0] = 0;
+    reply[2..4].copy_from_slice(&[0, 0]);
+    let ck = packet::csum(&reply, 0);
+    reply[2..4].copy_from_slice(&ck.to_be_bytes());
+    let r = run_xdp(
+        &lab,
+        packet::frame(EXT_MAC, ANY_MAC, EXT_ADDR, NODE_ADDR, PROTO_ICMP, &reply),
+    );
+    assert_eq!(r.action, XDP_REDIRECT);
+    let s = packet::verify(&r.out);
+    assert_eq!((s.dst, s.sport), (c.ip, 777), "echo id translated back");
+    assert_eq!(counter(&lab, "xdp_deliver"), 5);
+
+    // Passed on untouched: a port nobody published, TTL 1, a fragment, ARP.
+    let before = counter(&lab, "xdp_pass");
+    let other = packet::frame(
+        EXT_MAC,
+        ANY_MAC,
+        EXT_ADDR,
+        NODE_ADDR,
+        PROTO_TCP,
+        &packet::tcp(EXT_ADDR, NODE_ADDR, 40003, 22, SYN),
+    );
+    let mut ttl1 = packet::frame(
+        EXT_MAC,
+        ANY_MAC,
+        EXT_ADDR,
+        NODE_ADDR,
+        PROTO_TCP,
+        &packet::tcp(EXT_ADDR, NODE_ADDR, 40004, 8080, SYN),
+    );
+    ttl1[22] = 1;
+    let mut frag = other.clone();
+    frag[20] = 0x20; // MF
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&EXT_MAC);
+    arp.extend_from_slice(&[0x08, 0x06]);
+    arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&EXT_MAC);
+    arp.extend_from_slice(&EXT_ADDR.octets());
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&NODE_ADDR.octets());
+    for f in [other, ttl1, frag, arp] {
+        let r = run_xdp(&lab, f.clone());
+        assert_eq!(r.action, XDP_PASS);
+        assert_eq!(r.out, f, "passed on unchanged");
+    }
+    assert_eq!(counter(&lab, "xdp_pass"), before + 4);
+    assert_eq!(
+        counter(&lab, "dnat_new"),
+        3,
+        "the TTL-1 SYN created nothing"
     );
 }

@@ -49,6 +49,10 @@ pub struct AgentConfig {
     /// Write the CNI network configuration `10-bpfnat.conflist` here (e.g. /etc/cni/net.d).
     #[serde(default)]
     pub cni_conf_dir: Option<std::path::PathBuf>,
+    /// The uplink's XDP fast path: "auto" (default), "native", "generic" or "off", as
+    /// `bpfnat up --xdp`.
+    #[serde(default)]
+    pub xdp: up::XdpChoice,
 }
 
 fn default_metrics() -> SocketAddr {
@@ -70,6 +74,7 @@ impl Default for AgentConfig {
             gc_interval_secs: default_gc(),
             cni_bin_dir: None,
             cni_conf_dir: None,
+            xdp: up::XdpChoice::Auto,
         }
     }
 }
@@ -165,6 +170,7 @@ async fn bring_up(ctx: &Ctx, cfg: &AgentConfig) -> Result<()> {
             },
             conntrack_max: nat_common::CONNTRACK_MAX_ENTRIES,
             masquerade_avoid_host_ports: false,
+            xdp: cfg.xdp,
         },
     )
     .await?;

@@ -10,11 +10,12 @@ use serde::Serialize;
 use super::{Ctx, table, up::require_node};
 use crate::{
     datapath::{self, Hook, Maps},
+    ethtool::{self, Offload},
     net::{Cidr, fmt_mac, mac_for},
     netlink::Netlink,
     netns,
     spec::{PortMapping, PortSpec, Proto},
-    state::{Container, Node, State},
+    state::{Container, Node, State, XdpSetting},
 };
 
 #[derive(Subcommand, Debug)]
@@ -319,6 +320,12 @@ async fn wire(
     inner.add_addr(eth0.index, c.ip, node.prefix_len).await?;
     inner.set_up(eth0.index).await?;
     inner.add_default_route(node.gateway, eth0.index).await?;
+    if node.xdp == XdpSetting::Native {
+        // Frames the uplink's XDP program redirects into this veth pair are dropped unless
+        // this end runs NAPI, which GRO turns on.
+        ethtool::set_in(&c.netns, &c.ifname, Offload::Gro, true)
+            .with_context(|| format!("container {}", c.name))?;
+    }
 
     nl.set_up(host.index).await?;
     nl.add_host_route(c.ip, host.index, node.gateway).await?;

@@ -4,17 +4,17 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::programs::{SchedClassifier, TcAttachType};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use nat_common::{CFG_MASQUERADE, CONNTRACK_MAX_ENTRIES, Config};
 use serde::Serialize;
 
 use super::{Ctx, container};
 use crate::{
-    datapath::{self, Hook, Maps},
+    datapath::{self, Hook, Maps, XdpAttach},
     net::{Cidr, PortRange},
-    netlink::Netlink,
+    netlink::{Link, Netlink},
     netns,
-    state::{Node, State},
+    state::{Node, State, XdpSetting},
 };
 
 /// The interface that holds the container gateway address (one end of a veth pair whose
@@ -48,6 +48,34 @@ pub struct UpArgs {
     /// ports (and of TIME_WAIT clashes at very high connection rates).
     #[arg(long)]
     pub masquerade_avoid_host_ports: bool,
+    /// The uplink's inbound XDP fast path. `auto`: native XDP on a physical uplink, TC alone
+    /// on a virtual one (veth, bridge, …), where XDP measured slower than TC's
+    /// bpf_redirect_peer and cannot handle the partial checksums of local senders.
+    #[arg(long, value_enum, default_value_t = XdpChoice::Auto)]
+    pub xdp: XdpChoice,
+}
+
+/// `up --xdp`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpChoice {
+    #[default]
+    Auto,
+    Native,
+    Generic,
+    Off,
+}
+
+impl XdpChoice {
+    /// What to attach to `uplink`.
+    fn resolve(self, uplink: &Link) -> XdpSetting {
+        match self {
+            Self::Auto if uplink.kind.is_none() => XdpSetting::Native,
+            Self::Auto | Self::Off => XdpSetting::Off,
+            Self::Native => XdpSetting::Native,
+            Self::Generic => XdpSetting::Generic,
+        }
+    }
 }
 
 /// How many ports two inclusive ranges share.
@@ -157,10 +185,17 @@ pub async fn up(ctx: &Ctx, a: UpArgs) -> Result<()> {
         netns_cookie: datapath::netns_cookie()?,
         host_port_min: host_ports.0,
         host_port_max: host_ports.1,
+        xdp: a.xdp.resolve(&uplink),
     };
     if let Some(old) = &state.node {
         let same = Node {
             gateway_ifindex: old.gateway_ifindex,
+            // `auto` may have fallen back to off.
+            xdp: if a.xdp == XdpChoice::Auto {
+                old.xdp
+            } else {
+                node.xdp
+            },
             ..node.clone()
         };
         if *old == same && ctx.pins.installed() {
@@ -175,15 +210,16 @@ pub async fn up(ctx: &Ctx, a: UpArgs) -> Result<()> {
     }
 
     datapath::ensure_bpffs(&ctx.bpffs_dir)?;
-    match bring_up(ctx, &nl, node, gateway, a.conntrack_max).await {
+    match bring_up(ctx, &nl, node, gateway, a.conntrack_max, a.xdp).await {
         Ok(node) => {
             state.node = Some(node.clone());
             store.save(&state)?;
             ctx.emit(&node, || {
                 format!(
-                    "bpfnat is up: uplink {} (masquerade as {}), containers in {}/{} via {}, pins in {}",
+                    "bpfnat is up: uplink {} (masquerade as {}, XDP {}), containers in {}/{} via {}, pins in {}",
                     node.uplink,
                     node.snat_ip,
+                    node.xdp,
                     node.subnet,
                     node.prefix_len,
                     node.gateway,
@@ -205,6 +241,7 @@ async fn bring_up(
     mut node: Node,
     gateway: Ipv4Addr,
     ct_max: u32,
+    xdp: XdpChoice,
 ) -> Result<Node> {
     netns::set_own_sysctl("net.ipv4.ip_forward", "1")?;
     if let Some(stale) = nl.link(GATEWAY_IF).await? {
@@ -219,6 +256,21 @@ async fn bring_up(
     let mut maps = Maps::open(&ctx.pins)?;
     maps.set_config(&config_of(&node))?;
     datapath::attach(&ctx.pins, Hook::Uplink, &node.uplink)?;
+    let how = match node.xdp {
+        XdpSetting::Off => None,
+        XdpSetting::Native => Some(XdpAttach::Native),
+        XdpSetting::Generic => Some(XdpAttach::Generic),
+    };
+    if let Some(how) = how
+        && let Err(e) = datapath::attach_xdp(&ctx.pins, &node.uplink, how)
+    {
+        if xdp != XdpChoice::Auto {
+            return Err(e);
+        }
+        // A driver without native XDP: the TC path does the same work.
+        eprintln!("warning: {e:#}; continuing without XDP (TC does the same work)");
+        node.xdp = XdpSetting::Off;
+    }
     datapath::attach_sock(&ctx.pins)?;
     Ok(node)
 }
@@ -291,6 +343,8 @@ struct Status {
     published_ports: usize,
     conntrack_entries: Option<usize>,
     uplink_programs: Vec<String>,
+    /// How XDP is attached to the uplink right now (`native`, `generic`, …), if it is.
+    uplink_xdp: Option<&'static str>,
 }
 
 pub async fn status(ctx: &Ctx) -> Result<()> {
@@ -313,6 +367,13 @@ pub async fn status(ctx: &Ctx) -> Result<()> {
             .with_context(|| format!("query tc programs on {}", n.uplink))?,
         None => Vec::new(),
     };
+    let uplink_xdp = match &state.node {
+        Some(n) => Netlink::current()?
+            .link(&n.uplink)
+            .await?
+            .and_then(|l| l.xdp),
+        None => None,
+    };
     let s = Status {
         up: state.node.is_some() && installed,
         node: state.node.clone(),
@@ -321,17 +382,23 @@ pub async fn status(ctx: &Ctx) -> Result<()> {
         published_ports: state.containers.values().map(|c| c.ports.len()).sum(),
         conntrack_entries: maps.as_ref().map(Maps::ct_len).transpose()?,
         uplink_programs,
+        uplink_xdp,
     };
     ctx.emit(&s, || {
         let Some(n) = &s.node else {
             return "bpfnat is down".to_owned();
         };
         format!(
-            "state:        {}\nuplink:       {} (ifindex {}, tc ingress: {})\nmasquerade:   {} (ports {}-{})\nsubnet:       {}/{} gateway {}\ncontainers:   {}\nports:        {}\nconntrack:    {} entries\npins:         {}",
+            "state:        {}\nuplink:       {} (ifindex {}, tc ingress: {}, xdp: {})\nmasquerade:   {} (ports {}-{})\nsubnet:       {}/{} gateway {}\ncontainers:   {}\nports:        {}\nconntrack:    {} entries\npins:         {}",
             if s.up { "up" } else { "degraded (pins missing: run `bpfnat down` then `up`)" },
             n.uplink,
             n.uplink_ifindex,
             if s.uplink_programs.is_empty() { "none".to_owned() } else { s.uplink_programs.join(",") },
+            match (n.xdp, s.uplink_xdp) {
+                (XdpSetting::Off, None) => "off".to_owned(),
+                (want, Some(have)) if want.to_string() == have => have.to_owned(),
+                (want, have) => format!("{want} configured, {} attached", have.unwrap_or("none")),
+            },
             n.snat_ip,
             n.port_min,
             n.port_max,

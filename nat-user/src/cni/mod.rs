@@ -229,6 +229,7 @@ async fn ensure_up(ctx: &Ctx, conf: &NetConf) -> Result<(), CniError> {
         },
         conntrack_max: nat_common::CONNTRACK_MAX_ENTRIES,
         masquerade_avoid_host_ports: false,
+        xdp: up::XdpChoice::Auto,
     };
     Ok(up::up(ctx, args).await?)
 }

@@ -5,8 +5,10 @@
 //! Layout:
 //! ```text
 //! <bpffs-dir>/v1/maps/{config,endpoints,ports,conntrack,stats}
-//! <bpffs-dir>/v1/progs/{tc_container,tc_uplink}
+//! <bpffs-dir>/v1/progs/{tc_container,tc_uplink,xdp_uplink,sock_*}
 //! <bpffs-dir>/v1/links/<interface>          one TCX ingress link per interface
+//! <bpffs-dir>/v1/xdp-links/<interface>      the uplink's XDP link (`up --xdp native|generic`)
+//! <bpffs-dir>/v1/cgroup-links/<program>     the socket programs' links
 //! ```
 //! Links are pinned, so the datapath keeps running after the loader exits.
 
@@ -24,7 +26,7 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, MapInfo, MapType, PerCpuArray},
     programs::{
         CgroupAttachMode, CgroupSockAddr, CgroupSockAddrAttachType, Program, SchedClassifier,
-        TcAttachType, links::FdLink,
+        TcAttachType, Xdp, XdpMode, links::FdLink,
     },
 };
 use nat_common::{
@@ -48,7 +50,11 @@ const MAPS: [&str; 7] = [
     map_names::STATS,
     map_names::STATIC_NAT,
 ];
-const PROGS: [&str; 2] = [prog_names::TC_CONTAINER, prog_names::TC_UPLINK];
+const PROGS: [&str; 3] = [
+    prog_names::TC_CONTAINER,
+    prog_names::TC_UPLINK,
+    prog_names::XDP_UPLINK,
+];
 
 /// The socket programs for host-local access to published ports, with their hooks.
 const SOCK_PROGS: [(&str, CgroupSockAddrAttachType); 4] = [
@@ -99,6 +105,10 @@ impl Pins {
 
     fn link(&self, ifname: &str) -> PathBuf {
         self.root.join("links").join(ifname)
+    }
+
+    fn xdp_link(&self, ifname: &str) -> PathBuf {
+        self.root.join("xdp-links").join(ifname)
     }
 
     fn cgroup_link(&self, prog: &str) -> PathBuf {
@@ -200,7 +210,7 @@ fn check_pinned_maps(pins: &Pins) -> Result<()> {
 /// Load the programs, create (or reuse) and pin the maps, pin the programs.
 pub fn install(pins: &Pins, conntrack_max: u32) -> Result<()> {
     check_pinned_maps(pins)?;
-    for sub in ["maps", "progs", "links", "cgroup-links"] {
+    for sub in ["maps", "progs", "links", "xdp-links", "cgroup-links"] {
         let d = pins.root.join(sub);
         std::fs::create_dir_all(&d).with_context(|| format!("create {}", d.display()))?;
     }
@@ -221,6 +231,7 @@ pub fn install(pins: &Pins, conntrack_max: u32) -> Result<()> {
             .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
         match prog {
             Program::SchedClassifier(p) => p.load(),
+            Program::Xdp(p) => p.load(),
             Program::CgroupSockAddr(p) => p.load(),
             other => bail!(
                 "program {name} has an unexpected type {:?}",
@@ -359,7 +370,42 @@ pub fn attach(pins: &Pins, hook: Hook, ifname: &str) -> Result<()> {
 
 /// Detach what we attached to `ifname` (removing the pin drops the last reference).
 pub fn detach(pins: &Pins, ifname: &str) -> Result<()> {
+    remove_pin(&pins.xdp_link(ifname))?;
     remove_pin(&pins.link(ifname))
+}
+
+/// How the uplink's XDP program runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpAttach {
+    /// In the driver, before an skb exists.
+    Native,
+    /// After the skb is built (any interface; slower than native).
+    Generic,
+}
+
+/// Attach the uplink's XDP program to `ifname` (in the calling thread's namespace) and pin
+/// the link, replacing an earlier one of ours.
+pub fn attach_xdp(pins: &Pins, ifname: &str, how: XdpAttach) -> Result<()> {
+    let name = prog_names::XDP_UPLINK;
+    let mut prog = Xdp::from_pin(pins.prog(name), aya_obj::programs::XdpAttachType::Interface)
+        .with_context(|| format!("open pinned program {name} (is the datapath up?)"))?;
+    let link_path = pins.xdp_link(ifname);
+    remove_pin(&link_path)?;
+    let (mode, shown) = match how {
+        XdpAttach::Native => (XdpMode::Driver, "native"),
+        XdpAttach::Generic => (XdpMode::Skb, "generic"),
+    };
+    let id = prog
+        .attach(ifname, mode)
+        .with_context(|| format!("attach {shown} XDP to {ifname}"))?;
+    let link: FdLink = prog
+        .take_link(id)
+        .context("take the XDP link")?
+        .try_into()
+        .with_context(|| format!("XDP on {ifname} is not a bpf_link (kernel < 5.9?)"))?;
+    link.pin(&link_path)
+        .with_context(|| format!("pin link at {}", link_path.display()))?;
+    Ok(())
 }
 
 fn open_map(pins: &Pins, name: &str) -> Result<Map> {

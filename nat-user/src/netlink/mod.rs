@@ -13,7 +13,7 @@ use rtnetlink::{
     Handle, LinkUnspec, LinkVeth, RouteMessageBuilder,
     packet_route::{
         address::AddressAttribute,
-        link::{InfoData, InfoVeth, LinkAttribute, LinkMessage},
+        link::{InfoData, InfoVeth, LinkAttribute, LinkInfo, LinkMessage, LinkXdp, XdpAttached},
         route::RouteScope,
     },
 };
@@ -25,6 +25,10 @@ pub struct Link {
     pub name: String,
     pub mac: [u8; 6],
     pub mtu: u32,
+    /// The link kind (`veth`, `bridge`, …); `None` for a physical device.
+    pub kind: Option<String>,
+    /// How an XDP program is attached, if one is: `native`, `generic`, `offload`, `multi`.
+    pub xdp: Option<&'static str>,
 }
 
 pub struct Netlink {
@@ -62,12 +66,34 @@ impl Netlink {
             name: String::new(),
             mac: [0; 6],
             mtu: 0,
+            kind: None,
+            xdp: None,
         };
         for a in &msg.attributes {
             match a {
                 LinkAttribute::IfName(n) => link.name.clone_from(n),
                 LinkAttribute::Address(m) if m.len() == 6 => link.mac.copy_from_slice(m),
                 LinkAttribute::Mtu(m) => link.mtu = *m,
+                LinkAttribute::LinkInfo(infos) => {
+                    for i in infos {
+                        if let LinkInfo::Kind(k) = i {
+                            link.kind = Some(k.to_string());
+                        }
+                    }
+                }
+                LinkAttribute::Xdp(xdp) => {
+                    for x in xdp {
+                        if let LinkXdp::Attached(a) = x {
+                            link.xdp = match a {
+                                XdpAttached::Driver => Some("native"),
+                                XdpAttached::SocketBuffer => Some("generic"),
+                                XdpAttached::Hardware => Some("offload"),
+                                XdpAttached::Multiple => Some("multi"),
+                                _ => None,
+                            };
+                        }
+                    }
+                }
                 _ => {}
             }
         }

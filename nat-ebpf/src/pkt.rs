@@ -1,0 +1,140 @@
+//! The packet the translation core works on, TC or XDP. Parsing and rewriting are written
+//! once against `Pkt`; only the checksum update differs:
+//! - TC uses the kernel helpers (`bpf_l3_csum_replace` / `bpf_l4_csum_replace`), which keep
+//!   CHECKSUM_PARTIAL skbs (what containers and local senders hand over a veth) correct.
+//! - XDP has no skb and no checksum state: it updates the checksum field by hand (RFC 1624,
+//!   eqn. 3), which is right for every packet whose checksum is complete, i.e. everything a
+//!   NIC receives.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::BPF_F_MARK_MANGLED_0,
+    programs::{TcContext, XdpContext},
+};
+use nat_common::{Reason, csum_replace};
+
+/// Byte access and checksum updates on a packet. Offsets count from the Ethernet header.
+pub trait Pkt {
+    fn start(&self) -> usize;
+    fn end(&self) -> usize;
+    /// Length for the byte counters.
+    fn bytes(&self) -> u32;
+    /// Write `v` at `off`.
+    fn put<T>(&self, off: usize, v: &T) -> Result<(), Reason>;
+    /// Update the IP header checksum at `off` for a 2- or 4-byte (`size`) field that changed
+    /// from `old` to `new` (both as read from the packet, in native order).
+    fn csum_l3(&self, off: usize, old: u32, new: u32, size: u64) -> Result<(), Reason>;
+    /// Update the L4 checksum at `off`; `flags` as for `bpf_l4_csum_replace` (size in the low
+    /// bits, `BPF_F_PSEUDO_HDR`, `BPF_F_MARK_MANGLED_0`).
+    fn csum_l4(&self, off: usize, old: u32, new: u32, flags: u64) -> Result<(), Reason>;
+}
+
+#[inline(always)]
+fn helper(r: Result<(), i64>) -> Result<(), Reason> {
+    r.map_err(|_| Reason::DropHelper)
+}
+
+impl Pkt for TcContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+
+    #[inline(always)]
+    fn bytes(&self) -> u32 {
+        self.len()
+    }
+
+    #[inline(always)]
+    fn put<T>(&self, off: usize, v: &T) -> Result<(), Reason> {
+        helper(self.store(off, v, 0))
+    }
+
+    #[inline(always)]
+    fn csum_l3(&self, off: usize, old: u32, new: u32, size: u64) -> Result<(), Reason> {
+        helper(self.l3_csum_replace(off, u64::from(old), u64::from(new), size))
+    }
+
+    #[inline(always)]
+    fn csum_l4(&self, off: usize, old: u32, new: u32, flags: u64) -> Result<(), Reason> {
+        helper(self.l4_csum_replace(off, u64::from(old), u64::from(new), flags))
+    }
+}
+
+/// A writable pointer to `T` at `off` in an XDP frame, bounds-checked.
+#[inline(always)]
+fn xdp_at<T>(ctx: &XdpContext, off: usize) -> Result<*mut T, Reason> {
+    let start = ctx.data();
+    if start + off + size_of::<T>() > ctx.data_end() {
+        return Err(Reason::DropTruncated);
+    }
+    Ok((start + off) as *mut T)
+}
+
+/// Update the checksum at `off` in an XDP frame by hand; `keep_zero` for UDP, where zero
+/// means "no checksum".
+#[inline(always)]
+fn xdp_csum(
+    ctx: &XdpContext,
+    off: usize,
+    old: u32,
+    new: u32,
+    size: u64,
+    keep_zero: bool,
+) -> Result<(), Reason> {
+    let p = xdp_at::<[u8; 2]>(ctx, off)?;
+    // SAFETY: bounds checked by `xdp_at`; byte arrays need no alignment.
+    let csum = u16::from_ne_bytes(unsafe { *p });
+    if keep_zero && csum == 0 {
+        return Ok(());
+    }
+    let mut c = csum_replace(csum, old, new, size);
+    if keep_zero && c == 0 {
+        c = 0xffff;
+    }
+    // SAFETY: as above.
+    unsafe { *p = c.to_ne_bytes() };
+    Ok(())
+}
+
+impl Pkt for XdpContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+
+    #[inline(always)]
+    fn bytes(&self) -> u32 {
+        (self.data_end() - self.data()) as u32
+    }
+
+    #[inline(always)]
+    fn put<T>(&self, off: usize, v: &T) -> Result<(), Reason> {
+        let p = xdp_at::<T>(self, off)?;
+        // SAFETY: bounds checked by `xdp_at`; packet data has no alignment guarantee.
+        unsafe { core::ptr::write_unaligned(p, core::ptr::read(v)) };
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn csum_l3(&self, off: usize, old: u32, new: u32, size: u64) -> Result<(), Reason> {
+        xdp_csum(self, off, old, new, size, false)
+    }
+
+    #[inline(always)]
+    fn csum_l4(&self, off: usize, old: u32, new: u32, flags: u64) -> Result<(), Reason> {
+        let keep_zero = flags & u64::from(BPF_F_MARK_MANGLED_0) != 0;
+        xdp_csum(self, off, old, new, flags & 0xf, keep_zero)
+    }
+}

@@ -1,0 +1,103 @@
+//! The uplink's XDP fast path: replies to masqueraded connections, packets of connections to
+//! published ports, new connections to a published port on the node address, and static NAT
+//! are translated and redirected to the container's host veth before the kernel allocates an
+//! skb. Everything else (ARP, fragments, ICMP errors, expiring TTLs, traffic for the node,
+//! what needs a FIB lookup, anything that would be dropped) is passed on untouched, to the
+//! uplink's TC program and the stack, which make the same decisions the slow way.
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS},
+    helpers::bpf_redirect,
+    programs::XdpContext,
+};
+use nat_common::{Endpoint, Reason, STATIC_EXTERNAL};
+
+use crate::{
+    conntrack::{self, now},
+    forward::{self, endpoint},
+    icmp,
+    ingress::{config, container_at, port_target},
+    nat,
+    parse::{self, L3},
+    pkt::Pkt,
+    stats::count,
+};
+
+#[inline(always)]
+fn pass(ctx: &XdpContext) -> Result<u32, Reason> {
+    count(Reason::XdpPass, ctx.bytes());
+    Ok(XDP_PASS)
+}
+
+/// The program's verdict: a drop is counted with its reason.
+#[inline(always)]
+pub fn verdict(ctx: &XdpContext, r: Result<u32, Reason>) -> u32 {
+    r.unwrap_or_else(|reason| {
+        count(reason, ctx.bytes());
+        XDP_DROP
+    })
+}
+
+/// Everything that arrives on the uplink, before the stack sees it.
+#[inline(always)]
+pub fn from_uplink(ctx: &XdpContext) -> Result<u32, Reason> {
+    let Ok(cfg) = config() else {
+        return pass(ctx);
+    };
+    if !matches!(parse::l3(ctx), Some((L3::Ipv4, _))) {
+        return pass(ctx);
+    }
+    let Ok(mut p) = parse::ipv4(ctx) else {
+        return pass(ctx);
+    };
+    // Fragments need the fragment table, ICMP errors their quoted headers rewritten, and an
+    // expiring TTL an ICMP answer: TC does those.
+    if p.frag || p.ttl <= 1 || icmp::is_error(&p) {
+        return pass(ctx);
+    }
+    if let Some(s) = forward::static_nat(&p.dst)
+        && s.kind == STATIC_EXTERNAL
+    {
+        let Some(ep) = endpoint(&s.peer) else {
+            return pass(ctx);
+        };
+        nat::set_dst(ctx, &mut p, s.peer)?;
+        count(Reason::StaticNat, ctx.bytes());
+        return deliver(ctx, &mut p, &ep);
+    }
+    if !p.is_trackable() {
+        return pass(ctx);
+    }
+    let (e, ep) = if let Some(e) = conntrack::lookup(&p.key()) {
+        // SAFETY: read of a map value.
+        let to = unsafe { (*e).xlate_dst_addr };
+        let Some(ep) = container_at(cfg, &to) else {
+            return pass(ctx);
+        };
+        conntrack::touch(e, &p, now());
+        count(Reason::CtHit, ctx.bytes());
+        (conntrack::Xlate::of(e), ep)
+    } else if p.dst == cfg.node_addr
+        && let Some(t) = port_target(&p)
+        && let Some(ep) = endpoint(&t.addr)
+    {
+        let e = conntrack::create_dnat(&p, &t, cfg, ep.ifindex, now())?;
+        count(Reason::DnatNew, ctx.bytes());
+        (e, ep)
+    } else {
+        return pass(ctx);
+    };
+    nat::apply(ctx, &mut p, &e)?;
+    deliver(ctx, &mut p, &ep)
+}
+
+/// Redirect the translated frame to the container's host veth; the veth hands it to its peer,
+/// the container's interface (which needs NAPI: GRO on, set up by `container add`).
+#[inline(always)]
+fn deliver(ctx: &XdpContext, p: &mut parse::Ip4, ep: &Endpoint) -> Result<u32, Reason> {
+    nat::dec_ttl(ctx, p)?;
+    forward::set_macs(ctx, ep.mac, ep.host_mac)?;
+    count(Reason::XdpDeliver, ctx.bytes());
+    // SAFETY: plain helper call; in XDP it returns XDP_REDIRECT.
+    Ok(unsafe { bpf_redirect(ep.ifindex, 0) } as u32)
+}

@@ -1,0 +1,145 @@
+//! The uplink's XDP fast path with real traffic (`up --xdp native|generic`): published ports,
+//! replies to masqueraded connections and static NAT are delivered by XDP (its counter moves),
+//! and what XDP passes on still works through TC. The external host sends with transmit
+//! checksum offload off, as a NIC would deliver them: XDP cannot complete partial checksums.
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use bpfnat::ethtool::{self, Offload};
+use bpfnat_tests::{EXT_ADDR, Lab, NODE_ADDR, UPLINK, counter, json, lab, ping, traffic, v4};
+
+const WINDOW: Duration = Duration::from_secs(20);
+
+fn xdp_lab(test: &str, mode: &str) -> Lab {
+    let l = lab(test);
+    l.ext_tx_checksum(false).unwrap();
+    l.ok(&["up", "--uplink", UPLINK, "--xdp", mode]).unwrap();
+    l
+}
+
+fn gro_on(ns: &std::path::Path) -> bool {
+    bpfnat::netns::run_in(ns, || ethtool::get("eth0", Offload::Gro)).unwrap()
+}
+
+/// Published TCP and UDP ports, a masqueraded connection's replies, static NAT: all through
+/// XDP, with the right addresses on both ends.
+fn exercise(lab: &Lab) {
+    let c = lab.name("web");
+    lab.ok(&[
+        "container",
+        "add",
+        &c,
+        "--ip",
+        "10.88.0.2",
+        "-p",
+        "8080:80",
+        "-p",
+        "5353:53/udp",
+    ])
+    .unwrap();
+    let ns = lab.container_ns(&c);
+
+    // F3: into the published port; the client's address is preserved.
+    let before = counter(lab, "xdp_deliver");
+    let srv = traffic::http_server(&ns, v4(Ipv4Addr::UNSPECIFIED, 80), "web", 3, WINDOW).unwrap();
+    for _ in 0..3 {
+        let body = traffic::http_get(&lab.ext, v4(NODE_ADDR, 8080)).unwrap();
+        assert!(body.starts_with("hello from web"), "{body}");
+    }
+    assert!(srv.join().unwrap().iter().all(|a| a.ip() == EXT_ADDR));
+    let after = counter(lab, "xdp_deliver");
+    assert!(
+        after >= before + 9,
+        "SYN, ACKs and FINs of 3 connections went through XDP ({before} -> {after})"
+    );
+    assert!(counter(lab, "dnat_new") >= 3);
+
+    // UDP to the published port, answered from it.
+    let echo = traffic::udp_echo(&ns, v4(Ipv4Addr::UNSPECIFIED, 53), 1, WINDOW).unwrap();
+    let got = traffic::udp_ask(
+        &lab.ext,
+        v4(Ipv4Addr::UNSPECIFIED, 0),
+        v4(NODE_ADDR, 5353),
+        b"q",
+    )
+    .unwrap();
+    assert!(got.starts_with(&format!("{EXT_ADDR}:")), "{got}");
+    assert_eq!(echo.join().unwrap()[0].ip(), EXT_ADDR);
+
+    // F2: the replies of a masqueraded connection come back through XDP.
+    let before = counter(lab, "xdp_deliver");
+    let srv = traffic::http_server(&lab.ext, v4(EXT_ADDR, 9000), "ext", 1, WINDOW).unwrap();
+    traffic::http_get(&ns, v4(EXT_ADDR, 9000)).unwrap();
+    assert_eq!(srv.join().unwrap()[0].ip(), NODE_ADDR, "masqueraded");
+    assert!(counter(lab, "xdp_deliver") > before);
+
+    // F8: static NAT, in through XDP.
+    let s = lab.name("st");
+    lab.ok(&["container", "add", &s, "--ip", "10.88.0.5"])
+        .unwrap();
+    lab.ok(&[
+        "nat",
+        "add",
+        "--external",
+        "198.51.100.10",
+        "--internal",
+        "10.88.0.5",
+    ])
+    .unwrap();
+    let sns = lab.container_ns(&s);
+    let before = counter(lab, "static_nat");
+    let srv = traffic::http_server(&sns, v4(Ipv4Addr::UNSPECIFIED, 2222), "st", 1, WINDOW).unwrap();
+    let body = traffic::http_get(&lab.ext, v4(Ipv4Addr::new(198, 51, 100, 10), 2222)).unwrap();
+    assert!(body.starts_with("hello from st"));
+    assert_eq!(srv.join().unwrap()[0].ip(), EXT_ADDR);
+    assert!(counter(lab, "static_nat") > before);
+
+    // What XDP passes on (ARP, ICMP to the node) still works.
+    let before = counter(lab, "xdp_pass");
+    assert!(ping(&lab.ext, NODE_ADDR));
+    assert!(counter(lab, "xdp_pass") > before);
+}
+
+#[test]
+fn native_xdp_delivers_published_ports_replies_and_static_nat() {
+    let lab = xdp_lab("xdp-native", "native");
+    let st = json(&lab, &["status"]);
+    assert_eq!(st["node"]["xdp"], "native");
+    assert_eq!(st["uplink_xdp"], "native");
+    exercise(&lab);
+    // Containers get NAPI (GRO) so that redirected frames are accepted.
+    assert!(gro_on(&lab.container_ns(&lab.name("web"))));
+
+    // `down` takes XDP off the uplink.
+    lab.ok(&["down"]).unwrap();
+    let (_, links) = bpfnat_tests::run_in_ns(&lab.node, "ip", &["-d", "link", "show", UPLINK]);
+    assert!(!links.contains("prog/xdp"), "XDP detached: {links}");
+}
+
+#[test]
+fn generic_xdp_delivers_the_same_flows() {
+    let lab = xdp_lab("xdp-generic", "generic");
+    let st = json(&lab, &["status"]);
+    assert_eq!(st["node"]["xdp"], "generic");
+    assert_eq!(st["uplink_xdp"], "generic");
+    exercise(&lab);
+    assert!(
+        !gro_on(&lab.container_ns(&lab.name("web"))),
+        "generic XDP needs no NAPI"
+    );
+}
+
+#[test]
+fn auto_keeps_a_veth_uplink_on_tc() {
+    let lab = lab("xdp-auto");
+    lab.ok(&["up", "--uplink", UPLINK]).unwrap();
+    let st = json(&lab, &["status"]);
+    assert_eq!(st["node"]["xdp"], "off");
+    assert!(st["uplink_xdp"].is_null());
+    assert!(
+        !lab.run(&["up", "--uplink", UPLINK, "--xdp", "sideways"])
+            .unwrap()
+            .status
+            .success()
+    );
+}
