@@ -20,8 +20,8 @@ use clap::{Parser, Subcommand};
 
 use crate::{
     load::Metric,
-    report::{ControlPlane, Samples, Scaling},
-    topo::{Dp, Flow, RR_PORT, Topo},
+    report::{ControlPlane, Samples, Scaling, XdpSection},
+    topo::{Dp, Flow, Opts, RR_PORT, Topo},
 };
 
 #[derive(Parser)]
@@ -251,6 +251,7 @@ fn run(me: &Path, bin: &Path, quick: bool, out: &Path) -> Result<()> {
         .ok_or_else(|| anyhow!("bpfnat datapath missing"))?;
     let paths = paths_of(d, if quick { 2_000 } else { 20_000 })?;
     drop(topos);
+    let xdp = xdp_section(me, bin, quick, secs, reps)?;
 
     report::write(
         out,
@@ -262,12 +263,94 @@ fn run(me: &Path, bin: &Path, quick: bool, out: &Path) -> Result<()> {
             scaling: &scaling,
             control: &control,
             paths: &paths,
+            xdp: &xdp,
             machine: machine(),
             elapsed_s: started.elapsed().as_secs_f64(),
         },
     )?;
     println!("bench: report in {}", out.join("report.md").display());
     Ok(())
+}
+
+/// The uplink's XDP fast path against bpfnat's TC path and plain routing, all with the
+/// external sender's transmit checksum offload off (what XDP on a veth needs; it also costs
+/// the sender TSO, so these figures compare only with each other). Inbound traffic is what
+/// XDP handles: F3 entirely, F2 its replies.
+fn xdp_section(me: &Path, bin: &Path, quick: bool, secs: u32, reps: usize) -> Result<XdpSection> {
+    let variants: Vec<(&'static str, Dp, Opts)> = vec![
+        ("(a) routing", Dp::Routing, ("off", "x")),
+        ("(d) bpfnat, TC", Dp::Bpfnat, ("off", "x")),
+        ("(d) bpfnat, XDP native", Dp::Bpfnat, ("native", "n")),
+        ("(d) bpfnat, XDP generic", Dp::Bpfnat, ("generic", "g")),
+    ]
+    .into_iter()
+    .map(|(label, dp, (xdp, tag))| {
+        (
+            label,
+            dp,
+            Opts {
+                xdp,
+                ext_tx_off: true,
+                tag,
+            },
+        )
+    })
+    .collect();
+    let flows: Vec<Flow> = if quick {
+        vec![Flow::Inbound]
+    } else {
+        vec![Flow::Inbound, Flow::Outbound]
+    };
+    println!("bench: building the XDP comparison (external sender's tx checksum offload off)");
+    let topos: Vec<Topo> = variants
+        .iter()
+        .map(|(label, dp, o)| {
+            Topo::build_with(*dp, bin, *o).with_context(|| format!("build {label}"))
+        })
+        .collect::<Result<_>>()?;
+    for (t, (label, ..)) in topos.iter().zip(&variants) {
+        for f in &flows {
+            load::measure(me, &t.endpoints(*f), Metric::Rr, 1)
+                .with_context(|| format!("warm-up {label} {}", f.label()))?;
+        }
+    }
+    let mut samples = Samples::new();
+    for rep in 0..reps {
+        for (fi, f) in flows.iter().enumerate() {
+            for (mi, m) in Metric::ALL.iter().enumerate() {
+                for (vi, t) in topos.iter().enumerate() {
+                    let label = variants[vi].0;
+                    let v = load::measure(me, &t.endpoints(*f), *m, secs)
+                        .with_context(|| format!("{label} {} {}", f.label(), m.label()))?;
+                    println!(
+                        "bench: xdp rep {} {:<28} {:<24} {:<24} {v:.2}",
+                        rep + 1,
+                        f.label(),
+                        m.label(),
+                        label
+                    );
+                    samples.entry((vi, fi, mi)).or_default().push(v);
+                }
+            }
+        }
+    }
+    // What XDP did: its counters on the native variant.
+    let counters = topos
+        .get(2)
+        .and_then(|t| t.lab.as_ref())
+        .map(|l| l.ok(&["stats"]))
+        .transpose()?
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("xdp_"))
+        .map(str::to_owned)
+        .collect();
+    Ok(XdpSection {
+        labels: variants.iter().map(|v| v.0).collect(),
+        flows,
+        samples,
+        counters,
+    })
 }
 
 /// F3 new connections/s with N published ports, for iptables, nftables and bpfnat. New

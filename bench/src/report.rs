@@ -54,6 +54,16 @@ pub struct ControlPlane {
     pub add_200_containers_s: f64,
 }
 
+/// The XDP comparison: variants (by label) × flows × metrics.
+pub struct XdpSection {
+    pub labels: Vec<&'static str>,
+    pub flows: Vec<Flow>,
+    /// Keyed by (variant, index into `flows`, metric).
+    pub samples: Samples,
+    /// `bpfnat stats` lines of the native variant's XDP counters.
+    pub counters: Vec<String>,
+}
+
 pub struct Report<'a> {
     pub quick: bool,
     pub secs: u32,
@@ -62,6 +72,7 @@ pub struct Report<'a> {
     pub scaling: &'a Scaling,
     pub control: &'a ControlPlane,
     pub paths: &'a [PathCost],
+    pub xdp: &'a XdpSection,
     pub machine: String,
     pub elapsed_s: f64,
 }
@@ -170,6 +181,8 @@ pub fn write(dir: &Path, r: &Report<'_>) -> Result<()> {
         r.control.add_200_containers_s
     );
 
+    xdp_tables(&mut md, r);
+
     let _ = writeln!(md, "## Per-path cost of the programs (BPF_PROG_TEST_RUN)\n");
     let _ = writeln!(
         md,
@@ -184,6 +197,60 @@ pub fn write(dir: &Path, r: &Report<'_>) -> Result<()> {
     }
     std::fs::write(dir.join("report.md"), md)?;
     Ok(())
+}
+
+fn xdp_tables(md: &mut String, r: &Report<'_>) {
+    let x = r.xdp;
+    let _ = writeln!(md, "## XDP on the uplink against TC (veth uplink)\n");
+    let _ = writeln!(
+        md,
+        "Every figure here has the external host's transmit checksum offload off (and so no TSO): XDP has no skb and cannot complete the partial checksums a local sender hands to a veth, which a NIC never delivers. These figures compare with each other only, not with the tables above. Ratios are to routing and to bpfnat's TC path in this same setting. XDP handles inbound traffic: all of F3, the replies of F2.\n"
+    );
+    let stat = |vi: usize, fi: usize, mi: usize| {
+        let v = x.samples.get(&(vi, fi, mi)).cloned().unwrap_or_default();
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        (median(&v), lo, hi)
+    };
+    for (fi, f) in x.flows.iter().enumerate() {
+        let _ = writeln!(md, "### {}\n", f.label());
+        let _ = write!(md, "| datapath |");
+        for m in Metric::ALL {
+            let _ = write!(md, " {} | ×routing | ×TC |", m.label());
+        }
+        let _ = write!(md, "\n| --- |");
+        for _ in Metric::ALL {
+            let _ = write!(md, " ---: | ---: | ---: |");
+        }
+        md.push('\n');
+        for (vi, label) in x.labels.iter().enumerate() {
+            let _ = write!(md, "| {label} |");
+            for (mi, m) in Metric::ALL.iter().enumerate() {
+                let (med, lo, hi) = stat(vi, fi, mi);
+                let spread = if r.reps > 1 {
+                    format!(" [{}–{}]", fmt(*m, lo), fmt(*m, hi))
+                } else {
+                    String::new()
+                };
+                let _ = write!(
+                    md,
+                    " {}{spread} | {:.2} | {:.2} |",
+                    fmt(*m, med),
+                    med / stat(0, fi, mi).0,
+                    med / stat(1, fi, mi).0
+                );
+            }
+            md.push('\n');
+        }
+        md.push('\n');
+    }
+    if !x.counters.is_empty() {
+        let _ = writeln!(
+            md,
+            "XDP counters of the native variant after its runs (packets, bytes):\n\n```\n{}\n```\n",
+            x.counters.join("\n")
+        );
+    }
 }
 
 const COLORS: [&str; 5] = ["#9e9e9e", "#4e79a7", "#e15759", "#f28e2b", "#59a14f"];

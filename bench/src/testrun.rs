@@ -5,7 +5,10 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, Result};
-use aya::{TestRun as _, TestRunOptions, programs::SchedClassifier};
+use aya::{
+    TestRun as _, TestRunOptions,
+    programs::{SchedClassifier, Xdp},
+};
 use bpfnat::lab::Lab;
 use bpfnat_tests::packet::{self, PROTO_TCP, PROTO_UDP};
 
@@ -27,7 +30,16 @@ fn median_p90(mut v: Vec<u64>) -> (f64, f64) {
     (at(0.5), at(0.9))
 }
 
-/// `runs` runs of program `prog` as if on `ifindex`, packet `i` from `make(i)`.
+enum Loaded {
+    Tc(SchedClassifier),
+    Xdp(Xdp),
+}
+
+/// The XDP program's pin name; `cost` runs it without a context.
+const XDP: &str = "xdp_uplink";
+
+/// `runs` runs of program `prog` (TC as if on `ifindex`, or `XDP`), packet `i` from
+/// `make(i)`.
 fn cost(
     lab: &Lab,
     prog: &str,
@@ -36,20 +48,34 @@ fn cost(
     make: impl Fn(u32) -> Vec<u8> + Send + 'static,
 ) -> Result<(f64, f64)> {
     let pin = lab.bpffs_dir.join("v1/progs").join(prog);
+    let xdp = prog == XDP;
     let samples = bpfnat::netns::run_in(&lab.node, move || {
-        let p = SchedClassifier::from_pin(&pin)?;
         let mut ctx = [0u8; 192];
         ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
         let mut out = vec![0u8; 2048];
         let mut v = Vec::with_capacity(runs as usize);
+        let prog = if xdp {
+            Loaded::Xdp(Xdp::from_pin(
+                &pin,
+                aya_obj::programs::XdpAttachType::Interface,
+            )?)
+        } else {
+            Loaded::Tc(SchedClassifier::from_pin(&pin)?)
+        };
         for i in 0..runs {
             let data = make(i);
-            let r = p.test_run(TestRunOptions {
+            let mut opts = TestRunOptions {
                 data_in: Some(&data),
                 data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
                 ..TestRunOptions::default()
-            })?;
+            };
+            let r = match &prog {
+                Loaded::Tc(p) => {
+                    opts.ctx_in = Some(&ctx);
+                    p.test_run(opts)?
+                }
+                Loaded::Xdp(p) => p.test_run(opts)?,
+            };
             v.push(r.duration.as_nanos() as u64);
         }
         Ok(v)
@@ -90,6 +116,30 @@ pub fn paths(
         ns_p90: p,
     });
 
+    // The replies of that connection, inbound: TC, then the XDP fast path.
+    let reply = move |_| {
+        packet::frame(
+            EXT_MAC,
+            ANY,
+            far,
+            NODE,
+            PROTO_TCP,
+            &packet::tcp(far, NODE, 443, 33000, 0x10),
+        )
+    };
+    let (m, p) = cost(lab, "tc_uplink", uplink_ifindex, runs, reply)?;
+    out.push(PathCost {
+        name: "established (outside → container, conntrack hit), TC",
+        ns_median: m,
+        ns_p90: p,
+    });
+    let (m, p) = cost(lab, XDP, 0, runs, reply)?;
+    out.push(PathCost {
+        name: "established (outside → container, conntrack hit), XDP",
+        ns_median: m,
+        ns_p90: p,
+    });
+
     let snat = move |i: u32| {
         let sport = 1024 + (i % 60000) as u16;
         let dst = Ipv4Addr::new(203, 0, 113, 1 + (i / 60000) as u8);
@@ -123,7 +173,26 @@ pub fn paths(
     };
     let (m, p) = cost(lab, "tc_uplink", uplink_ifindex, runs, dnat)?;
     out.push(PathCost {
-        name: "new connection to a published port",
+        name: "new connection to a published port, TC",
+        ns_median: m,
+        ns_p90: p,
+    });
+    // Other clients than the TC run's, so each run is a new connection again.
+    let dnat_xdp = move |i: u32| {
+        let sport = 1024 + (i % 60000) as u16;
+        let src = Ipv4Addr::new(198, 51, 100, 150 + (i / 60000) as u8);
+        packet::frame(
+            EXT_MAC,
+            ANY,
+            src,
+            NODE,
+            PROTO_TCP,
+            &packet::tcp(src, NODE, sport, RR_PORT, 0x02),
+        )
+    };
+    let (m, p) = cost(lab, XDP, 0, runs, dnat_xdp)?;
+    out.push(PathCost {
+        name: "new connection to a published port, XDP",
         ns_median: m,
         ns_p90: p,
     });
@@ -143,7 +212,13 @@ pub fn paths(
     };
     let (m, p) = cost(lab, "tc_uplink", uplink_ifindex, runs, floor)?;
     out.push(PathCost {
-        name: "floor (non-IP frame, passed at once)",
+        name: "floor (non-IP frame, passed at once), TC",
+        ns_median: m,
+        ns_p90: p,
+    });
+    let (m, p) = cost(lab, XDP, 0, runs, floor)?;
+    out.push(PathCost {
+        name: "floor (non-IP frame, passed at once), XDP",
         ns_median: m,
         ns_p90: p,
     });

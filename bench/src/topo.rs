@@ -120,12 +120,39 @@ fn sh(script: &str) -> Result<()> {
     Ok(())
 }
 
+/// How a datapath is set up beyond its kind.
+#[derive(Clone, Copy, Debug)]
+pub struct Opts {
+    /// bpfnat's `up --xdp` (ignored by the baselines).
+    pub xdp: &'static str,
+    /// Turn the external host's transmit checksum offload off (and with it TSO): its packets
+    /// then carry complete checksums, as from a NIC, which XDP needs.
+    pub ext_tx_off: bool,
+    /// Appended to the namespace prefix, so variants of one kind can coexist.
+    pub tag: &'static str,
+}
+
+impl Opts {
+    pub const DEFAULT: Self = Self {
+        xdp: "off",
+        ext_tx_off: false,
+        tag: "",
+    };
+}
+
 impl Topo {
     pub fn build(dp: Dp, bin: &Path) -> Result<Self> {
-        let prefix = format!("bnb-{}", dp.tag());
+        Self::build_with(dp, bin, Opts::DEFAULT)
+    }
+
+    pub fn build_with(dp: Dp, bin: &Path, o: Opts) -> Result<Self> {
+        let prefix = format!("bnb-{}{}", dp.tag(), o.tag);
         if dp == Dp::Bpfnat {
             let lab = Lab::new(&prefix, bin)?;
-            lab.ok(&["up", "--uplink", bpfnat::lab::UPLINK])?;
+            if o.ext_tx_off {
+                lab.ext_tx_checksum(false)?;
+            }
+            lab.ok(&["up", "--uplink", bpfnat::lab::UPLINK, "--xdp", o.xdp])?;
             let (c1, c2) = (lab.name("c1"), lab.name("c2"));
             let p = |port: u16, proto: &str| format!("{port}:{port}/{proto}");
             lab.ok(&[
@@ -160,7 +187,14 @@ impl Topo {
             lab: None,
         };
         t.cleanup();
-        if let Err(e) = t.build_baseline() {
+        let built = t.build_baseline().and_then(|()| {
+            if o.ext_tx_off {
+                bpfnat::ethtool::set_in(&t.ext, "eth0", bpfnat::ethtool::Offload::TxChecksum, false)
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = built {
             t.cleanup();
             return Err(e);
         }
