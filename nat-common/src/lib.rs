@@ -57,6 +57,9 @@ pub const PROTO_UDP: u8 = 17;
 
 /// `Config::flags`: masquerade traffic from the container subnet that leaves by the uplink.
 pub const CFG_MASQUERADE: u32 = 1 << 0;
+/// `Config::flags`: at least one static NAT mapping exists (else inbound packets skip the
+/// `static_nat` lookup).
+pub const CFG_STATIC_NAT: u32 = 1 << 1;
 
 /// Node-wide settings, the single entry (index 0) of the `config` array map.
 #[repr(C)]
@@ -445,13 +448,16 @@ pub struct CtEntry {
     pub bytes: u64,
     /// `CT_FIN_*` bits; kept equal in both entries.
     pub flags: u8,
-    pub _pad: [u8; 3],
-    /// Next hop cached from the FIB for packets of this direction leaving by the uplink:
-    /// egress ifindex (0 = none cached).
+    /// 1: the cached next hop is a container (`nh_ifindex` is its host veth, the packet goes
+    /// into its namespace); 0: a FIB next hop on the way out.
+    pub nh_peer: u8,
+    pub _pad: [u8; 2],
+    /// Next hop cached for packets of this direction, from the FIB (leaving by the uplink) or
+    /// the endpoint table (into a container): egress ifindex (0 = none cached).
     pub nh_ifindex: u32,
-    /// Next hop's MAC.
+    /// Next hop's MAC (the container's, or the FIB's neighbour).
     pub nh_dmac: [u8; 6],
-    /// Egress interface's MAC.
+    /// Egress interface's MAC (the container's host veth, or the uplink).
     pub nh_smac: [u8; 6],
     pub _pad2: [u8; 4],
     /// `bpf_ktime_get_boot_ns` until which the cached next hop is used without a FIB lookup.

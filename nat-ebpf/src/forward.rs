@@ -8,7 +8,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use nat_common::{
-    Config, CtEntry, Endpoint, NEXT_HOP_CACHE_NS, Reason, STATIC_EXTERNAL, StaticNat,
+    CFG_STATIC_NAT, Config, CtEntry, Endpoint, NEXT_HOP_CACHE_NS, Reason, STATIC_EXTERNAL,
+    StaticNat,
 };
 use network_types::{arp::ArpHdr, eth::EthHdr};
 
@@ -113,7 +114,7 @@ pub fn uplink_arp(ctx: &TcContext, cfg: &Config, ifindex: u32) -> Result<i32, Re
         && arp.oper() == ARP_REQUEST
         && arp.hlen == 6
         && arp.plen == 4
-        && static_nat(&arp.tpa).is_some_and(|s| s.kind == STATIC_EXTERNAL)
+        && static_nat(cfg, &arp.tpa).is_some_and(|s| s.kind == STATIC_EXTERNAL)
     {
         return answer_arp(ctx, &arp, cfg.uplink_mac, ifindex);
     }
@@ -121,11 +122,93 @@ pub fn uplink_arp(ctx: &TcContext, cfg: &Config, ifindex: u32) -> Result<i32, Re
     Ok(TC_ACT_OK)
 }
 
-/// The static NAT entry for `addr`, if any.
+/// The static NAT entry for `addr`, if any. Skips the lookup while no mapping exists.
 #[inline(always)]
-pub fn static_nat(addr: &[u8; 4]) -> Option<StaticNat> {
+pub fn static_nat(cfg: &Config, addr: &[u8; 4]) -> Option<StaticNat> {
+    if cfg.flags & CFG_STATIC_NAT == 0 {
+        return None;
+    }
     // SAFETY: the value is copied out at once.
     unsafe { STATIC_NAT.get(addr).copied() }
+}
+
+/// The container at `addr`, if any. Addresses outside the subnet skip the map lookup: that is
+/// every packet leaving for the outside.
+#[inline(always)]
+pub fn container_at(cfg: &Config, addr: &[u8; 4]) -> Option<Endpoint> {
+    if parse::in_subnet(*addr, cfg.subnet_addr, cfg.subnet_mask) {
+        endpoint(addr)
+    } else {
+        None
+    }
+}
+
+/// Where a tracked direction delivers into a container: the container's host veth and the
+/// MACs to write.
+#[derive(Clone, Copy)]
+pub struct Hop {
+    pub ifindex: u32,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+}
+
+/// The container hop cached in `e`, while fresh. Like the FIB next hop, it is trusted for
+/// `NEXT_HOP_CACHE_NS`, so endpoint changes take effect within it.
+#[inline(always)]
+pub fn cached_peer(e: *const CtEntry, now: u64) -> Option<Hop> {
+    // SAFETY: read of a live map value; a torn read yields a valid but stale hop at worst.
+    let e = unsafe { &*e };
+    if e.nh_peer == 1 && e.nh_ifindex != 0 && now < e.nh_until_ns {
+        Some(Hop {
+            ifindex: e.nh_ifindex,
+            dmac: e.nh_dmac,
+            smac: e.nh_smac,
+        })
+    } else {
+        None
+    }
+}
+
+/// Cache `ep` as the container hop of `e`.
+#[inline(always)]
+pub fn remember_peer(e: *mut CtEntry, ep: &Endpoint, now: u64) -> Hop {
+    // SAFETY: as in `route_tracked`: concurrent writers store the same hop.
+    let e = unsafe { &mut *e };
+    e.nh_peer = 1;
+    e.nh_ifindex = ep.ifindex;
+    e.nh_dmac = ep.mac;
+    e.nh_smac = ep.host_mac;
+    e.nh_until_ns = now + NEXT_HOP_CACHE_NS;
+    Hop {
+        ifindex: ep.ifindex,
+        dmac: ep.mac,
+        smac: ep.host_mac,
+    }
+}
+
+/// A translated packet of the tracked direction `e`: into its container (straight into the
+/// namespace) or out by the uplink, with the hop cached in the entry either way.
+#[inline(always)]
+pub fn deliver_tracked(
+    ctx: &TcContext,
+    cfg: &Config,
+    p: &mut Ip4,
+    ifindex: u32,
+    e: *mut CtEntry,
+    now: u64,
+) -> Result<i32, Reason> {
+    let hop = match cached_peer(e, now) {
+        Some(h) => h,
+        None => match container_at(cfg, &p.dst) {
+            Some(ep) => remember_peer(e, &ep, now),
+            None => return route_tracked(ctx, p, ifindex, e, now),
+        },
+    };
+    dec_ttl(ctx, p)?;
+    set_macs(ctx, hop.dmac, hop.smac)?;
+    count(Reason::Deliver, ctx.len());
+    // SAFETY: plain helper call.
+    Ok(unsafe { bpf_redirect_peer(hop.ifindex, 0) } as i32)
 }
 
 /// Deliver `p` into the container behind `ep`, straight into its namespace.
@@ -209,7 +292,7 @@ pub fn route_tracked(
     // SAFETY: `e` points at the connection's map value; concurrent writers store the same
     // next hop, and a torn read costs one wrong-but-valid redirect at worst until refreshed.
     let e = unsafe { &mut *e };
-    if e.nh_ifindex != 0 && now < e.nh_until_ns {
+    if e.nh_peer == 0 && e.nh_ifindex != 0 && now < e.nh_until_ns {
         dec_ttl(ctx, p)?;
         set_macs(ctx, e.nh_dmac, e.nh_smac)?;
         count(Reason::NextHopCached, ctx.len());
@@ -218,6 +301,7 @@ pub fn route_tracked(
     }
     let nh = fib(ctx, p, ifindex);
     if nh.rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        e.nh_peer = 0;
         e.nh_ifindex = nh.ifindex;
         e.nh_dmac = nh.dmac;
         e.nh_smac = nh.smac;

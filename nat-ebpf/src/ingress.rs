@@ -10,7 +10,7 @@ use nat_common::{
 use crate::{
     TC_ACT_OK,
     conntrack::{self, now},
-    forward::{self, endpoint},
+    forward::{self, container_at, endpoint},
     frag, icmp,
     maps::{CONFIG, PORTS},
     nat,
@@ -78,10 +78,7 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
         conntrack::touch(ep, &p, t);
         nat::apply(ctx, &mut p, &conntrack::Xlate::of(ep))?;
         count(Reason::CtHit, ctx.len());
-        if let Some(peer) = container_at(cfg, &p.dst) {
-            return forward::to_endpoint(ctx, &mut p, &peer, true, Reason::Deliver);
-        }
-        return forward::route_tracked(ctx, &mut p, ifindex, ep, t);
+        return forward::deliver_tracked(ctx, cfg, &mut p, ifindex, ep, t);
     }
 
     if p.dst == cfg.gateway_addr {
@@ -113,7 +110,7 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
         // Let the kernel answer with ICMP time exceeded.
         return pass(ctx);
     }
-    if let Some(s) = forward::static_nat(&p.src)
+    if let Some(s) = forward::static_nat(cfg, &p.src)
         && s.kind == STATIC_INTERNAL
     {
         // F8: the container's own external address, for every protocol and fragment.
@@ -135,17 +132,6 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
     nat::apply(ctx, &mut p, &e)?;
     count(Reason::SnatNew, ctx.len());
     forward::route(ctx, &mut p, ifindex, Some(nh))
-}
-
-/// The container at `addr`, if any. Addresses outside the subnet skip the map lookup: that is
-/// every packet leaving for the outside.
-#[inline(always)]
-pub fn container_at(cfg: &Config, addr: &[u8; 4]) -> Option<nat_common::Endpoint> {
-    if parse::in_subnet(*addr, cfg.subnet_addr, cfg.subnet_mask) {
-        endpoint(addr)
-    } else {
-        None
-    }
 }
 
 /// Send a translated packet on: into a container when the new destination is one, else
@@ -213,7 +199,7 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
         return pass(ctx);
     };
     frag::resolve(&mut p);
-    if let Some(s) = forward::static_nat(&p.dst)
+    if let Some(s) = forward::static_nat(cfg, &p.dst)
         && s.kind == STATIC_EXTERNAL
     {
         // F8: everything for the external address goes to its container.
@@ -240,11 +226,17 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
         return pass(ctx);
     }
 
-    let e = if let Some(e) = conntrack::lookup(&p.key()) {
-        conntrack::touch(e, &p, now());
+    if let Some(e) = conntrack::lookup(&p.key()) {
+        let t = now();
+        conntrack::touch(e, &p, t);
         count(Reason::CtHit, ctx.len());
-        conntrack::Xlate::of(e)
-    } else if let Some(t) = published(ctx, cfg, &p, ifindex) {
+        if p.ttl <= 1 {
+            return Err(Reason::DropTtl);
+        }
+        nat::apply(ctx, &mut p, &conntrack::Xlate::of(e))?;
+        return forward::deliver_tracked(ctx, cfg, &mut p, ifindex, e, t);
+    }
+    let e = if let Some(t) = published(ctx, cfg, &p, ifindex) {
         let ep = endpoint(&t.addr).ok_or(Reason::DropNoEndpoint)?;
         let e = conntrack::create_dnat(&p, &t, cfg, ep.ifindex, now())?;
         count(Reason::DnatNew, ctx.len());

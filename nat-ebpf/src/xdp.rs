@@ -14,9 +14,9 @@ use nat_common::{Endpoint, Reason, STATIC_EXTERNAL};
 
 use crate::{
     conntrack::{self, now},
-    forward::{self, endpoint},
+    forward::{self, Hop, container_at, endpoint},
     icmp,
-    ingress::{config, container_at, port_target},
+    ingress::{config, port_target},
     nat,
     parse::{self, L3},
     pkt::Pkt,
@@ -55,7 +55,7 @@ pub fn from_uplink(ctx: &XdpContext) -> Result<u32, Reason> {
     if p.frag || p.ttl <= 1 || icmp::is_error(&p) {
         return pass(ctx);
     }
-    if let Some(s) = forward::static_nat(&p.dst)
+    if let Some(s) = forward::static_nat(cfg, &p.dst)
         && s.kind == STATIC_EXTERNAL
     {
         let Some(ep) = endpoint(&s.peer) else {
@@ -63,41 +63,58 @@ pub fn from_uplink(ctx: &XdpContext) -> Result<u32, Reason> {
         };
         nat::set_dst(ctx, &mut p, s.peer)?;
         count(Reason::StaticNat, ctx.bytes());
-        return deliver(ctx, &mut p, &ep);
+        return deliver(ctx, &mut p, &hop_of(&ep));
     }
     if !p.is_trackable() {
         return pass(ctx);
     }
-    let (e, ep) = if let Some(e) = conntrack::lookup(&p.key()) {
-        // SAFETY: read of a map value.
-        let to = unsafe { (*e).xlate_dst_addr };
-        let Some(ep) = container_at(cfg, &to) else {
-            return pass(ctx);
+    let (x, hop) = if let Some(e) = conntrack::lookup(&p.key()) {
+        let t = now();
+        // Only connections that end in a container are XDP's; the cached hop says so.
+        let hop = match forward::cached_peer(e, t) {
+            Some(h) => h,
+            None => {
+                // SAFETY: read of a map value.
+                let to = unsafe { (*e).xlate_dst_addr };
+                let Some(ep) = container_at(cfg, &to) else {
+                    return pass(ctx);
+                };
+                forward::remember_peer(e, &ep, t)
+            }
         };
-        conntrack::touch(e, &p, now());
+        conntrack::touch(e, &p, t);
         count(Reason::CtHit, ctx.bytes());
-        (conntrack::Xlate::of(e), ep)
+        (conntrack::Xlate::of(e), hop)
     } else if p.dst == cfg.node_addr
         && let Some(t) = port_target(&p)
         && let Some(ep) = endpoint(&t.addr)
     {
-        let e = conntrack::create_dnat(&p, &t, cfg, ep.ifindex, now())?;
+        let x = conntrack::create_dnat(&p, &t, cfg, ep.ifindex, now())?;
         count(Reason::DnatNew, ctx.bytes());
-        (e, ep)
+        (x, hop_of(&ep))
     } else {
         return pass(ctx);
     };
-    nat::apply(ctx, &mut p, &e)?;
-    deliver(ctx, &mut p, &ep)
+    nat::apply(ctx, &mut p, &x)?;
+    deliver(ctx, &mut p, &hop)
+}
+
+#[inline(always)]
+fn hop_of(ep: &Endpoint) -> Hop {
+    Hop {
+        ifindex: ep.ifindex,
+        dmac: ep.mac,
+        smac: ep.host_mac,
+    }
 }
 
 /// Redirect the translated frame to the container's host veth; the veth hands it to its peer,
 /// the container's interface (which needs NAPI: GRO on, set up by `container add`).
 #[inline(always)]
-fn deliver(ctx: &XdpContext, p: &mut parse::Ip4, ep: &Endpoint) -> Result<u32, Reason> {
+fn deliver(ctx: &XdpContext, p: &mut parse::Ip4, hop: &Hop) -> Result<u32, Reason> {
     nat::dec_ttl(ctx, p)?;
-    forward::set_macs(ctx, ep.mac, ep.host_mac)?;
+    forward::set_macs(ctx, hop.dmac, hop.smac)?;
     count(Reason::XdpDeliver, ctx.bytes());
     // SAFETY: plain helper call; in XDP it returns XDP_REDIRECT.
-    Ok(unsafe { bpf_redirect(ep.ifindex, 0) } as u32)
+    Ok(unsafe { bpf_redirect(hop.ifindex, 0) } as u32)
 }

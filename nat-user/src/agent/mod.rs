@@ -272,6 +272,7 @@ fn address_events() -> Result<(
 async fn follow_uplink(ctx: &Ctx) -> Result<()> {
     let store = ctx.store()?;
     let mut state = store.load()?;
+    let static_nat = !state.static_nat.is_empty();
     let Some(node) = state.node.as_mut() else {
         return Ok(());
     };
@@ -293,6 +294,6 @@ async fn follow_uplink(ctx: &Ctx) -> Result<()> {
     if node.snat_from_uplink {
         node.snat_ip = addr;
     }
-    Maps::open(&ctx.pins)?.set_config(&up::config_of(node))?;
+    Maps::open(&ctx.pins)?.set_config(&up::config_of(node, static_nat))?;
     store.save(&state)
 }

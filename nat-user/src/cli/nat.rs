@@ -6,7 +6,10 @@ use std::net::Ipv4Addr;
 use anyhow::{Result, anyhow, bail};
 use clap::Subcommand;
 
-use super::{Ctx, table, up::require_node};
+use super::{
+    Ctx, table,
+    up::{config_of, require_node},
+};
 use crate::{datapath::Maps, net::Cidr, state::StaticMapping};
 
 #[derive(Subcommand, Debug)]
@@ -33,7 +36,7 @@ pub fn run(ctx: &Ctx, cmd: NatCmd) -> Result<()> {
     let mut state = store.load()?;
     match cmd {
         NatCmd::Add { external, internal } => {
-            let node = require_node(&state)?;
+            let node = require_node(&state)?.clone();
             let subnet = Cidr {
                 addr: node.subnet,
                 prefix: node.prefix_len,
@@ -61,7 +64,12 @@ pub fn run(ctx: &Ctx, cmd: NatCmd) -> Result<()> {
                 bail!("{} is already mapped to {}", m.external, m.internal);
             }
             let m = StaticMapping { external, internal };
-            Maps::open(&ctx.pins)?.put_static_nat(external, internal)?;
+            let mut maps = Maps::open(&ctx.pins)?;
+            maps.put_static_nat(external, internal)?;
+            if let Err(e) = maps.set_config(&config_of(&node, true)) {
+                let _ = maps.remove_static_nat(external, internal);
+                return Err(e);
+            }
             state.static_nat.push(m);
             store.save(&state)?;
             let owner = state
@@ -75,13 +83,18 @@ pub fn run(ctx: &Ctx, cmd: NatCmd) -> Result<()> {
             })
         }
         NatCmd::Del { external } => {
+            let node = require_node(&state)?.clone();
             let i = state
                 .static_nat
                 .iter()
                 .position(|m| m.external == external)
                 .ok_or_else(|| anyhow!("{external} has no static NAT mapping"))?;
             let m = state.static_nat[i];
-            Maps::open(&ctx.pins)?.remove_static_nat(m.external, m.internal)?;
+            let mut maps = Maps::open(&ctx.pins)?;
+            if state.static_nat.len() == 1 {
+                maps.set_config(&config_of(&node, false))?;
+            }
+            maps.remove_static_nat(m.external, m.internal)?;
             state.static_nat.remove(i);
             store.save(&state)?;
             ctx.emit(&m, || format!("removed {} <-> {}", m.external, m.internal))

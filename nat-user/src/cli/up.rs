@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::programs::{SchedClassifier, TcAttachType};
 use clap::{Args, ValueEnum};
-use nat_common::{CFG_MASQUERADE, CONNTRACK_MAX_ENTRIES, Config};
+use nat_common::{CFG_MASQUERADE, CFG_STATIC_NAT, CONNTRACK_MAX_ENTRIES, Config};
 use serde::Serialize;
 
 use super::{Ctx, container};
@@ -93,14 +93,15 @@ pub fn require_node(state: &State) -> Result<&Node> {
         .ok_or_else(|| anyhow!("bpfnat is not up: run `bpfnat up --uplink IFACE` first"))
 }
 
-pub fn config_of(node: &Node) -> Config {
+/// The datapath's `config` for `node`; `static_nat`: whether any static NAT mapping exists.
+pub fn config_of(node: &Node, static_nat: bool) -> Config {
     let subnet = Cidr {
         addr: node.subnet,
         prefix: node.prefix_len,
     };
     Config {
         uplink_ifindex: node.uplink_ifindex,
-        flags: CFG_MASQUERADE,
+        flags: CFG_MASQUERADE | if static_nat { CFG_STATIC_NAT } else { 0 },
         snat_addr: node.snat_ip.octets(),
         gateway_addr: node.gateway.octets(),
         node_addr: node.node_addr.octets(),
@@ -254,7 +255,7 @@ async fn bring_up(
 
     datapath::install(&ctx.pins, ct_max)?;
     let mut maps = Maps::open(&ctx.pins)?;
-    maps.set_config(&config_of(&node))?;
+    maps.set_config(&config_of(&node, false))?;
     datapath::attach(&ctx.pins, Hook::Uplink, &node.uplink)?;
     let how = match node.xdp {
         XdpSetting::Off => None,
