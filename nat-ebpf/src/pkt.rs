@@ -1,10 +1,11 @@
 //! The packet the translation core works on, TC or XDP. Parsing and rewriting are written
-//! once against `Pkt`; only the checksum update differs:
-//! - TC uses the kernel helpers (`bpf_l3_csum_replace` / `bpf_l4_csum_replace`), which keep
-//!   CHECKSUM_PARTIAL skbs (what containers and local senders hand over a veth) correct.
-//! - XDP has no skb and no checksum state: it updates the checksum field by hand (RFC 1624,
-//!   eqn. 3), which is right for every packet whose checksum is complete, i.e. everything a
-//!   NIC receives.
+//! once against `Pkt`. Bytes are written directly and the IPv4 header checksum is updated by
+//! hand (RFC 1624, eqn. 3) in both: that checksum is always complete. Only the L4 checksum
+//! differs:
+//! - TC uses `bpf_l4_csum_replace`, which keeps CHECKSUM_PARTIAL skbs (what containers and
+//!   local senders hand over a veth) and CHECKSUM_COMPLETE ones correct.
+//! - XDP has no skb and no checksum state: it updates the field by hand too, which is right
+//!   for every packet whose checksum is complete, i.e. everything a NIC receives.
 
 use core::mem::size_of;
 
@@ -15,6 +16,10 @@ use aya_ebpf::{
 use nat_common::{Reason, csum_replace};
 
 /// Byte access and checksum updates on a packet. Offsets count from the Ethernet header.
+///
+/// Direct writes in TC: the verifier gives such programs a prologue that unclones the skb, and
+/// a rewrite of the IPv4 header that keeps its checksum right leaves a CHECKSUM_COMPLETE sum
+/// unchanged (the header sums to zero before and after).
 pub trait Pkt {
     fn start(&self) -> usize;
     fn end(&self) -> usize;
@@ -53,12 +58,12 @@ impl Pkt for TcContext {
 
     #[inline(always)]
     fn put<T>(&self, off: usize, v: &T) -> Result<(), Reason> {
-        helper(self.store(off, v, 0))
+        write(self.data(), self.data_end(), off, v)
     }
 
     #[inline(always)]
     fn csum_l3(&self, off: usize, old: u32, new: u32, size: u64) -> Result<(), Reason> {
-        helper(self.l3_csum_replace(off, u64::from(old), u64::from(new), size))
+        fix_csum(self.data(), self.data_end(), off, old, new, size, false)
     }
 
     #[inline(always)]
@@ -67,29 +72,41 @@ impl Pkt for TcContext {
     }
 }
 
-/// A writable pointer to `T` at `off` in an XDP frame, bounds-checked.
+/// Furthest offset a rewrite touches.
+const MAX_WRITE_OFF: usize = 255;
+
+/// A writable pointer to `T` at `off` in the packet `[start, end)`, bounds-checked.
 #[inline(always)]
-fn xdp_at<T>(ctx: &XdpContext, off: usize) -> Result<*mut T, Reason> {
-    let start = ctx.data();
-    if start + off + size_of::<T>() > ctx.data_end() {
+fn at_mut<T>(start: usize, end: usize, off: usize) -> Result<*mut T, Reason> {
+    // The verifier only allows pointer arithmetic with a bounded offset; every header we
+    // rewrite (quoted ICMP headers included) starts well within this.
+    if off > MAX_WRITE_OFF || start + off + size_of::<T>() > end {
         return Err(Reason::DropTruncated);
     }
     Ok((start + off) as *mut T)
 }
 
-/// Update the checksum at `off` in an XDP frame by hand; `keep_zero` for UDP, where zero
-/// means "no checksum".
 #[inline(always)]
-fn xdp_csum(
-    ctx: &XdpContext,
+fn write<T>(start: usize, end: usize, off: usize, v: &T) -> Result<(), Reason> {
+    let p = at_mut::<T>(start, end, off)?;
+    // SAFETY: bounds checked by `at_mut`; packet data has no alignment guarantee.
+    unsafe { core::ptr::write_unaligned(p, core::ptr::read(v)) };
+    Ok(())
+}
+
+/// Update the checksum at `off` by hand; `keep_zero` for UDP, where zero means "none".
+#[inline(always)]
+fn fix_csum(
+    start: usize,
+    end: usize,
     off: usize,
     old: u32,
     new: u32,
     size: u64,
     keep_zero: bool,
 ) -> Result<(), Reason> {
-    let p = xdp_at::<[u8; 2]>(ctx, off)?;
-    // SAFETY: bounds checked by `xdp_at`; byte arrays need no alignment.
+    let p = at_mut::<[u8; 2]>(start, end, off)?;
+    // SAFETY: bounds checked by `at_mut`; byte arrays need no alignment.
     let csum = u16::from_ne_bytes(unsafe { *p });
     if keep_zero && csum == 0 {
         return Ok(());
@@ -121,20 +138,25 @@ impl Pkt for XdpContext {
 
     #[inline(always)]
     fn put<T>(&self, off: usize, v: &T) -> Result<(), Reason> {
-        let p = xdp_at::<T>(self, off)?;
-        // SAFETY: bounds checked by `xdp_at`; packet data has no alignment guarantee.
-        unsafe { core::ptr::write_unaligned(p, core::ptr::read(v)) };
-        Ok(())
+        write(self.data(), self.data_end(), off, v)
     }
 
     #[inline(always)]
     fn csum_l3(&self, off: usize, old: u32, new: u32, size: u64) -> Result<(), Reason> {
-        xdp_csum(self, off, old, new, size, false)
+        fix_csum(self.data(), self.data_end(), off, old, new, size, false)
     }
 
     #[inline(always)]
     fn csum_l4(&self, off: usize, old: u32, new: u32, flags: u64) -> Result<(), Reason> {
         let keep_zero = flags & u64::from(BPF_F_MARK_MANGLED_0) != 0;
-        xdp_csum(self, off, old, new, flags & 0xf, keep_zero)
+        fix_csum(
+            self.data(),
+            self.data_end(),
+            off,
+            old,
+            new,
+            flags & 0xf,
+            keep_zero,
+        )
     }
 }
