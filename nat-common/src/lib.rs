@@ -462,6 +462,10 @@ pub struct CtEntry {
     pub _pad2: [u8; 4],
     /// `bpf_ktime_get_boot_ns` until which the cached next hop is used without a FIB lookup.
     pub nh_until_ns: u64,
+    /// MAC of the container the connection belongs to (with `ifindex`, what a packet from
+    /// that container's veth must carry to take the conntrack fast path).
+    pub mac: [u8; 6],
+    pub _pad3: [u8; 2],
 }
 
 /// How long a cached next hop is trusted: route and neighbour changes take effect within it.
@@ -675,7 +679,7 @@ mod tests {
     #[test]
     fn layouts_have_the_sizes_bpftool_shows() {
         assert_eq!(size_of::<CtKey>(), 16);
-        assert_eq!(size_of::<CtEntry>(), 88);
+        assert_eq!(size_of::<CtEntry>(), 96);
         assert_eq!(size_of::<PortKey>(), 8);
         assert_eq!(size_of::<PortTarget>(), 12);
         assert_eq!(size_of::<Endpoint>(), 20);

@@ -10,7 +10,7 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_boot_ns, bpf_loop},
 };
 use nat_common::{
-    Config, CtEntry, CtKey, DIR_ORIGINAL, DIR_REPLY, NAT_DNAT, NAT_SNAT, ORIGIN_HAIRPIN,
+    Config, CtEntry, CtKey, DIR_ORIGINAL, DIR_REPLY, Endpoint, NAT_DNAT, NAT_SNAT, ORIGIN_HAIRPIN,
     ORIGIN_MASQUERADE, ORIGIN_PUBLISHED, PROTO_TCP, PROTO_UDP, PortTarget, Reason, ct_timeout_ns,
     dgram_state, tcp_state, tcp_transition,
 };
@@ -157,10 +157,11 @@ fn claim(key: &CtKey, e: &CtEntry, now: u64) -> bool {
 }
 
 #[inline(always)]
-fn entry(p: &Ip4, now: u64, ifindex: u32) -> CtEntry {
+fn entry(p: &Ip4, now: u64, owner: &Endpoint) -> CtEntry {
     CtEntry {
         state: initial_state(p),
-        ifindex,
+        ifindex: owner.ifindex,
+        mac: owner.mac,
         created_ns: now,
         last_seen_ns: now,
         ..CtEntry::default()
@@ -258,7 +259,7 @@ fn probe_port(rkey: CtKey, cfg: &Config, avoid_host: bool) -> Result<[u8; 2], Re
 }
 
 /// How a new connection is translated in its original direction.
-pub struct NewConn {
+pub struct NewConn<'a> {
     /// Source address after translation.
     pub src: [u8; 4],
     /// Destination address and port after translation.
@@ -272,7 +273,7 @@ pub struct NewConn {
     /// The mapping's generation (published ports).
     pub generation: u32,
     /// The container the connection belongs to.
-    pub ifindex: u32,
+    pub owner: &'a Endpoint,
 }
 
 /// Create both entries of a new connection for `p` and return the original direction's.
@@ -289,7 +290,7 @@ pub fn create(p: &Ip4, n: &NewConn, cfg: &Config, now: u64) -> Result<Xlate, Rea
     let slot = SCRATCH.get_ptr_mut(0).ok_or(Reason::DropHelper)?;
     // SAFETY: per-CPU scratch slot; nothing else on this CPU uses it while we run.
     let reply = unsafe { &mut *slot };
-    *reply = entry(p, now, n.ifindex);
+    *reply = entry(p, now, n.owner);
     reply.xlate_src_addr = p.dst;
     reply.xlate_dst_addr = p.src;
     reply.xlate_src_port = p.dport;
@@ -329,7 +330,7 @@ pub fn create(p: &Ip4, n: &NewConn, cfg: &Config, now: u64) -> Result<Xlate, Rea
     let slot = SCRATCH.get_ptr_mut(1).ok_or(Reason::DropHelper)?;
     // SAFETY: per-CPU scratch slot, as above.
     let orig = unsafe { &mut *slot };
-    *orig = entry(p, now, n.ifindex);
+    *orig = entry(p, now, n.owner);
     orig.xlate_src_addr = n.src;
     orig.xlate_dst_addr = n.dst;
     orig.xlate_src_port = rkey.dst_port;
@@ -350,7 +351,7 @@ pub fn create(p: &Ip4, n: &NewConn, cfg: &Config, now: u64) -> Result<Xlate, Rea
 
 /// MASQUERADE: `p` from the container behind `ifindex` leaves with the SNAT address.
 #[inline(always)]
-pub fn create_snat(p: &Ip4, cfg: &Config, ifindex: u32, now: u64) -> Result<Xlate, Reason> {
+pub fn create_snat(p: &Ip4, cfg: &Config, owner: &Endpoint, now: u64) -> Result<Xlate, Reason> {
     let n = NewConn {
         src: cfg.snat_addr,
         dst: p.dst,
@@ -358,7 +359,7 @@ pub fn create_snat(p: &Ip4, cfg: &Config, ifindex: u32, now: u64) -> Result<Xlat
         alloc_port: true,
         origin: ORIGIN_MASQUERADE,
         generation: 0,
-        ifindex,
+        owner,
     };
     create(p, &n, cfg, now)
 }
@@ -369,7 +370,7 @@ pub fn create_dnat(
     p: &Ip4,
     t: &PortTarget,
     cfg: &Config,
-    ifindex: u32,
+    owner: &Endpoint,
     now: u64,
 ) -> Result<Xlate, Reason> {
     let n = NewConn {
@@ -379,7 +380,7 @@ pub fn create_dnat(
         alloc_port: false,
         origin: ORIGIN_PUBLISHED,
         generation: t.generation,
-        ifindex,
+        owner,
     };
     create(p, &n, cfg, now)
 }
@@ -392,7 +393,7 @@ pub fn create_hairpin(
     p: &Ip4,
     t: &PortTarget,
     cfg: &Config,
-    target_ifindex: u32,
+    target: &Endpoint,
     now: u64,
 ) -> Result<Xlate, Reason> {
     let n = NewConn {
@@ -402,7 +403,7 @@ pub fn create_hairpin(
         alloc_port: true,
         origin: ORIGIN_HAIRPIN,
         generation: t.generation,
-        ifindex: target_ifindex,
+        owner: target,
     };
     create(p, &n, cfg, now)
 }

@@ -54,6 +54,24 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
     }
     let mut p = parse::ipv4(ctx)?;
     frag::resolve(&mut p);
+
+    // Fast path: a packet of a connection this veth's container owns, leaving the subnet.
+    // The tuple (with the container's own source address), the veth and the MAC are the
+    // anti-spoof check: a conntrack entry records the container its connection belongs to.
+    if p.ttl > 1
+        && !parse::in_subnet(p.dst, cfg.subnet_addr, cfg.subnet_mask)
+        && p.is_trackable()
+        && let Some(ep) = conntrack::lookup(&p.key())
+        // SAFETY: reads of a map value.
+        && unsafe { (*ep).ifindex == ifindex && (*ep).mac == eth_src }
+    {
+        let t = now();
+        conntrack::touch(ep, &p, t);
+        nat::apply(ctx, &mut p, &conntrack::Xlate::of(ep))?;
+        count(Reason::CtHit, ctx.len());
+        return forward::deliver_tracked(ctx, cfg, &mut p, ifindex, ep, t);
+    }
+
     let me = endpoint(&p.src).ok_or(Reason::DropSpoof)?;
     if me.ifindex != ifindex || me.mac != eth_src {
         return Err(Reason::DropSpoof);
@@ -95,7 +113,7 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
             return pass(ctx);
         }
         let target = endpoint(&t.addr).ok_or(Reason::DropNoEndpoint)?;
-        let e = conntrack::create_hairpin(&p, &t, cfg, target.ifindex, now())?;
+        let e = conntrack::create_hairpin(&p, &t, cfg, &target, now())?;
         nat::apply(ctx, &mut p, &e)?;
         count(Reason::HairpinNew, ctx.len());
         return forward::to_endpoint(ctx, &mut p, &target, true, Reason::Deliver);
@@ -128,7 +146,7 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
     if !p.is_trackable() {
         return Err(Reason::DropUnsupported);
     }
-    let e = conntrack::create_snat(&p, cfg, ifindex, now())?;
+    let e = conntrack::create_snat(&p, cfg, &me, now())?;
     nat::apply(ctx, &mut p, &e)?;
     count(Reason::SnatNew, ctx.len());
     forward::route(ctx, &mut p, ifindex, Some(nh))
@@ -238,7 +256,7 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
     }
     let e = if let Some(t) = published(ctx, cfg, &p, ifindex) {
         let ep = endpoint(&t.addr).ok_or(Reason::DropNoEndpoint)?;
-        let e = conntrack::create_dnat(&p, &t, cfg, ep.ifindex, now())?;
+        let e = conntrack::create_dnat(&p, &t, cfg, &ep, now())?;
         count(Reason::DnatNew, ctx.len());
         e
     } else if parse::in_subnet(p.dst, cfg.subnet_addr, cfg.subnet_mask) {

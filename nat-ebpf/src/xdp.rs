@@ -89,7 +89,7 @@ pub fn from_uplink(ctx: &XdpContext) -> Result<u32, Reason> {
         && let Some(t) = port_target(&p)
         && let Some(ep) = endpoint(&t.addr)
     {
-        let x = conntrack::create_dnat(&p, &t, cfg, ep.ifindex, now())?;
+        let x = conntrack::create_dnat(&p, &t, cfg, &ep, now())?;
         count(Reason::DnatNew, ctx.bytes());
         (x, hop_of(&ep))
     } else {

@@ -577,3 +577,33 @@ fn xdp_translates_like_tc_and_passes_on_what_it_does_not_finish() {
         "the TTL-1 SYN created nothing"
     );
 }
+
+#[test]
+fn a_tracked_connection_is_only_fast_pathed_from_the_veth_it_belongs_to() {
+    let lab = lab("tr-owner");
+    up(&lab, &[]);
+    let a = container(&lab, "a", "10.88.0.2", &[]);
+    let b = container(&lab, "b", "10.88.0.3", &[]);
+    let syn = |mac| {
+        packet::frame(
+            mac,
+            ANY_MAC,
+            a.ip,
+            EXT_ADDR,
+            PROTO_TCP,
+            &packet::tcp(a.ip, EXT_ADDR, 20000, 80, SYN),
+        )
+    };
+    let r = run(&lab, "tc_container", a.host_ifindex, syn(a.mac));
+    assert_eq!(r.action, TC_ACT_REDIRECT);
+    assert_eq!(packet::verify(&r.out).src, NODE_ADDR);
+    // The same tuple from b's veth (b claiming a's address) is spoofed, not translated.
+    let r = run(&lab, "tc_container", b.host_ifindex, syn(b.mac));
+    assert_eq!(r.action, TC_ACT_SHOT);
+    assert_eq!(counter(&lab, "drop_spoof"), 1);
+    assert_eq!(counter(&lab, "ct_hit"), 0);
+    // From a's veth it is a conntrack hit.
+    let r = run(&lab, "tc_container", a.host_ifindex, syn(a.mac));
+    assert_eq!(r.action, TC_ACT_REDIRECT);
+    assert_eq!(counter(&lab, "ct_hit"), 1);
+}
