@@ -438,9 +438,9 @@ pub struct CtEntry {
     pub generation: u32,
     /// ifindex of the container's host veth this connection belongs to.
     pub ifindex: u32,
-    /// `bpf_ktime_get_boot_ns` at creation (CLOCK_BOOTTIME).
+    /// `bpf_ktime_get_coarse_ns` at creation (CLOCK_MONOTONIC_COARSE).
     pub created_ns: u64,
-    /// `bpf_ktime_get_boot_ns` of the last packet in this direction.
+    /// `bpf_ktime_get_coarse_ns` of the last packet in this direction.
     pub last_seen_ns: u64,
     /// Packets seen in this direction.
     pub packets: u64,
@@ -460,7 +460,7 @@ pub struct CtEntry {
     /// Egress interface's MAC (the container's host veth, or the uplink).
     pub nh_smac: [u8; 6],
     pub _pad2: [u8; 4],
-    /// `bpf_ktime_get_boot_ns` until which the cached next hop is used without a FIB lookup.
+    /// `bpf_ktime_get_coarse_ns` until which the cached next hop is used without a FIB lookup.
     pub nh_until_ns: u64,
     /// MAC of the container the connection belongs to (with `ifindex`, what a packet from
     /// that container's veth must carry to take the conntrack fast path).

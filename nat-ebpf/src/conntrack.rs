@@ -7,7 +7,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_boot_ns, bpf_loop},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_loop},
 };
 use nat_common::{
     Config, CtEntry, CtKey, DIR_ORIGINAL, DIR_REPLY, Endpoint, NAT_DNAT, NAT_SNAT, ORIGIN_HAIRPIN,
@@ -52,7 +52,7 @@ impl Xlate {
 #[inline(always)]
 pub fn now() -> u64 {
     // SAFETY: helper without arguments.
-    unsafe { bpf_ktime_get_boot_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 #[inline(always)]
