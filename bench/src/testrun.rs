@@ -84,6 +84,25 @@ fn cost(
     Ok(median_p90(samples))
 }
 
+/// SYNs to the published RR port from a new client tuple each run, from clients
+/// `198.51.100.<base>` and up (different bases keep two series apart).
+fn new_clients(base: u8) -> impl Fn(u32) -> Vec<u8> + Send + Copy + 'static {
+    const ANY: [u8; 6] = [0xee; 6];
+    const EXT_MAC: [u8; 6] = [2, 0, 198, 51, 100, 1];
+    move |i: u32| {
+        let sport = 1024 + (i % 60000) as u16;
+        let src = Ipv4Addr::new(198, 51, 100, base + (i / 60000) as u8);
+        packet::frame(
+            EXT_MAC,
+            ANY,
+            src,
+            NODE,
+            PROTO_TCP,
+            &packet::tcp(src, NODE, sport, RR_PORT, 0x02),
+        )
+    }
+}
+
 /// The four paths, measured on the bpfnat lab (whose c1 publishes RR_PORT).
 pub fn paths(
     lab: &Lab,
@@ -96,6 +115,13 @@ pub fn paths(
     const EXT_MAC: [u8; 6] = [2, 0, 198, 51, 100, 1];
     let far = Ipv4Addr::new(203, 0, 113, 80);
     let mut out = Vec::new();
+    let mut add = |name: &'static str, (ns_median, ns_p90): (f64, f64)| {
+        out.push(PathCost {
+            name,
+            ns_median,
+            ns_p90,
+        });
+    };
 
     // Established: one connection, created by the first packet, hit by every run.
     let est = move |_| {
@@ -109,12 +135,10 @@ pub fn paths(
         )
     };
     let _ = cost(lab, "tc_container", c1_ifindex, 1, est)?;
-    let (m, p) = cost(lab, "tc_container", c1_ifindex, runs, est)?;
-    out.push(PathCost {
-        name: "established (container → outside, conntrack hit)",
-        ns_median: m,
-        ns_p90: p,
-    });
+    add(
+        "established (container → outside, conntrack hit)",
+        cost(lab, "tc_container", c1_ifindex, runs, est)?,
+    );
 
     // The replies of that connection, inbound: TC, then the XDP fast path.
     let reply = move |_| {
@@ -127,18 +151,14 @@ pub fn paths(
             &packet::tcp(far, NODE, 443, 33000, 0x10),
         )
     };
-    let (m, p) = cost(lab, "tc_uplink", uplink_ifindex, runs, reply)?;
-    out.push(PathCost {
-        name: "established (outside → container, conntrack hit), TC",
-        ns_median: m,
-        ns_p90: p,
-    });
-    let (m, p) = cost(lab, XDP, 0, runs, reply)?;
-    out.push(PathCost {
-        name: "established (outside → container, conntrack hit), XDP",
-        ns_median: m,
-        ns_p90: p,
-    });
+    add(
+        "established (outside → container, conntrack hit), TC",
+        cost(lab, "tc_uplink", uplink_ifindex, runs, reply)?,
+    );
+    add(
+        "established (outside → container, conntrack hit), XDP",
+        cost(lab, XDP, 0, runs, reply)?,
+    );
 
     let snat = move |i: u32| {
         let sport = 1024 + (i % 60000) as u16;
@@ -152,50 +172,20 @@ pub fn paths(
             &packet::udp(C1, dst, sport, 53, true),
         )
     };
-    let (m, p) = cost(lab, "tc_container", c1_ifindex, runs, snat)?;
-    out.push(PathCost {
-        name: "new MASQUERADE connection",
-        ns_median: m,
-        ns_p90: p,
-    });
+    add(
+        "new MASQUERADE connection",
+        cost(lab, "tc_container", c1_ifindex, runs, snat)?,
+    );
 
-    let dnat = move |i: u32| {
-        let sport = 1024 + (i % 60000) as u16;
-        let src = Ipv4Addr::new(198, 51, 100, 100 + (i / 60000) as u8);
-        packet::frame(
-            EXT_MAC,
-            ANY,
-            src,
-            NODE,
-            PROTO_TCP,
-            &packet::tcp(src, NODE, sport, RR_PORT, 0x02),
-        )
-    };
-    let (m, p) = cost(lab, "tc_uplink", uplink_ifindex, runs, dnat)?;
-    out.push(PathCost {
-        name: "new connection to a published port, TC",
-        ns_median: m,
-        ns_p90: p,
-    });
+    add(
+        "new connection to a published port, TC",
+        cost(lab, "tc_uplink", uplink_ifindex, runs, new_clients(100))?,
+    );
     // Other clients than the TC run's, so each run is a new connection again.
-    let dnat_xdp = move |i: u32| {
-        let sport = 1024 + (i % 60000) as u16;
-        let src = Ipv4Addr::new(198, 51, 100, 150 + (i / 60000) as u8);
-        packet::frame(
-            EXT_MAC,
-            ANY,
-            src,
-            NODE,
-            PROTO_TCP,
-            &packet::tcp(src, NODE, sport, RR_PORT, 0x02),
-        )
-    };
-    let (m, p) = cost(lab, XDP, 0, runs, dnat_xdp)?;
-    out.push(PathCost {
-        name: "new connection to a published port, XDP",
-        ns_median: m,
-        ns_p90: p,
-    });
+    add(
+        "new connection to a published port, XDP",
+        cost(lab, XDP, 0, runs, new_clients(150))?,
+    );
 
     let floor = move |_| {
         let mut f = packet::frame(
@@ -210,18 +200,14 @@ pub fn paths(
         f[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
         f
     };
-    let (m, p) = cost(lab, "tc_uplink", uplink_ifindex, runs, floor)?;
-    out.push(PathCost {
-        name: "floor (non-IP frame, passed at once), TC",
-        ns_median: m,
-        ns_p90: p,
-    });
-    let (m, p) = cost(lab, XDP, 0, runs, floor)?;
-    out.push(PathCost {
-        name: "floor (non-IP frame, passed at once), XDP",
-        ns_median: m,
-        ns_p90: p,
-    });
+    add(
+        "floor (non-IP frame, passed at once), TC",
+        cost(lab, "tc_uplink", uplink_ifindex, runs, floor)?,
+    );
+    add(
+        "floor (non-IP frame, passed at once), XDP",
+        cost(lab, XDP, 0, runs, floor)?,
+    );
 
     let miss = move |_| {
         packet::frame(
@@ -233,11 +219,9 @@ pub fn paths(
             &packet::tcp(EXT, NODE, 40000, 22, 0x10),
         )
     };
-    let (m, p) = cost(lab, "tc_uplink", uplink_ifindex, runs, miss)?;
-    out.push(PathCost {
-        name: "miss (the node's own traffic, passed to the stack)",
-        ns_median: m,
-        ns_p90: p,
-    });
+    add(
+        "miss (the node's own traffic, passed to the stack)",
+        cost(lab, "tc_uplink", uplink_ifindex, runs, miss)?,
+    );
     Ok(out)
 }

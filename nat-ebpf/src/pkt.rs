@@ -26,10 +26,16 @@ pub trait Pkt {
     /// Length for the byte counters.
     fn bytes(&self) -> u32;
     /// Write `v` at `off`.
-    fn put<T>(&self, off: usize, v: &T) -> Result<(), Reason>;
+    #[inline(always)]
+    fn put<T>(&self, off: usize, v: &T) -> Result<(), Reason> {
+        write(self.start(), self.end(), off, v)
+    }
     /// Update the IP header checksum at `off` for a 2- or 4-byte (`size`) field that changed
     /// from `old` to `new` (both as read from the packet, in native order).
-    fn csum_l3(&self, off: usize, old: u32, new: u32, size: u64) -> Result<(), Reason>;
+    #[inline(always)]
+    fn csum_l3(&self, off: usize, old: u32, new: u32, size: u64) -> Result<(), Reason> {
+        fix_csum(self.start(), self.end(), off, old, new, size, false)
+    }
     /// Update the L4 checksum at `off`; `flags` as for `bpf_l4_csum_replace` (size in the low
     /// bits, `BPF_F_PSEUDO_HDR`, `BPF_F_MARK_MANGLED_0`).
     fn csum_l4(&self, off: usize, old: u32, new: u32, flags: u64) -> Result<(), Reason>;
@@ -54,16 +60,6 @@ impl Pkt for TcContext {
     #[inline(always)]
     fn bytes(&self) -> u32 {
         self.len()
-    }
-
-    #[inline(always)]
-    fn put<T>(&self, off: usize, v: &T) -> Result<(), Reason> {
-        write(self.data(), self.data_end(), off, v)
-    }
-
-    #[inline(always)]
-    fn csum_l3(&self, off: usize, old: u32, new: u32, size: u64) -> Result<(), Reason> {
-        fix_csum(self.data(), self.data_end(), off, old, new, size, false)
     }
 
     #[inline(always)]
@@ -134,16 +130,6 @@ impl Pkt for XdpContext {
     #[inline(always)]
     fn bytes(&self) -> u32 {
         (self.data_end() - self.data()) as u32
-    }
-
-    #[inline(always)]
-    fn put<T>(&self, off: usize, v: &T) -> Result<(), Reason> {
-        write(self.data(), self.data_end(), off, v)
-    }
-
-    #[inline(always)]
-    fn csum_l3(&self, off: usize, old: u32, new: u32, size: u64) -> Result<(), Reason> {
-        fix_csum(self.data(), self.data_end(), off, old, new, size, false)
     }
 
     #[inline(always)]

@@ -90,6 +90,11 @@ fn up(lab: &Lab, extra: &[&str]) {
 const EXT_MAC: [u8; 6] = [0x02, 0, 198, 51, 100, 1];
 const ANY_MAC: [u8; 6] = [0xee; 6];
 
+/// A frame from the external host to the node's address.
+fn from_ext(proto: u8, l4: &[u8]) -> Vec<u8> {
+    packet::frame(EXT_MAC, ANY_MAC, EXT_ADDR, NODE_ADDR, proto, l4)
+}
+
 #[test]
 fn dnat_rewrites_destination_and_keeps_checksums_valid() {
     let lab = lab("tr-dnat");
@@ -102,11 +107,7 @@ fn dnat_rewrites_destination_and_keeps_checksums_valid() {
     );
     let up_if = uplink_ifindex(&lab);
 
-    let syn = packet::frame(
-        EXT_MAC,
-        ANY_MAC,
-        EXT_ADDR,
-        NODE_ADDR,
+    let syn = from_ext(
         PROTO_TCP,
         &packet::tcp(EXT_ADDR, NODE_ADDR, 40000, 8080, SYN),
     );
@@ -123,11 +124,7 @@ fn dnat_rewrites_destination_and_keeps_checksums_valid() {
     assert_eq!(s.dst_mac, web.mac);
 
     // UDP without a checksum keeps "no checksum".
-    let q = packet::frame(
-        EXT_MAC,
-        ANY_MAC,
-        EXT_ADDR,
-        NODE_ADDR,
+    let q = from_ext(
         PROTO_UDP,
         &packet::udp(EXT_ADDR, NODE_ADDR, 40001, 5353, false),
     );
@@ -135,11 +132,7 @@ fn dnat_rewrites_destination_and_keeps_checksums_valid() {
     assert_eq!(r.action, TC_ACT_REDIRECT);
     let s = packet::verify(&r.out);
     assert_eq!((s.dst, s.dport, s.l4_csum), (web.ip, 53, 0));
-    let q = packet::frame(
-        EXT_MAC,
-        ANY_MAC,
-        EXT_ADDR,
-        NODE_ADDR,
+    let q = from_ext(
         PROTO_UDP,
         &packet::udp(EXT_ADDR, NODE_ADDR, 40002, 5353, true),
     );
@@ -221,11 +214,7 @@ fn snat_rewrites_source_and_keeps_checksums_valid() {
     assert_eq!((s.src, s.sport), (NODE_ADDR, 777));
 
     // The reply comes back to the container, checksums intact.
-    let synack = packet::frame(
-        EXT_MAC,
-        ANY_MAC,
-        EXT_ADDR,
-        NODE_ADDR,
+    let synack = from_ext(
         PROTO_TCP,
         &packet::tcp(EXT_ADDR, NODE_ADDR, 80, 20000, SYN | 0x10),
     );
@@ -452,11 +441,7 @@ fn xdp_translates_like_tc_and_passes_on_what_it_does_not_finish() {
     let c = container(&lab, "c", "10.88.0.3", &[]);
 
     // A new connection to a published port: DNAT, TTL, MACs, checksums.
-    let syn = packet::frame(
-        EXT_MAC,
-        ANY_MAC,
-        EXT_ADDR,
-        NODE_ADDR,
+    let syn = from_ext(
         PROTO_TCP,
         &packet::tcp(EXT_ADDR, NODE_ADDR, 40000, 8080, SYN),
     );
@@ -472,11 +457,7 @@ fn xdp_translates_like_tc_and_passes_on_what_it_does_not_finish() {
 
     // UDP: "no checksum" stays zero, a real one stays right.
     for (sport, with) in [(40001, false), (40002, true)] {
-        let q = packet::frame(
-            EXT_MAC,
-            ANY_MAC,
-            EXT_ADDR,
-            NODE_ADDR,
+        let q = from_ext(
             PROTO_UDP,
             &packet::udp(EXT_ADDR, NODE_ADDR, sport, 5353, with),
         );
@@ -497,11 +478,7 @@ fn xdp_translates_like_tc_and_passes_on_what_it_does_not_finish() {
         &packet::tcp(c.ip, EXT_ADDR, 20000, 80, SYN),
     );
     let sent = packet::verify(&run(&lab, "tc_container", c.host_ifindex, out).out);
-    let synack = packet::frame(
-        EXT_MAC,
-        ANY_MAC,
-        EXT_ADDR,
-        NODE_ADDR,
+    let synack = from_ext(
         PROTO_TCP,
         &packet::tcp(EXT_ADDR, NODE_ADDR, 80, sent.sport, SYN | 0x10),
     );
@@ -538,19 +515,8 @@ fn xdp_translates_like_tc_and_passes_on_what_it_does_not_finish() {
 
     // Passed on untouched: a port nobody published, TTL 1, a fragment, ARP.
     let before = counter(&lab, "xdp_pass");
-    let other = packet::frame(
-        EXT_MAC,
-        ANY_MAC,
-        EXT_ADDR,
-        NODE_ADDR,
-        PROTO_TCP,
-        &packet::tcp(EXT_ADDR, NODE_ADDR, 40003, 22, SYN),
-    );
-    let mut ttl1 = packet::frame(
-        EXT_MAC,
-        ANY_MAC,
-        EXT_ADDR,
-        NODE_ADDR,
+    let other = from_ext(PROTO_TCP, &packet::tcp(EXT_ADDR, NODE_ADDR, 40003, 22, SYN));
+    let mut ttl1 = from_ext(
         PROTO_TCP,
         &packet::tcp(EXT_ADDR, NODE_ADDR, 40004, 8080, SYN),
     );
