@@ -204,7 +204,7 @@ fn xdp_tables(md: &mut String, r: &Report<'_>) {
     let _ = writeln!(md, "## XDP on the uplink against TC (veth uplink)\n");
     let _ = writeln!(
         md,
-        "Every figure here has the external host's transmit checksum offload off (and so no TSO): XDP has no skb and cannot complete the partial checksums a local sender hands to a veth, which a NIC never delivers. These figures compare with each other only, not with the tables above. Ratios are to routing and to bpfnat's TC path in this same setting. XDP handles inbound traffic: all of F3, the replies of F2.\n"
+        "Every figure here has the external host's transmit checksum offload off (and so no TSO): XDP has no skb and cannot complete the partial checksums a local sender hands to a veth, which a NIC never delivers. These figures compare with each other only, not with the tables above. Ratios are to routing and to bpfnat's TC path in this same setting. XDP handles inbound traffic: all of F3, the replies of F2 (a quick run measures F3 only, without generic XDP).\n"
     );
     let stat = |vi: usize, fi: usize, mi: usize| {
         let v = x.samples.get(&(vi, fi, mi)).cloned().unwrap_or_default();
