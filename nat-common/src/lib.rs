@@ -459,7 +459,8 @@ pub struct CtEntry {
     pub nh_dmac: [u8; 6],
     /// Egress interface's MAC (the container's host veth, or the uplink).
     pub nh_smac: [u8; 6],
-    pub _pad2: [u8; 4],
+    /// The FIB next hop's device MTU: packets up to it skip the MTU check helper.
+    pub nh_mtu: u32,
     /// `bpf_ktime_get_coarse_ns` until which the cached next hop is used without a FIB lookup.
     pub nh_until_ns: u64,
     /// MAC of the container the connection belongs to (with `ifindex`, what a packet from
@@ -541,10 +542,14 @@ pub enum Reason {
     /// Handed on by the uplink's XDP program untouched, to TC and the stack (fragments, ICMP
     /// errors, ARP, traffic for the node, anything XDP does not finish).
     XdpPass = 28,
+    /// Too big for the way out with DF set: handed to the stack untranslated, which answers
+    /// the container with ICMP "fragmentation needed" (PMTU discovery keeps working when the
+    /// uplink's MTU is below the container's).
+    MtuExceeded = 29,
 }
 
 /// Number of `Reason` slots in the `stats` array.
-pub const REASON_COUNT: u32 = 29;
+pub const REASON_COUNT: u32 = 30;
 
 impl Reason {
     /// Every reason with its stable name, in index order.
@@ -578,6 +583,7 @@ impl Reason {
         (Self::NextHopCached, "next_hop_cached"),
         (Self::XdpDeliver, "xdp_deliver"),
         (Self::XdpPass, "xdp_pass"),
+        (Self::MtuExceeded, "mtu_exceeded"),
     ];
 }
 

@@ -3,8 +3,11 @@
 use core::{ffi::c_void, mem::size_of, ptr::null_mut};
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams},
-    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_check_mtu_flags::BPF_MTU_CHK_SEGS, bpf_fib_lookup as FibParams,
+    },
+    helpers::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
 use nat_common::{
@@ -15,10 +18,11 @@ use network_types::{arp::ArpHdr, eth::EthHdr};
 
 use crate::{
     TC_ACT_OK,
+    conntrack::Xlate,
     maps::{ENDPOINTS, STATIC_NAT},
-    nat::dec_ttl,
+    nat::{self, dec_ttl},
     parse,
-    parse::Ip4,
+    parse::{ETH_LEN, Ip4},
     pkt::Pkt,
     stats::count,
 };
@@ -186,29 +190,40 @@ pub fn remember_peer(e: *mut CtEntry, ep: &Endpoint, now: u64) -> Hop {
     }
 }
 
-/// A translated packet of the tracked direction `e`: into its container (straight into the
-/// namespace) or out by the uplink, with the hop cached in the entry either way.
+/// A packet of the tracked direction `e`, not yet translated: rewrite it to `x` and send it
+/// into its container (straight into the namespace) or out by the uplink, with the hop cached
+/// in the entry either way. The way out is chosen before the rewrite, as the kernel routes
+/// before its SNAT: a packet too big for it with DF set goes to the stack untranslated, whose
+/// ICMP "fragmentation needed" then reaches the container.
 #[inline(always)]
-pub fn deliver_tracked(
+pub fn forward_tracked(
     ctx: &TcContext,
     cfg: &Config,
     p: &mut Ip4,
     ifindex: u32,
     e: *mut CtEntry,
+    x: &Xlate,
     now: u64,
 ) -> Result<i32, Reason> {
-    let hop = match cached_peer(e, now) {
-        Some(h) => h,
-        None => match container_at(cfg, &p.dst) {
-            Some(ep) => remember_peer(e, &ep, now),
-            None => return route_tracked(ctx, p, ifindex, e, now),
-        },
+    let peer = match cached_peer(e, now) {
+        Some(h) => Some(h),
+        None => container_at(cfg, &x.dst).map(|ep| remember_peer(e, &ep, now)),
     };
-    dec_ttl(ctx, p)?;
-    set_macs(ctx, hop.dmac, hop.smac)?;
-    count(Reason::Deliver, ctx.len());
-    // SAFETY: plain helper call.
-    Ok(unsafe { bpf_redirect_peer(hop.ifindex, 0) } as i32)
+    if let Some(hop) = peer {
+        nat::apply(ctx, p, x)?;
+        dec_ttl(ctx, p)?;
+        set_macs(ctx, hop.dmac, hop.smac)?;
+        count(Reason::Deliver, ctx.len());
+        // SAFETY: plain helper call.
+        return Ok(unsafe { bpf_redirect_peer(hop.ifindex, 0) } as i32);
+    }
+    let nh = out_hop(ctx, p, ifindex, e, now);
+    if nh.rc == FRAG_NEEDED && p.df {
+        count(Reason::MtuExceeded, ctx.len());
+        return Ok(TC_ACT_OK);
+    }
+    nat::apply(ctx, p, x)?;
+    route(ctx, p, ifindex, Some(nh))
 }
 
 /// Deliver `p` into the container behind `ep`, straight into its namespace.
@@ -229,22 +244,31 @@ pub fn to_endpoint(
     Ok(unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32)
 }
 
+/// `bpf_fib_lookup`'s "the packet is too big for the egress device".
+pub const FRAG_NEEDED: i32 = BPF_FIB_LKUP_RET_FRAG_NEEDED as i32;
+const SUCCESS: i32 = BPF_FIB_LKUP_RET_SUCCESS as i32;
+const NO_NEIGH: i32 = BPF_FIB_LKUP_RET_NO_NEIGH as i32;
+
 /// What a FIB lookup said: the kernel's code and, on success, the next hop. Smaller than the
 /// kernel's `bpf_fib_lookup`, so it can be kept across the connection setup.
 #[derive(Clone, Copy)]
 pub struct NextHop {
-    pub rc: i64,
+    pub rc: i32,
     pub ifindex: u32,
     pub dmac: [u8; 6],
     pub smac: [u8; 6],
+    /// The egress device's MTU.
+    pub mtu: u32,
+    /// Taken from a conntrack entry's cache, not from a lookup.
+    pub cached: bool,
 }
 
 impl NextHop {
-    /// Whether the packet would be forwarded.
+    /// Whether the packet would be forwarded (too big for the egress device counts: the
+    /// route exists).
     #[inline(always)]
     pub fn forwards(&self) -> bool {
-        self.rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS)
-            || self.rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH)
+        self.rc == SUCCESS || self.rc == NO_NEIGH || self.rc == FRAG_NEEDED
     }
 }
 
@@ -272,42 +296,64 @@ pub fn fib(ctx: &TcContext, p: &Ip4, ifindex: u32) -> NextHop {
         )
     };
     NextHop {
-        rc,
+        rc: rc as i32,
         ifindex: f.ifindex,
         dmac: f.dmac,
         smac: f.smac,
+        // SAFETY: after the lookup the kernel has written the MTU over `tot_len`.
+        mtu: u32::from(unsafe { f.__bindgen_anon_1.mtu_result }),
+        cached: false,
     }
 }
 
-/// Like `route`, for a packet of the tracked direction `e`: the next hop the FIB gave is kept
-/// in the entry for `NEXT_HOP_CACHE_NS`, so most packets of a connection skip the lookup.
+/// The way out for a packet of the tracked direction `e`: the next hop the FIB gave is kept in
+/// the entry for `NEXT_HOP_CACHE_NS`, so most packets of a connection skip the lookup; a
+/// cached hop still has the packet checked against its device's MTU (GSO aware), as the FIB
+/// lookup does.
 #[inline(always)]
-pub fn route_tracked(
-    ctx: &TcContext,
-    p: &mut Ip4,
-    ifindex: u32,
-    e: *mut CtEntry,
-    now: u64,
-) -> Result<i32, Reason> {
+fn out_hop(ctx: &TcContext, p: &Ip4, ifindex: u32, e: *mut CtEntry, now: u64) -> NextHop {
     // SAFETY: `e` points at the connection's map value; concurrent writers store the same
     // next hop, and a torn read costs one wrong-but-valid redirect at worst until refreshed.
     let e = unsafe { &mut *e };
     if e.nh_peer == 0 && e.nh_ifindex != 0 && now < e.nh_until_ns {
-        dec_ttl(ctx, p)?;
-        set_macs(ctx, e.nh_dmac, e.nh_smac)?;
-        count(Reason::NextHopCached, ctx.len());
-        // SAFETY: plain helper call.
-        return Ok(unsafe { bpf_redirect(e.nh_ifindex, 0) } as i32);
+        let fits = ctx.len() <= e.nh_mtu.saturating_add(ETH_LEN as u32);
+        let mut mtu: u32 = 0;
+        // Only a packet longer than the cached MTU (GSO, or an MTU that shrank) pays for the
+        // helper.
+        let rc = if fits {
+            0
+        } else {
+            // SAFETY: `mtu` lives for the call; 0 asks for the skb's own length, and
+            // BPF_MTU_CHK_SEGS checks a GSO packet's segments.
+            unsafe {
+                bpf_check_mtu(
+                    ctx.skb.skb as *mut c_void,
+                    e.nh_ifindex,
+                    &mut mtu,
+                    0,
+                    u64::from(BPF_MTU_CHK_SEGS),
+                )
+            }
+        };
+        return NextHop {
+            rc: if rc == 0 { SUCCESS } else { FRAG_NEEDED },
+            ifindex: e.nh_ifindex,
+            dmac: e.nh_dmac,
+            smac: e.nh_smac,
+            mtu: e.nh_mtu,
+            cached: true,
+        };
     }
     let nh = fib(ctx, p, ifindex);
-    if nh.rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+    if nh.rc == SUCCESS || nh.rc == FRAG_NEEDED {
         e.nh_peer = 0;
         e.nh_ifindex = nh.ifindex;
         e.nh_dmac = nh.dmac;
         e.nh_smac = nh.smac;
+        e.nh_mtu = nh.mtu;
         e.nh_until_ns = now + NEXT_HOP_CACHE_NS;
     }
-    route(ctx, p, ifindex, Some(nh))
+    nh
 }
 
 /// Send an already translated `p` on towards the outside, using `hint` when the caller has
@@ -324,14 +370,21 @@ pub fn route(
         None => fib(ctx, p, ifindex),
     };
     let rc = f.rc;
-    if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+    if rc == SUCCESS {
         dec_ttl(ctx, p)?;
         set_macs(ctx, f.dmac, f.smac)?;
-        count(Reason::FibRedirect, ctx.len());
+        count(
+            if f.cached {
+                Reason::NextHopCached
+            } else {
+                Reason::FibRedirect
+            },
+            ctx.len(),
+        );
         // SAFETY: plain helper call.
         return Ok(unsafe { bpf_redirect(f.ifindex, 0) } as i32);
     }
-    if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+    if rc == NO_NEIGH {
         dec_ttl(ctx, p)?;
         count(Reason::NeighRedirect, ctx.len());
         // SAFETY: a null `params` asks the kernel to resolve the next hop itself.

@@ -67,9 +67,9 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
     {
         let t = now();
         conntrack::touch(ep, &p, t);
-        nat::apply(ctx, &mut p, &conntrack::Xlate::of(ep))?;
         count(Reason::CtHit, ctx.len());
-        return forward::deliver_tracked(ctx, cfg, &mut p, ifindex, ep, t);
+        let x = conntrack::Xlate::of(ep);
+        return forward::forward_tracked(ctx, cfg, &mut p, ifindex, ep, &x, t);
     }
 
     let me = endpoint(&p.src).ok_or(Reason::DropSpoof)?;
@@ -94,9 +94,9 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
         }
         let t = now();
         conntrack::touch(ep, &p, t);
-        nat::apply(ctx, &mut p, &conntrack::Xlate::of(ep))?;
         count(Reason::CtHit, ctx.len());
-        return forward::deliver_tracked(ctx, cfg, &mut p, ifindex, ep, t);
+        let x = conntrack::Xlate::of(ep);
+        return forward::forward_tracked(ctx, cfg, &mut p, ifindex, ep, &x, t);
     }
 
     if p.dst == cfg.gateway_addr {
@@ -127,6 +127,12 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
     if p.ttl <= 1 {
         // Let the kernel answer with ICMP time exceeded.
         return pass(ctx);
+    }
+    if nh.rc == forward::FRAG_NEEDED && p.df {
+        // Untranslated, so that the kernel's "fragmentation needed" reaches the container
+        // (without DF the translated packet is handed over below and the kernel fragments it).
+        count(Reason::MtuExceeded, ctx.len());
+        return Ok(TC_ACT_OK);
     }
     if let Some(s) = forward::static_nat(cfg, &p.src)
         && s.kind == STATIC_INTERNAL
@@ -251,8 +257,8 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
         if p.ttl <= 1 {
             return Err(Reason::DropTtl);
         }
-        nat::apply(ctx, &mut p, &conntrack::Xlate::of(e))?;
-        return forward::deliver_tracked(ctx, cfg, &mut p, ifindex, e, t);
+        let x = conntrack::Xlate::of(e);
+        return forward::forward_tracked(ctx, cfg, &mut p, ifindex, e, &x, t);
     }
     let e = if let Some(t) = published(ctx, cfg, &p, ifindex) {
         let ep = endpoint(&t.addr).ok_or(Reason::DropNoEndpoint)?;

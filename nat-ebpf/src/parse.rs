@@ -76,6 +76,8 @@ pub struct Ip4 {
     pub icmp_type: u8,
     /// Part of a fragmented datagram (MF set or a non-zero offset).
     pub frag: bool,
+    /// Don't fragment.
+    pub df: bool,
     /// The L4 header is in this packet (not a non-first fragment).
     pub l4_present: bool,
     /// A non-first fragment whose ports were learned from its first fragment.
@@ -139,6 +141,7 @@ pub fn ipv4(ctx: &impl Pkt) -> Result<Ip4, Reason> {
         tcp_flags: 0,
         icmp_type: 0,
         frag: more_fragments || offset != 0,
+        df: frags & 0x4000 != 0,
         l4_present: offset == 0,
         ports_known: false,
         id: h.id,

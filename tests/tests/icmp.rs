@@ -55,6 +55,46 @@ fn path_mtu_discovery_works_through_masquerade() {
 }
 
 #[test]
+fn an_uplink_mtu_below_the_containers_is_learned_by_the_container() {
+    let lab = lab_up("mtu-down");
+    let c = lab.name("c");
+    lab.ok(&["container", "add", &c]).unwrap();
+    let ns = lab.container_ns(&c);
+    // The container got the uplink's 1500; the uplink shrinks afterwards. (The external host
+    // keeps 1500, as a far peer would, so it advertises a full-size MSS.)
+    let (ok, _) = run_in_ns(&lab.node, "ip", &["link", "set", UPLINK, "mtu", "1400"]);
+    assert!(ok, "set the uplink MTU");
+
+    let listener =
+        bpfnat::netns::run_in(&lab.ext, || Ok(TcpListener::bind(v4(EXT_ADDR, 9001))?)).unwrap();
+    let server = std::thread::spawn(move || -> std::io::Result<usize> {
+        let (mut s, _) = listener.accept()?;
+        s.set_read_timeout(Some(Duration::from_secs(15)))?;
+        let mut data = Vec::new();
+        s.read_to_end(&mut data)?;
+        Ok(data.len())
+    });
+    // Full-size segments with DF do not fit the uplink: unless the node's "fragmentation
+    // needed" reaches the container (not the masquerade address), this upload stalls.
+    bpfnat::netns::run_in(&ns, || {
+        let mut s = TcpStream::connect_timeout(&v4(EXT_ADDR, 9001), Duration::from_secs(5))?;
+        s.set_write_timeout(Some(Duration::from_secs(15)))?;
+        s.write_all(&vec![7u8; BULK])?;
+        s.shutdown(Shutdown::Write)?;
+        Ok(())
+    })
+    .expect("upload through a smaller uplink MTU");
+    assert_eq!(server.join().unwrap().unwrap(), BULK);
+    eprintln!("{}", lab.ok(&["stats"]).unwrap());
+    let (_, route) = run_in_ns(&ns, "ip", &["route", "get", &EXT_ADDR.to_string()]);
+    assert!(
+        route.contains("mtu 1400"),
+        "the container learned the uplink's MTU: {route}"
+    );
+    assert!(counter(&lab, "mtu_exceeded") >= 1);
+}
+
+#[test]
 fn traceroute_through_masquerade_sees_each_hop() {
     let lab = Lab::with_router("bnt-trace", &bin(), 1500).unwrap();
     lab.ok(&["up", "--uplink", UPLINK]).unwrap();
