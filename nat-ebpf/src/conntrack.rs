@@ -3,7 +3,10 @@
 //! connection's age is the newer `last_seen_ns` of its two entries, which is what port
 //! allocation here and garbage collection in userspace both use.
 
-use core::ffi::c_void;
+use core::{
+    ffi::c_void,
+    intrinsics::{AtomicOrdering, atomic_xadd},
+};
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
@@ -85,12 +88,19 @@ fn initial_state(p: &Ip4) -> u8 {
 /// Account a packet to its entry and advance the connection's state in both entries.
 #[inline(always)]
 pub fn touch(e: *mut CtEntry, p: &Ip4, now: u64) {
-    // SAFETY: `e` points into the map value; concurrent updates from other CPUs can only
-    // lose a count, never corrupt the translation fields, which are not written here.
+    // SAFETY: `e` points into the map value; the counters are added atomically (packets of
+    // one direction may be handled on several CPUs at once), the rest are plain stores that
+    // concurrent writers race to the same values.
+    unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*e).packets, 1);
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
+            &raw mut (*e).bytes,
+            u64::from(p.tot_len),
+        );
+    }
+    // SAFETY: as above.
     let e = unsafe { &mut *e };
     e.last_seen_ns = now;
-    e.packets += 1;
-    e.bytes += u64::from(p.tot_len);
     let (next, fins) = if p.proto == PROTO_TCP {
         tcp_transition(e.state, e.flags, e.dir, p.tcp_flags)
     } else if e.dir == DIR_REPLY {

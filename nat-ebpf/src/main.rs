@@ -1,6 +1,11 @@
 //! bpfnat's eBPF programs. Entry points only; the rules live in the modules, by subject.
 #![no_std]
 #![no_main]
+#![feature(core_intrinsics)]
+#![expect(
+    internal_features,
+    reason = "the BPF target has no atomic read-modify-write in core::sync::atomic; the intrinsic lowers to BPF's atomic add (conntrack counters)"
+)]
 #![expect(
     clippy::needless_borrows_for_generic_args,
     reason = "map keys and values are passed by reference so no extra copy lands on the 512-byte BPF stack"
