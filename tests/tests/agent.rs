@@ -213,3 +213,26 @@ fn the_agent_garbage_collects_dead_connections() {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+#[test]
+fn stalled_metrics_clients_do_not_hold_up_the_agent() {
+    let lab = lab("agentslow");
+    let _agent = start_agent(&lab, 9976);
+    let answered = bpfnat::netns::run_in(&lab.node, || {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 9976));
+        // Three clients that connect and say nothing: the agent gives each 2 s to speak.
+        let _stalled: Vec<TcpStream> = (0..3)
+            .map(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(500)))
+            .collect::<Result<_, _>>()?;
+        std::thread::sleep(Duration::from_millis(200));
+        // A probe meanwhile is answered at once, not after the stalled ones time out.
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n")?;
+        let mut r = String::new();
+        s.read_to_string(&mut r)?;
+        Ok(r)
+    })
+    .expect("probe the agent while other clients stall");
+    assert!(answered.ends_with("ok\n"), "{answered}");
+}

@@ -118,10 +118,14 @@ pub async fn run(ctx: &Ctx, cfg: AgentConfig) -> Result<()> {
     loop {
         tokio::select! {
             conn = listener.accept() => {
-                if let Ok((stream, _)) = conn
-                    && let Err(e) = metrics::serve(ctx, stream).await
-                {
-                    warn!(error = %format!("{e:#}"), "metrics request failed");
+                if let Ok((stream, _)) = conn {
+                    // Its own task: a slow client must not hold up GC or address events.
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = metrics::serve(&ctx, stream).await {
+                            warn!(error = %format!("{e:#}"), "metrics request failed");
+                        }
+                    });
                 }
             }
             _ = gc.tick() => {

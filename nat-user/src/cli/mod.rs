@@ -82,6 +82,7 @@ pub enum Command {
 }
 
 /// Everything a command needs besides its own arguments.
+#[derive(Clone, Debug)]
 pub struct Ctx {
     pub pins: Pins,
     pub bpffs_dir: PathBuf,
