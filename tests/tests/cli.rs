@@ -343,10 +343,23 @@ fn status_reports_the_running_datapath() {
 
 #[test]
 fn demo_shows_every_flow_and_cleans_up() {
-    let out = Command::new(bpfnat_tests::bin())
-        .arg("demo")
-        .output()
-        .expect("run bpfnat demo");
+    // Two at once: each demo has its own lab.
+    let spawn = || {
+        Command::new(bpfnat_tests::bin())
+            .arg("demo")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run bpfnat demo")
+    };
+    let (first, second) = (spawn(), spawn());
+    let out = first.wait_with_output().expect("wait for the demo");
+    let other = second.wait_with_output().expect("wait for the demo");
+    assert!(
+        other.status.success(),
+        "the second demo failed: {}",
+        String::from_utf8_lossy(&other.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -378,8 +391,13 @@ fn demo_shows_every_flow_and_cleans_up() {
         })
         .unwrap_or_default();
     assert!(left.is_empty(), "demo left namespaces: {left:?}");
-    assert!(
-        !Path::new("/sys/fs/bpf/bpfnat-demo").exists(),
-        "demo left pins"
-    );
+    let pins: Vec<_> = std::fs::read_dir("/sys/fs/bpf")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("bpfnat-demo"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(pins.is_empty(), "demo left pins: {pins:?}");
 }

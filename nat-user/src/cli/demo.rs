@@ -22,10 +22,12 @@ fn step(lab: &Lab, args: &[&str]) -> Result<String> {
 pub fn run(_ctx: &Ctx) -> Result<()> {
     let exe = std::env::current_exe().context("find the bpfnat binary")?;
     let started = std::time::Instant::now();
+    // Per process, so that two demos at once do not tear down each other's lab.
+    let prefix = format!("bpfnat-demo-{}", std::process::id());
     println!(
-        "== building the lab: namespaces bpfnat-demo-ext (external host {EXT_ADDR}) and bpfnat-demo-node (node, uplink {UPLINK} {NODE_ADDR})"
+        "== building the lab: namespaces {prefix}-ext (external host {EXT_ADDR}) and {prefix}-node (node, uplink {UPLINK} {NODE_ADDR})"
     );
-    let lab = Lab::new("bpfnat-demo", &exe)?;
+    let lab = Lab::new(&prefix, &exe)?;
     let web = lab.name("web");
     let client = lab.name("client");
 
