@@ -46,11 +46,40 @@ struct Inner {
     icmp_type: u8,
 }
 
+/// Offset of the quoted IPv4 header in the error `p`.
 #[inline(always)]
-fn inner(ctx: &impl Pkt, p: &Ip4) -> Option<Inner> {
+fn quoted_off(p: &Ip4) -> usize {
     // Masked so the verifier sees the bound it lost when `l4_off` went through the stack
     // (Ethernet + a 60-byte IPv4 header ends below 128).
-    let ip_off = (p.l4_off & 0x7f) + 8;
+    (p.l4_off & 0x7f) + 8
+}
+
+/// Static 1:1 NAT for the error `p`: when the quoted header's address at `field` (12: source,
+/// 16: destination) is `old`, the mapped side of the address the outer header was translated
+/// for, make it `new`, so that the receiver recognises the packet it sent.
+#[inline(always)]
+pub fn translate_static(
+    ctx: &impl Pkt,
+    p: &Ip4,
+    field: usize,
+    old: [u8; 4],
+    new: [u8; 4],
+) -> Result<(), Reason> {
+    let ip_off = quoted_off(p);
+    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ip_off) else {
+        return Ok(());
+    };
+    // SAFETY: bounds checked by `ptr_at`.
+    let h = unsafe { *ip };
+    if (if field == 12 { h.src_addr } else { h.dst_addr }) != old {
+        return Ok(());
+    }
+    set_inner_addr(ctx, ip_off, field, old, new)
+}
+
+#[inline(always)]
+fn inner(ctx: &impl Pkt, p: &Ip4) -> Option<Inner> {
+    let ip_off = quoted_off(p);
     let ip = ptr_at::<Ipv4Hdr>(ctx, ip_off)?;
     // SAFETY: bounds checked by `ptr_at`.
     let h = unsafe { *ip };
@@ -101,7 +130,7 @@ fn inner(ctx: &impl Pkt, p: &Ip4) -> Option<Inner> {
 #[inline(always)]
 fn set_inner_addr(
     ctx: &impl Pkt,
-    i: &Inner,
+    ip_off: usize,
     field: usize,
     old: [u8; 4],
     new: [u8; 4],
@@ -110,8 +139,8 @@ fn set_inner_addr(
         return Ok(());
     }
     let (o, n) = (u32::from_ne_bytes(old), u32::from_ne_bytes(new));
-    ctx.csum_l3(i.ip_off + 10, o, n, 4)?;
-    ctx.put(i.ip_off + field, &new)
+    ctx.csum_l3(ip_off + 10, o, n, 4)?;
+    ctx.put(ip_off + field, &new)
 }
 
 /// Rewrite a quoted port or echo id at `off`: the outer packet is ICMP, so `set_port` folds
@@ -150,8 +179,8 @@ pub fn translate(ctx: &impl Pkt, p: &mut Ip4) -> Result<bool, Reason> {
     nat::set_dst(ctx, p, e.dst)?;
 
     // Quoted: the packet as its sender saw it.
-    set_inner_addr(ctx, &i, 12, i.key.src_addr, e.dst)?;
-    set_inner_addr(ctx, &i, 16, i.key.dst_addr, e.src)?;
+    set_inner_addr(ctx, i.ip_off, 12, i.key.src_addr, e.dst)?;
+    set_inner_addr(ctx, i.ip_off, 16, i.key.dst_addr, e.src)?;
     if i.key.proto == PROTO_ICMP {
         let (old, new) = if i.icmp_type == ICMP_ECHO_REQUEST {
             (i.key.src_port, e.dport)

@@ -138,6 +138,10 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
         && s.kind == STATIC_INTERNAL
     {
         // F8: the container's own external address, for every protocol and fragment.
+        if icmp::is_error(&p) {
+            // About a packet from outside to the external address: quote that address.
+            icmp::translate_static(ctx, &p, 16, p.src, s.peer)?;
+        }
         nat::set_src(ctx, &mut p, s.peer)?;
         count(Reason::StaticNat, ctx.len());
         return forward::route(ctx, &mut p, ifindex, Some(nh));
@@ -229,6 +233,10 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
         // F8: everything for the external address goes to its container.
         if p.ttl <= 1 {
             return Err(Reason::DropTtl);
+        }
+        if icmp::is_error(&p) {
+            // About a packet the container sent from its external address.
+            icmp::translate_static(ctx, &p, 12, p.dst, s.peer)?;
         }
         nat::set_dst(ctx, &mut p, s.peer)?;
         count(Reason::StaticNat, ctx.len());

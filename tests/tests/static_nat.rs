@@ -80,3 +80,42 @@ fn static_nat_maps_an_external_address_to_one_container_both_ways() {
         "the external address no longer answers"
     );
 }
+
+#[test]
+fn icmp_errors_about_statically_mapped_packets_reach_the_sender() {
+    let lab = lab_up("staticicmp");
+    let c = lab.name("c");
+    lab.ok(&["container", "add", &c, "--ip", "10.88.0.5"])
+        .unwrap();
+    lab.ok(&[
+        "nat",
+        "add",
+        "--external",
+        "198.51.100.10",
+        "--internal",
+        "10.88.0.5",
+    ])
+    .unwrap();
+    // A connected UDP socket learns of "port unreachable" only when the error quotes the
+    // packet exactly as the socket sent it.
+    let ask = |ns: std::path::PathBuf, dst| {
+        bpfnat::netns::run_in(&ns, move || {
+            let s = std::net::UdpSocket::bind(v4(Ipv4Addr::UNSPECIFIED, 0))?;
+            s.connect(dst)?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.send(b"anyone?")?;
+            let mut buf = [0u8; 64];
+            Ok(s.recv(&mut buf))
+        })
+        .unwrap()
+    };
+    let refused = |r: std::io::Result<usize>| matches!(r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused);
+    assert!(
+        refused(ask(lab.container_ns(&c), v4(EXT_ADDR, 9999))),
+        "the external host's error reaches the container"
+    );
+    assert!(
+        refused(ask(lab.ext.clone(), v4(EXTERNAL, 9999))),
+        "the container's error reaches the external host"
+    );
+}
