@@ -330,6 +330,15 @@ fn pinned_maps_dump_with_field_names_in_bpftool() {
 }
 
 #[test]
+fn up_works_in_a_namespace_whose_loopback_is_down() {
+    let lab = lab("lodown");
+    let (ok, _) = bpfnat_tests::run_in_ns(&lab.node, "ip", &["link", "set", "lo", "down"]);
+    assert!(ok);
+    lab.ok(&["up", "--uplink", UPLINK]).unwrap();
+    assert_eq!(json(&lab, &["status"])["up"], true);
+}
+
+#[test]
 fn status_reports_the_running_datapath() {
     let lab = lab_up("status");
     let s = json(&lab, &["status"]);

@@ -136,6 +136,17 @@ fn auto_keeps_a_veth_uplink_on_tc() {
     let st = json(&lab, &["status"]);
     assert_eq!(st["node"]["xdp"], "off");
     assert!(st["uplink_xdp"].is_null());
+    // Another mode while up: refused, nothing changed.
+    let out = lab
+        .run(&["up", "--uplink", UPLINK, "--xdp", "native"])
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("XDP off"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(json(&lab, &["status"])["uplink_xdp"].is_null());
     assert!(
         !lab.run(&["up", "--uplink", UPLINK, "--xdp", "sideways"])
             .unwrap()

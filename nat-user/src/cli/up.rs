@@ -203,10 +203,11 @@ pub async fn up(ctx: &Ctx, a: UpArgs) -> Result<()> {
             return ctx.emit(old, || format!("bpfnat is already up on {}", old.uplink));
         }
         bail!(
-            "bpfnat is already up with uplink {} and subnet {}/{}: run `bpfnat down` first to change it",
+            "bpfnat is already up with other settings (uplink {}, subnet {}/{}, XDP {}): run `bpfnat down` first to change them",
             old.uplink,
             old.subnet,
-            old.prefix_len
+            old.prefix_len,
+            old.xdp
         );
     }
 

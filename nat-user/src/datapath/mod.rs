@@ -293,7 +293,8 @@ pub fn attach_sock(pins: &Pins) -> Result<()> {
 /// The cookie of the calling thread's network namespace.
 pub fn netns_cookie() -> Result<u64> {
     const SO_NETNS_COOKIE: libc::c_int = 71;
-    let sock = std::net::UdpSocket::bind("127.0.0.1:0").context("socket for SO_NETNS_COOKIE")?;
+    // The wildcard address: binding needs no interface (127.0.0.1 would need `lo` up).
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").context("socket for SO_NETNS_COOKIE")?;
     let mut cookie: u64 = 0;
     let mut len = size_of::<u64>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
