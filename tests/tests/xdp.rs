@@ -6,7 +6,9 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use bpfnat::ethtool::{self, Offload};
-use bpfnat_tests::{EXT_ADDR, Lab, NODE_ADDR, UPLINK, counter, json, lab, ping, traffic, v4};
+use bpfnat_tests::{
+    EXT_ADDR, Lab, NODE_ADDR, UPLINK, counter, json, lab, ping, run_in_ns, traffic, v4,
+};
 
 const WINDOW: Duration = Duration::from_secs(20);
 
@@ -153,4 +155,25 @@ fn auto_keeps_a_veth_uplink_on_tc() {
             .status
             .success()
     );
+}
+
+#[test]
+fn native_xdp_on_a_jumbo_veth_is_refused_clearly_and_changes_nothing() {
+    let lab = lab("xdp-jumbo");
+    for (ns, ifname) in [(&lab.node, UPLINK), (&lab.ext, "eth0")] {
+        let (ok, _) = run_in_ns(ns, "ip", &["link", "set", ifname, "mtu", "9000"]);
+        assert!(ok, "set MTU 9000 on {ifname}");
+    }
+    let out = lab
+        .run(&["up", "--uplink", UPLINK, "--xdp", "native"])
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("MTU is too large"), "{err}");
+    assert_eq!(json(&lab, &["status"])["up"], false, "rolled back");
+    assert!(!lab.bpffs_dir.join("v1").exists(), "no pins left");
+    // Generic XDP has no such limit.
+    lab.ok(&["up", "--uplink", UPLINK, "--xdp", "generic"])
+        .unwrap();
+    assert_eq!(json(&lab, &["status"])["uplink_xdp"], "generic");
 }

@@ -396,9 +396,20 @@ pub fn attach_xdp(pins: &Pins, ifname: &str, how: XdpAttach) -> Result<()> {
         XdpAttach::Native => (XdpMode::Driver, "native"),
         XdpAttach::Generic => (XdpMode::Skb, "generic"),
     };
-    let id = prog
-        .attach(ifname, mode)
-        .with_context(|| format!("attach {shown} XDP to {ifname}"))?;
+    let id = prog.attach(ifname, mode).map_err(|e| {
+        let erange = matches!(
+            &e,
+            aya::programs::ProgramError::SyscallError(s)
+                if s.io_error.raw_os_error() == Some(libc::ERANGE)
+        );
+        let hint = if erange {
+            // veth_xdp_set: a frame must fit one page.
+            " (the MTU is too large for XDP on this device: at most about 3,500 bytes on a veth; use --xdp off or generic)"
+        } else {
+            ""
+        };
+        anyhow!(e).context(format!("attach {shown} XDP to {ifname}{hint}"))
+    })?;
     let link: FdLink = prog
         .take_link(id)
         .context("take the XDP link")?
