@@ -92,6 +92,48 @@ pub fn link_exists(ns: &Path, name: &str) -> bool {
     c.status().is_ok_and(|s| s.success())
 }
 
+/// Whether a datagram sent from namespace `ns` on a UDP socket connected to `dst` is
+/// refused: the ICMP "port unreachable" reached the socket, which happens only when the error
+/// quotes the packet exactly as the socket sent it.
+#[must_use]
+pub fn udp_refused(ns: &Path, dst: SocketAddr) -> bool {
+    let r = netns::run_in(ns, move || {
+        let s = std::net::UdpSocket::bind(v4(Ipv4Addr::UNSPECIFIED, 0))?;
+        s.connect(dst)?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+        s.send(b"anyone?")?;
+        let mut buf = [0u8; 64];
+        Ok(s.recv(&mut buf))
+    })
+    .expect("UDP probe");
+    matches!(r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+}
+
+/// A container `short` at `internal` with the static NAT mapping `external` ↔ `internal`;
+/// returns its namespace.
+#[must_use]
+pub fn static_container(lab: &Lab, short: &str, internal: &str, external: &str) -> PathBuf {
+    let c = lab.name(short);
+    lab.ok(&["container", "add", &c, "--ip", internal])
+        .expect("container add");
+    lab.ok(&["nat", "add", "--external", external, "--internal", internal])
+        .expect("nat add");
+    lab.container_ns(&c)
+}
+
+/// Names in directory `dir` that start with `prefix` (leftover checks).
+#[must_use]
+pub fn entries_with_prefix(dir: &str, prefix: &str) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The counter `reason` from `bpfnat -o json stats`.
 #[must_use]
 pub fn counter(lab: &Lab, reason: &str) -> u64 {

@@ -391,22 +391,8 @@ fn demo_shows_every_flow_and_cleans_up() {
         text.contains("masquerade") && text.contains("published"),
         "conntrack table: {text}"
     );
-    let left: Vec<_> = std::fs::read_dir("/run/netns")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("bpfnat-demo"))
-                .collect()
-        })
-        .unwrap_or_default();
+    let left = bpfnat_tests::entries_with_prefix("/run/netns", "bpfnat-demo");
     assert!(left.is_empty(), "demo left namespaces: {left:?}");
-    let pins: Vec<_> = std::fs::read_dir("/sys/fs/bpf")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("bpfnat-demo"))
-                .collect()
-        })
-        .unwrap_or_default();
+    let pins = bpfnat_tests::entries_with_prefix("/sys/fs/bpf", "bpfnat-demo");
     assert!(pins.is_empty(), "demo left pins: {pins:?}");
 }

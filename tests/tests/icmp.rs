@@ -3,12 +3,13 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, Shutdown, TcpListener, TcpStream, UdpSocket},
+    net::{Shutdown, TcpListener, TcpStream},
     time::Duration,
 };
 
 use bpfnat_tests::{
-    EXT_ADDR, FAR_ADDR, Lab, NODE_ADDR, ROUTER_ADDR, UPLINK, bin, counter, lab_up, run_in_ns, v4,
+    EXT_ADDR, FAR_ADDR, Lab, NODE_ADDR, ROUTER_ADDR, UPLINK, bin, counter, lab_up, run_in_ns,
+    udp_refused, v4,
 };
 
 const BULK: usize = 256 * 1024;
@@ -116,35 +117,20 @@ fn traceroute_through_masquerade_sees_each_hop() {
     assert!(counter(&lab, "icmp_error") >= 1);
 }
 
-fn refused(r: std::io::Result<usize>) -> bool {
-    matches!(r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
-}
-
 #[test]
 fn port_unreachable_reaches_the_sender_in_both_directions() {
     let lab = lab_up("icmpunreach");
     let c = lab.name("c");
     lab.ok(&["container", "add", &c, "-p", "5353:53/udp"])
         .unwrap();
-    let ask = |ns: std::path::PathBuf, dst| {
-        bpfnat::netns::run_in(&ns, move || {
-            let s = UdpSocket::bind(v4(Ipv4Addr::UNSPECIFIED, 0))?;
-            s.connect(dst)?;
-            s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            s.send(b"anyone?")?;
-            let mut buf = [0u8; 64];
-            Ok(s.recv(&mut buf))
-        })
-        .unwrap()
-    };
     // Container -> outside (MASQUERADE): the external host refuses.
     assert!(
-        refused(ask(lab.container_ns(&c), v4(EXT_ADDR, 9999))),
+        udp_refused(&lab.container_ns(&c), v4(EXT_ADDR, 9999)),
         "error of a masqueraded flow"
     );
     // Outside -> published port, nothing listening in the container: the container refuses.
     assert!(
-        refused(ask(lab.ext.clone(), v4(NODE_ADDR, 5353))),
+        udp_refused(&lab.ext, v4(NODE_ADDR, 5353)),
         "error of a published flow"
     );
     assert!(counter(&lab, "icmp_error") >= 2);

@@ -3,7 +3,9 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
-use bpfnat_tests::{EXT_ADDR, NODE_ADDR, counter, json, lab_up, ping, traffic, v4};
+use bpfnat_tests::{
+    EXT_ADDR, NODE_ADDR, counter, json, lab_up, ping, static_container, traffic, udp_refused, v4,
+};
 
 const EXTERNAL: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
 const WINDOW: Duration = Duration::from_secs(20);
@@ -11,21 +13,9 @@ const WINDOW: Duration = Duration::from_secs(20);
 #[test]
 fn static_nat_maps_an_external_address_to_one_container_both_ways() {
     let lab = lab_up("static");
-    let c = lab.name("c");
-    lab.ok(&["container", "add", &c, "--ip", "10.88.0.5"])
-        .unwrap();
-    lab.ok(&[
-        "nat",
-        "add",
-        "--external",
-        "198.51.100.10",
-        "--internal",
-        "10.88.0.5",
-    ])
-    .unwrap();
+    let ns = static_container(&lab, "c", "10.88.0.5", "198.51.100.10");
     let list = json(&lab, &["nat", "list"]);
     assert_eq!(list[0]["external"], EXTERNAL.to_string());
-    let ns = lab.container_ns(&c);
 
     // In: any port, the client's address preserved; ICMP too.
     let srv = traffic::http_server(&ns, v4(Ipv4Addr::UNSPECIFIED, 2222), "c", 1, WINDOW).unwrap();
@@ -84,38 +74,13 @@ fn static_nat_maps_an_external_address_to_one_container_both_ways() {
 #[test]
 fn icmp_errors_about_statically_mapped_packets_reach_the_sender() {
     let lab = lab_up("staticicmp");
-    let c = lab.name("c");
-    lab.ok(&["container", "add", &c, "--ip", "10.88.0.5"])
-        .unwrap();
-    lab.ok(&[
-        "nat",
-        "add",
-        "--external",
-        "198.51.100.10",
-        "--internal",
-        "10.88.0.5",
-    ])
-    .unwrap();
-    // A connected UDP socket learns of "port unreachable" only when the error quotes the
-    // packet exactly as the socket sent it.
-    let ask = |ns: std::path::PathBuf, dst| {
-        bpfnat::netns::run_in(&ns, move || {
-            let s = std::net::UdpSocket::bind(v4(Ipv4Addr::UNSPECIFIED, 0))?;
-            s.connect(dst)?;
-            s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            s.send(b"anyone?")?;
-            let mut buf = [0u8; 64];
-            Ok(s.recv(&mut buf))
-        })
-        .unwrap()
-    };
-    let refused = |r: std::io::Result<usize>| matches!(r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused);
+    let ns = static_container(&lab, "c", "10.88.0.5", "198.51.100.10");
     assert!(
-        refused(ask(lab.container_ns(&c), v4(EXT_ADDR, 9999))),
+        udp_refused(&ns, v4(EXT_ADDR, 9999)),
         "the external host's error reaches the container"
     );
     assert!(
-        refused(ask(lab.ext.clone(), v4(EXTERNAL, 9999))),
+        udp_refused(&lab.ext, v4(EXTERNAL, 9999)),
         "the container's error reaches the external host"
     );
 }

@@ -76,19 +76,7 @@ fn exercise(lab: &Lab) {
     assert!(counter(lab, "xdp_deliver") > before);
 
     // F8: static NAT, in through XDP.
-    let s = lab.name("st");
-    lab.ok(&["container", "add", &s, "--ip", "10.88.0.5"])
-        .unwrap();
-    lab.ok(&[
-        "nat",
-        "add",
-        "--external",
-        "198.51.100.10",
-        "--internal",
-        "10.88.0.5",
-    ])
-    .unwrap();
-    let sns = lab.container_ns(&s);
+    let sns = bpfnat_tests::static_container(lab, "st", "10.88.0.5", "198.51.100.10");
     let before = counter(lab, "static_nat");
     let srv = traffic::http_server(&sns, v4(Ipv4Addr::UNSPECIFIED, 2222), "st", 1, WINDOW).unwrap();
     let body = traffic::http_get(&lab.ext, v4(Ipv4Addr::new(198, 51, 100, 10), 2222)).unwrap();
