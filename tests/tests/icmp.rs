@@ -86,7 +86,6 @@ fn an_uplink_mtu_below_the_containers_is_learned_by_the_container() {
     })
     .expect("upload through a smaller uplink MTU");
     assert_eq!(server.join().unwrap().unwrap(), BULK);
-    eprintln!("{}", lab.ok(&["stats"]).unwrap());
     let (_, route) = run_in_ns(&ns, "ip", &["route", "get", &EXT_ADDR.to_string()]);
     assert!(
         route.contains("mtu 1400"),
