@@ -255,6 +255,23 @@ fn xdp_tables(md: &mut String, r: &Report<'_>) {
 
 const COLORS: [&str; 5] = ["#9e9e9e", "#4e79a7", "#e15759", "#f28e2b", "#59a14f"];
 
+/// The x axis line and the y axis's top label (`top`) of a chart laid out as
+/// (width, height, left margin, bottom margin, plot height).
+fn axis(s: &mut String, (w, h, left, bottom, plot_h): (f64, f64, f64, f64, f64), top: &str) {
+    let _ = writeln!(
+        s,
+        "<line x1=\"{left}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#333\"/>",
+        h - bottom,
+        w - 10.0,
+        h - bottom
+    );
+    let _ = writeln!(
+        s,
+        "<text x=\"4\" y=\"{:.1}\">{top}</text>",
+        h - bottom - plot_h
+    );
+}
+
 /// Grouped bars: one group per flow, one bar per datapath.
 fn bars(r: &Report<'_>, m: Metric) -> String {
     let (w, h, left, bottom) = (760.0, 340.0, 70.0, 60.0);
@@ -297,19 +314,7 @@ fn bars(r: &Report<'_>, m: Metric) -> String {
             f.label()
         );
     }
-    let _ = writeln!(
-        s,
-        "<line x1=\"{left}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#333\"/>",
-        h - bottom,
-        w - 10.0,
-        h - bottom
-    );
-    let _ = writeln!(
-        s,
-        "<text x=\"4\" y=\"{:.1}\">{}</text>",
-        h - bottom - plot_h,
-        fmt(m, max)
-    );
+    axis(&mut s, (w, h, left, bottom, plot_h), &fmt(m, max));
     for (di, dp) in Dp::ALL.iter().enumerate() {
         let x = left + di as f64 * 130.0;
         let _ = writeln!(
@@ -378,19 +383,7 @@ fn lines(sc: &Scaling) -> String {
             h - 13.0
         );
     }
-    let _ = writeln!(
-        s,
-        "<line x1=\"{left}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#333\"/>",
-        h - bottom,
-        w - 10.0,
-        h - bottom
-    );
-    let _ = writeln!(
-        s,
-        "<text x=\"4\" y=\"{:.1}\">{}</text>",
-        h - bottom - plot_h,
-        fmt(Metric::Crr, max)
-    );
+    axis(&mut s, (w, h, left, bottom, plot_h), &fmt(Metric::Crr, max));
     s.push_str("</svg>\n");
     s
 }

@@ -37,6 +37,20 @@ impl Podman<'_> {
             .expect("run podman (cargo xtask setup installs it)")
     }
 
+    /// `wget -qO- URL` in a throwaway container on the bpfnat network; its output.
+    fn fetch(&self, url: &str) -> String {
+        self.ok(&[
+            "run",
+            "--rm",
+            "--network",
+            "bpfnat",
+            "localhost/bb",
+            "/bin/wget",
+            "-qO-",
+            url,
+        ])
+    }
+
     fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
         assert!(
@@ -176,16 +190,7 @@ fn podman_runs_containers_on_a_bpfnat_network() {
         Duration::from_secs(20),
     )
     .unwrap();
-    let out = p.ok(&[
-        "run",
-        "--rm",
-        "--network",
-        "bpfnat",
-        "localhost/bb",
-        "/bin/wget",
-        "-qO-",
-        "http://198.51.100.1:9000/",
-    ]);
+    let out = p.fetch("http://198.51.100.1:9000/");
     assert!(
         out.contains(&format!("you are {NODE_ADDR}:")),
         "egress: {out}"
@@ -193,30 +198,12 @@ fn podman_runs_containers_on_a_bpfnat_network() {
     srv.join().unwrap();
 
     // Container to container, and hairpin to its own published port.
-    let out = p.ok(&[
-        "run",
-        "--rm",
-        "--network",
-        "bpfnat",
-        "localhost/bb",
-        "/bin/wget",
-        "-qO-",
-        &format!("http://{web_ip}/"),
-    ]);
+    let out = p.fetch(&format!("http://{web_ip}/"));
     assert!(
         out.contains("hello-from-podman"),
         "container to container: {out}"
     );
-    let out = p.ok(&[
-        "run",
-        "--rm",
-        "--network",
-        "bpfnat",
-        "localhost/bb",
-        "/bin/wget",
-        "-qO-",
-        "http://198.51.100.2:8080/",
-    ]);
+    let out = p.fetch("http://198.51.100.2:8080/");
     assert!(out.contains("hello-from-podman"), "hairpin: {out}");
 
     // podman rm: DEL removes everything bpfnat made for the container.
