@@ -6,8 +6,10 @@
 //!                                                 default via 198.51.100.1
 //! ```
 //! The external host has no route to the container subnet: anything that reaches it from a
-//! container was masqueraded. Dropping the [`Lab`] removes every namespace, pin and state file
-//! it made, also when a test failed half-way.
+//! container was masqueraded. Each lab pins into its own bpffs instance, mounted at
+//! `/run/bpfnat-<prefix>.bpffs`, so it never touches the host's `/sys/fs/bpf`. Dropping the
+//! [`Lab`] removes every namespace, pin, mount and state file it made, also when a test failed
+//! half-way.
 
 use std::{
     net::Ipv4Addr,
@@ -32,8 +34,11 @@ pub struct Lab {
     pub prefix: String,
     pub ext: PathBuf,
     pub node: PathBuf,
+    /// bpfnat's `--bpffs-dir`, inside the lab's own bpffs mount.
     pub bpffs_dir: PathBuf,
     pub state_dir: PathBuf,
+    /// Where the lab's bpffs instance is mounted.
+    bpffs_mount: PathBuf,
     /// The router between node and external host, in a routed lab.
     pub router: Option<PathBuf>,
     bin: PathBuf,
@@ -63,23 +68,39 @@ impl Lab {
             prefix: prefix.to_owned(),
             ext: netns::path_of(&format!("{prefix}-ext")),
             node: netns::path_of(&format!("{prefix}-node")),
-            bpffs_dir: PathBuf::from(format!("/sys/fs/bpf/{prefix}")),
+            bpffs_dir: PathBuf::from(format!("/run/bpfnat-{prefix}.bpffs/bpfnat")),
             state_dir: PathBuf::from(format!("/run/bpfnat-{prefix}")),
+            bpffs_mount: PathBuf::from(format!("/run/bpfnat-{prefix}.bpffs")),
             router: far_mtu.map(|_| netns::path_of(&format!("{prefix}-router"))),
             bin: bin.to_owned(),
         };
         // Leftovers of an earlier run that died: start clean.
         lab.cleanup();
-        let built = match far_mtu {
+        let built = lab.mount_bpffs().and_then(|()| match far_mtu {
             None => lab.build(),
             Some(mtu) => lab.build_routed(mtu),
-        };
+        });
         if let Err(e) = built {
             lab.cleanup();
             lab.prefix.clear();
             return Err(e);
         }
         Ok(lab)
+    }
+
+    /// A bpffs instance of the lab's own (the kernel also puts its `maps.debug` and
+    /// `progs.debug` iterators in every new instance; they go with the unmount).
+    fn mount_bpffs(&self) -> Result<()> {
+        std::fs::create_dir_all(&self.bpffs_mount)
+            .with_context(|| format!("create {}", self.bpffs_mount.display()))?;
+        nix::mount::mount(
+            Some("bpf"),
+            &self.bpffs_mount,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .with_context(|| format!("mount bpffs on {}", self.bpffs_mount.display()))
     }
 
     fn build_routed(&self, far_mtu: u32) -> Result<()> {
@@ -211,7 +232,9 @@ impl Lab {
                 }
             }
         }
-        let _ = std::fs::remove_dir_all(&self.bpffs_dir);
+        // Every instance that is stacked there (an earlier run may have died mounted).
+        while nix::mount::umount2(&self.bpffs_mount, nix::mount::MntFlags::MNT_DETACH).is_ok() {}
+        let _ = std::fs::remove_dir(&self.bpffs_mount);
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
 }

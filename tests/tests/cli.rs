@@ -393,6 +393,29 @@ fn demo_shows_every_flow_and_cleans_up() {
     );
     let left = bpfnat_tests::entries_with_prefix("/run/netns", "bpfnat-demo");
     assert!(left.is_empty(), "demo left namespaces: {left:?}");
-    let pins = bpfnat_tests::entries_with_prefix("/sys/fs/bpf", "bpfnat-demo");
-    assert!(pins.is_empty(), "demo left pins: {pins:?}");
+    // State directories and bpffs mounts (with their pins) live under /run.
+    let run = bpfnat_tests::entries_with_prefix("/run", "bpfnat-bpfnat-demo");
+    assert!(run.is_empty(), "demo left state or bpffs mounts: {run:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains("bpfnat-bpfnat-demo"),
+        "demo left a bpffs mounted"
+    );
+}
+
+#[test]
+fn a_lab_pins_into_its_own_bpffs_and_takes_it_away() {
+    let lab = lab_up("ownfs");
+    let mount = lab.bpffs_dir.parent().unwrap().to_owned();
+    assert!(lab.bpffs_dir.join("v1/maps/conntrack").exists());
+    let mounted = || {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .any(|l| l.split(' ').nth(4) == Some(mount.to_str().unwrap()))
+    };
+    assert!(mounted(), "{} is a mount of its own", mount.display());
+    drop(lab);
+    assert!(!mounted(), "unmounted");
+    assert!(!mount.exists(), "mount point removed");
 }
