@@ -31,6 +31,49 @@ impl Cidr {
         Ipv4Addr::from(u32::from(self.addr) | !u32::from(self.mask()))
     }
 
+    /// Why containers cannot live in this network, if they cannot: it overlaps a range that
+    /// is never forwarded (loopback, "this network", link-local, multicast, reserved).
+    #[must_use]
+    pub fn unusable(&self) -> Option<&'static str> {
+        const SPECIAL: [(Ipv4Addr, u8, &str); 5] = [
+            (
+                Ipv4Addr::new(0, 0, 0, 0),
+                8,
+                "it overlaps 0.0.0.0/8 (\"this network\")",
+            ),
+            (
+                Ipv4Addr::new(127, 0, 0, 0),
+                8,
+                "it overlaps 127.0.0.0/8 (loopback)",
+            ),
+            (
+                Ipv4Addr::new(169, 254, 0, 0),
+                16,
+                "it overlaps 169.254.0.0/16 (link-local)",
+            ),
+            (
+                Ipv4Addr::new(224, 0, 0, 0),
+                4,
+                "it overlaps 224.0.0.0/4 (multicast)",
+            ),
+            (
+                Ipv4Addr::new(240, 0, 0, 0),
+                4,
+                "it overlaps 240.0.0.0/4 (reserved, broadcast)",
+            ),
+        ];
+        SPECIAL.iter().find_map(|&(addr, prefix, why)| {
+            let special = Self { addr, prefix };
+            // Two networks overlap when the shorter prefix contains the other's base.
+            let overlap = if prefix <= self.prefix {
+                special.contains(self.addr)
+            } else {
+                self.contains(addr)
+            };
+            overlap.then_some(why)
+        })
+    }
+
     /// Host addresses, lowest first (network and broadcast excluded).
     pub fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> {
         let first = u32::from(self.addr) + 1;
@@ -58,6 +101,11 @@ impl FromStr for Cidr {
         let net = Ipv4Addr::from(u32::from(addr) & u32::from(c.mask()));
         if net != addr {
             bail!("invalid subnet {s:?}: host bits set (did you mean {net}/{prefix}?)");
+        }
+        if let Some(why) = c.unusable() {
+            bail!(
+                "invalid subnet {s:?}: {why}, which Linux never routes between hosts; choose a private range such as 10.88.0.0/16"
+            );
         }
         Ok(c)
     }
@@ -121,6 +169,30 @@ mod tests {
         assert!("10.88.0.1/16".parse::<Cidr>().is_err());
         assert!("10.88.0.0/31".parse::<Cidr>().is_err());
         assert!("10.88.0.0".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn subnets_linux_never_forwards_are_refused() {
+        for bad in [
+            "127.0.0.0/8",
+            "127.1.0.0/16",
+            "0.0.0.0/8",
+            "169.254.0.0/16",
+            "224.0.0.0/8",
+            "239.1.0.0/16",
+            "240.0.0.0/8",
+        ] {
+            let e = bad.parse::<Cidr>().expect_err(bad).to_string();
+            assert!(e.contains("never routes"), "{bad}: {e}");
+        }
+        for good in [
+            "10.88.0.0/16",
+            "192.0.2.0/24",
+            "172.16.0.0/12",
+            "100.64.0.0/10",
+        ] {
+            assert!(good.parse::<Cidr>().is_ok(), "{good}");
+        }
     }
 
     #[test]

@@ -226,6 +226,32 @@ fn unsupported_versions_and_bad_environment_are_cni_errors() {
 }
 
 #[test]
+fn unusable_subnets_are_refused_before_anything_is_touched() {
+    let lab = lab("cninet");
+    let ns = sandbox(&lab, "x");
+    for subnet in ["127.0.0.0/8", "224.0.0.0/8", "169.254.0.0/16", "0.0.0.0/8"] {
+        let (ok, e) = cni(
+            &lab,
+            "ADD",
+            "x1",
+            &ns,
+            &conf(&lab, "1.0.0", json!({"subnet": subnet})),
+        );
+        assert!(!ok, "{subnet}");
+        assert_eq!(e["code"], 7, "{subnet}: {e}");
+        assert!(
+            !lab.bpffs_dir.join("v1").exists(),
+            "{subnet}: the datapath was brought up"
+        );
+        assert!(!link_exists(&ns, "eth0"), "{subnet}: the sandbox was wired");
+    }
+    // Positive control: the same call with a usable subnet wires the sandbox.
+    let (ok, r) = cni(&lab, "ADD", "x1", &ns, &conf(&lab, "1.0.0", json!({})));
+    assert!(ok, "{r}");
+    assert!(link_exists(&ns, "eth0"));
+}
+
+#[test]
 fn chained_after_another_plugin_the_previous_result_is_kept() {
     let lab = lab("cnichain");
     let ns = sandbox(&lab, "c");

@@ -182,7 +182,11 @@ fn run(input: &str, version: &str) -> Result<Option<Value>, CniError> {
         .map_err(|e| err(code::PLUGIN, format!("tokio runtime: {e}")))?;
     rt.block_on(async {
         match command.as_str() {
-            "ADD" => add(&ctx, &conf).await.map(Some),
+            "ADD" => {
+                // Refused before anything is touched, whether or not the datapath is up yet.
+                conf_subnet(&conf)?;
+                add(&ctx, &conf).await.map(Some)
+            }
             "DEL" => del(&ctx).await.map(|()| None),
             "CHECK" => check(&ctx).await.map(|()| None),
             "STATUS" => status(&ctx).map(|()| None),
@@ -202,6 +206,16 @@ fn name_of(id: &str) -> Result<String, CniError> {
     Ok(id.to_owned())
 }
 
+/// The configuration's subnet (or the default), refused with code 7 when it is malformed or
+/// unusable for containers (loopback, multicast, link-local …).
+fn conf_subnet(conf: &NetConf) -> Result<Cidr, CniError> {
+    conf.subnet
+        .as_deref()
+        .unwrap_or("10.88.0.0/16")
+        .parse()
+        .map_err(|e: anyhow::Error| err(code::INVALID_CONFIG, e.to_string()))
+}
+
 async fn ensure_up(ctx: &Ctx, conf: &NetConf) -> Result<(), CniError> {
     if ctx.pins.installed() && Store::open(&ctx.state_dir)?.load()?.node.is_some() {
         return Ok(());
@@ -212,12 +226,7 @@ async fn ensure_up(ctx: &Ctx, conf: &NetConf) -> Result<(), CniError> {
             "the datapath is not up and the configuration names no \"uplink\"",
         )
     })?;
-    let subnet: Cidr = conf
-        .subnet
-        .as_deref()
-        .unwrap_or("10.88.0.0/16")
-        .parse()
-        .map_err(|e: anyhow::Error| err(code::INVALID_CONFIG, e.to_string()))?;
+    let subnet = conf_subnet(conf)?;
     let args = UpArgs {
         uplink,
         subnet,
