@@ -23,6 +23,7 @@ pub mod map_names {
     pub const STATIC_NAT: &str = "static_nat";
     pub const SOCK_RNAT: &str = "sock_rnat";
     pub const FRAGS: &str = "frags";
+    pub const NODE_ADDRS: &str = "node_addrs";
 }
 
 /// Program names in the eBPF object.
@@ -50,6 +51,7 @@ pub const PORTS_MAX_ENTRIES: u32 = 262_144;
 pub const STATIC_NAT_MAX_ENTRIES: u32 = 8_192;
 pub const SOCK_RNAT_MAX_ENTRIES: u32 = 65_536;
 pub const FRAGS_MAX_ENTRIES: u32 = 16_384;
+pub const NODE_ADDRS_MAX_ENTRIES: u32 = 1_024;
 
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
@@ -95,6 +97,18 @@ pub struct Config {
     /// Cookie of the node's network namespace (`SO_NETNS_COOKIE`): the socket programs are
     /// attached to a cgroup, which spans namespaces, and act only for sockets of this one.
     pub netns_cookie: u64,
+}
+
+/// `node_addrs` hash map value, keyed by one of the node's own unicast IPv4 addresses
+/// (`[u8; 4]`, network order; loopback and container-subnet addresses are not listed). Only
+/// these (and `Config::node_addr`) are DNAT destinations for packets from outside, as
+/// iptables' `-m addrtype --dst-type LOCAL` allows: never a broadcast, multicast or 127/8
+/// address, whatever the FIB says.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NodeAddr {
+    /// ifindex of the interface that holds the address in the node's namespace.
+    pub ifindex: u32,
 }
 
 /// Endpoint flag: the entry is a container attached to this node.
@@ -546,10 +560,24 @@ pub enum Reason {
     /// the container with ICMP "fragmentation needed" (PMTU discovery keeps working when the
     /// uplink's MTU is below the container's).
     MtuExceeded = 29,
+    /// Dropped: an address that never comes from the wire. From outside: a loopback, "this
+    /// network" (0/8), broadcast or multicast source, or a source that is the node's own, the
+    /// gateway's or in the container subnet (rp_filter's and Linux's martian rules); a
+    /// loopback or 0/8 destination (a port published on 127.0.0.1 is never reachable from
+    /// outside). From a container: a loopback or 0/8 destination.
+    DropMartian = 30,
+    /// Broadcast or multicast (224.0.0.0/4, 255.255.255.255): never translated nor forwarded
+    /// by the datapath; handed to the node's stack as it is, which delivers it locally at most.
+    Broadcast = 31,
+    /// Dropped: malformed in a way the kernel would not accept either: an IPv4 total length
+    /// below the header, a TCP data offset below 5 or past the packet, a UDP length that
+    /// disagrees with the datagram, or (before a connection is created) a wrong IPv4 header
+    /// checksum. Such packets never create state nor get translated.
+    DropInvalid = 32,
 }
 
 /// Number of `Reason` slots in the `stats` array.
-pub const REASON_COUNT: u32 = 30;
+pub const REASON_COUNT: u32 = 33;
 
 impl Reason {
     /// Every reason with its stable name, in index order.
@@ -584,6 +612,9 @@ impl Reason {
         (Self::XdpDeliver, "xdp_deliver"),
         (Self::XdpPass, "xdp_pass"),
         (Self::MtuExceeded, "mtu_exceeded"),
+        (Self::DropMartian, "drop_martian"),
+        (Self::Broadcast, "broadcast"),
+        (Self::DropInvalid, "drop_invalid"),
     ];
 }
 
@@ -598,8 +629,8 @@ pub struct Counter {
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        Config, Counter, CtEntry, CtKey, Endpoint, FragKey, FragPorts, PortKey, PortTarget,
-        SockKey, SockOrig, StaticNat,
+        Config, Counter, CtEntry, CtKey, Endpoint, FragKey, FragPorts, NodeAddr, PortKey,
+        PortTarget, SockKey, SockOrig, StaticNat,
     };
 
     // SAFETY: every type is `#[repr(C)]`, `bytemuck::Pod` (no padding, any bit pattern valid).
@@ -615,6 +646,7 @@ mod user {
     unsafe impl aya::Pod for SockOrig {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for FragPorts {}
+    unsafe impl aya::Pod for NodeAddr {}
 }
 
 #[cfg(test)]

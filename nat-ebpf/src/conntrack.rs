@@ -63,6 +63,17 @@ pub fn lookup(key: &CtKey) -> Option<*mut CtEntry> {
     CONNTRACK.get_ptr_mut(key)
 }
 
+/// Whether packets of `e`'s direction come in by the uplink: the replies of a masqueraded
+/// connection and the client side of a published one. Container-side directions (and both of
+/// a hairpin) are never matched for a packet from outside, whatever its tuple claims.
+#[inline(always)]
+pub fn arrives_from_outside(e: *const CtEntry) -> bool {
+    // SAFETY: read of a live map value; `origin` and `dir` are written only at creation.
+    let (origin, dir) = unsafe { ((*e).origin, (*e).dir) };
+    (origin == ORIGIN_MASQUERADE && dir == DIR_REPLY)
+        || (origin == ORIGIN_PUBLISHED && dir == DIR_ORIGINAL)
+}
+
 /// The key of the entry for the other direction of `e`'s connection.
 #[inline(always)]
 fn peer_key(e: &CtEntry, proto: u8) -> CtKey {

@@ -8,7 +8,7 @@ use nat_common::{
 };
 
 use crate::{
-    TC_ACT_OK,
+    TC_ACT_OK, addr,
     conntrack::{self, now},
     forward::{self, container_at, endpoint},
     frag, icmp,
@@ -76,6 +76,15 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
     if me.ifindex != ifindex || me.mac != eth_src {
         return Err(Reason::DropSpoof);
     }
+    if addr::is_group(p.dst) {
+        // Linux never forwards broadcast or multicast: the node's stack may deliver it
+        // locally, untranslated.
+        count(Reason::Broadcast, ctx.len());
+        return Ok(TC_ACT_OK);
+    }
+    if addr::is_martian(p.dst) {
+        return Err(Reason::DropMartian);
+    }
 
     // F1: the subnet is one flat L2 segment, as on a bridge: no TTL change.
     if let Some(peer) = container_at(cfg, &p.dst) {
@@ -107,12 +116,15 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
         // An address in the subnet that no container holds: never route it elsewhere.
         return Err(Reason::DropNoEndpoint);
     }
-    if let Some(t) = published(ctx, cfg, &p, ifindex) {
+    if let Some(t) = published(cfg, &p) {
         // F5, hairpin: a published port on a node address, possibly the sender's own.
         if p.ttl <= 1 {
             return pass(ctx);
         }
         let target = endpoint(&t.addr).ok_or(Reason::DropNoEndpoint)?;
+        if !parse::ipv4_csum_ok(ctx, &p) {
+            return Err(Reason::DropInvalid);
+        }
         let e = conntrack::create_hairpin(&p, &t, cfg, &target, now())?;
         nat::apply(ctx, &mut p, &e)?;
         count(Reason::HairpinNew, ctx.len());
@@ -156,6 +168,9 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
     if !p.is_trackable() {
         return Err(Reason::DropUnsupported);
     }
+    if !parse::ipv4_csum_ok(ctx, &p) {
+        return Err(Reason::DropInvalid);
+    }
     let e = conntrack::create_snat(&p, cfg, &me, now())?;
     nat::apply(ctx, &mut p, &e)?;
     count(Reason::SnatNew, ctx.len());
@@ -174,18 +189,12 @@ fn deliver(ctx: &TcContext, cfg: &Config, p: &mut parse::Ip4, ifindex: u32) -> R
 
 /// The published port `p` is addressed to, if any: a mapping bound to the destination address
 /// first, then one bound to every node address. Either way the destination must be one of the
-/// node's own addresses (the kernel would deliver it locally).
+/// node's own unicast addresses: not a broadcast, multicast or loopback address, which the
+/// FIB would call local too (iptables' `addrtype LOCAL`).
 #[inline(always)]
-fn published(ctx: &TcContext, cfg: &Config, p: &parse::Ip4, ifindex: u32) -> Option<PortTarget> {
+fn published(cfg: &Config, p: &parse::Ip4) -> Option<PortTarget> {
     let t = port_target(p)?;
-    if p.dst == cfg.node_addr {
-        return Some(t);
-    }
-    if forward::fib(ctx, p, ifindex).forwards() {
-        None
-    } else {
-        Some(t)
-    }
+    addr::is_node_addr(cfg, &p.dst).then_some(t)
 }
 
 /// The mapping for `p`'s destination port: one bound to its destination address first, then
@@ -222,10 +231,17 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
         Some((L3::Arp, _)) => return forward::uplink_arp(ctx, cfg, ifindex),
         _ => return pass(ctx),
     }
-    let Ok(mut p) = parse::ipv4(ctx) else {
-        // Malformed: not ours to judge; the stack drops what it cannot parse.
-        return pass(ctx);
-    };
+    // Malformed: dropped and counted, as ip_rcv would drop it.
+    let mut p = parse::ipv4(ctx)?;
+    if addr::is_group(p.dst) {
+        // Never DNATed nor matched to a connection; the stack applies its own rules (DHCP's
+        // 0.0.0.0 source included).
+        count(Reason::Broadcast, ctx.len());
+        return Ok(TC_ACT_OK);
+    }
+    if addr::is_martian(p.dst) || addr::forged_outside_src(cfg, p.src) {
+        return Err(Reason::DropMartian);
+    }
     frag::resolve(&mut p);
     if let Some(s) = forward::static_nat(cfg, &p.dst)
         && s.kind == STATIC_EXTERNAL
@@ -258,7 +274,9 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
         return pass(ctx);
     }
 
-    if let Some(e) = conntrack::lookup(&p.key()) {
+    if let Some(e) = conntrack::lookup(&p.key())
+        && conntrack::arrives_from_outside(e)
+    {
         let t = now();
         conntrack::touch(e, &p, t);
         count(Reason::CtHit, ctx.len());
@@ -268,8 +286,19 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
         let x = conntrack::Xlate::of(e);
         return forward::forward_tracked(ctx, cfg, &mut p, ifindex, e, &x, t);
     }
-    let e = if let Some(t) = published(ctx, cfg, &p, ifindex) {
+    let e = if let Some(t) = published(cfg, &p) {
+        if addr::is_node_addr(cfg, &p.src) {
+            // The node's own address from outside: a forged source (rp_filter's rule).
+            return Err(Reason::DropMartian);
+        }
         let ep = endpoint(&t.addr).ok_or(Reason::DropNoEndpoint)?;
+        // Nothing that would be dropped creates state.
+        if p.ttl <= 1 {
+            return Err(Reason::DropTtl);
+        }
+        if !parse::ipv4_csum_ok(ctx, &p) {
+            return Err(Reason::DropInvalid);
+        }
         let e = conntrack::create_dnat(&p, &t, cfg, &ep, now())?;
         count(Reason::DnatNew, ctx.len());
         e
@@ -278,10 +307,6 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
     } else {
         return pass(ctx);
     };
-
-    if p.ttl <= 1 {
-        return Err(Reason::DropTtl);
-    }
     nat::apply(ctx, &mut p, &e)?;
     deliver(ctx, cfg, &mut p, ifindex)
 }

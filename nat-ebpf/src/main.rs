@@ -11,6 +11,7 @@
     reason = "map keys and values are passed by reference so no extra copy lands on the 512-byte BPF stack"
 )]
 
+mod addr;
 mod conntrack;
 mod forward;
 mod frag;

@@ -7,8 +7,9 @@ use aya_ebpf::{
 };
 use nat_common::{
     CONNTRACK_MAX_ENTRIES, Config, Counter, CtEntry, CtKey, ENDPOINTS_MAX_ENTRIES, Endpoint,
-    FRAGS_MAX_ENTRIES, FragKey, FragPorts, PORTS_MAX_ENTRIES, PortKey, PortTarget, REASON_COUNT,
-    SOCK_RNAT_MAX_ENTRIES, STATIC_NAT_MAX_ENTRIES, SockKey, SockOrig, StaticNat,
+    FRAGS_MAX_ENTRIES, FragKey, FragPorts, NODE_ADDRS_MAX_ENTRIES, NodeAddr, PORTS_MAX_ENTRIES,
+    PortKey, PortTarget, REASON_COUNT, SOCK_RNAT_MAX_ENTRIES, STATIC_NAT_MAX_ENTRIES, SockKey,
+    SockOrig, StaticNat,
 };
 
 #[btf_map(name = "config")]
@@ -49,3 +50,8 @@ pub static SOCK_RNAT: LruHashMap<SockKey, SockOrig, { SOCK_RNAT_MAX_ENTRIES as u
 #[btf_map(name = "frags")]
 pub static FRAGS: LruHashMap<FragKey, FragPorts, { FRAGS_MAX_ENTRIES as usize }> =
     LruHashMap::new();
+
+/// The node's own unicast addresses (besides `Config::node_addr`), kept by userspace.
+#[btf_map(name = "node_addrs")]
+pub static NODE_ADDRS: HashMap<[u8; 4], NodeAddr, { NODE_ADDRS_MAX_ENTRIES as usize }> =
+    HashMap::new();

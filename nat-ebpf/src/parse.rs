@@ -128,6 +128,17 @@ pub fn ipv4(ctx: &impl Pkt) -> Result<Ip4, Reason> {
     if h.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
         return Err(Reason::DropTruncated);
     }
+    // ip_rcv's rules: a header or total length past the frame is a truncated packet (the
+    // frame may be longer: Ethernet padding), a total length below the header is malformed.
+    // `bytes` is the skb's whole length in TC, non-linear part included.
+    let tot_len = u16::from_be_bytes(h.tot_len);
+    let frame = ctx.bytes() as usize;
+    if IP_OFF + ihl > frame || IP_OFF + usize::from(tot_len) > frame {
+        return Err(Reason::DropTruncated);
+    }
+    if usize::from(tot_len) < ihl {
+        return Err(Reason::DropInvalid);
+    }
     let frags = u16::from_be_bytes(h.frags);
     let more_fragments = frags & 0x2000 != 0;
     let offset = frags & 0x1fff;
@@ -146,8 +157,10 @@ pub fn ipv4(ctx: &impl Pkt) -> Result<Ip4, Reason> {
         ports_known: false,
         id: h.id,
         l4_off: IP_OFF + ihl,
-        tot_len: u16::from_be_bytes(h.tot_len),
+        tot_len,
     };
+    // The L4 lengths are checked against this packet only when it holds the whole datagram.
+    let l4_len = usize::from(tot_len) - ihl;
     if offset != 0 {
         return Ok(p);
     }
@@ -160,6 +173,10 @@ pub fn ipv4(ctx: &impl Pkt) -> Result<Ip4, Reason> {
             p.sport = [t[0], t[1]];
             p.dport = [t[2], t[3]];
             p.tcp_flags = t[13];
+            let doff = usize::from(t[12] >> 4) * 4;
+            if doff < 20 || (!p.frag && doff > l4_len) {
+                return Err(Reason::DropInvalid);
+            }
         }
         PROTO_UDP => {
             let u = ptr_at::<[u8; 8]>(ctx, p.l4_off).ok_or(Reason::DropTruncated)?;
@@ -167,6 +184,11 @@ pub fn ipv4(ctx: &impl Pkt) -> Result<Ip4, Reason> {
             let u = unsafe { *u };
             p.sport = [u[0], u[1]];
             p.dport = [u[2], u[3]];
+            let ulen = usize::from(u16::from_be_bytes([u[4], u[5]]));
+            // Shorter than the packet is padding (udp_rcv trims it); longer is a lie.
+            if ulen < 8 || (!p.frag && ulen > l4_len) {
+                return Err(Reason::DropInvalid);
+            }
         }
         PROTO_ICMP => {
             // type, code, checksum, id, sequence.
@@ -183,6 +205,41 @@ pub fn ipv4(ctx: &impl Pkt) -> Result<Ip4, Reason> {
         _ => {}
     }
     Ok(p)
+}
+
+/// Whether the IPv4 header checksum of `p` is right (options included). Checked before a
+/// packet creates state; packets of known connections are translated with incremental
+/// updates, which keep a wrong checksum wrong for the receiver to drop.
+#[inline(always)]
+pub fn ipv4_csum_ok(ctx: &impl Pkt, p: &Ip4) -> bool {
+    let Some(h) = ptr_at::<[u8; 20]>(ctx, IP_OFF) else {
+        return false;
+    };
+    // SAFETY: bounds checked by `ptr_at`.
+    let h = unsafe { *h };
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i < 20 {
+        sum += u32::from(u16::from_be_bytes([h[i], h[i + 1]]));
+        i += 2;
+    }
+    // Options: up to 40 more bytes, four at a time.
+    let mut off = IP_OFF + 20;
+    let mut n = 0;
+    while n < 10 && off < p.l4_off {
+        let Some(w) = ptr_at::<[u8; 4]>(ctx, off) else {
+            return false;
+        };
+        // SAFETY: bounds checked by `ptr_at`.
+        let w = unsafe { *w };
+        sum += u32::from(u16::from_be_bytes([w[0], w[1]]))
+            + u32::from(u16::from_be_bytes([w[2], w[3]]));
+        off += 4;
+        n += 1;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum == 0xffff
 }
 
 /// Offset of the L4 checksum field, and whether it covers the pseudo-header.

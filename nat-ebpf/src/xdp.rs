@@ -13,6 +13,7 @@ use aya_ebpf::{
 use nat_common::{Endpoint, Reason, STATIC_EXTERNAL};
 
 use crate::{
+    addr,
     conntrack::{self, now},
     forward::{self, Hop, container_at, endpoint},
     icmp,
@@ -55,6 +56,10 @@ pub fn from_uplink(ctx: &XdpContext) -> Result<u32, Reason> {
     if p.frag || p.ttl <= 1 || icmp::is_error(&p) {
         return pass(ctx);
     }
+    // Group and martian destinations, forged sources: TC drops or passes them, counted.
+    if addr::is_group(p.dst) || addr::is_martian(p.dst) || addr::forged_outside_src(cfg, p.src) {
+        return pass(ctx);
+    }
     if let Some(s) = forward::static_nat(cfg, &p.dst)
         && s.kind == STATIC_EXTERNAL
     {
@@ -69,6 +74,9 @@ pub fn from_uplink(ctx: &XdpContext) -> Result<u32, Reason> {
         return pass(ctx);
     }
     let (x, hop) = if let Some(e) = conntrack::lookup(&p.key()) {
+        if !conntrack::arrives_from_outside(e) {
+            return pass(ctx);
+        }
         let t = now();
         // Only connections that end in a container are XDP's; the cached hop says so.
         let hop = match forward::cached_peer(e, t) {
@@ -87,7 +95,9 @@ pub fn from_uplink(ctx: &XdpContext) -> Result<u32, Reason> {
         (conntrack::Xlate::of(e), hop)
     } else if p.dst == cfg.node_addr
         && let Some(t) = port_target(&p)
+        && !addr::is_node_addr(cfg, &p.src)
         && let Some(ep) = endpoint(&t.addr)
+        && parse::ipv4_csum_ok(ctx, &p)
     {
         let x = conntrack::create_dnat(&p, &t, cfg, &ep, now())?;
         count(Reason::DnatNew, ctx.bytes());

@@ -12,6 +12,7 @@ pub use bpfnat::lab::{EXT_ADDR, FAR_ADDR, Lab, NODE_ADDR, ROUTER_ADDR, UPLINK, t
 use bpfnat::netns;
 
 pub mod packet;
+pub mod wire;
 
 /// The bpfnat binary under test: `$BPFNAT_BIN` (set by `cargo xtask test`) or the one cargo
 /// built next to this test executable.
@@ -196,4 +197,16 @@ pub fn add_container(lab: &Lab, short: &str, args: &[&str]) -> ContainerInfo {
         host_mac: mac("host_mac"),
         host_ifindex: c["host_ifindex"].as_u64().expect("ifindex") as u32,
     }
+}
+
+/// The node's uplink MAC, from `bpfnat status`.
+#[must_use]
+pub fn uplink_mac(lab: &Lab) -> [u8; 6] {
+    let v: Vec<u8> = json(lab, &["status"])["node"]["uplink_mac"]
+        .as_array()
+        .expect("uplink_mac array")
+        .iter()
+        .map(|b| b.as_u64().expect("MAC byte") as u8)
+        .collect();
+    v.try_into().expect("6-byte MAC")
 }

@@ -281,6 +281,7 @@ async fn follow_uplink(ctx: &Ctx) -> Result<()> {
         return Ok(());
     };
     let nl = Netlink::current()?;
+    up::sync_node_addrs(&nl, &mut Maps::open(&ctx.pins)?, node).await?;
     let Some(addr) = nl
         .ipv4_addrs(node.uplink_ifindex)
         .await?

@@ -341,6 +341,10 @@ async fn wire(
             host_mac: c.host_mac,
         },
     )?;
+    if !ports.is_empty() {
+        // An address added to the node since `up` is a DNAT destination from now on.
+        super::up::sync_node_addrs(nl, &mut maps, node).await?;
+    }
     let generation = state.next_generation();
     state.generation = state.generation.wrapping_add(ports.len() as u32);
     maps.put_ports(ports, c.ip, generation)?;

@@ -137,7 +137,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Command::Down => up::down(&ctx).await,
             Command::Status => up::status(&ctx).await,
             Command::Container(c) => container::run(&ctx, c).await,
-            Command::Port(c) => port::run(&ctx, c),
+            Command::Port(c) => port::run(&ctx, c).await,
             Command::Nat(c) => nat::run(&ctx, c),
             Command::Conntrack(c) => conntrack::run(&ctx, c),
             Command::Stats => stats::run(&ctx),

@@ -7,6 +7,7 @@ use serde::Serialize;
 use super::{Ctx, container::resolve_ports, table, up::require_node};
 use crate::{
     datapath::Maps,
+    netlink::Netlink,
     spec::{HostPort, PortRequest, PortSpec},
 };
 
@@ -39,17 +40,19 @@ struct PortRow {
     proto: String,
 }
 
-pub fn run(ctx: &Ctx, cmd: PortCmd) -> Result<()> {
+pub async fn run(ctx: &Ctx, cmd: PortCmd) -> Result<()> {
     let store = ctx.store()?;
     let mut state = store.load()?;
     match cmd {
         PortCmd::Add { name, spec } => {
-            require_node(&state)?;
+            let node = require_node(&state)?.clone();
             if !state.containers.contains_key(&name) {
                 bail!("no such container: {name}");
             }
             let mappings = resolve_ports(&state, std::slice::from_ref(&spec))?;
             let mut maps = Maps::open(&ctx.pins)?;
+            // An address added to the node since `up` is a DNAT destination from now on.
+            super::up::sync_node_addrs(&Netlink::current()?, &mut maps, &node).await?;
             let ip = state.containers[&name].ip;
             let generation = state.next_generation();
             state.generation = state.generation.wrapping_add(mappings.len() as u32);

@@ -200,6 +200,8 @@ pub async fn up(ctx: &Ctx, a: UpArgs) -> Result<()> {
             ..node.clone()
         };
         if *old == same && ctx.pins.installed() {
+            // The node's addresses may have changed since: the next command converges.
+            sync_node_addrs(&nl, &mut Maps::open(&ctx.pins)?, old).await?;
             return ctx.emit(old, || format!("bpfnat is already up on {}", old.uplink));
         }
         bail!(
@@ -257,6 +259,7 @@ async fn bring_up(
     datapath::install(&ctx.pins, ct_max)?;
     let mut maps = Maps::open(&ctx.pins)?;
     maps.set_config(&config_of(&node, false))?;
+    sync_node_addrs(nl, &mut maps, &node).await?;
     datapath::attach(&ctx.pins, Hook::Uplink, &node.uplink)?;
     let how = match node.xdp {
         XdpSetting::Off => None,
@@ -275,6 +278,24 @@ async fn bring_up(
     }
     datapath::attach_sock(&ctx.pins)?;
     Ok(node)
+}
+
+/// Tell the datapath which addresses are the node's own unicast addresses (every address in
+/// the namespace but loopback and the container subnet, whose gateway address the node
+/// holds): the only destinations a packet from outside is DNATed from.
+pub async fn sync_node_addrs(nl: &Netlink, maps: &mut Maps, node: &Node) -> Result<()> {
+    let subnet = Cidr {
+        addr: node.subnet,
+        prefix: node.prefix_len,
+    };
+    let addrs: Vec<(Ipv4Addr, u32)> = nl
+        .all_ipv4_addrs()
+        .await?
+        .into_iter()
+        .filter(|(_, a)| !a.is_loopback() && !subnet.contains(*a))
+        .map(|(i, a)| (a, i))
+        .collect();
+    maps.set_node_addrs(&addrs)
 }
 
 /// Remove the gateway interface and every pin; idempotent.

@@ -12,7 +12,7 @@ use nat_common::{
 };
 use serde::Serialize;
 
-use super::{Maps, port_key};
+use super::{Maps, deleted, port_key};
 use crate::spec::PortMapping;
 
 /// CLOCK_MONOTONIC_COARSE in nanoseconds: the clock the datapath stamps entries with
@@ -107,6 +107,9 @@ fn end(k: &CtKey, e: Option<&CtEntry>) -> FlowEnd {
 
 const NS: u64 = 1_000_000_000;
 
+/// How old a lone entry must be before garbage collection takes it for an orphan.
+const ORPHAN_GRACE_NS: u64 = 2 * NS;
+
 impl Maps {
     fn ct_entries(&self) -> Result<Vec<(CtKey, CtEntry)>> {
         self.conntrack
@@ -116,10 +119,7 @@ impl Maps {
     }
 
     fn ct_remove(&mut self, k: &CtKey) -> Result<()> {
-        match self.conntrack.remove(k) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(anyhow!(e).context("delete conntrack entry")),
-        }
+        deleted(self.conntrack.remove(k)).context("delete conntrack entry")
     }
 
     /// Every connection, original direction first. Entries whose partner was evicted are
@@ -179,43 +179,62 @@ impl Maps {
             .count())
     }
 
+    /// The entry at `k` as the kernel has it now.
+    fn ct_get(&self, k: &CtKey) -> Result<Option<CtEntry>> {
+        match self.conntrack.get(k, 0) {
+            Ok(e) => Ok(Some(e)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(anyhow!(e).context("read conntrack entry")),
+        }
+    }
+
     /// Delete both entries of every connection matching `pred`; returns connections removed.
+    ///
+    /// The datapath keeps creating and refreshing entries while the table is dumped, so a
+    /// snapshot judges nothing by itself: a connection created during the dump may have one
+    /// entry on each side of the cursor, and an idle one may have woken up. Each candidate is
+    /// read again from the kernel, and `pred` decides again on what is there now (the partner
+    /// included) just before the delete.
     fn ct_remove_where(
         &mut self,
         pred: impl Fn(&CtKey, &CtEntry, Option<&CtEntry>) -> bool,
     ) -> Result<usize> {
         let entries = self.ct_entries()?;
         let index: HashMap<CtKey, CtEntry> = entries.iter().copied().collect();
-        let mut doomed = Vec::new();
         let mut conns = 0;
         for (k, e) in &entries {
             let peer = peer_key(e, k.proto);
             let p = index.get(&peer);
-            // Judge each connection once, from its original entry (or an orphan entry).
-            if e.dir != DIR_ORIGINAL && p.is_some() {
+            // Judge each connection once, from its original entry (or a lone entry), and
+            // only candidates again from the kernel.
+            if (e.dir != DIR_ORIGINAL && p.is_some()) || !pred(k, e, p) {
                 continue;
             }
-            if pred(k, e, p) {
+            let Some(e) = self.ct_get(k)? else {
+                continue;
+            };
+            let peer = peer_key(&e, k.proto);
+            let p = self.ct_get(&peer)?.filter(|p| peer_key(p, k.proto) == *k);
+            if pred(k, &e, p.as_ref()) {
                 conns += 1;
-                doomed.push(*k);
+                self.ct_remove(k)?;
                 if p.is_some() {
-                    doomed.push(peer);
+                    self.ct_remove(&peer)?;
                 }
             }
-        }
-        for k in &doomed {
-            self.ct_remove(k)?;
         }
         Ok(conns)
     }
 
     /// Remove connections idle past their timeout, and half connections whose other entry the
-    /// LRU evicted (they can no longer carry traffic both ways); returns how many.
+    /// LRU evicted (they can no longer carry traffic both ways); returns how many. A lone
+    /// entry younger than `ORPHAN_GRACE_NS` may be a connection the datapath is creating
+    /// right now (the reply entry goes in first), so it is left for the next run.
     pub fn ct_gc(&mut self) -> Result<usize> {
         let now = ct_now_ns();
         self.ct_remove_where(|k, e, p| {
             let Some(p) = p else {
-                return true;
+                return now.saturating_sub(e.created_ns) > ORPHAN_GRACE_NS;
             };
             let last = p.last_seen_ns.max(e.last_seen_ns);
             now.saturating_sub(last) > ct_timeout_ns(k.proto, e.state)

@@ -30,7 +30,7 @@ use aya::{
     },
 };
 use nat_common::{
-    Config, Counter, CtEntry, CtKey, Endpoint, PIN_VERSION, PortKey, PortTarget, Reason,
+    Config, Counter, CtEntry, CtKey, Endpoint, NodeAddr, PIN_VERSION, PortKey, PortTarget, Reason,
     STATIC_EXTERNAL, STATIC_INTERNAL, SockKey, SockOrig, StaticNat, map_names, prog_names,
 };
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
@@ -41,7 +41,7 @@ use crate::spec::PortMapping;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nat"));
 
-const MAPS: [&str; 7] = [
+const MAPS: [&str; 8] = [
     map_names::SOCK_RNAT,
     map_names::CONFIG,
     map_names::ENDPOINTS,
@@ -49,6 +49,7 @@ const MAPS: [&str; 7] = [
     map_names::CONNTRACK,
     map_names::STATS,
     map_names::STATIC_NAT,
+    map_names::NODE_ADDRS,
 ];
 const PROGS: [&str; 3] = [
     prog_names::TC_CONTAINER,
@@ -170,6 +171,7 @@ fn expected(name: &str) -> (MapType, usize, usize) {
         map_names::PORTS => (MapType::Hash, size_of::<PortKey>(), size_of::<PortTarget>()),
         map_names::CONNTRACK => (MapType::LruHash, size_of::<CtKey>(), size_of::<CtEntry>()),
         map_names::STATIC_NAT => (MapType::Hash, 4, size_of::<StaticNat>()),
+        map_names::NODE_ADDRS => (MapType::Hash, 4, size_of::<NodeAddr>()),
         map_names::SOCK_RNAT => (
             MapType::LruHash,
             size_of::<SockKey>(),
@@ -420,6 +422,21 @@ pub fn attach_xdp(pins: &Pins, ifname: &str, how: XdpAttach) -> Result<()> {
     Ok(())
 }
 
+/// A map delete whose key is already gone did what it was asked: the kernel answers ENOENT
+/// (aya passes it on as a syscall error), and a datapath or a concurrent command may have
+/// removed the entry between a dump and the delete.
+fn deleted(r: Result<(), aya::maps::MapError>) -> Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        r => r,
+    }
+}
+
 fn open_map(pins: &Pins, name: &str) -> Result<Map> {
     let path = pins.map(name);
     let data = MapData::from_pin(&path)
@@ -435,6 +452,7 @@ pub struct Maps {
     conntrack: HashMap<MapData, CtKey, CtEntry>,
     stats: PerCpuArray<MapData, Counter>,
     static_nat: HashMap<MapData, [u8; 4], StaticNat>,
+    node_addrs: HashMap<MapData, [u8; 4], NodeAddr>,
     conntrack_max: u32,
 }
 
@@ -464,6 +482,7 @@ impl Maps {
             conntrack: open_map(pins, map_names::CONNTRACK)?.try_into()?,
             stats: open_map(pins, map_names::STATS)?.try_into()?,
             static_nat: open_map(pins, map_names::STATIC_NAT)?.try_into()?,
+            node_addrs: open_map(pins, map_names::NODE_ADDRS)?.try_into()?,
             conntrack_max: MapInfo::from_pin(pins.map(map_names::CONNTRACK))
                 .context("inspect conntrack map")?
                 .max_entries(),
@@ -478,6 +497,35 @@ impl Maps {
         self.config.get(&0, 0).context("read config map")
     }
 
+    /// Make `node_addrs` hold exactly `addrs` (address, ifindex): the node's unicast
+    /// addresses that outside packets may be DNATed from.
+    pub fn set_node_addrs(&mut self, addrs: &[(Ipv4Addr, u32)]) -> Result<()> {
+        for (ip, ifindex) in addrs {
+            self.node_addrs
+                .insert(ip.octets(), NodeAddr { ifindex: *ifindex }, 0)
+                .with_context(|| format!("write node address {ip}"))?;
+        }
+        let stale: Vec<[u8; 4]> = self
+            .node_addrs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !addrs.iter().any(|(ip, _)| ip.octets() == *k))
+            .collect();
+        for k in stale {
+            deleted(self.node_addrs.remove(&k))
+                .with_context(|| format!("remove node address {}", Ipv4Addr::from(k)))?;
+        }
+        Ok(())
+    }
+
+    /// The node addresses the datapath knows.
+    pub fn node_addrs(&self) -> Result<Vec<Ipv4Addr>> {
+        self.node_addrs
+            .keys()
+            .map(|k| k.map(Ipv4Addr::from).context("read node_addrs map"))
+            .collect()
+    }
+
     pub fn put_endpoint(&mut self, ip: Ipv4Addr, ep: &Endpoint) -> Result<()> {
         self.endpoints
             .insert(ip.octets(), ep, 0)
@@ -485,10 +533,8 @@ impl Maps {
     }
 
     pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<()> {
-        match self.endpoints.remove(&ip.octets()) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(anyhow!(e).context(format!("remove endpoint {ip}"))),
-        }
+        deleted(self.endpoints.remove(&ip.octets()))
+            .with_context(|| format!("remove endpoint {ip}"))
     }
 
     /// Publish `ms` towards `target`, each with the next generation after `generation`.
@@ -517,10 +563,7 @@ impl Maps {
 
     pub fn remove_ports(&mut self, ms: &[PortMapping]) -> Result<()> {
         for m in ms {
-            match self.ports.remove(&port_key(m)) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(anyhow!(e).context(format!("unpublish {m}"))),
-            }
+            deleted(self.ports.remove(&port_key(m))).with_context(|| format!("unpublish {m}"))?;
         }
         self.forget_ports(ms)
     }
@@ -557,10 +600,8 @@ impl Maps {
 
     pub fn remove_static_nat(&mut self, external: Ipv4Addr, internal: Ipv4Addr) -> Result<()> {
         for a in [external, internal] {
-            match self.static_nat.remove(&a.octets()) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(anyhow!(e).context(format!("remove static NAT {a}"))),
-            }
+            deleted(self.static_nat.remove(&a.octets()))
+                .with_context(|| format!("remove static NAT {a}"))?;
         }
         Ok(())
     }

@@ -231,6 +231,20 @@ impl Netlink {
         Ok(out)
     }
 
+    /// Every IPv4 address of the namespace, with the ifindex that holds it.
+    pub async fn all_ipv4_addrs(&self) -> Result<Vec<(u32, Ipv4Addr)>> {
+        let mut s = self.handle.address().get().execute();
+        let mut out = Vec::new();
+        while let Some(m) = s.try_next().await.context("list addresses")? {
+            for a in &m.attributes {
+                if let AddressAttribute::Local(IpAddr::V4(v4)) = a {
+                    out.push((m.header.index, *v4));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// `default via gw dev index`.
     pub async fn add_default_route(&self, gw: Ipv4Addr, index: u32) -> Result<()> {
         let r = RouteMessageBuilder::<Ipv4Addr>::new()

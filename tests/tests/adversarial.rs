@@ -1,0 +1,340 @@
+//! bpfnat as an attacker meets it: forged frames from a host on the uplink's segment and from
+//! inside containers, written on raw sockets, and what a user would see happen. One test per
+//! defect found; each negative check has a positive control in the same lab (the honest
+//! version of the packet gets through), so a broken lab cannot pass for a safe datapath.
+
+use std::{
+    net::{Ipv4Addr, UdpSocket},
+    time::Duration,
+};
+
+use bpfnat_tests::{
+    EXT_ADDR, Lab, NODE_ADDR, add_container, counter, json, lab_up,
+    packet::{self, PROTO_UDP},
+    traffic, uplink_mac, v4, wire,
+};
+
+const EXT_MAC: [u8; 6] = [0x02, 0, 198, 51, 100, 1];
+const WINDOW: Duration = Duration::from_secs(3);
+/// The source port of every forged datagram: what a server must never see.
+const FORGED_PORT: u16 = 5555;
+
+/// A UDP datagram from `src` to `dst:dport` as a host on the uplink's segment would put it on
+/// the wire, addressed to the node's MAC.
+fn from_segment(lab: &Lab, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    packet::frame(
+        EXT_MAC,
+        uplink_mac(lab),
+        src,
+        dst,
+        PROTO_UDP,
+        &packet::udp(src, dst, sport, dport, true),
+    )
+}
+
+#[test]
+fn ports_published_on_localhost_or_reached_by_broadcast_stay_closed_to_the_wire() {
+    let lab = lab_up("adv-local");
+    let c = add_container(
+        &lab,
+        "c",
+        &["-p", "127.0.0.1:8080:80/udp", "-p", "9090:90/udp"],
+    );
+    let only_local = traffic::udp_echo(&c.ns, v4(Ipv4Addr::UNSPECIFIED, 80), 10, WINDOW).unwrap();
+    let everywhere = traffic::udp_echo(&c.ns, v4(Ipv4Addr::UNSPECIFIED, 90), 10, WINDOW).unwrap();
+    let cap = wire::capture(&lab.ext, "eth0", WINDOW);
+    let frames = vec![
+        // Positive control: the same forged-by-hand frame to the node's address.
+        from_segment(&lab, EXT_ADDR, FORGED_PORT, NODE_ADDR, 9090),
+        from_segment(&lab, EXT_ADDR, FORGED_PORT + 1, Ipv4Addr::LOCALHOST, 8080),
+        from_segment(&lab, EXT_ADDR, FORGED_PORT + 2, Ipv4Addr::LOCALHOST, 9090),
+        from_segment(
+            &lab,
+            EXT_ADDR,
+            FORGED_PORT + 3,
+            Ipv4Addr::new(198, 51, 100, 255),
+            9090,
+        ),
+        from_segment(&lab, EXT_ADDR, FORGED_PORT + 4, Ipv4Addr::BROADCAST, 9090),
+        from_segment(
+            &lab,
+            EXT_ADDR,
+            FORGED_PORT + 5,
+            Ipv4Addr::new(224, 0, 0, 251),
+            9090,
+        ),
+    ];
+    wire::send(&lab.ext, "eth0", frames);
+
+    assert!(
+        only_local.join().unwrap().is_empty(),
+        "a port published on 127.0.0.1 was reached from the wire"
+    );
+    let seen = everywhere.join().unwrap();
+    assert_eq!(
+        seen,
+        vec![v4(EXT_ADDR, FORGED_PORT)],
+        "only the datagram to the node's own address arrives"
+    );
+    let leaked: Vec<_> = cap
+        .join()
+        .unwrap()
+        .iter()
+        .filter_map(|f| wire::ipv4_ports(f))
+        .filter(|(src, ..)| src.is_loopback())
+        .collect();
+    assert!(leaked.is_empty(), "left the uplink from 127/8: {leaked:?}");
+    assert_eq!(counter(&lab, "drop_martian"), 2);
+    assert_eq!(counter(&lab, "broadcast"), 2);
+    assert_eq!(counter(&lab, "dnat_new"), 1);
+}
+
+#[test]
+fn internal_and_martian_sources_from_outside_are_dropped() {
+    let lab = lab_up("adv-src");
+    let c = add_container(&lab, "c", &["-p", "9091:91/udp"]);
+    let v = add_container(&lab, "v", &[]);
+    let published = traffic::udp_echo(&c.ns, v4(Ipv4Addr::UNSPECIFIED, 91), 10, WINDOW).unwrap();
+    let far = traffic::udp_echo(&lab.ext, v4(EXT_ADDR, 7000), 10, WINDOW).unwrap();
+    // The victim's masqueraded flow, answered once.
+    let answer = traffic::udp_ask(
+        &v.ns,
+        v4(Ipv4Addr::UNSPECIFIED, 6000),
+        v4(EXT_ADDR, 7000),
+        b"legit",
+    )
+    .unwrap();
+    assert_eq!(answer, format!("{NODE_ADDR}:6000 legit"));
+
+    let gateway = Ipv4Addr::new(10, 88, 0, 1);
+    let frames = vec![
+        // Positive control.
+        from_segment(&lab, EXT_ADDR, FORGED_PORT, NODE_ADDR, 9091),
+        // Another container's, the gateway's, the node's own and a loopback source.
+        from_segment(&lab, v.ip, FORGED_PORT, NODE_ADDR, 9091),
+        from_segment(&lab, gateway, FORGED_PORT, NODE_ADDR, 9091),
+        from_segment(&lab, NODE_ADDR, FORGED_PORT, NODE_ADDR, 9091),
+        from_segment(&lab, Ipv4Addr::LOCALHOST, FORGED_PORT, NODE_ADDR, 9091),
+        // Injection into the victim's flow: its own tuple, as if it came from the container.
+        from_segment(&lab, v.ip, 6000, EXT_ADDR, 7000),
+    ];
+    wire::send(&lab.ext, "eth0", frames);
+
+    assert_eq!(
+        published.join().unwrap(),
+        vec![v4(EXT_ADDR, FORGED_PORT)],
+        "only the honest client reached the published port"
+    );
+    assert_eq!(
+        far.join().unwrap(),
+        vec![v4(NODE_ADDR, 6000)],
+        "nothing was injected into the masqueraded flow"
+    );
+    assert_eq!(counter(&lab, "drop_martian"), 5);
+}
+
+#[test]
+fn broadcast_and_multicast_from_containers_are_never_masqueraded() {
+    let lab = lab_up("adv-bcast");
+    let c = add_container(&lab, "c", &[]);
+    let cap = wire::capture(&lab.ext, "eth0", WINDOW);
+    bpfnat::netns::run_in(&c.ns, || {
+        let s = UdpSocket::bind(v4(Ipv4Addr::UNSPECIFIED, 0))?;
+        s.set_broadcast(true)?;
+        // Positive control first.
+        s.send_to(b"unicast", v4(EXT_ADDR, 7001))?;
+        s.send_to(b"limited", v4(Ipv4Addr::BROADCAST, 7001))?;
+        s.send_to(b"subnet", v4(Ipv4Addr::new(10, 88, 255, 255), 7001))?;
+        s.send_to(b"mdns", v4(Ipv4Addr::new(224, 0, 0, 251), 7001))?;
+        Ok(())
+    })
+    .unwrap();
+    let out: Vec<_> = cap
+        .join()
+        .unwrap()
+        .iter()
+        .filter_map(|f| wire::ipv4_ports(f))
+        .filter(|(.., dport)| *dport == 7001)
+        .collect();
+    assert_eq!(out.len(), 1, "only the unicast datagram left: {out:?}");
+    assert_eq!((out[0].0, out[0].2), (NODE_ADDR, EXT_ADDR));
+    assert_eq!(counter(&lab, "broadcast"), 2);
+    assert!(counter(&lab, "drop_no_endpoint") >= 1);
+}
+
+/// Fill the conntrack table with `n` live UDP connections between outside hosts (both
+/// entries each), so that dumping it takes a while.
+fn fill_conntrack(lab: &Lab, n: u32) {
+    use aya::maps::{HashMap, Map, MapData};
+    use nat_common::{CtEntry, CtKey, DIR_ORIGINAL, DIR_REPLY, dgram_state};
+    let pin = lab.bpffs_dir.join("v1/maps/conntrack");
+    let data = MapData::from_pin(&pin).unwrap();
+    let mut ct: HashMap<_, CtKey, CtEntry> = Map::from_map_data(data).unwrap().try_into().unwrap();
+    let now = bpfnat::datapath::ct_now_ns();
+    for i in 0..n {
+        let [_, _, a, b] = i.to_be_bytes();
+        let k = CtKey {
+            src_addr: [203, 0, 113, a],
+            dst_addr: [192, 0, 2, b],
+            src_port: 40000u16.to_be_bytes(),
+            dst_port: 53u16.to_be_bytes(),
+            proto: PROTO_UDP,
+            _pad: [0; 3],
+        };
+        let e = CtEntry {
+            xlate_src_addr: k.src_addr,
+            xlate_dst_addr: k.dst_addr,
+            xlate_src_port: k.src_port,
+            xlate_dst_port: k.dst_port,
+            dir: DIR_ORIGINAL,
+            state: dgram_state::REPLIED,
+            created_ns: now,
+            last_seen_ns: now,
+            ..CtEntry::default()
+        };
+        let r = k.reversed();
+        let re = CtEntry {
+            xlate_src_addr: r.src_addr,
+            xlate_dst_addr: r.dst_addr,
+            xlate_src_port: r.src_port,
+            xlate_dst_port: r.dst_port,
+            dir: DIR_REPLY,
+            ..e
+        };
+        ct.insert(k, e, 0).unwrap();
+        ct.insert(r, re, 0).unwrap();
+    }
+}
+
+/// `n` UDP flows from namespace `ns` to the external echo server on port 7002: one datagram
+/// out and its answer each, then a second round on every socket half a second later. Returns
+/// how many exchanges got no answer.
+fn udp_flows(ns: &std::path::Path, n: usize) -> usize {
+    bpfnat::netns::run_in(ns, move || {
+        let socks: Vec<UdpSocket> = (0..n)
+            .map(|_| {
+                let s = UdpSocket::bind(v4(Ipv4Addr::UNSPECIFIED, 0))?;
+                s.connect(v4(EXT_ADDR, 7002))?;
+                s.set_read_timeout(Some(Duration::from_secs(1)))?;
+                Ok(s)
+            })
+            .collect::<std::io::Result<_>>()?;
+        let mut failed = 0;
+        let mut buf = [0u8; 128];
+        for round in 0..2 {
+            for s in &socks {
+                s.send(b"ping")?;
+                if s.recv(&mut buf).is_err() {
+                    failed += 1;
+                }
+            }
+            if round == 0 {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+        Ok(failed)
+    })
+    .expect("UDP flows")
+}
+
+#[test]
+fn garbage_collection_during_new_connections_breaks_none() {
+    let lab = lab_up("adv-gc");
+    let c = add_container(&lab, "c", &[]);
+    fill_conntrack(&lab, 40_000);
+    const FLOWS: usize = 320;
+    let echo = traffic::udp_echo(
+        &lab.ext,
+        v4(EXT_ADDR, 7002),
+        2 * FLOWS,
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (runs, failed) = std::thread::scope(|scope| {
+        let gc = scope.spawn(|| {
+            let mut runs = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                lab.ok(&["conntrack", "gc"]).expect("conntrack gc");
+                runs += 1;
+            }
+            runs
+        });
+        let failed = udp_flows(&c.ns, FLOWS);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (gc.join().expect("gc thread"), failed)
+    });
+    drop(echo);
+    assert!(runs >= 2, "gc ran {runs} times only");
+    assert_eq!(failed, 0, "flows broken while gc ran");
+    let stats = json(&lab, &["conntrack", "stats"]);
+    assert_eq!(stats["orphans"], 0, "{stats}");
+    assert_eq!(
+        stats["connections"].as_u64().unwrap(),
+        40_000 + FLOWS as u64,
+        "{stats}"
+    );
+}
+
+/// Recompute the IPv4 header checksum of frame `f` after a test changed the header.
+fn fix_ip_csum(f: &mut [u8]) {
+    f[24] = 0;
+    f[25] = 0;
+    let c = packet::csum(&f[14..34], 0);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+}
+
+#[test]
+fn malformed_packets_from_outside_create_no_state_and_are_counted() {
+    let lab = lab_up("adv-invalid");
+    let c = add_container(&lab, "c", &["-p", "9092:92/udp", "-p", "9093:93/tcp"]);
+    let srv = traffic::udp_echo(&c.ns, v4(Ipv4Addr::UNSPECIFIED, 92), 10, WINDOW).unwrap();
+    let udp = |sport: u16| from_segment(&lab, EXT_ADDR, sport, NODE_ADDR, 9092);
+
+    let mut longer_than_frame = udp(FORGED_PORT + 1);
+    longer_than_frame[17] += 100;
+    fix_ip_csum(&mut longer_than_frame);
+    let mut shorter_than_header = udp(FORGED_PORT + 2);
+    shorter_than_header[16..18].copy_from_slice(&16u16.to_be_bytes());
+    fix_ip_csum(&mut shorter_than_header);
+    let mut udp_len_lies = udp(FORGED_PORT + 3);
+    udp_len_lies[39] += 10;
+    let mut bad_ip_csum = udp(FORGED_PORT + 4);
+    bad_ip_csum[25] ^= 0x55;
+    let mut ttl_1 = udp(FORGED_PORT + 5);
+    ttl_1[22] = 1;
+    fix_ip_csum(&mut ttl_1);
+    let mut tcp_doff_4 = packet::frame(
+        EXT_MAC,
+        uplink_mac(&lab),
+        EXT_ADDR,
+        NODE_ADDR,
+        packet::PROTO_TCP,
+        &packet::tcp(EXT_ADDR, NODE_ADDR, FORGED_PORT + 6, 9093, 0x02),
+    );
+    tcp_doff_4[46] = 4 << 4;
+    wire::send(
+        &lab.ext,
+        "eth0",
+        vec![
+            longer_than_frame,
+            shorter_than_header,
+            udp_len_lies,
+            bad_ip_csum,
+            ttl_1,
+            tcp_doff_4,
+            // Positive control, last: the lab delivered everything before it.
+            udp(FORGED_PORT),
+        ],
+    );
+    assert_eq!(
+        srv.join().unwrap(),
+        vec![v4(EXT_ADDR, FORGED_PORT)],
+        "only the well-formed datagram arrives"
+    );
+    let flows = bpfnat_tests::flows(&lab);
+    assert_eq!(flows.len(), 1, "only the control created state: {flows:?}");
+    assert_eq!(counter(&lab, "drop_truncated"), 1);
+    assert_eq!(counter(&lab, "drop_invalid"), 4);
+    assert_eq!(counter(&lab, "drop_ttl"), 1);
+}
