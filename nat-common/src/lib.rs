@@ -574,10 +574,15 @@ pub enum Reason {
     /// disagrees with the datagram, or (before a connection is created) a wrong IPv4 header
     /// checksum. Such packets never create state nor get translated.
     DropInvalid = 32,
+    /// Dropped: an ICMP error that quotes a tracked connection but does not fit it, as
+    /// nf_conntrack requires: it is not addressed to the quoted packet's sender (a
+    /// reflection), it travels a direction that does not arrive where it came in, or a
+    /// container sends it about a packet it did not receive (its private source would leak).
+    DropIcmpMismatch = 33,
 }
 
 /// Number of `Reason` slots in the `stats` array.
-pub const REASON_COUNT: u32 = 33;
+pub const REASON_COUNT: u32 = 34;
 
 impl Reason {
     /// Every reason with its stable name, in index order.
@@ -615,6 +620,7 @@ impl Reason {
         (Self::DropMartian, "drop_martian"),
         (Self::Broadcast, "broadcast"),
         (Self::DropInvalid, "drop_invalid"),
+        (Self::DropIcmpMismatch, "drop_icmp_mismatch"),
     ];
 }
 

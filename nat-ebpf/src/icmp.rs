@@ -160,8 +160,10 @@ fn set_inner_port(
 }
 
 /// Translate the error `p` if it is about a tracked connection. `Ok(false)`: it is not.
+/// `from_outside`: it arrived on the uplink (else from a container, whose address anti-spoofing
+/// has checked).
 #[inline(always)]
-pub fn translate(ctx: &impl Pkt, p: &mut Ip4) -> Result<bool, Reason> {
+pub fn translate(ctx: &impl Pkt, p: &mut Ip4, from_outside: bool) -> Result<bool, Reason> {
     let Some(i) = inner(ctx, p) else {
         return Ok(false);
     };
@@ -170,9 +172,19 @@ pub fn translate(ctx: &impl Pkt, p: &mut Ip4) -> Result<bool, Reason> {
     let Some(e) = conntrack::lookup(&i.key.reversed()) else {
         return Ok(false);
     };
+    // It must go back to the quoted packet's sender (nf_conntrack's rule) along a direction
+    // that starts where it came in. From a container it must be about a packet that
+    // container received, so that its outer source is always translated below.
+    if p.dst != i.key.src_addr
+        || conntrack::arrives_from_outside(e) != from_outside
+        || (!from_outside && p.src != i.key.dst_addr)
+    {
+        return Err(Reason::DropIcmpMismatch);
+    }
     let e = conntrack::Xlate::of(e);
 
-    // Outer: to whom the error goes, and from whom if the quoted packet's receiver sent it.
+    // Outer: to whom the error goes, and from whom if the quoted packet's receiver sent it
+    // (a router on the way outside keeps its own address).
     if p.src == i.key.dst_addr {
         nat::set_src(ctx, p, e.src)?;
     }

@@ -91,7 +91,7 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
         return forward::to_endpoint(ctx, &mut p, &peer, false, Reason::Forward);
     }
 
-    if icmp::is_error(&p) && p.ttl > 1 && icmp::translate(ctx, &mut p)? {
+    if icmp::is_error(&p) && p.ttl > 1 && icmp::translate(ctx, &mut p, false)? {
         return deliver(ctx, cfg, &mut p, ifindex);
     }
 
@@ -263,7 +263,7 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
         if p.ttl <= 1 {
             return Err(Reason::DropTtl);
         }
-        if icmp::translate(ctx, &mut p)? {
+        if icmp::translate(ctx, &mut p, true)? {
             return deliver(ctx, cfg, &mut p, ifindex);
         }
     }

@@ -338,3 +338,114 @@ fn malformed_packets_from_outside_create_no_state_and_are_counted() {
     assert_eq!(counter(&lab, "drop_invalid"), 4);
     assert_eq!(counter(&lab, "drop_ttl"), 1);
 }
+
+/// An ICMP "port unreachable" from `src` to `dst` quoting a UDP datagram
+/// `q_src:q_sport → q_dst:q_dport`, as an Ethernet frame from `smac` to `dmac`.
+#[expect(clippy::too_many_arguments, reason = "a packet is its fields")]
+fn port_unreachable(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    q_src: Ipv4Addr,
+    q_sport: u16,
+    q_dst: Ipv4Addr,
+    q_dport: u16,
+) -> Vec<u8> {
+    let quoted = packet::frame(
+        [0; 6],
+        [0; 6],
+        q_src,
+        q_dst,
+        PROTO_UDP,
+        &packet::udp(q_src, q_dst, q_sport, q_dport, true),
+    );
+    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&quoted[14..14 + 28]);
+    let c = packet::csum(&icmp, 0);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    packet::frame(smac, dmac, src, dst, packet::PROTO_ICMP, &icmp)
+}
+
+/// A UDP socket in `ns` bound to `port` and connected to `dst`, which has sent one datagram
+/// (so a masqueraded connection exists).
+fn connected_udp(ns: &std::path::Path, port: u16, dst: std::net::SocketAddr) -> UdpSocket {
+    bpfnat::netns::run_in(ns, move || {
+        let s = UdpSocket::bind(v4(Ipv4Addr::UNSPECIFIED, port))?;
+        s.connect(dst)?;
+        s.set_read_timeout(Some(Duration::from_millis(700)))?;
+        s.send(b"hello")?;
+        Ok(s)
+    })
+    .unwrap()
+}
+
+/// Whether the next receive on `s` reports "connection refused" (an ICMP error reached it).
+fn refused(s: &UdpSocket) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(s.recv(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused)
+}
+
+#[test]
+fn icmp_errors_that_do_not_fit_the_connection_they_quote_are_dropped() {
+    let lab = lab_up("adv-icmp");
+    let c = add_container(&lab, "c", &[]);
+    let v = add_container(&lab, "v", &[]);
+    // A silent peer: it neither answers nor refuses.
+    let _silent =
+        bpfnat::netns::run_in(&lab.ext, || Ok(UdpSocket::bind(v4(EXT_ADDR, 7003))?)).unwrap();
+    let cs = connected_udp(&c.ns, 6001, v4(EXT_ADDR, 7003));
+    let vs = connected_udp(&v.ns, 6002, v4(EXT_ADDR, 7003));
+    std::thread::sleep(Duration::from_millis(100));
+    let mac = uplink_mac(&lab);
+    let from_ext = |dst: Ipv4Addr| {
+        port_unreachable(EXT_MAC, mac, EXT_ADDR, dst, NODE_ADDR, 6001, EXT_ADDR, 7003)
+    };
+
+    // From outside: an error not addressed to the quoted packet's sender is a reflection.
+    wire::send(
+        &lab.ext,
+        "eth0",
+        vec![from_ext(Ipv4Addr::new(203, 0, 113, 9))],
+    );
+    assert!(!refused(&cs), "a reflected error reached the container");
+    // Positive control: the same error to the node's address reaches it.
+    wire::send(&lab.ext, "eth0", vec![from_ext(NODE_ADDR)]);
+    assert!(
+        refused(&cs),
+        "the genuine error did not reach the container"
+    );
+
+    // From a container: an error about another container's connection would leave with a
+    // private source address.
+    let cap = wire::capture(&lab.ext, "eth0", Duration::from_secs(2));
+    let about_v = |from: &bpfnat_tests::ContainerInfo| {
+        port_unreachable(
+            from.mac,
+            from.host_mac,
+            from.ip,
+            EXT_ADDR,
+            EXT_ADDR,
+            7003,
+            v.ip,
+            6002,
+        )
+    };
+    wire::send(&c.ns, "eth0", vec![about_v(&c)]);
+    // Positive control: the victim itself may send it.
+    wire::send(&v.ns, "eth0", vec![about_v(&v)]);
+    let icmp_out: Vec<Ipv4Addr> = cap
+        .join()
+        .unwrap()
+        .iter()
+        .filter(|f| f.len() > 34 && f[12..14] == [8, 0] && f[23] == packet::PROTO_ICMP)
+        .map(|f| Ipv4Addr::new(f[26], f[27], f[28], f[29]))
+        .collect();
+    assert_eq!(
+        icmp_out,
+        vec![NODE_ADDR],
+        "only the victim's own error left, masqueraded"
+    );
+    assert_eq!(counter(&lab, "drop_icmp_mismatch"), 2);
+    drop(vs);
+}
