@@ -181,15 +181,7 @@ pub fn add_container(lab: &Lab, short: &str, args: &[&str]) -> ContainerInfo {
         .find(|c| c["name"] == name)
         .expect("the new container is listed")
         .clone();
-    let mac = |k: &str| -> [u8; 6] {
-        let v: Vec<u8> = c[k]
-            .as_array()
-            .expect("MAC array")
-            .iter()
-            .map(|b| b.as_u64().expect("MAC byte") as u8)
-            .collect();
-        v.try_into().expect("6-byte MAC")
-    };
+    let mac = |k: &str| mac_of(&c[k]);
     ContainerInfo {
         ns: lab.container_ns(&name),
         ip: c["ip"].as_str().expect("ip").parse().expect("IPv4"),
@@ -202,9 +194,14 @@ pub fn add_container(lab: &Lab, short: &str, args: &[&str]) -> ContainerInfo {
 /// The node's uplink MAC, from `bpfnat status`.
 #[must_use]
 pub fn uplink_mac(lab: &Lab) -> [u8; 6] {
-    let v: Vec<u8> = json(lab, &["status"])["node"]["uplink_mac"]
+    mac_of(&json(lab, &["status"])["node"]["uplink_mac"])
+}
+
+/// A MAC address as bpfnat's JSON prints it (an array of six numbers).
+fn mac_of(v: &serde_json::Value) -> [u8; 6] {
+    let v: Vec<u8> = v
         .as_array()
-        .expect("uplink_mac array")
+        .expect("MAC array")
         .iter()
         .map(|b| b.as_u64().expect("MAC byte") as u8)
         .collect();

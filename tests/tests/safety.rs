@@ -6,7 +6,7 @@ use std::{net::Ipv4Addr, os::fd::AsRawFd as _, process::Command, time::Duration}
 use bpfnat_tests::{
     ContainerInfo, EXT_ADDR, NODE_ADDR, add_container, counter, json, lab_up,
     packet::{self, PROTO_UDP},
-    traffic, v4,
+    traffic, v4, wire,
 };
 
 const WINDOW: Duration = Duration::from_secs(5);
@@ -15,44 +15,9 @@ fn container(lab: &bpfnat_tests::Lab, short: &str) -> ContainerInfo {
     add_container(lab, short, &[])
 }
 
-/// Write `frame` as it is on the container's eth0 (AF_PACKET), bypassing its IP stack.
+/// Write `frame` as it is on the container's eth0, bypassing its IP stack.
 fn send_raw(c: &ContainerInfo, frame: Vec<u8>) {
-    bpfnat::netns::run_in(&c.ns, move || {
-        // SAFETY: plain socket syscalls on a descriptor owned by this closure.
-        unsafe {
-            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-            assert!(fd >= 0, "AF_PACKET socket");
-            let sock = std::os::fd::OwnedFd::from_raw_fd_checked(fd);
-            let ifindex = libc::if_nametoindex(c"eth0".as_ptr());
-            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-            addr.sll_family = libc::AF_PACKET as u16;
-            addr.sll_ifindex = ifindex as i32;
-            addr.sll_halen = 6;
-            addr.sll_addr[..6].copy_from_slice(&frame[..6]);
-            let n = libc::sendto(
-                sock.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                (&raw const addr).cast(),
-                size_of::<libc::sockaddr_ll>() as u32,
-            );
-            assert_eq!(n, frame.len() as isize, "raw send");
-        }
-        Ok(())
-    })
-    .unwrap();
-}
-
-trait FromRawChecked {
-    fn from_raw_fd_checked(fd: i32) -> Self;
-}
-impl FromRawChecked for std::os::fd::OwnedFd {
-    fn from_raw_fd_checked(fd: i32) -> Self {
-        use std::os::fd::FromRawFd as _;
-        // SAFETY: `fd` was just returned by socket() and is owned by nobody else.
-        unsafe { Self::from_raw_fd(fd) }
-    }
+    wire::send(&c.ns, "eth0", vec![frame]);
 }
 
 #[test]
