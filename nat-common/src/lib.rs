@@ -305,7 +305,7 @@ pub const CT_FIN_REPLY: u8 = 1 << 1;
 /// direction `dir` (`DIR_*`).
 ///
 /// Loose like nf_conntrack: a connection first seen mid-stream starts ESTABLISHED; a SYN on a
-/// closed or closing connection reopens it. FIN_WAIT: one side sent FIN; CLOSE_WAIT: the other
+/// closed connection reopens it, one on an open connection changes nothing. FIN_WAIT: one side sent FIN; CLOSE_WAIT: the other
 /// side acknowledged it; LAST_ACK: both sent FIN; TIME_WAIT: the last FIN was acknowledged.
 #[must_use]
 pub const fn tcp_transition(state: u8, fins: u8, dir: u8, flags: u8) -> (u8, u8) {
@@ -318,7 +318,10 @@ pub const fn tcp_transition(state: u8, fins: u8, dir: u8, flags: u8) -> (u8, u8)
     }
     if flags & SYN != 0 {
         if flags & ACK == 0 {
-            return if dir == DIR_ORIGINAL {
+            // A new SYN reopens only a connection that is not open (nf_conntrack ignores one
+            // on an established connection; the endpoint answers it with a challenge ACK).
+            let reopens = matches!(state, NONE | SYN_SENT | TIME_WAIT | CLOSE);
+            return if dir == DIR_ORIGINAL && reopens {
                 (SYN_SENT, 0)
             } else {
                 (state, fins)
@@ -465,7 +468,11 @@ pub struct CtEntry {
     /// 1: the cached next hop is a container (`nh_ifindex` is its host veth, the packet goes
     /// into its namespace); 0: a FIB next hop on the way out.
     pub nh_peer: u8,
-    pub _pad: [u8; 2],
+    /// TCP: this direction's window scale (shift) from its SYN; 0 when either SYN lacked the
+    /// option (RFC 7323: scaling is used only when both sides offer it).
+    pub tcp_wscale: u8,
+    /// TCP: `TCP_SEEN` once a segment of this direction has set the `tcp_*` window fields.
+    pub tcp_track: u8,
     /// Next hop cached for packets of this direction, from the FIB (leaving by the uplink) or
     /// the endpoint table (into a container): egress ifindex (0 = none cached).
     pub nh_ifindex: u32,
@@ -481,7 +488,19 @@ pub struct CtEntry {
     /// that container's veth must carry to take the conntrack fast path).
     pub mac: [u8; 6],
     pub _pad3: [u8; 2],
+    /// TCP window tracking (nf_conntrack's `tcp_in_window`), host order. The sequence number
+    /// after the highest byte this direction has sent (SYN and FIN count one).
+    pub tcp_end: u32,
+    /// The highest sequence number this direction allows the other to send: the largest
+    /// acknowledgement plus scaled window it has advertised.
+    pub tcp_limit: u32,
+    /// The largest scaled window this direction has advertised (at least 1).
+    pub tcp_maxwin: u32,
+    pub _pad4: u32,
 }
+
+/// `CtEntry::tcp_track`: this direction's window fields are set.
+pub const TCP_SEEN: u8 = 1;
 
 /// How long a cached next hop is trusted: route and neighbour changes take effect within it.
 pub const NEXT_HOP_CACHE_NS: u64 = 1_000_000_000;
@@ -579,10 +598,18 @@ pub enum Reason {
     /// reflection), it travels a direction that does not arrive where it came in, or a
     /// container sends it about a packet it did not receive (its private source would leak).
     DropIcmpMismatch = 33,
+    /// Dropped: a TCP RST outside the connection's window (nf_conntrack's `tcp_in_window`):
+    /// a blind forgery, which the endpoint would ignore too. Segments outside the window
+    /// without RST are forwarded but change no state.
+    DropTcpWindow = 34,
+    /// Dropped: a TCP or UDP checksum that is complete and wrong, on a packet that would
+    /// create a connection or change its state (SYN, FIN, RST). nf_conntrack marks those
+    /// INVALID; the endpoint would drop them too.
+    DropL4Csum = 35,
 }
 
 /// Number of `Reason` slots in the `stats` array.
-pub const REASON_COUNT: u32 = 34;
+pub const REASON_COUNT: u32 = 36;
 
 impl Reason {
     /// Every reason with its stable name, in index order.
@@ -621,6 +648,8 @@ impl Reason {
         (Self::Broadcast, "broadcast"),
         (Self::DropInvalid, "drop_invalid"),
         (Self::DropIcmpMismatch, "drop_icmp_mismatch"),
+        (Self::DropTcpWindow, "drop_tcp_window"),
+        (Self::DropL4Csum, "drop_l4_csum"),
     ];
 }
 
@@ -723,7 +752,7 @@ mod tests {
     #[test]
     fn layouts_have_the_sizes_bpftool_shows() {
         assert_eq!(size_of::<CtKey>(), 16);
-        assert_eq!(size_of::<CtEntry>(), 96);
+        assert_eq!(size_of::<CtEntry>(), 112);
         assert_eq!(size_of::<PortKey>(), 8);
         assert_eq!(size_of::<PortTarget>(), 12);
         assert_eq!(size_of::<Endpoint>(), 20);
@@ -761,6 +790,20 @@ mod tests {
         c = step(c, DIR_ORIGINAL, ACK);
         assert_eq!(c.0, TIME_WAIT);
         assert_eq!(step(c, DIR_ORIGINAL, SYN), (SYN_SENT, 0), "reopened");
+        assert_eq!(
+            step((CLOSE, 0), DIR_ORIGINAL, SYN),
+            (SYN_SENT, 0),
+            "reopened"
+        );
+        assert_eq!(
+            step((ESTABLISHED, 0), DIR_ORIGINAL, SYN),
+            (ESTABLISHED, 0),
+            "a SYN on an open connection changes nothing"
+        );
+        assert_eq!(
+            step((CLOSE_WAIT, CT_FIN_ORIG), DIR_ORIGINAL, SYN),
+            (CLOSE_WAIT, CT_FIN_ORIG)
+        );
         assert_eq!(step((ESTABLISHED, 0), DIR_REPLY, RST).0, CLOSE);
         assert_eq!(step((NONE, 0), DIR_ORIGINAL, ACK).0, ESTABLISHED);
         // Simultaneous close: both FINs before any ACK.

@@ -21,6 +21,8 @@ use nat_common::{
 use crate::{
     maps::{CONNTRACK, SCRATCH},
     parse::Ip4,
+    pkt::Pkt,
+    tcp,
 };
 
 /// Ports tried from a random start when the original source port is taken.
@@ -76,7 +78,7 @@ pub fn arrives_from_outside(e: *const CtEntry) -> bool {
 
 /// The key of the entry for the other direction of `e`'s connection.
 #[inline(always)]
-fn peer_key(e: &CtEntry, proto: u8) -> CtKey {
+pub fn peer_key(e: &CtEntry, proto: u8) -> CtKey {
     CtKey {
         src_addr: e.xlate_dst_addr,
         dst_addr: e.xlate_src_addr,
@@ -96,9 +98,13 @@ fn initial_state(p: &Ip4) -> u8 {
     }
 }
 
-/// Account a packet to its entry and advance the connection's state in both entries.
+/// Account a packet to its entry and advance the connection's state in both entries. TCP
+/// segments are checked against the window first: `Err` for an RST outside it.
 #[inline(always)]
-pub fn touch(e: *mut CtEntry, p: &Ip4, now: u64) {
+pub fn touch(ctx: &impl Pkt, e: *mut CtEntry, p: &Ip4, now: u64) -> Result<(), Reason> {
+    if p.proto == PROTO_TCP {
+        tcp::track(ctx, e, p)?;
+    }
     // SAFETY: `e` points into the map value; the counters are added atomically (packets of
     // one direction may be handled on several CPUs at once), the rest are plain stores that
     // concurrent writers race to the same values.
@@ -112,24 +118,14 @@ pub fn touch(e: *mut CtEntry, p: &Ip4, now: u64) {
     // SAFETY: as above.
     let e = unsafe { &mut *e };
     e.last_seen_ns = now;
-    let (next, fins) = if p.proto == PROTO_TCP {
-        tcp_transition(e.state, e.flags, e.dir, p.tcp_flags)
-    } else if e.dir == DIR_REPLY {
-        (dgram_state::REPLIED, e.flags)
-    } else {
-        (e.state, e.flags)
-    };
-    if next != e.state || fins != e.flags {
-        e.state = next;
-        e.flags = fins;
+    if p.proto != PROTO_TCP && e.dir == DIR_REPLY && e.state != dgram_state::REPLIED {
+        e.state = dgram_state::REPLIED;
         if let Some(peer) = lookup(&peer_key(e, p.proto)) {
             // SAFETY: as above.
-            unsafe {
-                (*peer).state = next;
-                (*peer).flags = fins;
-            }
+            unsafe { (*peer).state = dgram_state::REPLIED };
         }
     }
+    Ok(())
 }
 
 /// Whether the connection `e` belongs to has been idle past its timeout in both directions.
@@ -300,7 +296,13 @@ pub struct NewConn<'a> {
 /// Create both entries of a new connection for `p` and return the original direction's.
 /// The reply entry is claimed first: its tuple is what must be unique.
 #[inline(always)]
-pub fn create(p: &Ip4, n: &NewConn, cfg: &Config, now: u64) -> Result<Xlate, Reason> {
+pub fn create(
+    ctx: &impl Pkt,
+    p: &Ip4,
+    n: &NewConn,
+    cfg: &Config,
+    now: u64,
+) -> Result<Xlate, Reason> {
     let mut nat = 0;
     if n.src != p.src {
         nat |= NAT_SNAT;
@@ -360,6 +362,9 @@ pub fn create(p: &Ip4, n: &NewConn, cfg: &Config, now: u64) -> Result<Xlate, Rea
     orig.dir = DIR_ORIGINAL;
     orig.origin = n.origin;
     orig.generation = n.generation;
+    if p.proto == PROTO_TCP {
+        tcp::init(ctx, p, orig);
+    }
     if CONNTRACK
         .insert(&p.key(), &*orig, u64::from(BPF_ANY))
         .is_err()
@@ -372,7 +377,13 @@ pub fn create(p: &Ip4, n: &NewConn, cfg: &Config, now: u64) -> Result<Xlate, Rea
 
 /// MASQUERADE: `p` from the container behind `ifindex` leaves with the SNAT address.
 #[inline(always)]
-pub fn create_snat(p: &Ip4, cfg: &Config, owner: &Endpoint, now: u64) -> Result<Xlate, Reason> {
+pub fn create_snat(
+    ctx: &impl Pkt,
+    p: &Ip4,
+    cfg: &Config,
+    owner: &Endpoint,
+    now: u64,
+) -> Result<Xlate, Reason> {
     let n = NewConn {
         src: cfg.snat_addr,
         dst: p.dst,
@@ -382,12 +393,13 @@ pub fn create_snat(p: &Ip4, cfg: &Config, owner: &Endpoint, now: u64) -> Result<
         generation: 0,
         owner,
     };
-    create(p, &n, cfg, now)
+    create(ctx, p, &n, cfg, now)
 }
 
 /// A client outside connects to the published port `t`; its address is kept.
 #[inline(always)]
 pub fn create_dnat(
+    ctx: &impl Pkt,
     p: &Ip4,
     t: &PortTarget,
     cfg: &Config,
@@ -403,7 +415,7 @@ pub fn create_dnat(
         generation: t.generation,
         owner,
     };
-    create(p, &n, cfg, now)
+    create(ctx, p, &n, cfg, now)
 }
 
 /// Hairpin: a container connects to a published port on a node address. The source becomes
@@ -411,6 +423,7 @@ pub fn create_dnat(
 /// the sender itself).
 #[inline(always)]
 pub fn create_hairpin(
+    ctx: &impl Pkt,
     p: &Ip4,
     t: &PortTarget,
     cfg: &Config,
@@ -426,5 +439,5 @@ pub fn create_hairpin(
         generation: t.generation,
         owner: target,
     };
-    create(p, &n, cfg, now)
+    create(ctx, p, &n, cfg, now)
 }

@@ -4,12 +4,13 @@
 use aya_ebpf::programs::TcContext;
 use nat_common::{
     CFG_MASQUERADE, Config, PROTO_TCP, PROTO_UDP, PortKey, PortTarget, Reason, STATIC_EXTERNAL,
-    STATIC_INTERNAL,
+    STATIC_INTERNAL, tcp_flags,
 };
 
 use crate::{
     TC_ACT_OK, addr,
     conntrack::{self, now},
+    csum,
     forward::{self, container_at, endpoint},
     frag, icmp,
     maps::{CONFIG, PORTS},
@@ -66,7 +67,8 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
         && unsafe { (*ep).ifindex == ifindex && (*ep).mac == eth_src }
     {
         let t = now();
-        conntrack::touch(ep, &p, t);
+        ctl_csum_ok(ctx, &p)?;
+        conntrack::touch(ctx, ep, &p, t)?;
         count(Reason::CtHit, ctx.len());
         let x = conntrack::Xlate::of(ep);
         return forward::forward_tracked(ctx, cfg, &mut p, ifindex, ep, &x, t);
@@ -102,7 +104,8 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
             return pass(ctx);
         }
         let t = now();
-        conntrack::touch(ep, &p, t);
+        ctl_csum_ok(ctx, &p)?;
+        conntrack::touch(ctx, ep, &p, t)?;
         count(Reason::CtHit, ctx.len());
         let x = conntrack::Xlate::of(ep);
         return forward::forward_tracked(ctx, cfg, &mut p, ifindex, ep, &x, t);
@@ -122,10 +125,8 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
             return pass(ctx);
         }
         let target = endpoint(&t.addr).ok_or(Reason::DropNoEndpoint)?;
-        if !parse::ipv4_csum_ok(ctx, &p) {
-            return Err(Reason::DropInvalid);
-        }
-        let e = conntrack::create_hairpin(&p, &t, cfg, &target, now())?;
+        valid_for_state(ctx, &p)?;
+        let e = conntrack::create_hairpin(ctx, &p, &t, cfg, &target, now())?;
         nat::apply(ctx, &mut p, &e)?;
         count(Reason::HairpinNew, ctx.len());
         return forward::to_endpoint(ctx, &mut p, &target, true, Reason::Deliver);
@@ -168,13 +169,37 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
     if !p.is_trackable() {
         return Err(Reason::DropUnsupported);
     }
-    if !parse::ipv4_csum_ok(ctx, &p) {
-        return Err(Reason::DropInvalid);
-    }
-    let e = conntrack::create_snat(&p, cfg, &me, now())?;
+    valid_for_state(ctx, &p)?;
+    let e = conntrack::create_snat(ctx, &p, cfg, &me, now())?;
     nat::apply(ctx, &mut p, &e)?;
     count(Reason::SnatNew, ctx.len());
     forward::route(ctx, &mut p, ifindex, Some(nh))
+}
+
+/// Checksums that must hold before a packet creates a connection: the IPv4 header's and the
+/// L4 one (as far as `csum::l4_ok` can tell). A function of its own: inlined into the long
+/// callers, the compiler kept a pointer into the context across them, which the verifier
+/// refuses.
+#[inline(never)]
+fn valid_for_state(ctx: &TcContext, p: &parse::Ip4) -> Result<(), Reason> {
+    if !parse::ipv4_csum_ok(ctx, p) {
+        return Err(Reason::DropInvalid);
+    }
+    if !csum::l4_ok(ctx, p) {
+        return Err(Reason::DropL4Csum);
+    }
+    Ok(())
+}
+
+/// A TCP segment that may change its connection's state (SYN, FIN, RST) needs an L4 checksum
+/// that holds; other segments change nothing the endpoint would not reject them for.
+#[inline(always)]
+fn ctl_csum_ok(ctx: &TcContext, p: &parse::Ip4) -> Result<(), Reason> {
+    let ctl = tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST;
+    if p.proto == PROTO_TCP && p.tcp_flags & ctl != 0 && !csum::l4_ok(ctx, p) {
+        return Err(Reason::DropL4Csum);
+    }
+    Ok(())
 }
 
 /// Send a translated packet on: into a container when the new destination is one, else
@@ -278,7 +303,8 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
         && conntrack::arrives_from_outside(e)
     {
         let t = now();
-        conntrack::touch(e, &p, t);
+        ctl_csum_ok(ctx, &p)?;
+        conntrack::touch(ctx, e, &p, t)?;
         count(Reason::CtHit, ctx.len());
         if p.ttl <= 1 {
             return Err(Reason::DropTtl);
@@ -296,10 +322,8 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
         if p.ttl <= 1 {
             return Err(Reason::DropTtl);
         }
-        if !parse::ipv4_csum_ok(ctx, &p) {
-            return Err(Reason::DropInvalid);
-        }
-        let e = conntrack::create_dnat(&p, &t, cfg, &ep, now())?;
+        valid_for_state(ctx, &p)?;
+        let e = conntrack::create_dnat(ctx, &p, &t, cfg, &ep, now())?;
         count(Reason::DnatNew, ctx.len());
         e
     } else if parse::in_subnet(p.dst, cfg.subnet_addr, cfg.subnet_mask) {

@@ -2,6 +2,7 @@
 #![no_std]
 #![no_main]
 #![feature(core_intrinsics)]
+#![feature(asm_experimental_arch)]
 #![expect(
     internal_features,
     reason = "the BPF target has no atomic read-modify-write in core::sync::atomic; the intrinsic lowers to BPF's atomic add (conntrack counters)"
@@ -13,6 +14,7 @@
 
 mod addr;
 mod conntrack;
+mod csum;
 mod forward;
 mod frag;
 mod icmp;
@@ -23,6 +25,7 @@ mod parse;
 mod pkt;
 mod sock;
 mod stats;
+mod tcp;
 mod xdp;
 
 use aya_ebpf::{

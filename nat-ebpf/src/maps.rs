@@ -55,3 +55,8 @@ pub static FRAGS: LruHashMap<FragKey, FragPorts, { FRAGS_MAX_ENTRIES as usize }>
 #[btf_map(name = "node_addrs")]
 pub static NODE_ADDRS: HashMap<[u8; 4], NodeAddr, { NODE_ADDRS_MAX_ENTRIES as usize }> =
     HashMap::new();
+
+/// Per-CPU scratch bytes: chunks of a segment whose checksum is being verified, a SYN's TCP
+/// options. Never pinned: nothing in it outlives one packet.
+#[btf_map(name = "csum_buf")]
+pub static CSUM_BUF: PerCpuArray<[u8; crate::csum::CHUNK as usize], 1> = PerCpuArray::new();

@@ -20,12 +20,17 @@ pub const IP_DST_OFF: usize = IP_OFF + 16;
 pub const ICMP_ECHO_REPLY: u8 = 0;
 pub const ICMP_ECHO_REQUEST: u8 = 8;
 
+/// Furthest offset a header is read at: every header we parse (quoted ICMP headers included)
+/// starts well within it.
+pub const MAX_HDR_OFF: usize = 255;
+
 /// A whole `T` at `off`, or `None` when the packet is shorter.
 #[inline(always)]
 pub fn ptr_at<T>(ctx: &impl Pkt, off: usize) -> Option<*const T> {
     let start = ctx.start();
     let end = ctx.end();
-    if start + off + size_of::<T>() > end {
+    // The bound also tells the verifier the offset's range, whatever the compiler did with it.
+    if off > MAX_HDR_OFF || start + off + size_of::<T>() > end {
         return None;
     }
     Some((start + off) as *const T)

@@ -7,10 +7,11 @@
 //! - XDP has no skb and no checksum state: it updates the field by hand too, which is right
 //!   for every packet whose checksum is complete, i.e. everything a NIC receives.
 
-use core::mem::size_of;
+use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
-    bindings::BPF_F_MARK_MANGLED_0,
+    bindings::{__sk_buff, BPF_F_MARK_MANGLED_0},
+    helpers::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
     programs::{TcContext, XdpContext},
 };
 use nat_common::{Reason, csum_replace};
@@ -39,6 +40,12 @@ pub trait Pkt {
     /// Update the L4 checksum at `off`; `flags` as for `bpf_l4_csum_replace` (size in the low
     /// bits, `BPF_F_PSEUDO_HDR`, `BPF_F_MARK_MANGLED_0`).
     fn csum_l4(&self, off: usize, old: u32, new: u32, flags: u64) -> Result<(), Reason>;
+    /// Copy `len` bytes at `off` (anywhere in the packet, not only its linear part) to `to`.
+    ///
+    /// # Safety
+    /// `to` must be valid for `len` bytes of writes (a map value or stack buffer the
+    /// verifier knows the size of).
+    unsafe fn load(&self, off: u32, to: *mut u8, len: u32) -> bool;
 }
 
 #[inline(always)]
@@ -46,15 +53,39 @@ fn helper(r: Result<(), i64>) -> Result<(), Reason> {
     r.map_err(|_| Reason::DropHelper)
 }
 
+/// Offsets of `data` and `data_end` in `__sk_buff`.
+const SKB_DATA: usize = core::mem::offset_of!(__sk_buff, data);
+const SKB_DATA_END: usize = core::mem::offset_of!(__sk_buff, data_end);
+
+/// Load a `u32` field of the context in one instruction. Through plain Rust, the compiler may
+/// compute the field's address once and keep it across a long function (spilled to the
+/// stack); the verifier refuses to dereference such a moved context pointer.
+macro_rules! ctx_field {
+    ($skb:expr, $off:expr) => {{
+        let v: u64;
+        // SAFETY: a read of a field of the program's own context.
+        unsafe {
+            core::arch::asm!(
+                "{v} = *(u32 *)({skb} + {off})",
+                v = out(reg) v,
+                skb = in(reg) $skb,
+                off = const $off,
+                options(readonly, nostack, preserves_flags),
+            )
+        };
+        v as usize
+    }};
+}
+
 impl Pkt for TcContext {
     #[inline(always)]
     fn start(&self) -> usize {
-        self.data()
+        ctx_field!(self.skb.skb, SKB_DATA)
     }
 
     #[inline(always)]
     fn end(&self) -> usize {
-        self.data_end()
+        ctx_field!(self.skb.skb, SKB_DATA_END)
     }
 
     #[inline(always)]
@@ -65,6 +96,12 @@ impl Pkt for TcContext {
     #[inline(always)]
     fn csum_l4(&self, off: usize, old: u32, new: u32, flags: u64) -> Result<(), Reason> {
         helper(self.l4_csum_replace(off, u64::from(old), u64::from(new), flags))
+    }
+
+    #[inline(always)]
+    unsafe fn load(&self, off: u32, to: *mut u8, len: u32) -> bool {
+        // SAFETY: the caller vouches for `to`; the helper checks the packet side.
+        unsafe { bpf_skb_load_bytes(self.skb.skb as *const c_void, off, to.cast(), len) >= 0 }
     }
 }
 
@@ -144,5 +181,11 @@ impl Pkt for XdpContext {
             flags & 0xf,
             keep_zero,
         )
+    }
+
+    #[inline(always)]
+    unsafe fn load(&self, off: u32, to: *mut u8, len: u32) -> bool {
+        // SAFETY: the caller vouches for `to`; the helper checks the packet side.
+        unsafe { bpf_xdp_load_bytes(self.ctx, off, to.cast(), len) >= 0 }
     }
 }

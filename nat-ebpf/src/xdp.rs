@@ -1,28 +1,32 @@
 //! The uplink's XDP fast path: replies to masqueraded connections, packets of connections to
-//! published ports, new connections to a published port on the node address, and static NAT
-//! are translated and redirected to the container's host veth before the kernel allocates an
-//! skb. Everything else (ARP, fragments, ICMP errors, expiring TTLs, traffic for the node,
-//! what needs a FIB lookup, anything that would be dropped) is passed on untouched, to the
-//! uplink's TC program and the stack, which make the same decisions the slow way.
+//! published ports and static NAT are translated and redirected to the container's host veth
+//! before the kernel allocates an skb. Everything else (new connections, TCP segments with
+//! SYN, FIN or RST, ARP, fragments, ICMP errors, expiring TTLs, traffic for the node, what
+//! needs a FIB lookup, anything that would be dropped) is passed on untouched, to the
+//! uplink's TC program and the stack, which make the same decisions the slow way: only TC
+//! knows whether an L4 checksum was verified.
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS},
     helpers::bpf_redirect,
     programs::XdpContext,
 };
-use nat_common::{Endpoint, Reason, STATIC_EXTERNAL};
+use nat_common::{Endpoint, Reason, STATIC_EXTERNAL, tcp_flags};
 
 use crate::{
     addr,
     conntrack::{self, now},
     forward::{self, Hop, container_at, endpoint},
     icmp,
-    ingress::{config, port_target},
+    ingress::config,
     nat,
     parse::{self, L3},
     pkt::Pkt,
     stats::count,
 };
+
+/// TCP segments that may change a connection's state: TC verifies their checksum first.
+const CTL: u8 = tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST;
 
 #[inline(always)]
 fn pass(ctx: &XdpContext) -> Result<u32, Reason> {
@@ -70,41 +74,33 @@ pub fn from_uplink(ctx: &XdpContext) -> Result<u32, Reason> {
         count(Reason::StaticNat, ctx.bytes());
         return deliver(ctx, &mut p, &hop_of(&ep));
     }
-    if !p.is_trackable() {
+    if !p.is_trackable() || p.tcp_flags & CTL != 0 {
         return pass(ctx);
     }
-    let (x, hop) = if let Some(e) = conntrack::lookup(&p.key()) {
-        if !conntrack::arrives_from_outside(e) {
-            return pass(ctx);
-        }
-        let t = now();
-        // Only connections that end in a container are XDP's; the cached hop says so.
-        let hop = match forward::cached_peer(e, t) {
-            Some(h) => h,
-            None => {
-                // SAFETY: read of a map value.
-                let to = unsafe { (*e).xlate_dst_addr };
-                let Some(ep) = container_at(cfg, &to) else {
-                    return pass(ctx);
-                };
-                forward::remember_peer(e, &ep, t)
-            }
-        };
-        conntrack::touch(e, &p, t);
-        count(Reason::CtHit, ctx.bytes());
-        (conntrack::Xlate::of(e), hop)
-    } else if p.dst == cfg.node_addr
-        && let Some(t) = port_target(&p)
-        && !addr::is_node_addr(cfg, &p.src)
-        && let Some(ep) = endpoint(&t.addr)
-        && parse::ipv4_csum_ok(ctx, &p)
-    {
-        let x = conntrack::create_dnat(&p, &t, cfg, &ep, now())?;
-        count(Reason::DnatNew, ctx.bytes());
-        (x, hop_of(&ep))
-    } else {
+    // New connections go to TC, which knows whether the L4 checksum was verified (an XDP
+    // frame has no checksum state) before creating anything.
+    let Some(e) = conntrack::lookup(&p.key()) else {
         return pass(ctx);
     };
+    if !conntrack::arrives_from_outside(e) {
+        return pass(ctx);
+    }
+    let t = now();
+    // Only connections that end in a container are XDP's; the cached hop says so.
+    let hop = match forward::cached_peer(e, t) {
+        Some(h) => h,
+        None => {
+            // SAFETY: read of a map value.
+            let to = unsafe { (*e).xlate_dst_addr };
+            let Some(ep) = container_at(cfg, &to) else {
+                return pass(ctx);
+            };
+            forward::remember_peer(e, &ep, t)
+        }
+    };
+    conntrack::touch(ctx, e, &p, t)?;
+    count(Reason::CtHit, ctx.bytes());
+    let x = conntrack::Xlate::of(e);
     nat::apply(ctx, &mut p, &x)?;
     deliver(ctx, &mut p, &hop)
 }

@@ -49,6 +49,67 @@ pub fn tcp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> V
     t
 }
 
+/// A TCP segment with the given numbers and no payload, checksummed for `src -> dst`
+/// (`good = false` breaks the checksum).
+#[must_use]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "a segment's fields, named at the call"
+)]
+pub fn tcp_seg(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    good: bool,
+) -> Vec<u8> {
+    let mut t = vec![0u8; 20];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[4..8].copy_from_slice(&seq.to_be_bytes());
+    t[8..12].copy_from_slice(&ack.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = flags;
+    t[14..16].copy_from_slice(&1024u16.to_be_bytes());
+    let mut c = csum(&t, pseudo(src, dst, PROTO_TCP, t.len()));
+    if !good {
+        c ^= 0x5a5a;
+    }
+    t[16..18].copy_from_slice(&c.to_be_bytes());
+    t
+}
+
+/// The sequence and acknowledgement numbers, flags and payload length of a TCP segment in an
+/// Ethernet frame, if it is one from `src` to `dst`.
+#[must_use]
+pub fn tcp_numbers(
+    f: &[u8],
+    src: std::net::SocketAddrV4,
+    dst: std::net::SocketAddrV4,
+) -> Option<(u32, u32, u8, u32)> {
+    if f.len() < 54 || f[12..14] != [0x08, 0x00] || f[23] != PROTO_TCP {
+        return None;
+    }
+    let ihl = usize::from(f[14] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([f[16], f[17]]));
+    let t = f.get(14 + ihl..14 + total)?;
+    let addr = |o: usize| Ipv4Addr::new(f[o], f[o + 1], f[o + 2], f[o + 3]);
+    let port = |o: usize| u16::from_be_bytes([t[o], t[o + 1]]);
+    if addr(26) != *src.ip()
+        || addr(30) != *dst.ip()
+        || port(0) != src.port()
+        || port(2) != dst.port()
+    {
+        return None;
+    }
+    let word = |o: usize| u32::from_be_bytes([t[o], t[o + 1], t[o + 2], t[o + 3]]);
+    let doff = usize::from(t[12] >> 4) * 4;
+    Some((word(4), word(8), t[13], (t.len() - doff) as u32))
+}
+
 /// A UDP datagram; `checksum = false` leaves the field 0 ("no checksum").
 #[must_use]
 pub fn udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, checksum: bool) -> Vec<u8> {

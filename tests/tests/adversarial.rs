@@ -313,6 +313,27 @@ fn malformed_packets_from_outside_create_no_state_and_are_counted() {
         &packet::tcp(EXT_ADDR, NODE_ADDR, FORGED_PORT + 6, 9093, 0x02),
     );
     tcp_doff_4[46] = 4 << 4;
+    // Complete L4 checksums that are wrong (a raw frame's skb is CHECKSUM_NONE).
+    let mut bad_udp_csum = udp(FORGED_PORT + 7);
+    bad_udp_csum[40] ^= 0x55;
+    let mut bad_syn_csum = packet::frame(
+        EXT_MAC,
+        uplink_mac(&lab),
+        EXT_ADDR,
+        NODE_ADDR,
+        packet::PROTO_TCP,
+        &packet::tcp(EXT_ADDR, NODE_ADDR, FORGED_PORT + 8, 9093, 0x02),
+    );
+    bad_syn_csum[50] ^= 0x55;
+    // UDP without a checksum (0) is valid over IPv4.
+    let no_udp_csum = packet::frame(
+        EXT_MAC,
+        uplink_mac(&lab),
+        EXT_ADDR,
+        NODE_ADDR,
+        PROTO_UDP,
+        &packet::udp(EXT_ADDR, NODE_ADDR, FORGED_PORT + 9, 9092, false),
+    );
     wire::send(
         &lab.ext,
         "eth0",
@@ -323,20 +344,61 @@ fn malformed_packets_from_outside_create_no_state_and_are_counted() {
             bad_ip_csum,
             ttl_1,
             tcp_doff_4,
+            bad_udp_csum,
+            bad_syn_csum,
+            no_udp_csum,
             // Positive control, last: the lab delivered everything before it.
             udp(FORGED_PORT),
         ],
     );
     assert_eq!(
         srv.join().unwrap(),
-        vec![v4(EXT_ADDR, FORGED_PORT)],
-        "only the well-formed datagram arrives"
+        vec![v4(EXT_ADDR, FORGED_PORT + 9), v4(EXT_ADDR, FORGED_PORT)],
+        "only the well-formed datagrams arrive"
     );
     let flows = bpfnat_tests::flows(&lab);
-    assert_eq!(flows.len(), 1, "only the control created state: {flows:?}");
+    assert_eq!(flows.len(), 2, "only the controls created state: {flows:?}");
     assert_eq!(counter(&lab, "drop_truncated"), 1);
     assert_eq!(counter(&lab, "drop_invalid"), 4);
     assert_eq!(counter(&lab, "drop_ttl"), 1);
+    assert_eq!(counter(&lab, "drop_l4_csum"), 2);
+}
+
+#[test]
+fn a_container_cannot_open_a_connection_with_a_wrong_checksum() {
+    let lab = lab_up("adv-csum");
+    let c = add_container(&lab, "c", &[]);
+    let far = traffic::udp_echo(&lab.ext, v4(EXT_ADDR, 7003), 10, WINDOW).unwrap();
+    let datagram = |sport: u16, good: bool| {
+        let mut f = packet::frame(
+            c.mac,
+            c.host_mac,
+            c.ip,
+            EXT_ADDR,
+            PROTO_UDP,
+            &packet::udp(c.ip, EXT_ADDR, sport, 7003, true),
+        );
+        if !good {
+            f[40] ^= 0x55;
+        }
+        f
+    };
+    // Complete and wrong, then the same datagram right (the control, last).
+    wire::send(
+        &c.ns,
+        "eth0",
+        vec![
+            datagram(FORGED_PORT + 1, false),
+            datagram(FORGED_PORT, true),
+        ],
+    );
+    assert_eq!(
+        far.join().unwrap(),
+        vec![v4(NODE_ADDR, FORGED_PORT)],
+        "only the datagram with a right checksum was masqueraded"
+    );
+    assert_eq!(counter(&lab, "drop_l4_csum"), 1);
+    assert_eq!(bpfnat_tests::flows(&lab).len(), 1);
 }
 
 /// An ICMP "port unreachable" from `src` to `dst` quoting a UDP datagram
@@ -448,4 +510,187 @@ fn icmp_errors_that_do_not_fit_the_connection_they_quote_are_dropped() {
     );
     assert_eq!(counter(&lab, "drop_icmp_mismatch"), 2);
     drop(vs);
+}
+
+/// An open TCP connection between two namespaces, the server echoing what it reads.
+struct Held {
+    client: std::net::TcpStream,
+    /// The client's address as the server saw it (for a masqueraded client, the node's).
+    seen: std::net::SocketAddrV4,
+}
+
+fn hold(
+    server_ns: &std::path::Path,
+    listen: std::net::SocketAddr,
+    client_ns: &std::path::Path,
+    dst: std::net::SocketAddr,
+) -> Held {
+    use std::io::{Read as _, Write as _};
+    let listener =
+        bpfnat::netns::run_in(server_ns, move || Ok(std::net::TcpListener::bind(listen)?)).unwrap();
+    let client = bpfnat::netns::run_in(client_ns, move || {
+        Ok(std::net::TcpStream::connect_timeout(&dst, WINDOW)?)
+    })
+    .unwrap();
+    client.set_read_timeout(Some(WINDOW)).unwrap();
+    let (mut s, peer) = listener.accept().unwrap();
+    std::thread::spawn(move || {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+        let mut buf = [0u8; 64];
+        while let Ok(n @ 1..) = s.read(&mut buf) {
+            if s.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    let std::net::SocketAddr::V4(seen) = peer else {
+        panic!("IPv4 peer expected")
+    };
+    Held { client, seen }
+}
+
+/// One byte there and back: whether the connection still carries data.
+fn round_trip(h: &mut Held) -> bool {
+    use std::io::{Read as _, Write as _};
+    let mut b = [0u8; 1];
+    h.client.write_all(b"x").is_ok() && h.client.read_exact(&mut b).is_ok() && b == *b"x"
+}
+
+/// The outside side's next sequence number and acknowledgement on the wire, from a capture
+/// on the external host during one round trip.
+fn next_numbers(
+    lab: &Lab,
+    h: &mut Held,
+    from: std::net::SocketAddrV4,
+    to: std::net::SocketAddrV4,
+) -> (u32, u32) {
+    let cap = wire::capture(&lab.ext, "eth0", Duration::from_secs(1));
+    assert!(round_trip(h), "the connection carries data");
+    let frames = cap.join().unwrap();
+    let (seq, ack, flags, len) = frames
+        .iter()
+        .rev()
+        .find_map(|f| packet::tcp_numbers(f, from, to))
+        .expect("a segment from the outside side was captured");
+    (
+        seq.wrapping_add(len).wrapping_add(u32::from(flags & 1)),
+        ack,
+    )
+}
+
+fn tcp_state_of(lab: &Lab, dport: u16) -> String {
+    bpfnat_tests::flows(lab)
+        .iter()
+        .find(|f| f["proto"] == "tcp" && f["original"]["dport"] == dport)
+        .map(|f| f["state"].as_str().unwrap_or_default().to_owned())
+        .unwrap_or_else(|| "none".to_owned())
+}
+
+#[test]
+fn forged_tcp_segments_outside_the_window_or_with_bad_checksums_change_no_state() {
+    use nat_common::tcp_flags::{ACK, FIN, RST, SYN};
+    let lab = lab_up("adv-rst");
+    let c = add_container(&lab, "c", &["-p", "8081:81"]);
+    let node = |port| std::net::SocketAddrV4::new(NODE_ADDR, port);
+    let ext = |port| std::net::SocketAddrV4::new(EXT_ADDR, port);
+
+    // Published: the outside side is the client. Masqueraded: the outside side is the server.
+    let mut published = hold(
+        &c.ns,
+        v4(Ipv4Addr::UNSPECIFIED, 81),
+        &lab.ext,
+        v4(NODE_ADDR, 8081),
+    );
+    let client_port = match published.client.local_addr().unwrap() {
+        std::net::SocketAddr::V4(a) => a.port(),
+        other => panic!("{other}"),
+    };
+    let mut masq = hold(&lab.ext, v4(EXT_ADDR, 9100), &c.ns, v4(EXT_ADDR, 9100));
+    let cases = [
+        (&mut published, ext(client_port), node(8081), 8081u16),
+        (&mut masq, ext(9100), node(0), 9100u16),
+    ];
+    for (h, from, to, dport) in cases {
+        let to = if to.port() == 0 { h.seen } else { to };
+        assert_eq!(tcp_state_of(&lab, dport), "ESTABLISHED");
+        let (seq, ack) = next_numbers(&lab, h, from, to);
+        let forge = |seq: u32, flags: u8, good: bool| {
+            packet::frame(
+                EXT_MAC,
+                uplink_mac(&lab),
+                *from.ip(),
+                *to.ip(),
+                packet::PROTO_TCP,
+                &packet::tcp_seg(
+                    *from.ip(),
+                    *to.ip(),
+                    from.port(),
+                    to.port(),
+                    seq,
+                    ack,
+                    flags,
+                    good,
+                ),
+            )
+        };
+        let (win, csum) = (
+            counter(&lab, "drop_tcp_window"),
+            counter(&lab, "drop_l4_csum"),
+        );
+        wire::send(
+            &lab.ext,
+            "eth0",
+            vec![
+                // Blind: far outside the window.
+                forge(seq.wrapping_add(0x4000_0000), RST | ACK, true),
+                forge(seq.wrapping_sub(0x4000_0000), RST, true),
+                // The exact next sequence number, but a checksum the endpoint would reject.
+                forge(seq, RST | ACK, false),
+                // A FIN outside the window and a SYN on the open connection: forwarded (the
+                // endpoint answers them) but they move nothing.
+                forge(seq.wrapping_add(0x4000_0000), FIN | ACK, true),
+                forge(seq.wrapping_add(12345), SYN, true),
+            ],
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            tcp_state_of(&lab, dport),
+            "ESTABLISHED",
+            "forged segments moved {dport}"
+        );
+        assert_eq!(counter(&lab, "drop_tcp_window"), win + 2, "{dport}");
+        assert_eq!(counter(&lab, "drop_l4_csum"), csum + 1, "{dport}");
+        lab.ok(&["conntrack", "gc"]).unwrap();
+        assert!(round_trip(h), "{dport} survived the forged segments and gc");
+        assert_eq!(tcp_state_of(&lab, dport), "ESTABLISHED");
+
+        // Positive control: the same RST in the window and with its checksum right does
+        // close the connection.
+        let (seq, ack) = next_numbers(&lab, h, from, to);
+        let rst = packet::frame(
+            EXT_MAC,
+            uplink_mac(&lab),
+            *from.ip(),
+            *to.ip(),
+            packet::PROTO_TCP,
+            &packet::tcp_seg(
+                *from.ip(),
+                *to.ip(),
+                from.port(),
+                to.port(),
+                seq,
+                ack,
+                RST | ACK,
+                true,
+            ),
+        );
+        wire::send(&lab.ext, "eth0", vec![rst]);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            tcp_state_of(&lab, dport),
+            "CLOSE",
+            "an honest RST closes {dport}"
+        );
+        assert_eq!(counter(&lab, "drop_tcp_window"), win + 2);
+    }
 }

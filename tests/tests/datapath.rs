@@ -16,6 +16,7 @@ use bpfnat_tests::{
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
 
 struct Ran {
     action: u32,
@@ -146,7 +147,7 @@ fn dnat_rewrites_destination_and_keeps_checksums_valid() {
         web.ip,
         EXT_ADDR,
         PROTO_TCP,
-        &packet::tcp(web.ip, EXT_ADDR, 80, 40000, SYN | 0x10),
+        &packet::tcp(web.ip, EXT_ADDR, 80, 40000, SYN | ACK),
     );
     let r = run(&lab, "tc_container", web.host_ifindex, synack);
     assert!(
@@ -216,7 +217,7 @@ fn snat_rewrites_source_and_keeps_checksums_valid() {
     // The reply comes back to the container, checksums intact.
     let synack = from_ext(
         PROTO_TCP,
-        &packet::tcp(EXT_ADDR, NODE_ADDR, 80, 20000, SYN | 0x10),
+        &packet::tcp(EXT_ADDR, NODE_ADDR, 80, 20000, SYN | ACK),
     );
     let r = run(&lab, "tc_uplink", uplink_ifindex(&lab), synack);
     assert_eq!(r.action, TC_ACT_REDIRECT);
@@ -440,12 +441,24 @@ fn xdp_translates_like_tc_and_passes_on_what_it_does_not_finish() {
     );
     let c = container(&lab, "c", "10.88.0.3", &[]);
 
-    // A new connection to a published port: DNAT, TTL, MACs, checksums.
+    let up_if = uplink_ifindex(&lab);
+
+    // A new connection to a published port is TC's (only TC knows whether its checksum was
+    // verified): XDP passes the SYN on untouched. The connection's next segment is XDP's:
+    // DNAT, TTL, MACs, checksums.
     let syn = from_ext(
         PROTO_TCP,
         &packet::tcp(EXT_ADDR, NODE_ADDR, 40000, 8080, SYN),
     );
-    let r = run_xdp(&lab, syn);
+    let r = run_xdp(&lab, syn.clone());
+    assert_eq!((r.action, &r.out), (XDP_PASS, &syn), "a SYN goes to TC");
+    assert_eq!(run(&lab, "tc_uplink", up_if, syn).action, TC_ACT_REDIRECT);
+    assert_eq!(counter(&lab, "dnat_new"), 1);
+    let ack = from_ext(
+        PROTO_TCP,
+        &packet::tcp(EXT_ADDR, NODE_ADDR, 40000, 8080, ACK),
+    );
+    let r = run_xdp(&lab, ack);
     assert_eq!(r.action, XDP_REDIRECT, "redirected to the container's veth");
     let s = packet::verify(&r.out);
     assert_eq!(
@@ -453,13 +466,17 @@ fn xdp_translates_like_tc_and_passes_on_what_it_does_not_finish() {
         (EXT_ADDR, 40000, web.ip, 80)
     );
     assert_eq!((s.ttl, s.dst_mac, s.src_mac), (63, web.mac, web.host_mac));
-    assert_eq!(counter(&lab, "dnat_new"), 1);
 
     // UDP: "no checksum" stays zero, a real one stays right.
     for (sport, with) in [(40001, false), (40002, true)] {
         let q = from_ext(
             PROTO_UDP,
             &packet::udp(EXT_ADDR, NODE_ADDR, sport, 5353, with),
+        );
+        assert_eq!(run_xdp(&lab, q.clone()).action, XDP_PASS, "new: TC's");
+        assert_eq!(
+            run(&lab, "tc_uplink", up_if, q.clone()).action,
+            TC_ACT_REDIRECT
         );
         let r = run_xdp(&lab, q);
         assert_eq!(r.action, XDP_REDIRECT);
@@ -478,11 +495,11 @@ fn xdp_translates_like_tc_and_passes_on_what_it_does_not_finish() {
         &packet::tcp(c.ip, EXT_ADDR, 20000, 80, SYN),
     );
     let sent = packet::verify(&run(&lab, "tc_container", c.host_ifindex, out).out);
-    let synack = from_ext(
+    let reply = from_ext(
         PROTO_TCP,
-        &packet::tcp(EXT_ADDR, NODE_ADDR, 80, sent.sport, SYN | 0x10),
+        &packet::tcp(EXT_ADDR, NODE_ADDR, 80, sent.sport, ACK),
     );
-    let r = run_xdp(&lab, synack);
+    let r = run_xdp(&lab, reply);
     assert_eq!(r.action, XDP_REDIRECT);
     let s = packet::verify(&r.out);
     assert_eq!(

@@ -30,8 +30,9 @@ use aya::{
     },
 };
 use nat_common::{
-    Config, Counter, CtEntry, CtKey, Endpoint, NodeAddr, PIN_VERSION, PortKey, PortTarget, Reason,
-    STATIC_EXTERNAL, STATIC_INTERNAL, SockKey, SockOrig, StaticNat, map_names, prog_names,
+    Config, Counter, CtEntry, CtKey, Endpoint, NodeAddr, PIN_VERSION, PortKey, PortTarget,
+    REASON_COUNT, Reason, STATIC_EXTERNAL, STATIC_INTERNAL, SockKey, SockOrig, StaticNat,
+    map_names, prog_names,
 };
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 
@@ -181,7 +182,9 @@ fn expected(name: &str) -> (MapType, usize, usize) {
     }
 }
 
-/// aya reuses whatever is pinned at a map's path, whatever its shape: check first.
+/// aya reuses whatever is pinned at a map's path, whatever its shape: check first. The stats
+/// array's length is part of its shape too: an older, shorter one would leave new reasons
+/// uncounted.
 fn check_pinned_maps(pins: &Pins) -> Result<()> {
     for name in MAPS {
         let path = pins.map(name);
@@ -196,13 +199,15 @@ fn check_pinned_maps(pins: &Pins) -> Result<()> {
             info.key_size() as usize,
             info.value_size() as usize,
         );
-        if found != (Some(ty), k, v) {
+        let slots_ok = name != map_names::STATS || info.max_entries() == REASON_COUNT;
+        if found != (Some(ty), k, v) || !slots_ok {
             bail!(
-                "pinned map {} has another layout ({:?}, key {} B, value {} B) than this bpfnat expects; run `bpfnat down` or remove it",
+                "pinned map {} has another layout ({:?}, key {} B, value {} B, {} entries) than this bpfnat expects; run `bpfnat down` or remove it",
                 path.display(),
                 found.0,
                 found.1,
-                found.2
+                found.2,
+                info.max_entries()
             );
         }
     }

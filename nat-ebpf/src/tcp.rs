@@ -1,0 +1,335 @@
+//! TCP window tracking, after nf_conntrack's `tcp_in_window`, so that a forged segment cannot
+//! change a connection's state. Each entry keeps its own direction's view: the sequence
+//! number after the highest byte it sent (`tcp_end`), the highest one it lets the other side
+//! send (`tcp_limit`: acknowledgement plus scaled window) and its largest window
+//! (`tcp_maxwin`). A segment is in the window when
+//! - it ends no later than the receiver allows (`end <= receiver.tcp_limit`),
+//! - it ends after the oldest byte the receiver may still accept
+//!   (`end > sender.tcp_end - receiver.tcp_maxwin`),
+//! - its acknowledgement (if any, RST aside) is of data the receiver did send and not older
+//!   than the sender's window.
+//!
+//! A segment outside the window is forwarded (the endpoint answers it) but teaches nothing and
+//! changes no state; an RST outside it is dropped (`drop_tcp_window`). Directions not seen yet
+//! (a connection picked up mid-stream) are learned from their first segment, except an
+//! answer to a SYN, which must acknowledge exactly that SYN (RFC 9293, SYN-SENT).
+
+use core::ffi::c_void;
+
+use aya_ebpf::helpers::bpf_loop;
+use nat_common::{
+    CtEntry, DIR_ORIGINAL, DIR_REPLY, PROTO_TCP, Reason, TCP_SEEN, tcp_flags, tcp_state,
+    tcp_transition,
+};
+
+use crate::{
+    conntrack::{lookup, peer_key},
+    maps::CSUM_BUF,
+    parse::{IP_OFF, Ip4, ptr_at},
+    pkt::Pkt,
+};
+
+/// `CtEntry::tcp_track`: `tcp_limit` is set (this direction has acknowledged something).
+const TCP_ACKED: u8 = 2;
+/// `CtEntry::tcp_track`: this direction's SYN offered window scaling.
+const TCP_WS_OFFERED: u8 = 4;
+/// nf_conntrack's bound for acknowledgements when no window is known yet.
+const MAX_ACK_WINDOW: u32 = 66000;
+/// RFC 7323's largest shift.
+const MAX_WSCALE: u8 = 14;
+
+/// What window tracking needs from a segment, host order.
+#[derive(Clone, Copy)]
+pub struct Seg {
+    pub ack: u32,
+    /// The sequence number after it: `seq` + payload, SYN and FIN counting one each.
+    pub end: u32,
+    /// The raw (unscaled) window field.
+    pub win: u32,
+    pub flags: u8,
+    /// Length of the TCP options.
+    pub opt_len: u8,
+}
+
+#[inline(always)]
+fn before(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
+}
+
+#[inline(always)]
+fn after(a: u32, b: u32) -> bool {
+    before(b, a)
+}
+
+/// The segment's numbers, or `None` for a later fragment (no TCP header).
+#[inline(always)]
+pub fn seg(ctx: &impl Pkt, p: &Ip4) -> Option<Seg> {
+    if !p.l4_present {
+        return None;
+    }
+    let t = ptr_at::<[u8; 20]>(ctx, p.l4_off)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let t = unsafe { *t };
+    let doff = u32::from(t[12] >> 4) * 4;
+    let ihl = (p.l4_off - IP_OFF) as u32;
+    let payload = u32::from(p.tot_len).saturating_sub(ihl + doff);
+    let flags = t[13];
+    let seq = u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
+    let syn_fin = u32::from(flags & tcp_flags::SYN != 0) + u32::from(flags & tcp_flags::FIN != 0);
+    Some(Seg {
+        ack: u32::from_be_bytes([t[8], t[9], t[10], t[11]]),
+        end: seq.wrapping_add(payload).wrapping_add(syn_fin),
+        win: u32::from(u16::from_be_bytes([t[14], t[15]])),
+        flags,
+        opt_len: doff.saturating_sub(20) as u8,
+    })
+}
+
+/// Option walk state, shared with the `bpf_loop` callback.
+#[repr(C)]
+struct Opts {
+    /// Where the next option starts.
+    next: u32,
+    len: u32,
+    /// The window scale option's shift, or 0xff when absent.
+    wscale: u32,
+}
+
+/// Byte `k` of the options (1 stops the walk). Steps go byte by byte, acting only where an
+/// option starts: indexing by the loop counter, which the verifier does not track exactly,
+/// lets it verify the callback once instead of once per possible cursor value.
+unsafe extern "C" fn opt_step(k: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `Opts` on the caller's stack that `wscale` passed in.
+    let o = unsafe { &mut *ctx.cast::<Opts>() };
+    let k = k as u32;
+    if k >= o.len {
+        return 1;
+    }
+    if k != o.next {
+        return 0;
+    }
+    let Some(buf) = CSUM_BUF.get_ptr(0) else {
+        return 1;
+    };
+    // SAFETY: indexes below 64 in a 256-byte map value.
+    let byte = |j: u32| unsafe { (*buf)[(j & 63) as usize] };
+    match byte(k) {
+        0 => 1,
+        1 => {
+            o.next = k + 1;
+            0
+        }
+        kind => {
+            let len = u32::from(byte(k + 1));
+            if len < 2 || k + len > o.len {
+                return 1;
+            }
+            if kind == 3 && len == 3 {
+                o.wscale = u32::from(byte(k + 2).min(MAX_WSCALE));
+                return 1;
+            }
+            o.next = k + len;
+            0
+        }
+    }
+}
+
+/// The window scale a SYN offers, if any.
+#[inline(always)]
+fn wscale(ctx: &impl Pkt, p: &Ip4, s: &Seg) -> Option<u8> {
+    let len = u32::from(s.opt_len);
+    if len == 0 || len > 40 {
+        return None;
+    }
+    let buf = CSUM_BUF.get_ptr_mut(0)?;
+    // Word by word, each load of a constant size (the verifier cannot follow a variable
+    // length through the compiler's rewrites of the check above).
+    let base = (p.l4_off + 20) as u32;
+    let mut w = 0;
+    while w < 10 && w * 4 < len {
+        // SAFETY: 4 bytes at an offset below 40 of a 256-byte map value.
+        let to = unsafe { buf.cast::<u8>().add((w * 4) as usize) };
+        // SAFETY: as above.
+        if !unsafe { ctx.load(base + w * 4, to, 4) } {
+            return None;
+        }
+        w += 1;
+    }
+    let mut o = Opts {
+        next: 0,
+        len,
+        wscale: 0xff,
+    };
+    // SAFETY: the callback only touches `o`, which outlives the call.
+    unsafe {
+        bpf_loop(
+            40,
+            opt_step as *mut c_void,
+            (&raw mut o).cast::<c_void>(),
+            0,
+        );
+    }
+    (o.wscale != 0xff).then_some(o.wscale as u8)
+}
+
+/// Start a direction's view from its SYN (a new or reopened connection).
+#[inline(always)]
+pub fn init_from_syn(ctx: &impl Pkt, p: &Ip4, e: &mut CtEntry) {
+    let Some(s) = seg(ctx, p) else {
+        return;
+    };
+    e.tcp_end = s.end;
+    // A SYN's window is never scaled.
+    e.tcp_maxwin = s.win.max(1);
+    e.tcp_track = TCP_SEEN;
+    e.tcp_wscale = 0;
+    e.tcp_limit = 0;
+    if let Some(ws) = wscale(ctx, p, &s) {
+        e.tcp_track |= TCP_WS_OFFERED;
+        e.tcp_wscale = ws;
+    }
+}
+
+/// Start the original direction's view of a new connection from its first segment: a SYN,
+/// or any segment of a connection picked up mid-stream.
+#[inline(always)]
+pub fn init(ctx: &impl Pkt, p: &Ip4, e: &mut CtEntry) {
+    let Some(s) = seg(ctx, p) else {
+        return;
+    };
+    if s.flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN {
+        init_from_syn(ctx, p, e);
+    } else {
+        learn(e, &s);
+    }
+}
+
+/// Whether `s`, sent by the direction of `snd` to that of `rcv`, is in the window.
+#[inline(always)]
+fn in_window(snd: &CtEntry, rcv: &CtEntry, s: &Seg) -> bool {
+    let rst = s.flags & tcp_flags::RST != 0;
+    let ack = s.flags & tcp_flags::ACK != 0;
+    if rcv.tcp_track & TCP_SEEN == 0 {
+        // Nothing known about the receiver yet (picked up mid-stream, or a retransmitted SYN).
+        return true;
+    }
+    if snd.tcp_track & TCP_SEEN == 0 {
+        // The first answer to a SYN: a SYN-ACK or RST must acknowledge that SYN exactly.
+        if snd.state == tcp_state::SYN_SENT && (rst || s.flags & tcp_flags::SYN != 0) {
+            return ack && s.ack == rcv.tcp_end;
+        }
+        return true;
+    }
+    if rcv.tcp_track & TCP_ACKED != 0 && after(s.end, rcv.tcp_limit) {
+        return false;
+    }
+    let oldest = snd.tcp_end.wrapping_sub(rcv.tcp_maxwin);
+    if !after(s.end, oldest.wrapping_sub(1)) {
+        return false;
+    }
+    if ack && !rst {
+        let span = snd.tcp_maxwin.max(MAX_ACK_WINDOW);
+        if after(s.ack, rcv.tcp_end) || before(s.ack, rcv.tcp_end.wrapping_sub(span)) {
+            return false;
+        }
+    }
+    true
+}
+
+/// Learn from an in-window segment of `e`'s direction.
+#[inline(always)]
+fn learn(e: &mut CtEntry, s: &Seg) {
+    let win = if s.flags & tcp_flags::SYN != 0 {
+        s.win
+    } else {
+        s.win << e.tcp_wscale
+    };
+    if e.tcp_track & TCP_SEEN == 0 {
+        e.tcp_end = s.end;
+        e.tcp_maxwin = win.max(1);
+        e.tcp_track |= TCP_SEEN;
+    } else {
+        if after(s.end, e.tcp_end) {
+            e.tcp_end = s.end;
+        }
+        if win > e.tcp_maxwin {
+            e.tcp_maxwin = win;
+        }
+    }
+    if s.flags & tcp_flags::ACK != 0 {
+        // A zero window still lets one byte through (a window probe).
+        let limit = s.ack.wrapping_add(win.max(1));
+        if e.tcp_track & TCP_ACKED == 0 || after(limit, e.tcp_limit) {
+            e.tcp_limit = limit;
+            e.tcp_track |= TCP_ACKED;
+        }
+    }
+}
+
+/// The SYN-ACK settles window scaling: used only when both SYNs offered it.
+#[inline(always)]
+fn settle_wscale(ctx: &impl Pkt, p: &Ip4, s: &Seg, e: &mut CtEntry, peer: &mut CtEntry) {
+    match wscale(ctx, p, s) {
+        Some(ws) if peer.tcp_track & TCP_WS_OFFERED != 0 => {
+            e.tcp_wscale = ws;
+            e.tcp_track |= TCP_WS_OFFERED;
+        }
+        _ => {
+            e.tcp_wscale = 0;
+            peer.tcp_wscale = 0;
+        }
+    }
+}
+
+/// Track a TCP segment of `e`'s direction: check it against the window, learn from it and
+/// advance the connection's state in both entries. `Err` only for an RST outside the window.
+#[inline(always)]
+pub fn track(ctx: &impl Pkt, e: *mut CtEntry, p: &Ip4) -> Result<(), Reason> {
+    let Some(s) = seg(ctx, p) else {
+        return Ok(());
+    };
+    // SAFETY: `e` points into the map value; concurrent writers of one connection race to
+    // similar values, as in nf_conntrack without its lock, and never past the window rules.
+    let e = unsafe { &mut *e };
+    let peer = lookup(&peer_key(e, PROTO_TCP));
+    let (next, fins) = tcp_transition(e.state, e.flags, e.dir, s.flags);
+    let syn_only = s.flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
+    if syn_only && e.dir == DIR_ORIGINAL && next == tcp_state::SYN_SENT {
+        // A new connection on this tuple (or the SYN again): start over.
+        init_from_syn(ctx, p, e);
+        if let Some(peer) = peer {
+            // SAFETY: as above.
+            unsafe { (*peer).tcp_track = 0 };
+        }
+    } else if let Some(peer) = peer {
+        // SAFETY: as above.
+        let peer = unsafe { &mut *peer };
+        if !in_window(e, peer, &s) {
+            if s.flags & tcp_flags::RST != 0 {
+                return Err(Reason::DropTcpWindow);
+            }
+            return Ok(());
+        }
+        if e.dir == DIR_REPLY
+            && e.tcp_track & TCP_SEEN == 0
+            && s.flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN | tcp_flags::ACK
+        {
+            settle_wscale(ctx, p, &s, e, peer);
+        }
+        learn(e, &s);
+    } else {
+        learn(e, &s);
+    }
+    if next != e.state || fins != e.flags {
+        e.state = next;
+        e.flags = fins;
+        if let Some(peer) = peer {
+            // SAFETY: as above.
+            unsafe {
+                (*peer).state = next;
+                (*peer).flags = fins;
+            }
+        }
+    }
+    Ok(())
+}
