@@ -19,6 +19,9 @@ pub mod map_names {
     pub const ENDPOINTS: &str = "endpoints";
     pub const PORTS: &str = "ports";
     pub const CONNTRACK: &str = "conntrack";
+    /// Connections not assured yet (no answer seen): an LRU of their own, so that a flood of
+    /// them never displaces an established connection in `conntrack`.
+    pub const CONNTRACK_NEW: &str = "conntrack_new";
     pub const STATS: &str = "stats";
     pub const STATIC_NAT: &str = "static_nat";
     pub const SOCK_RNAT: &str = "sock_rnat";
@@ -46,6 +49,14 @@ pub mod prog_names {
 
 /// Default size of the conntrack table (entries; two per connection).
 pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
+
+/// Size of the table of connections not assured yet, for a `conntrack` table of `max`
+/// entries: a quarter of it, at least 1024.
+#[must_use]
+pub const fn conntrack_new_max(max: u32) -> u32 {
+    let q = max / 4;
+    if q < 1024 { 1024 } else { q }
+}
 pub const ENDPOINTS_MAX_ENTRIES: u32 = 65_536;
 pub const PORTS_MAX_ENTRIES: u32 = 262_144;
 pub const STATIC_NAT_MAX_ENTRIES: u32 = 8_192;
@@ -487,7 +498,11 @@ pub struct CtEntry {
     /// MAC of the container the connection belongs to (with `ifindex`, what a packet from
     /// that container's veth must carry to take the conntrack fast path).
     pub mac: [u8; 6],
-    pub _pad3: [u8; 2],
+    /// 1 once the connection is assured (TCP established with both sides seen, UDP answered
+    /// and used again) and lives in `conntrack`; entries in `conntrack_new` with 1 are
+    /// copies already moved there, left for the LRU or garbage collection.
+    pub assured: u8,
+    pub _pad3: u8,
     /// TCP window tracking (nf_conntrack's `tcp_in_window`), host order. The sequence number
     /// after the highest byte this direction has sent (SYN and FIN count one).
     pub tcp_end: u32,

@@ -1,5 +1,6 @@
 //! Connection tracking: two entries per connection (original and reply tuple), created
-//! together, so either direction is one lookup. Entries are never expired on lookup; a
+//! together, so either direction is one lookup. New connections go to `conntrack_new` and
+//! move to `conntrack` once assured, so a flood of new ones cannot evict established ones. Entries are never expired on lookup; a
 //! connection's age is the newer `last_seen_ns` of its two entries, which is what port
 //! allocation here and garbage collection in userspace both use.
 
@@ -19,7 +20,7 @@ use nat_common::{
 };
 
 use crate::{
-    maps::{CONNTRACK, SCRATCH},
+    maps::{CONNTRACK, CONNTRACK_NEW, SCRATCH},
     parse::Ip4,
     pkt::Pkt,
     tcp,
@@ -60,9 +61,47 @@ pub fn now() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
+/// The entry for `key`: assured connections first, then those not assured yet.
 #[inline(always)]
 pub fn lookup(key: &CtKey) -> Option<*mut CtEntry> {
-    CONNTRACK.get_ptr_mut(key)
+    CONNTRACK
+        .get_ptr_mut(key)
+        .or_else(|| CONNTRACK_NEW.get_ptr_mut(key))
+}
+
+/// Delete `key` from both tables.
+#[inline(always)]
+fn remove(key: &CtKey) {
+    let _ = CONNTRACK.remove(key);
+    let _ = CONNTRACK_NEW.remove(key);
+}
+
+/// Move a connection that just became assured to `conntrack`, where floods of new ones
+/// cannot reach it. `e` (the original direction, at `key`) and its peer are copied; the
+/// copies left in `conntrack_new` are marked and never found again while `conntrack` holds
+/// the connection (a packet being handled on another CPU may still write to them).
+#[inline(always)]
+fn assure(key: &CtKey, e: &mut CtEntry, proto: u8) {
+    let rk = peer_key(e, proto);
+    let Some(r) = CONNTRACK_NEW.get_ptr_mut(&rk) else {
+        // Already in `conntrack` (or its other half is gone): nothing to move.
+        e.assured = 1;
+        return;
+    };
+    e.assured = 1;
+    // SAFETY: a live map value.
+    unsafe { (*r).assured = 1 };
+    // SAFETY: as above; the helper copies the value from the map.
+    if CONNTRACK
+        .insert(&rk, unsafe { &*r }, u64::from(BPF_ANY))
+        .is_err()
+        || CONNTRACK.insert(key, &*e, u64::from(BPF_ANY)).is_err()
+    {
+        let _ = CONNTRACK.remove(&rk);
+        e.assured = 0;
+        // SAFETY: as above.
+        unsafe { (*r).assured = 0 };
+    }
 }
 
 /// Whether packets of `e`'s direction come in by the uplink: the replies of a masqueraded
@@ -99,12 +138,15 @@ fn initial_state(p: &Ip4) -> u8 {
 }
 
 /// Account a packet to its entry and advance the connection's state in both entries. TCP
-/// segments are checked against the window first: `Err` for an RST outside it.
+/// segments are checked against the window first: `Err` for an RST outside it. A connection
+/// that has become assured moves to `conntrack`.
 #[inline(always)]
 pub fn touch(ctx: &impl Pkt, e: *mut CtEntry, p: &Ip4, now: u64) -> Result<(), Reason> {
-    if p.proto == PROTO_TCP {
-        tcp::track(ctx, e, p)?;
-    }
+    let both_seen = if p.proto == PROTO_TCP {
+        tcp::track(ctx, e, p)?
+    } else {
+        false
+    };
     // SAFETY: `e` points into the map value; the counters are added atomically (packets of
     // one direction may be handled on several CPUs at once), the rest are plain stores that
     // concurrent writers race to the same values.
@@ -124,6 +166,16 @@ pub fn touch(ctx: &impl Pkt, e: *mut CtEntry, p: &Ip4, now: u64) -> Result<(), R
             // SAFETY: as above.
             unsafe { (*peer).state = dgram_state::REPLIED };
         }
+    }
+    // Assured as nf_conntrack has it: TCP established with both sides seen in the window,
+    // UDP used again after its answer. ICMP echo stays where it is (short-lived).
+    let assured = if p.proto == PROTO_TCP {
+        both_seen && e.state == tcp_state::ESTABLISHED
+    } else {
+        p.proto == PROTO_UDP && e.state == dgram_state::REPLIED
+    };
+    if assured && e.assured == 0 && e.dir == DIR_ORIGINAL {
+        assure(&p.key(), e, p.proto);
     }
     Ok(())
 }
@@ -151,14 +203,23 @@ fn reclaimable(e: &CtEntry, proto: u8, now: u64) -> bool {
         || conn_expired(e, proto, now)
 }
 
-/// Take `key` for a new entry unless a live connection holds it. Taking over a closed
-/// connection's tuple also drops that connection's other entry.
+/// Take `key` for a new entry unless a live connection holds it, in either table. Taking
+/// over a closed connection's tuple also drops that connection's other entry.
 #[inline(always)]
 fn claim(key: &CtKey, e: &CtEntry, now: u64) -> bool {
-    if CONNTRACK.insert(key, e, u64::from(BPF_NOEXIST)).is_ok() {
+    if let Some(old) = CONNTRACK.get_ptr(key) {
+        // SAFETY: a live map value, read in place.
+        let old = unsafe { &*old };
+        if !reclaimable(old, key.proto, now) {
+            return false;
+        }
+        remove(&peer_key(old, key.proto));
+        let _ = CONNTRACK.remove(key);
+    }
+    if CONNTRACK_NEW.insert(key, e, u64::from(BPF_NOEXIST)).is_ok() {
         return true;
     }
-    match lookup(key) {
+    match CONNTRACK_NEW.get_ptr(key) {
         Some(old) => {
             // SAFETY: a live map value, read in place (a copy would cost the callback's
             // stack); a racing writer can only make the reclaim decision stale.
@@ -166,10 +227,10 @@ fn claim(key: &CtKey, e: &CtEntry, now: u64) -> bool {
             if !reclaimable(old, key.proto, now) {
                 return false;
             }
-            let _ = CONNTRACK.remove(&peer_key(old, key.proto));
-            CONNTRACK.insert(key, e, u64::from(BPF_ANY)).is_ok()
+            remove(&peer_key(old, key.proto));
+            CONNTRACK_NEW.insert(key, e, u64::from(BPF_ANY)).is_ok()
         }
-        None => CONNTRACK.insert(key, e, u64::from(BPF_NOEXIST)).is_ok(),
+        None => CONNTRACK_NEW.insert(key, e, u64::from(BPF_NOEXIST)).is_ok(),
     }
 }
 
@@ -342,11 +403,15 @@ pub fn create(
         if host_owned || !claim(&rkey, reply, now) {
             rkey.dst_port = probe_port(rkey, cfg, avoid_host)?;
         }
-    } else if CONNTRACK
-        .insert(&rkey, &*reply, u64::from(BPF_ANY))
-        .is_err()
-    {
-        return Err(Reason::DropCtFull);
+    } else {
+        // Published: the client's own tuple, taken over whatever held it.
+        let _ = CONNTRACK.remove(&rkey);
+        if CONNTRACK_NEW
+            .insert(&rkey, &*reply, u64::from(BPF_ANY))
+            .is_err()
+        {
+            return Err(Reason::DropCtFull);
+        }
     }
 
     // The original direction's entry waits in the second scratch slot, off the stack too.
@@ -365,11 +430,13 @@ pub fn create(
     if p.proto == PROTO_TCP {
         tcp::init(ctx, p, orig);
     }
-    if CONNTRACK
+    // An assured connection on this tuple would shadow the new one.
+    let _ = CONNTRACK.remove(&p.key());
+    if CONNTRACK_NEW
         .insert(&p.key(), &*orig, u64::from(BPF_ANY))
         .is_err()
     {
-        let _ = CONNTRACK.remove(&rkey);
+        let _ = CONNTRACK_NEW.remove(&rkey);
         return Err(Reason::DropCtFull);
     }
     Ok(Xlate::of(orig))

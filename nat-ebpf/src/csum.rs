@@ -25,8 +25,10 @@ use crate::{
     parse::{IP_OFF, Ip4},
 };
 
-/// Bytes summed per `bpf_loop` step (the scratch buffer's size).
+/// Bytes summed per `bpf_loop` step.
 pub const CHUNK: u32 = 256;
+/// The scratch buffer's size: a chunk and room to zero-pad it (a power of two for masking).
+pub const BUF_LEN: usize = 2 * CHUNK as usize;
 /// Steps for the longest IPv4 datagram.
 const MAX_STEPS: u32 = 65536 / CHUNK;
 
@@ -73,21 +75,20 @@ unsafe extern "C" fn sum_chunk(_i: u64, ctx: *mut c_void) -> i64 {
     };
     let left = w.end - w.off;
     let n = size_in_chunk(if left < CHUNK { left } else { CHUNK });
-    // SAFETY: `buf` is the map value, CHUNK bytes long; `n` is 1..=CHUNK.
+    // SAFETY: `buf` is the map value, BUF_LEN bytes long; `n` is 1..=CHUNK.
     let r = unsafe { bpf_skb_load_bytes(w.skb as *const c_void, w.off, buf.cast(), n) };
     if r < 0 {
         w.failed = 1;
         return 1;
     }
     // An odd or short last chunk: the bytes up to the next word add nothing when zero (the
-    // checksum pads the segment with zeros).
-    let padded = size_in_chunk((n + 3) & !3);
-    let mut k = n;
-    while k < padded {
-        // SAFETY: k < padded <= CHUNK, inside the map value.
-        unsafe { (*buf)[(k & (CHUNK - 1)) as usize] = 0 };
-        k += 1;
+    // checksum pads the segment with zeros). Three stores, no loop: the buffer has room
+    // past a chunk.
+    for j in 0..3 {
+        // SAFETY: n + j < CHUNK + 3, inside the map value (`BUF_LEN`).
+        unsafe { (*buf)[((n + j) as usize) & (BUF_LEN - 1)] = 0 };
     }
+    let padded = size_in_chunk((n + 3) & !3);
     // SAFETY: `padded` bytes of the map value, a multiple of 4 and at most CHUNK.
     let s = unsafe { bpf_csum_diff(null_mut(), 0, buf.cast(), padded, w.sum) };
     if s < 0 {

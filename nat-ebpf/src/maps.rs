@@ -9,7 +9,7 @@ use nat_common::{
     CONNTRACK_MAX_ENTRIES, Config, Counter, CtEntry, CtKey, ENDPOINTS_MAX_ENTRIES, Endpoint,
     FRAGS_MAX_ENTRIES, FragKey, FragPorts, NODE_ADDRS_MAX_ENTRIES, NodeAddr, PORTS_MAX_ENTRIES,
     PortKey, PortTarget, REASON_COUNT, SOCK_RNAT_MAX_ENTRIES, STATIC_NAT_MAX_ENTRIES, SockKey,
-    SockOrig, StaticNat,
+    SockOrig, StaticNat, conntrack_new_max,
 };
 
 #[btf_map(name = "config")]
@@ -27,6 +27,16 @@ pub static PORTS: HashMap<PortKey, PortTarget, { PORTS_MAX_ENTRIES as usize }> =
 #[btf_map(name = "conntrack")]
 pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { CONNTRACK_MAX_ENTRIES as usize }> =
     LruHashMap::new();
+
+/// Connections not assured yet: a flood of them churns this LRU only, never `conntrack`
+/// (nf_conntrack's rule: an assured connection is never dropped to admit a new one). The
+/// loader sizes it from `conntrack`'s size (`conntrack_new_max`).
+#[btf_map(name = "conntrack_new")]
+pub static CONNTRACK_NEW: LruHashMap<
+    CtKey,
+    CtEntry,
+    { conntrack_new_max(CONNTRACK_MAX_ENTRIES) as usize },
+> = LruHashMap::new();
 
 #[btf_map(name = "stats")]
 pub static STATS: PerCpuArray<Counter, { REASON_COUNT as usize }> = PerCpuArray::new();
@@ -59,4 +69,4 @@ pub static NODE_ADDRS: HashMap<[u8; 4], NodeAddr, { NODE_ADDRS_MAX_ENTRIES as us
 /// Per-CPU scratch bytes: chunks of a segment whose checksum is being verified, a SYN's TCP
 /// options. Never pinned: nothing in it outlives one packet.
 #[btf_map(name = "csum_buf")]
-pub static CSUM_BUF: PerCpuArray<[u8; crate::csum::CHUNK as usize], 1> = PerCpuArray::new();
+pub static CSUM_BUF: PerCpuArray<[u8; crate::csum::BUF_LEN], 1> = PerCpuArray::new();

@@ -111,7 +111,7 @@ unsafe extern "C" fn opt_step(k: u64, ctx: *mut c_void) -> i64 {
     let Some(buf) = CSUM_BUF.get_ptr(0) else {
         return 1;
     };
-    // SAFETY: indexes below 64 in a 256-byte map value.
+    // SAFETY: indexes below 64 in a 512-byte map value.
     let byte = |j: u32| unsafe { (*buf)[(j & 63) as usize] };
     match byte(k) {
         0 => 1,
@@ -147,7 +147,7 @@ fn wscale(ctx: &impl Pkt, p: &Ip4, s: &Seg) -> Option<u8> {
     let base = (p.l4_off + 20) as u32;
     let mut w = 0;
     while w < 10 && w * 4 < len {
-        // SAFETY: 4 bytes at an offset below 40 of a 256-byte map value.
+        // SAFETY: 4 bytes at an offset below 40 of a 512-byte map value.
         let to = unsafe { buf.cast::<u8>().add((w * 4) as usize) };
         // SAFETY: as above.
         if !unsafe { ctx.load(base + w * 4, to, 4) } {
@@ -282,11 +282,12 @@ fn settle_wscale(ctx: &impl Pkt, p: &Ip4, s: &Seg, e: &mut CtEntry, peer: &mut C
 }
 
 /// Track a TCP segment of `e`'s direction: check it against the window, learn from it and
-/// advance the connection's state in both entries. `Err` only for an RST outside the window.
+/// advance the connection's state in both entries. `Err` only for an RST outside the window;
+/// `Ok(true)` when the segment was in the window and both sides have been seen.
 #[inline(always)]
-pub fn track(ctx: &impl Pkt, e: *mut CtEntry, p: &Ip4) -> Result<(), Reason> {
+pub fn track(ctx: &impl Pkt, e: *mut CtEntry, p: &Ip4) -> Result<bool, Reason> {
     let Some(s) = seg(ctx, p) else {
-        return Ok(());
+        return Ok(false);
     };
     // SAFETY: `e` points into the map value; concurrent writers of one connection race to
     // similar values, as in nf_conntrack without its lock, and never past the window rules.
@@ -294,6 +295,7 @@ pub fn track(ctx: &impl Pkt, e: *mut CtEntry, p: &Ip4) -> Result<(), Reason> {
     let peer = lookup(&peer_key(e, PROTO_TCP));
     let (next, fins) = tcp_transition(e.state, e.flags, e.dir, s.flags);
     let syn_only = s.flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
+    let mut both_seen = false;
     if syn_only && e.dir == DIR_ORIGINAL && next == tcp_state::SYN_SENT {
         // A new connection on this tuple (or the SYN again): start over.
         init_from_syn(ctx, p, e);
@@ -308,7 +310,7 @@ pub fn track(ctx: &impl Pkt, e: *mut CtEntry, p: &Ip4) -> Result<(), Reason> {
             if s.flags & tcp_flags::RST != 0 {
                 return Err(Reason::DropTcpWindow);
             }
-            return Ok(());
+            return Ok(false);
         }
         if e.dir == DIR_REPLY
             && e.tcp_track & TCP_SEEN == 0
@@ -317,6 +319,7 @@ pub fn track(ctx: &impl Pkt, e: *mut CtEntry, p: &Ip4) -> Result<(), Reason> {
             settle_wscale(ctx, p, &s, e, peer);
         }
         learn(e, &s);
+        both_seen = peer.tcp_track & TCP_SEEN != 0;
     } else {
         learn(e, &s);
     }
@@ -331,5 +334,5 @@ pub fn track(ctx: &impl Pkt, e: *mut CtEntry, p: &Ip4) -> Result<(), Reason> {
             }
         }
     }
-    Ok(())
+    Ok(both_seen)
 }

@@ -694,3 +694,127 @@ fn forged_tcp_segments_outside_the_window_or_with_bad_checksums_change_no_state(
         assert_eq!(counter(&lab, "drop_tcp_window"), win + 2);
     }
 }
+
+/// A TCP connection between two namespaces with both ends kept: (client, server).
+fn pair(
+    server_ns: &std::path::Path,
+    listen: std::net::SocketAddr,
+    client_ns: &std::path::Path,
+    dst: std::net::SocketAddr,
+) -> (std::net::TcpStream, std::net::TcpStream) {
+    let listener =
+        bpfnat::netns::run_in(server_ns, move || Ok(std::net::TcpListener::bind(listen)?)).unwrap();
+    let client = bpfnat::netns::run_in(client_ns, move || {
+        Ok(std::net::TcpStream::connect_timeout(&dst, WINDOW)?)
+    })
+    .unwrap();
+    let (server, _) = listener.accept().unwrap();
+    for s in [&client, &server] {
+        s.set_read_timeout(Some(WINDOW)).unwrap();
+    }
+    (client, server)
+}
+
+/// `from` writes a byte and `to` reads it: whether it arrived.
+fn says(from: &mut std::net::TcpStream, to: &mut std::net::TcpStream) -> bool {
+    use std::io::{Read as _, Write as _};
+    let mut b = [0u8; 1];
+    from.write_all(b"y").is_ok() && to.read_exact(&mut b).is_ok() && b == *b"y"
+}
+
+#[test]
+fn a_syn_flood_never_evicts_established_connections() {
+    const SYNS: u32 = 20_000;
+    let lab = bpfnat_tests::lab("adv-flood");
+    lab.ok(&[
+        "up",
+        "--uplink",
+        bpfnat_tests::UPLINK,
+        "--conntrack-max",
+        "4096",
+    ])
+    .unwrap();
+    let c = add_container(&lab, "c", &["-p", "8083:83", "-p", "8084:84"]);
+    let (mut pc, mut ps) = pair(
+        &c.ns,
+        v4(Ipv4Addr::UNSPECIFIED, 83),
+        &lab.ext,
+        v4(NODE_ADDR, 8083),
+    );
+    let (mut mc, mut ms) = pair(&lab.ext, v4(EXT_ADDR, 9200), &c.ns, v4(EXT_ADDR, 9200));
+    // Both directions once: established, both sides seen, assured.
+    assert!(says(&mut pc, &mut ps) && says(&mut ps, &mut pc));
+    assert!(says(&mut mc, &mut ms) && says(&mut ms, &mut mc));
+    let held = |lab: &Lab| {
+        bpfnat_tests::flows(lab)
+            .into_iter()
+            .filter(|f| {
+                f["proto"] == "tcp"
+                    && (f["original"]["dport"] == 8083 || f["original"]["dport"] == 9200)
+                    && f["state"] == "ESTABLISHED"
+                    && f["assured"] == true
+            })
+            .count()
+    };
+    assert_eq!(held(&lab), 2, "both connections are assured");
+
+    // SYNs from spoofed outside sources, five times what the whole table holds.
+    let mac = uplink_mac(&lab);
+    let mut x: u32 = 0x1234_5678;
+    let frames: Vec<Vec<u8>> = (0..SYNS)
+        .map(|_| {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            let [a, b, p, q] = x.to_be_bytes();
+            let src = if a & 1 == 0 {
+                Ipv4Addr::new(203, 0, 113, b.max(1))
+            } else {
+                Ipv4Addr::new(192, 0, 2, b.max(1))
+            };
+            let sport = 1024 + (u16::from_be_bytes([p, q]) % 60_000);
+            packet::frame(
+                EXT_MAC,
+                mac,
+                src,
+                NODE_ADDR,
+                packet::PROTO_TCP,
+                &packet::tcp_seg(
+                    src,
+                    NODE_ADDR,
+                    sport,
+                    8083,
+                    x,
+                    0,
+                    nat_common::tcp_flags::SYN,
+                    true,
+                ),
+            )
+        })
+        .collect();
+    let before = counter(&lab, "dnat_new");
+    wire::send(&lab.ext, "eth0", frames);
+    assert!(
+        counter(&lab, "dnat_new") >= before + u64::from(SYNS) / 2,
+        "the flood reached the datapath"
+    );
+
+    // The idle connections survive, each spoken to first by the side that would expose a
+    // lost entry: the container's answer would leave masqueraded from the wrong port, the
+    // outside server's would go to the node's stack and be reset.
+    assert!(
+        says(&mut ps, &mut pc),
+        "the published connection survived the flood"
+    );
+    assert!(
+        says(&mut ms, &mut mc),
+        "the masqueraded connection survived the flood"
+    );
+    assert_eq!(held(&lab), 2);
+    // Positive control: a new connection still gets through after the flood.
+    let body = traffic::http_server(&c.ns, v4(Ipv4Addr::UNSPECIFIED, 84), "c", 1, WINDOW).unwrap();
+    assert!(
+        traffic::http_get(&lab.ext, v4(NODE_ADDR, 8084))
+            .unwrap()
+            .starts_with("hello from c")
+    );
+    assert_eq!(body.join().unwrap().len(), 1);
+}

@@ -82,12 +82,16 @@ fn render(ctx: &Ctx) -> Result<String> {
         "# HELP bpfnat_conntrack_entries Conntrack entries (two per connection).\n# TYPE bpfnat_conntrack_entries gauge\nbpfnat_conntrack_entries {}\n\
          # HELP bpfnat_conntrack_max_entries Conntrack table size.\n# TYPE bpfnat_conntrack_max_entries gauge\nbpfnat_conntrack_max_entries {}\n\
          # HELP bpfnat_conntrack_connections Tracked connections.\n# TYPE bpfnat_conntrack_connections gauge\nbpfnat_conntrack_connections {}\n\
+         # HELP bpfnat_conntrack_assured_connections Assured connections (out of reach of floods of new ones).\n# TYPE bpfnat_conntrack_assured_connections gauge\nbpfnat_conntrack_assured_connections {}\n\
+         # HELP bpfnat_conntrack_new_max_entries Size of the table of connections not assured yet.\n# TYPE bpfnat_conntrack_new_max_entries gauge\nbpfnat_conntrack_new_max_entries {}\n\
          # HELP bpfnat_snat_ports_in_use MASQUERADE source ports in use (per protocol).\n# TYPE bpfnat_snat_ports_in_use gauge\nbpfnat_snat_ports_in_use {}\n\
          # HELP bpfnat_containers Containers attached.\n# TYPE bpfnat_containers gauge\nbpfnat_containers {}\n\
          # HELP bpfnat_published_ports Published ports.\n# TYPE bpfnat_published_ports gauge\nbpfnat_published_ports {}\n",
         maps.ct_len()?,
         maps.ct_max_entries(),
         flows.len(),
+        flows.iter().filter(|f| f.assured).count(),
+        maps.ct_new_max_entries(),
         snat_ports.len(),
         state.containers.len(),
         state

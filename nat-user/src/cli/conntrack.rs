@@ -37,6 +37,10 @@ struct CtStats {
     /// Entries whose partner the LRU evicted when the table was full.
     orphans: usize,
     connections: usize,
+    /// Connections assured (in the `conntrack` table, out of a flood's reach).
+    assured: usize,
+    /// Capacity of the table of connections not assured yet.
+    new_max_entries: u32,
     by_state: BTreeMap<String, usize>,
     by_kind: BTreeMap<String, usize>,
 }
@@ -75,13 +79,20 @@ pub fn run(ctx: &Ctx, cmd: ConntrackCmd) -> Result<()> {
                 max_entries: maps.ct_max_entries(),
                 orphans: maps.ct_orphans()?,
                 connections: flows.len(),
+                assured: flows.iter().filter(|f| f.assured).count(),
+                new_max_entries: maps.ct_new_max_entries(),
                 by_state,
                 by_kind,
             };
             ctx.emit(&s, || {
                 let mut t = format!(
-                    "entries:     {} of {} (when full, the least recently used are evicted)\norphans:     {}\nconnections: {}",
-                    s.entries, s.max_entries, s.orphans, s.connections
+                    "entries:     {} (assured connections: up to {} entries, the least recently used evicted when full; others: up to {}, which floods of new connections churn)\norphans:     {}\nconnections: {} ({} assured)",
+                    s.entries,
+                    s.max_entries,
+                    s.new_max_entries,
+                    s.orphans,
+                    s.connections,
+                    s.assured
                 );
                 for (k, v) in s.by_kind.iter().chain(s.by_state.iter()) {
                     t.push_str(&format!("\n  {k:<20} {v}"));
@@ -108,7 +119,11 @@ fn list_text(flows: &[Flow]) -> String {
                     f.kind.to_owned(),
                     tuple(&f.original),
                     tuple(&f.reply),
-                    f.state.to_owned(),
+                    if f.assured {
+                        format!("{} [ASSURED]", f.state)
+                    } else {
+                        f.state.to_owned()
+                    },
                     format!("{}s", f.age_secs),
                     format!("{}s", f.idle_secs),
                     format!("{}/{}", f.original.packets, f.reply.packets),

@@ -51,6 +51,10 @@ pub struct Flow {
     pub timeout_secs: u64,
     /// ifindex of the container's host veth.
     pub ifindex: u32,
+    /// Assured (nf_conntrack's `[ASSURED]`): established with both sides seen (TCP), or
+    /// answered and used again (UDP). Only connections not assured yet can be displaced by
+    /// a flood of new ones.
+    pub assured: bool,
 }
 
 fn proto_name(p: u8) -> &'static str {
@@ -111,15 +115,28 @@ const NS: u64 = 1_000_000_000;
 const ORPHAN_GRACE_NS: u64 = 2 * NS;
 
 impl Maps {
+    /// Every entry of both tables. An entry of `conntrack_new` whose connection has moved to
+    /// `conntrack` (the datapath leaves the old copy behind) is left out.
     fn ct_entries(&self) -> Result<Vec<(CtKey, CtEntry)>> {
-        self.conntrack
+        let mut all: Vec<(CtKey, CtEntry)> = self
+            .conntrack
             .iter()
             .map(|r| r.context("read conntrack map"))
-            .collect()
+            .collect::<Result<_>>()?;
+        let assured: HashSet<CtKey> = all.iter().map(|(k, _)| *k).collect();
+        for r in self.conntrack_new.iter() {
+            let (k, e) = r.context("read conntrack_new map")?;
+            if !assured.contains(&k) {
+                all.push((k, e));
+            }
+        }
+        Ok(all)
     }
 
+    /// Delete `k` from both tables (a moved connection's old copy goes too).
     fn ct_remove(&mut self, k: &CtKey) -> Result<()> {
-        deleted(self.conntrack.remove(k)).context("delete conntrack entry")
+        deleted(self.conntrack.remove(k)).context("delete conntrack entry")?;
+        deleted(self.conntrack_new.remove(k)).context("delete conntrack_new entry")
     }
 
     /// Every connection, original direction first. Entries whose partner was evicted are
@@ -152,6 +169,7 @@ impl Maps {
                 idle_secs: now.saturating_sub(last) / NS,
                 timeout_secs: ct_timeout_ns(k.proto, e.state) / NS,
                 ifindex: e.ifindex,
+                assured: e.assured != 0,
             });
         }
         out.sort_by(|a, b| {
@@ -181,11 +199,14 @@ impl Maps {
 
     /// The entry at `k` as the kernel has it now.
     fn ct_get(&self, k: &CtKey) -> Result<Option<CtEntry>> {
-        match self.conntrack.get(k, 0) {
-            Ok(e) => Ok(Some(e)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(anyhow!(e).context("read conntrack entry")),
+        for map in [&self.conntrack, &self.conntrack_new] {
+            match map.get(k, 0) {
+                Ok(e) => return Ok(Some(e)),
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(anyhow!(e).context("read conntrack entry")),
+            }
         }
+        Ok(None)
     }
 
     /// Delete both entries of every connection matching `pred`; returns connections removed.
@@ -231,6 +252,7 @@ impl Maps {
     /// entry younger than `ORPHAN_GRACE_NS` may be a connection the datapath is creating
     /// right now (the reply entry goes in first), so it is left for the next run.
     pub fn ct_gc(&mut self) -> Result<usize> {
+        self.ct_drop_moved_copies()?;
         let now = ct_now_ns();
         self.ct_remove_where(|k, e, p| {
             let Some(p) = p else {
@@ -239,6 +261,23 @@ impl Maps {
             let last = p.last_seen_ns.max(e.last_seen_ns);
             now.saturating_sub(last) > ct_timeout_ns(k.proto, e.state)
         })
+    }
+
+    /// Delete the copies in `conntrack_new` of connections that moved to `conntrack`.
+    fn ct_drop_moved_copies(&mut self) -> Result<()> {
+        let moved: Vec<CtKey> = self
+            .conntrack_new
+            .iter()
+            .filter_map(|r| r.ok())
+            .filter(|(_, e)| e.assured != 0)
+            .map(|(k, _)| k)
+            .collect();
+        for k in moved {
+            if self.conntrack.get(&k, 0).is_ok() {
+                deleted(self.conntrack_new.remove(&k)).context("delete conntrack_new entry")?;
+            }
+        }
+        Ok(())
     }
 
     /// Remove every connection; returns how many.
@@ -276,5 +315,10 @@ impl Maps {
     /// The conntrack table's capacity.
     pub fn ct_max_entries(&self) -> u32 {
         self.conntrack_max
+    }
+
+    /// The capacity of the table of connections not assured yet.
+    pub fn ct_new_max_entries(&self) -> u32 {
+        nat_common::conntrack_new_max(self.conntrack_max)
     }
 }

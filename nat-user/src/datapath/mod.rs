@@ -42,12 +42,13 @@ use crate::spec::PortMapping;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nat"));
 
-const MAPS: [&str; 8] = [
+const MAPS: [&str; 9] = [
     map_names::SOCK_RNAT,
     map_names::CONFIG,
     map_names::ENDPOINTS,
     map_names::PORTS,
     map_names::CONNTRACK,
+    map_names::CONNTRACK_NEW,
     map_names::STATS,
     map_names::STATIC_NAT,
     map_names::NODE_ADDRS,
@@ -170,7 +171,9 @@ fn expected(name: &str) -> (MapType, usize, usize) {
         map_names::CONFIG => (MapType::Array, 4, size_of::<Config>()),
         map_names::ENDPOINTS => (MapType::Hash, 4, size_of::<Endpoint>()),
         map_names::PORTS => (MapType::Hash, size_of::<PortKey>(), size_of::<PortTarget>()),
-        map_names::CONNTRACK => (MapType::LruHash, size_of::<CtKey>(), size_of::<CtEntry>()),
+        map_names::CONNTRACK | map_names::CONNTRACK_NEW => {
+            (MapType::LruHash, size_of::<CtKey>(), size_of::<CtEntry>())
+        }
         map_names::STATIC_NAT => (MapType::Hash, 4, size_of::<StaticNat>()),
         map_names::NODE_ADDRS => (MapType::Hash, 4, size_of::<NodeAddr>()),
         map_names::SOCK_RNAT => (
@@ -227,6 +230,10 @@ pub fn install(pins: &Pins, conntrack_max: u32) -> Result<()> {
         loader.map_pin_path(name, path.as_path());
     }
     loader.map_max_entries(map_names::CONNTRACK, conntrack_max);
+    loader.map_max_entries(
+        map_names::CONNTRACK_NEW,
+        nat_common::conntrack_new_max(conntrack_max),
+    );
     let mut ebpf = loader.load(OBJECT).context("load the eBPF object")?;
     let names = PROGS
         .iter()
@@ -455,6 +462,8 @@ pub struct Maps {
     endpoints: HashMap<MapData, [u8; 4], Endpoint>,
     ports: HashMap<MapData, PortKey, PortTarget>,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
+    /// Connections not assured yet (see `map_names::CONNTRACK_NEW`).
+    conntrack_new: HashMap<MapData, CtKey, CtEntry>,
     stats: PerCpuArray<MapData, Counter>,
     static_nat: HashMap<MapData, [u8; 4], StaticNat>,
     node_addrs: HashMap<MapData, [u8; 4], NodeAddr>,
@@ -485,6 +494,7 @@ impl Maps {
             endpoints: open_map(pins, map_names::ENDPOINTS)?.try_into()?,
             ports: open_map(pins, map_names::PORTS)?.try_into()?,
             conntrack: open_map(pins, map_names::CONNTRACK)?.try_into()?,
+            conntrack_new: open_map(pins, map_names::CONNTRACK_NEW)?.try_into()?,
             stats: open_map(pins, map_names::STATS)?.try_into()?,
             static_nat: open_map(pins, map_names::STATIC_NAT)?.try_into()?,
             node_addrs: open_map(pins, map_names::NODE_ADDRS)?.try_into()?,
