@@ -179,7 +179,8 @@ pub struct FragKey {
     pub _pad: u8,
 }
 
-/// `frags` value: the ports the first fragment carried, for the fragments that do not.
+/// `frags` value: the ports the first fragment carried, for the fragments that do not, and
+/// what is needed to forget the datagram once it has passed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct FragPorts {
@@ -187,7 +188,20 @@ pub struct FragPorts {
     pub src_port: [u8; 2],
     /// Network order.
     pub dst_port: [u8; 2],
+    /// IP payload bytes of the datagram's fragments seen so far.
+    pub seen: u32,
+    /// The datagram's IP payload length, known from its last fragment (offset + payload);
+    /// 0 until then. The entry is deleted when `seen` reaches it.
+    pub total: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_coarse_ns` of the first fragment: the entry is ignored after
+    /// `FRAG_TIMEOUT_NS`.
+    pub created_ns: u64,
 }
+
+/// How long the fragments of one datagram are matched to its first fragment: Linux's
+/// `ipfrag_time` (30 s), after which it gives up reassembling too.
+pub const FRAG_TIMEOUT_NS: u64 = 30_000_000_000;
 
 /// `StaticNat::kind`: the key is the external address, `peer` the container's.
 pub const STATIC_EXTERNAL: u8 = 1;
@@ -255,17 +269,40 @@ pub struct CtKey {
 }
 
 impl CtKey {
+    /// A key from its fields, padding zeroed. Built as four whole words: field by field, the
+    /// compiler zeroes the three padding bytes with a call to `memset`, which on BPF is a
+    /// subprogram with a loop that the verifier walks at every call and whose frame the
+    /// 512-byte stack can hardly spare.
+    #[must_use]
+    #[inline(always)]
+    pub const fn new(
+        src_addr: [u8; 4],
+        dst_addr: [u8; 4],
+        src_port: [u8; 2],
+        dst_port: [u8; 2],
+        proto: u8,
+    ) -> Self {
+        let words: [u32; 4] = [
+            u32::from_ne_bytes(src_addr),
+            u32::from_ne_bytes(dst_addr),
+            u32::from_ne_bytes([src_port[0], src_port[1], dst_port[0], dst_port[1]]),
+            u32::from_ne_bytes([proto, 0, 0, 0]),
+        ];
+        // SAFETY: `CtKey` is 16 bytes of `u8` arrays, `#[repr(C)]`: any bits are valid.
+        unsafe { core::mem::transmute::<[u32; 4], Self>(words) }
+    }
+
     /// The tuple of the packets that travel the other way.
     #[must_use]
+    #[inline(always)]
     pub const fn reversed(&self) -> Self {
-        Self {
-            src_addr: self.dst_addr,
-            dst_addr: self.src_addr,
-            src_port: self.dst_port,
-            dst_port: self.src_port,
-            proto: self.proto,
-            _pad: [0; 3],
-        }
+        Self::new(
+            self.dst_addr,
+            self.src_addr,
+            self.dst_port,
+            self.src_port,
+            self.proto,
+        )
     }
 }
 
@@ -621,10 +658,16 @@ pub enum Reason {
     /// create a connection or change its state (SYN, FIN, RST). nf_conntrack marks those
     /// INVALID; the endpoint would drop them too.
     DropL4Csum = 35,
+    /// A later fragment whose first fragment has not been seen (reordered, lost, or from a
+    /// datagram already complete or older than `FRAG_TIMEOUT_NS`): its ports are unknown,
+    /// so it is never translated. From outside it goes to the node's stack as it is (which
+    /// discards it unless the datagram is the node's). From a container the same fragment
+    /// is dropped and counted as `drop_fragment`.
+    FragUnmatched = 36,
 }
 
 /// Number of `Reason` slots in the `stats` array.
-pub const REASON_COUNT: u32 = 36;
+pub const REASON_COUNT: u32 = 37;
 
 impl Reason {
     /// Every reason with its stable name, in index order.
@@ -665,6 +708,7 @@ impl Reason {
         (Self::DropIcmpMismatch, "drop_icmp_mismatch"),
         (Self::DropTcpWindow, "drop_tcp_window"),
         (Self::DropL4Csum, "drop_l4_csum"),
+        (Self::FragUnmatched, "frag_unmatched"),
     ];
 }
 

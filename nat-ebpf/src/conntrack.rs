@@ -118,14 +118,13 @@ pub fn arrives_from_outside(e: *const CtEntry) -> bool {
 /// The key of the entry for the other direction of `e`'s connection.
 #[inline(always)]
 pub fn peer_key(e: &CtEntry, proto: u8) -> CtKey {
-    CtKey {
-        src_addr: e.xlate_dst_addr,
-        dst_addr: e.xlate_src_addr,
-        src_port: e.xlate_dst_port,
-        dst_port: e.xlate_src_port,
+    CtKey::new(
+        e.xlate_dst_addr,
+        e.xlate_src_addr,
+        e.xlate_dst_port,
+        e.xlate_src_port,
         proto,
-        _pad: [0; 3],
-    }
+    )
 }
 
 #[inline(always)]
@@ -234,16 +233,16 @@ fn claim(key: &CtKey, e: &CtEntry, now: u64) -> bool {
     }
 }
 
+/// Start a new entry in the scratch slot `e`, owned by the container `owner`.
 #[inline(always)]
-fn entry(p: &Ip4, now: u64, owner: &Endpoint) -> CtEntry {
-    CtEntry {
-        state: initial_state(p),
-        ifindex: owner.ifindex,
-        mac: owner.mac,
-        created_ns: now,
-        last_seen_ns: now,
-        ..CtEntry::default()
-    }
+fn init_entry(e: &mut CtEntry, p: &Ip4, now: u64, owner: &Endpoint) {
+    // SAFETY: a map value of `CtEntry` (8-byte aligned); all-zero is a valid entry.
+    unsafe { crate::pkt::zero(e) };
+    e.state = initial_state(p);
+    e.ifindex = owner.ifindex;
+    e.mac = owner.mac;
+    e.created_ns = now;
+    e.last_seen_ns = now;
 }
 
 /// State of the port search, shared with the `bpf_loop` callback. The reply entry to insert
@@ -374,7 +373,7 @@ pub fn create(
     let slot = SCRATCH.get_ptr_mut(0).ok_or(Reason::DropHelper)?;
     // SAFETY: per-CPU scratch slot; nothing else on this CPU uses it while we run.
     let reply = unsafe { &mut *slot };
-    *reply = entry(p, now, n.owner);
+    init_entry(reply, p, now, n.owner);
     reply.xlate_src_addr = p.dst;
     reply.xlate_dst_addr = p.src;
     reply.xlate_src_port = p.dport;
@@ -386,14 +385,7 @@ pub fn create(
     reply.origin = n.origin;
     reply.generation = n.generation;
 
-    let mut rkey = CtKey {
-        src_addr: n.dst,
-        dst_addr: n.src,
-        src_port: n.dport,
-        dst_port: p.sport,
-        proto: p.proto,
-        _pad: [0; 3],
-    };
+    let mut rkey = CtKey::new(n.dst, n.src, n.dport, p.sport, p.proto);
     if n.alloc_port {
         // TCP/UDP source ports in the node's ephemeral range may be in use by the node itself
         // on the same address: never keep or pick those.
@@ -418,7 +410,7 @@ pub fn create(
     let slot = SCRATCH.get_ptr_mut(1).ok_or(Reason::DropHelper)?;
     // SAFETY: per-CPU scratch slot, as above.
     let orig = unsafe { &mut *slot };
-    *orig = entry(p, now, n.owner);
+    init_entry(orig, p, now, n.owner);
     orig.xlate_src_addr = n.src;
     orig.xlate_dst_addr = n.dst;
     orig.xlate_src_port = rkey.dst_port;

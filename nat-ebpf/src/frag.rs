@@ -1,13 +1,21 @@
 //! IPv4 fragments. Only the first fragment carries the ports that conntrack keys on; it
-//! records them here under the datagram's (src, dst, id, proto), and the later fragments look
-//! them up, so a whole datagram follows one translation. A later fragment that arrives before
-//! its first cannot be matched: the caller decides (dropped and counted where it would need
-//! translation, the stack's otherwise).
+//! records them here under the datagram's reassembly key (src, dst, protocol, IP id: RFC 791),
+//! and the later fragments look them up, so a whole datagram follows one translation.
+//!
+//! An entry lives as long as its datagram: it counts the payload bytes that passed and is
+//! deleted once they add up to the length the last fragment revealed (in whatever order the
+//! fragments came), and it is ignored after `FRAG_TIMEOUT_NS` (Linux's `ipfrag_time`). So the
+//! next datagram that reuses the IP id never inherits the ports of an earlier one. A later
+//! fragment that arrives before its first cannot be matched: the caller decides (dropped and
+//! counted where it would need translation, the stack's otherwise, counted as
+//! `frag_unmatched`).
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::bindings::BPF_ANY;
-use nat_common::{FragKey, FragPorts, PROTO_TCP, PROTO_UDP};
+use nat_common::{FRAG_TIMEOUT_NS, FragKey, FragPorts, PROTO_TCP, PROTO_UDP};
 
-use crate::{maps::FRAGS, parse::Ip4};
+use crate::{conntrack::now, maps::FRAGS, parse::Ip4};
 
 #[inline(always)]
 fn key(p: &Ip4) -> FragKey {
@@ -20,23 +28,56 @@ fn key(p: &Ip4) -> FragKey {
     }
 }
 
-/// Record or recover the ports of a fragmented TCP/UDP datagram (before any rewrite).
+/// The IP payload of this fragment.
 #[inline(always)]
+fn payload(p: &Ip4) -> u32 {
+    u32::from(p.tot_len).saturating_sub((p.l4_off - crate::parse::IP_OFF) as u32)
+}
+
+/// Record or recover the ports of a fragmented TCP/UDP datagram (before any rewrite). A
+/// function of its own: inlined at the top of both programs, its branches multiplied the
+/// paths the verifier walks through everything after it.
+#[inline(never)]
 pub fn resolve(p: &mut Ip4) {
     if !p.frag || (p.proto != PROTO_TCP && p.proto != PROTO_UDP) {
         return;
     }
+    let k = key(p);
+    let t = now();
     if p.l4_present {
-        let ports = FragPorts {
+        let f = FragPorts {
             src_port: p.sport,
             dst_port: p.dport,
+            seen: payload(p),
+            total: 0,
+            _pad: 0,
+            created_ns: t,
         };
-        let _ = FRAGS.insert(&key(p), &ports, u64::from(BPF_ANY));
-    } else if let Some(f) = FRAGS.get_ptr(&key(p)) {
-        // SAFETY: read of a map value.
-        let f = unsafe { *f };
-        p.sport = f.src_port;
-        p.dport = f.dst_port;
-        p.ports_known = true;
+        let _ = FRAGS.insert(&k, &f, u64::from(BPF_ANY));
+        return;
+    }
+    let Some(f) = FRAGS.get_ptr_mut(&k) else {
+        return;
+    };
+    // SAFETY: `f` points into the map value; `seen` is added atomically (fragments of one
+    // datagram may be handled on several CPUs at once).
+    let f = unsafe { &mut *f };
+    if t.saturating_sub(f.created_ns) > FRAG_TIMEOUT_NS {
+        let _ = FRAGS.remove(&k);
+        return;
+    }
+    p.sport = f.src_port;
+    p.dport = f.dst_port;
+    p.ports_known = true;
+    if !p.more_fragments {
+        f.total = u32::from(p.frag_offset) * 8 + payload(p);
+    }
+    // SAFETY: as above. (The BPF target's atomic add returns nothing: `seen` is read after.)
+    unsafe {
+        atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(&raw mut f.seen, payload(p));
+    }
+    if f.total != 0 && f.seen >= f.total {
+        // Every byte has passed: the next datagram with this IP id is another one.
+        let _ = FRAGS.remove(&k);
     }
 }

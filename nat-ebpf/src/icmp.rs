@@ -92,14 +92,7 @@ fn inner(ctx: &impl Pkt, p: &Ip4) -> Option<Inner> {
     let l4 = ptr_at::<[u8; 8]>(ctx, l4_off)?;
     // SAFETY: bounds checked by `ptr_at`.
     let b = unsafe { *l4 };
-    let mut key = CtKey {
-        src_addr: h.src_addr,
-        dst_addr: h.dst_addr,
-        src_port: [0; 2],
-        dst_port: [0; 2],
-        proto: h.proto,
-        _pad: [0; 3],
-    };
+    let mut key = CtKey::new(h.src_addr, h.dst_addr, [0; 2], [0; 2], h.proto);
     let mut icmp_type = 0;
     match h.proto {
         PROTO_TCP | PROTO_UDP => {

@@ -296,6 +296,10 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
         if parse::in_subnet(p.dst, cfg.subnet_addr, cfg.subnet_mask) {
             return Err(Reason::DropNotPublished);
         }
+        if p.frag && !p.l4_present && (p.proto == PROTO_TCP || p.proto == PROTO_UDP) {
+            // Ports unknown: never translated; the stack keeps it if the datagram is its own.
+            count(Reason::FragUnmatched, ctx.len());
+        }
         return pass(ctx);
     }
 

@@ -92,19 +92,16 @@ pub struct Ip4 {
     /// Offset of the L4 header (Ethernet + IP header with options).
     pub l4_off: usize,
     pub tot_len: u16,
+    /// Fragment offset in 8-byte units.
+    pub frag_offset: u16,
+    /// MF: more fragments follow.
+    pub more_fragments: bool,
 }
 
 impl Ip4 {
     #[inline(always)]
     pub fn key(&self) -> CtKey {
-        CtKey {
-            src_addr: self.src,
-            dst_addr: self.dst,
-            src_port: self.sport,
-            dst_port: self.dport,
-            proto: self.proto,
-            _pad: [0; 3],
-        }
+        CtKey::new(self.src, self.dst, self.sport, self.dport, self.proto)
     }
 
     /// TCP, UDP, or an ICMP echo request/reply whose ports (ids) are known: the packets that
@@ -163,6 +160,8 @@ pub fn ipv4(ctx: &impl Pkt) -> Result<Ip4, Reason> {
         id: h.id,
         l4_off: IP_OFF + ihl,
         tot_len,
+        frag_offset: offset,
+        more_fragments,
     };
     // The L4 lengths are checked against this packet only when it holds the whole datagram.
     let l4_len = usize::from(tot_len) - ihl;

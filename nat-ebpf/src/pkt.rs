@@ -189,3 +189,19 @@ impl Pkt for XdpContext {
         unsafe { bpf_xdp_load_bytes(self.ctx, off, to.cast(), len) >= 0 }
     }
 }
+
+/// Zero `*p` with word stores the compiler cannot merge into a `memset` call: on BPF that is
+/// a subprogram with a byte loop, which the verifier walks at every call site.
+///
+/// # Safety
+/// `p` must be valid for writes of `T`, 4-byte aligned, and all-zero must be a valid `T`.
+#[inline(always)]
+pub unsafe fn zero<T>(p: *mut T) {
+    let words = p.cast::<u32>();
+    let mut i = 0;
+    while i < size_of::<T>() / 4 {
+        // SAFETY: within `*p` (the caller's promise); volatile keeps each store a store.
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+        i += 1;
+    }
+}

@@ -88,8 +88,9 @@ pub fn seg(ctx: &impl Pkt, p: &Ip4) -> Option<Seg> {
 /// Option walk state, shared with the `bpf_loop` callback.
 #[repr(C)]
 struct Opts {
-    /// Where the next option starts.
+    /// Where the next option starts in the buffer.
     next: u32,
+    /// Where the options end in the buffer.
     len: u32,
     /// The window scale option's shift, or 0xff when absent.
     wscale: u32,
@@ -134,30 +135,24 @@ unsafe extern "C" fn opt_step(k: u64, ctx: *mut c_void) -> i64 {
     }
 }
 
-/// The window scale a SYN offers, if any.
-#[inline(always)]
+/// The window scale a SYN offers, if any. One load of a fixed 40 bytes that end where the
+/// TCP header ends (starting inside the IP header when the options are shorter): the packet
+/// always holds them, and a fixed size keeps the verifier's work small.
+#[inline(never)]
 fn wscale(ctx: &impl Pkt, p: &Ip4, s: &Seg) -> Option<u8> {
     let len = u32::from(s.opt_len);
     if len == 0 || len > 40 {
         return None;
     }
     let buf = CSUM_BUF.get_ptr_mut(0)?;
-    // Word by word, each load of a constant size (the verifier cannot follow a variable
-    // length through the compiler's rewrites of the check above).
-    let base = (p.l4_off + 20) as u32;
-    let mut w = 0;
-    while w < 10 && w * 4 < len {
-        // SAFETY: 4 bytes at an offset below 40 of a 512-byte map value.
-        let to = unsafe { buf.cast::<u8>().add((w * 4) as usize) };
-        // SAFETY: as above.
-        if !unsafe { ctx.load(base + w * 4, to, 4) } {
-            return None;
-        }
-        w += 1;
+    let end = (p.l4_off + 20) as u32 + len;
+    // SAFETY: 40 bytes of a 512-byte map value.
+    if !unsafe { ctx.load(end - 40, buf.cast(), 40) } {
+        return None;
     }
     let mut o = Opts {
-        next: 0,
-        len,
+        next: 40 - len,
+        len: 40,
         wscale: 0xff,
     };
     // SAFETY: the callback only touches `o`, which outlives the call.

@@ -818,3 +818,54 @@ fn a_syn_flood_never_evicts_established_connections() {
     );
     assert_eq!(body.join().unwrap().len(), 1);
 }
+
+#[test]
+fn a_fragment_never_follows_the_ports_of_an_earlier_datagram_with_its_ip_id() {
+    const ID: u16 = 0x4242;
+    let lab = lab_up("adv-frag");
+    let a = add_container(&lab, "a", &["-p", "9094:94/udp"]);
+    let _b = add_container(&lab, "b", &["-p", "9095:95/udp"]);
+    let mac = uplink_mac(&lab);
+    let datagram = |dport: u16| {
+        packet::fragments(
+            EXT_MAC,
+            mac,
+            EXT_ADDR,
+            NODE_ADDR,
+            PROTO_UDP,
+            ID,
+            &packet::udp(EXT_ADDR, NODE_ADDR, FORGED_PORT, dport, true),
+            8,
+        )
+    };
+    // Positive control: a fragmented datagram for a is reassembled there.
+    let echo = traffic::udp_echo(&a.ns, v4(Ipv4Addr::UNSPECIFIED, 94), 10, WINDOW).unwrap();
+    wire::send(&lab.ext, "eth0", datagram(9094).to_vec());
+    // The next datagram with the same IP id (for b), its last fragment first.
+    let [_, last] = datagram(9095);
+    let cap = wire::capture(&a.ns, "eth0", Duration::from_secs(1));
+    std::thread::sleep(Duration::from_millis(100));
+    wire::send(&lab.ext, "eth0", vec![last]);
+    let into_a: Vec<_> = cap
+        .join()
+        .unwrap()
+        .into_iter()
+        .filter(|f| f.len() > 34 && f[12..14] == [8, 0] && f[18..20] == ID.to_be_bytes())
+        .collect();
+    assert_eq!(
+        echo.join().unwrap(),
+        vec![v4(EXT_ADDR, FORGED_PORT)],
+        "the first datagram was reassembled in a"
+    );
+    assert!(
+        into_a.is_empty(),
+        "a fragment of b's datagram went into a: {} frame(s)",
+        into_a.len()
+    );
+    assert_eq!(
+        counter(&lab, "frag_unmatched"),
+        1,
+        "counted, not lost silently"
+    );
+    assert_eq!(counter(&lab, "drop_fragment"), 0);
+}
