@@ -89,6 +89,11 @@ pub struct Container {
     /// Created through the CNI plugin (CNI GC may remove it).
     #[serde(default)]
     pub cni: bool,
+    /// Recorded before anything was created for it, and cleared once all of it exists: an
+    /// add that was killed half way leaves it set, and the next `container add` of the name,
+    /// `container del` or `down` removes whatever part of it exists.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pending: bool,
 }
 
 fn default_ifname() -> String {

@@ -152,10 +152,14 @@ pub async fn run(ctx: &Ctx, cfg: AgentConfig) -> Result<()> {
 }
 
 async fn bring_up(ctx: &Ctx, cfg: &AgentConfig) -> Result<()> {
-    let state = ctx.store()?.load()?;
-    if state.node.is_some() && ctx.pins.installed() {
-        info!("adopting the pinned datapath");
-        return Ok(());
+    {
+        let store = ctx.store()?;
+        let mut state = store.load()?;
+        up::forget_stale_node(ctx, &store, &mut state)?;
+        if state.node.is_some() && ctx.pins.installed() {
+            info!("adopting the pinned datapath");
+            return Ok(());
+        }
     }
     let Some(uplink) = cfg.uplink.clone() else {
         bail!("the datapath is not up and the agent configuration names no \"uplink\"");

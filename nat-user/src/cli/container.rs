@@ -56,13 +56,75 @@ pub async fn run(ctx: &Ctx, cmd: ContainerCmd) -> Result<()> {
     }
 }
 
+/// What every host-side veth's name starts with.
+const HOST_IF_PREFIX: &str = "bn-";
+
 /// The host-side veth name: `bn-` and a hash of the container name (15 bytes at most).
 fn host_if_name(name: &str) -> String {
     // FNV-1a: stable across versions, unlike std's hasher.
     let h = name.bytes().fold(0x811c_9dc5_u32, |h, b| {
         (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
     });
-    format!("bn-{h:08x}")
+    format!("{HOST_IF_PREFIX}{h:08x}")
+}
+
+/// Whether `name` has the shape of a host veth's name (not the gateway's `bn-gw`).
+fn is_host_if_name(name: &str) -> bool {
+    name.strip_prefix(HOST_IF_PREFIX)
+        .is_some_and(|h| h.len() == 8 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// The alias of a container's interface: it names its host veth and says whether bpfnat
+/// created the namespace, so that `down` finds both even when the state file is lost.
+fn owner_alias(host_if: &str, owns_netns: bool) -> String {
+    if owns_netns {
+        format!("bpfnat:{host_if}:netns")
+    } else {
+        format!("bpfnat:{host_if}")
+    }
+}
+
+/// Remove what an earlier bpfnat made that no record describes (a lost state file, or an
+/// older version's unfinished add): host veths named `bn-…` in the node's namespace with
+/// their pinned links, and the namespaces whose interface carries bpfnat's alias for one of
+/// them saying bpfnat created it. Returns the host veths removed.
+pub async fn remove_leftovers(ctx: &Ctx, nl: &Netlink) -> Result<Vec<String>> {
+    let ours: Vec<_> = nl
+        .links()
+        .await?
+        .into_iter()
+        .filter(|l| is_host_if_name(&l.name) && l.kind.as_deref() == Some("veth"))
+        .collect();
+    if ours.is_empty() {
+        return Ok(Vec::new());
+    }
+    let owned: std::collections::HashSet<String> =
+        ours.iter().map(|l| owner_alias(&l.name, true)).collect();
+    // Other namespaces come and go meanwhile: one that cannot be read is not ours to judge.
+    if let Ok(dir) = std::fs::read_dir(netns::NETNS_DIR) {
+        for entry in dir.flatten() {
+            let path = entry.path();
+            let Ok(inner) = Netlink::in_netns(&path) else {
+                continue;
+            };
+            let Ok(links) = inner.links().await else {
+                continue;
+            };
+            if links
+                .iter()
+                .any(|l| l.alias.as_ref().is_some_and(|a| owned.contains(a)))
+            {
+                netns::remove(&path)?;
+            }
+        }
+    }
+    let mut removed = Vec::new();
+    for l in ours {
+        datapath::detach(&ctx.pins, &l.name)?;
+        nl.del_link(l.index).await?;
+        removed.push(l.name);
+    }
+    Ok(removed)
 }
 
 fn parse_sysctls(raw: &[String]) -> Result<Vec<(String, String)>> {
@@ -248,25 +310,38 @@ pub async fn create(ctx: &Ctx, req: AddRequest) -> Result<Container> {
     let store = ctx.store()?;
     let mut state = store.load()?;
     let node = require_node(&state)?.clone();
-    if state.containers.contains_key(&name) {
-        bail!("container {name} already exists");
+    let nl = Netlink::current()?;
+    if let Some(old) = state.containers.get(&name).cloned() {
+        if !old.pending {
+            bail!("container {name} already exists");
+        }
+        // An add of this name was killed half way: remove what it made, then start over.
+        remove(ctx, &nl, &old)
+            .await
+            .with_context(|| format!("clean up the unfinished container {name}"))?;
+        state.containers.remove(&name);
+        store.save(&state)?;
     }
     let ip = pick_ip(&state, &node, ip)?;
     let ports = resolve_ports(&state, &publish)?;
     let sysctls = parse_sysctls(&sysctl)?;
     let host_if = host_if_name(&name);
-    let nl = Netlink::current()?;
     if nl.link(&host_if).await?.is_some() {
-        bail!("interface {host_if} (for container {name}) already exists");
+        bail!(
+            "interface {host_if} (for container {name}) already exists; `bpfnat down` removes what an earlier bpfnat left"
+        );
     }
     if let Some(p) = &netns_path {
         netns::open(p)?;
     }
 
-    let (ns, owns_netns) = match netns_path {
-        Some(p) => (p, false),
-        None => (netns::create(&name)?, true),
-    };
+    let owns_netns = netns_path.is_none();
+    if owns_netns && netns::path_of(&name).exists() {
+        bail!(
+            "network namespace {name} already exists ({}); give it with --netns to use it",
+            netns::path_of(&name).display()
+        );
+    }
     let mut c = Container {
         name: name.clone(),
         ip,
@@ -274,21 +349,36 @@ pub async fn create(ctx: &Ctx, req: AddRequest) -> Result<Container> {
         host_if,
         host_ifindex: 0,
         host_mac: [0; 6],
-        netns: ns,
+        netns: netns_path.unwrap_or_else(|| netns::path_of(&name)),
         owns_netns,
-        ports: Vec::new(),
+        ports,
         sysctls,
         ifname,
         cni,
+        pending: true,
     };
-    match wire(ctx, &nl, &node, &mut c, &ports, &mut state).await {
+    // The intent first: whatever is created below, a killed command leaves a record of it.
+    state.containers.insert(name.clone(), c.clone());
+    store.save(&state)?;
+    let made = async {
+        if owns_netns && let Err(e) = netns::create(&name) {
+            // Not ours after all: the cleanup below must leave it alone.
+            c.owns_netns = false;
+            return Err(e);
+        }
+        wire(ctx, &nl, &node, &mut c, &mut state).await
+    };
+    match made.await {
         Ok(()) => {
+            c.pending = false;
             state.containers.insert(name, c.clone());
             store.save(&state)?;
             Ok(c)
         }
         Err(e) => {
             let _ = remove(ctx, &nl, &c).await;
+            state.containers.remove(&name);
+            store.save(&state)?;
             Err(e)
         }
     }
@@ -300,7 +390,6 @@ async fn wire(
     nl: &Netlink,
     node: &Node,
     c: &mut Container,
-    ports: &[PortMapping],
     state: &mut State,
 ) -> Result<()> {
     let uplink = nl.check_link(&node.uplink, node.uplink_ifindex).await?;
@@ -317,6 +406,9 @@ async fn wire(
     let inner = Netlink::in_netns(&c.netns)?;
     inner.lo_up().await?;
     let eth0 = inner.require_link(&c.ifname).await?;
+    inner
+        .set_alias(eth0.index, &owner_alias(&c.host_if, c.owns_netns))
+        .await?;
     inner.add_addr(eth0.index, c.ip, node.prefix_len).await?;
     inner.set_up(eth0.index).await?;
     inner.add_default_route(node.gateway, eth0.index).await?;
@@ -341,25 +433,28 @@ async fn wire(
             host_mac: c.host_mac,
         },
     )?;
-    if !ports.is_empty() {
+    if !c.ports.is_empty() {
         // An address added to the node since `up` is a DNAT destination from now on.
         super::up::sync_node_addrs(nl, &mut maps, node).await?;
     }
     let generation = state.next_generation();
-    state.generation = state.generation.wrapping_add(ports.len() as u32);
-    maps.put_ports(ports, c.ip, generation)?;
-    c.ports.extend_from_slice(ports);
-    Ok(())
+    state.generation = state.generation.wrapping_add(c.ports.len() as u32);
+    maps.put_ports(&c.ports, c.ip, generation)
 }
 
-/// Undo everything `wire` and `add` did for `c`; tolerant of parts that never happened.
+/// Undo everything `wire` and `add` did for `c`; tolerant of parts that never happened (an
+/// unfinished add's record does not know the veth's ifindex: the veth says).
 pub async fn remove(ctx: &Ctx, nl: &Netlink, c: &Container) -> Result<()> {
     if ctx.pins.installed() {
         let mut maps = Maps::open(&ctx.pins)?;
         maps.remove_ports(&c.ports)?;
         maps.remove_endpoint(c.ip)?;
-        if c.host_ifindex != 0 {
-            maps.forget_container(c.host_ifindex)?;
+        let ifindex = match c.host_ifindex {
+            0 => nl.link(&c.host_if).await?.map_or(0, |l| l.index),
+            i => i,
+        };
+        if ifindex != 0 {
+            maps.forget_container(ifindex)?;
         }
     }
     datapath::detach(&ctx.pins, &c.host_if)?;
@@ -443,6 +538,8 @@ mod tests {
     #[test]
     fn host_interface_names_fit_ifnamsiz() {
         let n = host_if_name("a-very-long-container-name-that-goes-on");
+        assert!(is_host_if_name(&n));
+        assert!(!is_host_if_name("bn-gw") && !is_host_if_name("bn-gw-p"));
         assert!(n.len() <= 15);
         assert_ne!(host_if_name("a"), host_if_name("b"));
         assert_eq!(host_if_name("web"), host_if_name("web"));

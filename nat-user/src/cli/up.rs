@@ -14,7 +14,7 @@ use crate::{
     net::{Cidr, PortRange},
     netlink::{Link, Netlink},
     netns,
-    state::{Node, State, XdpSetting},
+    state::{Node, State, Store, XdpSetting},
 };
 
 /// The interface that holds the container gateway address (one end of a veth pair whose
@@ -117,6 +117,36 @@ pub fn config_of(node: &Node, static_nat: bool) -> Config {
     }
 }
 
+/// When the recorded node lives in another network namespace than this one (the node's
+/// namespace was deleted and made again: a runtime's node, a lab), nothing recorded is true
+/// here: its ifindexes, its cookie, its containers' veths are gone with it, while its pins
+/// (TCX and cgroup links among them) and the namespaces it created stay. Remove those, forget
+/// the record, and say so. Returns whether there was such a record.
+pub fn forget_stale_node(ctx: &Ctx, store: &Store, state: &mut State) -> Result<bool> {
+    let Some(node) = &state.node else {
+        return Ok(false);
+    };
+    let here = datapath::netns_cookie()?;
+    if node.netns_cookie == here {
+        return Ok(false);
+    }
+    eprintln!(
+        "warning: the recorded bpfnat node (uplink {}, netns cookie {}) belongs to a network namespace that is not this one (cookie {here}): removing what is left of it and starting fresh",
+        node.uplink, node.netns_cookie
+    );
+    for c in state.containers.values().filter(|c| c.owns_netns) {
+        netns::remove(&c.netns)
+            .with_context(|| format!("remove the namespace of container {}", c.name))?;
+    }
+    datapath::uninstall(&ctx.pins)?;
+    *state = State {
+        generation: state.generation,
+        ..State::default()
+    };
+    store.save(state)?;
+    Ok(true)
+}
+
 pub async fn up(ctx: &Ctx, a: UpArgs) -> Result<()> {
     if a.conntrack_max < 1024 {
         bail!(
@@ -152,6 +182,7 @@ pub async fn up(ctx: &Ctx, a: UpArgs) -> Result<()> {
     }
     let store = ctx.store()?;
     let mut state = store.load()?;
+    forget_stale_node(ctx, &store, &mut state)?;
     let nl = Netlink::current()?;
     let uplink = nl
         .link(&a.uplink)
@@ -315,8 +346,9 @@ struct DownReport {
 pub async fn down(ctx: &Ctx) -> Result<()> {
     let store = ctx.store()?;
     let mut state = store.load()?;
-    let nl = Netlink::current()?;
     let was_up = state.node.is_some() || ctx.pins.root().exists();
+    forget_stale_node(ctx, &store, &mut state)?;
+    let nl = Netlink::current()?;
     let mut removed = Vec::new();
     let mut errors = Vec::new();
     let names: Vec<String> = state.containers.keys().cloned().collect();
@@ -327,6 +359,11 @@ pub async fn down(ctx: &Ctx) -> Result<()> {
                 Err(e) => errors.push(format!("container {name}: {e:#}")),
             }
         }
+    }
+    // Then what no record describes any more (a lost state file, a killed older version).
+    match container::remove_leftovers(ctx, &nl).await {
+        Ok(veths) => removed.extend(veths.into_iter().map(|v| format!("{v} (unrecorded)"))),
+        Err(e) => errors.push(format!("leftovers: {e:#}")),
     }
     if let Some(node) = &state.node {
         datapath::detach(&ctx.pins, &node.uplink)?;

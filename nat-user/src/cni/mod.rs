@@ -217,8 +217,13 @@ fn conf_subnet(conf: &NetConf) -> Result<Cidr, CniError> {
 }
 
 async fn ensure_up(ctx: &Ctx, conf: &NetConf) -> Result<(), CniError> {
-    if ctx.pins.installed() && Store::open(&ctx.state_dir)?.load()?.node.is_some() {
-        return Ok(());
+    {
+        let store = Store::open(&ctx.state_dir)?;
+        let mut state = store.load()?;
+        up::forget_stale_node(ctx, &store, &mut state)?;
+        if ctx.pins.installed() && state.node.is_some() {
+            return Ok(());
+        }
     }
     let uplink = conf.uplink.clone().ok_or_else(|| {
         err(

@@ -29,6 +29,8 @@ pub struct Link {
     pub kind: Option<String>,
     /// How an XDP program is attached, if one is: `native`, `generic`, `offload`, `multi`.
     pub xdp: Option<&'static str>,
+    /// The interface alias (`ip link set … alias`), if set.
+    pub alias: Option<String>,
 }
 
 pub struct Netlink {
@@ -68,12 +70,14 @@ impl Netlink {
             mtu: 0,
             kind: None,
             xdp: None,
+            alias: None,
         };
         for a in &msg.attributes {
             match a {
                 LinkAttribute::IfName(n) => link.name.clone_from(n),
                 LinkAttribute::Address(m) if m.len() == 6 => link.mac.copy_from_slice(m),
                 LinkAttribute::Mtu(m) => link.mtu = *m,
+                LinkAttribute::IfAlias(a) => link.alias = Some(a.clone()),
                 LinkAttribute::LinkInfo(infos) => {
                     for i in infos {
                         if let LinkInfo::Kind(k) = i {
@@ -98,6 +102,26 @@ impl Netlink {
             }
         }
         link
+    }
+
+    /// Every link of the namespace.
+    pub async fn links(&self) -> Result<Vec<Link>> {
+        let mut s = self.handle.link().get().execute();
+        let mut out = Vec::new();
+        while let Some(m) = s.try_next().await.context("list links")? {
+            out.push(Self::to_link(&m));
+        }
+        Ok(out)
+    }
+
+    /// Set the alias of link `index` (what `ip link` shows as `alias`).
+    pub async fn set_alias(&self, index: u32, alias: &str) -> Result<()> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).alias(alias).build())
+            .execute()
+            .await
+            .with_context(|| format!("set the alias of link {index}"))
     }
 
     /// The link called `name`, or `None`.

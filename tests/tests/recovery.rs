@@ -1,0 +1,179 @@
+//! Commands that were killed half way and state that was lost: the next command converges,
+//! and `down` removes everything bpfnat made, recognised by its names, pins and aliases.
+
+use std::{path::Path, process::Stdio, time::Instant};
+
+use bpfnat_tests::{Lab, json, lab_up, run_in_ns};
+
+/// What bpfnat made for containers that still exists: host veths in the node's namespace,
+/// pinned container links, and the named namespaces of `names`.
+fn leftovers(lab: &Lab, names: &[&str]) -> Vec<String> {
+    let (ok, links) = run_in_ns(&lab.node, "ip", &["-o", "link", "show"]);
+    assert!(ok, "ip link");
+    let mut left: Vec<String> = links
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n).to_owned())
+        .filter(|n| n.starts_with("bn-") && !n.starts_with("bn-gw"))
+        .collect();
+    if let Ok(dir) = std::fs::read_dir(lab.bpffs_dir.join("v1/links")) {
+        left.extend(
+            dir.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("bn-"))
+                .map(|n| format!("pin {n}")),
+        );
+    }
+    left.extend(
+        names
+            .iter()
+            .filter(|n| Path::new("/run/netns").join(n).exists())
+            .map(|n| format!("netns {n}")),
+    );
+    left
+}
+
+fn listed(lab: &Lab) -> Vec<serde_json::Value> {
+    json(lab, &["container", "list"])
+        .as_array()
+        .expect("container array")
+        .clone()
+}
+
+#[test]
+fn a_killed_container_add_is_finished_or_undone_by_the_next_command() {
+    let lab = lab_up("killadd");
+    let name = lab.name("k");
+    let add = ["container", "add", name.as_str(), "-p", "8086:86"];
+    // How long an add takes here, so that the kills below land inside one.
+    let t = Instant::now();
+    lab.ok(&add).unwrap();
+    let took = t.elapsed();
+    lab.ok(&["container", "del", &name]).unwrap();
+
+    let mut interrupted = 0;
+    for i in 0..12u32 {
+        let mut child = lab
+            .bpfnat(&add)
+            .unwrap()
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(took * i / 10);
+        let _ = child.kill();
+        let _ = child.wait();
+        let l = listed(&lab);
+        let finished = l.len() == 1 && l[0].get("pending").is_none();
+        if !finished && (!l.is_empty() || !leftovers(&lab, &[&name]).is_empty()) {
+            interrupted += 1;
+        }
+        if i % 2 == 0 && !finished {
+            lab.ok(&add)
+                .unwrap_or_else(|e| panic!("retry after a kill at step {i}: {e:#}"));
+            let l = listed(&lab);
+            assert_eq!(l.len(), 1);
+            assert!(l[0].get("pending").is_none(), "finished: {l:?}");
+            assert_eq!(json(&lab, &["port", "list"]).as_array().unwrap().len(), 1);
+            lab.ok(&["container", "del", &name]).unwrap();
+        } else {
+            let out = lab.run(&["container", "del", &name]).unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success() || err.contains("no such container"),
+                "del after a kill at step {i}: {err}"
+            );
+        }
+        assert!(listed(&lab).is_empty(), "step {i}");
+        assert!(json(&lab, &["port", "list"]).as_array().unwrap().is_empty());
+        assert_eq!(leftovers(&lab, &[&name]), Vec::<String>::new(), "step {i}");
+    }
+    assert!(
+        interrupted >= 2,
+        "the kills landed inside an add {interrupted} time(s): the test proved nothing"
+    );
+}
+
+#[test]
+fn down_after_the_state_file_was_lost_removes_what_bpfnat_made() {
+    let lab = lab_up("lostst");
+    let (a, b) = (lab.name("a"), lab.name("b"));
+    lab.ok(&["container", "add", &a, "-p", "8087:87"]).unwrap();
+    lab.ok(&["container", "add", &b]).unwrap();
+    // A runtime's namespace: bpfnat wires it but must never delete it.
+    let runtime = lab.name("rt");
+    let rt_path = bpfnat::netns::create(&runtime).unwrap();
+    lab.ok(&[
+        "container",
+        "add",
+        &lab.name("r"),
+        "--netns",
+        rt_path.to_str().unwrap(),
+    ])
+    .unwrap();
+    assert_eq!(
+        leftovers(&lab, &[&a, &b]).len(),
+        3 + 3 + 2,
+        "three veths, their pins, two namespaces"
+    );
+
+    std::fs::remove_file(lab.state_dir.join("state.json")).unwrap();
+    lab.ok(&["down"]).unwrap();
+
+    assert_eq!(leftovers(&lab, &[&a, &b]), Vec::<String>::new());
+    assert!(
+        rt_path.exists(),
+        "the runtime's namespace is not bpfnat's to remove"
+    );
+    assert!(!lab.bpffs_dir.join("v1").exists(), "no pins left");
+    // And the node can come up again from scratch.
+    lab.ok(&["up", "--uplink", bpfnat_tests::UPLINK]).unwrap();
+    lab.ok(&["container", "add", &a]).unwrap();
+}
+
+#[test]
+fn state_left_by_a_node_namespace_that_is_gone_is_cleared_by_the_next_up() {
+    let lab = lab_up("newns");
+    let a = lab.name("a");
+    lab.ok(&["container", "add", &a, "-p", "8088:88"]).unwrap();
+    // The node's namespace made again: a fresh one with the same uplink, under the same state
+    // and pin directories (the recorded cookie and ifindexes are another namespace's).
+    let node2 = bpfnat::netns::create(&lab.name("node2")).unwrap();
+    for args in [
+        &[
+            "link", "add", "uplink0", "type", "veth", "peer", "name", "far0",
+        ][..],
+        &["addr", "add", "198.51.100.2/24", "dev", "uplink0"],
+        &["link", "set", "uplink0", "up"],
+        &["link", "set", "far0", "up"],
+    ] {
+        assert!(run_in_ns(&node2, "ip", args).0, "ip {args:?}");
+    }
+    let in_node2 = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(bpfnat_tests::bin());
+        cmd.arg("--bpffs-dir")
+            .arg(&lab.bpffs_dir)
+            .arg("--state-dir")
+            .arg(&lab.state_dir)
+            .args(args);
+        bpfnat::netns::command_in(&mut cmd, &node2).unwrap();
+        cmd.output().unwrap()
+    };
+    let up = in_node2(&["up", "--uplink", "uplink0"]);
+    let err = String::from_utf8_lossy(&up.stderr);
+    assert!(up.status.success(), "up in the new namespace: {err}");
+    assert!(err.contains("starting fresh"), "says so: {err}");
+    assert!(
+        !Path::new("/run/netns").join(&a).exists(),
+        "the old node's container namespace is removed"
+    );
+    let add = in_node2(&["container", "add", &lab.name("b"), "-p", "8088:88"]);
+    assert!(
+        add.status.success(),
+        "container add on the new node: {}",
+        String::from_utf8_lossy(&add.stderr)
+    );
+    let down = in_node2(&["down"]);
+    assert!(down.status.success());
+    assert!(!lab.bpffs_dir.join("v1").exists(), "no pins left");
+}
