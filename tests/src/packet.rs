@@ -163,28 +163,21 @@ pub fn frame(
     f
 }
 
-/// `l4` as two IPv4 fragments with IP id `id`: the first `split` bytes (a multiple of 8,
-/// MF set) and the rest (at offset `split`), as Ethernet frames.
+/// The frame `whole` (from `frame`) as two IPv4 fragments with IP id `id`: the first `split`
+/// bytes of its L4 part (a multiple of 8, MF set) and the rest (at offset `split`).
 #[must_use]
-#[expect(clippy::too_many_arguments, reason = "a packet is its fields")]
-pub fn fragments(
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    proto: u8,
-    id: u16,
-    l4: &[u8],
-    split: usize,
-) -> [Vec<u8>; 2] {
+pub fn fragments(whole: &[u8], id: u16, split: usize) -> [Vec<u8>; 2] {
     assert_eq!(split % 8, 0, "fragment offsets count 8-byte units");
+    let (head, l4) = whole.split_at(34);
     let part = |data: &[u8], frag: u16| {
-        let mut f = frame(src_mac, dst_mac, src, dst, proto, data);
+        let mut f = head.to_vec();
+        f[16..18].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
         f[18..20].copy_from_slice(&id.to_be_bytes());
         f[20..22].copy_from_slice(&frag.to_be_bytes());
         f[24..26].copy_from_slice(&[0, 0]);
         let c = csum(&f[14..34], 0);
         f[24..26].copy_from_slice(&c.to_be_bytes());
+        f.extend_from_slice(data);
         f
     };
     [

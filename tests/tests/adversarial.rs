@@ -613,8 +613,7 @@ fn forged_tcp_segments_outside_the_window_or_with_bad_checksums_change_no_state(
     for (h, from, to, dport) in cases {
         let to = if to.port() == 0 { h.seen } else { to };
         assert_eq!(tcp_state_of(&lab, dport), "ESTABLISHED");
-        let (seq, ack) = next_numbers(&lab, h, from, to);
-        let forge = |seq: u32, flags: u8, good: bool| {
+        let forge = |seq: u32, ack: u32, flags: u8, good: bool| {
             packet::frame(
                 EXT_MAC,
                 uplink_mac(&lab),
@@ -633,6 +632,7 @@ fn forged_tcp_segments_outside_the_window_or_with_bad_checksums_change_no_state(
                 ),
             )
         };
+        let (seq, ack) = next_numbers(&lab, h, from, to);
         let (win, csum) = (
             counter(&lab, "drop_tcp_window"),
             counter(&lab, "drop_l4_csum"),
@@ -642,14 +642,14 @@ fn forged_tcp_segments_outside_the_window_or_with_bad_checksums_change_no_state(
             "eth0",
             vec![
                 // Blind: far outside the window.
-                forge(seq.wrapping_add(0x4000_0000), RST | ACK, true),
-                forge(seq.wrapping_sub(0x4000_0000), RST, true),
+                forge(seq.wrapping_add(0x4000_0000), ack, RST | ACK, true),
+                forge(seq.wrapping_sub(0x4000_0000), ack, RST, true),
                 // The exact next sequence number, but a checksum the endpoint would reject.
-                forge(seq, RST | ACK, false),
+                forge(seq, ack, RST | ACK, false),
                 // A FIN outside the window and a SYN on the open connection: forwarded (the
                 // endpoint answers them) but they move nothing.
-                forge(seq.wrapping_add(0x4000_0000), FIN | ACK, true),
-                forge(seq.wrapping_add(12345), SYN, true),
+                forge(seq.wrapping_add(0x4000_0000), ack, FIN | ACK, true),
+                forge(seq.wrapping_add(12345), ack, SYN, true),
             ],
         );
         std::thread::sleep(Duration::from_millis(200));
@@ -667,23 +667,7 @@ fn forged_tcp_segments_outside_the_window_or_with_bad_checksums_change_no_state(
         // Positive control: the same RST in the window and with its checksum right does
         // close the connection.
         let (seq, ack) = next_numbers(&lab, h, from, to);
-        let rst = packet::frame(
-            EXT_MAC,
-            uplink_mac(&lab),
-            *from.ip(),
-            *to.ip(),
-            packet::PROTO_TCP,
-            &packet::tcp_seg(
-                *from.ip(),
-                *to.ip(),
-                from.port(),
-                to.port(),
-                seq,
-                ack,
-                RST | ACK,
-                true,
-            ),
-        );
+        let rst = forge(seq, ack, RST | ACK, true);
         wire::send(&lab.ext, "eth0", vec![rst]);
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(
@@ -734,7 +718,11 @@ fn a_syn_flood_never_evicts_established_connections() {
         "4096",
     ])
     .unwrap();
-    let c = add_container(&lab, "c", &["-p", "8083:83", "-p", "8084:84"]);
+    let c = add_container(
+        &lab,
+        "c",
+        &["-p", "8083:83", "-p", "8084:84", "-p", "8085:85"],
+    );
     let (mut pc, mut ps) = pair(
         &c.ns,
         v4(Ipv4Addr::UNSPECIFIED, 83),
@@ -791,7 +779,32 @@ fn a_syn_flood_never_evicts_established_connections() {
         })
         .collect();
     let before = counter(&lab, "dnat_new");
-    wire::send(&lab.ext, "eth0", frames);
+    // An active connection keeps talking through the flood.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (active_ok, active_rounds) = std::thread::scope(|scope| {
+        let talker = scope.spawn(|| {
+            let (mut ac, mut asrv) = pair(
+                &c.ns,
+                v4(Ipv4Addr::UNSPECIFIED, 85),
+                &lab.ext,
+                v4(NODE_ADDR, 8085),
+            );
+            let (mut ok, mut rounds) = (true, 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) || rounds < 5 {
+                ok &= says(&mut ac, &mut asrv) && says(&mut asrv, &mut ac);
+                rounds += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (ok, rounds)
+        });
+        wire::send(&lab.ext, "eth0", frames);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        talker.join().unwrap()
+    });
+    assert!(
+        active_ok,
+        "the active connection kept working through the flood ({active_rounds} rounds)"
+    );
     assert!(
         counter(&lab, "dnat_new") >= before + u64::from(SYNS) / 2,
         "the flood reached the datapath"
@@ -809,6 +822,13 @@ fn a_syn_flood_never_evicts_established_connections() {
         "the masqueraded connection survived the flood"
     );
     assert_eq!(held(&lab), 2);
+    // The flood is visible, in its own table: that of connections not assured yet.
+    let stats = json(&lab, &["conntrack", "stats"]);
+    assert!(
+        stats["new_entries"].as_u64().unwrap() * 2 >= stats["new_max_entries"].as_u64().unwrap(),
+        "{stats}"
+    );
+    assert_eq!(stats["assured"], 3, "{stats}");
     // Positive control: a new connection still gets through after the flood.
     let body = traffic::http_server(&c.ns, v4(Ipv4Addr::UNSPECIFIED, 84), "c", 1, WINDOW).unwrap();
     assert!(
@@ -827,16 +847,15 @@ fn a_fragment_never_follows_the_ports_of_an_earlier_datagram_with_its_ip_id() {
     let _b = add_container(&lab, "b", &["-p", "9095:95/udp"]);
     let mac = uplink_mac(&lab);
     let datagram = |dport: u16| {
-        packet::fragments(
+        let whole = packet::frame(
             EXT_MAC,
             mac,
             EXT_ADDR,
             NODE_ADDR,
             PROTO_UDP,
-            ID,
             &packet::udp(EXT_ADDR, NODE_ADDR, FORGED_PORT, dport, true),
-            8,
-        )
+        );
+        packet::fragments(&whole, ID, 8)
     };
     // Positive control: a fragmented datagram for a is reassembled there.
     let echo = traffic::udp_echo(&a.ns, v4(Ipv4Addr::UNSPECIFIED, 94), 10, WINDOW).unwrap();

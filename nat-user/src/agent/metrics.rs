@@ -83,6 +83,7 @@ fn render(ctx: &Ctx) -> Result<String> {
          # HELP bpfnat_conntrack_max_entries Conntrack table size.\n# TYPE bpfnat_conntrack_max_entries gauge\nbpfnat_conntrack_max_entries {}\n\
          # HELP bpfnat_conntrack_connections Tracked connections.\n# TYPE bpfnat_conntrack_connections gauge\nbpfnat_conntrack_connections {}\n\
          # HELP bpfnat_conntrack_assured_connections Assured connections (out of reach of floods of new ones).\n# TYPE bpfnat_conntrack_assured_connections gauge\nbpfnat_conntrack_assured_connections {}\n\
+         # HELP bpfnat_conntrack_new_entries Entries of connections not assured yet (near the table size: new connections displace each other).\n# TYPE bpfnat_conntrack_new_entries gauge\nbpfnat_conntrack_new_entries {}\n\
          # HELP bpfnat_conntrack_new_max_entries Size of the table of connections not assured yet.\n# TYPE bpfnat_conntrack_new_max_entries gauge\nbpfnat_conntrack_new_max_entries {}\n\
          # HELP bpfnat_snat_ports_in_use MASQUERADE source ports in use (per protocol).\n# TYPE bpfnat_snat_ports_in_use gauge\nbpfnat_snat_ports_in_use {}\n\
          # HELP bpfnat_containers Containers attached.\n# TYPE bpfnat_containers gauge\nbpfnat_containers {}\n\
@@ -91,6 +92,7 @@ fn render(ctx: &Ctx) -> Result<String> {
         maps.ct_max_entries(),
         flows.len(),
         flows.iter().filter(|f| f.assured).count(),
+        maps.ct_new_len()?,
         maps.ct_new_max_entries(),
         snat_ports.len(),
         state.containers.len(),

@@ -39,6 +39,9 @@ struct CtStats {
     connections: usize,
     /// Connections assured (in the `conntrack` table, out of a flood's reach).
     assured: usize,
+    /// Entries in the table of connections not assured yet: near `new_max_entries`, new
+    /// connections displace each other there (a flood, or many unanswered attempts).
+    new_entries: usize,
     /// Capacity of the table of connections not assured yet.
     new_max_entries: u32,
     by_state: BTreeMap<String, usize>,
@@ -80,15 +83,17 @@ pub fn run(ctx: &Ctx, cmd: ConntrackCmd) -> Result<()> {
                 orphans: maps.ct_orphans()?,
                 connections: flows.len(),
                 assured: flows.iter().filter(|f| f.assured).count(),
+                new_entries: maps.ct_new_len()?,
                 new_max_entries: maps.ct_new_max_entries(),
                 by_state,
                 by_kind,
             };
             ctx.emit(&s, || {
                 let mut t = format!(
-                    "entries:     {} (assured connections: up to {} entries, the least recently used evicted when full; others: up to {}, which floods of new connections churn)\norphans:     {}\nconnections: {} ({} assured)",
+                    "entries:     {} (assured connections: up to {} entries, the least recently used evicted when full; not assured yet: {} of {}, which floods of new connections churn)\norphans:     {}\nconnections: {} ({} assured)",
                     s.entries,
                     s.max_entries,
+                    s.new_entries,
                     s.new_max_entries,
                     s.orphans,
                     s.connections,

@@ -317,6 +317,16 @@ impl Maps {
         self.conntrack_max
     }
 
+    /// Entries in the table of connections not assured yet (copies already moved left out).
+    pub fn ct_new_len(&self) -> Result<usize> {
+        let mut n = 0;
+        for r in self.conntrack_new.iter() {
+            let (_, e) = r.context("read conntrack_new map")?;
+            n += usize::from(e.assured == 0);
+        }
+        Ok(n)
+    }
+
     /// The capacity of the table of connections not assured yet.
     pub fn ct_new_max_entries(&self) -> u32 {
         nat_common::conntrack_new_max(self.conntrack_max)
