@@ -13,21 +13,8 @@ use bytemuck::{Pod, Zeroable};
 /// loader never silently reuses an old, differently shaped map pinned by an earlier version.
 pub const PIN_VERSION: &str = "v1";
 
-/// Map names as the kernel and bpftool see them (also the pin file names).
-pub mod map_names {
-    pub const CONFIG: &str = "config";
-    pub const ENDPOINTS: &str = "endpoints";
-    pub const PORTS: &str = "ports";
-    pub const CONNTRACK: &str = "conntrack";
-    /// Connections not assured yet (no answer seen): an LRU of their own, so that a flood of
-    /// them never displaces an established connection in `conntrack`.
-    pub const CONNTRACK_NEW: &str = "conntrack_new";
-    pub const STATS: &str = "stats";
-    pub const STATIC_NAT: &str = "static_nat";
-    pub const SOCK_RNAT: &str = "sock_rnat";
-    pub const FRAGS: &str = "frags";
-    pub const NODE_ADDRS: &str = "node_addrs";
-}
+mod maps;
+pub use maps::*;
 
 /// Program names in the eBPF object.
 pub mod prog_names {
@@ -46,23 +33,6 @@ pub mod prog_names {
     /// cgroup `getpeername4`: the peer shown as the published address.
     pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
 }
-
-/// Default size of the conntrack table (entries; two per connection).
-pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
-
-/// Size of the table of connections not assured yet, for a `conntrack` table of `max`
-/// entries: a quarter of it, at least 1024.
-#[must_use]
-pub const fn conntrack_new_max(max: u32) -> u32 {
-    let q = max / 4;
-    if q < 1024 { 1024 } else { q }
-}
-pub const ENDPOINTS_MAX_ENTRIES: u32 = 65_536;
-pub const PORTS_MAX_ENTRIES: u32 = 262_144;
-pub const STATIC_NAT_MAX_ENTRIES: u32 = 8_192;
-pub const SOCK_RNAT_MAX_ENTRIES: u32 = 65_536;
-pub const FRAGS_MAX_ENTRIES: u32 = 16_384;
-pub const NODE_ADDRS_MAX_ENTRIES: u32 = 1_024;
 
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;

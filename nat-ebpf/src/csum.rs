@@ -28,7 +28,8 @@ use crate::{
 /// Bytes summed per `bpf_loop` step.
 pub const CHUNK: u32 = 256;
 /// The scratch buffer's size: a chunk and room to zero-pad it (a power of two for masking).
-pub const BUF_LEN: usize = 2 * CHUNK as usize;
+pub const BUF_LEN: usize = nat_common::CSUM_BUF_LEN;
+const _: () = assert!(BUF_LEN.is_power_of_two() && BUF_LEN >= CHUNK as usize + 4);
 /// Steps for the longest IPv4 datagram, and the one that finds nothing left.
 const MAX_STEPS: u32 = 65536 / CHUNK + 1;
 

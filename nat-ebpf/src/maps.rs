@@ -1,5 +1,7 @@
 //! Map definitions. Every map is a BTF map, so `bpftool map dump` prints named fields; the
-//! loader pins them under `<bpffs-dir>/v1/` and overrides sizes where the user asks.
+//! loader pins them under `<bpffs-dir>/v1/` and overrides sizes where the user asks. Each one
+//! is described in `nat_common::MAP_SPECS` too (the macro wants its name as a literal); a
+//! test compares the two.
 
 use aya_ebpf::{
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -8,8 +10,8 @@ use aya_ebpf::{
 use nat_common::{
     CONNTRACK_MAX_ENTRIES, Config, Counter, CtEntry, CtKey, ENDPOINTS_MAX_ENTRIES, Endpoint,
     FRAGS_MAX_ENTRIES, FragKey, FragPorts, NODE_ADDRS_MAX_ENTRIES, NodeAddr, PORTS_MAX_ENTRIES,
-    PortKey, PortTarget, REASON_COUNT, SOCK_RNAT_MAX_ENTRIES, STATIC_NAT_MAX_ENTRIES, SockKey,
-    SockOrig, StaticNat, conntrack_new_max,
+    PortKey, PortTarget, REASON_COUNT, SCRATCH_SLOTS, SOCK_RNAT_MAX_ENTRIES,
+    STATIC_NAT_MAX_ENTRIES, SockKey, SockOrig, StaticNat, conntrack_new_max,
 };
 
 #[btf_map(name = "config")]
@@ -44,7 +46,7 @@ pub static STATS: PerCpuArray<Counter, { REASON_COUNT as usize }> = PerCpuArray:
 /// Per-CPU scratch space for values too large for the shared 512-byte stack: the two entries
 /// of a connection being created (0: reply, 1: original direction).
 #[btf_map(name = "scratch")]
-pub static SCRATCH: PerCpuArray<CtEntry, 2> = PerCpuArray::new();
+pub static SCRATCH: PerCpuArray<CtEntry, { SCRATCH_SLOTS as usize }> = PerCpuArray::new();
 
 /// Static 1:1 NAT: address → the other side of its mapping (two entries per mapping).
 #[btf_map(name = "static_nat")]

@@ -177,6 +177,12 @@ impl Lab {
         crate::ethtool::set_in(&self.ext, "eth0", crate::ethtool::Offload::TxChecksum, on)
     }
 
+    /// Where bpfnat pins this lab's programs, maps and links.
+    #[must_use]
+    pub fn pins(&self) -> crate::datapath::Pins {
+        crate::datapath::Pins::new(&self.bpffs_dir)
+    }
+
     /// The namespace of container `name` (as created by `bpfnat container add`).
     #[must_use]
     pub fn container_ns(&self, name: &str) -> PathBuf {

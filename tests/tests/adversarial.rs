@@ -167,7 +167,7 @@ fn broadcast_and_multicast_from_containers_are_never_masqueraded() {
 fn fill_conntrack(lab: &Lab, n: u32) {
     use aya::maps::{HashMap, Map, MapData};
     use nat_common::{CtEntry, CtKey, DIR_ORIGINAL, DIR_REPLY, dgram_state};
-    let pin = lab.bpffs_dir.join("v1/maps/conntrack");
+    let pin = lab.pins().map(nat_common::map_names::CONNTRACK);
     let data = MapData::from_pin(&pin).unwrap();
     let mut ct: HashMap<_, CtKey, CtEntry> = Map::from_map_data(data).unwrap().try_into().unwrap();
     let now = bpfnat::datapath::ct_now_ns();

@@ -90,7 +90,7 @@ fn missing_uplink_is_rejected() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("nope0") && err.contains("not found"), "{err}");
-    assert!(!lab.bpffs_dir.join("v1").exists(), "no pins left behind");
+    assert!(!lab.pins().root().exists(), "no pins left behind");
     assert!(!link_exists(&lab.node, "bn-gw"));
     assert_eq!(json(&lab, &["status"])["up"], false);
     fails_with(&lab, &["container", "add", &lab.name("c")], "not up");
@@ -180,7 +180,7 @@ fn container_del_and_down_remove_everything() {
     let (a, b) = (lab.name("a"), lab.name("b"));
     lab.ok(&["container", "add", &a, "-p", "8080:80"]).unwrap();
     let ifa = host_if(&lab, &a);
-    let pin = lab.bpffs_dir.join("v1/links").join(&ifa);
+    let pin = lab.pins().link(&ifa);
     assert!(lab.container_ns(&a).exists() && link_exists(&lab.node, &ifa) && pin.exists());
 
     // Leave a tracked connection behind to see it go with the container.
@@ -219,7 +219,7 @@ fn container_del_and_down_remove_everything() {
     assert!(!lab.container_ns(&b).exists());
     assert!(!link_exists(&lab.node, &ifb));
     assert!(!link_exists(&lab.node, "bn-gw"));
-    assert!(!lab.bpffs_dir.join("v1").exists(), "every pin removed");
+    assert!(!lab.pins().root().exists(), "every pin removed");
     assert_eq!(json(&lab, &["status"])["up"], false);
     // Down twice is harmless.
     lab.ok(&["down"]).unwrap();
@@ -278,7 +278,7 @@ fn pinned_maps_dump_with_field_names_in_bpftool() {
     srv.join().unwrap();
 
     let dump = |map: &str| -> serde_json::Value {
-        let path = lab.bpffs_dir.join("v1/maps").join(map);
+        let path = lab.pins().map(map);
         assert!(Path::new(&path).exists(), "{} pinned", path.display());
         let out = Command::new("bpftool")
             .args(["-j", "map", "dump", "pinned"])
@@ -407,7 +407,7 @@ fn demo_shows_every_flow_and_cleans_up() {
 fn a_lab_pins_into_its_own_bpffs_and_takes_it_away() {
     let lab = lab_up("ownfs");
     let mount = lab.bpffs_dir.parent().unwrap().to_owned();
-    assert!(lab.bpffs_dir.join("v1/maps/conntrack").exists());
+    assert!(lab.pins().map(nat_common::map_names::CONNTRACK).exists());
     let mounted = || {
         std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap()

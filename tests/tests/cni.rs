@@ -240,7 +240,7 @@ fn unusable_subnets_are_refused_before_anything_is_touched() {
         assert!(!ok, "{subnet}");
         assert_eq!(e["code"], 7, "{subnet}: {e}");
         assert!(
-            !lab.bpffs_dir.join("v1").exists(),
+            !lab.pins().root().exists(),
             "{subnet}: the datapath was brought up"
         );
         assert!(!link_exists(&ns, "eth0"), "{subnet}: the sandbox was wired");

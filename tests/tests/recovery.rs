@@ -16,14 +16,13 @@ fn leftovers(lab: &Lab, names: &[&str]) -> Vec<String> {
         .map(|n| n.split('@').next().unwrap_or(n).to_owned())
         .filter(|n| n.starts_with("bn-") && !n.starts_with("bn-gw"))
         .collect();
-    if let Ok(dir) = std::fs::read_dir(lab.bpffs_dir.join("v1/links")) {
-        left.extend(
-            dir.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("bn-"))
-                .map(|n| format!("pin {n}")),
-        );
-    }
+    left.extend(
+        lab.pins()
+            .linked_interfaces()
+            .into_iter()
+            .filter(|n| n.starts_with("bn-") && !n.starts_with("bn-gw"))
+            .map(|n| format!("pin {n}")),
+    );
     left.extend(
         names
             .iter()
@@ -125,7 +124,7 @@ fn down_after_the_state_file_was_lost_removes_what_bpfnat_made() {
         rt_path.exists(),
         "the runtime's namespace is not bpfnat's to remove"
     );
-    assert!(!lab.bpffs_dir.join("v1").exists(), "no pins left");
+    assert!(!lab.pins().root().exists(), "no pins left");
     // And the node can come up again from scratch.
     lab.ok(&["up", "--uplink", bpfnat_tests::UPLINK]).unwrap();
     lab.ok(&["container", "add", &a]).unwrap();
@@ -175,5 +174,5 @@ fn state_left_by_a_node_namespace_that_is_gone_is_cleared_by_the_next_up() {
     );
     let down = in_node2(&["down"]);
     assert!(down.status.success());
-    assert!(!lab.bpffs_dir.join("v1").exists(), "no pins left");
+    assert!(!lab.pins().root().exists(), "no pins left");
 }

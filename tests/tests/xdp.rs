@@ -165,7 +165,7 @@ fn native_xdp_on_a_jumbo_veth_is_refused_clearly_and_changes_nothing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("MTU is too large"), "{err}");
     assert_eq!(json(&lab, &["status"])["up"], false, "rolled back");
-    assert!(!lab.bpffs_dir.join("v1").exists(), "no pins left");
+    assert!(!lab.pins().root().exists(), "no pins left");
     // Generic XDP has no such limit.
     lab.ok(&["up", "--uplink", UPLINK, "--xdp", "generic"])
         .unwrap();

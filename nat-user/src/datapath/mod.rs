@@ -1,10 +1,11 @@
-//! The only place that knows map names and pin paths: load the embedded eBPF object, pin
-//! programs, maps and links under `<bpffs-dir>/v1/`, and read and write the maps in domain
-//! terms.
+//! The only place that knows pin paths (`Pins`, which the agent and the tests use too):
+//! load the embedded eBPF object, pin programs, maps and links under `<bpffs-dir>/v1/`, and
+//! read and write the maps in domain terms. Which maps exist, and their layouts, is
+//! `nat_common::MAP_SPECS`.
 //!
 //! Layout:
 //! ```text
-//! <bpffs-dir>/v1/maps/{config,endpoints,ports,conntrack,stats}
+//! <bpffs-dir>/v1/maps/<map>                 every map of MAP_SPECS marked pinned
 //! <bpffs-dir>/v1/progs/{tc_container,tc_uplink,xdp_uplink,sock_*}
 //! <bpffs-dir>/v1/links/<interface>          one TCX ingress link per interface
 //! <bpffs-dir>/v1/xdp-links/<interface>      the uplink's XDP link (`up --xdp native|generic`)
@@ -30,9 +31,9 @@ use aya::{
     },
 };
 use nat_common::{
-    Config, Counter, CtEntry, CtKey, Endpoint, NodeAddr, PIN_VERSION, PortKey, PortTarget,
-    REASON_COUNT, Reason, STATIC_EXTERNAL, STATIC_INTERNAL, SockKey, SockOrig, StaticNat,
-    map_names, prog_names,
+    Config, Counter, CtEntry, CtKey, Endpoint, MAP_SPECS, MapKind, MapSpec, NodeAddr, PIN_VERSION,
+    PortKey, PortTarget, Reason, STATIC_EXTERNAL, STATIC_INTERNAL, StaticNat, map_names,
+    prog_names,
 };
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 
@@ -42,17 +43,6 @@ use crate::spec::PortMapping;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nat"));
 
-const MAPS: [&str; 9] = [
-    map_names::SOCK_RNAT,
-    map_names::CONFIG,
-    map_names::ENDPOINTS,
-    map_names::PORTS,
-    map_names::CONNTRACK,
-    map_names::CONNTRACK_NEW,
-    map_names::STATS,
-    map_names::STATIC_NAT,
-    map_names::NODE_ADDRS,
-];
 const PROGS: [&str; 3] = [
     prog_names::TC_CONTAINER,
     prog_names::TC_UPLINK,
@@ -98,15 +88,21 @@ impl Pins {
         &self.root
     }
 
-    fn map(&self, name: &str) -> PathBuf {
+    /// Where map `name` is pinned.
+    #[must_use]
+    pub fn map(&self, name: &str) -> PathBuf {
         self.root.join("maps").join(name)
     }
 
-    fn prog(&self, name: &str) -> PathBuf {
+    /// Where program `name` is pinned.
+    #[must_use]
+    pub fn prog(&self, name: &str) -> PathBuf {
         self.root.join("progs").join(name)
     }
 
-    fn link(&self, ifname: &str) -> PathBuf {
+    /// Where the TC link of interface `ifname` is pinned.
+    #[must_use]
+    pub fn link(&self, ifname: &str) -> PathBuf {
         self.root.join("links").join(ifname)
     }
 
@@ -164,24 +160,17 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))
 }
 
-/// What each pinned map must look like for this build.
-fn expected(name: &str) -> (MapType, usize, usize) {
-    use std::mem::size_of;
-    match name {
-        map_names::CONFIG => (MapType::Array, 4, size_of::<Config>()),
-        map_names::ENDPOINTS => (MapType::Hash, 4, size_of::<Endpoint>()),
-        map_names::PORTS => (MapType::Hash, size_of::<PortKey>(), size_of::<PortTarget>()),
-        map_names::CONNTRACK | map_names::CONNTRACK_NEW => {
-            (MapType::LruHash, size_of::<CtKey>(), size_of::<CtEntry>())
-        }
-        map_names::STATIC_NAT => (MapType::Hash, 4, size_of::<StaticNat>()),
-        map_names::NODE_ADDRS => (MapType::Hash, 4, size_of::<NodeAddr>()),
-        map_names::SOCK_RNAT => (
-            MapType::LruHash,
-            size_of::<SockKey>(),
-            size_of::<SockOrig>(),
-        ),
-        _ => (MapType::PerCpuArray, 4, size_of::<Counter>()),
+/// The maps shared by every load, pinned under `maps/`.
+fn pinned_maps() -> impl Iterator<Item = &'static MapSpec> {
+    MAP_SPECS.iter().filter(|m| m.pinned)
+}
+
+fn map_type(kind: MapKind) -> MapType {
+    match kind {
+        MapKind::Array => MapType::Array,
+        MapKind::Hash => MapType::Hash,
+        MapKind::LruHash => MapType::LruHash,
+        MapKind::PerCpuArray => MapType::PerCpuArray,
     }
 }
 
@@ -189,21 +178,20 @@ fn expected(name: &str) -> (MapType, usize, usize) {
 /// array's length is part of its shape too: an older, shorter one would leave new reasons
 /// uncounted.
 fn check_pinned_maps(pins: &Pins) -> Result<()> {
-    for name in MAPS {
-        let path = pins.map(name);
+    for m in pinned_maps() {
+        let path = pins.map(m.name);
         if !path.exists() {
             continue;
         }
         let info = MapInfo::from_pin(&path)
             .with_context(|| format!("inspect pinned map {}", path.display()))?;
-        let (ty, k, v) = expected(name);
         let found = (
             info.map_type().ok(),
             info.key_size() as usize,
             info.value_size() as usize,
         );
-        let slots_ok = name != map_names::STATS || info.max_entries() == REASON_COUNT;
-        if found != (Some(ty), k, v) || !slots_ok {
+        let entries_ok = m.fixed_entries.is_none_or(|n| info.max_entries() == n);
+        if found != (Some(map_type(m.kind)), m.key_size, m.value_size) || !entries_ok {
             bail!(
                 "pinned map {} has another layout ({:?}, key {} B, value {} B, {} entries) than this bpfnat expects; run `bpfnat down` or remove it",
                 path.display(),
@@ -225,7 +213,8 @@ pub fn install(pins: &Pins, conntrack_max: u32) -> Result<()> {
         std::fs::create_dir_all(&d).with_context(|| format!("create {}", d.display()))?;
     }
     let mut loader = EbpfLoader::new();
-    let map_paths: Vec<(&str, PathBuf)> = MAPS.iter().map(|n| (*n, pins.map(n))).collect();
+    let map_paths: Vec<(&str, PathBuf)> =
+        pinned_maps().map(|m| (m.name, pins.map(m.name))).collect();
     for (name, path) in &map_paths {
         loader.map_pin_path(name, path.as_path());
     }
@@ -639,5 +628,37 @@ impl Maps {
                 })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod map_table {
+    use super::{MAP_SPECS, OBJECT, map_type};
+
+    #[test]
+    fn the_map_table_describes_every_map_of_the_object() {
+        let obj = aya_obj::Object::parse(OBJECT).expect("parse the built eBPF object");
+        let mut in_object: Vec<&str> = obj
+            .maps
+            .keys()
+            .map(String::as_str)
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        in_object.sort_unstable();
+        let mut in_table: Vec<&str> = MAP_SPECS.iter().map(|m| m.name).collect();
+        in_table.sort_unstable();
+        assert_eq!(
+            in_object, in_table,
+            "maps in the object vs nat_common::MAP_SPECS"
+        );
+        for m in &MAP_SPECS {
+            let o = &obj.maps[m.name];
+            assert_eq!(o.map_type(), map_type(m.kind) as u32, "{} kind", m.name);
+            assert_eq!(o.key_size() as usize, m.key_size, "{} key", m.name);
+            assert_eq!(o.value_size() as usize, m.value_size, "{} value", m.name);
+            if let Some(n) = m.fixed_entries {
+                assert_eq!(o.max_entries(), n, "{} entries", m.name);
+            }
+        }
     }
 }

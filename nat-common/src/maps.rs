@@ -1,0 +1,169 @@
+//! The eBPF object's maps, described once: names, kinds, key and value layouts, sizes, and
+//! whether they are pinned. The loader pins from this table, checks pinned maps against it,
+//! and a test compares it with the maps in the built object, so a map can be neither left
+//! out nor described twice.
+
+use core::mem::size_of;
+
+use crate::{
+    Config, Counter, CtEntry, CtKey, Endpoint, FragKey, FragPorts, NodeAddr, PortKey, PortTarget,
+    REASON_COUNT, SockKey, SockOrig, StaticNat,
+};
+
+/// Map names as the kernel and bpftool see them (also the pin file names).
+pub mod map_names {
+    pub const CONFIG: &str = "config";
+    pub const ENDPOINTS: &str = "endpoints";
+    pub const PORTS: &str = "ports";
+    pub const CONNTRACK: &str = "conntrack";
+    /// Connections not assured yet (no answer seen): an LRU of their own, so that a flood of
+    /// them never displaces an established connection in `conntrack`.
+    pub const CONNTRACK_NEW: &str = "conntrack_new";
+    pub const STATS: &str = "stats";
+    pub const STATIC_NAT: &str = "static_nat";
+    pub const SOCK_RNAT: &str = "sock_rnat";
+    pub const FRAGS: &str = "frags";
+    pub const NODE_ADDRS: &str = "node_addrs";
+    /// Per-CPU room for the two entries of a connection being created.
+    pub const SCRATCH: &str = "scratch";
+    /// Per-CPU room for checksum chunks and TCP options.
+    pub const CSUM_BUF: &str = "csum_buf";
+}
+
+/// Default size of the conntrack table (entries; two per connection).
+pub const CONNTRACK_MAX_ENTRIES: u32 = 262_144;
+
+/// Size of the table of connections not assured yet, for a `conntrack` table of `max`
+/// entries: a quarter of it, at least 1024.
+#[must_use]
+pub const fn conntrack_new_max(max: u32) -> u32 {
+    let q = max / 4;
+    if q < 1024 { 1024 } else { q }
+}
+pub const ENDPOINTS_MAX_ENTRIES: u32 = 65_536;
+pub const PORTS_MAX_ENTRIES: u32 = 262_144;
+pub const STATIC_NAT_MAX_ENTRIES: u32 = 8_192;
+pub const SOCK_RNAT_MAX_ENTRIES: u32 = 65_536;
+pub const FRAGS_MAX_ENTRIES: u32 = 16_384;
+pub const NODE_ADDRS_MAX_ENTRIES: u32 = 1_024;
+/// Slots of the `scratch` map (0: reply entry, 1: original entry).
+pub const SCRATCH_SLOTS: u32 = 2;
+/// Bytes of the `csum_buf` value: a 256-byte chunk and room to zero-pad it.
+pub const CSUM_BUF_LEN: usize = 512;
+
+/// The kernel's map type of a map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapKind {
+    Array,
+    Hash,
+    LruHash,
+    PerCpuArray,
+}
+
+/// One map of the eBPF object.
+#[derive(Clone, Copy, Debug)]
+pub struct MapSpec {
+    pub name: &'static str,
+    pub kind: MapKind,
+    pub key_size: usize,
+    pub value_size: usize,
+    /// Entries when the number is part of the layout (arrays indexed by meaning, such as one
+    /// slot per `Reason`); `None` when it is only a capacity (possibly set at load).
+    pub fixed_entries: Option<u32>,
+    /// Pinned under `<bpffs-dir>/v1/maps/` and shared by every load of the programs, so it
+    /// outlives a reload; per-CPU scratch space is not.
+    pub pinned: bool,
+}
+
+const fn spec(
+    name: &'static str,
+    kind: MapKind,
+    key_size: usize,
+    value_size: usize,
+    fixed_entries: Option<u32>,
+    pinned: bool,
+) -> MapSpec {
+    MapSpec {
+        name,
+        kind,
+        key_size,
+        value_size,
+        fixed_entries,
+        pinned,
+    }
+}
+
+/// Every map of the eBPF object.
+pub const MAP_SPECS: [MapSpec; 12] = {
+    use MapKind::{Array, Hash, LruHash, PerCpuArray};
+    use map_names as n;
+    [
+        spec(n::CONFIG, Array, 4, size_of::<Config>(), Some(1), true),
+        spec(n::ENDPOINTS, Hash, 4, size_of::<Endpoint>(), None, true),
+        spec(
+            n::PORTS,
+            Hash,
+            size_of::<PortKey>(),
+            size_of::<PortTarget>(),
+            None,
+            true,
+        ),
+        spec(
+            n::CONNTRACK,
+            LruHash,
+            size_of::<CtKey>(),
+            size_of::<CtEntry>(),
+            None,
+            true,
+        ),
+        spec(
+            n::CONNTRACK_NEW,
+            LruHash,
+            size_of::<CtKey>(),
+            size_of::<CtEntry>(),
+            None,
+            true,
+        ),
+        spec(
+            n::STATS,
+            PerCpuArray,
+            4,
+            size_of::<Counter>(),
+            Some(REASON_COUNT),
+            true,
+        ),
+        spec(n::STATIC_NAT, Hash, 4, size_of::<StaticNat>(), None, true),
+        spec(
+            n::SOCK_RNAT,
+            LruHash,
+            size_of::<SockKey>(),
+            size_of::<SockOrig>(),
+            None,
+            true,
+        ),
+        spec(
+            n::FRAGS,
+            LruHash,
+            size_of::<FragKey>(),
+            size_of::<FragPorts>(),
+            None,
+            true,
+        ),
+        spec(n::NODE_ADDRS, Hash, 4, size_of::<NodeAddr>(), None, true),
+        spec(
+            n::SCRATCH,
+            PerCpuArray,
+            4,
+            size_of::<CtEntry>(),
+            Some(SCRATCH_SLOTS),
+            false,
+        ),
+        spec(n::CSUM_BUF, PerCpuArray, 4, CSUM_BUF_LEN, Some(1), false),
+    ]
+};
+
+/// The description of map `name`, if the object has one.
+#[must_use]
+pub fn map_spec(name: &str) -> Option<&'static MapSpec> {
+    MAP_SPECS.iter().find(|m| m.name == name)
+}
