@@ -697,20 +697,18 @@ mod user {
         PortTarget, SockKey, SockOrig, StaticNat,
     };
 
-    // SAFETY: every type is `#[repr(C)]`, `bytemuck::Pod` (no padding, any bit pattern valid).
-    unsafe impl aya::Pod for Config {}
-    unsafe impl aya::Pod for Endpoint {}
-    unsafe impl aya::Pod for PortKey {}
-    unsafe impl aya::Pod for PortTarget {}
-    unsafe impl aya::Pod for CtKey {}
-    unsafe impl aya::Pod for CtEntry {}
-    unsafe impl aya::Pod for Counter {}
-    unsafe impl aya::Pod for StaticNat {}
-    unsafe impl aya::Pod for SockKey {}
-    unsafe impl aya::Pod for SockOrig {}
-    unsafe impl aya::Pod for FragKey {}
-    unsafe impl aya::Pod for FragPorts {}
-    unsafe impl aya::Pod for NodeAddr {}
+    /// `aya::Pod` for map key and value types.
+    macro_rules! pod {
+        ($($t:ty),* $(,)?) => {$(
+            // SAFETY: `#[repr(C)]` and `bytemuck::Pod` (checked at compile time): no padding,
+            // any bit pattern valid.
+            unsafe impl aya::Pod for $t {}
+        )*};
+    }
+    pod!(
+        Config, Endpoint, PortKey, PortTarget, CtKey, CtEntry, Counter, StaticNat, SockKey,
+        SockOrig, FragKey, FragPorts, NodeAddr,
+    );
 }
 
 #[cfg(test)]

@@ -89,18 +89,15 @@ fn assure(key: &CtKey, e: &mut CtEntry, proto: u8) {
         return;
     };
     e.assured = 1;
-    // SAFETY: a live map value.
-    unsafe { (*r).assured = 1 };
-    // SAFETY: as above; the helper copies the value from the map.
-    if CONNTRACK
-        .insert(&rk, unsafe { &*r }, u64::from(BPF_ANY))
-        .is_err()
+    // SAFETY: a live map value; the helpers below copy it from the map.
+    let r = unsafe { &mut *r };
+    r.assured = 1;
+    if CONNTRACK.insert(&rk, &*r, u64::from(BPF_ANY)).is_err()
         || CONNTRACK.insert(key, &*e, u64::from(BPF_ANY)).is_err()
     {
         let _ = CONNTRACK.remove(&rk);
         e.assured = 0;
-        // SAFETY: as above.
-        unsafe { (*r).assured = 0 };
+        r.assured = 0;
     }
 }
 

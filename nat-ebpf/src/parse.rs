@@ -1,4 +1,5 @@
-//! Bounds-checked header access. Nothing else touches raw packet pointers.
+//! Bounds-checked header reads: `ptr_at` is how a header is read in place (rewrites go
+//! through `pkt.rs`, whole-packet walks through load helpers).
 
 use core::mem::size_of;
 

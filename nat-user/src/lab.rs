@@ -44,7 +44,7 @@ pub struct Lab {
     bin: PathBuf,
 }
 
-fn block_on<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+fn block_on<T>(f: impl Future<Output = Result<T>>) -> Result<T> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?

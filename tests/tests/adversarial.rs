@@ -207,34 +207,32 @@ fn fill_conntrack(lab: &Lab, n: u32) {
 }
 
 /// `n` UDP flows from namespace `ns` to the external echo server on port 7002: one datagram
-/// out and its answer each, then a second round on every socket half a second later. Returns
-/// how many exchanges got no answer.
-fn udp_flows(ns: &std::path::Path, n: usize) -> usize {
-    bpfnat::netns::run_in(ns, move || {
-        let socks: Vec<UdpSocket> = (0..n)
+/// out and its answer each, then, once `between` returns, a second round on every socket.
+/// Returns how many exchanges got no answer.
+fn udp_flows(ns: &std::path::Path, n: usize, between: impl FnOnce()) -> usize {
+    // Sockets belong to the namespace they were made in, wherever they are used from.
+    let socks: Vec<UdpSocket> = bpfnat::netns::run_in(ns, move || {
+        (0..n)
             .map(|_| {
                 let s = UdpSocket::bind(v4(Ipv4Addr::UNSPECIFIED, 0))?;
                 s.connect(v4(EXT_ADDR, 7002))?;
                 s.set_read_timeout(Some(Duration::from_secs(1)))?;
                 Ok(s)
             })
-            .collect::<std::io::Result<_>>()?;
-        let mut failed = 0;
-        let mut buf = [0u8; 128];
-        for round in 0..2 {
-            for s in &socks {
-                s.send(b"ping")?;
-                if s.recv(&mut buf).is_err() {
-                    failed += 1;
-                }
-            }
-            if round == 0 {
-                std::thread::sleep(Duration::from_millis(500));
-            }
-        }
-        Ok(failed)
+            .collect::<std::io::Result<_>>()
+            .map_err(Into::into)
     })
-    .expect("UDP flows")
+    .expect("UDP sockets");
+    let round = || {
+        let mut buf = [0u8; 128];
+        socks
+            .iter()
+            .filter(|s| s.send(b"ping").is_err() || s.recv(&mut buf).is_err())
+            .count()
+    };
+    let failed = round();
+    between();
+    failed + round()
 }
 
 #[test]
@@ -251,18 +249,28 @@ fn garbage_collection_during_new_connections_breaks_none() {
     )
     .unwrap();
     let stop = std::sync::atomic::AtomicBool::new(false);
+    let done = std::sync::atomic::AtomicUsize::new(0);
     let (runs, failed) = std::thread::scope(|scope| {
         let gc = scope.spawn(|| {
-            let mut runs = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 lab.ok(&["conntrack", "gc"]).expect("conntrack gc");
-                runs += 1;
+                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-            runs
         });
-        let failed = udp_flows(&c.ns, FLOWS);
+        // The second round waits for two whole gc runs over the new connections (bounded:
+        // a slow machine runs gc slowly).
+        let failed = udp_flows(&c.ns, FLOWS, || {
+            let start = done.load(std::sync::atomic::Ordering::Relaxed);
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while done.load(std::sync::atomic::Ordering::Relaxed) < start + 2
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        (gc.join().expect("gc thread"), failed)
+        gc.join().expect("gc thread");
+        (done.load(std::sync::atomic::Ordering::Relaxed), failed)
     });
     drop(echo);
     assert!(runs >= 2, "gc ran {runs} times only");

@@ -108,7 +108,7 @@ fn native_xdp_delivers_published_ports_replies_and_static_nat() {
 
     // `down` takes XDP off the uplink.
     lab.ok(&["down"]).unwrap();
-    let (_, links) = bpfnat_tests::run_in_ns(&lab.node, "ip", &["-d", "link", "show", UPLINK]);
+    let (_, links) = run_in_ns(&lab.node, "ip", &["-d", "link", "show", UPLINK]);
     assert!(!links.contains("prog/xdp"), "XDP detached: {links}");
 }
 

@@ -1,7 +1,6 @@
-//! Detect and install what the build and the tests need; a no-op when all is there.
-//! The steps are those of `shared/TOOLCHAIN.md`: nightly `rust-src`, bpf-linker built against
-//! the nightly toolchain's own LLVM (no prebuilt binary can be downloaded here), and the
-//! Debian packages the tests and the demo use.
+//! Detect and install what the build and the tests need; a no-op when all is there: the
+//! nightly `rust-src`, bpf-linker built against the nightly toolchain's own LLVM (no prebuilt
+//! binary can be downloaded here), and the Debian packages the tests and the demo use.
 
 use std::{
     ffi::OsString,

@@ -257,10 +257,7 @@ type Events = futures::channel::mpsc::UnboundedReceiver<(
 )>;
 
 /// Address change notifications (only that something changed; `follow_uplink` re-reads).
-fn address_events() -> Result<(
-    impl futures::Stream<Item = ()>,
-    impl std::future::Future<Output = ()>,
-)> {
+fn address_events() -> Result<(impl futures::Stream<Item = ()>, impl Future<Output = ()>)> {
     let (conn, _handle, messages): (_, _, Events) =
         rtnetlink::new_multicast_connection(&[MulticastGroup::Ipv4Ifaddr])
             .context("subscribe to address changes")?;

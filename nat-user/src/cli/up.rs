@@ -165,7 +165,7 @@ pub async fn up(ctx: &Ctx, a: UpArgs) -> Result<()> {
     }
     // (1, 0): an empty range, nothing avoided.
     let host_ports = if a.masquerade_avoid_host_ports {
-        crate::cli::container::ephemeral_range()
+        container::ephemeral_range()
     } else {
         (1, 0)
     };
