@@ -82,7 +82,7 @@ fn remove(key: &CtKey) {
 /// the connection (a packet being handled on another CPU may still write to them).
 #[inline(always)]
 fn assure(key: &CtKey, e: &mut CtEntry, proto: u8) {
-    let rk = peer_key(e, proto);
+    let rk = e.peer_key(proto);
     let Some(r) = CONNTRACK_NEW.get_ptr_mut(&rk) else {
         // Already in `conntrack` (or its other half is gone): nothing to move.
         e.assured = 1;
@@ -110,18 +110,6 @@ pub fn arrives_from_outside(e: *const CtEntry) -> bool {
     let (origin, dir) = unsafe { ((*e).origin, (*e).dir) };
     (origin == ORIGIN_MASQUERADE && dir == DIR_REPLY)
         || (origin == ORIGIN_PUBLISHED && dir == DIR_ORIGINAL)
-}
-
-/// The key of the entry for the other direction of `e`'s connection.
-#[inline(always)]
-pub fn peer_key(e: &CtEntry, proto: u8) -> CtKey {
-    CtKey::new(
-        e.xlate_dst_addr,
-        e.xlate_src_addr,
-        e.xlate_dst_port,
-        e.xlate_src_port,
-        proto,
-    )
 }
 
 #[inline(always)]
@@ -158,7 +146,7 @@ pub fn touch(ctx: &impl Pkt, e: *mut CtEntry, p: &Ip4, now: u64) -> Result<(), R
     e.last_seen_ns = now;
     if p.proto != PROTO_TCP && e.dir == DIR_REPLY && e.state != dgram_state::REPLIED {
         e.state = dgram_state::REPLIED;
-        if let Some(peer) = lookup(&peer_key(e, p.proto)) {
+        if let Some(peer) = lookup(&e.peer_key(p.proto)) {
             // SAFETY: as above.
             unsafe { (*peer).state = dgram_state::REPLIED };
         }
@@ -180,7 +168,7 @@ pub fn touch(ctx: &impl Pkt, e: *mut CtEntry, p: &Ip4, now: u64) -> Result<(), R
 #[inline(always)]
 fn conn_expired(e: &CtEntry, proto: u8, now: u64) -> bool {
     let mut last = e.last_seen_ns;
-    if let Some(peer) = lookup(&peer_key(e, proto)) {
+    if let Some(peer) = lookup(&e.peer_key(proto)) {
         // SAFETY: read of a map value.
         let peer_last = unsafe { (*peer).last_seen_ns };
         if peer_last > last {
@@ -209,7 +197,7 @@ fn claim(key: &CtKey, e: &CtEntry, now: u64) -> bool {
         if !reclaimable(old, key.proto, now) {
             return false;
         }
-        remove(&peer_key(old, key.proto));
+        remove(&old.peer_key(key.proto));
         let _ = CONNTRACK.remove(key);
     }
     if CONNTRACK_NEW.insert(key, e, u64::from(BPF_NOEXIST)).is_ok() {
@@ -223,7 +211,7 @@ fn claim(key: &CtKey, e: &CtEntry, now: u64) -> bool {
             if !reclaimable(old, key.proto, now) {
                 return false;
             }
-            remove(&peer_key(old, key.proto));
+            remove(&old.peer_key(key.proto));
             CONNTRACK_NEW.insert(key, e, u64::from(BPF_ANY)).is_ok()
         }
         None => CONNTRACK_NEW.insert(key, e, u64::from(BPF_NOEXIST)).is_ok(),

@@ -23,7 +23,7 @@ use nat_common::{
 };
 
 use crate::{
-    conntrack::{lookup, peer_key},
+    conntrack::lookup,
     maps::CSUM_BUF,
     parse::{IP_OFF, Ip4, ptr_at},
     pkt::Pkt,
@@ -287,7 +287,7 @@ pub fn track(ctx: &impl Pkt, e: *mut CtEntry, p: &Ip4) -> Result<bool, Reason> {
     // SAFETY: `e` points into the map value; concurrent writers of one connection race to
     // similar values, as in nf_conntrack without its lock, and never past the window rules.
     let e = unsafe { &mut *e };
-    let peer = lookup(&peer_key(e, PROTO_TCP));
+    let peer = lookup(&e.peer_key(PROTO_TCP));
     let (next, fins) = tcp_transition(e.state, e.flags, e.dir, s.flags);
     let syn_only = s.flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
     let mut both_seen = false;

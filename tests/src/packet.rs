@@ -4,9 +4,7 @@
 
 use std::net::Ipv4Addr;
 
-pub const PROTO_ICMP: u8 = 1;
-pub const PROTO_TCP: u8 = 6;
-pub const PROTO_UDP: u8 = 17;
+pub use nat_common::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 
 /// Internet checksum of `data` starting from the partial sum `init`.
 #[must_use]

@@ -87,17 +87,6 @@ fn state_name(proto: u8, s: u8) -> &'static str {
 }
 
 /// The key of the other direction's entry.
-fn peer_key(e: &CtEntry, proto: u8) -> CtKey {
-    CtKey {
-        src_addr: e.xlate_dst_addr,
-        dst_addr: e.xlate_src_addr,
-        src_port: e.xlate_dst_port,
-        dst_port: e.xlate_src_port,
-        proto,
-        _pad: [0; 3],
-    }
-}
-
 fn end(k: &CtKey, e: Option<&CtEntry>) -> FlowEnd {
     FlowEnd {
         src: Ipv4Addr::from(k.src_addr),
@@ -151,7 +140,7 @@ impl Maps {
             if e.dir != DIR_ORIGINAL {
                 continue;
             }
-            let rk = peer_key(e, k.proto);
+            let rk = e.peer_key(k.proto);
             let r = find(&rk);
             let last = r.map_or(e.last_seen_ns, |r| r.last_seen_ns.max(e.last_seen_ns));
             out.push(Flow {
@@ -193,7 +182,7 @@ impl Maps {
         let keys: HashSet<CtKey> = entries.iter().map(|(k, _)| *k).collect();
         Ok(entries
             .iter()
-            .filter(|(k, e)| !keys.contains(&peer_key(e, k.proto)))
+            .filter(|(k, e)| !keys.contains(&e.peer_key(k.proto)))
             .count())
     }
 
@@ -224,7 +213,7 @@ impl Maps {
         let index: HashMap<CtKey, CtEntry> = entries.iter().copied().collect();
         let mut conns = 0;
         for (k, e) in &entries {
-            let peer = peer_key(e, k.proto);
+            let peer = e.peer_key(k.proto);
             let p = index.get(&peer);
             // Judge each connection once, from its original entry (or a lone entry), and
             // only candidates again from the kernel.
@@ -234,8 +223,8 @@ impl Maps {
             let Some(e) = self.ct_get(k)? else {
                 continue;
             };
-            let peer = peer_key(&e, k.proto);
-            let p = self.ct_get(&peer)?.filter(|p| peer_key(p, k.proto) == *k);
+            let peer = e.peer_key(k.proto);
+            let p = self.ct_get(&peer)?.filter(|p| p.peer_key(k.proto) == *k);
             if pred(k, &e, p.as_ref()) {
                 conns += 1;
                 self.ct_remove(k)?;

@@ -1,0 +1,314 @@
+//! The `conntrack` and `conntrack_new` maps: the tuple, the entry, TCP and datagram states,
+//! their transitions and timeouts.
+
+use bytemuck::{Pod, Zeroable};
+
+use crate::{PROTO_TCP, PROTO_UDP};
+
+/// `conntrack` key: a packet's tuple exactly as it is on the wire at the hook that looks it up.
+///
+/// For ICMP echo, the identifier stands in for a port: requests use
+/// `src_port = id, dst_port = 0`, replies `src_port = 0, dst_port = id`, so that swapping the
+/// two ends of a request's tuple yields its reply's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct CtKey {
+    /// Source address, network order.
+    pub src_addr: [u8; 4],
+    /// Destination address, network order.
+    pub dst_addr: [u8; 4],
+    /// Source port (or ICMP id), network order.
+    pub src_port: [u8; 2],
+    /// Destination port (or ICMP id), network order.
+    pub dst_port: [u8; 2],
+    /// IP protocol number.
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl CtKey {
+    /// A key from its fields, padding zeroed. Built as four whole words: field by field, the
+    /// compiler zeroes the three padding bytes with a call to `memset`, which on BPF is a
+    /// subprogram with a loop that the verifier walks at every call and whose frame the
+    /// 512-byte stack can hardly spare.
+    #[must_use]
+    #[inline(always)]
+    pub const fn new(
+        src_addr: [u8; 4],
+        dst_addr: [u8; 4],
+        src_port: [u8; 2],
+        dst_port: [u8; 2],
+        proto: u8,
+    ) -> Self {
+        let words: [u32; 4] = [
+            u32::from_ne_bytes(src_addr),
+            u32::from_ne_bytes(dst_addr),
+            u32::from_ne_bytes([src_port[0], src_port[1], dst_port[0], dst_port[1]]),
+            u32::from_ne_bytes([proto, 0, 0, 0]),
+        ];
+        // SAFETY: `CtKey` is 16 bytes of `u8` arrays, `#[repr(C)]`: any bits are valid.
+        unsafe { core::mem::transmute::<[u32; 4], Self>(words) }
+    }
+
+    /// The tuple of the packets that travel the other way.
+    #[must_use]
+    #[inline(always)]
+    pub const fn reversed(&self) -> Self {
+        Self::new(
+            self.dst_addr,
+            self.src_addr,
+            self.dst_port,
+            self.src_port,
+            self.proto,
+        )
+    }
+}
+
+/// `CtEntry::nat`: the source is rewritten (MASQUERADE, or the reply of a DNAT).
+pub const NAT_SNAT: u8 = 1;
+/// `CtEntry::nat`: the destination is rewritten (DNAT, or the reply of a MASQUERADE).
+pub const NAT_DNAT: u8 = 2;
+
+/// `CtEntry::dir`: the direction that created the connection.
+pub const DIR_ORIGINAL: u8 = 0;
+/// `CtEntry::dir`: the answering direction.
+pub const DIR_REPLY: u8 = 1;
+
+/// `CtEntry::origin`: a container's connection to the outside, masqueraded.
+pub const ORIGIN_MASQUERADE: u8 = 1;
+/// `CtEntry::origin`: an outside client's connection to a published port.
+pub const ORIGIN_PUBLISHED: u8 = 2;
+/// `CtEntry::origin`: a container's connection to a published port on a node address.
+pub const ORIGIN_HAIRPIN: u8 = 3;
+
+/// TCP states (`CtEntry::state` for TCP), after nf_conntrack's.
+pub mod tcp_state {
+    pub const NONE: u8 = 0;
+    pub const SYN_SENT: u8 = 1;
+    pub const SYN_RECV: u8 = 2;
+    pub const ESTABLISHED: u8 = 3;
+    pub const FIN_WAIT: u8 = 4;
+    pub const CLOSE_WAIT: u8 = 5;
+    pub const LAST_ACK: u8 = 6;
+    pub const TIME_WAIT: u8 = 7;
+    pub const CLOSE: u8 = 8;
+}
+
+/// TCP flag bits as in the header's flags byte.
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+}
+
+/// `CtEntry::flags`: a FIN was seen from the original direction.
+pub const CT_FIN_ORIG: u8 = 1 << 0;
+/// `CtEntry::flags`: a FIN was seen from the reply direction.
+pub const CT_FIN_REPLY: u8 = 1 << 1;
+
+/// The TCP state (and FIN bits, `CT_FIN_*`) after a packet with TCP `flags` travelling in
+/// direction `dir` (`DIR_*`).
+///
+/// Loose like nf_conntrack: a connection first seen mid-stream starts ESTABLISHED; a SYN on a
+/// closed connection reopens it, one on an open connection changes nothing. FIN_WAIT: one side sent FIN; CLOSE_WAIT: the other
+/// side acknowledged it; LAST_ACK: both sent FIN; TIME_WAIT: the last FIN was acknowledged.
+#[must_use]
+pub const fn tcp_transition(state: u8, fins: u8, dir: u8, flags: u8) -> (u8, u8) {
+    use tcp_flags::{ACK, FIN, RST, SYN};
+    use tcp_state::{
+        CLOSE, CLOSE_WAIT, ESTABLISHED, FIN_WAIT, LAST_ACK, NONE, SYN_RECV, SYN_SENT, TIME_WAIT,
+    };
+    if flags & RST != 0 {
+        return (CLOSE, fins);
+    }
+    if flags & SYN != 0 {
+        if flags & ACK == 0 {
+            // A new SYN reopens only a connection that is not open (nf_conntrack ignores one
+            // on an established connection; the endpoint answers it with a challenge ACK).
+            let reopens = matches!(state, NONE | SYN_SENT | TIME_WAIT | CLOSE);
+            return if dir == DIR_ORIGINAL && reopens {
+                (SYN_SENT, 0)
+            } else {
+                (state, fins)
+            };
+        }
+        return if dir == DIR_REPLY && state == SYN_SENT {
+            (SYN_RECV, fins)
+        } else {
+            (state, fins)
+        };
+    }
+    let mine = if dir == DIR_ORIGINAL {
+        CT_FIN_ORIG
+    } else {
+        CT_FIN_REPLY
+    };
+    if flags & FIN != 0 {
+        let fins = fins | mine;
+        if fins == CT_FIN_ORIG | CT_FIN_REPLY {
+            return (LAST_ACK, fins);
+        }
+        return (FIN_WAIT, fins);
+    }
+    if state == NONE {
+        return (ESTABLISHED, fins);
+    }
+    if flags & ACK != 0 {
+        let next = match state {
+            SYN_RECV => ESTABLISHED,
+            // The side that has not closed acknowledges the other's FIN.
+            FIN_WAIT if fins & mine == 0 => CLOSE_WAIT,
+            LAST_ACK => TIME_WAIT,
+            s => s,
+        };
+        return (next, fins);
+    }
+    (state, fins)
+}
+
+/// UDP/ICMP states (`CtEntry::state` for those protocols).
+pub mod dgram_state {
+    /// Only the original direction has been seen.
+    pub const UNREPLIED: u8 = 0;
+    /// Packets have been seen both ways.
+    pub const REPLIED: u8 = 1;
+}
+
+/// Timeouts in nanoseconds, after nf_conntrack's defaults.
+pub mod timeout {
+    const S: u64 = 1_000_000_000;
+    pub const TCP_SYN_SENT: u64 = 120 * S;
+    pub const TCP_SYN_RECV: u64 = 60 * S;
+    pub const TCP_ESTABLISHED: u64 = 432_000 * S;
+    pub const TCP_FIN_WAIT: u64 = 120 * S;
+    pub const TCP_CLOSE_WAIT: u64 = 60 * S;
+    pub const TCP_LAST_ACK: u64 = 30 * S;
+    pub const TCP_TIME_WAIT: u64 = 120 * S;
+    pub const TCP_CLOSE: u64 = 10 * S;
+    pub const UDP_UNREPLIED: u64 = 30 * S;
+    pub const UDP_REPLIED: u64 = 120 * S;
+    pub const ICMP: u64 = 30 * S;
+}
+
+/// How long an entry in `state` for protocol `proto` may stay idle.
+#[must_use]
+pub const fn ct_timeout_ns(proto: u8, state: u8) -> u64 {
+    match proto {
+        PROTO_TCP => match state {
+            tcp_state::SYN_SENT | tcp_state::NONE => timeout::TCP_SYN_SENT,
+            tcp_state::SYN_RECV => timeout::TCP_SYN_RECV,
+            tcp_state::ESTABLISHED => timeout::TCP_ESTABLISHED,
+            tcp_state::FIN_WAIT => timeout::TCP_FIN_WAIT,
+            tcp_state::CLOSE_WAIT => timeout::TCP_CLOSE_WAIT,
+            tcp_state::LAST_ACK => timeout::TCP_LAST_ACK,
+            tcp_state::TIME_WAIT => timeout::TCP_TIME_WAIT,
+            _ => timeout::TCP_CLOSE,
+        },
+        PROTO_UDP => {
+            if state == dgram_state::REPLIED {
+                timeout::UDP_REPLIED
+            } else {
+                timeout::UDP_UNREPLIED
+            }
+        }
+        _ => timeout::ICMP,
+    }
+}
+
+/// `conntrack` value: what to do with packets of one direction of a connection.
+///
+/// A connection has two entries, created together: one keyed by the original direction's
+/// tuple and one by the reply direction's, so either direction is a single lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct CtEntry {
+    /// Source address after translation, network order.
+    pub xlate_src_addr: [u8; 4],
+    /// Destination address after translation, network order.
+    pub xlate_dst_addr: [u8; 4],
+    /// Source port (ICMP id) after translation, network order.
+    pub xlate_src_port: [u8; 2],
+    /// Destination port (ICMP id) after translation, network order.
+    pub xlate_dst_port: [u8; 2],
+    /// `NAT_SNAT` / `NAT_DNAT` bits.
+    pub nat: u8,
+    /// `DIR_ORIGINAL` or `DIR_REPLY`.
+    pub dir: u8,
+    /// `tcp_state::*` or `dgram_state::*`; kept equal in both entries.
+    pub state: u8,
+    /// `ORIGIN_*`: which rule created the connection.
+    pub origin: u8,
+    /// Generation of the port mapping that created the connection (published ports only).
+    pub generation: u32,
+    /// ifindex of the container's host veth this connection belongs to.
+    pub ifindex: u32,
+    /// `bpf_ktime_get_coarse_ns` at creation (CLOCK_MONOTONIC_COARSE).
+    pub created_ns: u64,
+    /// `bpf_ktime_get_coarse_ns` of the last packet in this direction.
+    pub last_seen_ns: u64,
+    /// Packets seen in this direction.
+    pub packets: u64,
+    /// Bytes (IP total length) seen in this direction.
+    pub bytes: u64,
+    /// `CT_FIN_*` bits; kept equal in both entries.
+    pub flags: u8,
+    /// 1: the cached next hop is a container (`nh_ifindex` is its host veth, the packet goes
+    /// into its namespace); 0: a FIB next hop on the way out.
+    pub nh_peer: u8,
+    /// TCP: this direction's window scale (shift) from its SYN; 0 when either SYN lacked the
+    /// option (RFC 7323: scaling is used only when both sides offer it).
+    pub tcp_wscale: u8,
+    /// TCP: `TCP_SEEN` once a segment of this direction has set the `tcp_*` window fields.
+    pub tcp_track: u8,
+    /// Next hop cached for packets of this direction, from the FIB (leaving by the uplink) or
+    /// the endpoint table (into a container): egress ifindex (0 = none cached).
+    pub nh_ifindex: u32,
+    /// Next hop's MAC (the container's, or the FIB's neighbour).
+    pub nh_dmac: [u8; 6],
+    /// Egress interface's MAC (the container's host veth, or the uplink).
+    pub nh_smac: [u8; 6],
+    /// The FIB next hop's device MTU: packets up to it skip the MTU check helper.
+    pub nh_mtu: u32,
+    /// `bpf_ktime_get_coarse_ns` until which the cached next hop is used without a FIB lookup.
+    pub nh_until_ns: u64,
+    /// MAC of the container the connection belongs to (with `ifindex`, what a packet from
+    /// that container's veth must carry to take the conntrack fast path).
+    pub mac: [u8; 6],
+    /// 1 once the connection is assured (TCP established with both sides seen, UDP answered
+    /// and used again) and lives in `conntrack`; entries in `conntrack_new` with 1 are
+    /// copies already moved there, left for the LRU or garbage collection.
+    pub assured: u8,
+    pub _pad3: u8,
+    /// TCP window tracking (nf_conntrack's `tcp_in_window`), host order. The sequence number
+    /// after the highest byte this direction has sent (SYN and FIN count one).
+    pub tcp_end: u32,
+    /// The highest sequence number this direction allows the other to send: the largest
+    /// acknowledgement plus scaled window it has advertised.
+    pub tcp_limit: u32,
+    /// The largest scaled window this direction has advertised (at least 1).
+    pub tcp_maxwin: u32,
+    pub _pad4: u32,
+}
+
+impl CtEntry {
+    /// The key of the entry for the other direction of this entry's connection (protocol
+    /// `proto`): the reverse of the tuple this direction is translated to.
+    #[must_use]
+    #[inline(always)]
+    pub const fn peer_key(&self, proto: u8) -> CtKey {
+        CtKey::new(
+            self.xlate_dst_addr,
+            self.xlate_src_addr,
+            self.xlate_dst_port,
+            self.xlate_src_port,
+            proto,
+        )
+    }
+}
+
+/// `CtEntry::tcp_track`: this direction's window fields are set.
+pub const TCP_SEEN: u8 = 1;
+
+/// How long a cached next hop is trusted: route and neighbour changes take effect within it.
+pub const NEXT_HOP_CACHE_NS: u64 = 1_000_000_000;
