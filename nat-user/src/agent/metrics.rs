@@ -12,9 +12,9 @@ use tokio::{
     time::{Duration, timeout},
 };
 
-use crate::{cli::Ctx, datapath::Maps};
+use crate::{datapath::Maps, env::Env};
 
-pub async fn serve(ctx: &Ctx, mut s: TcpStream) -> Result<()> {
+pub async fn serve(ctx: &Env, mut s: TcpStream) -> Result<()> {
     let mut buf = vec![0u8; 2048];
     let n = timeout(Duration::from_secs(2), s.read(&mut buf)).await??;
     let req = String::from_utf8_lossy(&buf[..n]);
@@ -42,7 +42,7 @@ pub async fn serve(ctx: &Ctx, mut s: TcpStream) -> Result<()> {
     Ok(())
 }
 
-fn health(ctx: &Ctx) -> Result<()> {
+fn health(ctx: &Env) -> Result<()> {
     if !ctx.pins.installed() {
         anyhow::bail!("datapath not installed");
     }
@@ -50,7 +50,7 @@ fn health(ctx: &Ctx) -> Result<()> {
     Ok(())
 }
 
-fn render(ctx: &Ctx) -> Result<String> {
+fn render(ctx: &Env) -> Result<String> {
     let maps = Maps::open(&ctx.pins)?;
     let state = ctx.store()?.load()?;
     let mut m = String::new();

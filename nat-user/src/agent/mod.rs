@@ -15,13 +15,12 @@ use serde::Deserialize;
 use tracing::{info, warn};
 
 use crate::{
-    cli::{
-        Ctx, container,
-        up::{self, UpArgs},
-    },
     datapath::Maps,
-    net::{Cidr, PortRange},
+    endpoints,
+    env::Env,
+    net::Cidr,
     netlink::Netlink,
+    node::{self, NodeSpec, XdpChoice},
 };
 
 /// `--config FILE` (JSON).
@@ -52,7 +51,7 @@ pub struct AgentConfig {
     /// The uplink's XDP fast path: "auto" (default), "native", "generic" or "off", as
     /// `bpfnat up --xdp`.
     #[serde(default)]
-    pub xdp: up::XdpChoice,
+    pub xdp: XdpChoice,
 }
 
 fn default_metrics() -> SocketAddr {
@@ -74,7 +73,7 @@ impl Default for AgentConfig {
             gc_interval_secs: default_gc(),
             cni_bin_dir: None,
             cni_conf_dir: None,
-            xdp: up::XdpChoice::Auto,
+            xdp: XdpChoice::Auto,
         }
     }
 }
@@ -99,7 +98,7 @@ fn init_logs() {
         .try_init();
 }
 
-pub async fn run(ctx: &Ctx, cfg: AgentConfig) -> Result<()> {
+pub async fn run(ctx: &Env, cfg: AgentConfig) -> Result<()> {
     init_logs();
     bring_up(ctx, &cfg).await?;
     install_cni(ctx, &cfg)?;
@@ -151,11 +150,11 @@ pub async fn run(ctx: &Ctx, cfg: AgentConfig) -> Result<()> {
     Ok(())
 }
 
-async fn bring_up(ctx: &Ctx, cfg: &AgentConfig) -> Result<()> {
+async fn bring_up(ctx: &Env, cfg: &AgentConfig) -> Result<()> {
     {
         let store = ctx.store()?;
         let mut state = store.load()?;
-        up::forget_stale_node(ctx, &store, &mut state)?;
+        node::forget_stale_node(ctx, &store, &mut state)?;
         if state.node.is_some() && ctx.pins.installed() {
             info!("adopting the pinned datapath");
             return Ok(());
@@ -164,24 +163,14 @@ async fn bring_up(ctx: &Ctx, cfg: &AgentConfig) -> Result<()> {
     let Some(uplink) = cfg.uplink.clone() else {
         bail!("the datapath is not up and the agent configuration names no \"uplink\"");
     };
-    let subnet: Cidr = cfg.subnet.as_deref().unwrap_or("10.88.0.0/16").parse()?;
-    up::up(
-        ctx,
-        UpArgs {
-            uplink,
-            subnet,
-            gateway: cfg.gateway,
-            snat_ip: cfg.snat_ip,
-            port_range: PortRange {
-                min: 1024,
-                max: 65535,
-            },
-            conntrack_max: nat_common::CONNTRACK_MAX_ENTRIES,
-            masquerade_avoid_host_ports: false,
-            xdp: cfg.xdp,
-        },
-    )
-    .await?;
+    let mut spec = NodeSpec::new(uplink);
+    if let Some(subnet) = cfg.subnet.as_deref() {
+        spec.subnet = subnet.parse::<Cidr>()?;
+    }
+    spec.gateway = cfg.gateway;
+    spec.snat_ip = cfg.snat_ip;
+    spec.xdp = cfg.xdp;
+    node::up(ctx, spec).await?;
     info!("datapath up");
     Ok(())
 }
@@ -198,7 +187,7 @@ fn write_atomic(path: &Path, content: &[u8], mode: u32) -> Result<()> {
 
 /// Install the CNI plugin (this very binary) and a network configuration matching the
 /// running datapath.
-fn install_cni(ctx: &Ctx, cfg: &AgentConfig) -> Result<()> {
+fn install_cni(ctx: &Env, cfg: &AgentConfig) -> Result<()> {
     if let Some(dir) = &cfg.cni_bin_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
         let me = std::env::current_exe().context("find this binary")?;
@@ -235,7 +224,7 @@ fn install_cni(ctx: &Ctx, cfg: &AgentConfig) -> Result<()> {
 }
 
 /// Remove endpoints whose namespace no longer exists (a sandbox deleted while we were away).
-async fn reconcile(ctx: &Ctx) -> Result<()> {
+async fn reconcile(ctx: &Env) -> Result<()> {
     let state = ctx.store()?.load()?;
     let gone: Vec<String> = state
         .containers
@@ -245,7 +234,7 @@ async fn reconcile(ctx: &Ctx) -> Result<()> {
         .collect();
     drop(state);
     for name in gone {
-        container::destroy(ctx, &name).await?;
+        endpoints::destroy(ctx, &name).await?;
         info!(container = %name, "removed: its network namespace is gone");
     }
     Ok(())
@@ -274,7 +263,7 @@ fn address_events() -> Result<(impl futures::Stream<Item = ()>, impl Future<Outp
 
 /// Make the datapath use the uplink's current address (MASQUERADE, unless `--snat-ip` fixed
 /// it, and host access to published ports).
-async fn follow_uplink(ctx: &Ctx) -> Result<()> {
+async fn follow_uplink(ctx: &Env) -> Result<()> {
     let store = ctx.store()?;
     let mut state = store.load()?;
     let static_nat = !state.static_nat.is_empty();
@@ -282,7 +271,7 @@ async fn follow_uplink(ctx: &Ctx) -> Result<()> {
         return Ok(());
     };
     let nl = Netlink::current()?;
-    up::sync_node_addrs(&nl, &mut Maps::open(&ctx.pins)?, node).await?;
+    node::sync_node_addrs(&nl, &mut Maps::open(&ctx.pins)?, node).await?;
     let Some(addr) = nl
         .ipv4_addrs(node.uplink_ifindex)
         .await?
@@ -300,6 +289,6 @@ async fn follow_uplink(ctx: &Ctx) -> Result<()> {
     if node.snat_from_uplink {
         node.snat_ip = addr;
     }
-    Maps::open(&ctx.pins)?.set_config(&up::config_of(node, static_nat))?;
+    Maps::open(&ctx.pins)?.set_config(&node::config_of(node, static_nat))?;
     store.save(&state)
 }

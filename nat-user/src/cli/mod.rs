@@ -1,12 +1,12 @@
 //! The `bpfnat` command line: argument types and dispatch. One file per command group.
 
 mod conntrack;
-pub(crate) mod container;
+mod container;
 mod demo;
 mod nat;
 mod port;
 mod stats;
-pub(crate) mod up;
+mod up;
 
 use std::path::PathBuf;
 
@@ -20,7 +20,7 @@ pub use nat::NatCmd;
 pub use port::PortCmd;
 pub use up::UpArgs;
 
-use crate::{datapath::Pins, state::Store};
+use crate::env::{DEFAULT_BPFFS_DIR, DEFAULT_STATE_DIR, Env};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -30,10 +30,10 @@ use crate::{datapath::Pins, state::Store};
 )]
 pub struct Cli {
     /// Where programs, links and maps are pinned (a directory on bpffs).
-    #[arg(long, global = true, default_value = "/sys/fs/bpf/bpfnat")]
+    #[arg(long, global = true, default_value = DEFAULT_BPFFS_DIR)]
     pub bpffs_dir: PathBuf,
     /// Where the small state file and its lock live.
-    #[arg(long, global = true, default_value = "/run/bpfnat")]
+    #[arg(long, global = true, default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Text)]
@@ -82,26 +82,23 @@ pub enum Command {
 }
 
 /// Everything a command needs besides its own arguments.
+/// A command's context: the services' environment and how to show results.
 #[derive(Clone, Debug)]
 pub struct Ctx {
-    pub pins: Pins,
-    pub bpffs_dir: PathBuf,
-    pub state_dir: PathBuf,
+    pub env: Env,
     pub format: Format,
-    /// Print nothing (the CNI plugin owns stdout).
-    pub quiet: bool,
+}
+
+impl std::ops::Deref for Ctx {
+    type Target = Env;
+
+    fn deref(&self) -> &Env {
+        &self.env
+    }
 }
 
 impl Ctx {
-    pub fn store(&self) -> Result<Store> {
-        Store::open(&self.state_dir)
-    }
-
-    /// Print `value` as JSON, or `text` for people.
     pub fn emit<T: Serialize>(&self, value: &T, text: impl FnOnce() -> String) -> Result<()> {
-        if self.quiet {
-            return Ok(());
-        }
         match self.format {
             Format::Json => println!("{}", serde_json::to_string_pretty(value)?),
             Format::Text => {
@@ -115,14 +112,10 @@ impl Ctx {
     }
 }
 
-/// Run a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     let ctx = Ctx {
-        pins: Pins::new(&cli.bpffs_dir),
-        bpffs_dir: cli.bpffs_dir,
-        state_dir: cli.state_dir,
+        env: Env::new(&cli.bpffs_dir, &cli.state_dir),
         format: cli.output,
-        quiet: false,
     };
     if let Command::Demo = cli.command {
         // The demo drives bpfnat as child processes; it needs no runtime of its own here.

@@ -6,11 +6,13 @@ use std::net::Ipv4Addr;
 use anyhow::{Result, anyhow, bail};
 use clap::Subcommand;
 
-use super::{
-    Ctx, table,
-    up::{config_of, require_node},
+use super::{Ctx, table};
+use crate::{
+    datapath::Maps,
+    net::Cidr,
+    node::{config_of, require_node},
+    state::StaticMapping,
 };
-use crate::{datapath::Maps, net::Cidr, state::StaticMapping};
 
 #[derive(Subcommand, Debug)]
 pub enum NatCmd {

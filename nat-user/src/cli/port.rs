@@ -4,10 +4,12 @@ use anyhow::{Result, anyhow, bail};
 use clap::Subcommand;
 use serde::Serialize;
 
-use super::{Ctx, container::resolve_ports, table, up::require_node};
+use super::{Ctx, table};
 use crate::{
     datapath::Maps,
+    endpoints::resolve_ports,
     netlink::Netlink,
+    node::{self, require_node},
     spec::{HostPort, PortRequest, PortSpec},
 };
 
@@ -52,7 +54,7 @@ pub async fn run(ctx: &Ctx, cmd: PortCmd) -> Result<()> {
             let mappings = resolve_ports(&state, std::slice::from_ref(&spec))?;
             let mut maps = Maps::open(&ctx.pins)?;
             // An address added to the node since `up` is a DNAT destination from now on.
-            super::up::sync_node_addrs(&Netlink::current()?, &mut maps, &node).await?;
+            node::sync_node_addrs(&Netlink::current()?, &mut maps, &node).await?;
             let ip = state.containers[&name].ip;
             let generation = state.next_generation();
             state.generation = state.generation.wrapping_add(mappings.len() as u32);

@@ -1,26 +1,22 @@
-//! `bpfnat up`, `down`, `status`.
+//! `bpfnat up`, `down`, `status`: arguments and output; the work is `node`'s.
 
 use std::net::Ipv4Addr;
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result};
 use aya::programs::{SchedClassifier, TcAttachType};
-use clap::{Args, ValueEnum};
-use nat_common::{CFG_MASQUERADE, CFG_STATIC_NAT, CONNTRACK_MAX_ENTRIES, Config};
+use clap::Args;
+use nat_common::CONNTRACK_MAX_ENTRIES;
 use serde::Serialize;
 
-use super::{Ctx, container};
+use super::Ctx;
 use crate::{
-    datapath::{self, Hook, Maps, XdpAttach},
+    datapath::Maps,
+    endpoints,
     net::{Cidr, PortRange},
-    netlink::{Link, Netlink},
-    netns,
-    state::{Node, State, Store, XdpSetting},
+    netlink::Netlink,
+    node::{self, DEFAULT_PORT_RANGE, DEFAULT_SUBNET, NodeSpec, Upped, XdpChoice},
+    state::{Node, XdpSetting},
 };
-
-/// The interface that holds the container gateway address (one end of a veth pair whose
-/// other end is `GATEWAY_PEER`; deleting either deletes both).
-pub const GATEWAY_IF: &str = "bn-gw";
-const GATEWAY_PEER: &str = "bn-gw-p";
 
 #[derive(Args, Debug, Clone)]
 pub struct UpArgs {
@@ -28,7 +24,7 @@ pub struct UpArgs {
     #[arg(long)]
     pub uplink: String,
     /// The container subnet.
-    #[arg(long, default_value = "10.88.0.0/16")]
+    #[arg(long, default_value = DEFAULT_SUBNET)]
     pub subnet: Cidr,
     /// The containers' gateway address (default: the subnet's first address).
     #[arg(long)]
@@ -37,7 +33,7 @@ pub struct UpArgs {
     #[arg(long)]
     pub snat_ip: Option<Ipv4Addr>,
     /// Ports MASQUERADE may allocate when a container's source port is taken.
-    #[arg(long, default_value = "1024-65535")]
+    #[arg(long, default_value = DEFAULT_PORT_RANGE)]
     pub port_range: PortRange,
     /// Conntrack table size in entries (two per connection).
     #[arg(long, default_value_t = CONNTRACK_MAX_ENTRIES)]
@@ -55,333 +51,41 @@ pub struct UpArgs {
     pub xdp: XdpChoice,
 }
 
-/// `up --xdp`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum XdpChoice {
-    #[default]
-    Auto,
-    Native,
-    Generic,
-    Off,
-}
-
-impl XdpChoice {
-    /// What to attach to `uplink`.
-    fn resolve(self, uplink: &Link) -> XdpSetting {
-        match self {
-            Self::Auto if uplink.kind.is_none() => XdpSetting::Native,
-            Self::Auto | Self::Off => XdpSetting::Off,
-            Self::Native => XdpSetting::Native,
-            Self::Generic => XdpSetting::Generic,
+impl From<UpArgs> for NodeSpec {
+    fn from(a: UpArgs) -> Self {
+        Self {
+            uplink: a.uplink,
+            subnet: a.subnet,
+            gateway: a.gateway,
+            snat_ip: a.snat_ip,
+            port_range: a.port_range,
+            conntrack_max: a.conntrack_max,
+            masquerade_avoid_host_ports: a.masquerade_avoid_host_ports,
+            xdp: a.xdp,
         }
     }
-}
-
-/// How many ports two inclusive ranges share.
-fn overlap(a: (u16, u16), b: (u16, u16)) -> u32 {
-    let lo = a.0.max(b.0);
-    let hi = a.1.min(b.1);
-    if lo > hi { 0 } else { u32::from(hi - lo) + 1 }
-}
-
-/// Fail with a hint unless the node is up.
-pub fn require_node(state: &State) -> Result<&Node> {
-    state
-        .node
-        .as_ref()
-        .ok_or_else(|| anyhow!("bpfnat is not up: run `bpfnat up --uplink IFACE` first"))
-}
-
-/// The datapath's `config` for `node`; `static_nat`: whether any static NAT mapping exists.
-pub fn config_of(node: &Node, static_nat: bool) -> Config {
-    let subnet = Cidr {
-        addr: node.subnet,
-        prefix: node.prefix_len,
-    };
-    Config {
-        uplink_ifindex: node.uplink_ifindex,
-        flags: CFG_MASQUERADE | if static_nat { CFG_STATIC_NAT } else { 0 },
-        snat_addr: node.snat_ip.octets(),
-        gateway_addr: node.gateway.octets(),
-        node_addr: node.node_addr.octets(),
-        subnet_addr: node.subnet.octets(),
-        subnet_mask: subnet.mask().octets(),
-        port_min: node.port_min,
-        port_max: node.port_max,
-        uplink_mac: node.uplink_mac,
-        host_port_min: node.host_port_min,
-        host_port_max: node.host_port_max,
-        _pad: [0; 6],
-        netns_cookie: node.netns_cookie,
-    }
-}
-
-/// When the recorded node lives in another network namespace than this one (the node's
-/// namespace was deleted and made again: a runtime's node, a lab), nothing recorded is true
-/// here: its ifindexes, its cookie, its containers' veths are gone with it, while its pins
-/// (TCX and cgroup links among them) and the namespaces it created stay. Remove those, forget
-/// the record, and say so. Returns whether there was such a record.
-pub fn forget_stale_node(ctx: &Ctx, store: &Store, state: &mut State) -> Result<bool> {
-    let Some(node) = &state.node else {
-        return Ok(false);
-    };
-    let here = datapath::netns_cookie()?;
-    if node.netns_cookie == here {
-        return Ok(false);
-    }
-    eprintln!(
-        "warning: the recorded bpfnat node (uplink {}, netns cookie {}) belongs to a network namespace that is not this one (cookie {here}): removing what is left of it and starting fresh",
-        node.uplink, node.netns_cookie
-    );
-    for c in state.containers.values().filter(|c| c.owns_netns) {
-        netns::remove(&c.netns)
-            .with_context(|| format!("remove the namespace of container {}", c.name))?;
-    }
-    datapath::uninstall(&ctx.pins)?;
-    *state = State {
-        generation: state.generation,
-        ..State::default()
-    };
-    store.save(state)?;
-    Ok(true)
 }
 
 pub async fn up(ctx: &Ctx, a: UpArgs) -> Result<()> {
-    if a.conntrack_max < 1024 {
-        bail!(
-            "--conntrack-max {} is too small (at least 1024)",
-            a.conntrack_max
-        );
+    match node::up(ctx, a.into()).await? {
+        Upped::Already(n) => ctx.emit(&n, || format!("bpfnat is already up on {}", n.uplink)),
+        Upped::Fresh(node) => ctx.emit(&node, || {
+            format!(
+                "bpfnat is up: uplink {} (masquerade as {}, XDP {}), containers in {}/{} via {}, pins in {}",
+                node.uplink,
+                node.snat_ip,
+                node.xdp,
+                node.subnet,
+                node.prefix_len,
+                node.gateway,
+                ctx.pins.root().display()
+            )
+        }),
     }
-    let gateway = a
-        .gateway
-        .unwrap_or_else(|| a.subnet.hosts().next().unwrap_or(a.subnet.addr));
-    if !a.subnet.contains(gateway) || gateway == a.subnet.addr || gateway == a.subnet.broadcast() {
-        bail!(
-            "gateway {gateway} is not a host address of subnet {}",
-            a.subnet
-        );
-    }
-    // (1, 0): an empty range, nothing avoided.
-    let host_ports = if a.masquerade_avoid_host_ports {
-        container::ephemeral_range()
-    } else {
-        (1, 0)
-    };
-    let outside = (u32::from(a.port_range.max - a.port_range.min) + 1)
-        .saturating_sub(overlap((a.port_range.min, a.port_range.max), host_ports));
-    if outside == 0 {
-        bail!(
-            "--port-range {}-{} lies inside the node's ephemeral ports {}-{} (net.ipv4.ip_local_port_range), which MASQUERADE leaves to the node's own connections: choose ports outside it",
-            a.port_range.min,
-            a.port_range.max,
-            host_ports.0,
-            host_ports.1
-        );
-    }
-    let store = ctx.store()?;
-    let mut state = store.load()?;
-    forget_stale_node(ctx, &store, &mut state)?;
-    let nl = Netlink::current()?;
-    let uplink = nl
-        .link(&a.uplink)
-        .await?
-        .ok_or_else(|| anyhow!("attach to uplink {}: interface not found", a.uplink))?;
-    let uplink_addr = nl
-        .ipv4_addrs(uplink.index)
-        .await?
-        .first()
-        .map(|(ip, _)| *ip);
-    let snat_ip = match (a.snat_ip, uplink_addr) {
-        (Some(ip), _) | (None, Some(ip)) => ip,
-        (None, None) => bail!(
-            "uplink {} has no IPv4 address to masquerade with: add one or pass --snat-ip",
-            a.uplink
-        ),
-    };
-    let node = Node {
-        uplink: a.uplink.clone(),
-        uplink_ifindex: uplink.index,
-        subnet: a.subnet.addr,
-        prefix_len: a.subnet.prefix,
-        gateway,
-        snat_ip,
-        snat_from_uplink: a.snat_ip.is_none(),
-        port_min: a.port_range.min,
-        port_max: a.port_range.max,
-        gateway_ifindex: 0,
-        gateway_if: GATEWAY_IF.to_owned(),
-        uplink_mac: uplink.mac,
-        node_addr: uplink_addr.unwrap_or(snat_ip),
-        netns_cookie: datapath::netns_cookie()?,
-        host_port_min: host_ports.0,
-        host_port_max: host_ports.1,
-        xdp: a.xdp.resolve(&uplink),
-    };
-    if let Some(old) = &state.node {
-        let same = Node {
-            gateway_ifindex: old.gateway_ifindex,
-            // `auto` may have fallen back to off.
-            xdp: if a.xdp == XdpChoice::Auto {
-                old.xdp
-            } else {
-                node.xdp
-            },
-            ..node.clone()
-        };
-        if *old == same && ctx.pins.installed() {
-            // The node's addresses may have changed since: the next command converges.
-            sync_node_addrs(&nl, &mut Maps::open(&ctx.pins)?, old).await?;
-            return ctx.emit(old, || format!("bpfnat is already up on {}", old.uplink));
-        }
-        bail!(
-            "bpfnat is already up with other settings (uplink {}, subnet {}/{}, XDP {}): run `bpfnat down` first to change them",
-            old.uplink,
-            old.subnet,
-            old.prefix_len,
-            old.xdp
-        );
-    }
-
-    datapath::ensure_bpffs(&ctx.bpffs_dir)?;
-    match bring_up(ctx, &nl, node, gateway, a.conntrack_max, a.xdp).await {
-        Ok(node) => {
-            state.node = Some(node.clone());
-            store.save(&state)?;
-            ctx.emit(&node, || {
-                format!(
-                    "bpfnat is up: uplink {} (masquerade as {}, XDP {}), containers in {}/{} via {}, pins in {}",
-                    node.uplink,
-                    node.snat_ip,
-                    node.xdp,
-                    node.subnet,
-                    node.prefix_len,
-                    node.gateway,
-                    ctx.pins.root().display()
-                )
-            })
-        }
-        Err(e) => {
-            // Leave nothing half-done behind.
-            let _ = teardown(ctx, &nl).await;
-            Err(e)
-        }
-    }
-}
-
-async fn bring_up(
-    ctx: &Ctx,
-    nl: &Netlink,
-    mut node: Node,
-    gateway: Ipv4Addr,
-    ct_max: u32,
-    xdp: XdpChoice,
-) -> Result<Node> {
-    netns::set_own_sysctl("net.ipv4.ip_forward", "1")?;
-    if let Some(stale) = nl.link(GATEWAY_IF).await? {
-        nl.del_link(stale.index).await?;
-    }
-    nl.add_local_veth(GATEWAY_IF, GATEWAY_PEER).await?;
-    let gw = nl.require_link(GATEWAY_IF).await?;
-    nl.add_addr(gw.index, gateway, 32).await?;
-    node.gateway_ifindex = gw.index;
-
-    datapath::install(&ctx.pins, ct_max)?;
-    let mut maps = Maps::open(&ctx.pins)?;
-    maps.set_config(&config_of(&node, false))?;
-    sync_node_addrs(nl, &mut maps, &node).await?;
-    datapath::attach(&ctx.pins, Hook::Uplink, &node.uplink)?;
-    let how = match node.xdp {
-        XdpSetting::Off => None,
-        XdpSetting::Native => Some(XdpAttach::Native),
-        XdpSetting::Generic => Some(XdpAttach::Generic),
-    };
-    if let Some(how) = how
-        && let Err(e) = datapath::attach_xdp(&ctx.pins, &node.uplink, how)
-    {
-        if xdp != XdpChoice::Auto {
-            return Err(e);
-        }
-        // A driver without native XDP: the TC path does the same work.
-        eprintln!("warning: {e:#}; continuing without XDP (TC does the same work)");
-        node.xdp = XdpSetting::Off;
-    }
-    datapath::attach_sock(&ctx.pins)?;
-    Ok(node)
-}
-
-/// Tell the datapath which addresses are the node's own unicast addresses (every address in
-/// the namespace but loopback and the container subnet, whose gateway address the node
-/// holds): the only destinations a packet from outside is DNATed from.
-pub async fn sync_node_addrs(nl: &Netlink, maps: &mut Maps, node: &Node) -> Result<()> {
-    let subnet = Cidr {
-        addr: node.subnet,
-        prefix: node.prefix_len,
-    };
-    let addrs: Vec<(Ipv4Addr, u32)> = nl
-        .all_ipv4_addrs()
-        .await?
-        .into_iter()
-        .filter(|(_, a)| !a.is_loopback() && !subnet.contains(*a))
-        .map(|(i, a)| (a, i))
-        .collect();
-    maps.set_node_addrs(&addrs)
-}
-
-/// Remove the gateway interface and every pin; idempotent.
-async fn teardown(ctx: &Ctx, nl: &Netlink) -> Result<()> {
-    if let Some(gw) = nl.link(GATEWAY_IF).await? {
-        nl.del_link(gw.index).await?;
-    }
-    datapath::uninstall(&ctx.pins)
-}
-
-#[derive(Serialize)]
-struct DownReport {
-    containers_removed: Vec<String>,
-    was_up: bool,
 }
 
 pub async fn down(ctx: &Ctx) -> Result<()> {
-    let store = ctx.store()?;
-    let mut state = store.load()?;
-    let was_up = state.node.is_some() || ctx.pins.root().exists();
-    forget_stale_node(ctx, &store, &mut state)?;
-    let nl = Netlink::current()?;
-    let mut removed = Vec::new();
-    let mut errors = Vec::new();
-    let names: Vec<String> = state.containers.keys().cloned().collect();
-    for name in names {
-        if let Some(c) = state.containers.remove(&name) {
-            match container::remove(ctx, &nl, &c).await {
-                Ok(()) => removed.push(name),
-                Err(e) => errors.push(format!("container {name}: {e:#}")),
-            }
-        }
-    }
-    // Then what no record describes any more (a lost state file, a killed older version).
-    match container::remove_leftovers(ctx, &nl).await {
-        Ok(veths) => removed.extend(veths.into_iter().map(|v| format!("{v} (unrecorded)"))),
-        Err(e) => errors.push(format!("leftovers: {e:#}")),
-    }
-    if let Some(node) = &state.node {
-        datapath::detach(&ctx.pins, &node.uplink)?;
-    }
-    teardown(ctx, &nl).await?;
-    state.node = None;
-    state.static_nat.clear();
-    store.save(&state)?;
-    if state.containers.is_empty() {
-        store.clear()?;
-    }
-    if !errors.is_empty() {
-        bail!("down finished with errors:\n  {}", errors.join("\n  "));
-    }
-    let report = DownReport {
-        containers_removed: removed,
-        was_up,
-    };
+    let report = endpoints::down(ctx).await?;
     ctx.emit(&report, || {
         if report.was_up {
             format!(

@@ -5,22 +5,23 @@
 //! spec says. `runtimeConfig.portMappings` (the `portMappings` capability) publishes
 //! Kubernetes `hostPort`s. Errors are CNI error objects on stdout with a non-zero exit.
 
-use std::{io::Read as _, net::Ipv4Addr, path::PathBuf};
+use std::{
+    io::Read as _,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, Result};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::{
-    cli::{
-        Ctx, Format,
-        container::{self, AddRequest},
-        up::{self, UpArgs},
-    },
-    datapath::Pins,
-    net::{Cidr, PortRange, fmt_mac},
+    endpoints::{self, AddRequest},
+    env::{DEFAULT_BPFFS_DIR, DEFAULT_STATE_DIR, Env},
+    net::{Cidr, fmt_mac},
     netlink::Netlink,
     netns,
+    node::{self, NodeSpec},
     spec::PortSpec,
     state::{Container, Store},
 };
@@ -162,20 +163,14 @@ fn run(input: &str, version: &str) -> Result<Option<Value>, CniError> {
             ),
         ));
     }
-    let bpffs = conf
-        .bpffs_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/bpfnat"));
-    let ctx = Ctx {
-        pins: Pins::new(&bpffs),
-        bpffs_dir: bpffs,
-        state_dir: conf
-            .state_dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("/run/bpfnat")),
-        format: Format::Json,
-        quiet: true,
-    };
+    let ctx = Env::new(
+        conf.bpffs_dir
+            .as_deref()
+            .unwrap_or(Path::new(DEFAULT_BPFFS_DIR)),
+        conf.state_dir
+            .as_deref()
+            .unwrap_or(Path::new(DEFAULT_STATE_DIR)),
+    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -211,16 +206,16 @@ fn name_of(id: &str) -> Result<String, CniError> {
 fn conf_subnet(conf: &NetConf) -> Result<Cidr, CniError> {
     conf.subnet
         .as_deref()
-        .unwrap_or("10.88.0.0/16")
+        .unwrap_or(node::DEFAULT_SUBNET)
         .parse()
         .map_err(|e: anyhow::Error| err(code::INVALID_CONFIG, e.to_string()))
 }
 
-async fn ensure_up(ctx: &Ctx, conf: &NetConf) -> Result<(), CniError> {
+async fn ensure_up(ctx: &Env, conf: &NetConf) -> Result<(), CniError> {
     {
         let store = Store::open(&ctx.state_dir)?;
         let mut state = store.load()?;
-        up::forget_stale_node(ctx, &store, &mut state)?;
+        node::forget_stale_node(ctx, &store, &mut state)?;
         if ctx.pins.installed() && state.node.is_some() {
             return Ok(());
         }
@@ -232,20 +227,12 @@ async fn ensure_up(ctx: &Ctx, conf: &NetConf) -> Result<(), CniError> {
         )
     })?;
     let subnet = conf_subnet(conf)?;
-    let args = UpArgs {
-        uplink,
-        subnet,
-        gateway: conf.gateway,
-        snat_ip: conf.snat_ip,
-        port_range: PortRange {
-            min: 1024,
-            max: 65535,
-        },
-        conntrack_max: nat_common::CONNTRACK_MAX_ENTRIES,
-        masquerade_avoid_host_ports: false,
-        xdp: up::XdpChoice::Auto,
-    };
-    Ok(up::up(ctx, args).await?)
+    let mut spec = NodeSpec::new(uplink);
+    spec.subnet = subnet;
+    spec.gateway = conf.gateway;
+    spec.snat_ip = conf.snat_ip;
+    node::up(ctx, spec).await?;
+    Ok(())
 }
 
 fn result(
@@ -281,7 +268,7 @@ fn result(
     out
 }
 
-async fn add(ctx: &Ctx, conf: &NetConf) -> Result<Value, CniError> {
+async fn add(ctx: &Env, conf: &NetConf) -> Result<Value, CniError> {
     let name = name_of(&env("CNI_CONTAINERID")?)?;
     let netns_path = PathBuf::from(env("CNI_NETNS")?);
     let ifname = env("CNI_IFNAME")?;
@@ -303,7 +290,7 @@ async fn add(ctx: &Ctx, conf: &NetConf) -> Result<Value, CniError> {
                 .map_err(|e| err(code::INVALID_CONFIG, format!("portMappings: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let c = container::create(
+    let c = endpoints::create(
         ctx,
         AddRequest {
             name,
@@ -329,14 +316,14 @@ async fn add(ctx: &Ctx, conf: &NetConf) -> Result<Value, CniError> {
     ))
 }
 
-async fn del(ctx: &Ctx) -> Result<(), CniError> {
+async fn del(ctx: &Env) -> Result<(), CniError> {
     let name = name_of(&env("CNI_CONTAINERID")?)?;
     // Idempotent: an unknown sandbox, or one whose namespace is gone, is fine.
-    container::destroy(ctx, &name).await?;
+    endpoints::destroy(ctx, &name).await?;
     Ok(())
 }
 
-async fn check(ctx: &Ctx) -> Result<(), CniError> {
+async fn check(ctx: &Env) -> Result<(), CniError> {
     let name = name_of(&env("CNI_CONTAINERID")?)?;
     let state = Store::open(&ctx.state_dir)?.load()?;
     let c = state.containers.get(&name).ok_or_else(|| {
@@ -360,7 +347,7 @@ async fn check(ctx: &Ctx) -> Result<(), CniError> {
     Ok(())
 }
 
-fn status(ctx: &Ctx) -> Result<(), CniError> {
+fn status(ctx: &Env) -> Result<(), CniError> {
     if ctx.pins.installed() {
         Ok(())
     } else {
@@ -368,7 +355,7 @@ fn status(ctx: &Ctx) -> Result<(), CniError> {
     }
 }
 
-async fn gc(ctx: &Ctx, conf: &NetConf) -> Result<(), CniError> {
+async fn gc(ctx: &Env, conf: &NetConf) -> Result<(), CniError> {
     let Some(valid) = &conf.valid_attachments else {
         return Err(err(
             code::INVALID_CONFIG,
@@ -389,7 +376,7 @@ async fn gc(ctx: &Ctx, conf: &NetConf) -> Result<(), CniError> {
         .collect();
     drop(state);
     for name in stale {
-        container::destroy(ctx, &name).await?;
+        endpoints::destroy(ctx, &name).await?;
     }
     Ok(())
 }

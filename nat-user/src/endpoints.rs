@@ -1,0 +1,471 @@
+//! Endpoints as a service: create a container's network (namespace, veth pair, addresses,
+//! routes, datapath hooks, published ports), remove it, and find what an earlier bpfnat left.
+//! The CLI's `container` commands and the CNI plugin call these.
+
+use std::{collections::HashMap, net::Ipv4Addr, path::PathBuf};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use nat_common::{EP_CONTAINER, Endpoint};
+use serde::Serialize;
+
+use crate::{
+    datapath::{self, Hook, Maps},
+    env::Env,
+    ethtool::{self, Offload},
+    net::{Cidr, mac_for},
+    netlink::Netlink,
+    netns,
+    node::{self, require_node},
+    spec::{PortMapping, PortSpec, Proto},
+    state::{Container, Node, State, XdpSetting},
+};
+
+/// What every host-side veth's name starts with.
+const HOST_IF_PREFIX: &str = "bn-";
+
+/// The host-side veth name: `bn-` and a hash of the container name (15 bytes at most).
+fn host_if_name(name: &str) -> String {
+    // FNV-1a: stable across versions, unlike std's hasher.
+    let h = name.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    format!("{HOST_IF_PREFIX}{h:08x}")
+}
+
+/// Whether `name` has the shape of a host veth's name (not the gateway's `bn-gw`).
+fn is_host_if_name(name: &str) -> bool {
+    name.strip_prefix(HOST_IF_PREFIX)
+        .is_some_and(|h| h.len() == 8 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// The alias of a container's interface: it names its host veth and says whether bpfnat
+/// created the namespace, so that `down` finds both even when the state file is lost.
+fn owner_alias(host_if: &str, owns_netns: bool) -> String {
+    if owns_netns {
+        format!("bpfnat:{host_if}:netns")
+    } else {
+        format!("bpfnat:{host_if}")
+    }
+}
+
+/// Remove what an earlier bpfnat made that no record describes (a lost state file, or an
+/// older version's unfinished add): host veths named `bn-…` in the node's namespace with
+/// their pinned links, and the namespaces whose interface carries bpfnat's alias for one of
+/// them saying bpfnat created it. Returns the host veths removed.
+pub async fn remove_leftovers(ctx: &Env, nl: &Netlink) -> Result<Vec<String>> {
+    let ours: Vec<_> = nl
+        .links()
+        .await?
+        .into_iter()
+        .filter(|l| is_host_if_name(&l.name) && l.kind.as_deref() == Some("veth"))
+        .collect();
+    if ours.is_empty() {
+        return Ok(Vec::new());
+    }
+    let owned: std::collections::HashSet<String> =
+        ours.iter().map(|l| owner_alias(&l.name, true)).collect();
+    // Other namespaces come and go meanwhile: one that cannot be read is not ours to judge.
+    if let Ok(dir) = std::fs::read_dir(netns::NETNS_DIR) {
+        for entry in dir.flatten() {
+            let path = entry.path();
+            let Ok(inner) = Netlink::in_netns(&path) else {
+                continue;
+            };
+            let Ok(links) = inner.links().await else {
+                continue;
+            };
+            if links
+                .iter()
+                .any(|l| l.alias.as_ref().is_some_and(|a| owned.contains(a)))
+            {
+                netns::remove(&path)?;
+            }
+        }
+    }
+    let mut removed = Vec::new();
+    for l in ours {
+        datapath::detach(&ctx.pins, &l.name)?;
+        nl.del_link(l.index).await?;
+        removed.push(l.name);
+    }
+    Ok(removed)
+}
+
+fn parse_sysctls(raw: &[String]) -> Result<Vec<(String, String)>> {
+    raw.iter()
+        .map(|s| {
+            let (k, v) = s
+                .split_once('=')
+                .ok_or_else(|| anyhow!("invalid --sysctl {s:?}: expected KEY=VALUE"))?;
+            netns::sysctl_path(k)?;
+            Ok((k.to_owned(), v.to_owned()))
+        })
+        .collect()
+}
+
+fn subnet_of(node: &Node) -> Cidr {
+    Cidr {
+        addr: node.subnet,
+        prefix: node.prefix_len,
+    }
+}
+
+fn pick_ip(state: &State, node: &Node, want: Option<Ipv4Addr>) -> Result<Ipv4Addr> {
+    let subnet = subnet_of(node);
+    let used = |ip: Ipv4Addr| ip == node.gateway || state.containers.values().any(|c| c.ip == ip);
+    match want {
+        Some(ip) => {
+            if !subnet.contains(ip) || ip == subnet.addr || ip == subnet.broadcast() {
+                bail!("address {ip} is not a host address of the container subnet {subnet}");
+            }
+            if ip == node.gateway {
+                bail!("address {ip} is the gateway's");
+            }
+            if let Some(c) = state.containers.values().find(|c| c.ip == ip) {
+                bail!("address {ip} is already used by container {}", c.name);
+            }
+            Ok(ip)
+        }
+        None => subnet
+            .hosts()
+            .find(|ip| !used(*ip))
+            .ok_or_else(|| anyhow!("no free address left in {subnet}")),
+    }
+}
+
+/// Who holds which host port: the published ports of every container, indexed by
+/// (protocol, port) so checks stay linear when thousands of ports are published at once.
+struct PortBook<'a> {
+    held: HashMap<(Proto, u16), Vec<(PortMapping, &'a str)>>,
+}
+
+impl<'a> PortBook<'a> {
+    fn of(state: &'a State) -> Self {
+        let mut held: HashMap<(Proto, u16), Vec<(PortMapping, &'a str)>> = HashMap::new();
+        for c in state.containers.values() {
+            for m in &c.ports {
+                held.entry((m.proto, m.host_port))
+                    .or_default()
+                    .push((*m, c.name.as_str()));
+            }
+        }
+        Self { held }
+    }
+
+    fn conflict(&self, m: &PortMapping) -> Option<&(PortMapping, &'a str)> {
+        self.held
+            .get(&(m.proto, m.host_port))?
+            .iter()
+            .find(|(o, _)| o.conflicts_with(m))
+    }
+
+    /// Take `m` for this command (`owner` ""), or say who has it.
+    fn take(&mut self, m: PortMapping) -> Result<()> {
+        if let Some((o, owner)) = self.conflict(&m) {
+            if owner.is_empty() {
+                bail!("port {m} conflicts with {o} given in the same command");
+            }
+            bail!(
+                "host port {}/{} is already published by container {owner} ({o})",
+                m.host_port,
+                m.proto
+            );
+        }
+        self.held
+            .entry((m.proto, m.host_port))
+            .or_default()
+            .push((m, ""));
+        Ok(())
+    }
+}
+
+/// Choose host ports for `specs` (where they leave a choice) and check the result.
+pub fn resolve_ports(state: &State, specs: &[PortSpec]) -> Result<Vec<PortMapping>> {
+    let ephemeral = node::ephemeral_range();
+    let mut book = PortBook::of(state);
+    let mut all: Vec<PortMapping> = Vec::new();
+    for spec in specs {
+        let chosen = spec.resolve(ephemeral, |m| book.conflict(m).is_none())?;
+        for m in chosen {
+            book.take(m)?;
+            all.push(m);
+        }
+    }
+    Ok(all)
+}
+
+/// What `container add` (and the CNI plugin's ADD) asks for.
+pub struct AddRequest {
+    pub name: String,
+    pub ip: Option<Ipv4Addr>,
+    pub ports: Vec<PortSpec>,
+    pub sysctls: Vec<String>,
+    /// An existing namespace to wire instead of creating `/run/netns/NAME`.
+    pub netns: Option<PathBuf>,
+    /// The interface name inside the namespace.
+    pub ifname: String,
+    /// Created by the CNI plugin (subject to CNI GC).
+    pub cni: bool,
+}
+
+/// Create a container's network; on failure nothing is left behind.
+pub async fn create(ctx: &Env, req: AddRequest) -> Result<Container> {
+    let AddRequest {
+        name,
+        ip,
+        ports: publish,
+        sysctls: sysctl,
+        netns: netns_path,
+        ifname,
+        cni,
+    } = req;
+    netns::validate_name(&name)?;
+    if ifname.is_empty() || ifname.len() > 15 || ifname.contains(['/', ' ']) {
+        bail!("invalid interface name {ifname:?}");
+    }
+    let store = ctx.store()?;
+    let mut state = store.load()?;
+    let node = require_node(&state)?.clone();
+    let nl = Netlink::current()?;
+    if let Some(old) = state.containers.get(&name).cloned() {
+        if !old.pending {
+            bail!("container {name} already exists");
+        }
+        // An add of this name was killed half way: remove what it made, then start over.
+        remove(ctx, &nl, &old)
+            .await
+            .with_context(|| format!("clean up the unfinished container {name}"))?;
+        state.containers.remove(&name);
+        store.save(&state)?;
+    }
+    let ip = pick_ip(&state, &node, ip)?;
+    let ports = resolve_ports(&state, &publish)?;
+    let sysctls = parse_sysctls(&sysctl)?;
+    let host_if = host_if_name(&name);
+    if nl.link(&host_if).await?.is_some() {
+        bail!(
+            "interface {host_if} (for container {name}) already exists; `bpfnat down` removes what an earlier bpfnat left"
+        );
+    }
+    if let Some(p) = &netns_path {
+        netns::open(p)?;
+    }
+
+    let owns_netns = netns_path.is_none();
+    if owns_netns && netns::path_of(&name).exists() {
+        bail!(
+            "network namespace {name} already exists ({}); give it with --netns to use it",
+            netns::path_of(&name).display()
+        );
+    }
+    let mut c = Container {
+        name: name.clone(),
+        ip,
+        mac: mac_for(ip),
+        host_if,
+        host_ifindex: 0,
+        host_mac: [0; 6],
+        netns: netns_path.unwrap_or_else(|| netns::path_of(&name)),
+        owns_netns,
+        ports,
+        sysctls,
+        ifname,
+        cni,
+        pending: true,
+    };
+    // The intent first: whatever is created below, a killed command leaves a record of it.
+    state.containers.insert(name.clone(), c.clone());
+    store.save(&state)?;
+    let made = async {
+        if owns_netns && let Err(e) = netns::create(&name) {
+            // Not ours after all: the cleanup below must leave it alone.
+            c.owns_netns = false;
+            return Err(e);
+        }
+        wire(ctx, &nl, &node, &mut c, &mut state).await
+    };
+    match made.await {
+        Ok(()) => {
+            c.pending = false;
+            state.containers.insert(name, c.clone());
+            store.save(&state)?;
+            Ok(c)
+        }
+        Err(e) => {
+            let _ = remove(ctx, &nl, &c).await;
+            state.containers.remove(&name);
+            store.save(&state)?;
+            Err(e)
+        }
+    }
+}
+
+/// Everything after the namespace exists; `remove` undoes any prefix of it.
+async fn wire(
+    ctx: &Env,
+    nl: &Netlink,
+    node: &Node,
+    c: &mut Container,
+    state: &mut State,
+) -> Result<()> {
+    let uplink = nl.check_link(&node.uplink, node.uplink_ifindex).await?;
+    nl.add_veth(&c.host_if, &c.ifname, &c.netns, c.mac, uplink.mtu.max(68))
+        .await?;
+    let host = nl.require_link(&c.host_if).await?;
+    c.host_ifindex = host.index;
+    c.host_mac = host.mac;
+
+    // Sysctls first: nothing in the container has used the network yet.
+    for (k, v) in &c.sysctls {
+        netns::set_sysctl(&c.netns, k, v).with_context(|| format!("container {}", c.name))?;
+    }
+    let inner = Netlink::in_netns(&c.netns)?;
+    inner.lo_up().await?;
+    let eth0 = inner.require_link(&c.ifname).await?;
+    inner
+        .set_alias(eth0.index, &owner_alias(&c.host_if, c.owns_netns))
+        .await?;
+    inner.add_addr(eth0.index, c.ip, node.prefix_len).await?;
+    inner.set_up(eth0.index).await?;
+    inner.add_default_route(node.gateway, eth0.index).await?;
+    if node.xdp == XdpSetting::Native {
+        // Frames the uplink's XDP program redirects into this veth pair are dropped unless
+        // this end runs NAPI, which GRO turns on.
+        ethtool::set_in(&c.netns, &c.ifname, Offload::Gro, true)
+            .with_context(|| format!("container {}", c.name))?;
+    }
+
+    nl.set_up(host.index).await?;
+    nl.add_host_route(c.ip, host.index, node.gateway).await?;
+    datapath::attach(&ctx.pins, Hook::Container, &c.host_if)?;
+
+    let mut maps = Maps::open(&ctx.pins)?;
+    maps.put_endpoint(
+        c.ip,
+        &Endpoint {
+            ifindex: c.host_ifindex,
+            flags: EP_CONTAINER,
+            mac: c.mac,
+            host_mac: c.host_mac,
+        },
+    )?;
+    if !c.ports.is_empty() {
+        // An address added to the node since `up` is a DNAT destination from now on.
+        node::sync_node_addrs(nl, &mut maps, node).await?;
+    }
+    let generation = state.next_generation();
+    state.generation = state.generation.wrapping_add(c.ports.len() as u32);
+    maps.put_ports(&c.ports, c.ip, generation)
+}
+
+/// Undo everything `wire` and `add` did for `c`; tolerant of parts that never happened (an
+/// unfinished add's record does not know the veth's ifindex: the veth says).
+pub async fn remove(ctx: &Env, nl: &Netlink, c: &Container) -> Result<()> {
+    if ctx.pins.installed() {
+        let mut maps = Maps::open(&ctx.pins)?;
+        maps.remove_ports(&c.ports)?;
+        maps.remove_endpoint(c.ip)?;
+        let ifindex = match c.host_ifindex {
+            0 => nl.link(&c.host_if).await?.map_or(0, |l| l.index),
+            i => i,
+        };
+        if ifindex != 0 {
+            maps.forget_container(ifindex)?;
+        }
+    }
+    datapath::detach(&ctx.pins, &c.host_if)?;
+    if let Some(l) = nl.link(&c.host_if).await? {
+        // Deleting one end of a veth deletes both.
+        nl.del_link(l.index).await?;
+    }
+    if c.owns_netns {
+        netns::remove(&c.netns)?;
+    }
+    Ok(())
+}
+
+/// What `down` removed.
+#[derive(Serialize)]
+pub struct DownReport {
+    pub containers_removed: Vec<String>,
+    pub was_up: bool,
+}
+
+/// Take the node down: every endpoint first (recorded or left over), then the node's
+/// datapath, gateway and pins.
+pub async fn down(ctx: &Env) -> Result<DownReport> {
+    let store = ctx.store()?;
+    let mut state = store.load()?;
+    let was_up = state.node.is_some() || ctx.pins.root().exists();
+    node::forget_stale_node(ctx, &store, &mut state)?;
+    let nl = Netlink::current()?;
+    let mut removed = Vec::new();
+    let mut errors = Vec::new();
+    let names: Vec<String> = state.containers.keys().cloned().collect();
+    for name in names {
+        if let Some(c) = state.containers.remove(&name) {
+            match remove(ctx, &nl, &c).await {
+                Ok(()) => removed.push(name),
+                Err(e) => errors.push(format!("container {name}: {e:#}")),
+            }
+        }
+    }
+    // Then what no record describes any more (a lost state file, a killed older version).
+    match remove_leftovers(ctx, &nl).await {
+        Ok(veths) => removed.extend(veths.into_iter().map(|v| format!("{v} (unrecorded)"))),
+        Err(e) => errors.push(format!("leftovers: {e:#}")),
+    }
+    if let Some(node) = &state.node {
+        datapath::detach(&ctx.pins, &node.uplink)?;
+    }
+    node::teardown(ctx, &nl).await?;
+    state.node = None;
+    state.static_nat.clear();
+    store.save(&state)?;
+    if state.containers.is_empty() {
+        store.clear()?;
+    }
+    if !errors.is_empty() {
+        bail!("down finished with errors:\n  {}", errors.join("\n  "));
+    }
+    Ok(DownReport {
+        containers_removed: removed,
+        was_up,
+    })
+}
+
+/// Remove a container's network; `None` when there is no such container.
+pub async fn destroy(ctx: &Env, name: &str) -> Result<Option<Container>> {
+    let store = ctx.store()?;
+    let mut state = store.load()?;
+    let Some(c) = state.containers.get(name).cloned() else {
+        return Ok(None);
+    };
+    let nl = Netlink::current()?;
+    remove(ctx, &nl, &c).await?;
+    state.containers.remove(name);
+    store.save(&state)?;
+    Ok(Some(c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_interface_names_fit_ifnamsiz() {
+        let n = host_if_name("a-very-long-container-name-that-goes-on");
+        assert!(is_host_if_name(&n));
+        assert!(!is_host_if_name("bn-gw") && !is_host_if_name("bn-gw-p"));
+        assert!(n.len() <= 15);
+        assert_ne!(host_if_name("a"), host_if_name("b"));
+        assert_eq!(host_if_name("web"), host_if_name("web"));
+    }
+
+    #[test]
+    fn sysctls_need_key_and_value() {
+        assert!(parse_sysctls(&["net.ipv4.ip_forward=1".into()]).is_ok());
+        assert!(parse_sysctls(&["net.ipv4.ip_forward".into()]).is_err());
+        assert!(parse_sysctls(&["kernel.pid_max=5".into()]).is_err());
+    }
+}
