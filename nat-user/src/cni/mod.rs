@@ -22,7 +22,7 @@ use crate::{
     netlink::Netlink,
     netns,
     node::{self, NodeSpec},
-    spec::PortSpec,
+    spec::{HostPort, PortRequest, PortSpec, Proto},
     state::{Container, Store},
 };
 
@@ -39,6 +39,7 @@ mod code {
     pub const PLUGIN: u32 = 100;
 }
 
+#[derive(Debug)]
 struct CniError {
     code: u32,
     msg: String,
@@ -268,6 +269,45 @@ fn result(
     out
 }
 
+/// A `portMappings` entry as the value the service takes (a Kubernetes `hostPort` is one
+/// exact port).
+fn port_request(m: &PortMapping) -> Result<PortSpec, CniError> {
+    let bad = |why: String| err(code::INVALID_CONFIG, format!("portMappings: {why}"));
+    let proto = match m
+        .protocol
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None | Some("tcp") => Proto::Tcp,
+        Some("udp") => Proto::Udp,
+        Some(p) => return Err(bad(format!("protocol {p:?} is not tcp or udp"))),
+    };
+    // Empty or 0.0.0.0: every address of the node, as with `docker -p`.
+    let host_ip = match m.host_ip.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(ip) => Some(
+            ip.parse::<Ipv4Addr>()
+                .map_err(|_| bad(format!("hostIP {ip:?} is not an IPv4 address")))?,
+        )
+        .filter(|ip| !ip.is_unspecified()),
+    };
+    if m.host_port == 0 || m.container_port == 0 {
+        return Err(bad(format!(
+            "ports must be 1-65535 (hostPort {}, containerPort {})",
+            m.host_port, m.container_port
+        )));
+    }
+    Ok(PortSpec {
+        requests: vec![PortRequest {
+            host_ip,
+            host: HostPort::Exact(m.host_port),
+            container_port: m.container_port,
+            proto,
+        }],
+    })
+}
+
 async fn add(ctx: &Env, conf: &NetConf) -> Result<Value, CniError> {
     let name = name_of(&env("CNI_CONTAINERID")?)?;
     let netns_path = PathBuf::from(env("CNI_NETNS")?);
@@ -277,18 +317,7 @@ async fn add(ctx: &Env, conf: &NetConf) -> Result<Value, CniError> {
         .runtime_config
         .port_mappings
         .iter()
-        .map(|m| {
-            let proto = m.protocol.as_deref().unwrap_or("tcp").to_ascii_lowercase();
-            let ip = m
-                .host_ip
-                .as_deref()
-                .filter(|s| !s.is_empty())
-                .map(|s| format!("{s}:"))
-                .unwrap_or_default();
-            format!("{ip}{}:{}/{proto}", m.host_port, m.container_port)
-                .parse::<PortSpec>()
-                .map_err(|e| err(code::INVALID_CONFIG, format!("portMappings: {e}")))
-        })
+        .map(port_request)
         .collect::<Result<Vec<_>, _>>()?;
     let c = endpoints::create(
         ctx,
@@ -379,4 +408,42 @@ async fn gc(ctx: &Env, conf: &NetConf) -> Result<(), CniError> {
         endpoints::destroy(ctx, &name).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mapping(proto: Option<&str>, ip: Option<&str>, host: u16) -> PortMapping {
+        PortMapping {
+            host_port: host,
+            container_port: 80,
+            protocol: proto.map(str::to_owned),
+            host_ip: ip.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn port_mappings_become_exact_requests_without_a_string_round_trip() {
+        let r = port_request(&mapping(None, None, 8080)).unwrap().requests[0];
+        assert_eq!(
+            (r.host_ip, r.host, r.container_port, r.proto),
+            (None, HostPort::Exact(8080), 80, Proto::Tcp)
+        );
+        let r = port_request(&mapping(Some("UDP"), Some("0.0.0.0"), 53))
+            .unwrap()
+            .requests[0];
+        assert_eq!((r.host_ip, r.proto), (None, Proto::Udp));
+        let r = port_request(&mapping(None, Some("127.0.0.1"), 8080))
+            .unwrap()
+            .requests[0];
+        assert_eq!(r.host_ip, Some(Ipv4Addr::LOCALHOST));
+        for bad in [
+            mapping(Some("sctp"), None, 8080),
+            mapping(None, Some("::1"), 8080),
+            mapping(None, None, 0),
+        ] {
+            assert_eq!(port_request(&bad).unwrap_err().code, code::INVALID_CONFIG);
+        }
+    }
 }
