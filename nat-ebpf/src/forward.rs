@@ -10,16 +10,13 @@ use aya_ebpf::{
     helpers::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
-use nat_common::{
-    CFG_STATIC_NAT, Config, CtEntry, Endpoint, NEXT_HOP_CACHE_NS, Reason, STATIC_EXTERNAL,
-    StaticNat,
-};
+use nat_common::{Config, CtEntry, Endpoint, NEXT_HOP_CACHE_NS, Reason, STATIC_EXTERNAL};
 use network_types::{arp::ArpHdr, eth::EthHdr};
 
 use crate::{
     TC_ACT_OK,
     conntrack::Xlate,
-    maps::{ENDPOINTS, STATIC_NAT},
+    lookup::{container_at, endpoint, static_nat},
     nat::{self, dec_ttl},
     parse,
     parse::{ETH_LEN, Ip4},
@@ -30,12 +27,6 @@ use crate::{
 const AF_INET: u8 = 2;
 const ARP_REQUEST: u16 = 1;
 const ARP_REPLY: u16 = 2;
-
-#[inline(always)]
-pub fn endpoint(addr: &[u8; 4]) -> Option<Endpoint> {
-    // SAFETY: the value is copied out at once.
-    unsafe { ENDPOINTS.get(addr).copied() }
-}
 
 #[inline(always)]
 pub fn set_macs(ctx: &impl Pkt, dst: [u8; 6], src: [u8; 6]) -> Result<(), Reason> {
@@ -124,27 +115,6 @@ pub fn uplink_arp(ctx: &TcContext, cfg: &Config, ifindex: u32) -> Result<i32, Re
     }
     count(Reason::Pass, ctx.len());
     Ok(TC_ACT_OK)
-}
-
-/// The static NAT entry for `addr`, if any. Skips the lookup while no mapping exists.
-#[inline(always)]
-pub fn static_nat(cfg: &Config, addr: &[u8; 4]) -> Option<StaticNat> {
-    if cfg.flags & CFG_STATIC_NAT == 0 {
-        return None;
-    }
-    // SAFETY: the value is copied out at once.
-    unsafe { STATIC_NAT.get(addr).copied() }
-}
-
-/// The container at `addr`, if any. Addresses outside the subnet skip the map lookup: that is
-/// every packet leaving for the outside.
-#[inline(always)]
-pub fn container_at(cfg: &Config, addr: &[u8; 4]) -> Option<Endpoint> {
-    if parse::in_subnet(*addr, cfg.subnet_addr, cfg.subnet_mask) {
-        endpoint(addr)
-    } else {
-        None
-    }
 }
 
 /// Where a tracked direction delivers into a container: the container's host veth and the

@@ -3,30 +3,19 @@
 
 use aya_ebpf::programs::TcContext;
 use nat_common::{
-    CFG_MASQUERADE, Config, PROTO_TCP, PROTO_UDP, PortKey, PortTarget, Reason, STATIC_EXTERNAL,
+    CFG_MASQUERADE, Config, PROTO_TCP, PROTO_UDP, PortTarget, Reason, STATIC_EXTERNAL,
     STATIC_INTERNAL, tcp_flags,
 };
 
 use crate::{
     TC_ACT_OK, addr,
     conntrack::{self, now},
-    csum,
-    forward::{self, container_at, endpoint},
-    frag, icmp,
-    maps::{CONFIG, PORTS},
+    csum, forward, frag, icmp,
+    lookup::{config, container_at, endpoint, port_target, static_nat},
     nat,
     parse::{self, L3},
     stats::count,
 };
-
-/// The node's settings, read in place (a copy would cost stack the port search needs).
-#[inline(always)]
-pub fn config() -> Result<&'static Config, Reason> {
-    match CONFIG.get(0) {
-        Some(c) if c.uplink_ifindex != 0 => Ok(c),
-        _ => Err(Reason::DropNoConfig),
-    }
-}
 
 #[inline(always)]
 fn pass(ctx: &TcContext) -> Result<i32, Reason> {
@@ -147,7 +136,7 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
         count(Reason::MtuExceeded, ctx.len());
         return Ok(TC_ACT_OK);
     }
-    if let Some(s) = forward::static_nat(cfg, &p.src)
+    if let Some(s) = static_nat(cfg, &p.src)
         && s.kind == STATIC_INTERNAL
     {
         // F8: the container's own external address, for every protocol and fragment.
@@ -222,28 +211,6 @@ fn published(cfg: &Config, p: &parse::Ip4) -> Option<PortTarget> {
     addr::is_node_addr(cfg, &p.dst).then_some(t)
 }
 
-/// The mapping for `p`'s destination port: one bound to its destination address first, then
-/// one bound to every node address. Whether that address is the node's is the caller's check.
-#[inline(always)]
-pub fn port_target(p: &parse::Ip4) -> Option<PortTarget> {
-    if (p.proto != PROTO_TCP && p.proto != PROTO_UDP) || !p.l4_present {
-        return None;
-    }
-    let mut key = PortKey {
-        host_addr: p.dst,
-        host_port: p.dport,
-        proto: p.proto,
-        _pad: 0,
-    };
-    // SAFETY: the value is copied out at once.
-    if let Some(t) = unsafe { PORTS.get(&key) } {
-        return Some(*t);
-    }
-    key.host_addr = [0; 4];
-    // SAFETY: as above.
-    unsafe { PORTS.get(&key) }.copied()
-}
-
 /// Everything that arrives on the uplink: replies to masqueraded connections, packets of
 /// connections to published ports, new connections to published ports; the rest is the
 /// node's and goes to the stack untouched.
@@ -268,7 +235,7 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
         return Err(Reason::DropMartian);
     }
     frag::resolve(&mut p);
-    if let Some(s) = forward::static_nat(cfg, &p.dst)
+    if let Some(s) = static_nat(cfg, &p.dst)
         && s.kind == STATIC_EXTERNAL
     {
         // F8: everything for the external address goes to its container.

@@ -19,6 +19,7 @@ mod forward;
 mod frag;
 mod icmp;
 mod ingress;
+mod lookup;
 mod maps;
 mod nat;
 mod parse;

@@ -9,22 +9,18 @@ use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
 };
-use nat_common::{PROTO_TCP, PROTO_UDP, PortKey, Reason, SockKey, SockOrig};
+use nat_common::{PROTO_TCP, PROTO_UDP, Reason, SockKey, SockOrig};
 
-use crate::{
-    maps::{CONFIG, PORTS, SOCK_RNAT},
-    stats::count,
-};
+use crate::{lookup, maps::SOCK_RNAT, stats::count};
 
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
 
+/// The node's settings, when the socket lives in the node's namespace (cgroups span
+/// namespaces; other namespaces are not this node's to translate).
 #[inline(always)]
-fn in_our_netns(ctx: &SockAddrContext) -> Option<nat_common::Config> {
-    let cfg = *CONFIG.get(0)?;
-    if cfg.uplink_ifindex == 0 {
-        return None;
-    }
+fn in_our_netns(ctx: &SockAddrContext) -> Option<&'static nat_common::Config> {
+    let cfg = lookup::config().ok()?;
     // SAFETY: helper on the program's own context.
     let cookie = unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) };
     (cookie == cfg.netns_cookie).then_some(cfg)
@@ -49,23 +45,8 @@ pub fn translate(ctx: &SockAddrContext) -> i32 {
     if !local {
         return 1;
     }
-    let mut key = PortKey {
-        host_addr: dst,
-        host_port: port,
-        proto,
-        _pad: 0,
-    };
-    // SAFETY: the value is copied out at once.
-    let target = match unsafe { PORTS.get(&key) } {
-        Some(t) => *t,
-        None => {
-            key.host_addr = [0; 4];
-            // SAFETY: as above.
-            match unsafe { PORTS.get(&key) } {
-                Some(t) => *t,
-                None => return 1,
-            }
-        }
+    let Some(target) = lookup::published_port(dst, port, proto) else {
+        return 1;
     };
     let rkey = SockKey {
         // SAFETY: helper on the program's own context.

@@ -16,9 +16,9 @@ use nat_common::{Endpoint, Reason, STATIC_EXTERNAL, tcp_flags};
 use crate::{
     addr,
     conntrack::{self, now},
-    forward::{self, Hop, container_at, endpoint},
+    forward::{self, Hop},
     icmp,
-    ingress::config,
+    lookup::{config, container_at, endpoint, static_nat},
     nat,
     parse::{self, L3},
     pkt::Pkt,
@@ -64,7 +64,7 @@ pub fn from_uplink(ctx: &XdpContext) -> Result<u32, Reason> {
     if addr::is_group(p.dst) || addr::is_martian(p.dst) || addr::forged_outside_src(cfg, p.src) {
         return pass(ctx);
     }
-    if let Some(s) = forward::static_nat(cfg, &p.dst)
+    if let Some(s) = static_nat(cfg, &p.dst)
         && s.kind == STATIC_EXTERNAL
     {
         let Some(ep) = endpoint(&s.peer) else {

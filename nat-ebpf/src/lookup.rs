@@ -1,0 +1,78 @@
+//! The datapath's lookups, shared by the TC, XDP and socket programs: the node's settings,
+//! endpoints, containers, static NAT and published ports. Each hides its map and the cheap
+//! checks that let most packets skip it.
+
+use nat_common::{
+    CFG_STATIC_NAT, Config, Endpoint, PROTO_TCP, PROTO_UDP, PortKey, PortTarget, Reason, StaticNat,
+};
+
+use crate::{
+    maps::{CONFIG, ENDPOINTS, PORTS, STATIC_NAT},
+    parse::{self, Ip4},
+};
+
+/// The node's settings, read in place (a copy would cost stack the port search needs).
+#[inline(always)]
+pub fn config() -> Result<&'static Config, Reason> {
+    match CONFIG.get(0) {
+        Some(c) if c.uplink_ifindex != 0 => Ok(c),
+        _ => Err(Reason::DropNoConfig),
+    }
+}
+
+/// The endpoint (container) at `addr`, if any.
+#[inline(always)]
+pub fn endpoint(addr: &[u8; 4]) -> Option<Endpoint> {
+    // SAFETY: the value is copied out at once.
+    unsafe { ENDPOINTS.get(addr).copied() }
+}
+
+/// The static NAT entry for `addr`, if any. Skips the lookup while no mapping exists.
+#[inline(always)]
+pub fn static_nat(cfg: &Config, addr: &[u8; 4]) -> Option<StaticNat> {
+    if cfg.flags & CFG_STATIC_NAT == 0 {
+        return None;
+    }
+    // SAFETY: the value is copied out at once.
+    unsafe { STATIC_NAT.get(addr).copied() }
+}
+
+/// The container at `addr`, if any. Addresses outside the subnet skip the map lookup: that is
+/// every packet leaving for the outside.
+#[inline(always)]
+pub fn container_at(cfg: &Config, addr: &[u8; 4]) -> Option<Endpoint> {
+    if parse::in_subnet(*addr, cfg.subnet_addr, cfg.subnet_mask) {
+        endpoint(addr)
+    } else {
+        None
+    }
+}
+
+/// The mapping for host port `port` (network order) of protocol `proto` on the node address
+/// `dst`: one bound to that address first, then one bound to every node address. Whether
+/// `dst` is the node's is the caller's check.
+#[inline(always)]
+pub fn published_port(dst: [u8; 4], port: [u8; 2], proto: u8) -> Option<PortTarget> {
+    let mut key = PortKey {
+        host_addr: dst,
+        host_port: port,
+        proto,
+        _pad: 0,
+    };
+    // SAFETY: the value is copied out at once.
+    if let Some(t) = unsafe { PORTS.get(&key) } {
+        return Some(*t);
+    }
+    key.host_addr = [0; 4];
+    // SAFETY: as above.
+    unsafe { PORTS.get(&key) }.copied()
+}
+
+/// The mapping for `p`'s destination port (TCP and UDP with their header only).
+#[inline(always)]
+pub fn port_target(p: &Ip4) -> Option<PortTarget> {
+    if (p.proto != PROTO_TCP && p.proto != PROTO_UDP) || !p.l4_present {
+        return None;
+    }
+    published_port(p.dst, p.dport, p.proto)
+}
