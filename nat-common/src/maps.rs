@@ -75,95 +75,42 @@ pub struct MapSpec {
     pub pinned: bool,
 }
 
-const fn spec(
+/// A map with key `K` and value `V`.
+const fn map<K, V>(
     name: &'static str,
     kind: MapKind,
-    key_size: usize,
-    value_size: usize,
     fixed_entries: Option<u32>,
     pinned: bool,
 ) -> MapSpec {
     MapSpec {
         name,
         kind,
-        key_size,
-        value_size,
+        key_size: size_of::<K>(),
+        value_size: size_of::<V>(),
         fixed_entries,
         pinned,
     }
 }
+
+const PINNED: bool = true;
+const PER_LOAD: bool = false;
 
 /// Every map of the eBPF object.
 pub const MAP_SPECS: [MapSpec; 12] = {
     use MapKind::{Array, Hash, LruHash, PerCpuArray};
     use map_names as n;
     [
-        spec(n::CONFIG, Array, 4, size_of::<Config>(), Some(1), true),
-        spec(n::ENDPOINTS, Hash, 4, size_of::<Endpoint>(), None, true),
-        spec(
-            n::PORTS,
-            Hash,
-            size_of::<PortKey>(),
-            size_of::<PortTarget>(),
-            None,
-            true,
-        ),
-        spec(
-            n::CONNTRACK,
-            LruHash,
-            size_of::<CtKey>(),
-            size_of::<CtEntry>(),
-            None,
-            true,
-        ),
-        spec(
-            n::CONNTRACK_NEW,
-            LruHash,
-            size_of::<CtKey>(),
-            size_of::<CtEntry>(),
-            None,
-            true,
-        ),
-        spec(
-            n::STATS,
-            PerCpuArray,
-            4,
-            size_of::<Counter>(),
-            Some(REASON_COUNT),
-            true,
-        ),
-        spec(n::STATIC_NAT, Hash, 4, size_of::<StaticNat>(), None, true),
-        spec(
-            n::SOCK_RNAT,
-            LruHash,
-            size_of::<SockKey>(),
-            size_of::<SockOrig>(),
-            None,
-            true,
-        ),
-        spec(
-            n::FRAGS,
-            LruHash,
-            size_of::<FragKey>(),
-            size_of::<FragPorts>(),
-            None,
-            true,
-        ),
-        spec(n::NODE_ADDRS, Hash, 4, size_of::<NodeAddr>(), None, true),
-        spec(
-            n::SCRATCH,
-            PerCpuArray,
-            4,
-            size_of::<CtEntry>(),
-            Some(SCRATCH_SLOTS),
-            false,
-        ),
-        spec(n::CSUM_BUF, PerCpuArray, 4, CSUM_BUF_LEN, Some(1), false),
+        map::<u32, Config>(n::CONFIG, Array, Some(1), PINNED),
+        map::<[u8; 4], Endpoint>(n::ENDPOINTS, Hash, None, PINNED),
+        map::<PortKey, PortTarget>(n::PORTS, Hash, None, PINNED),
+        map::<CtKey, CtEntry>(n::CONNTRACK, LruHash, None, PINNED),
+        map::<CtKey, CtEntry>(n::CONNTRACK_NEW, LruHash, None, PINNED),
+        map::<u32, Counter>(n::STATS, PerCpuArray, Some(REASON_COUNT), PINNED),
+        map::<[u8; 4], StaticNat>(n::STATIC_NAT, Hash, None, PINNED),
+        map::<SockKey, SockOrig>(n::SOCK_RNAT, LruHash, None, PINNED),
+        map::<FragKey, FragPorts>(n::FRAGS, LruHash, None, PINNED),
+        map::<[u8; 4], NodeAddr>(n::NODE_ADDRS, Hash, None, PINNED),
+        map::<u32, CtEntry>(n::SCRATCH, PerCpuArray, Some(SCRATCH_SLOTS), PER_LOAD),
+        map::<u32, [u8; CSUM_BUF_LEN]>(n::CSUM_BUF, PerCpuArray, Some(1), PER_LOAD),
     ]
 };
-
-/// The description of map `name`, if the object has one.
-#[must_use]
-pub fn map_spec(name: &str) -> Option<&'static MapSpec> {
-    MAP_SPECS.iter().find(|m| m.name == name)
-}
