@@ -1,6 +1,7 @@
 //! `cargo xtask setup | build | demo | test | lint`: the project's own automation. Every
 //! command that builds runs `setup` first, which installs only what is missing.
 
+mod frames;
 mod setup;
 
 use std::{
@@ -152,7 +153,7 @@ fn main() -> Result<()> {
                 "warnings",
             ]))?;
             // The rustup proxy, not $CARGO: only the proxy understands `+nightly`.
-            run(Command::new("cargo")
+            let ebpf = run(Command::new("cargo")
                 .current_dir(root().join("nat-ebpf"))
                 .env("PATH", setup::path_with_cargo_bin())
                 .args([
@@ -165,7 +166,15 @@ fn main() -> Result<()> {
                     "--",
                     "-D",
                     "warnings",
-                ]))
+                ]));
+            ebpf?;
+            // The verifier's view needs root; without it the frames go unchecked, said so.
+            if nix_is_root() {
+                frames::check(&root())
+            } else {
+                println!("eBPF frames not checked (needs root to load the programs)");
+                Ok(())
+            }
         }
     }
 }
