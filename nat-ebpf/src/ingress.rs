@@ -3,7 +3,7 @@
 
 use aya_ebpf::programs::TcContext;
 use nat_common::{
-    CFG_MASQUERADE, Config, PROTO_TCP, PROTO_UDP, PortTarget, Reason, STATIC_EXTERNAL,
+    CFG_MASQUERADE, Config, CtEntry, PROTO_TCP, PROTO_UDP, PortTarget, Reason, STATIC_EXTERNAL,
     STATIC_INTERNAL, tcp_flags,
 };
 
@@ -55,12 +55,7 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
         // SAFETY: reads of a map value.
         && unsafe { (*ep).ifindex == ifindex && (*ep).mac == eth_src }
     {
-        let t = now();
-        ctl_csum_ok(ctx, &p)?;
-        conntrack::touch(ctx, ep, &p, t)?;
-        count(Reason::CtHit, ctx.len());
-        let x = conntrack::Xlate::of(ep);
-        return forward::forward_tracked(ctx, cfg, &mut p, ifindex, ep, &x, t);
+        return tracked(ctx, cfg, &mut p, ifindex, ep);
     }
 
     let me = endpoint(&p.src).ok_or(Reason::DropSpoof)?;
@@ -92,12 +87,7 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
         if p.ttl <= 1 {
             return pass(ctx);
         }
-        let t = now();
-        ctl_csum_ok(ctx, &p)?;
-        conntrack::touch(ctx, ep, &p, t)?;
-        count(Reason::CtHit, ctx.len());
-        let x = conntrack::Xlate::of(ep);
-        return forward::forward_tracked(ctx, cfg, &mut p, ifindex, ep, &x, t);
+        return tracked(ctx, cfg, &mut p, ifindex, ep);
     }
 
     if p.dst == cfg.gateway_addr {
@@ -163,6 +153,24 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
     nat::apply(ctx, &mut p, &e)?;
     count(Reason::SnatNew, ctx.len());
     forward::route(ctx, &mut p, ifindex, Some(nh))
+}
+
+/// A packet of a tracked connection, either way: check what could change its state, account
+/// it, and send it on translated as its entry says.
+#[inline(always)]
+fn tracked(
+    ctx: &TcContext,
+    cfg: &Config,
+    p: &mut parse::Ip4,
+    ifindex: u32,
+    e: *mut CtEntry,
+) -> Result<i32, Reason> {
+    let t = now();
+    ctl_csum_ok(ctx, p)?;
+    conntrack::touch(ctx, e, p, t)?;
+    count(Reason::CtHit, ctx.len());
+    let x = conntrack::Xlate::of(e);
+    forward::forward_tracked(ctx, cfg, p, ifindex, e, &x, t)
 }
 
 /// Checksums that must hold before a packet creates a connection: the IPv4 header's and the
@@ -273,15 +281,11 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
     if let Some(e) = conntrack::lookup(&p.key())
         && conntrack::arrives_from_outside(e)
     {
-        let t = now();
-        ctl_csum_ok(ctx, &p)?;
-        conntrack::touch(ctx, e, &p, t)?;
-        count(Reason::CtHit, ctx.len());
         if p.ttl <= 1 {
+            // Expiring here: it changes nothing in its connection.
             return Err(Reason::DropTtl);
         }
-        let x = conntrack::Xlate::of(e);
-        return forward::forward_tracked(ctx, cfg, &mut p, ifindex, e, &x, t);
+        return tracked(ctx, cfg, &mut p, ifindex, e);
     }
     let e = if let Some(t) = published(cfg, &p) {
         if addr::is_node_addr(cfg, &p.src) {
