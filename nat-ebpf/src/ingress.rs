@@ -3,8 +3,8 @@
 
 use aya_ebpf::programs::TcContext;
 use nat_common::{
-    CFG_MASQUERADE, Config, CtEntry, PROTO_TCP, PROTO_UDP, PortTarget, Reason, STATIC_EXTERNAL,
-    STATIC_INTERNAL, tcp_flags,
+    CFG_MASQUERADE, Config, CtEntry, Endpoint, PROTO_TCP, PROTO_UDP, PortTarget, Reason,
+    STATIC_EXTERNAL, STATIC_INTERNAL, tcp_flags,
 };
 
 use crate::{
@@ -44,24 +44,10 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
     }
     let mut p = parse::ipv4(ctx)?;
     frag::resolve(&mut p);
-
-    // Fast path: a packet of a connection this veth's container owns, leaving the subnet.
-    // The tuple (with the container's own source address), the veth and the MAC are the
-    // anti-spoof check: a conntrack entry records the container its connection belongs to.
-    if p.ttl > 1
-        && !parse::in_subnet(p.dst, cfg.subnet_addr, cfg.subnet_mask)
-        && p.is_trackable()
-        && let Some(ep) = conntrack::lookup(&p.key())
-        // SAFETY: reads of a map value.
-        && unsafe { (*ep).ifindex == ifindex && (*ep).mac == eth_src }
-    {
-        return tracked(ctx, cfg, &mut p, ifindex, ep);
+    if let Some(e) = owned_connection(cfg, &p, ifindex, eth_src) {
+        return tracked(ctx, cfg, &mut p, ifindex, e);
     }
-
-    let me = endpoint(&p.src).ok_or(Reason::DropSpoof)?;
-    if me.ifindex != ifindex || me.mac != eth_src {
-        return Err(Reason::DropSpoof);
-    }
+    let me = sender(&p, ifindex, eth_src)?;
     if addr::is_group(p.dst) {
         // Linux never forwards broadcast or multicast: the node's stack may deliver it
         // locally, untranslated.
@@ -71,25 +57,21 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
     if addr::is_martian(p.dst) {
         return Err(Reason::DropMartian);
     }
-
     // F1: the subnet is one flat L2 segment, as on a bridge: no TTL change.
     if let Some(peer) = container_at(cfg, &p.dst) {
         return forward::to_endpoint(ctx, &mut p, &peer, false, Reason::Forward);
     }
-
     if icmp::is_error(&p) && p.ttl > 1 && icmp::translate(ctx, &mut p, false)? {
         return deliver(ctx, cfg, &mut p, ifindex);
     }
-
     if p.is_trackable()
-        && let Some(ep) = conntrack::lookup(&p.key())
+        && let Some(e) = conntrack::lookup(&p.key())
     {
         if p.ttl <= 1 {
             return pass(ctx);
         }
-        return tracked(ctx, cfg, &mut p, ifindex, ep);
+        return tracked(ctx, cfg, &mut p, ifindex, e);
     }
-
     if p.dst == cfg.gateway_addr {
         // F6: the node, by its gateway address.
         return pass(ctx);
@@ -99,18 +81,70 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
         return Err(Reason::DropNoEndpoint);
     }
     if let Some(t) = published(cfg, &p) {
-        // F5, hairpin: a published port on a node address, possibly the sender's own.
-        if p.ttl <= 1 {
-            return pass(ctx);
-        }
-        let target = endpoint(&t.addr).ok_or(Reason::DropNoEndpoint)?;
-        valid_for_state(ctx, &p)?;
-        let e = conntrack::create_hairpin(ctx, &p, &t, cfg, &target, now())?;
-        nat::apply(ctx, &mut p, &e)?;
-        count(Reason::HairpinNew, ctx.len());
-        return forward::to_endpoint(ctx, &mut p, &target, true, Reason::Deliver);
+        return hairpin(ctx, cfg, &mut p, &t);
     }
-    let nh = forward::fib(ctx, &p, ifindex);
+    leave(ctx, cfg, &mut p, ifindex, &me)
+}
+
+/// Fast path: a packet of a connection this veth's container owns, leaving the subnet. The
+/// tuple (with the container's own source address), the veth and the MAC are the anti-spoof
+/// check: a conntrack entry records the container its connection belongs to.
+#[inline(always)]
+fn owned_connection(
+    cfg: &Config,
+    p: &parse::Ip4,
+    ifindex: u32,
+    eth_src: [u8; 6],
+) -> Option<*mut CtEntry> {
+    if p.ttl <= 1 || parse::in_subnet(p.dst, cfg.subnet_addr, cfg.subnet_mask) || !p.is_trackable()
+    {
+        return None;
+    }
+    let e = conntrack::lookup(&p.key())?;
+    // SAFETY: reads of a map value.
+    unsafe { (*e).ifindex == ifindex && (*e).mac == eth_src }.then_some(e)
+}
+
+/// The container that sent `p`: its source address, veth and MAC must all be its own.
+#[inline(always)]
+fn sender(p: &parse::Ip4, ifindex: u32, eth_src: [u8; 6]) -> Result<Endpoint, Reason> {
+    let me = endpoint(&p.src).ok_or(Reason::DropSpoof)?;
+    if me.ifindex != ifindex || me.mac != eth_src {
+        return Err(Reason::DropSpoof);
+    }
+    Ok(me)
+}
+
+/// F5, hairpin: a container reaches a published port on a node address, possibly its own.
+#[inline(always)]
+fn hairpin(
+    ctx: &TcContext,
+    cfg: &Config,
+    p: &mut parse::Ip4,
+    t: &PortTarget,
+) -> Result<i32, Reason> {
+    if p.ttl <= 1 {
+        return pass(ctx);
+    }
+    let target = endpoint(&t.addr).ok_or(Reason::DropNoEndpoint)?;
+    valid_for_state(ctx, p)?;
+    let e = conntrack::create_hairpin(ctx, p, t, cfg, &target, now())?;
+    nat::apply(ctx, p, &e)?;
+    count(Reason::HairpinNew, ctx.len());
+    forward::to_endpoint(ctx, p, &target, true, Reason::Deliver)
+}
+
+/// A new packet for outside: whatever the FIB does not send out by the uplink is the stack's;
+/// the rest leaves with the container's static address (F8) or masqueraded (F2).
+#[inline(always)]
+fn leave(
+    ctx: &TcContext,
+    cfg: &Config,
+    p: &mut parse::Ip4,
+    ifindex: u32,
+    me: &Endpoint,
+) -> Result<i32, Reason> {
+    let nh = forward::fib(ctx, p, ifindex);
     let leaves_by_uplink = nh.forwards() && nh.ifindex == cfg.uplink_ifindex;
     if !leaves_by_uplink {
         // F6 (the node's own addresses) and anything routed elsewhere: the stack decides.
@@ -130,13 +164,13 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
         && s.kind == STATIC_INTERNAL
     {
         // F8: the container's own external address, for every protocol and fragment.
-        if icmp::is_error(&p) {
+        if icmp::is_error(p) {
             // About a packet from outside to the external address: quote that address.
-            icmp::translate_static(ctx, &p, 16, p.src, s.peer)?;
+            icmp::translate_static(ctx, p, 16, p.src, s.peer)?;
         }
-        nat::set_src(ctx, &mut p, s.peer)?;
+        nat::set_src(ctx, p, s.peer)?;
         count(Reason::StaticNat, ctx.len());
-        return forward::route(ctx, &mut p, ifindex, Some(nh));
+        return forward::route(ctx, p, ifindex, Some(nh));
     }
     if cfg.flags & CFG_MASQUERADE == 0 {
         return pass(ctx);
@@ -148,11 +182,11 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
     if !p.is_trackable() {
         return Err(Reason::DropUnsupported);
     }
-    valid_for_state(ctx, &p)?;
-    let e = conntrack::create_snat(ctx, &p, cfg, &me, now())?;
-    nat::apply(ctx, &mut p, &e)?;
+    valid_for_state(ctx, p)?;
+    let e = conntrack::create_snat(ctx, p, cfg, me, now())?;
+    nat::apply(ctx, p, &e)?;
     count(Reason::SnatNew, ctx.len());
-    forward::route(ctx, &mut p, ifindex, Some(nh))
+    forward::route(ctx, p, ifindex, Some(nh))
 }
 
 /// A packet of a tracked connection, either way: check what could change its state, account
