@@ -280,18 +280,7 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
     if let Some(s) = static_nat(cfg, &p.dst)
         && s.kind == STATIC_EXTERNAL
     {
-        // F8: everything for the external address goes to its container.
-        if p.ttl <= 1 {
-            return Err(Reason::DropTtl);
-        }
-        if icmp::is_error(&p) {
-            // About a packet the container sent from its external address.
-            icmp::translate_static(ctx, &p, 12, p.dst, s.peer)?;
-        }
-        nat::set_dst(ctx, &mut p, s.peer)?;
-        count(Reason::StaticNat, ctx.len());
-        let ep = endpoint(&p.dst).ok_or(Reason::DropNoEndpoint)?;
-        return forward::to_endpoint(ctx, &mut p, &ep, true, Reason::Deliver);
+        return to_static(ctx, &mut p, s.peer);
     }
     if icmp::is_error(&p) {
         if p.ttl <= 1 {
@@ -321,25 +310,52 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
         }
         return tracked(ctx, cfg, &mut p, ifindex, e);
     }
-    let e = if let Some(t) = published(cfg, &p) {
-        if addr::is_node_addr(cfg, &p.src) {
-            // The node's own address from outside: a forged source (rp_filter's rule).
-            return Err(Reason::DropMartian);
-        }
-        let ep = endpoint(&t.addr).ok_or(Reason::DropNoEndpoint)?;
-        // Nothing that would be dropped creates state.
-        if p.ttl <= 1 {
-            return Err(Reason::DropTtl);
-        }
-        valid_for_state(ctx, &p)?;
-        let e = conntrack::create_dnat(ctx, &p, &t, cfg, &ep, now())?;
-        count(Reason::DnatNew, ctx.len());
-        e
-    } else if parse::in_subnet(p.dst, cfg.subnet_addr, cfg.subnet_mask) {
+    if let Some(t) = published(cfg, &p) {
+        return dnat_new(ctx, cfg, &mut p, &t, ifindex);
+    }
+    if parse::in_subnet(p.dst, cfg.subnet_addr, cfg.subnet_mask) {
         return Err(Reason::DropNotPublished);
-    } else {
-        return pass(ctx);
-    };
-    nat::apply(ctx, &mut p, &e)?;
-    deliver(ctx, cfg, &mut p, ifindex)
+    }
+    pass(ctx)
+}
+
+/// F8: everything for a static external address goes to its container (`internal`).
+#[inline(always)]
+fn to_static(ctx: &TcContext, p: &mut parse::Ip4, internal: [u8; 4]) -> Result<i32, Reason> {
+    if p.ttl <= 1 {
+        return Err(Reason::DropTtl);
+    }
+    if icmp::is_error(p) {
+        // About a packet the container sent from its external address.
+        icmp::translate_static(ctx, p, 12, p.dst, internal)?;
+    }
+    nat::set_dst(ctx, p, internal)?;
+    count(Reason::StaticNat, ctx.len());
+    let ep = endpoint(&p.dst).ok_or(Reason::DropNoEndpoint)?;
+    forward::to_endpoint(ctx, p, &ep, true, Reason::Deliver)
+}
+
+/// F3: a new connection from outside to the published port `t`. Nothing that would be
+/// dropped creates state.
+#[inline(always)]
+fn dnat_new(
+    ctx: &TcContext,
+    cfg: &Config,
+    p: &mut parse::Ip4,
+    t: &PortTarget,
+    ifindex: u32,
+) -> Result<i32, Reason> {
+    if addr::is_node_addr(cfg, &p.src) {
+        // The node's own address from outside: a forged source (rp_filter's rule).
+        return Err(Reason::DropMartian);
+    }
+    let ep = endpoint(&t.addr).ok_or(Reason::DropNoEndpoint)?;
+    if p.ttl <= 1 {
+        return Err(Reason::DropTtl);
+    }
+    valid_for_state(ctx, p)?;
+    let e = conntrack::create_dnat(ctx, p, t, cfg, &ep, now())?;
+    count(Reason::DnatNew, ctx.len());
+    nat::apply(ctx, p, &e)?;
+    deliver(ctx, cfg, p, ifindex)
 }
