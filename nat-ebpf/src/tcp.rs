@@ -10,9 +10,11 @@
 //!   than the sender's window.
 //!
 //! A segment outside the window is forwarded (the endpoint answers it) but teaches nothing and
-//! changes no state; an RST outside it is dropped (`drop_tcp_window`). Directions not seen yet
-//! (a connection picked up mid-stream) are learned from their first segment, except an
-//! answer to a SYN, which must acknowledge exactly that SYN (RFC 9293, SYN-SENT).
+//! changes no state; an RST outside it is dropped (`drop_tcp_window`). A direction not seen
+//! yet is learned from its first segment, except an answer to a SYN, which must acknowledge
+//! exactly that SYN (RFC 9293, SYN-SENT). A connection picked up mid-stream (its SYNs never
+//! seen, so its window scaling unknown) is tracked without judging windows, as nf_conntrack
+//! does, until a SYN starts it over.
 
 use core::ffi::c_void;
 
@@ -33,6 +35,9 @@ use crate::{
 const TCP_ACKED: u8 = 2;
 /// `CtEntry::tcp_track`: this direction's SYN offered window scaling.
 const TCP_WS_OFFERED: u8 = 4;
+/// `CtEntry::tcp_track`: the connection was picked up mid-stream, so its window scaling is
+/// unknown and its windows are not judged (nf_conntrack's `BE_LIBERAL` for such pickups).
+const TCP_LIBERAL: u8 = 8;
 /// nf_conntrack's bound for acknowledgements when no window is known yet.
 const MAX_ACK_WINDOW: u32 = 66000;
 /// RFC 7323's largest shift.
@@ -196,6 +201,7 @@ pub fn init(ctx: &impl Pkt, p: &Ip4, e: &mut CtEntry) {
         init_from_syn(ctx, p, e);
     } else {
         learn(e, &s);
+        e.tcp_track |= TCP_LIBERAL;
     }
 }
 
@@ -204,6 +210,9 @@ pub fn init(ctx: &impl Pkt, p: &Ip4, e: &mut CtEntry) {
 fn in_window(snd: &CtEntry, rcv: &CtEntry, s: &Seg) -> bool {
     let rst = s.flags & tcp_flags::RST != 0;
     let ack = s.flags & tcp_flags::ACK != 0;
+    if (snd.tcp_track | rcv.tcp_track) & TCP_LIBERAL != 0 {
+        return true;
+    }
     if rcv.tcp_track & TCP_SEEN == 0 {
         // Nothing known about the receiver yet (picked up mid-stream, or a retransmitted SYN).
         return true;
