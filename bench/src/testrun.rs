@@ -181,9 +181,11 @@ pub fn paths(
         "new connection to a published port, TC",
         cost(lab, "tc_uplink", uplink_ifindex, runs, new_clients(100))?,
     );
-    // Other clients than the TC run's, so each run is a new connection again.
+    // Other clients than the TC run's, so each run is a new connection again. XDP hands new
+    // connections to TC (only TC knows whether their checksum was verified): this is its cost
+    // of doing so, before TC's.
     add(
-        "new connection to a published port, XDP",
+        "new connection to a published port, XDP (handed to TC)",
         cost(lab, XDP, 0, runs, new_clients(150))?,
     );
 
