@@ -34,35 +34,42 @@ fn payload(p: &Ip4) -> u32 {
     u32::from(p.tot_len).saturating_sub((p.l4_off - crate::parse::IP_OFF) as u32)
 }
 
-/// Record or recover the ports of a fragmented TCP/UDP datagram (before any rewrite). A
-/// function of its own: inlined at the top of both programs, its branches multiplied the
-/// paths the verifier walks through everything after it.
+/// Remember the ports of a first fragment, for the fragments that follow it. Called only
+/// once the packet's source is known to be genuine (a container's own address and veth, or
+/// a source that may come from outside), so that nobody can write a record for another
+/// host's datagrams.
+#[inline(never)]
+pub fn record(p: &Ip4) {
+    if !p.frag || !p.l4_present || (p.proto != PROTO_TCP && p.proto != PROTO_UDP) {
+        return;
+    }
+    let f = FragPorts {
+        src_port: p.sport,
+        dst_port: p.dport,
+        seen: payload(p),
+        total: 0,
+        _pad: 0,
+        created_ns: now(),
+    };
+    let _ = FRAGS.insert(&key(p), &f, u64::from(BPF_ANY));
+}
+
+/// Recover the ports of a later fragment from its datagram's first fragment (before any
+/// rewrite). A function of its own: inlined at the top of both programs, its branches
+/// multiplied the paths the verifier walks through everything after it.
 #[inline(never)]
 pub fn resolve(p: &mut Ip4) {
-    if !p.frag || (p.proto != PROTO_TCP && p.proto != PROTO_UDP) {
+    if !p.frag || p.l4_present || (p.proto != PROTO_TCP && p.proto != PROTO_UDP) {
         return;
     }
     let k = key(p);
-    let t = now();
-    if p.l4_present {
-        let f = FragPorts {
-            src_port: p.sport,
-            dst_port: p.dport,
-            seen: payload(p),
-            total: 0,
-            _pad: 0,
-            created_ns: t,
-        };
-        let _ = FRAGS.insert(&k, &f, u64::from(BPF_ANY));
-        return;
-    }
     let Some(f) = FRAGS.get_ptr_mut(&k) else {
         return;
     };
     // SAFETY: `f` points into the map value; `seen` is added atomically (fragments of one
     // datagram may be handled on several CPUs at once).
     let f = unsafe { &mut *f };
-    if t.saturating_sub(f.created_ns) > FRAG_TIMEOUT_NS {
+    if now().saturating_sub(f.created_ns) > FRAG_TIMEOUT_NS {
         let _ = FRAGS.remove(&k);
         return;
     }

@@ -45,9 +45,12 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
     let mut p = parse::ipv4(ctx)?;
     frag::resolve(&mut p);
     if let Some(e) = owned_connection(cfg, &p, ifindex, eth_src) {
+        // The entry vouches for the sender (its veth, MAC and tuple).
+        frag::record(&p);
         return tracked(ctx, cfg, &mut p, ifindex, e);
     }
     let me = sender(&p, ifindex, eth_src)?;
+    frag::record(&p);
     if addr::is_group(p.dst) {
         // Linux never forwards broadcast or multicast: the node's stack may deliver it
         // locally, untranslated.
@@ -276,6 +279,7 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
     if addr::is_martian(p.dst) || addr::forged_outside_src(cfg, p.src) {
         return Err(Reason::DropMartian);
     }
+    frag::record(&p);
     frag::resolve(&mut p);
     if let Some(s) = static_nat(cfg, &p.dst)
         && s.kind == STATIC_EXTERNAL

@@ -896,3 +896,57 @@ fn a_fragment_never_follows_the_ports_of_an_earlier_datagram_with_its_ip_id() {
     );
     assert_eq!(counter(&lab, "drop_fragment"), 0);
 }
+
+#[test]
+fn a_container_cannot_steer_someone_elses_fragments() {
+    const ID: u16 = 0x4343;
+    let lab = lab_up("adv-fragsteer");
+    let a = add_container(&lab, "a", &["-p", "9096:96/udp"]);
+    let b = add_container(&lab, "b", &["-p", "9097:97/udp"]);
+    let attacker = add_container(&lab, "x", &[]);
+    let mac = uplink_mac(&lab);
+    // The outside host's datagram for a, in two fragments.
+    let whole = packet::frame(
+        EXT_MAC,
+        mac,
+        EXT_ADDR,
+        NODE_ADDR,
+        PROTO_UDP,
+        &packet::udp(EXT_ADDR, NODE_ADDR, FORGED_PORT, 9096, true),
+    );
+    let [first, last] = packet::fragments(&whole, ID, 8);
+    // The attacker's forgery: the same datagram's first fragment, aimed at b's port.
+    let forged = packet::frame(
+        attacker.mac,
+        attacker.host_mac,
+        EXT_ADDR,
+        NODE_ADDR,
+        PROTO_UDP,
+        &packet::udp(EXT_ADDR, NODE_ADDR, FORGED_PORT, 9097, true),
+    );
+    let [forged_first, _] = packet::fragments(&forged, ID, 8);
+
+    let echo = traffic::udp_echo(&a.ns, v4(Ipv4Addr::UNSPECIFIED, 96), 10, WINDOW).unwrap();
+    let cap = wire::capture(&b.ns, "eth0", Duration::from_secs(1));
+    std::thread::sleep(Duration::from_millis(100));
+    wire::send(&lab.ext, "eth0", vec![first]);
+    wire::send(&attacker.ns, "eth0", vec![forged_first]);
+    wire::send(&lab.ext, "eth0", vec![last]);
+    let into_b = cap
+        .join()
+        .unwrap()
+        .into_iter()
+        .filter(|f| f.len() > 34 && f[12..14] == [8, 0] && f[18..20] == ID.to_be_bytes())
+        .count();
+    assert_eq!(into_b, 0, "a fragment for a was steered into b");
+    assert_eq!(
+        echo.join().unwrap(),
+        vec![v4(EXT_ADDR, FORGED_PORT)],
+        "the datagram was reassembled in a, where it belongs"
+    );
+    assert_eq!(
+        counter(&lab, "drop_spoof"),
+        1,
+        "the forgery is dropped and counted"
+    );
+}
