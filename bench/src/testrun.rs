@@ -47,7 +47,7 @@ fn cost(
     runs: u32,
     make: impl Fn(u32) -> Vec<u8> + Send + 'static,
 ) -> Result<(f64, f64)> {
-    let pin = lab.bpffs_dir.join("v1/progs").join(prog);
+    let pin = lab.pins().prog(prog);
     let xdp = prog == XDP;
     let samples = bpfnat::netns::run_in(&lab.node, move || {
         let mut ctx = [0u8; 192];

@@ -3,7 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::{PROTO_TCP, PROTO_UDP};
+use crate::{Addr4, PROTO_TCP, PROTO_UDP, Port};
 
 /// `conntrack` key: a packet's tuple exactly as it is on the wire at the hook that looks it up.
 ///
@@ -12,21 +12,21 @@ use crate::{PROTO_TCP, PROTO_UDP};
 /// two ends of a request's tuple yields its reply's.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct CtKey {
-    /// Source address, network order.
-    pub src_addr: [u8; 4],
-    /// Destination address, network order.
-    pub dst_addr: [u8; 4],
-    /// Source port (or ICMP id), network order.
-    pub src_port: [u8; 2],
-    /// Destination port (or ICMP id), network order.
-    pub dst_port: [u8; 2],
+pub struct CtKey4 {
+    /// Source address.
+    pub src_addr: Addr4,
+    /// Destination address.
+    pub dst_addr: Addr4,
+    /// Source port (or ICMP id).
+    pub src_port: Port,
+    /// Destination port (or ICMP id).
+    pub dst_port: Port,
     /// IP protocol number.
     pub proto: u8,
     pub _pad: [u8; 3],
 }
 
-impl CtKey {
+impl CtKey4 {
     /// A key from its fields, padding zeroed. Built as four whole words: field by field, the
     /// compiler zeroes the three padding bytes with a call to `memset`, which on BPF is a
     /// subprogram with a loop that the verifier walks at every call and whose frame the
@@ -34,10 +34,10 @@ impl CtKey {
     #[must_use]
     #[inline(always)]
     pub const fn new(
-        src_addr: [u8; 4],
-        dst_addr: [u8; 4],
-        src_port: [u8; 2],
-        dst_port: [u8; 2],
+        src_addr: Addr4,
+        dst_addr: Addr4,
+        src_port: Port,
+        dst_port: Port,
         proto: u8,
     ) -> Self {
         let words: [u32; 4] = [
@@ -46,7 +46,7 @@ impl CtKey {
             u32::from_ne_bytes([src_port[0], src_port[1], dst_port[0], dst_port[1]]),
             u32::from_ne_bytes([proto, 0, 0, 0]),
         ];
-        // SAFETY: `CtKey` is 16 bytes of `u8` arrays, `#[repr(C)]`: any bits are valid.
+        // SAFETY: `CtKey4` is 16 bytes of `u8` arrays, `#[repr(C)]`: any bits are valid.
         unsafe { core::mem::transmute::<[u32; 4], Self>(words) }
     }
 
@@ -64,24 +64,24 @@ impl CtKey {
     }
 }
 
-/// `CtEntry::nat`: the source is rewritten (MASQUERADE, or the reply of a DNAT).
+/// `CtMeta::nat`: the source is rewritten (MASQUERADE, or the reply of a DNAT).
 pub const NAT_SNAT: u8 = 1;
-/// `CtEntry::nat`: the destination is rewritten (DNAT, or the reply of a MASQUERADE).
+/// `CtMeta::nat`: the destination is rewritten (DNAT, or the reply of a MASQUERADE).
 pub const NAT_DNAT: u8 = 2;
 
-/// `CtEntry::dir`: the direction that created the connection.
+/// `CtMeta::dir`: the direction that created the connection.
 pub const DIR_ORIGINAL: u8 = 0;
-/// `CtEntry::dir`: the answering direction.
+/// `CtMeta::dir`: the answering direction.
 pub const DIR_REPLY: u8 = 1;
 
-/// `CtEntry::origin`: a container's connection to the outside, masqueraded.
+/// `CtMeta::origin`: a container's connection to the outside, masqueraded.
 pub const ORIGIN_MASQUERADE: u8 = 1;
-/// `CtEntry::origin`: an outside client's connection to a published port.
+/// `CtMeta::origin`: an outside client's connection to a published port.
 pub const ORIGIN_PUBLISHED: u8 = 2;
-/// `CtEntry::origin`: a container's connection to a published port on a node address.
+/// `CtMeta::origin`: a container's connection to a published port on a node address.
 pub const ORIGIN_HAIRPIN: u8 = 3;
 
-/// TCP states (`CtEntry::state` for TCP), after nf_conntrack's.
+/// TCP states (`CtMeta::state` for TCP), after nf_conntrack's.
 pub mod tcp_state {
     pub const NONE: u8 = 0;
     pub const SYN_SENT: u8 = 1;
@@ -102,9 +102,9 @@ pub mod tcp_flags {
     pub const ACK: u8 = 0x10;
 }
 
-/// `CtEntry::flags`: a FIN was seen from the original direction.
+/// `CtMeta::flags`: a FIN was seen from the original direction.
 pub const CT_FIN_ORIG: u8 = 1 << 0;
-/// `CtEntry::flags`: a FIN was seen from the reply direction.
+/// `CtMeta::flags`: a FIN was seen from the reply direction.
 pub const CT_FIN_REPLY: u8 = 1 << 1;
 
 /// The TCP state (and FIN bits, `CT_FIN_*`) after a packet with TCP `flags` travelling in
@@ -167,7 +167,7 @@ pub const fn tcp_transition(state: u8, fins: u8, dir: u8, flags: u8) -> (u8, u8)
     (state, fins)
 }
 
-/// UDP/ICMP states (`CtEntry::state` for those protocols).
+/// UDP/ICMP states (`CtMeta::state` for those protocols).
 pub mod dgram_state {
     /// Only the original direction has been seen.
     pub const UNREPLIED: u8 = 0;
@@ -222,15 +222,28 @@ pub const fn ct_timeout_ns(proto: u8, state: u8) -> u64 {
 /// tuple and one by the reply direction's, so either direction is a single lookup.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct CtEntry {
-    /// Source address after translation, network order.
-    pub xlate_src_addr: [u8; 4],
-    /// Destination address after translation, network order.
-    pub xlate_dst_addr: [u8; 4],
-    /// Source port (ICMP id) after translation, network order.
-    pub xlate_src_port: [u8; 2],
-    /// Destination port (ICMP id) after translation, network order.
-    pub xlate_dst_port: [u8; 2],
+pub struct CtEntry4 {
+    /// The tuple this direction's packets are rewritten to (`proto` included).
+    pub xlate: CtKey4,
+    /// Everything else, the same for both families.
+    pub meta: CtMeta,
+}
+
+impl CtEntry4 {
+    /// The key of the entry for the other direction of this entry's connection: the reverse
+    /// of the tuple this direction is translated to.
+    #[must_use]
+    #[inline(always)]
+    pub const fn peer_key(&self) -> CtKey4 {
+        self.xlate.reversed()
+    }
+}
+
+/// The family-neutral part of a conntrack entry: the connection's state, this direction's
+/// counters, next-hop cache and TCP window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct CtMeta {
     /// `NAT_SNAT` / `NAT_DNAT` bits.
     pub nat: u8,
     /// `DIR_ORIGINAL` or `DIR_REPLY`.
@@ -243,14 +256,6 @@ pub struct CtEntry {
     pub generation: u32,
     /// ifindex of the container's host veth this connection belongs to.
     pub ifindex: u32,
-    /// `bpf_ktime_get_coarse_ns` at creation (CLOCK_MONOTONIC_COARSE).
-    pub created_ns: u64,
-    /// `bpf_ktime_get_coarse_ns` of the last packet in this direction.
-    pub last_seen_ns: u64,
-    /// Packets seen in this direction.
-    pub packets: u64,
-    /// Bytes (IP total length) seen in this direction.
-    pub bytes: u64,
     /// `CT_FIN_*` bits; kept equal in both entries.
     pub flags: u8,
     /// 1: the cached next hop is a container (`nh_ifindex` is its host veth, the packet goes
@@ -261,17 +266,23 @@ pub struct CtEntry {
     pub tcp_wscale: u8,
     /// TCP: `TCP_SEEN` once a segment of this direction has set the `tcp_*` window fields.
     pub tcp_track: u8,
+    /// `bpf_ktime_get_coarse_ns` at creation (CLOCK_MONOTONIC_COARSE).
+    pub created_ns: u64,
+    /// `bpf_ktime_get_coarse_ns` of the last packet in this direction.
+    pub last_seen_ns: u64,
+    /// Packets seen in this direction.
+    pub packets: u64,
+    /// Bytes (IP total length) seen in this direction.
+    pub bytes: u64,
     /// Next hop cached for packets of this direction, from the FIB (leaving by the uplink) or
     /// the endpoint table (into a container): egress ifindex (0 = none cached).
     pub nh_ifindex: u32,
+    /// The FIB next hop's device MTU: packets up to it skip the MTU check helper.
+    pub nh_mtu: u32,
     /// Next hop's MAC (the container's, or the FIB's neighbour).
     pub nh_dmac: [u8; 6],
     /// Egress interface's MAC (the container's host veth, or the uplink).
     pub nh_smac: [u8; 6],
-    /// The FIB next hop's device MTU: packets up to it skip the MTU check helper.
-    pub nh_mtu: u32,
-    /// `bpf_ktime_get_coarse_ns` until which the cached next hop is used without a FIB lookup.
-    pub nh_until_ns: u64,
     /// MAC of the container the connection belongs to (with `ifindex`, what a packet from
     /// that container's veth must carry to take the conntrack fast path).
     pub mac: [u8; 6],
@@ -279,7 +290,7 @@ pub struct CtEntry {
     /// and used again) and lives in `conntrack`; entries in `conntrack_new` with 1 are
     /// copies already moved there, left for the LRU or garbage collection.
     pub assured: u8,
-    pub _pad3: u8,
+    pub _pad: u8,
     /// TCP window tracking (nf_conntrack's `tcp_in_window`), host order. The sequence number
     /// after the highest byte this direction has sent (SYN and FIN count one).
     pub tcp_end: u32,
@@ -288,26 +299,11 @@ pub struct CtEntry {
     pub tcp_limit: u32,
     /// The largest scaled window this direction has advertised (at least 1).
     pub tcp_maxwin: u32,
-    pub _pad4: u32,
+    /// `bpf_ktime_get_coarse_ns` until which the cached next hop is used without a FIB lookup.
+    pub nh_until_ns: u64,
 }
 
-impl CtEntry {
-    /// The key of the entry for the other direction of this entry's connection (protocol
-    /// `proto`): the reverse of the tuple this direction is translated to.
-    #[must_use]
-    #[inline(always)]
-    pub const fn peer_key(&self, proto: u8) -> CtKey {
-        CtKey::new(
-            self.xlate_dst_addr,
-            self.xlate_src_addr,
-            self.xlate_dst_port,
-            self.xlate_src_port,
-            proto,
-        )
-    }
-}
-
-/// `CtEntry::tcp_track`: this direction's window fields are set.
+/// `CtMeta::tcp_track`: this direction's window fields are set.
 pub const TCP_SEEN: u8 = 1;
 
 /// How long a cached next hop is trusted: route and neighbour changes take effect within it.

@@ -2,14 +2,16 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use crate::{Addr4, Port};
+
 /// `frags` key: one fragmented datagram as it arrived at a hook.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct FragKey {
+pub struct FragKey4 {
     /// Network order.
-    pub src_addr: [u8; 4],
+    pub src_addr: Addr4,
     /// Network order.
-    pub dst_addr: [u8; 4],
+    pub dst_addr: Addr4,
     /// IPv4 identification, network order.
     pub id: [u8; 2],
     pub proto: u8,
@@ -22,9 +24,9 @@ pub struct FragKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct FragPorts {
     /// Network order.
-    pub src_port: [u8; 2],
+    pub src_port: Port,
     /// Network order.
-    pub dst_port: [u8; 2],
+    pub dst_port: Port,
     /// IP payload bytes of the datagram's fragments seen so far.
     pub seen: u32,
     /// The datagram's IP payload length, known from its last fragment (offset + payload);

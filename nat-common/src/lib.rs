@@ -9,8 +9,9 @@
 
 /// Version of the pinned layout. Bumped whenever a map's key or value changes, so that a new
 /// loader never silently reuses an old, differently shaped map pinned by an earlier version.
-pub const PIN_VERSION: &str = "v1";
+pub const PIN_VERSION: &str = "v2";
 
+mod addr;
 mod conntrack;
 mod csum;
 mod frag;
@@ -21,6 +22,7 @@ mod reason;
 mod sock;
 mod static_nat;
 
+pub use addr::*;
 pub use conntrack::*;
 pub use csum::*;
 pub use frag::*;
@@ -56,8 +58,8 @@ pub const PROTO_UDP: u8 = 17;
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        Config, Counter, CtEntry, CtKey, Endpoint, FragKey, FragPorts, NodeAddr, PortKey,
-        PortTarget, SockKey, SockOrig, StaticNat,
+        Config, Counter, CtEntry4, CtKey4, CtMeta, Endpoint, FragKey4, FragPorts, Net4, NodeAddr,
+        PortKey4, PortTarget4, SockKey4, SockOrig4, StaticNat4,
     };
 
     /// `aya::Pod` for map key and value types.
@@ -69,8 +71,21 @@ mod user {
         )*};
     }
     pod!(
-        Config, Endpoint, PortKey, PortTarget, CtKey, CtEntry, Counter, StaticNat, SockKey,
-        SockOrig, FragKey, FragPorts, NodeAddr,
+        Config,
+        Net4,
+        Endpoint,
+        PortKey4,
+        PortTarget4,
+        CtKey4,
+        CtEntry4,
+        CtMeta,
+        Counter,
+        StaticNat4,
+        SockKey4,
+        SockOrig4,
+        FragKey4,
+        FragPorts,
+        NodeAddr,
     );
 }
 
@@ -125,7 +140,7 @@ mod tests {
 
     #[test]
     fn reversed_swaps_both_ends() {
-        let k = CtKey {
+        let k = CtKey4 {
             src_addr: [10, 88, 0, 2],
             dst_addr: [198, 51, 100, 1],
             src_port: 40000u16.to_be_bytes(),
@@ -141,13 +156,15 @@ mod tests {
 
     #[test]
     fn layouts_have_the_sizes_bpftool_shows() {
-        assert_eq!(size_of::<CtKey>(), 16);
-        assert_eq!(size_of::<CtEntry>(), 112);
-        assert_eq!(size_of::<PortKey>(), 8);
-        assert_eq!(size_of::<PortTarget>(), 12);
+        assert_eq!(size_of::<CtKey4>(), 16);
+        assert_eq!(size_of::<CtEntry4>(), 112);
+        assert_eq!(size_of::<CtMeta>(), 96);
+        assert_eq!(size_of::<Net4>(), 20);
+        assert_eq!(size_of::<PortKey4>(), 8);
+        assert_eq!(size_of::<PortTarget4>(), 12);
         assert_eq!(size_of::<Endpoint>(), 20);
         assert_eq!(size_of::<Config>(), 56);
-        assert_eq!(size_of::<StaticNat>(), 8);
+        assert_eq!(size_of::<StaticNat4>(), 8);
     }
 
     #[test]

@@ -6,8 +6,8 @@
 use core::mem::size_of;
 
 use crate::{
-    Config, Counter, CtEntry, CtKey, Endpoint, FragKey, FragPorts, NodeAddr, PortKey, PortTarget,
-    REASON_COUNT, SockKey, SockOrig, StaticNat,
+    Addr4, Config, Counter, CtEntry4, CtKey4, Endpoint, FragKey4, FragPorts, NodeAddr, PortKey4,
+    PortTarget4, REASON_COUNT, SockKey4, SockOrig4, StaticNat4,
 };
 
 /// Map names as the kernel and bpftool see them (also the pin file names).
@@ -70,7 +70,7 @@ pub struct MapSpec {
     /// Entries when the number is part of the layout (arrays indexed by meaning, such as one
     /// slot per `Reason`); `None` when it is only a capacity (possibly set at load).
     pub fixed_entries: Option<u32>,
-    /// Pinned under `<bpffs-dir>/v1/maps/` and shared by every load of the programs, so it
+    /// Pinned under `<bpffs-dir>/<PIN_VERSION>/maps/` and shared by every load of the programs, so it
     /// outlives a reload; per-CPU scratch space is not.
     pub pinned: bool,
 }
@@ -101,16 +101,16 @@ pub const MAP_SPECS: [MapSpec; 12] = {
     use map_names as n;
     [
         map::<u32, Config>(n::CONFIG, Array, Some(1), PINNED),
-        map::<[u8; 4], Endpoint>(n::ENDPOINTS, Hash, None, PINNED),
-        map::<PortKey, PortTarget>(n::PORTS, Hash, None, PINNED),
-        map::<CtKey, CtEntry>(n::CONNTRACK, LruHash, None, PINNED),
-        map::<CtKey, CtEntry>(n::CONNTRACK_NEW, LruHash, None, PINNED),
+        map::<Addr4, Endpoint>(n::ENDPOINTS, Hash, None, PINNED),
+        map::<PortKey4, PortTarget4>(n::PORTS, Hash, None, PINNED),
+        map::<CtKey4, CtEntry4>(n::CONNTRACK, LruHash, None, PINNED),
+        map::<CtKey4, CtEntry4>(n::CONNTRACK_NEW, LruHash, None, PINNED),
         map::<u32, Counter>(n::STATS, PerCpuArray, Some(REASON_COUNT), PINNED),
-        map::<[u8; 4], StaticNat>(n::STATIC_NAT, Hash, None, PINNED),
-        map::<SockKey, SockOrig>(n::SOCK_RNAT, LruHash, None, PINNED),
-        map::<FragKey, FragPorts>(n::FRAGS, LruHash, None, PINNED),
-        map::<[u8; 4], NodeAddr>(n::NODE_ADDRS, Hash, None, PINNED),
-        map::<u32, CtEntry>(n::SCRATCH, PerCpuArray, Some(SCRATCH_SLOTS), PER_LOAD),
+        map::<Addr4, StaticNat4>(n::STATIC_NAT, Hash, None, PINNED),
+        map::<SockKey4, SockOrig4>(n::SOCK_RNAT, LruHash, None, PINNED),
+        map::<FragKey4, FragPorts>(n::FRAGS, LruHash, None, PINNED),
+        map::<Addr4, NodeAddr>(n::NODE_ADDRS, Hash, None, PINNED),
+        map::<u32, CtEntry4>(n::SCRATCH, PerCpuArray, Some(SCRATCH_SLOTS), PER_LOAD),
         map::<u32, [u8; CSUM_BUF_LEN]>(n::CSUM_BUF, PerCpuArray, Some(1), PER_LOAD),
     ]
 };

@@ -3,13 +3,16 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use crate::Addr4;
+
 /// `Config::flags`: masquerade traffic from the container subnet that leaves by the uplink.
 pub const CFG_MASQUERADE: u32 = 1 << 0;
 /// `Config::flags`: at least one static NAT mapping exists (else inbound packets skip the
 /// `static_nat` lookup).
 pub const CFG_STATIC_NAT: u32 = 1 << 1;
 
-/// Node-wide settings, the single entry (index 0) of the `config` array map.
+/// Node-wide settings, the single entry (index 0) of the `config` array map. The
+/// family-neutral settings come first; each family's addresses are a part of their own.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Config {
@@ -17,37 +20,46 @@ pub struct Config {
     pub uplink_ifindex: u32,
     /// `CFG_*` bits.
     pub flags: u32,
-    /// Source address written by MASQUERADE (network order).
-    pub snat_addr: [u8; 4],
-    /// Virtual gateway address of the container subnet (network order).
-    pub gateway_addr: [u8; 4],
-    /// The node's own address on the uplink (network order): host processes reach published
-    /// ports on it, on 127.0.0.0/8 and on the gateway address.
-    pub node_addr: [u8; 4],
-    /// Container subnet base address (network order).
-    pub subnet_addr: [u8; 4],
-    /// Container subnet mask (network order), e.g. `[255,255,0,0]`.
-    pub subnet_mask: [u8; 4],
     /// First port MASQUERADE may allocate when the original source port is taken (host order).
     pub port_min: u16,
     /// Last port MASQUERADE may allocate (host order, inclusive).
     pub port_max: u16,
-    /// MAC address of the uplink: ARP for static NAT addresses is answered with it.
-    pub uplink_mac: [u8; 6],
     /// The node's own ephemeral port range (`ip_local_port_range`, host order, inclusive).
     /// MASQUERADE never takes a TCP/UDP source port from it: the node's own connections from
     /// the uplink address use those ports, and conntrack does not see them.
     pub host_port_min: u16,
     pub host_port_max: u16,
-    pub _pad: [u8; 6],
+    /// MAC address of the uplink: ARP for static NAT addresses is answered with it.
+    pub uplink_mac: [u8; 6],
+    pub _pad: [u8; 2],
     /// Cookie of the node's network namespace (`SO_NETNS_COOKIE`): the socket programs are
     /// attached to a cgroup, which spans namespaces, and act only for sockets of this one.
     pub netns_cookie: u64,
+    /// The node's IPv4 addresses.
+    pub v4: Net4,
+    pub _pad2: [u8; 4],
+}
+
+/// The IPv4 part of `Config`; all addresses network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Net4 {
+    /// Source address written by MASQUERADE.
+    pub snat_addr: Addr4,
+    /// Virtual gateway address of the container subnet.
+    pub gateway_addr: Addr4,
+    /// The node's own address on the uplink: host processes reach published ports on it, on
+    /// 127.0.0.0/8 and on the gateway address.
+    pub node_addr: Addr4,
+    /// Container subnet base address.
+    pub subnet_addr: Addr4,
+    /// Container subnet mask, e.g. `[255,255,0,0]`.
+    pub subnet_mask: Addr4,
 }
 
 /// `node_addrs` hash map value, keyed by one of the node's own unicast IPv4 addresses
-/// (`[u8; 4]`, network order; loopback and container-subnet addresses are not listed). Only
-/// these (and `Config::node_addr`) are DNAT destinations for packets from outside, as
+/// (`Addr4`; loopback and container-subnet addresses are not listed). Only
+/// these (and `Net4::node_addr`) are DNAT destinations for packets from outside, as
 /// iptables' `-m addrtype --dst-type LOCAL` allows: never a broadcast, multicast or 127/8
 /// address, whatever the FIB says.
 #[repr(C)]
@@ -60,7 +72,7 @@ pub struct NodeAddr {
 /// Endpoint flag: the entry is a container attached to this node.
 pub const EP_CONTAINER: u32 = 1 << 0;
 
-/// `endpoints` hash map value, keyed by the container's IPv4 address (`[u8; 4]`, network order).
+/// `endpoints` hash map value, keyed by the container's IPv4 address (`Addr4`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Endpoint {

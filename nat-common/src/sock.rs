@@ -2,17 +2,19 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use crate::{Addr4, Port};
+
 /// `sock_rnat` key: a socket whose connect/sendmsg was translated, and the container address
 /// it now talks to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct SockKey {
+pub struct SockKey4 {
     /// `bpf_get_socket_cookie`.
     pub cookie: u64,
     /// Container address, network order.
-    pub addr: [u8; 4],
+    pub addr: Addr4,
     /// Container port, network order.
-    pub port: [u8; 2],
+    pub port: Port,
     pub _pad: [u8; 2],
 }
 
@@ -20,10 +22,10 @@ pub struct SockKey {
 /// to it by `getpeername` and `recvmsg`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct SockOrig {
+pub struct SockOrig4 {
     /// Network order.
-    pub addr: [u8; 4],
+    pub addr: Addr4,
     /// Network order.
-    pub port: [u8; 2],
+    pub port: Port,
     pub _pad: [u8; 2],
 }

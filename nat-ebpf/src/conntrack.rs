@@ -14,9 +14,9 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_loop},
 };
 use nat_common::{
-    Config, CtEntry, CtKey, DIR_ORIGINAL, DIR_REPLY, Endpoint, NAT_DNAT, NAT_SNAT, ORIGIN_HAIRPIN,
-    ORIGIN_MASQUERADE, ORIGIN_PUBLISHED, PROTO_TCP, PROTO_UDP, PortTarget, Reason, ct_timeout_ns,
-    dgram_state, tcp_state, tcp_transition,
+    Addr4, Config, CtEntry4, CtKey4, CtMeta, DIR_ORIGINAL, DIR_REPLY, Endpoint, NAT_DNAT, NAT_SNAT,
+    ORIGIN_HAIRPIN, ORIGIN_MASQUERADE, ORIGIN_PUBLISHED, PROTO_TCP, PROTO_UDP, Port, PortTarget4,
+    Reason, ct_timeout_ns, dgram_state, tcp_state, tcp_transition,
 };
 
 use crate::{
@@ -29,30 +29,37 @@ use crate::{
 /// Ports tried from a random start when the original source port is taken.
 const SNAT_PROBES: u32 = 32;
 
-/// The tuple one direction of a connection is rewritten to: the part of a `CtEntry` the
+/// The tuple one direction of a connection is rewritten to: the part of a `CtEntry4` the
 /// rewrite needs, small enough to keep on the stack.
 #[derive(Clone, Copy)]
 pub struct Xlate {
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
-    pub sport: [u8; 2],
-    pub dport: [u8; 2],
+    pub src: Addr4,
+    pub dst: Addr4,
+    pub sport: Port,
+    pub dport: Port,
 }
 
 impl Xlate {
     /// Read from a map value (the entry itself stays in the map).
     #[inline(always)]
-    pub fn of(e: *const CtEntry) -> Self {
+    pub fn of(e: *const CtEntry4) -> Self {
         // SAFETY: `e` points at a live map value; these fields are written only at creation.
         unsafe {
             Self {
-                src: (*e).xlate_src_addr,
-                dst: (*e).xlate_dst_addr,
-                sport: (*e).xlate_src_port,
-                dport: (*e).xlate_dst_port,
+                src: (*e).xlate.src_addr,
+                dst: (*e).xlate.dst_addr,
+                sport: (*e).xlate.src_port,
+                dport: (*e).xlate.dst_port,
             }
         }
     }
+}
+
+/// The family-neutral part of the entry at `e`.
+#[inline(always)]
+pub fn meta(e: *mut CtEntry4) -> *mut CtMeta {
+    // SAFETY: a field address of a live map value; nothing is read.
+    unsafe { &raw mut (*e).meta }
 }
 
 #[inline(always)]
@@ -63,7 +70,7 @@ pub fn now() -> u64 {
 
 /// The entry for `key`: assured connections first, then those not assured yet.
 #[inline(always)]
-pub fn lookup(key: &CtKey) -> Option<*mut CtEntry> {
+pub fn lookup(key: &CtKey4) -> Option<*mut CtEntry4> {
     CONNTRACK
         .get_ptr_mut(key)
         .or_else(|| CONNTRACK_NEW.get_ptr_mut(key))
@@ -71,7 +78,7 @@ pub fn lookup(key: &CtKey) -> Option<*mut CtEntry> {
 
 /// Delete `key` from both tables.
 #[inline(always)]
-fn remove(key: &CtKey) {
+fn remove(key: &CtKey4) {
     let _ = CONNTRACK.remove(key);
     let _ = CONNTRACK_NEW.remove(key);
 }
@@ -81,23 +88,23 @@ fn remove(key: &CtKey) {
 /// copies left in `conntrack_new` are marked and never found again while `conntrack` holds
 /// the connection (a packet being handled on another CPU may still write to them).
 #[inline(always)]
-fn assure(key: &CtKey, e: &mut CtEntry, proto: u8) {
-    let rk = e.peer_key(proto);
+fn assure(key: &CtKey4, e: &mut CtEntry4) {
+    let rk = e.peer_key();
     let Some(r) = CONNTRACK_NEW.get_ptr_mut(&rk) else {
         // Already in `conntrack` (or its other half is gone): nothing to move.
-        e.assured = 1;
+        e.meta.assured = 1;
         return;
     };
-    e.assured = 1;
+    e.meta.assured = 1;
     // SAFETY: a live map value; the helpers below copy it from the map.
     let r = unsafe { &mut *r };
-    r.assured = 1;
+    r.meta.assured = 1;
     if CONNTRACK.insert(&rk, &*r, u64::from(BPF_ANY)).is_err()
         || CONNTRACK.insert(key, &*e, u64::from(BPF_ANY)).is_err()
     {
         let _ = CONNTRACK.remove(&rk);
-        e.assured = 0;
-        r.assured = 0;
+        e.meta.assured = 0;
+        r.meta.assured = 0;
     }
 }
 
@@ -105,9 +112,9 @@ fn assure(key: &CtKey, e: &mut CtEntry, proto: u8) {
 /// connection and the client side of a published one. Container-side directions (and both of
 /// a hairpin) are never matched for a packet from outside, whatever its tuple claims.
 #[inline(always)]
-pub fn arrives_from_outside(e: *const CtEntry) -> bool {
+pub fn arrives_from_outside(e: *const CtEntry4) -> bool {
     // SAFETY: read of a live map value; `origin` and `dir` are written only at creation.
-    let (origin, dir) = unsafe { ((*e).origin, (*e).dir) };
+    let (origin, dir) = unsafe { ((*e).meta.origin, (*e).meta.dir) };
     (origin == ORIGIN_MASQUERADE && dir == DIR_REPLY)
         || (origin == ORIGIN_PUBLISHED && dir == DIR_ORIGINAL)
 }
@@ -125,7 +132,7 @@ fn initial_state(p: &Ip4) -> u8 {
 /// segments are checked against the window first: `Err` for an RST outside it. A connection
 /// that has become assured moves to `conntrack`.
 #[inline(always)]
-pub fn touch(ctx: &impl Pkt, e: *mut CtEntry, p: &Ip4, now: u64) -> Result<(), Reason> {
+pub fn touch(ctx: &impl Pkt, e: *mut CtEntry4, p: &Ip4, now: u64) -> Result<(), Reason> {
     let both_seen = if p.proto == PROTO_TCP {
         tcp::track(ctx, e, p)?
     } else {
@@ -135,69 +142,70 @@ pub fn touch(ctx: &impl Pkt, e: *mut CtEntry, p: &Ip4, now: u64) -> Result<(), R
     // one direction may be handled on several CPUs at once), the rest are plain stores that
     // concurrent writers race to the same values.
     unsafe {
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*e).packets, 1);
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*e).meta.packets, 1);
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(
-            &raw mut (*e).bytes,
+            &raw mut (*e).meta.bytes,
             u64::from(p.tot_len),
         );
     }
     // SAFETY: as above.
     let e = unsafe { &mut *e };
-    e.last_seen_ns = now;
-    if p.proto != PROTO_TCP && e.dir == DIR_REPLY && e.state != dgram_state::REPLIED {
-        e.state = dgram_state::REPLIED;
-        if let Some(peer) = lookup(&e.peer_key(p.proto)) {
+    e.meta.last_seen_ns = now;
+    if p.proto != PROTO_TCP && e.meta.dir == DIR_REPLY && e.meta.state != dgram_state::REPLIED {
+        e.meta.state = dgram_state::REPLIED;
+        if let Some(peer) = lookup(&e.peer_key()) {
             // SAFETY: as above.
-            unsafe { (*peer).state = dgram_state::REPLIED };
+            unsafe { (*peer).meta.state = dgram_state::REPLIED };
         }
     }
     // Assured as nf_conntrack has it: TCP established with both sides seen in the window,
     // UDP used again after its answer. ICMP echo stays where it is (short-lived).
     let assured = if p.proto == PROTO_TCP {
-        both_seen && e.state == tcp_state::ESTABLISHED
+        both_seen && e.meta.state == tcp_state::ESTABLISHED
     } else {
-        p.proto == PROTO_UDP && e.state == dgram_state::REPLIED
+        p.proto == PROTO_UDP && e.meta.state == dgram_state::REPLIED
     };
-    if assured && e.assured == 0 && e.dir == DIR_ORIGINAL {
-        assure(&p.key(), e, p.proto);
+    if assured && e.meta.assured == 0 && e.meta.dir == DIR_ORIGINAL {
+        assure(&p.key(), e);
     }
     Ok(())
 }
 
 /// Whether the connection `e` belongs to has been idle past its timeout in both directions.
 #[inline(always)]
-fn conn_expired(e: &CtEntry, proto: u8, now: u64) -> bool {
-    let mut last = e.last_seen_ns;
-    if let Some(peer) = lookup(&e.peer_key(proto)) {
+fn conn_expired(e: &CtEntry4, proto: u8, now: u64) -> bool {
+    let mut last = e.meta.last_seen_ns;
+    if let Some(peer) = lookup(&e.peer_key()) {
         // SAFETY: read of a map value.
-        let peer_last = unsafe { (*peer).last_seen_ns };
+        let peer_last = unsafe { (*peer).meta.last_seen_ns };
         if peer_last > last {
             last = peer_last;
         }
     }
-    now.saturating_sub(last) > ct_timeout_ns(proto, e.state)
+    now.saturating_sub(last) > ct_timeout_ns(proto, e.meta.state)
 }
 
 /// Whether the connection `e` belongs to may give its tuple to a new one: idle past its
 /// timeout, or a closed TCP connection (TIME_WAIT, CLOSE), which nf_nat also reuses — else a
 /// busy host would run out of ports to closed connections waiting out their 120 s.
 #[inline(always)]
-fn reclaimable(e: &CtEntry, proto: u8, now: u64) -> bool {
-    (proto == PROTO_TCP && (e.state == tcp_state::TIME_WAIT || e.state == tcp_state::CLOSE))
+fn reclaimable(e: &CtEntry4, proto: u8, now: u64) -> bool {
+    let state = e.meta.state;
+    (proto == PROTO_TCP && (state == tcp_state::TIME_WAIT || state == tcp_state::CLOSE))
         || conn_expired(e, proto, now)
 }
 
 /// Take `key` for a new entry unless a live connection holds it, in either table. Taking
 /// over a closed connection's tuple also drops that connection's other entry.
 #[inline(always)]
-fn claim(key: &CtKey, e: &CtEntry, now: u64) -> bool {
+fn claim(key: &CtKey4, e: &CtEntry4, now: u64) -> bool {
     if let Some(old) = CONNTRACK.get_ptr(key) {
         // SAFETY: a live map value, read in place.
         let old = unsafe { &*old };
         if !reclaimable(old, key.proto, now) {
             return false;
         }
-        remove(&old.peer_key(key.proto));
+        remove(&old.peer_key());
         let _ = CONNTRACK.remove(key);
     }
     if CONNTRACK_NEW.insert(key, e, u64::from(BPF_NOEXIST)).is_ok() {
@@ -211,7 +219,7 @@ fn claim(key: &CtKey, e: &CtEntry, now: u64) -> bool {
             if !reclaimable(old, key.proto, now) {
                 return false;
             }
-            remove(&old.peer_key(key.proto));
+            remove(&old.peer_key());
             CONNTRACK_NEW.insert(key, e, u64::from(BPF_ANY)).is_ok()
         }
         None => CONNTRACK_NEW.insert(key, e, u64::from(BPF_NOEXIST)).is_ok(),
@@ -220,21 +228,21 @@ fn claim(key: &CtKey, e: &CtEntry, now: u64) -> bool {
 
 /// Start a new entry in the scratch slot `e`, owned by the container `owner`.
 #[inline(always)]
-fn init_entry(e: &mut CtEntry, p: &Ip4, now: u64, owner: &Endpoint) {
-    // SAFETY: a map value of `CtEntry` (8-byte aligned); all-zero is a valid entry.
+fn init_entry(e: &mut CtEntry4, p: &Ip4, now: u64, owner: &Endpoint) {
+    // SAFETY: a map value of `CtEntry4` (8-byte aligned); all-zero is a valid entry.
     unsafe { crate::pkt::zero(e) };
-    e.state = initial_state(p);
-    e.ifindex = owner.ifindex;
-    e.mac = owner.mac;
-    e.created_ns = now;
-    e.last_seen_ns = now;
+    e.meta.state = initial_state(p);
+    e.meta.ifindex = owner.ifindex;
+    e.meta.mac = owner.mac;
+    e.meta.created_ns = now;
+    e.meta.last_seen_ns = now;
 }
 
 /// State of the port search, shared with the `bpf_loop` callback. The reply entry to insert
 /// waits in the per-CPU `SCRATCH` map: the 512-byte stack is shared with the callback.
 #[repr(C)]
 struct Probe {
-    rkey: CtKey,
+    rkey: CtKey4,
     start: u32,
     /// How many ports may be picked (the range less the avoided block).
     range: u32,
@@ -276,7 +284,7 @@ unsafe extern "C" fn probe_one(i: u64, ctx: *mut c_void) -> i64 {
 /// random start. `bpf_loop` makes the verifier check the body once instead of once per
 /// iteration and caller path.
 #[inline(always)]
-fn probe_port(rkey: CtKey, cfg: &Config, avoid_host: bool) -> Result<[u8; 2], Reason> {
+fn probe_port(rkey: CtKey4, cfg: &Config, avoid_host: bool) -> Result<Port, Reason> {
     let min = u32::from(cfg.port_min);
     let max = u32::from(cfg.port_max);
     // The part of the node's ephemeral range that falls inside the allocation range.
@@ -323,10 +331,10 @@ fn probe_port(rkey: CtKey, cfg: &Config, avoid_host: bool) -> Result<[u8; 2], Re
 /// How a new connection is translated in its original direction.
 pub struct NewConn<'a> {
     /// Source address after translation.
-    pub src: [u8; 4],
+    pub src: Addr4,
     /// Destination address and port after translation.
-    pub dst: [u8; 4],
-    pub dport: [u8; 2],
+    pub dst: Addr4,
+    pub dport: Port,
     /// Find a source port (keep the original when free, else probe the configured range);
     /// `false` keeps the source port as it is.
     pub alloc_port: bool,
@@ -359,18 +367,15 @@ pub fn create(
     // SAFETY: per-CPU scratch slot; nothing else on this CPU uses it while we run.
     let reply = unsafe { &mut *slot };
     init_entry(reply, p, now, n.owner);
-    reply.xlate_src_addr = p.dst;
-    reply.xlate_dst_addr = p.src;
-    reply.xlate_src_port = p.dport;
-    reply.xlate_dst_port = p.sport;
+    reply.xlate = CtKey4::new(p.dst, p.src, p.dport, p.sport, p.proto);
     // What the original direction rewrites on the source, the reply rewrites on the
     // destination, and the other way round.
-    reply.nat = ((nat & NAT_SNAT) << 1) | ((nat & NAT_DNAT) >> 1);
-    reply.dir = DIR_REPLY;
-    reply.origin = n.origin;
-    reply.generation = n.generation;
+    reply.meta.nat = ((nat & NAT_SNAT) << 1) | ((nat & NAT_DNAT) >> 1);
+    reply.meta.dir = DIR_REPLY;
+    reply.meta.origin = n.origin;
+    reply.meta.generation = n.generation;
 
-    let mut rkey = CtKey::new(n.dst, n.src, n.dport, p.sport, p.proto);
+    let mut rkey = CtKey4::new(n.dst, n.src, n.dport, p.sport, p.proto);
     if n.alloc_port {
         // TCP/UDP source ports in the node's ephemeral range may be in use by the node itself
         // on the same address: never keep or pick those.
@@ -396,16 +401,13 @@ pub fn create(
     // SAFETY: per-CPU scratch slot, as above.
     let orig = unsafe { &mut *slot };
     init_entry(orig, p, now, n.owner);
-    orig.xlate_src_addr = n.src;
-    orig.xlate_dst_addr = n.dst;
-    orig.xlate_src_port = rkey.dst_port;
-    orig.xlate_dst_port = n.dport;
-    orig.nat = nat;
-    orig.dir = DIR_ORIGINAL;
-    orig.origin = n.origin;
-    orig.generation = n.generation;
+    orig.xlate = rkey.reversed();
+    orig.meta.nat = nat;
+    orig.meta.dir = DIR_ORIGINAL;
+    orig.meta.origin = n.origin;
+    orig.meta.generation = n.generation;
     if p.proto == PROTO_TCP {
-        tcp::init(ctx, p, orig);
+        tcp::init(ctx, p, &mut orig.meta);
     }
     // An assured connection on this tuple would shadow the new one.
     let _ = CONNTRACK.remove(&p.key());
@@ -429,7 +431,7 @@ pub fn create_snat(
     now: u64,
 ) -> Result<Xlate, Reason> {
     let n = NewConn {
-        src: cfg.snat_addr,
+        src: cfg.v4.snat_addr,
         dst: p.dst,
         dport: p.dport,
         alloc_port: true,
@@ -445,7 +447,7 @@ pub fn create_snat(
 pub fn create_dnat(
     ctx: &impl Pkt,
     p: &Ip4,
-    t: &PortTarget,
+    t: &PortTarget4,
     cfg: &Config,
     owner: &Endpoint,
     now: u64,
@@ -469,13 +471,13 @@ pub fn create_dnat(
 pub fn create_hairpin(
     ctx: &impl Pkt,
     p: &Ip4,
-    t: &PortTarget,
+    t: &PortTarget4,
     cfg: &Config,
     target: &Endpoint,
     now: u64,
 ) -> Result<Xlate, Reason> {
     let n = NewConn {
-        src: cfg.gateway_addr,
+        src: cfg.v4.gateway_addr,
         dst: t.addr,
         dport: t.port,
         alloc_port: true,

@@ -10,12 +10,12 @@ use aya_ebpf::{
     helpers::{bpf_check_mtu, bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
-use nat_common::{Config, CtEntry, Endpoint, NEXT_HOP_CACHE_NS, Reason, STATIC_EXTERNAL};
+use nat_common::{Config, CtEntry4, CtMeta, Endpoint, NEXT_HOP_CACHE_NS, Reason, STATIC_EXTERNAL};
 use network_types::{arp::ArpHdr, eth::EthHdr};
 
 use crate::{
     TC_ACT_OK,
-    conntrack::Xlate,
+    conntrack::{self, Xlate},
     lookup::{container_at, endpoint, static_nat},
     nat::{self, dec_ttl},
     parse,
@@ -65,7 +65,7 @@ pub fn arp_reply(
     if me.ifindex != ifindex || me.mac != arp.sha || me.mac != eth_src {
         return Err(Reason::DropSpoof);
     }
-    let mac = if arp.tpa == cfg.gateway_addr {
+    let mac = if arp.tpa == cfg.v4.gateway_addr {
         me.host_mac
     } else if let Some(peer) = endpoint(&arp.tpa)
         && arp.tpa != arp.spa
@@ -129,7 +129,7 @@ pub struct Hop {
 /// The container hop cached in `e`, while fresh. Like the FIB next hop, it is trusted for
 /// `NEXT_HOP_CACHE_NS`, so endpoint changes take effect within it.
 #[inline(always)]
-pub fn cached_peer(e: *const CtEntry, now: u64) -> Option<Hop> {
+pub fn cached_peer(e: *const CtMeta, now: u64) -> Option<Hop> {
     // SAFETY: read of a live map value; a torn read yields a valid but stale hop at worst.
     let e = unsafe { &*e };
     if e.nh_peer == 1 && e.nh_ifindex != 0 && now < e.nh_until_ns {
@@ -145,7 +145,7 @@ pub fn cached_peer(e: *const CtEntry, now: u64) -> Option<Hop> {
 
 /// Cache `ep` as the container hop of `e`.
 #[inline(always)]
-pub fn remember_peer(e: *mut CtEntry, ep: &Endpoint, now: u64) -> Hop {
+pub fn remember_peer(e: *mut CtMeta, ep: &Endpoint, now: u64) -> Hop {
     // SAFETY: as in `route_tracked`: concurrent writers store the same hop.
     let e = unsafe { &mut *e };
     e.nh_peer = 1;
@@ -171,10 +171,11 @@ pub fn forward_tracked(
     cfg: &Config,
     p: &mut Ip4,
     ifindex: u32,
-    e: *mut CtEntry,
+    e: *mut CtEntry4,
     x: &Xlate,
     now: u64,
 ) -> Result<i32, Reason> {
+    let e = conntrack::meta(e);
     let peer = match cached_peer(e, now) {
         Some(h) => Some(h),
         None => container_at(cfg, &x.dst).map(|ep| remember_peer(e, &ep, now)),
@@ -281,7 +282,7 @@ pub fn fib(ctx: &TcContext, p: &Ip4, ifindex: u32) -> NextHop {
 /// cached hop still has the packet checked against its device's MTU (GSO aware), as the FIB
 /// lookup does.
 #[inline(always)]
-fn out_hop(ctx: &TcContext, p: &Ip4, ifindex: u32, e: *mut CtEntry, now: u64) -> NextHop {
+fn out_hop(ctx: &TcContext, p: &Ip4, ifindex: u32, e: *mut CtMeta, now: u64) -> NextHop {
     // SAFETY: `e` points at the connection's map value; concurrent writers store the same
     // next hop, and a torn read costs one wrong-but-valid redirect at worst until refreshed.
     let e = unsafe { &mut *e };

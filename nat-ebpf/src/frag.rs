@@ -13,13 +13,13 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::bindings::BPF_ANY;
-use nat_common::{FRAG_TIMEOUT_NS, FragKey, FragPorts, PROTO_TCP, PROTO_UDP};
+use nat_common::{FRAG_TIMEOUT_NS, FragKey4, FragPorts, PROTO_TCP, PROTO_UDP};
 
 use crate::{conntrack::now, maps::FRAGS, parse::Ip4};
 
 #[inline(always)]
-fn key(p: &Ip4) -> FragKey {
-    FragKey {
+fn key(p: &Ip4) -> FragKey4 {
+    FragKey4 {
         src_addr: p.src,
         dst_addr: p.dst,
         id: p.id,

@@ -9,7 +9,7 @@
 //! ICMP checksum. The embedded TCP/UDP checksum is left alone: receivers do not check it and
 //! the embedded segment is usually cut short anyway.
 
-use nat_common::{CtKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP, Reason};
+use nat_common::{CtKey4, PROTO_ICMP, PROTO_TCP, PROTO_UDP, Reason};
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
@@ -41,7 +41,7 @@ struct Inner {
     /// Offset of the quoted L4 header.
     l4_off: usize,
     /// The quoted packet's tuple (ICMP echo: id as the port, as in `parse`).
-    key: CtKey,
+    key: CtKey4,
     /// The quoted ICMP type, when the quoted packet is ICMP.
     icmp_type: u8,
 }
@@ -92,7 +92,7 @@ fn inner(ctx: &impl Pkt, p: &Ip4) -> Option<Inner> {
     let l4 = ptr_at::<[u8; 8]>(ctx, l4_off)?;
     // SAFETY: bounds checked by `ptr_at`.
     let b = unsafe { *l4 };
-    let mut key = CtKey::new(h.src_addr, h.dst_addr, [0; 2], [0; 2], h.proto);
+    let mut key = CtKey4::new(h.src_addr, h.dst_addr, [0; 2], [0; 2], h.proto);
     let mut icmp_type = 0;
     match h.proto {
         PROTO_TCP | PROTO_UDP => {

@@ -3,7 +3,7 @@
 
 use aya_ebpf::programs::TcContext;
 use nat_common::{
-    CFG_MASQUERADE, Config, CtEntry, Endpoint, PROTO_TCP, PROTO_UDP, PortTarget, Reason,
+    Addr4, CFG_MASQUERADE, Config, CtEntry4, Endpoint, PROTO_TCP, PROTO_UDP, PortTarget4, Reason,
     STATIC_EXTERNAL, STATIC_INTERNAL, tcp_flags,
 };
 
@@ -75,11 +75,11 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
         }
         return tracked(ctx, cfg, &mut p, ifindex, e);
     }
-    if p.dst == cfg.gateway_addr {
+    if p.dst == cfg.v4.gateway_addr {
         // F6: the node, by its gateway address.
         return pass(ctx);
     }
-    if parse::in_subnet(p.dst, cfg.subnet_addr, cfg.subnet_mask) {
+    if parse::in_subnet(p.dst, cfg.v4.subnet_addr, cfg.v4.subnet_mask) {
         // An address in the subnet that no container holds: never route it elsewhere.
         return Err(Reason::DropNoEndpoint);
     }
@@ -98,14 +98,16 @@ fn owned_connection(
     p: &parse::Ip4,
     ifindex: u32,
     eth_src: [u8; 6],
-) -> Option<*mut CtEntry> {
-    if p.ttl <= 1 || parse::in_subnet(p.dst, cfg.subnet_addr, cfg.subnet_mask) || !p.is_trackable()
+) -> Option<*mut CtEntry4> {
+    if p.ttl <= 1
+        || parse::in_subnet(p.dst, cfg.v4.subnet_addr, cfg.v4.subnet_mask)
+        || !p.is_trackable()
     {
         return None;
     }
     let e = conntrack::lookup(&p.key())?;
     // SAFETY: reads of a map value.
-    unsafe { (*e).ifindex == ifindex && (*e).mac == eth_src }.then_some(e)
+    unsafe { (*e).meta.ifindex == ifindex && (*e).meta.mac == eth_src }.then_some(e)
 }
 
 /// The container that sent `p`: its source address, veth and MAC must all be its own.
@@ -124,7 +126,7 @@ fn hairpin(
     ctx: &TcContext,
     cfg: &Config,
     p: &mut parse::Ip4,
-    t: &PortTarget,
+    t: &PortTarget4,
 ) -> Result<i32, Reason> {
     if p.ttl <= 1 {
         return pass(ctx);
@@ -200,7 +202,7 @@ fn tracked(
     cfg: &Config,
     p: &mut parse::Ip4,
     ifindex: u32,
-    e: *mut CtEntry,
+    e: *mut CtEntry4,
 ) -> Result<i32, Reason> {
     let t = now();
     ctl_csum_ok(ctx, p)?;
@@ -251,7 +253,7 @@ fn deliver(ctx: &TcContext, cfg: &Config, p: &mut parse::Ip4, ifindex: u32) -> R
 /// node's own unicast addresses: not a broadcast, multicast or loopback address, which the
 /// FIB would call local too (iptables' `addrtype LOCAL`).
 #[inline(always)]
-fn published(cfg: &Config, p: &parse::Ip4) -> Option<PortTarget> {
+fn published(cfg: &Config, p: &parse::Ip4) -> Option<PortTarget4> {
     let t = port_target(p)?;
     addr::is_node_addr(cfg, &p.dst).then_some(t)
 }
@@ -295,7 +297,7 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
         }
     }
     if !p.is_trackable() {
-        if parse::in_subnet(p.dst, cfg.subnet_addr, cfg.subnet_mask) {
+        if parse::in_subnet(p.dst, cfg.v4.subnet_addr, cfg.v4.subnet_mask) {
             return Err(Reason::DropNotPublished);
         }
         if p.frag && !p.l4_present && (p.proto == PROTO_TCP || p.proto == PROTO_UDP) {
@@ -317,7 +319,7 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
     if let Some(t) = published(cfg, &p) {
         return dnat_new(ctx, cfg, &mut p, &t, ifindex);
     }
-    if parse::in_subnet(p.dst, cfg.subnet_addr, cfg.subnet_mask) {
+    if parse::in_subnet(p.dst, cfg.v4.subnet_addr, cfg.v4.subnet_mask) {
         return Err(Reason::DropNotPublished);
     }
     pass(ctx)
@@ -325,7 +327,7 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
 
 /// F8: everything for a static external address goes to its container (`internal`).
 #[inline(always)]
-fn to_static(ctx: &TcContext, p: &mut parse::Ip4, internal: [u8; 4]) -> Result<i32, Reason> {
+fn to_static(ctx: &TcContext, p: &mut parse::Ip4, internal: Addr4) -> Result<i32, Reason> {
     if p.ttl <= 1 {
         return Err(Reason::DropTtl);
     }
@@ -346,7 +348,7 @@ fn dnat_new(
     ctx: &TcContext,
     cfg: &Config,
     p: &mut parse::Ip4,
-    t: &PortTarget,
+    t: &PortTarget4,
     ifindex: u32,
 ) -> Result<i32, Reason> {
     if addr::is_node_addr(cfg, &p.src) {

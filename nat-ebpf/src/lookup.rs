@@ -3,7 +3,8 @@
 //! checks that let most packets skip it.
 
 use nat_common::{
-    CFG_STATIC_NAT, Config, Endpoint, PROTO_TCP, PROTO_UDP, PortKey, PortTarget, Reason, StaticNat,
+    Addr4, CFG_STATIC_NAT, Config, Endpoint, PROTO_TCP, PROTO_UDP, Port, PortKey4, PortTarget4,
+    Reason, StaticNat4,
 };
 
 use crate::{
@@ -22,14 +23,14 @@ pub fn config() -> Result<&'static Config, Reason> {
 
 /// The endpoint (container) at `addr`, if any.
 #[inline(always)]
-pub fn endpoint(addr: &[u8; 4]) -> Option<Endpoint> {
+pub fn endpoint(addr: &Addr4) -> Option<Endpoint> {
     // SAFETY: the value is copied out at once.
     unsafe { ENDPOINTS.get(addr).copied() }
 }
 
 /// The static NAT entry for `addr`, if any. Skips the lookup while no mapping exists.
 #[inline(always)]
-pub fn static_nat(cfg: &Config, addr: &[u8; 4]) -> Option<StaticNat> {
+pub fn static_nat(cfg: &Config, addr: &Addr4) -> Option<StaticNat4> {
     if cfg.flags & CFG_STATIC_NAT == 0 {
         return None;
     }
@@ -40,8 +41,8 @@ pub fn static_nat(cfg: &Config, addr: &[u8; 4]) -> Option<StaticNat> {
 /// The container at `addr`, if any. Addresses outside the subnet skip the map lookup: that is
 /// every packet leaving for the outside.
 #[inline(always)]
-pub fn container_at(cfg: &Config, addr: &[u8; 4]) -> Option<Endpoint> {
-    if parse::in_subnet(*addr, cfg.subnet_addr, cfg.subnet_mask) {
+pub fn container_at(cfg: &Config, addr: &Addr4) -> Option<Endpoint> {
+    if parse::in_subnet(*addr, cfg.v4.subnet_addr, cfg.v4.subnet_mask) {
         endpoint(addr)
     } else {
         None
@@ -52,8 +53,8 @@ pub fn container_at(cfg: &Config, addr: &[u8; 4]) -> Option<Endpoint> {
 /// `dst`: one bound to that address first, then one bound to every node address. Whether
 /// `dst` is the node's is the caller's check.
 #[inline(always)]
-pub fn published_port(dst: [u8; 4], port: [u8; 2], proto: u8) -> Option<PortTarget> {
-    let mut key = PortKey {
+pub fn published_port(dst: Addr4, port: Port, proto: u8) -> Option<PortTarget4> {
+    let mut key = PortKey4 {
         host_addr: dst,
         host_port: port,
         proto,
@@ -70,7 +71,7 @@ pub fn published_port(dst: [u8; 4], port: [u8; 2], proto: u8) -> Option<PortTarg
 
 /// The mapping for `p`'s destination port (TCP and UDP with their header only).
 #[inline(always)]
-pub fn port_target(p: &Ip4) -> Option<PortTarget> {
+pub fn port_target(p: &Ip4) -> Option<PortTarget4> {
     if (p.proto != PROTO_TCP && p.proto != PROTO_UDP) || !p.l4_present {
         return None;
     }

@@ -1,5 +1,5 @@
 //! Map definitions. Every map is a BTF map, so `bpftool map dump` prints named fields; the
-//! loader pins them under `<bpffs-dir>/v1/` and overrides sizes where the user asks. Each one
+//! loader pins them under `<bpffs-dir>/v2/` and overrides sizes where the user asks. Each one
 //! is described in `nat_common::MAP_SPECS` too (the macro wants its name as a literal); a
 //! test compares the two.
 
@@ -8,10 +8,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use nat_common::{
-    CONNTRACK_MAX_ENTRIES, Config, Counter, CtEntry, CtKey, ENDPOINTS_MAX_ENTRIES, Endpoint,
-    FRAGS_MAX_ENTRIES, FragKey, FragPorts, NODE_ADDRS_MAX_ENTRIES, NodeAddr, PORTS_MAX_ENTRIES,
-    PortKey, PortTarget, REASON_COUNT, SCRATCH_SLOTS, SOCK_RNAT_MAX_ENTRIES,
-    STATIC_NAT_MAX_ENTRIES, SockKey, SockOrig, StaticNat, conntrack_new_max,
+    Addr4, CONNTRACK_MAX_ENTRIES, Config, Counter, CtEntry4, CtKey4, ENDPOINTS_MAX_ENTRIES,
+    Endpoint, FRAGS_MAX_ENTRIES, FragKey4, FragPorts, NODE_ADDRS_MAX_ENTRIES, NodeAddr,
+    PORTS_MAX_ENTRIES, PortKey4, PortTarget4, REASON_COUNT, SCRATCH_SLOTS, SOCK_RNAT_MAX_ENTRIES,
+    STATIC_NAT_MAX_ENTRIES, SockKey4, SockOrig4, StaticNat4, conntrack_new_max,
 };
 
 #[btf_map(name = "config")]
@@ -19,15 +19,14 @@ pub static CONFIG: Array<Config, 1> = Array::new();
 
 /// Container IPv4 address (network order) → its veth and MACs.
 #[btf_map(name = "endpoints")]
-pub static ENDPOINTS: HashMap<[u8; 4], Endpoint, { ENDPOINTS_MAX_ENTRIES as usize }> =
-    HashMap::new();
+pub static ENDPOINTS: HashMap<Addr4, Endpoint, { ENDPOINTS_MAX_ENTRIES as usize }> = HashMap::new();
 
 #[btf_map(name = "ports")]
-pub static PORTS: HashMap<PortKey, PortTarget, { PORTS_MAX_ENTRIES as usize }> = HashMap::new();
+pub static PORTS: HashMap<PortKey4, PortTarget4, { PORTS_MAX_ENTRIES as usize }> = HashMap::new();
 
 /// Common (not per-CPU) LRU: a per-CPU LRU evicts live NAT entries long before the table is full.
 #[btf_map(name = "conntrack")]
-pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { CONNTRACK_MAX_ENTRIES as usize }> =
+pub static CONNTRACK: LruHashMap<CtKey4, CtEntry4, { CONNTRACK_MAX_ENTRIES as usize }> =
     LruHashMap::new();
 
 /// Connections not assured yet: a flood of them churns this LRU only, never `conntrack`
@@ -35,8 +34,8 @@ pub static CONNTRACK: LruHashMap<CtKey, CtEntry, { CONNTRACK_MAX_ENTRIES as usiz
 /// loader sizes it from `conntrack`'s size (`conntrack_new_max`).
 #[btf_map(name = "conntrack_new")]
 pub static CONNTRACK_NEW: LruHashMap<
-    CtKey,
-    CtEntry,
+    CtKey4,
+    CtEntry4,
     { conntrack_new_max(CONNTRACK_MAX_ENTRIES) as usize },
 > = LruHashMap::new();
 
@@ -46,26 +45,26 @@ pub static STATS: PerCpuArray<Counter, { REASON_COUNT as usize }> = PerCpuArray:
 /// Per-CPU scratch space for values too large for the shared 512-byte stack: the two entries
 /// of a connection being created (0: reply, 1: original direction).
 #[btf_map(name = "scratch")]
-pub static SCRATCH: PerCpuArray<CtEntry, { SCRATCH_SLOTS as usize }> = PerCpuArray::new();
+pub static SCRATCH: PerCpuArray<CtEntry4, { SCRATCH_SLOTS as usize }> = PerCpuArray::new();
 
 /// Static 1:1 NAT: address → the other side of its mapping (two entries per mapping).
 #[btf_map(name = "static_nat")]
-pub static STATIC_NAT: HashMap<[u8; 4], StaticNat, { STATIC_NAT_MAX_ENTRIES as usize }> =
+pub static STATIC_NAT: HashMap<Addr4, StaticNat4, { STATIC_NAT_MAX_ENTRIES as usize }> =
     HashMap::new();
 
 /// Sockets whose destination the socket programs rewrote: what to show the application back.
 #[btf_map(name = "sock_rnat")]
-pub static SOCK_RNAT: LruHashMap<SockKey, SockOrig, { SOCK_RNAT_MAX_ENTRIES as usize }> =
+pub static SOCK_RNAT: LruHashMap<SockKey4, SockOrig4, { SOCK_RNAT_MAX_ENTRIES as usize }> =
     LruHashMap::new();
 
 /// Ports of fragmented datagrams, learned from their first fragment.
 #[btf_map(name = "frags")]
-pub static FRAGS: LruHashMap<FragKey, FragPorts, { FRAGS_MAX_ENTRIES as usize }> =
+pub static FRAGS: LruHashMap<FragKey4, FragPorts, { FRAGS_MAX_ENTRIES as usize }> =
     LruHashMap::new();
 
-/// The node's own unicast addresses (besides `Config::node_addr`), kept by userspace.
+/// The node's own unicast addresses (besides `Net4::node_addr`), kept by userspace.
 #[btf_map(name = "node_addrs")]
-pub static NODE_ADDRS: HashMap<[u8; 4], NodeAddr, { NODE_ADDRS_MAX_ENTRIES as usize }> =
+pub static NODE_ADDRS: HashMap<Addr4, NodeAddr, { NODE_ADDRS_MAX_ENTRIES as usize }> =
     HashMap::new();
 
 /// Per-CPU scratch bytes: chunks of a segment whose checksum is being verified, a SYN's TCP

@@ -2,7 +2,7 @@
 //! checksum is updated in each).
 
 use aya_ebpf::bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR};
-use nat_common::{PROTO_ICMP, PROTO_UDP, Reason};
+use nat_common::{Addr4, PROTO_ICMP, PROTO_UDP, Reason};
 
 use crate::parse::{
     ICMP_ECHO_REQUEST, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF, Ip4, l4_csum_off,
@@ -107,14 +107,14 @@ pub fn apply(ctx: &impl Pkt, p: &mut Ip4, e: &Xlate) -> Result<(), Reason> {
 /// Static 1:1 NAT: rewrite only the source or the destination address, whatever the
 /// protocol (ports, ICMP ids and fragments stay as they are).
 #[inline(always)]
-pub fn set_src(ctx: &impl Pkt, p: &mut Ip4, new: [u8; 4]) -> Result<(), Reason> {
+pub fn set_src(ctx: &impl Pkt, p: &mut Ip4, new: Addr4) -> Result<(), Reason> {
     set_addr(ctx, p, IP_SRC_OFF, p.src, new)?;
     p.src = new;
     Ok(())
 }
 
 #[inline(always)]
-pub fn set_dst(ctx: &impl Pkt, p: &mut Ip4, new: [u8; 4]) -> Result<(), Reason> {
+pub fn set_dst(ctx: &impl Pkt, p: &mut Ip4, new: Addr4) -> Result<(), Reason> {
     set_addr(ctx, p, IP_DST_OFF, p.dst, new)?;
     p.dst = new;
     Ok(())

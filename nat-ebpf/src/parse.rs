@@ -4,7 +4,7 @@
 use core::mem::size_of;
 
 use crate::pkt::Pkt;
-use nat_common::{CtKey, PROTO_ICMP, PROTO_TCP, PROTO_UDP, Reason};
+use nat_common::{Addr4, CtKey4, PROTO_ICMP, PROTO_TCP, PROTO_UDP, Port, Reason};
 use network_types::{
     arp::ArpHdr,
     eth::{EthHdr, EtherType},
@@ -70,12 +70,12 @@ pub fn arp(ctx: &impl Pkt) -> Option<ArpHdr> {
 /// The fields of an IPv4 packet the datapath decides on.
 #[derive(Clone, Copy)]
 pub struct Ip4 {
-    pub src: [u8; 4],
-    pub dst: [u8; 4],
+    pub src: Addr4,
+    pub dst: Addr4,
     /// Source port, or for ICMP echo the id of a request (0 for a reply).
-    pub sport: [u8; 2],
+    pub sport: Port,
     /// Destination port, or for ICMP echo the id of a reply (0 for a request).
-    pub dport: [u8; 2],
+    pub dport: Port,
     pub proto: u8,
     pub ttl: u8,
     pub tcp_flags: u8,
@@ -101,8 +101,8 @@ pub struct Ip4 {
 
 impl Ip4 {
     #[inline(always)]
-    pub fn key(&self) -> CtKey {
-        CtKey::new(self.src, self.dst, self.sport, self.dport, self.proto)
+    pub fn key(&self) -> CtKey4 {
+        CtKey4::new(self.src, self.dst, self.sport, self.dport, self.proto)
     }
 
     /// TCP, UDP, or an ICMP echo request/reply whose ports (ids) are known: the packets that
@@ -262,6 +262,6 @@ pub fn l4_csum_off(p: &Ip4) -> Option<(usize, bool)> {
 }
 
 #[inline(always)]
-pub fn in_subnet(addr: [u8; 4], base: [u8; 4], mask: [u8; 4]) -> bool {
+pub fn in_subnet(addr: Addr4, base: Addr4, mask: Addr4) -> bool {
     u32::from_ne_bytes(addr) & u32::from_ne_bytes(mask) == u32::from_ne_bytes(base)
 }

@@ -9,7 +9,7 @@ use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockAddrContext,
 };
-use nat_common::{PROTO_TCP, PROTO_UDP, Reason, SockKey, SockOrig};
+use nat_common::{PROTO_TCP, PROTO_UDP, Reason, SockKey4, SockOrig4};
 
 use crate::{lookup, maps::SOCK_RNAT, stats::count};
 
@@ -41,21 +41,21 @@ pub fn translate(ctx: &SockAddrContext) -> i32 {
     };
     let dst = sa.user_ip4.to_ne_bytes();
     let port = (sa.user_port as u16).to_ne_bytes();
-    let local = dst[0] == 127 || dst == cfg.node_addr || dst == cfg.gateway_addr;
+    let local = dst[0] == 127 || dst == cfg.v4.node_addr || dst == cfg.v4.gateway_addr;
     if !local {
         return 1;
     }
     let Some(target) = lookup::published_port(dst, port, proto) else {
         return 1;
     };
-    let rkey = SockKey {
+    let rkey = SockKey4 {
         // SAFETY: helper on the program's own context.
         cookie: unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) },
         addr: target.addr,
         port: target.port,
         _pad: [0; 2],
     };
-    let orig = SockOrig {
+    let orig = SockOrig4 {
         addr: dst,
         port,
         _pad: [0; 2],
@@ -78,7 +78,7 @@ pub fn reverse(ctx: &SockAddrContext) -> i32 {
     }
     // SAFETY: the context is the kernel's `bpf_sock_addr` for this call.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let key = SockKey {
+    let key = SockKey4 {
         // SAFETY: helper on the program's own context.
         cookie: unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) },
         addr: sa.user_ip4.to_ne_bytes(),

@@ -20,22 +20,22 @@ use core::ffi::c_void;
 
 use aya_ebpf::helpers::bpf_loop;
 use nat_common::{
-    CtEntry, DIR_ORIGINAL, DIR_REPLY, PROTO_TCP, Reason, TCP_SEEN, tcp_flags, tcp_state,
+    CtEntry4, CtMeta, DIR_ORIGINAL, DIR_REPLY, Reason, TCP_SEEN, tcp_flags, tcp_state,
     tcp_transition,
 };
 
 use crate::{
-    conntrack::lookup,
+    conntrack::{lookup, meta},
     maps::CSUM_BUF,
     parse::{IP_OFF, Ip4, ptr_at},
     pkt::Pkt,
 };
 
-/// `CtEntry::tcp_track`: `tcp_limit` is set (this direction has acknowledged something).
+/// `CtMeta::tcp_track`: `tcp_limit` is set (this direction has acknowledged something).
 const TCP_ACKED: u8 = 2;
-/// `CtEntry::tcp_track`: this direction's SYN offered window scaling.
+/// `CtMeta::tcp_track`: this direction's SYN offered window scaling.
 const TCP_WS_OFFERED: u8 = 4;
-/// `CtEntry::tcp_track`: the connection was picked up mid-stream, so its window scaling is
+/// `CtMeta::tcp_track`: the connection was picked up mid-stream, so its window scaling is
 /// unknown and its windows are not judged (nf_conntrack's `BE_LIBERAL` for such pickups).
 const TCP_LIBERAL: u8 = 8;
 /// nf_conntrack's bound for acknowledgements when no window is known yet.
@@ -174,7 +174,7 @@ fn wscale(ctx: &impl Pkt, p: &Ip4, s: &Seg) -> Option<u8> {
 
 /// Start a direction's view from its SYN (a new or reopened connection).
 #[inline(always)]
-pub fn init_from_syn(ctx: &impl Pkt, p: &Ip4, e: &mut CtEntry) {
+pub fn init_from_syn(ctx: &impl Pkt, p: &Ip4, e: &mut CtMeta) {
     let Some(s) = seg(ctx, p) else {
         return;
     };
@@ -193,7 +193,7 @@ pub fn init_from_syn(ctx: &impl Pkt, p: &Ip4, e: &mut CtEntry) {
 /// Start the original direction's view of a new connection from its first segment: a SYN,
 /// or any segment of a connection picked up mid-stream.
 #[inline(always)]
-pub fn init(ctx: &impl Pkt, p: &Ip4, e: &mut CtEntry) {
+pub fn init(ctx: &impl Pkt, p: &Ip4, e: &mut CtMeta) {
     let Some(s) = seg(ctx, p) else {
         return;
     };
@@ -207,7 +207,7 @@ pub fn init(ctx: &impl Pkt, p: &Ip4, e: &mut CtEntry) {
 
 /// Whether `s`, sent by the direction of `snd` to that of `rcv`, is in the window.
 #[inline(always)]
-fn in_window(snd: &CtEntry, rcv: &CtEntry, s: &Seg) -> bool {
+fn in_window(snd: &CtMeta, rcv: &CtMeta, s: &Seg) -> bool {
     let rst = s.flags & tcp_flags::RST != 0;
     let ack = s.flags & tcp_flags::ACK != 0;
     if (snd.tcp_track | rcv.tcp_track) & TCP_LIBERAL != 0 {
@@ -242,7 +242,7 @@ fn in_window(snd: &CtEntry, rcv: &CtEntry, s: &Seg) -> bool {
 
 /// Learn from an in-window segment of `e`'s direction.
 #[inline(always)]
-fn learn(e: &mut CtEntry, s: &Seg) {
+fn learn(e: &mut CtMeta, s: &Seg) {
     let win = if s.flags & tcp_flags::SYN != 0 {
         s.win
     } else {
@@ -272,7 +272,7 @@ fn learn(e: &mut CtEntry, s: &Seg) {
 
 /// The SYN-ACK settles window scaling: used only when both SYNs offered it.
 #[inline(always)]
-fn settle_wscale(ctx: &impl Pkt, p: &Ip4, s: &Seg, e: &mut CtEntry, peer: &mut CtEntry) {
+fn settle_wscale(ctx: &impl Pkt, p: &Ip4, s: &Seg, e: &mut CtMeta, peer: &mut CtMeta) {
     match wscale(ctx, p, s) {
         Some(ws) if peer.tcp_track & TCP_WS_OFFERED != 0 => {
             e.tcp_wscale = ws;
@@ -289,14 +289,28 @@ fn settle_wscale(ctx: &impl Pkt, p: &Ip4, s: &Seg, e: &mut CtEntry, peer: &mut C
 /// advance the connection's state in both entries. `Err` only for an RST outside the window;
 /// `Ok(true)` when the segment was in the window and both sides have been seen.
 #[inline(always)]
-pub fn track(ctx: &impl Pkt, e: *mut CtEntry, p: &Ip4) -> Result<bool, Reason> {
+pub fn track(ctx: &impl Pkt, e: *mut CtEntry4, p: &Ip4) -> Result<bool, Reason> {
     let Some(s) = seg(ctx, p) else {
         return Ok(false);
     };
     // SAFETY: `e` points into the map value; concurrent writers of one connection race to
     // similar values, as in nf_conntrack without its lock, and never past the window rules.
+    let peer = lookup(&unsafe { (*e).peer_key() }).map(meta);
+    track_seg(ctx, p, &s, meta(e), peer)
+}
+
+/// `track` for either family: `e` is the segment's direction, `peer` the other one when
+/// its entry exists.
+#[inline(always)]
+fn track_seg(
+    ctx: &impl Pkt,
+    p: &Ip4,
+    s: &Seg,
+    e: *mut CtMeta,
+    peer: Option<*mut CtMeta>,
+) -> Result<bool, Reason> {
+    // SAFETY: as in `track`.
     let e = unsafe { &mut *e };
-    let peer = lookup(&e.peer_key(PROTO_TCP));
     let (next, fins) = tcp_transition(e.state, e.flags, e.dir, s.flags);
     let syn_only = s.flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN;
     let mut both_seen = false;
@@ -310,7 +324,7 @@ pub fn track(ctx: &impl Pkt, e: *mut CtEntry, p: &Ip4) -> Result<bool, Reason> {
     } else if let Some(peer) = peer {
         // SAFETY: as above.
         let peer = unsafe { &mut *peer };
-        if !in_window(e, peer, &s) {
+        if !in_window(e, peer, s) {
             if s.flags & tcp_flags::RST != 0 {
                 return Err(Reason::DropTcpWindow);
             }
@@ -320,12 +334,12 @@ pub fn track(ctx: &impl Pkt, e: *mut CtEntry, p: &Ip4) -> Result<bool, Reason> {
             && e.tcp_track & TCP_SEEN == 0
             && s.flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN | tcp_flags::ACK
         {
-            settle_wscale(ctx, p, &s, e, peer);
+            settle_wscale(ctx, p, s, e, peer);
         }
-        learn(e, &s);
+        learn(e, s);
         both_seen = peer.tcp_track & TCP_SEEN != 0;
     } else {
-        learn(e, &s);
+        learn(e, s);
     }
     if next != e.state || fins != e.flags {
         e.state = next;

@@ -87,15 +87,15 @@ pub fn from_uplink(ctx: &XdpContext) -> Result<u32, Reason> {
     }
     let t = now();
     // Only connections that end in a container are XDP's; the cached hop says so.
-    let hop = match forward::cached_peer(e, t) {
+    let hop = match forward::cached_peer(conntrack::meta(e), t) {
         Some(h) => h,
         None => {
             // SAFETY: read of a map value.
-            let to = unsafe { (*e).xlate_dst_addr };
+            let to = unsafe { (*e).xlate.dst_addr };
             let Some(ep) = container_at(cfg, &to) else {
                 return pass(ctx);
             };
-            forward::remember_peer(e, &ep, t)
+            forward::remember_peer(conntrack::meta(e), &ep, t)
         }
     };
     conntrack::touch(ctx, e, &p, t)?;

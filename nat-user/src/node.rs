@@ -5,7 +5,7 @@
 use std::net::Ipv4Addr;
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use nat_common::{CFG_MASQUERADE, CFG_STATIC_NAT, CONNTRACK_MAX_ENTRIES, Config};
+use nat_common::{CFG_MASQUERADE, CFG_STATIC_NAT, CONNTRACK_MAX_ENTRIES, Config, Net4};
 
 use crate::{
     datapath::{self, Hook, Maps, XdpAttach},
@@ -131,18 +131,20 @@ pub fn config_of(node: &Node, static_nat: bool) -> Config {
     Config {
         uplink_ifindex: node.uplink_ifindex,
         flags: CFG_MASQUERADE | if static_nat { CFG_STATIC_NAT } else { 0 },
-        snat_addr: node.snat_ip.octets(),
-        gateway_addr: node.gateway.octets(),
-        node_addr: node.node_addr.octets(),
-        subnet_addr: node.subnet.octets(),
-        subnet_mask: subnet.mask().octets(),
         port_min: node.port_min,
         port_max: node.port_max,
-        uplink_mac: node.uplink_mac,
         host_port_min: node.host_port_min,
         host_port_max: node.host_port_max,
-        _pad: [0; 6],
+        uplink_mac: node.uplink_mac,
         netns_cookie: node.netns_cookie,
+        v4: Net4 {
+            snat_addr: node.snat_ip.octets(),
+            gateway_addr: node.gateway.octets(),
+            node_addr: node.node_addr.octets(),
+            subnet_addr: node.subnet.octets(),
+            subnet_mask: subnet.mask().octets(),
+        },
+        ..Config::default()
     }
 }
 

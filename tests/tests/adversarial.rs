@@ -166,40 +166,36 @@ fn broadcast_and_multicast_from_containers_are_never_masqueraded() {
 /// entries each), so that dumping it takes a while.
 fn fill_conntrack(lab: &Lab, n: u32) {
     use aya::maps::{HashMap, Map, MapData};
-    use nat_common::{CtEntry, CtKey, DIR_ORIGINAL, DIR_REPLY, dgram_state};
+    use nat_common::{CtEntry4, CtKey4, CtMeta, DIR_ORIGINAL, DIR_REPLY, dgram_state};
     let pin = lab.pins().map(nat_common::map_names::CONNTRACK);
     let data = MapData::from_pin(&pin).unwrap();
-    let mut ct: HashMap<_, CtKey, CtEntry> = Map::from_map_data(data).unwrap().try_into().unwrap();
+    let mut ct: HashMap<_, CtKey4, CtEntry4> =
+        Map::from_map_data(data).unwrap().try_into().unwrap();
     let now = bpfnat::datapath::ct_now_ns();
     for i in 0..n {
         let [_, _, a, b] = i.to_be_bytes();
-        let k = CtKey {
-            src_addr: [203, 0, 113, a],
-            dst_addr: [192, 0, 2, b],
-            src_port: 40000u16.to_be_bytes(),
-            dst_port: 53u16.to_be_bytes(),
-            proto: PROTO_UDP,
-            _pad: [0; 3],
-        };
-        let e = CtEntry {
-            xlate_src_addr: k.src_addr,
-            xlate_dst_addr: k.dst_addr,
-            xlate_src_port: k.src_port,
-            xlate_dst_port: k.dst_port,
+        let k = CtKey4::new(
+            [203, 0, 113, a],
+            [192, 0, 2, b],
+            40000u16.to_be_bytes(),
+            53u16.to_be_bytes(),
+            PROTO_UDP,
+        );
+        let meta = CtMeta {
             dir: DIR_ORIGINAL,
             state: dgram_state::REPLIED,
             created_ns: now,
             last_seen_ns: now,
-            ..CtEntry::default()
+            ..CtMeta::default()
         };
+        let e = CtEntry4 { xlate: k, meta };
         let r = k.reversed();
-        let re = CtEntry {
-            xlate_src_addr: r.src_addr,
-            xlate_dst_addr: r.dst_addr,
-            xlate_src_port: r.src_port,
-            xlate_dst_port: r.dst_port,
-            dir: DIR_REPLY,
-            ..e
+        let re = CtEntry4 {
+            xlate: r,
+            meta: CtMeta {
+                dir: DIR_REPLY,
+                ..meta
+            },
         };
         ct.insert(k, e, 0).unwrap();
         ct.insert(r, re, 0).unwrap();

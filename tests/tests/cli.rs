@@ -298,7 +298,7 @@ fn pinned_maps_dump_with_field_names_in_bpftool() {
     let f = &entries[0]["formatted"];
     assert!(f["key"]["src_addr"].is_array(), "named key fields: {f}");
     assert!(
-        f["value"]["xlate_src_addr"].is_array() && f["value"]["last_seen_ns"].is_u64(),
+        f["value"]["xlate"]["src_addr"].is_array() && f["value"]["meta"]["last_seen_ns"].is_u64(),
         "named value fields: {f}"
     );
     assert!(
@@ -323,7 +323,7 @@ fn pinned_maps_dump_with_field_names_in_bpftool() {
     );
     let cfg = dump("config");
     assert_eq!(
-        cfg[0]["formatted"]["value"]["snat_addr"],
+        cfg[0]["formatted"]["value"]["v4"]["snat_addr"],
         serde_json::json!(NODE_ADDR.octets())
     );
     dump("stats");

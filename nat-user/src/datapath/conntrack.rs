@@ -7,8 +7,8 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow};
 use nat_common::{
-    CtEntry, CtKey, DIR_ORIGINAL, ORIGIN_HAIRPIN, ORIGIN_MASQUERADE, ORIGIN_PUBLISHED, PROTO_ICMP,
-    PROTO_TCP, PROTO_UDP, ct_timeout_ns, dgram_state, tcp_state,
+    Addr4, CtEntry4, CtKey4, DIR_ORIGINAL, ORIGIN_HAIRPIN, ORIGIN_MASQUERADE, ORIGIN_PUBLISHED,
+    PROTO_ICMP, PROTO_TCP, PROTO_UDP, Port, ct_timeout_ns, dgram_state, tcp_state,
 };
 use serde::Serialize;
 
@@ -87,14 +87,14 @@ fn state_name(proto: u8, s: u8) -> &'static str {
 }
 
 /// The key of the other direction's entry.
-fn end(k: &CtKey, e: Option<&CtEntry>) -> FlowEnd {
+fn end(k: &CtKey4, e: Option<&CtEntry4>) -> FlowEnd {
     FlowEnd {
         src: Ipv4Addr::from(k.src_addr),
         sport: u16::from_be_bytes(k.src_port),
         dst: Ipv4Addr::from(k.dst_addr),
         dport: u16::from_be_bytes(k.dst_port),
-        packets: e.map_or(0, |e| e.packets),
-        bytes: e.map_or(0, |e| e.bytes),
+        packets: e.map_or(0, |e| e.meta.packets),
+        bytes: e.map_or(0, |e| e.meta.bytes),
     }
 }
 
@@ -106,13 +106,13 @@ const ORPHAN_GRACE_NS: u64 = 2 * NS;
 impl Maps {
     /// Every entry of both tables. An entry of `conntrack_new` whose connection has moved to
     /// `conntrack` (the datapath leaves the old copy behind) is left out.
-    fn ct_entries(&self) -> Result<Vec<(CtKey, CtEntry)>> {
-        let mut all: Vec<(CtKey, CtEntry)> = self
+    fn ct_entries(&self) -> Result<Vec<(CtKey4, CtEntry4)>> {
+        let mut all: Vec<(CtKey4, CtEntry4)> = self
             .conntrack
             .iter()
             .map(|r| r.context("read conntrack map"))
             .collect::<Result<_>>()?;
-        let assured: HashSet<CtKey> = all.iter().map(|(k, _)| *k).collect();
+        let assured: HashSet<CtKey4> = all.iter().map(|(k, _)| *k).collect();
         for r in self.conntrack_new.iter() {
             let (k, e) = r.context("read conntrack_new map")?;
             if !assured.contains(&k) {
@@ -123,7 +123,7 @@ impl Maps {
     }
 
     /// Delete `k` from both tables (a moved connection's old copy goes too).
-    fn ct_remove(&mut self, k: &CtKey) -> Result<()> {
+    fn ct_remove(&mut self, k: &CtKey4) -> Result<()> {
         deleted(self.conntrack.remove(k)).context("delete conntrack entry")?;
         deleted(self.conntrack_new.remove(k)).context("delete conntrack_new entry")
     }
@@ -132,33 +132,35 @@ impl Maps {
     /// shown with an empty reply side.
     pub fn flows(&self) -> Result<Vec<Flow>> {
         let entries = self.ct_entries()?;
-        let index: HashMap<CtKey, CtEntry> = entries.iter().copied().collect();
+        let index: HashMap<CtKey4, CtEntry4> = entries.iter().copied().collect();
         let now = ct_now_ns();
-        let find = |k: &CtKey| index.get(k).copied();
+        let find = |k: &CtKey4| index.get(k).copied();
         let mut out = Vec::new();
         for (k, e) in &entries {
-            if e.dir != DIR_ORIGINAL {
+            if e.meta.dir != DIR_ORIGINAL {
                 continue;
             }
-            let rk = e.peer_key(k.proto);
+            let rk = e.peer_key();
             let r = find(&rk);
-            let last = r.map_or(e.last_seen_ns, |r| r.last_seen_ns.max(e.last_seen_ns));
+            let last = r.map_or(e.meta.last_seen_ns, |r| {
+                r.meta.last_seen_ns.max(e.meta.last_seen_ns)
+            });
             out.push(Flow {
                 proto: proto_name(k.proto),
-                kind: match e.origin {
+                kind: match e.meta.origin {
                     ORIGIN_MASQUERADE => "masquerade",
                     ORIGIN_PUBLISHED => "published",
                     ORIGIN_HAIRPIN => "hairpin",
                     _ => "other",
                 },
-                state: state_name(k.proto, e.state),
+                state: state_name(k.proto, e.meta.state),
                 original: end(k, Some(e)),
                 reply: end(&rk, r.as_ref()),
-                age_secs: now.saturating_sub(e.created_ns) / NS,
+                age_secs: now.saturating_sub(e.meta.created_ns) / NS,
                 idle_secs: now.saturating_sub(last) / NS,
-                timeout_secs: ct_timeout_ns(k.proto, e.state) / NS,
-                ifindex: e.ifindex,
-                assured: e.assured != 0,
+                timeout_secs: ct_timeout_ns(k.proto, e.meta.state) / NS,
+                ifindex: e.meta.ifindex,
+                assured: e.meta.assured != 0,
             });
         }
         out.sort_by(|a, b| {
@@ -179,15 +181,15 @@ impl Maps {
     /// Entries whose partner is gone (evicted by the LRU when the table was full).
     pub fn ct_orphans(&self) -> Result<usize> {
         let entries = self.ct_entries()?;
-        let keys: HashSet<CtKey> = entries.iter().map(|(k, _)| *k).collect();
+        let keys: HashSet<CtKey4> = entries.iter().map(|(k, _)| *k).collect();
         Ok(entries
             .iter()
-            .filter(|(k, e)| !keys.contains(&e.peer_key(k.proto)))
+            .filter(|(_, e)| !keys.contains(&e.peer_key()))
             .count())
     }
 
     /// The entry at `k` as the kernel has it now.
-    fn ct_get(&self, k: &CtKey) -> Result<Option<CtEntry>> {
+    fn ct_get(&self, k: &CtKey4) -> Result<Option<CtEntry4>> {
         for map in [&self.conntrack, &self.conntrack_new] {
             match map.get(k, 0) {
                 Ok(e) => return Ok(Some(e)),
@@ -207,24 +209,24 @@ impl Maps {
     /// included) just before the delete.
     fn ct_remove_where(
         &mut self,
-        pred: impl Fn(&CtKey, &CtEntry, Option<&CtEntry>) -> bool,
+        pred: impl Fn(&CtKey4, &CtEntry4, Option<&CtEntry4>) -> bool,
     ) -> Result<usize> {
         let entries = self.ct_entries()?;
-        let index: HashMap<CtKey, CtEntry> = entries.iter().copied().collect();
+        let index: HashMap<CtKey4, CtEntry4> = entries.iter().copied().collect();
         let mut conns = 0;
         for (k, e) in &entries {
-            let peer = e.peer_key(k.proto);
+            let peer = e.peer_key();
             let p = index.get(&peer);
             // Judge each connection once, from its original entry (or a lone entry), and
             // only candidates again from the kernel.
-            if (e.dir != DIR_ORIGINAL && p.is_some()) || !pred(k, e, p) {
+            if (e.meta.dir != DIR_ORIGINAL && p.is_some()) || !pred(k, e, p) {
                 continue;
             }
             let Some(e) = self.ct_get(k)? else {
                 continue;
             };
-            let peer = e.peer_key(k.proto);
-            let p = self.ct_get(&peer)?.filter(|p| p.peer_key(k.proto) == *k);
+            let peer = e.peer_key();
+            let p = self.ct_get(&peer)?.filter(|p| p.peer_key() == *k);
             if pred(k, &e, p.as_ref()) {
                 conns += 1;
                 self.ct_remove(k)?;
@@ -245,20 +247,20 @@ impl Maps {
         let now = ct_now_ns();
         self.ct_remove_where(|k, e, p| {
             let Some(p) = p else {
-                return now.saturating_sub(e.created_ns) > ORPHAN_GRACE_NS;
+                return now.saturating_sub(e.meta.created_ns) > ORPHAN_GRACE_NS;
             };
-            let last = p.last_seen_ns.max(e.last_seen_ns);
-            now.saturating_sub(last) > ct_timeout_ns(k.proto, e.state)
+            let last = p.meta.last_seen_ns.max(e.meta.last_seen_ns);
+            now.saturating_sub(last) > ct_timeout_ns(k.proto, e.meta.state)
         })
     }
 
     /// Delete the copies in `conntrack_new` of connections that moved to `conntrack`.
     fn ct_drop_moved_copies(&mut self) -> Result<()> {
-        let moved: Vec<CtKey> = self
+        let moved: Vec<CtKey4> = self
             .conntrack_new
             .iter()
             .filter_map(|r| r.ok())
-            .filter(|(_, e)| e.assured != 0)
+            .filter(|(_, e)| e.meta.assured != 0)
             .map(|(k, _)| k)
             .collect();
         for k in moved {
@@ -276,7 +278,7 @@ impl Maps {
 
     /// Forget the connections of the container behind host veth `ifindex`.
     pub fn forget_container(&mut self, ifindex: u32) -> Result<usize> {
-        self.ct_remove_where(|_, e, _| e.ifindex == ifindex)
+        self.ct_remove_where(|_, e, _| e.meta.ifindex == ifindex)
     }
 
     /// Forget connections made to the published ports `ms` (one pass over the table).
@@ -284,7 +286,7 @@ impl Maps {
         if ms.is_empty() {
             return Ok(());
         }
-        let keys: HashSet<([u8; 4], [u8; 2], u8)> = ms
+        let keys: HashSet<(Addr4, Port, u8)> = ms
             .iter()
             .map(|m| {
                 let k = port_key(m);
@@ -292,7 +294,7 @@ impl Maps {
             })
             .collect();
         self.ct_remove_where(|k, e, _| {
-            (e.origin == ORIGIN_PUBLISHED || e.origin == ORIGIN_HAIRPIN)
+            (e.meta.origin == ORIGIN_PUBLISHED || e.meta.origin == ORIGIN_HAIRPIN)
                 && (keys.contains(&([0; 4], k.dst_port, k.proto))
                     || keys.contains(&(k.dst_addr, k.dst_port, k.proto)))
         })
@@ -311,7 +313,7 @@ impl Maps {
         let mut n = 0;
         for r in self.conntrack_new.iter() {
             let (_, e) = r.context("read conntrack_new map")?;
-            n += usize::from(e.assured == 0);
+            n += usize::from(e.meta.assured == 0);
         }
         Ok(n)
     }

@@ -1,15 +1,15 @@
 //! The only place that knows pin paths (`Pins`, which the agent and the tests use too):
-//! load the embedded eBPF object, pin programs, maps and links under `<bpffs-dir>/v1/`, and
+//! load the embedded eBPF object, pin programs, maps and links under `<bpffs-dir>/<PIN_VERSION>/`, and
 //! read and write the maps in domain terms. Which maps exist, and their layouts, is
 //! `nat_common::MAP_SPECS`.
 //!
 //! Layout:
 //! ```text
-//! <bpffs-dir>/v1/maps/<map>                 every map of MAP_SPECS marked pinned
-//! <bpffs-dir>/v1/progs/{tc_container,tc_uplink,xdp_uplink,sock_*}
-//! <bpffs-dir>/v1/links/<interface>          one TCX ingress link per interface
-//! <bpffs-dir>/v1/xdp-links/<interface>      the uplink's XDP link (`up --xdp native|generic`)
-//! <bpffs-dir>/v1/cgroup-links/<program>     the socket programs' links
+//! <bpffs-dir>/v2/maps/<map>                 every map of MAP_SPECS marked pinned
+//! <bpffs-dir>/v2/progs/{tc_container,tc_uplink,xdp_uplink,sock_*}
+//! <bpffs-dir>/v2/links/<interface>          one TCX ingress link per interface
+//! <bpffs-dir>/v2/xdp-links/<interface>      the uplink's XDP link (`up --xdp native|generic`)
+//! <bpffs-dir>/v2/cgroup-links/<program>     the socket programs' links
 //! ```
 //! Links are pinned, so the datapath keeps running after the loader exits.
 
@@ -31,9 +31,9 @@ use aya::{
     },
 };
 use nat_common::{
-    Config, Counter, CtEntry, CtKey, Endpoint, MAP_SPECS, MapKind, MapSpec, NodeAddr, PIN_VERSION,
-    PortKey, PortTarget, Reason, STATIC_EXTERNAL, STATIC_INTERNAL, StaticNat, map_names,
-    prog_names,
+    Addr4, Config, Counter, CtEntry4, CtKey4, Endpoint, MAP_SPECS, MapKind, MapSpec, NodeAddr,
+    PIN_VERSION, PortKey4, PortTarget4, Reason, STATIC_EXTERNAL, STATIC_INTERNAL, StaticNat4,
+    map_names, prog_names,
 };
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 
@@ -207,6 +207,12 @@ fn check_pinned_maps(pins: &Pins) -> Result<()> {
 
 /// Load the programs, create (or reuse) and pin the maps, pin the programs.
 pub fn install(pins: &Pins, conntrack_max: u32) -> Result<()> {
+    for old in retire_other_versions(pins)? {
+        eprintln!(
+            "warning: removed the datapath an older bpfnat pinned at {} (its connections are not carried over)",
+            old.display()
+        );
+    }
     check_pinned_maps(pins)?;
     for sub in ["maps", "progs", "links", "xdp-links", "cgroup-links"] {
         let d = pins.root.join(sub);
@@ -317,18 +323,49 @@ pub fn netns_cookie() -> Result<u64> {
     Ok(cookie)
 }
 
-/// Remove every pin of this instance (detaching every link).
+/// Remove every pin of this instance (detaching every link), an older layout's included.
 pub fn uninstall(pins: &Pins) -> Result<()> {
-    match std::fs::remove_dir_all(&pins.root) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(anyhow!(e).context(format!("remove {}", pins.root.display()))),
-    }?;
+    retire_other_versions(pins)?;
+    remove_tree(&pins.root)?;
     // The parent directory is ours too when it is empty now.
     if let Some(parent) = pins.root.parent() {
         let _ = std::fs::remove_dir(parent);
     }
     Ok(())
+}
+
+fn remove_tree(dir: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(anyhow!(e).context(format!("remove {}", dir.display()))),
+    }
+}
+
+/// Remove the pins an older bpfnat left beside ours (`<bpffs-dir>/v1` for a `v2` loader):
+/// unpinning its links detaches its programs, which would otherwise keep running beside the
+/// new ones on the same interfaces. Its connection table has another layout and is not
+/// carried over. Returns what was removed.
+fn retire_other_versions(pins: &Pins) -> Result<Vec<PathBuf>> {
+    let Some(dir) = pins.root.parent() else {
+        return Ok(Vec::new());
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(Vec::new());
+    };
+    let mut removed = Vec::new();
+    for e in entries.filter_map(Result::ok) {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let versioned = name
+            .strip_prefix('v')
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if versioned && name != PIN_VERSION && e.path().is_dir() {
+            remove_tree(&e.path())?;
+            removed.push(e.path());
+        }
+    }
+    Ok(removed)
 }
 
 fn remove_pin(path: &Path) -> Result<()> {
@@ -448,14 +485,14 @@ fn open_map(pins: &Pins, name: &str) -> Result<Map> {
 /// Typed access to the pinned maps.
 pub struct Maps {
     config: Array<MapData, Config>,
-    endpoints: HashMap<MapData, [u8; 4], Endpoint>,
-    ports: HashMap<MapData, PortKey, PortTarget>,
-    conntrack: HashMap<MapData, CtKey, CtEntry>,
+    endpoints: HashMap<MapData, Addr4, Endpoint>,
+    ports: HashMap<MapData, PortKey4, PortTarget4>,
+    conntrack: HashMap<MapData, CtKey4, CtEntry4>,
     /// Connections not assured yet (see `map_names::CONNTRACK_NEW`).
-    conntrack_new: HashMap<MapData, CtKey, CtEntry>,
+    conntrack_new: HashMap<MapData, CtKey4, CtEntry4>,
     stats: PerCpuArray<MapData, Counter>,
-    static_nat: HashMap<MapData, [u8; 4], StaticNat>,
-    node_addrs: HashMap<MapData, [u8; 4], NodeAddr>,
+    static_nat: HashMap<MapData, Addr4, StaticNat4>,
+    node_addrs: HashMap<MapData, Addr4, NodeAddr>,
     conntrack_max: u32,
 }
 
@@ -467,8 +504,8 @@ pub struct Stat {
     pub bytes: u64,
 }
 
-fn port_key(m: &PortMapping) -> PortKey {
-    PortKey {
+fn port_key(m: &PortMapping) -> PortKey4 {
+    PortKey4 {
         host_addr: m.host_ip.map_or([0; 4], |ip| ip.octets()),
         host_port: m.host_port.to_be_bytes(),
         proto: m.proto.number(),
@@ -509,7 +546,7 @@ impl Maps {
                 .insert(ip.octets(), NodeAddr { ifindex: *ifindex }, 0)
                 .with_context(|| format!("write node address {ip}"))?;
         }
-        let stale: Vec<[u8; 4]> = self
+        let stale: Vec<Addr4> = self
             .node_addrs
             .keys()
             .filter_map(Result::ok)
@@ -551,7 +588,7 @@ impl Maps {
         generation: u32,
     ) -> Result<()> {
         for (i, m) in ms.iter().enumerate() {
-            let t = PortTarget {
+            let t = PortTarget4 {
                 addr: target.octets(),
                 port: m.container_port.to_be_bytes(),
                 _pad: [0; 2],
@@ -573,7 +610,7 @@ impl Maps {
     }
 
     /// Published ports as they are in the map: (proto, host addr, host port) → (addr, port).
-    pub fn ports(&self) -> Result<Vec<(PortKey, PortTarget)>> {
+    pub fn ports(&self) -> Result<Vec<(PortKey4, PortTarget4)>> {
         self.ports
             .iter()
             .map(|r| r.context("read ports map"))
@@ -582,12 +619,12 @@ impl Maps {
 
     /// Map `external` to `internal` one to one, both ways.
     pub fn put_static_nat(&mut self, external: Ipv4Addr, internal: Ipv4Addr) -> Result<()> {
-        let ext = StaticNat {
+        let ext = StaticNat4 {
             peer: internal.octets(),
             kind: STATIC_EXTERNAL,
             _pad: [0; 3],
         };
-        let int = StaticNat {
+        let int = StaticNat4 {
             peer: external.octets(),
             kind: STATIC_INTERNAL,
             _pad: [0; 3],
@@ -660,5 +697,26 @@ mod map_table {
                 assert_eq!(o.max_entries(), n, "{} entries", m.name);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod versions {
+    use super::{PIN_VERSION, Pins, retire_other_versions};
+
+    #[test]
+    fn an_older_layouts_pins_are_retired_and_nothing_else() {
+        let dir = std::env::temp_dir().join(format!("bpfnat-versions-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        for d in ["v1/links", "v10", PIN_VERSION, "vx", "v", "other"] {
+            std::fs::create_dir_all(dir.join(d)).unwrap();
+        }
+        let mut removed = retire_other_versions(&Pins::new(&dir)).unwrap();
+        removed.sort();
+        assert_eq!(removed, vec![dir.join("v1"), dir.join("v10")]);
+        for kept in [PIN_VERSION, "vx", "v", "other"] {
+            assert!(dir.join(kept).is_dir(), "{kept} kept");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
