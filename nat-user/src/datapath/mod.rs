@@ -342,30 +342,48 @@ fn remove_tree(dir: &Path) -> Result<()> {
     }
 }
 
+/// The number of a layout directory name (`v2` -> 2).
+fn layout_number(name: &str) -> Option<u32> {
+    let n = name.strip_prefix('v')?;
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    n.parse().ok()
+}
+
 /// Remove the pins an older bpfnat left beside ours (`<bpffs-dir>/v1` for a `v2` loader):
 /// unpinning its links detaches its programs, which would otherwise keep running beside the
 /// new ones on the same interfaces. Its connection table has another layout and is not
-/// carried over. Returns what was removed.
+/// carried over. A newer layout's pins are refused, not removed: an older loader must not
+/// take a newer one's place. Returns what was removed.
 fn retire_other_versions(pins: &Pins) -> Result<Vec<PathBuf>> {
+    let ours = layout_number(PIN_VERSION).unwrap_or(0);
     let Some(dir) = pins.root.parent() else {
         return Ok(Vec::new());
     };
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Ok(Vec::new());
     };
-    let mut removed = Vec::new();
+    let mut older = Vec::new();
     for e in entries.filter_map(Result::ok) {
-        let name = e.file_name();
-        let Some(name) = name.to_str() else { continue };
-        let versioned = name
-            .strip_prefix('v')
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-        if versioned && name != PIN_VERSION && e.path().is_dir() {
-            remove_tree(&e.path())?;
-            removed.push(e.path());
+        let Some(n) = e.file_name().to_str().and_then(layout_number) else {
+            continue;
+        };
+        if !e.path().is_dir() || n == ours {
+            continue;
         }
+        if n > ours {
+            bail!(
+                "{} holds the datapath of a newer bpfnat (pin layout v{n}; this one is {PIN_VERSION}): use that bpfnat",
+                dir.display()
+            );
+        }
+        older.push(e.path());
     }
-    Ok(removed)
+    for path in &older {
+        remove_tree(path)?;
+    }
+    Ok(older)
 }
 
 fn remove_pin(path: &Path) -> Result<()> {
@@ -708,15 +726,21 @@ mod versions {
     fn an_older_layouts_pins_are_retired_and_nothing_else() {
         let dir = std::env::temp_dir().join(format!("bpfnat-versions-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        for d in ["v1/links", "v10", PIN_VERSION, "vx", "v", "other"] {
+        for d in ["v1/links", "v0", PIN_VERSION, "vx", "v", "other"] {
             std::fs::create_dir_all(dir.join(d)).unwrap();
         }
         let mut removed = retire_other_versions(&Pins::new(&dir)).unwrap();
         removed.sort();
-        assert_eq!(removed, vec![dir.join("v1"), dir.join("v10")]);
+        assert_eq!(removed, vec![dir.join("v0"), dir.join("v1")]);
         for kept in [PIN_VERSION, "vx", "v", "other"] {
             assert!(dir.join(kept).is_dir(), "{kept} kept");
         }
+        // A newer layout is refused, and nothing is removed.
+        std::fs::create_dir_all(dir.join("v1")).unwrap();
+        std::fs::create_dir_all(dir.join("v99")).unwrap();
+        let err = retire_other_versions(&Pins::new(&dir)).unwrap_err();
+        assert!(err.to_string().contains("newer bpfnat"), "{err}");
+        assert!(dir.join("v1").is_dir() && dir.join("v99").is_dir());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
