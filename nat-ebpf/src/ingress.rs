@@ -8,11 +8,12 @@ use nat_common::{
 };
 
 use crate::{
-    TC_ACT_OK, addr,
+    TC_ACT_OK, addr, arp,
     conntrack::{self, now},
     csum, forward, frag, icmp,
     lookup::{config, container_at, endpoint, port_target, static_nat},
     nat,
+    nexthop::{self, Way},
     parse::{self, L3},
     stats::count,
 };
@@ -37,7 +38,7 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
     let ifindex = ifindex(ctx);
     let (l3, eth_src) = parse::l3(ctx).ok_or(Reason::DropTruncated)?;
     match l3 {
-        L3::Arp => return forward::arp_reply(ctx, cfg, ifindex, eth_src),
+        L3::Arp => return arp::from_container(ctx, cfg, ifindex, eth_src),
         L3::Ipv4 => {}
         // IPv6 is a later milestone; router/neighbour solicitations are the stack's.
         L3::Other => return pass(ctx),
@@ -149,7 +150,7 @@ fn leave(
     ifindex: u32,
     me: &Endpoint,
 ) -> Result<i32, Reason> {
-    let nh = forward::fib(ctx, p, ifindex);
+    let nh = nexthop::fib(ctx, p, ifindex);
     let leaves_by_uplink = nh.forwards() && nh.ifindex == cfg.uplink_ifindex;
     if !leaves_by_uplink {
         // F6 (the node's own addresses) and anything routed elsewhere: the stack decides.
@@ -159,7 +160,7 @@ fn leave(
         // Let the kernel answer with ICMP time exceeded.
         return pass(ctx);
     }
-    if nh.rc == forward::FRAG_NEEDED && p.df {
+    if nh.rc == nexthop::FRAG_NEEDED && p.df {
         // Untranslated, so that the kernel's "fragmentation needed" reaches the container
         // (without DF the translated packet is handed over below and the kernel fragments it).
         count(Reason::MtuExceeded, ctx.len());
@@ -209,7 +210,21 @@ fn tracked(
     conntrack::touch(ctx, e, p, t)?;
     count(Reason::CtHit, ctx.len());
     let x = conntrack::Xlate::of(e);
-    forward::forward_tracked(ctx, cfg, p, ifindex, e, &x, t)
+    let way = nexthop::tracked_way(ctx, cfg, p, ifindex, conntrack::meta(e), &x.dst, t);
+    if let Way::Out(nh) = way
+        && nh.rc == nexthop::FRAG_NEEDED
+        && p.df
+    {
+        // Too big for the way out with DF set: to the stack untranslated, whose ICMP
+        // "fragmentation needed" then reaches the sender with the addresses it knows.
+        count(Reason::MtuExceeded, ctx.len());
+        return Ok(TC_ACT_OK);
+    }
+    nat::apply(ctx, p, &x)?;
+    match way {
+        Way::Peer(hop) => forward::to_hop(ctx, p, &hop),
+        Way::Out(nh) => forward::route(ctx, p, ifindex, Some(nh)),
+    }
 }
 
 /// Checksums that must hold before a packet creates a connection: the IPv4 header's and the
@@ -267,7 +282,7 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
     let ifindex = ifindex(ctx);
     match parse::l3(ctx) {
         Some((L3::Ipv4, _)) => {}
-        Some((L3::Arp, _)) => return forward::uplink_arp(ctx, cfg, ifindex),
+        Some((L3::Arp, _)) => return arp::from_uplink(ctx, cfg, ifindex),
         _ => return pass(ctx),
     }
     // Malformed: dropped and counted, as ip_rcv would drop it.

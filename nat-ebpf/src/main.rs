@@ -13,6 +13,7 @@
 )]
 
 mod addr;
+mod arp;
 mod conntrack;
 mod csum;
 mod forward;
@@ -22,6 +23,7 @@ mod ingress;
 mod lookup;
 mod maps;
 mod nat;
+mod nexthop;
 mod parse;
 mod pkt;
 mod sock;

@@ -16,10 +16,10 @@ use nat_common::{Endpoint, Reason, STATIC_EXTERNAL, tcp_flags};
 use crate::{
     addr,
     conntrack::{self, now},
-    forward::{self, Hop},
-    icmp,
-    lookup::{config, container_at, endpoint, static_nat},
+    forward, icmp,
+    lookup::{config, endpoint, static_nat},
     nat,
+    nexthop::{self, Hop},
     parse::{self, L3},
     pkt::Pkt,
     stats::count,
@@ -87,16 +87,10 @@ pub fn from_uplink(ctx: &XdpContext) -> Result<u32, Reason> {
     }
     let t = now();
     // Only connections that end in a container are XDP's; the cached hop says so.
-    let hop = match forward::cached_peer(conntrack::meta(e), t) {
-        Some(h) => h,
-        None => {
-            // SAFETY: read of a map value.
-            let to = unsafe { (*e).xlate.dst_addr };
-            let Some(ep) = container_at(cfg, &to) else {
-                return pass(ctx);
-            };
-            forward::remember_peer(conntrack::meta(e), &ep, t)
-        }
+    // SAFETY: read of a map value.
+    let to = unsafe { (*e).xlate.dst_addr };
+    let Some(hop) = nexthop::peer_hop(cfg, conntrack::meta(e), &to, t) else {
+        return pass(ctx);
     };
     conntrack::touch(ctx, e, &p, t)?;
     count(Reason::CtHit, ctx.bytes());
