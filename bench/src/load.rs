@@ -11,7 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use bpfnat::netns;
+use nat_plumbing::netns;
 
 use crate::topo::{Endpoints, IPERF_PORT, RR_PORT};
 

@@ -148,7 +148,7 @@ fn paths_of(t: &Topo, runs: u32) -> Result<Vec<testrun::PathCost>> {
     let mut ping = std::process::Command::new("ping");
     ping.args(["-c", "1", "-W", "1", &topo::EXT.to_string()])
         .stdout(std::process::Stdio::null());
-    bpfnat::netns::command_in(&mut ping, &d.node)?;
+    nat_plumbing::netns::command_in(&mut ping, &d.node)?;
     let _ = ping.status();
     let list: serde_json::Value =
         serde_json::from_str(&d.ok(&["-o", "json", "container", "list"])?)?;
@@ -426,8 +426,8 @@ fn scale(me: &Path, topos: &[Topo], quick: bool) -> Result<Scaling> {
 
 /// Wall-clock time of the control-plane operations users wait for.
 fn control_plane(bin: &Path) -> Result<ControlPlane> {
-    let lab = bpfnat::lab::Lab::new("bnb-cp", bin)?;
-    lab.ok(&["up", "--uplink", bpfnat::lab::UPLINK])?;
+    let lab = bpfnat_lab::Lab::new("bnb-cp", bin)?;
+    lab.ok(&["up", "--uplink", bpfnat_lab::UPLINK])?;
     let c = lab.name("p");
     lab.ok(&["container", "add", &c])?;
     let t = Instant::now();

@@ -9,7 +9,7 @@ use aya::{
     TestRun as _, TestRunOptions,
     programs::{SchedClassifier, Xdp},
 };
-use bpfnat::lab::Lab;
+use bpfnat_lab::Lab;
 use bpfnat_tests::packet::{self, PROTO_TCP, PROTO_UDP};
 
 use crate::topo::{C1, EXT, NODE, RR_PORT};
@@ -47,9 +47,9 @@ fn cost(
     runs: u32,
     make: impl Fn(u32) -> Vec<u8> + Send + 'static,
 ) -> Result<(f64, f64)> {
-    let pin = lab.pins().prog(prog);
+    let pin = bpfnat_tests::pins(lab).prog(prog);
     let xdp = prog == XDP;
-    let samples = bpfnat::netns::run_in(&lab.node, move || {
+    let samples = nat_plumbing::netns::run_in(&lab.node, move || {
         let mut ctx = [0u8; 192];
         ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
         let mut out = vec![0u8; 2048];

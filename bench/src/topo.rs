@@ -10,7 +10,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use bpfnat::{lab::Lab, netns};
+use bpfnat_lab::Lab;
+use nat_plumbing::netns;
 
 pub const C1: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 2);
 pub const EXT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
@@ -152,7 +153,7 @@ impl Topo {
             if o.ext_tx_off {
                 lab.ext_tx_checksum(false)?;
             }
-            lab.ok(&["up", "--uplink", bpfnat::lab::UPLINK, "--xdp", o.xdp])?;
+            lab.ok(&["up", "--uplink", bpfnat_lab::UPLINK, "--xdp", o.xdp])?;
             let (c1, c2) = (lab.name("c1"), lab.name("c2"));
             let p = |port: u16, proto: &str| format!("{port}:{port}/{proto}");
             lab.ok(&[
@@ -189,7 +190,12 @@ impl Topo {
         t.cleanup();
         let built = t.build_baseline().and_then(|()| {
             if o.ext_tx_off {
-                bpfnat::ethtool::set_in(&t.ext, "eth0", bpfnat::ethtool::Offload::TxChecksum, false)
+                nat_plumbing::ethtool::set_in(
+                    &t.ext,
+                    "eth0",
+                    nat_plumbing::ethtool::Offload::TxChecksum,
+                    false,
+                )
             } else {
                 Ok(())
             }

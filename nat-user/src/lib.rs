@@ -1,17 +1,18 @@
-//! bpfnat's userspace: the loader CLI's building blocks, shared with the demo and the
-//! end-to-end tests (which build their labs with [`lab`]).
+//! bpfnat's userspace, the library behind the `bpfnat` binary: the CLI, the agent and the
+//! CNI plugin (thin callers) over the node and endpoint services, the datapath loader, the
+//! state store. The end-to-end tests reach in only for pin paths (`datapath::Pins`) and what
+//! they check against (`cni::SUPPORTED_VERSIONS`, `agent::load_config`); the lab they build
+//! is `bpfnat-lab`, which drives the binary.
 
 pub mod agent;
 pub mod cli;
 pub mod cni;
 pub mod datapath;
-pub mod endpoints;
-pub mod env;
-pub mod ethtool;
-pub mod lab;
-pub mod net;
-pub mod netlink;
-pub mod netns;
-pub mod node;
-pub mod spec;
-pub mod state;
+mod endpoints;
+mod env;
+mod net;
+mod node;
+mod spec;
+mod state;
+
+use nat_plumbing::{ethtool, netlink, netns};

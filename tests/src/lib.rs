@@ -8,8 +8,8 @@ use std::{
     process::{Command, Stdio},
 };
 
-pub use bpfnat::lab::{EXT_ADDR, FAR_ADDR, Lab, NODE_ADDR, ROUTER_ADDR, UPLINK, traffic};
-use bpfnat::netns;
+pub use bpfnat_lab::{EXT_ADDR, FAR_ADDR, Lab, NODE_ADDR, ROUTER_ADDR, UPLINK, traffic};
+use nat_plumbing::netns;
 
 pub mod packet;
 pub mod wire;
@@ -27,6 +27,12 @@ pub fn bin() -> PathBuf {
         .and_then(Path::parent)
         .map(|d| d.join("bpfnat"))
         .expect("target directory")
+}
+
+/// Where bpfnat pins the programs, maps and links of `lab`.
+#[must_use]
+pub fn pins(lab: &Lab) -> bpfnat::datapath::Pins {
+    bpfnat::datapath::Pins::new(&lab.bpffs_dir)
 }
 
 /// A fresh lab named after the test.

@@ -44,7 +44,7 @@ fn packet_socket(ifname: &str) -> std::io::Result<(OwnedFd, i32)> {
 /// Write each of `frames` as it is on interface `ifname` of namespace `ns`.
 pub fn send(ns: &Path, ifname: &str, frames: Vec<Vec<u8>>) {
     let ifname = ifname.to_owned();
-    bpfnat::netns::run_in(ns, move || {
+    nat_plumbing::netns::run_in(ns, move || {
         let (sock, _) = packet_socket(&ifname)?;
         for f in &frames {
             // SAFETY: `f` outlives the call; the socket is bound, so no address is needed.
@@ -63,8 +63,8 @@ pub type Captured = JoinHandle<Vec<Vec<u8>>>;
 pub fn capture(ns: &Path, ifname: &str, window: Duration) -> Captured {
     let ns: PathBuf = ns.to_owned();
     let ifname = ifname.to_owned();
-    let sock =
-        bpfnat::netns::run_in(&ns, move || Ok(packet_socket(&ifname)?.0)).expect("capture socket");
+    let sock = nat_plumbing::netns::run_in(&ns, move || Ok(packet_socket(&ifname)?.0))
+        .expect("capture socket");
     std::thread::spawn(move || {
         let tv = libc::timeval {
             tv_sec: 0,

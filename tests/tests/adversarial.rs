@@ -138,7 +138,7 @@ fn broadcast_and_multicast_from_containers_are_never_masqueraded() {
     let lab = lab_up("adv-bcast");
     let c = add_container(&lab, "c", &[]);
     let cap = wire::capture(&lab.ext, "eth0", WINDOW);
-    bpfnat::netns::run_in(&c.ns, || {
+    nat_plumbing::netns::run_in(&c.ns, || {
         let s = UdpSocket::bind(v4(Ipv4Addr::UNSPECIFIED, 0))?;
         s.set_broadcast(true)?;
         // Positive control first.
@@ -167,7 +167,7 @@ fn broadcast_and_multicast_from_containers_are_never_masqueraded() {
 fn fill_conntrack(lab: &Lab, n: u32) {
     use aya::maps::{HashMap, Map, MapData};
     use nat_common::{CtEntry4, CtKey4, CtMeta, DIR_ORIGINAL, DIR_REPLY, dgram_state};
-    let pin = lab.pins().map(nat_common::map_names::CONNTRACK);
+    let pin = bpfnat_tests::pins(lab).map(nat_common::map_names::CONNTRACK);
     let data = MapData::from_pin(&pin).unwrap();
     let mut ct: HashMap<_, CtKey4, CtEntry4> =
         Map::from_map_data(data).unwrap().try_into().unwrap();
@@ -207,7 +207,7 @@ fn fill_conntrack(lab: &Lab, n: u32) {
 /// Returns how many exchanges got no answer.
 fn udp_flows(ns: &std::path::Path, n: usize, between: impl FnOnce()) -> usize {
     // Sockets belong to the namespace they were made in, wherever they are used from.
-    let socks: Vec<UdpSocket> = bpfnat::netns::run_in(ns, move || {
+    let socks: Vec<UdpSocket> = nat_plumbing::netns::run_in(ns, move || {
         (0..n)
             .map(|_| {
                 let s = UdpSocket::bind(v4(Ipv4Addr::UNSPECIFIED, 0))?;
@@ -436,7 +436,7 @@ fn port_unreachable(
 /// A UDP socket in `ns` bound to `port` and connected to `dst`, which has sent one datagram
 /// (so a masqueraded connection exists).
 fn connected_udp(ns: &std::path::Path, port: u16, dst: std::net::SocketAddr) -> UdpSocket {
-    bpfnat::netns::run_in(ns, move || {
+    nat_plumbing::netns::run_in(ns, move || {
         let s = UdpSocket::bind(v4(Ipv4Addr::UNSPECIFIED, port))?;
         s.connect(dst)?;
         s.set_read_timeout(Some(Duration::from_millis(700)))?;
@@ -459,7 +459,7 @@ fn icmp_errors_that_do_not_fit_the_connection_they_quote_are_dropped() {
     let v = add_container(&lab, "v", &[]);
     // A silent peer: it neither answers nor refuses.
     let _silent =
-        bpfnat::netns::run_in(&lab.ext, || Ok(UdpSocket::bind(v4(EXT_ADDR, 7003))?)).unwrap();
+        nat_plumbing::netns::run_in(&lab.ext, || Ok(UdpSocket::bind(v4(EXT_ADDR, 7003))?)).unwrap();
     let cs = connected_udp(&c.ns, 6001, v4(EXT_ADDR, 7003));
     let vs = connected_udp(&v.ns, 6002, v4(EXT_ADDR, 7003));
     std::thread::sleep(Duration::from_millis(100));
@@ -531,8 +531,9 @@ fn hold(
 ) -> Held {
     use std::io::{Read as _, Write as _};
     let listener =
-        bpfnat::netns::run_in(server_ns, move || Ok(std::net::TcpListener::bind(listen)?)).unwrap();
-    let client = bpfnat::netns::run_in(client_ns, move || {
+        nat_plumbing::netns::run_in(server_ns, move || Ok(std::net::TcpListener::bind(listen)?))
+            .unwrap();
+    let client = nat_plumbing::netns::run_in(client_ns, move || {
         Ok(std::net::TcpStream::connect_timeout(&dst, WINDOW)?)
     })
     .unwrap();
@@ -691,8 +692,9 @@ fn pair(
     dst: std::net::SocketAddr,
 ) -> (std::net::TcpStream, std::net::TcpStream) {
     let listener =
-        bpfnat::netns::run_in(server_ns, move || Ok(std::net::TcpListener::bind(listen)?)).unwrap();
-    let client = bpfnat::netns::run_in(client_ns, move || {
+        nat_plumbing::netns::run_in(server_ns, move || Ok(std::net::TcpListener::bind(listen)?))
+            .unwrap();
+    let client = nat_plumbing::netns::run_in(client_ns, move || {
         Ok(std::net::TcpStream::connect_timeout(&dst, WINDOW)?)
     })
     .unwrap();

@@ -50,7 +50,7 @@ fn start_agent(lab: &Lab, port: u16) -> Agent {
 /// GET `path` from the agent in the node namespace.
 fn get(lab: &Lab, port: u16, path: &str) -> Option<String> {
     let path = path.to_owned();
-    bpfnat::netns::run_in(&lab.node, move || {
+    nat_plumbing::netns::run_in(&lab.node, move || {
         let mut s = TcpStream::connect_timeout(
             &SocketAddr::from(([127, 0, 0, 1], port)),
             Duration::from_millis(500),
@@ -80,8 +80,9 @@ fn a_stream_keeps_flowing_across_agent_kill_and_restart_and_metrics_count_it() {
     let c = lab.name("c");
     lab.ok(&["container", "add", &c]).unwrap();
     let listener =
-        bpfnat::netns::run_in(&lab.ext, || Ok(TcpListener::bind(v4(EXT_ADDR, 9000))?)).unwrap();
-    let mut client = bpfnat::netns::run_in(&lab.container_ns(&c), || {
+        nat_plumbing::netns::run_in(&lab.ext, || Ok(TcpListener::bind(v4(EXT_ADDR, 9000))?))
+            .unwrap();
+    let mut client = nat_plumbing::netns::run_in(&lab.container_ns(&c), || {
         Ok(TcpStream::connect(v4(EXT_ADDR, 9000))?)
     })
     .unwrap();
@@ -136,7 +137,7 @@ fn the_agent_follows_the_uplink_address() {
     let mut ip = Command::new("sh");
     // Deleting a primary address also deletes its secondaries: renumber, as DHCP would.
     ip.args(["-c", &format!("ip addr del {NODE_ADDR}/24 dev uplink0 && ip addr add {new_addr}/24 dev uplink0 && ip route replace default via {EXT_ADDR}")]);
-    bpfnat::netns::command_in(&mut ip, &lab.node).unwrap();
+    nat_plumbing::netns::command_in(&mut ip, &lab.node).unwrap();
     assert!(ip.status().unwrap().success());
     let deadline = Instant::now() + Duration::from_secs(5);
     while json(&lab, &["status"])["node"]["snat_ip"] != new_addr.to_string() {
@@ -166,7 +167,7 @@ fn the_agent_follows_the_uplink_address() {
 fn the_agent_removes_endpoints_whose_namespace_is_gone() {
     let lab = lab("agentrec");
     lab.ok(&["up", "--uplink", bpfnat_tests::UPLINK]).unwrap();
-    let ns = bpfnat::netns::create(&lab.name("sandbox")).unwrap();
+    let ns = nat_plumbing::netns::create(&lab.name("sandbox")).unwrap();
     lab.ok(&[
         "container",
         "add",
@@ -176,7 +177,7 @@ fn the_agent_removes_endpoints_whose_namespace_is_gone() {
     ])
     .unwrap();
     // The runtime deleted the sandbox while no agent was running.
-    bpfnat::netns::remove(&ns).unwrap();
+    nat_plumbing::netns::remove(&ns).unwrap();
     let _agent = start_agent(&lab, 9973);
     assert!(
         json(&lab, &["container", "list"])
@@ -193,7 +194,7 @@ fn the_agent_garbage_collects_dead_connections() {
     let c = lab.name("c");
     lab.ok(&["container", "add", &c]).unwrap();
     // Refused: the connection ends in CLOSE, whose timeout is 10 s.
-    let refused = bpfnat::netns::run_in(&lab.container_ns(&c), || {
+    let refused = nat_plumbing::netns::run_in(&lab.container_ns(&c), || {
         Ok(TcpStream::connect_timeout(&v4(EXT_ADDR, 9099), Duration::from_secs(2)).is_err())
     })
     .unwrap();
@@ -218,7 +219,7 @@ fn the_agent_garbage_collects_dead_connections() {
 fn stalled_metrics_clients_do_not_hold_up_the_agent() {
     let lab = lab("agentslow");
     let _agent = start_agent(&lab, 9976);
-    let answered = bpfnat::netns::run_in(&lab.node, || {
+    let answered = nat_plumbing::netns::run_in(&lab.node, || {
         let addr = SocketAddr::from(([127, 0, 0, 1], 9976));
         // Three clients that connect and say nothing: the agent gives each 2 s to speak.
         let _stalled: Vec<TcpStream> = (0..3)

@@ -90,7 +90,10 @@ fn missing_uplink_is_rejected() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("nope0") && err.contains("not found"), "{err}");
-    assert!(!lab.pins().root().exists(), "no pins left behind");
+    assert!(
+        !bpfnat_tests::pins(&lab).root().exists(),
+        "no pins left behind"
+    );
     assert!(!link_exists(&lab.node, "bn-gw"));
     assert_eq!(json(&lab, &["status"])["up"], false);
     fails_with(&lab, &["container", "add", &lab.name("c")], "not up");
@@ -151,8 +154,8 @@ fn sysctls_are_set_in_the_container_namespace() {
     ])
     .unwrap();
     let read = |key: &str| {
-        let path = bpfnat::netns::sysctl_path(key).unwrap();
-        bpfnat::netns::run_in(&lab.container_ns(&c), move || {
+        let path = nat_plumbing::netns::sysctl_path(key).unwrap();
+        nat_plumbing::netns::run_in(&lab.container_ns(&c), move || {
             Ok(std::fs::read_to_string(path)?)
         })
         .unwrap()
@@ -165,7 +168,7 @@ fn sysctls_are_set_in_the_container_namespace() {
         ["0", "2147483647"]
     );
     // The node's own value is untouched.
-    let node = bpfnat::netns::run_in(&lab.node, || {
+    let node = nat_plumbing::netns::run_in(&lab.node, || {
         Ok(std::fs::read_to_string(
             "/proc/sys/net/ipv4/ip_default_ttl",
         )?)
@@ -180,7 +183,7 @@ fn container_del_and_down_remove_everything() {
     let (a, b) = (lab.name("a"), lab.name("b"));
     lab.ok(&["container", "add", &a, "-p", "8080:80"]).unwrap();
     let ifa = host_if(&lab, &a);
-    let pin = lab.pins().link(&ifa);
+    let pin = bpfnat_tests::pins(&lab).link(&ifa);
     assert!(lab.container_ns(&a).exists() && link_exists(&lab.node, &ifa) && pin.exists());
 
     // Leave a tracked connection behind to see it go with the container.
@@ -219,7 +222,10 @@ fn container_del_and_down_remove_everything() {
     assert!(!lab.container_ns(&b).exists());
     assert!(!link_exists(&lab.node, &ifb));
     assert!(!link_exists(&lab.node, "bn-gw"));
-    assert!(!lab.pins().root().exists(), "every pin removed");
+    assert!(
+        !bpfnat_tests::pins(&lab).root().exists(),
+        "every pin removed"
+    );
     assert_eq!(json(&lab, &["status"])["up"], false);
     // Down twice is harmless.
     lab.ok(&["down"]).unwrap();
@@ -229,7 +235,7 @@ fn container_del_and_down_remove_everything() {
 fn externally_created_namespace_is_attached_and_kept() {
     let lab = lab_up("extns");
     let name = lab.name("rt");
-    let ns = bpfnat::netns::create(&name).unwrap();
+    let ns = nat_plumbing::netns::create(&name).unwrap();
     lab.ok(&[
         "container",
         "add",
@@ -278,7 +284,7 @@ fn pinned_maps_dump_with_field_names_in_bpftool() {
     srv.join().unwrap();
 
     let dump = |map: &str| -> serde_json::Value {
-        let path = lab.pins().map(map);
+        let path = bpfnat_tests::pins(&lab).map(map);
         assert!(Path::new(&path).exists(), "{} pinned", path.display());
         let out = Command::new("bpftool")
             .args(["-j", "map", "dump", "pinned"])
@@ -407,7 +413,11 @@ fn demo_shows_every_flow_and_cleans_up() {
 fn a_lab_pins_into_its_own_bpffs_and_takes_it_away() {
     let lab = lab_up("ownfs");
     let mount = lab.bpffs_dir.parent().unwrap().to_owned();
-    assert!(lab.pins().map(nat_common::map_names::CONNTRACK).exists());
+    assert!(
+        bpfnat_tests::pins(&lab)
+            .map(nat_common::map_names::CONNTRACK)
+            .exists()
+    );
     let mounted = || {
         std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap()

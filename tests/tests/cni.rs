@@ -41,7 +41,7 @@ fn cni(lab: &Lab, command: &str, id: &str, netns: &Path, conf: &Value) -> (bool,
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    bpfnat::netns::command_in(&mut c, &lab.node).unwrap();
+    nat_plumbing::netns::command_in(&mut c, &lab.node).unwrap();
     let mut child = c.spawn().unwrap();
     child
         .stdin
@@ -60,7 +60,7 @@ fn cni(lab: &Lab, command: &str, id: &str, netns: &Path, conf: &Value) -> (bool,
 }
 
 fn sandbox(lab: &Lab, short: &str) -> std::path::PathBuf {
-    bpfnat::netns::create(&lab.name(short)).unwrap()
+    nat_plumbing::netns::create(&lab.name(short)).unwrap()
 }
 
 #[test]
@@ -148,7 +148,7 @@ fn del_after_the_namespace_vanished_and_check_after_the_veth_was_deleted() {
     assert!(cni(&lab, "ADD", "pod-two", &ns2, &c).0);
 
     // pod-one's sandbox disappears before DEL (a crashed runtime).
-    bpfnat::netns::remove(&ns1).unwrap();
+    nat_plumbing::netns::remove(&ns1).unwrap();
     assert!(
         cni(&lab, "DEL", "pod-one", &ns1, &c).0,
         "DEL of a vanished sandbox succeeds"
@@ -157,7 +157,7 @@ fn del_after_the_namespace_vanished_and_check_after_the_veth_was_deleted() {
     // Someone deletes pod-two's veth behind our back: CHECK notices.
     let mut ip = Command::new("ip");
     ip.args(["link", "del", "eth0"]);
-    bpfnat::netns::command_in(&mut ip, &ns2).unwrap();
+    nat_plumbing::netns::command_in(&mut ip, &ns2).unwrap();
     assert!(ip.status().unwrap().success());
     let (ok, e) = cni(&lab, "CHECK", "pod-two", &ns2, &c);
     assert!(!ok, "CHECK must fail");
@@ -240,7 +240,7 @@ fn unusable_subnets_are_refused_before_anything_is_touched() {
         assert!(!ok, "{subnet}");
         assert_eq!(e["code"], 7, "{subnet}: {e}");
         assert!(
-            !lab.pins().root().exists(),
+            !bpfnat_tests::pins(&lab).root().exists(),
             "{subnet}: the datapath was brought up"
         );
         assert!(!link_exists(&ns, "eth0"), "{subnet}: the sandbox was wired");

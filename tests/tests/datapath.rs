@@ -25,8 +25,8 @@ struct Ran {
 
 /// Run pinned program `prog` once on `frame`, as if it arrived on interface `ifindex`.
 fn run(lab: &Lab, prog: &str, ifindex: u32, frame: Vec<u8>) -> Ran {
-    let pin = lab.pins().prog(prog);
-    bpfnat::netns::run_in(&lab.node, move || {
+    let pin = bpfnat_tests::pins(lab).prog(prog);
+    nat_plumbing::netns::run_in(&lab.node, move || {
         let p = SchedClassifier::from_pin(&pin)?;
         // struct __sk_buff: only `ifindex` (offset 40) set; the kernel takes skb->dev from it.
         let mut ctx = [0u8; 192];
@@ -49,8 +49,8 @@ fn run(lab: &Lab, prog: &str, ifindex: u32, frame: Vec<u8>) -> Ran {
 
 /// Run the pinned XDP program once on `frame`.
 fn run_xdp(lab: &Lab, frame: Vec<u8>) -> Ran {
-    let pin = lab.pins().prog(nat_common::prog_names::XDP_UPLINK);
-    bpfnat::netns::run_in(&lab.node, move || {
+    let pin = bpfnat_tests::pins(lab).prog(nat_common::prog_names::XDP_UPLINK);
+    nat_plumbing::netns::run_in(&lab.node, move || {
         let p = Xdp::from_pin(&pin, aya_obj::programs::XdpAttachType::Interface)?;
         let mut out = vec![0u8; frame.len() + 64];
         let r = p.test_run(TestRunOptions {

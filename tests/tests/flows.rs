@@ -154,12 +154,12 @@ fn masquerade_never_collides_with_the_nodes_own_connections() {
     .unwrap();
     let c = lab.name("c");
     lab.ok(&["container", "add", &c]).unwrap();
-    let listener = bpfnat::netns::run_in(&lab.ext, || {
+    let listener = nat_plumbing::netns::run_in(&lab.ext, || {
         Ok(std::net::TcpListener::bind(v4(EXT_ADDR, 9000))?)
     })
     .unwrap();
     // The node talks to the external host from its uplink address and port 45000 ...
-    let mut node = bpfnat::netns::run_in(&lab.node, || {
+    let mut node = nat_plumbing::netns::run_in(&lab.node, || {
         let s = std::net::TcpStream::connect(v4(EXT_ADDR, 9000));
         // Bind explicitly: a node connection that happens to use 45000.
         drop(s);
@@ -171,7 +171,7 @@ fn masquerade_never_collides_with_the_nodes_own_connections() {
     let (mut node_peer, node_addr) = listener.accept().unwrap();
     assert_eq!(node_addr, v4(NODE_ADDR, PORT));
     // ... and a container uses the same source port to the same destination.
-    let mut cont = bpfnat::netns::run_in(&lab.container_ns(&c), || {
+    let mut cont = nat_plumbing::netns::run_in(&lab.container_ns(&c), || {
         Ok(libc_bind_connect(
             v4(Ipv4Addr::UNSPECIFIED, PORT),
             v4(EXT_ADDR, 9000),
@@ -447,11 +447,11 @@ fn conntrack_follows_tcp_states_and_gc_expires_dead_connections() {
     });
 
     // An open connection is ESTABLISHED.
-    let listener = bpfnat::netns::run_in(&lab.ext, || {
+    let listener = nat_plumbing::netns::run_in(&lab.ext, || {
         Ok(std::net::TcpListener::bind(v4(EXT_ADDR, 9001))?)
     })
     .unwrap();
-    let mut held = bpfnat::netns::run_in(&ns, || {
+    let mut held = nat_plumbing::netns::run_in(&ns, || {
         Ok(std::net::TcpStream::connect(v4(EXT_ADDR, 9001))?)
     })
     .unwrap();
@@ -464,7 +464,7 @@ fn conntrack_follows_tcp_states_and_gc_expires_dead_connections() {
     });
 
     // A refused connection ends in CLOSE (RST), whose timeout is 10 s.
-    let refused = bpfnat::netns::run_in(&ns, || {
+    let refused = nat_plumbing::netns::run_in(&ns, || {
         Ok(std::net::TcpStream::connect(v4(EXT_ADDR, 9002)).is_err())
     })
     .unwrap();
@@ -573,7 +573,7 @@ fn node_processes_reach_published_ports_on_localhost_and_node_address() {
         );
     }
     // The application sees the address it connected to, not the container's.
-    let peer = bpfnat::netns::run_in(&lab.node, move || {
+    let peer = nat_plumbing::netns::run_in(&lab.node, move || {
         let s = std::net::TcpStream::connect(v4(localhost, 8080))?;
         Ok(s.peer_addr()?)
     })
@@ -654,7 +654,7 @@ fn a_full_conntrack_table_evicts_the_least_recently_used_and_keeps_working() {
     )
     .unwrap();
     // 900 connections need 1800 entries: twice what the table holds.
-    let answered = bpfnat::netns::run_in(&lab.container_ns(&c), || {
+    let answered = nat_plumbing::netns::run_in(&lab.container_ns(&c), || {
         let mut ok = 0;
         let mut buf = [0u8; 256];
         for i in 0..FLOWS {

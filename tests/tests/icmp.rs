@@ -23,7 +23,8 @@ fn path_mtu_discovery_works_through_masquerade() {
     let ns = lab.container_ns(&c);
 
     let listener =
-        bpfnat::netns::run_in(&lab.ext, || Ok(TcpListener::bind(v4(FAR_ADDR, 9000))?)).unwrap();
+        nat_plumbing::netns::run_in(&lab.ext, || Ok(TcpListener::bind(v4(FAR_ADDR, 9000))?))
+            .unwrap();
     let server = std::thread::spawn(move || -> std::io::Result<usize> {
         let (mut s, _) = listener.accept()?;
         s.set_read_timeout(Some(Duration::from_secs(15)))?;
@@ -34,7 +35,7 @@ fn path_mtu_discovery_works_through_masquerade() {
     });
     // Full-size segments with DF cannot cross the router's 1280-byte link: unless the
     // router's "fragmentation needed" reaches the container, this upload stalls.
-    let answer = bpfnat::netns::run_in(&ns, || {
+    let answer = nat_plumbing::netns::run_in(&ns, || {
         let mut s = TcpStream::connect_timeout(&v4(FAR_ADDR, 9000), Duration::from_secs(5))?;
         s.set_read_timeout(Some(Duration::from_secs(15)))?;
         s.set_write_timeout(Some(Duration::from_secs(15)))?;
@@ -67,7 +68,8 @@ fn an_uplink_mtu_below_the_containers_is_learned_by_the_container() {
     assert!(ok, "set the uplink MTU");
 
     let listener =
-        bpfnat::netns::run_in(&lab.ext, || Ok(TcpListener::bind(v4(EXT_ADDR, 9001))?)).unwrap();
+        nat_plumbing::netns::run_in(&lab.ext, || Ok(TcpListener::bind(v4(EXT_ADDR, 9001))?))
+            .unwrap();
     let server = std::thread::spawn(move || -> std::io::Result<usize> {
         let (mut s, _) = listener.accept()?;
         s.set_read_timeout(Some(Duration::from_secs(15)))?;
@@ -77,7 +79,7 @@ fn an_uplink_mtu_below_the_containers_is_learned_by_the_container() {
     });
     // Full-size segments with DF do not fit the uplink: unless the node's "fragmentation
     // needed" reaches the container (not the masquerade address), this upload stalls.
-    bpfnat::netns::run_in(&ns, || {
+    nat_plumbing::netns::run_in(&ns, || {
         let mut s = TcpStream::connect_timeout(&v4(EXT_ADDR, 9001), Duration::from_secs(5))?;
         s.set_write_timeout(Some(Duration::from_secs(15)))?;
         s.write_all(&vec![7u8; BULK])?;

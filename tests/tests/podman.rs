@@ -27,7 +27,7 @@ impl Podman<'_> {
             .arg(self.dir.join("runroot"))
             .args(["--storage-driver", "vfs"])
             .args(args);
-        bpfnat::netns::command_in(&mut c, &self.lab.node).unwrap();
+        nat_plumbing::netns::command_in(&mut c, &self.lab.node).unwrap();
         c
     }
 

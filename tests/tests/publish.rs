@@ -17,7 +17,7 @@ fn add_node_address(lab: &bpfnat_tests::Lab, addr: Ipv4Addr) {
         "dev",
         bpfnat_tests::UPLINK,
     ]);
-    bpfnat::netns::command_in(&mut c, &lab.node).unwrap();
+    nat_plumbing::netns::command_in(&mut c, &lab.node).unwrap();
     assert!(c.status().unwrap().success());
 }
 

@@ -17,7 +17,7 @@ fn leftovers(lab: &Lab, names: &[&str]) -> Vec<String> {
         .filter(|n| n.starts_with("bn-") && !n.starts_with("bn-gw"))
         .collect();
     left.extend(
-        lab.pins()
+        bpfnat_tests::pins(lab)
             .linked_interfaces()
             .into_iter()
             .filter(|n| n.starts_with("bn-") && !n.starts_with("bn-gw"))
@@ -101,7 +101,7 @@ fn down_after_the_state_file_was_lost_removes_what_bpfnat_made() {
     lab.ok(&["container", "add", &b]).unwrap();
     // A runtime's namespace: bpfnat wires it but must never delete it.
     let runtime = lab.name("rt");
-    let rt_path = bpfnat::netns::create(&runtime).unwrap();
+    let rt_path = nat_plumbing::netns::create(&runtime).unwrap();
     lab.ok(&[
         "container",
         "add",
@@ -124,7 +124,7 @@ fn down_after_the_state_file_was_lost_removes_what_bpfnat_made() {
         rt_path.exists(),
         "the runtime's namespace is not bpfnat's to remove"
     );
-    assert!(!lab.pins().root().exists(), "no pins left");
+    assert!(!bpfnat_tests::pins(&lab).root().exists(), "no pins left");
     // And the node can come up again from scratch.
     lab.ok(&["up", "--uplink", bpfnat_tests::UPLINK]).unwrap();
     lab.ok(&["container", "add", &a]).unwrap();
@@ -137,7 +137,7 @@ fn state_left_by_a_node_namespace_that_is_gone_is_cleared_by_the_next_up() {
     lab.ok(&["container", "add", &a, "-p", "8088:88"]).unwrap();
     // The node's namespace made again: a fresh one with the same uplink, under the same state
     // and pin directories (the recorded cookie and ifindexes are another namespace's).
-    let node2 = bpfnat::netns::create(&lab.name("node2")).unwrap();
+    let node2 = nat_plumbing::netns::create(&lab.name("node2")).unwrap();
     for args in [
         &[
             "link", "add", "uplink0", "type", "veth", "peer", "name", "far0",
@@ -155,7 +155,7 @@ fn state_left_by_a_node_namespace_that_is_gone_is_cleared_by_the_next_up() {
             .arg("--state-dir")
             .arg(&lab.state_dir)
             .args(args);
-        bpfnat::netns::command_in(&mut cmd, &node2).unwrap();
+        nat_plumbing::netns::command_in(&mut cmd, &node2).unwrap();
         cmd.output().unwrap()
     };
     let up = in_node2(&["up", "--uplink", "uplink0"]);
@@ -174,5 +174,5 @@ fn state_left_by_a_node_namespace_that_is_gone_is_cleared_by_the_next_up() {
     );
     let down = in_node2(&["down"]);
     assert!(down.status.success());
-    assert!(!lab.pins().root().exists(), "no pins left");
+    assert!(!bpfnat_tests::pins(&lab).root().exists(), "no pins left");
 }

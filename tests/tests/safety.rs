@@ -89,7 +89,7 @@ fn packets_with_ip_options_are_translated_correctly() {
     let lab = lab_up("ipopts");
     let c = container(&lab, "c");
     let echo = traffic::udp_echo(&lab.ext, v4(EXT_ADDR, 7777), 1, Duration::from_secs(10)).unwrap();
-    let reply = bpfnat::netns::run_in(&c.ns, || {
+    let reply = nat_plumbing::netns::run_in(&c.ns, || {
         let sock = std::net::UdpSocket::bind(v4(Ipv4Addr::UNSPECIFIED, 26000))?;
         // Four NOP options: the IPv4 header grows to 24 bytes.
         let opts = [1u8, 1, 1, 1];
@@ -128,7 +128,7 @@ fn container_addresses_are_not_reachable_from_outside() {
         "via",
         &NODE_ADDR.to_string(),
     ]);
-    bpfnat::netns::command_in(&mut r, &lab.ext).unwrap();
+    nat_plumbing::netns::command_in(&mut r, &lab.ext).unwrap();
     assert!(r.status().unwrap().success());
     let srv = traffic::http_server(
         &c.ns,

@@ -5,10 +5,10 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
-use bpfnat::ethtool::{self, Offload};
 use bpfnat_tests::{
     EXT_ADDR, Lab, NODE_ADDR, UPLINK, counter, json, lab, ping, run_in_ns, traffic, v4,
 };
+use nat_plumbing::ethtool::{self, Offload};
 
 const WINDOW: Duration = Duration::from_secs(20);
 
@@ -20,7 +20,7 @@ fn xdp_lab(test: &str, mode: &str) -> Lab {
 }
 
 fn gro_on(ns: &std::path::Path) -> bool {
-    bpfnat::netns::run_in(ns, || ethtool::get("eth0", Offload::Gro)).unwrap()
+    nat_plumbing::netns::run_in(ns, || ethtool::get("eth0", Offload::Gro)).unwrap()
 }
 
 /// Published TCP and UDP ports, a masqueraded connection's replies, static NAT: all through
@@ -165,7 +165,7 @@ fn native_xdp_on_a_jumbo_veth_is_refused_clearly_and_changes_nothing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("MTU is too large"), "{err}");
     assert_eq!(json(&lab, &["status"])["up"], false, "rolled back");
-    assert!(!lab.pins().root().exists(), "no pins left");
+    assert!(!bpfnat_tests::pins(&lab).root().exists(), "no pins left");
     // Generic XDP has no such limit.
     lab.ok(&["up", "--uplink", UPLINK, "--xdp", "generic"])
         .unwrap();

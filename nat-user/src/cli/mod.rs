@@ -2,7 +2,6 @@
 
 mod conntrack;
 mod container;
-mod demo;
 mod nat;
 mod port;
 mod stats;
@@ -10,7 +9,7 @@ mod up;
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
@@ -118,8 +117,9 @@ pub fn run(cli: Cli) -> Result<()> {
         format: cli.output,
     };
     if let Command::Demo = cli.command {
-        // The demo drives bpfnat as child processes; it needs no runtime of its own here.
-        return demo::run(&ctx);
+        // The demo drives this binary as child processes; it needs no runtime of its own.
+        let exe = std::env::current_exe().context("find the bpfnat binary")?;
+        return bpfnat_lab::demo::run(&exe);
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -1,5 +1,6 @@
 //! The standard lab: an "external" host namespace, a "node" namespace where bpfnat runs, and
-//! containers behind the node. Used by `bpfnat demo`, the end-to-end tests and the benchmarks.
+//! containers behind the node. Used by `bpfnat demo` (the scenario in [`demo`]), the end-to-end
+//! tests and the benchmarks. It drives bpfnat only as a binary, never as a library.
 //!
 //! ```text
 //!  <prefix>-ext: eth0 198.51.100.1/24  ──veth──  <prefix>-node: uplink0 198.51.100.2/24
@@ -19,7 +20,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{netlink::Netlink, netns};
+use nat_plumbing::{netlink::Netlink, netns};
+
+pub mod demo;
 
 pub const EXT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
 /// In a routed lab: the router's address on the node's link (the node's default gateway).
@@ -174,13 +177,8 @@ impl Lab {
     /// leave with complete checksums, as from a real NIC: what XDP on the node's uplink needs
     /// (XDP cannot see that a local sender's checksum is only partial).
     pub fn ext_tx_checksum(&self, on: bool) -> Result<()> {
-        crate::ethtool::set_in(&self.ext, "eth0", crate::ethtool::Offload::TxChecksum, on)
-    }
-
-    /// Where bpfnat pins this lab's programs, maps and links.
-    #[must_use]
-    pub fn pins(&self) -> crate::datapath::Pins {
-        crate::datapath::Pins::new(&self.bpffs_dir)
+        use nat_plumbing::ethtool;
+        ethtool::set_in(&self.ext, "eth0", ethtool::Offload::TxChecksum, on)
     }
 
     /// The namespace of container `name` (as created by `bpfnat container add`).
@@ -264,7 +262,7 @@ pub mod traffic {
 
     use anyhow::{Context as _, Result, bail};
 
-    use crate::netns::run_in;
+    use nat_plumbing::netns::run_in;
 
     const IO_TIMEOUT: Duration = Duration::from_secs(5);
 

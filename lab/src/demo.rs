@@ -1,14 +1,15 @@
-//! `bpfnat demo`: a self-contained lab that shows the datapath at work, then removes itself.
+//! The scenario of `bpfnat demo`: a self-contained lab that shows the datapath at work, then
+//! removes itself. It drives the bpfnat binary it is given as child processes.
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::Path,
     time::Duration,
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Result, bail};
 
-use super::Ctx;
-use crate::lab::{EXT_ADDR, Lab, NODE_ADDR, UPLINK, traffic};
+use crate::{EXT_ADDR, Lab, NODE_ADDR, UPLINK, traffic};
 
 fn step(lab: &Lab, args: &[&str]) -> Result<String> {
     println!("$ bpfnat {}", args.join(" "));
@@ -19,15 +20,15 @@ fn step(lab: &Lab, args: &[&str]) -> Result<String> {
     Ok(out)
 }
 
-pub fn run(_ctx: &Ctx) -> Result<()> {
-    let exe = std::env::current_exe().context("find the bpfnat binary")?;
+/// Run the demo with the bpfnat binary `exe`.
+pub fn run(exe: &Path) -> Result<()> {
     let started = std::time::Instant::now();
     // Per process, so that two demos at once do not tear down each other's lab.
     let prefix = format!("bpfnat-demo-{}", std::process::id());
     println!(
         "== building the lab: namespaces {prefix}-ext (external host {EXT_ADDR}) and {prefix}-node (node, uplink {UPLINK} {NODE_ADDR})"
     );
-    let lab = Lab::new(&prefix, &exe)?;
+    let lab = Lab::new(&prefix, exe)?;
     let web = lab.name("web");
     let client = lab.name("client");
 
