@@ -65,15 +65,18 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
     if let Some(peer) = container_at(cfg, &p.dst) {
         return forward::to_endpoint(ctx, &mut p, &peer, false, Reason::Forward);
     }
-    if icmp::is_error(&p) && p.ttl > 1 && icmp::translate(ctx, &mut p, false)? {
+    if p.ttl <= 1 {
+        // Everything below is routed or the node's: a packet that expires here is the
+        // kernel's, which answers it with ICMP time exceeded (or takes it, if it is for the
+        // node itself).
+        return pass(ctx);
+    }
+    if icmp::is_error(&p) && icmp::translate(ctx, &mut p, false)? {
         return deliver(ctx, cfg, &mut p, ifindex);
     }
     if p.is_trackable()
         && let Some(e) = conntrack::lookup(&p.key())
     {
-        if p.ttl <= 1 {
-            return pass(ctx);
-        }
         return tracked(ctx, cfg, &mut p, ifindex, e);
     }
     if p.dst == cfg.v4.gateway_addr {
@@ -129,9 +132,6 @@ fn hairpin(
     p: &mut parse::Ip4,
     t: &PortTarget4,
 ) -> Result<i32, Reason> {
-    if p.ttl <= 1 {
-        return pass(ctx);
-    }
     let target = endpoint(&t.addr).ok_or(Reason::DropNoEndpoint)?;
     valid_for_state(ctx, p)?;
     let e = conntrack::create_hairpin(ctx, p, t, cfg, &target, now())?;
@@ -154,10 +154,6 @@ fn leave(
     let leaves_by_uplink = nh.forwards() && nh.ifindex == cfg.uplink_ifindex;
     if !leaves_by_uplink {
         // F6 (the node's own addresses) and anything routed elsewhere: the stack decides.
-        return pass(ctx);
-    }
-    if p.ttl <= 1 {
-        // Let the kernel answer with ICMP time exceeded.
         return pass(ctx);
     }
     if nh.rc == nexthop::FRAG_NEEDED && p.df {
@@ -304,9 +300,7 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
         return to_static(ctx, &mut p, s.peer);
     }
     if icmp::is_error(&p) {
-        if p.ttl <= 1 {
-            return Err(Reason::DropTtl);
-        }
+        not_expiring(&p)?;
         if icmp::translate(ctx, &mut p, true)? {
             return deliver(ctx, cfg, &mut p, ifindex);
         }
@@ -325,10 +319,8 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
     if let Some(e) = conntrack::lookup(&p.key())
         && conntrack::arrives_from_outside(e)
     {
-        if p.ttl <= 1 {
-            // Expiring here: it changes nothing in its connection.
-            return Err(Reason::DropTtl);
-        }
+        // Expiring here, it changes nothing in its connection.
+        not_expiring(&p)?;
         return tracked(ctx, cfg, &mut p, ifindex, e);
     }
     if let Some(t) = published(cfg, &p) {
@@ -340,12 +332,21 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
     pass(ctx)
 }
 
-/// F8: everything for a static external address goes to its container (`internal`).
+/// A packet from outside that would be routed into a container must not expire here: it is
+/// dropped (`drop_ttl`) before it is translated or creates state. (From a container, an
+/// expiring packet goes to the kernel instead, which answers it: see `from_container`.)
 #[inline(always)]
-fn to_static(ctx: &TcContext, p: &mut parse::Ip4, internal: Addr4) -> Result<i32, Reason> {
+fn not_expiring(p: &parse::Ip4) -> Result<(), Reason> {
     if p.ttl <= 1 {
         return Err(Reason::DropTtl);
     }
+    Ok(())
+}
+
+/// F8: everything for a static external address goes to its container (`internal`).
+#[inline(always)]
+fn to_static(ctx: &TcContext, p: &mut parse::Ip4, internal: Addr4) -> Result<i32, Reason> {
+    not_expiring(p)?;
     if icmp::is_error(p) {
         // About a packet the container sent from its external address.
         icmp::translate_static(ctx, p, 12, p.dst, internal)?;
@@ -371,9 +372,7 @@ fn dnat_new(
         return Err(Reason::DropMartian);
     }
     let ep = endpoint(&t.addr).ok_or(Reason::DropNoEndpoint)?;
-    if p.ttl <= 1 {
-        return Err(Reason::DropTtl);
-    }
+    not_expiring(p)?;
     valid_for_state(ctx, p)?;
     let e = conntrack::create_dnat(ctx, p, t, cfg, &ep, now())?;
     count(Reason::DnatNew, ctx.len());
