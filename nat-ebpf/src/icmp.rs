@@ -9,7 +9,7 @@
 //! ICMP checksum. The embedded TCP/UDP checksum is left alone: receivers do not check it and
 //! the embedded segment is usually cut short anyway.
 
-use nat_common::{CtKey4, PROTO_ICMP, PROTO_TCP, PROTO_UDP, Reason};
+use nat_common::{Addr4, CtKey4, PROTO_ICMP, PROTO_TCP, PROTO_UDP, Port, Reason};
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
@@ -62,8 +62,8 @@ pub fn translate_static(
     ctx: &impl Pkt,
     p: &Ip4,
     field: usize,
-    old: [u8; 4],
-    new: [u8; 4],
+    old: Addr4,
+    new: Addr4,
 ) -> Result<(), Reason> {
     let ip_off = quoted_off(p);
     let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ip_off) else {
@@ -125,8 +125,8 @@ fn set_inner_addr(
     ctx: &impl Pkt,
     ip_off: usize,
     field: usize,
-    old: [u8; 4],
-    new: [u8; 4],
+    old: Addr4,
+    new: Addr4,
 ) -> Result<(), Reason> {
     if old == new {
         return Ok(());
@@ -139,13 +139,7 @@ fn set_inner_addr(
 /// Rewrite a quoted port or echo id at `off`: the outer packet is ICMP, so `set_port` folds
 /// the change into the ICMP checksum.
 #[inline(always)]
-fn set_inner_port(
-    ctx: &impl Pkt,
-    p: &Ip4,
-    off: usize,
-    old: [u8; 2],
-    new: [u8; 2],
-) -> Result<(), Reason> {
+fn set_inner_port(ctx: &impl Pkt, p: &Ip4, off: usize, old: Port, new: Port) -> Result<(), Reason> {
     if old == new {
         return Ok(());
     }

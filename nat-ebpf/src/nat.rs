@@ -2,7 +2,7 @@
 //! checksum is updated in each).
 
 use aya_ebpf::bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR};
-use nat_common::{Addr4, PROTO_ICMP, PROTO_UDP, Reason};
+use nat_common::{Addr4, PROTO_ICMP, PROTO_UDP, Port, Reason};
 
 use crate::parse::{
     ICMP_ECHO_REQUEST, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF, Ip4, l4_csum_off,
@@ -25,8 +25,8 @@ fn set_addr(
     ctx: &impl Pkt,
     p: &Ip4,
     addr_off: usize,
-    old: [u8; 4],
-    new: [u8; 4],
+    old: Addr4,
+    new: Addr4,
 ) -> Result<(), Reason> {
     let (o, n) = (u32::from_ne_bytes(old), u32::from_ne_bytes(new));
     if let Some((csum_off, pseudo)) = l4_csum_off(p)
@@ -45,13 +45,7 @@ fn set_addr(
 
 /// Replace a port (or the ICMP echo id) at `off` and fix the L4 checksum.
 #[inline(always)]
-pub fn set_port(
-    ctx: &impl Pkt,
-    p: &Ip4,
-    off: usize,
-    old: [u8; 2],
-    new: [u8; 2],
-) -> Result<(), Reason> {
+pub fn set_port(ctx: &impl Pkt, p: &Ip4, off: usize, old: Port, new: Port) -> Result<(), Reason> {
     let (o, n) = (
         u32::from(u16::from_ne_bytes(old)),
         u32::from(u16::from_ne_bytes(new)),
