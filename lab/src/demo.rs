@@ -8,14 +8,15 @@ use std::{
 };
 
 use anyhow::{Result, bail};
+use nat_plumbing::say;
 
 use crate::{EXT_ADDR, Lab, NODE_ADDR, UPLINK, traffic};
 
 fn step(lab: &Lab, args: &[&str]) -> Result<String> {
-    println!("$ bpfnat {}", args.join(" "));
+    say!("$ bpfnat {}", args.join(" "))?;
     let out = lab.ok(args)?;
     for line in out.lines() {
-        println!("  {line}");
+        say!("  {line}")?;
     }
     Ok(out)
 }
@@ -25,14 +26,14 @@ pub fn run(exe: &Path) -> Result<()> {
     let started = std::time::Instant::now();
     // Per process, so that two demos at once do not tear down each other's lab.
     let prefix = format!("bpfnat-demo-{}", std::process::id());
-    println!(
+    say!(
         "== building the lab: namespaces {prefix}-ext (external host {EXT_ADDR}) and {prefix}-node (node, uplink {UPLINK} {NODE_ADDR})"
-    );
+    )?;
     let lab = Lab::new(&prefix, exe)?;
     let web = lab.name("web");
     let client = lab.name("client");
 
-    println!("\n== datapath up, two containers, one published port");
+    say!("\n== datapath up, two containers, one published port")?;
     step(&lab, &["up", "--uplink", UPLINK])?;
     step(
         &lab,
@@ -58,23 +59,21 @@ pub fn run(exe: &Path) -> Result<()> {
         Duration::from_secs(15),
     )?;
 
-    println!("\n== F3: the external host fetches http://{NODE_ADDR}:8080/ (published to web:80)");
+    say!("\n== F3: the external host fetches http://{NODE_ADDR}:8080/ (published to web:80)")?;
     let body = traffic::http_get(&lab.ext, SocketAddr::V4(SocketAddrV4::new(NODE_ADDR, 8080)))?;
-    println!("  fetched {} bytes: {}", body.len(), body.trim());
+    say!("  fetched {} bytes: {}", body.len(), body.trim())?;
 
-    println!(
+    say!(
         "\n== F1: container client fetches http://{web_ip}:80/ directly (eBPF bridge forwarding)"
-    );
+    )?;
     let body = traffic::http_get(
         &lab.container_ns(&client),
         SocketAddr::V4(SocketAddrV4::new(web_ip, 80)),
     )?;
-    println!("  fetched {} bytes: {}", body.len(), body.trim());
+    say!("  fetched {} bytes: {}", body.len(), body.trim())?;
     let _ = srv.join();
 
-    println!(
-        "\n== F2: container client connects to the external host {EXT_ADDR}:9000 (MASQUERADE)"
-    );
+    say!("\n== F2: container client connects to the external host {EXT_ADDR}:9000 (MASQUERADE)")?;
     let ext_srv = traffic::http_server(
         &lab.ext,
         SocketAddr::V4(SocketAddrV4::new(EXT_ADDR, 9000)),
@@ -86,33 +85,33 @@ pub fn run(exe: &Path) -> Result<()> {
         &lab.container_ns(&client),
         SocketAddr::V4(SocketAddrV4::new(EXT_ADDR, 9000)),
     )?;
-    println!("  fetched: {}", body.trim());
+    say!("  fetched: {}", body.trim())?;
     let seen = ext_srv.join().unwrap_or_default();
     match seen.first() {
         Some(peer) if peer.ip() == std::net::IpAddr::V4(NODE_ADDR) => {
-            println!(
+            say!(
                 "  the external host saw the connection come from {peer}: the node's address, not 10.88.0.3"
-            );
+            )?;
         }
         other => bail!("the external host saw {other:?}, expected the node address {NODE_ADDR}"),
     }
 
-    println!("\n== what the datapath tracked and counted");
+    say!("\n== what the datapath tracked and counted")?;
     step(&lab, &["conntrack", "list"])?;
     let stats = lab.ok(&["stats"])?;
-    println!("$ bpfnat stats   (non-zero rows)");
+    say!("$ bpfnat stats   (non-zero rows)")?;
     for line in stats.lines().filter(|l| {
         l.starts_with("REASON") || l.split_whitespace().nth(1).is_some_and(|p| p != "0")
     }) {
-        println!("  {line}");
+        say!("  {line}")?;
     }
 
-    println!("\n== tearing down");
+    say!("\n== tearing down")?;
     step(&lab, &["down"])?;
     drop(lab);
-    println!(
+    say!(
         "\ndemo finished in {:.1}s; every namespace, link and pin it made is gone",
         started.elapsed().as_secs_f64()
-    );
+    )?;
     Ok(())
 }

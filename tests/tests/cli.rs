@@ -429,3 +429,63 @@ fn a_lab_pins_into_its_own_bpffs_and_takes_it_away() {
     assert!(!mounted(), "unmounted");
     assert!(!mount.exists(), "mount point removed");
 }
+
+/// A pipe whose reading end is already closed: every write to it fails with EPIPE, as when
+/// `bpfnat … | head -1` has exited.
+fn closed_pipe() -> std::process::Stdio {
+    use std::os::fd::FromRawFd as _;
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` has room for the two descriptors.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both descriptors were just created and are owned here alone.
+    let (read, write) = unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    drop(read);
+    std::process::Stdio::from(write)
+}
+
+#[test]
+fn every_command_ends_quietly_on_a_closed_pipe() {
+    let lab = lab_up("pipe");
+    lab.ok(&["container", "add", &lab.name("web"), "-p", "8080:80"])
+        .unwrap();
+    for args in [
+        &["stats"][..],
+        &["status"],
+        &["container", "list"],
+        &["port", "list"],
+        &["conntrack", "list"],
+        &["-o", "json", "stats"],
+    ] {
+        let out = lab
+            .bpfnat(args)
+            .unwrap()
+            .stdout(closed_pipe())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && err.is_empty(),
+            "bpfnat {args:?} into a closed pipe: {:?}, stderr {err:?}",
+            out.status
+        );
+    }
+    // The demo goes on to clean up after itself.
+    let out = Command::new(bpfnat_tests::bin())
+        .arg("demo")
+        .stdout(closed_pipe())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "demo into a closed pipe: {:?}, stderr {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let left = bpfnat_tests::entries_with_prefix("/run/netns", "bpfnat-demo");
+    assert!(left.is_empty(), "demo left namespaces: {left:?}");
+}

@@ -19,6 +19,8 @@ pub use nat::NatCmd;
 pub use port::PortCmd;
 pub use up::UpArgs;
 
+use nat_plumbing::stdout;
+
 use crate::env::{DEFAULT_BPFFS_DIR, DEFAULT_STATE_DIR, Env};
 
 #[derive(Parser, Debug)]
@@ -99,11 +101,11 @@ impl std::ops::Deref for Ctx {
 impl Ctx {
     pub fn emit<T: Serialize>(&self, value: &T, text: impl FnOnce() -> String) -> Result<()> {
         match self.format {
-            Format::Json => println!("{}", serde_json::to_string_pretty(value)?),
+            Format::Json => stdout::line(&serde_json::to_string_pretty(value)?)?,
             Format::Text => {
                 let t = text();
                 if !t.is_empty() {
-                    println!("{}", t.trim_end());
+                    stdout::line(t.trim_end())?;
                 }
             }
         }

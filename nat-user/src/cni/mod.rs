@@ -131,14 +131,14 @@ pub fn main() -> i32 {
         .unwrap_or_else(|| "1.1.0".to_owned());
     match run(&input, &version) {
         Ok(Some(out)) => {
-            println!("{out}");
+            let _ = nat_plumbing::stdout::line(&out.to_string());
             0
         }
         Ok(None) => 0,
         Err(e) => {
-            println!(
-                "{}",
-                json!({"cniVersion": version, "code": e.code, "msg": e.msg, "details": e.details})
+            let _ = nat_plumbing::stdout::line(
+                &json!({"cniVersion": version, "code": e.code, "msg": e.msg, "details": e.details})
+                    .to_string(),
             );
             1
         }
