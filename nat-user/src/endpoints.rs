@@ -15,7 +15,7 @@ use crate::{
     net::{Cidr, mac_for},
     netlink::Netlink,
     netns,
-    node::{self, require_node},
+    node::{self, NodeSpec, Upped, require_node},
     spec::{PortMapping, PortSpec, Proto},
     state::{Container, Node, State, XdpSetting},
 };
@@ -393,6 +393,67 @@ pub struct DownReport {
 
 /// Take the node down: every endpoint first (recorded or left over), then the node's
 /// datapath, gateway and pins.
+/// Bring the node up (`node::up`); when its pinned datapath had to be put back, rewire
+/// every recorded endpoint into it, so that `up` with the recorded settings repairs a node
+/// whose pins were lost without touching its containers.
+pub async fn up(ctx: &Env, spec: NodeSpec) -> Result<Upped> {
+    let upped = node::up(ctx, spec).await?;
+    if let Upped::Repaired(node) = &upped {
+        rewire_all(ctx, node).await?;
+    }
+    Ok(upped)
+}
+
+/// Put every recorded container, port and static NAT mapping back into a freshly installed
+/// datapath. A container whose host veth is gone is left to `container del` (or the agent's
+/// reconciler) and named in the error.
+async fn rewire_all(ctx: &Env, node: &Node) -> Result<()> {
+    let store = ctx.store()?;
+    let mut state = store.load()?;
+    let nl = Netlink::current()?;
+    let mut maps = Maps::open(&ctx.pins)?;
+    let mut missing = Vec::new();
+    let names: Vec<String> = state.containers.keys().cloned().collect();
+    for name in names {
+        let Some(c) = state.containers.get(&name).cloned() else {
+            continue;
+        };
+        if c.pending {
+            // A killed add: the next command for it finishes or undoes it.
+            continue;
+        }
+        let Some(host) = nl.link(&c.host_if).await? else {
+            missing.push(name);
+            continue;
+        };
+        datapath::attach(&ctx.pins, Hook::Container, &c.host_if)?;
+        maps.put_endpoint(
+            c.ip,
+            &Endpoint {
+                ifindex: host.index,
+                flags: EP_CONTAINER,
+                mac: c.mac,
+                host_mac: host.mac,
+            },
+        )?;
+        let generation = state.next_generation();
+        state.generation = state.generation.wrapping_add(c.ports.len() as u32);
+        maps.put_ports(&c.ports, c.ip, generation)?;
+    }
+    for m in &state.static_nat {
+        maps.put_static_nat(m.external, m.internal)?;
+    }
+    maps.set_config(&node::config_of(node, !state.static_nat.is_empty()))?;
+    store.save(&state)?;
+    if !missing.is_empty() {
+        bail!(
+            "the datapath is back, but these containers' host veths are gone: {} (remove them with `bpfnat container del`)",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
 pub async fn down(ctx: &Env) -> Result<DownReport> {
     let store = ctx.store()?;
     let mut state = store.load()?;

@@ -7,6 +7,9 @@ fn main() {
     }
     let cli = bpfnat::cli::Cli::parse();
     if let Err(e) = bpfnat::cli::run(cli) {
+        if let Some(bpfnat::cli::Exit(code)) = e.downcast_ref() {
+            std::process::exit(*code);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

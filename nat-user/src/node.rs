@@ -69,6 +69,10 @@ pub enum Upped {
     Already(Node),
     /// The node is up now.
     Fresh(Node),
+    /// The node was recorded with these settings but its pinned datapath was gone (pins
+    /// removed, bpffs remounted): the node's part is back; its endpoints must be rewired
+    /// (`endpoints::up` does).
+    Repaired(Node),
 }
 
 /// The uplink's inbound XDP fast path (`up --xdp`). `auto`: native XDP on a physical uplink,
@@ -116,10 +120,7 @@ fn overlap(a: (u16, u16), b: (u16, u16)) -> u32 {
 
 /// Fail with a hint unless the node is up.
 pub fn require_node(state: &State) -> Result<&Node> {
-    state
-        .node
-        .as_ref()
-        .ok_or_else(|| anyhow!("bpfnat is not up: run `bpfnat up --uplink IFACE` first"))
+    state.node.as_ref().ok_or_else(|| anyhow!(datapath::NOT_UP))
 }
 
 /// The datapath's `config` for `node`; `static_nat`: whether any static NAT mapping exists.
@@ -266,6 +267,13 @@ pub async fn up(ctx: &Env, a: NodeSpec) -> Result<Upped> {
             sync_node_addrs(&nl, &mut Maps::open(&ctx.pins)?, old).await?;
             return Ok(Upped::Already(old.clone()));
         }
+        if *old == same {
+            // Recorded, but the datapath is gone: put it back with the recorded settings.
+            let node = install_node(ctx, &nl, old.clone(), gateway, a.conntrack_max, a.xdp).await?;
+            state.node = Some(node.clone());
+            store.save(&state)?;
+            return Ok(Upped::Repaired(node));
+        }
         bail!(
             "bpfnat is already up with other settings (uplink {}, subnet {}/{}, XDP {}): run `bpfnat down` first to change them",
             old.uplink,
@@ -275,16 +283,26 @@ pub async fn up(ctx: &Env, a: NodeSpec) -> Result<Upped> {
         );
     }
 
+    let node = install_node(ctx, &nl, node, gateway, a.conntrack_max, a.xdp).await?;
+    state.node = Some(node.clone());
+    store.save(&state)?;
+    Ok(Upped::Fresh(node))
+}
+
+/// Install the node's datapath, or leave nothing half-done behind.
+async fn install_node(
+    ctx: &Env,
+    nl: &Netlink,
+    node: Node,
+    gateway: Ipv4Addr,
+    ct_max: u32,
+    xdp: XdpChoice,
+) -> Result<Node> {
     datapath::ensure_bpffs(&ctx.bpffs_dir)?;
-    match bring_up(ctx, &nl, node, gateway, a.conntrack_max, a.xdp).await {
-        Ok(node) => {
-            state.node = Some(node.clone());
-            store.save(&state)?;
-            Ok(Upped::Fresh(node))
-        }
+    match bring_up(ctx, nl, node, gateway, ct_max, xdp).await {
+        Ok(node) => Ok(node),
         Err(e) => {
-            // Leave nothing half-done behind.
-            let _ = teardown(ctx, &nl).await;
+            let _ = teardown(ctx, nl).await;
             Err(e)
         }
     }

@@ -20,6 +20,16 @@ impl Proto {
             Self::Udp => nat_common::PROTO_UDP,
         }
     }
+
+    /// The protocol with IP protocol number `n`, if a port can be published for it.
+    #[must_use]
+    pub const fn from_number(n: u8) -> Option<Self> {
+        match n {
+            nat_common::PROTO_TCP => Some(Self::Tcp),
+            nat_common::PROTO_UDP => Some(Self::Udp),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for Proto {

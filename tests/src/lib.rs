@@ -64,6 +64,18 @@ pub fn json(lab: &Lab, args: &[&str]) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("bpfnat {args:?} printed bad JSON ({e}): {out}"))
 }
 
+/// `bpfnat -o json status`: its exit code (0 up, 1 degraded, 3 down) and its report.
+#[must_use]
+pub fn status(lab: &Lab) -> (i32, serde_json::Value) {
+    let out = lab
+        .run(&["-o", "json", "status"])
+        .expect("run bpfnat status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("bpfnat status printed bad JSON ({e}): {text}"));
+    (out.status.code().expect("exit code"), v)
+}
+
 /// One ping from namespace `ns` to `dst`; true when a reply came back.
 #[must_use]
 pub fn ping(ns: &Path, dst: Ipv4Addr) -> bool {

@@ -95,7 +95,8 @@ fn missing_uplink_is_rejected() {
         "no pins left behind"
     );
     assert!(!link_exists(&lab.node, "bn-gw"));
-    assert_eq!(json(&lab, &["status"])["up"], false);
+    let (code, st) = bpfnat_tests::status(&lab);
+    assert_eq!((code, &st["up"]), (3, &serde_json::json!(false)));
     fails_with(&lab, &["container", "add", &lab.name("c")], "not up");
 }
 
@@ -226,7 +227,8 @@ fn container_del_and_down_remove_everything() {
         !bpfnat_tests::pins(&lab).root().exists(),
         "every pin removed"
     );
-    assert_eq!(json(&lab, &["status"])["up"], false);
+    let (code, st) = bpfnat_tests::status(&lab);
+    assert_eq!((code, &st["up"]), (3, &serde_json::json!(false)));
     // Down twice is harmless.
     lab.ok(&["down"]).unwrap();
 }
@@ -488,4 +490,158 @@ fn every_command_ends_quietly_on_a_closed_pipe() {
     );
     let left = bpfnat_tests::entries_with_prefix("/run/netns", "bpfnat-demo");
     assert!(left.is_empty(), "demo left namespaces: {left:?}");
+}
+
+#[test]
+fn status_fails_when_down_and_a_degraded_node_is_repaired_by_up() {
+    let lab = lab("degraded");
+    // Down: status says so and exits 3; every command that needs the datapath says the same.
+    let (code, st) = bpfnat_tests::status(&lab);
+    assert_eq!((code, &st["up"]), (3, &serde_json::json!(false)));
+    for args in [
+        &["stats"][..],
+        &["conntrack", "list"],
+        &["conntrack", "flush"],
+        &["port", "list"],
+        &["port", "add", "x", "8080:80"],
+    ] {
+        let out = lab.run(args).unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && err.trim_end()
+                    == "error: bpfnat is not up: run `bpfnat up --uplink IFACE` first",
+            "bpfnat {args:?}: {err:?}"
+        );
+    }
+
+    lab.ok(&["up", "--uplink", UPLINK, "--port-range", "20000-29999"])
+        .unwrap();
+    let (web, client) = (lab.name("web"), lab.name("client"));
+    lab.ok(&["container", "add", &web, "-p", "8080:80"])
+        .unwrap();
+    lab.ok(&["container", "add", &client]).unwrap();
+    let serve = |n: usize| {
+        traffic::http_server(
+            &lab.container_ns(&web),
+            v4(std::net::Ipv4Addr::UNSPECIFIED, 80),
+            "web",
+            n,
+            std::time::Duration::from_secs(10),
+        )
+        .unwrap()
+    };
+    let flows_work = || {
+        let srv = serve(1);
+        let published = traffic::http_get(&lab.ext, v4(NODE_ADDR, 8080));
+        let _ = srv.join();
+        let ext = traffic::http_server(
+            &lab.ext,
+            v4(EXT_ADDR, 9000),
+            "ext",
+            1,
+            std::time::Duration::from_secs(10),
+        )
+        .unwrap();
+        let out = traffic::http_get(&lab.container_ns(&client), v4(EXT_ADDR, 9000));
+        let seen = ext.join().unwrap_or_default();
+        published.is_ok_and(|b| b.starts_with("hello from web"))
+            && out.is_ok()
+            && seen.first().is_some_and(|p| p.ip() == NODE_ADDR)
+    };
+    assert!(flows_work(), "published and masqueraded flows before");
+
+    // The pins go (bpffs remounted, a careless rm): the node is degraded, not down.
+    std::fs::remove_dir_all(bpfnat_tests::pins(&lab).root()).unwrap();
+    let (code, st) = bpfnat_tests::status(&lab);
+    assert_eq!(
+        (code, &st["degraded"]),
+        (1, &serde_json::json!(true)),
+        "{st}"
+    );
+    let repair = st["repair"].as_str().unwrap().to_owned();
+    let text = String::from_utf8_lossy(&lab.run(&["status"]).unwrap().stdout).into_owned();
+    assert!(
+        text.contains(&repair) && !text.contains("down"),
+        "status advises the repair, nothing destructive: {text}"
+    );
+    // The advice works: `up` with the recorded settings restores the node and its containers.
+    let args: Vec<&str> = repair
+        .split_whitespace()
+        .skip_while(|a| *a != "up")
+        .collect();
+    assert!(args.contains(&"20000-29999"), "recorded settings: {repair}");
+    let out = lab.ok(&args).unwrap();
+    assert!(out.contains("restored"), "{out}");
+    let (code, st) = bpfnat_tests::status(&lab);
+    assert_eq!((code, &st["up"]), (0, &serde_json::json!(true)), "{st}");
+    assert!(
+        flows_work(),
+        "published and masqueraded flows after the repair"
+    );
+}
+
+#[test]
+fn port_list_shows_the_datapath_and_where_the_state_file_disagrees() {
+    use aya::maps::{HashMap, Map, MapData};
+    use nat_common::{PortKey4, PortTarget4};
+    let lab = lab_up("portlist");
+    let web = lab.name("web");
+    lab.ok(&["container", "add", &web, "-p", "8080:80"])
+        .unwrap();
+    let rows = json(&lab, &["port", "list"]);
+    assert_eq!(rows.as_array().unwrap().len(), 1, "{rows}");
+    assert_eq!(rows[0]["container"], web.as_str());
+    assert_eq!(rows[0]["state"], "published");
+
+    // The kernel's table changes behind the state file's back.
+    let pin = bpfnat_tests::pins(&lab).map(nat_common::map_names::PORTS);
+    let mut ports: HashMap<_, PortKey4, PortTarget4> =
+        Map::from_map_data(MapData::from_pin(&pin).unwrap())
+            .unwrap()
+            .try_into()
+            .unwrap();
+    let key = |port: u16| PortKey4 {
+        host_addr: [0; 4],
+        host_port: port.to_be_bytes(),
+        proto: nat_common::PROTO_TCP,
+        _pad: 0,
+    };
+    ports.remove(&key(8080)).unwrap();
+    let stray = PortTarget4 {
+        addr: [10, 88, 0, 9],
+        port: 90u16.to_be_bytes(),
+        _pad: [0; 2],
+        generation: 1,
+    };
+    ports.insert(key(9090), stray, 0).unwrap();
+
+    let out = lab.run(&["-o", "json", "port", "list"]).unwrap();
+    assert!(out.status.success());
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let state_of = |port: u64| {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["host_port"] == port)
+            .map(|r| {
+                (
+                    r["state"].as_str().unwrap().to_owned(),
+                    r["container_ip"].clone(),
+                )
+            })
+    };
+    assert_eq!(
+        state_of(9090),
+        Some(("unrecorded".to_owned(), serde_json::json!("10.88.0.9"))),
+        "{rows}"
+    );
+    assert_eq!(state_of(8080).unwrap().0, "missing", "{rows}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("0.0.0.0:9090/tcp")
+            && err.contains("0.0.0.0:8080/tcp")
+            && err.contains("disagree"),
+        "{err}"
+    );
 }

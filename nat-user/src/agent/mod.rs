@@ -170,7 +170,7 @@ async fn bring_up(ctx: &Env, cfg: &AgentConfig) -> Result<()> {
     spec.gateway = cfg.gateway;
     spec.snat_ip = cfg.snat_ip;
     spec.xdp = cfg.xdp;
-    node::up(ctx, spec).await?;
+    endpoints::up(ctx, spec).await?;
     info!("datapath up");
     Ok(())
 }

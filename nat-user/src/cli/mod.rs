@@ -145,6 +145,19 @@ pub fn run(cli: Cli) -> Result<()> {
     })
 }
 
+/// Ends the command with this exit status and no message: what it has to say is already
+/// on standard output (`status` of a node that is down or degraded).
+#[derive(Debug)]
+pub struct Exit(pub i32);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit status {}", self.0)
+    }
+}
+
+impl std::error::Error for Exit {}
+
 /// A plain text table: a header row and rows, columns padded to their widest cell.
 pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();

@@ -1,5 +1,7 @@
 //! `bpfnat port add / del / list`.
 
+use std::net::Ipv4Addr;
+
 use anyhow::{Result, anyhow, bail};
 use clap::Subcommand;
 use serde::Serialize;
@@ -10,7 +12,8 @@ use crate::{
     endpoints::resolve_ports,
     netlink::Netlink,
     node::{self, require_node},
-    spec::{HostPort, PortRequest, PortSpec},
+    spec::{HostPort, PortMapping, PortRequest, PortSpec},
+    state::State,
 };
 
 fn describe(r: &PortRequest) -> String {
@@ -40,6 +43,58 @@ struct PortRow {
     container_ip: String,
     container_port: u16,
     proto: String,
+    /// `published`: in the datapath as recorded; `unrecorded`: in the datapath, in no
+    /// container's record; `missing`: recorded, not in the datapath; `differs`: in both,
+    /// leading elsewhere than recorded.
+    state: &'static str,
+}
+
+impl PortRow {
+    fn new(container: &str, m: &PortMapping, target: Ipv4Addr, state: &'static str) -> Self {
+        Self {
+            container: container.to_owned(),
+            host_ip: m
+                .host_ip
+                .map_or_else(|| "0.0.0.0".to_owned(), |i| i.to_string()),
+            host_port: m.host_port,
+            container_ip: target.to_string(),
+            container_port: m.container_port,
+            proto: m.proto.to_string(),
+            state,
+        }
+    }
+}
+
+/// What the kernel publishes (the `ports` map), each row checked against the state file.
+fn port_rows(kernel: &[(PortMapping, Ipv4Addr)], state: &State) -> Vec<PortRow> {
+    let recorded: Vec<(&str, &PortMapping, Ipv4Addr)> = state
+        .containers
+        .values()
+        .flat_map(|c| c.ports.iter().map(move |m| (c.name.as_str(), m, c.ip)))
+        .collect();
+    let same_key = |a: &PortMapping, b: &PortMapping| {
+        (a.host_ip, a.host_port, a.proto) == (b.host_ip, b.host_port, b.proto)
+    };
+    let mut rows: Vec<PortRow> = kernel
+        .iter()
+        .map(
+            |(m, target)| match recorded.iter().find(|(_, r, _)| same_key(r, m)) {
+                Some((name, r, ip)) if *ip == *target && r.container_port == m.container_port => {
+                    PortRow::new(name, m, *target, "published")
+                }
+                Some((name, ..)) => PortRow::new(name, m, *target, "differs"),
+                None => PortRow::new("?", m, *target, "unrecorded"),
+            },
+        )
+        .collect();
+    rows.extend(
+        recorded
+            .iter()
+            .filter(|(_, r, _)| !kernel.iter().any(|(m, _)| same_key(m, r)))
+            .map(|(name, r, ip)| PortRow::new(name, r, *ip, "missing")),
+    );
+    rows.sort_by(|a, b| (&a.container, a.host_port).cmp(&(&b.container, b.host_port)));
+    rows
 }
 
 pub async fn run(ctx: &Ctx, cmd: PortCmd) -> Result<()> {
@@ -97,22 +152,19 @@ pub async fn run(ctx: &Ctx, cmd: PortCmd) -> Result<()> {
             })
         }
         PortCmd::List => {
-            let rows: Vec<PortRow> = state
-                .containers
-                .values()
-                .flat_map(|c| {
-                    c.ports.iter().map(|m| PortRow {
-                        container: c.name.clone(),
-                        host_ip: m
-                            .host_ip
-                            .map_or_else(|| "0.0.0.0".to_owned(), |i| i.to_string()),
-                        host_port: m.host_port,
-                        container_ip: c.ip.to_string(),
-                        container_port: m.container_port,
-                        proto: m.proto.to_string(),
-                    })
-                })
-                .collect();
+            let kernel = Maps::open(&ctx.pins)?.published()?;
+            let rows = port_rows(&kernel, &state);
+            for r in rows.iter().filter(|r| r.state != "published") {
+                let what = match r.state {
+                    "unrecorded" => "is in the datapath, but no container records it",
+                    "missing" => "is recorded, but not in the datapath",
+                    _ => "leads elsewhere in the datapath than recorded",
+                };
+                eprintln!(
+                    "warning: {}:{}/{} ({}) {what}: the state file and the ports map disagree",
+                    r.host_ip, r.host_port, r.proto, r.container
+                );
+            }
             ctx.emit(&rows, || {
                 table(
                     &["CONTAINER", "HOST", "TARGET", "PROTO"],

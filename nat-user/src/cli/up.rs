@@ -1,6 +1,6 @@
 //! `bpfnat up`, `down`, `status`: arguments and output; the work is `node`'s.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, path::Path};
 
 use anyhow::{Context as _, Result};
 use aya::programs::{SchedClassifier, TcAttachType};
@@ -8,13 +8,14 @@ use clap::Args;
 use nat_common::CONNTRACK_MAX_ENTRIES;
 use serde::Serialize;
 
-use super::Ctx;
+use super::{Ctx, Exit};
 use crate::{
     datapath::Maps,
     endpoints,
+    env::{DEFAULT_BPFFS_DIR, DEFAULT_STATE_DIR},
     net::{Cidr, PortRange},
     netlink::Netlink,
-    node::{self, DEFAULT_PORT_RANGE, DEFAULT_SUBNET, NodeSpec, Upped, XdpChoice},
+    node::{DEFAULT_PORT_RANGE, DEFAULT_SUBNET, NodeSpec, Upped, XdpChoice},
     state::{Node, XdpSetting},
 };
 
@@ -67,8 +68,14 @@ impl From<UpArgs> for NodeSpec {
 }
 
 pub async fn up(ctx: &Ctx, a: UpArgs) -> Result<()> {
-    match node::up(ctx, a.into()).await? {
+    match endpoints::up(ctx, a.into()).await? {
         Upped::Already(n) => ctx.emit(&n, || format!("bpfnat is already up on {}", n.uplink)),
+        Upped::Repaired(n) => ctx.emit(&n, || {
+            format!(
+                "bpfnat is up again on {}: the pinned datapath was missing and has been restored with every recorded container",
+                n.uplink
+            )
+        }),
         Upped::Fresh(node) => ctx.emit(&node, || {
             format!(
                 "bpfnat is up: uplink {} (masquerade as {}, XDP {}), containers in {}/{} via {}, pins in {}",
@@ -101,6 +108,10 @@ pub async fn down(ctx: &Ctx) -> Result<()> {
 #[derive(Serialize)]
 struct Status {
     up: bool,
+    /// A node is recorded but its pinned datapath is gone.
+    degraded: bool,
+    /// The command that restores a degraded node with its recorded settings and containers.
+    repair: Option<String>,
     node: Option<Node>,
     pins: String,
     containers: usize,
@@ -138,8 +149,15 @@ pub async fn status(ctx: &Ctx) -> Result<()> {
             .and_then(|l| l.xdp),
         None => None,
     };
+    let degraded = state.node.is_some() && !installed;
     let s = Status {
         up: state.node.is_some() && installed,
+        degraded,
+        repair: state
+            .node
+            .as_ref()
+            .filter(|_| degraded)
+            .map(|n| repair_command(ctx, n)),
         node: state.node.clone(),
         pins: ctx.pins.root().display().to_string(),
         containers: state.containers.len(),
@@ -154,7 +172,10 @@ pub async fn status(ctx: &Ctx) -> Result<()> {
         };
         format!(
             "state:        {}\nuplink:       {} (ifindex {}, tc ingress: {}, xdp: {})\nmasquerade:   {} (ports {}-{})\nsubnet:       {}/{} gateway {}\ncontainers:   {}\nports:        {}\nconntrack:    {} entries\npins:         {}",
-            if s.up { "up" } else { "degraded (pins missing: run `bpfnat down` then `up`)" },
+            match &s.repair {
+                None => "up".to_owned(),
+                Some(cmd) => format!("degraded: the pinned datapath is gone; `{cmd}` restores it with every recorded container"),
+            },
             n.uplink,
             n.uplink_ifindex,
             if s.uplink_programs.is_empty() { "none".to_owned() } else { s.uplink_programs.join(",") },
@@ -174,5 +195,33 @@ pub async fn status(ctx: &Ctx) -> Result<()> {
             s.conntrack_entries.unwrap_or(0),
             s.pins
         )
-    })
+    })?;
+    // As LSB status actions: 3 when not running, 1 when recorded but dead.
+    match (s.up, s.degraded) {
+        (true, _) => Ok(()),
+        (false, true) => Err(Exit(1).into()),
+        (false, false) => Err(Exit(3).into()),
+    }
+}
+
+/// `bpfnat up` with `node`'s recorded settings (and this invocation's directories).
+fn repair_command(ctx: &Ctx, n: &Node) -> String {
+    let mut cmd = vec!["bpfnat".to_owned()];
+    if ctx.bpffs_dir != Path::new(DEFAULT_BPFFS_DIR) {
+        cmd.push(format!("--bpffs-dir {}", ctx.bpffs_dir.display()));
+    }
+    if ctx.state_dir != Path::new(DEFAULT_STATE_DIR) {
+        cmd.push(format!("--state-dir {}", ctx.state_dir.display()));
+    }
+    cmd.push(format!(
+        "up --uplink {} --subnet {}/{} --gateway {} --port-range {}-{}",
+        n.uplink, n.subnet, n.prefix_len, n.gateway, n.port_min, n.port_max
+    ));
+    if !n.snat_from_uplink {
+        cmd.push(format!("--snat-ip {}", n.snat_ip));
+    }
+    if n.host_port_min <= n.host_port_max {
+        cmd.push("--masquerade-avoid-host-ports".to_owned());
+    }
+    cmd.join(" ")
 }

@@ -232,7 +232,7 @@ async fn ensure_up(ctx: &Env, conf: &NetConf) -> Result<(), CniError> {
     spec.subnet = subnet;
     spec.gateway = conf.gateway;
     spec.snat_ip = conf.snat_ip;
-    node::up(ctx, spec).await?;
+    endpoints::up(ctx, spec).await?;
     Ok(())
 }
 

@@ -39,7 +39,7 @@ use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 
 pub use conntrack::{Flow, FlowEnd, ct_now_ns};
 
-use crate::spec::PortMapping;
+use crate::spec::{PortMapping, Proto};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nat"));
 
@@ -68,6 +68,9 @@ const SOCK_PROGS: [(&str, CgroupSockAddrAttachType); 4] = [
         CgroupSockAddrAttachType::GetPeerName4,
     ),
 ];
+
+/// What every command that needs the datapath says when there is none.
+pub const NOT_UP: &str = "bpfnat is not up: run `bpfnat up --uplink IFACE` first";
 
 /// Pin locations for one bpfnat instance.
 #[derive(Clone, Debug)]
@@ -533,6 +536,9 @@ fn port_key(m: &PortMapping) -> PortKey4 {
 
 impl Maps {
     pub fn open(pins: &Pins) -> Result<Self> {
+        if !pins.installed() {
+            bail!(NOT_UP);
+        }
         Ok(Self {
             config: open_map(pins, map_names::CONFIG)?.try_into()?,
             endpoints: open_map(pins, map_names::ENDPOINTS)?.try_into()?,
@@ -628,6 +634,28 @@ impl Maps {
     }
 
     /// Published ports as they are in the map: (proto, host addr, host port) → (addr, port).
+    /// What the `ports` map publishes, in domain terms: each mapping and the container
+    /// address it leads to.
+    pub fn published(&self) -> Result<Vec<(PortMapping, Ipv4Addr)>> {
+        let mut out = Vec::new();
+        for (k, t) in self.ports()? {
+            let Some(proto) = Proto::from_number(k.proto) else {
+                continue;
+            };
+            let host = Ipv4Addr::from(k.host_addr);
+            out.push((
+                PortMapping {
+                    host_ip: (!host.is_unspecified()).then_some(host),
+                    host_port: u16::from_be_bytes(k.host_port),
+                    container_port: u16::from_be_bytes(t.port),
+                    proto,
+                },
+                Ipv4Addr::from(t.addr),
+            ));
+        }
+        Ok(out)
+    }
+
     pub fn ports(&self) -> Result<Vec<(PortKey4, PortTarget4)>> {
         self.ports
             .iter()
