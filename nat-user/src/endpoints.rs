@@ -179,8 +179,25 @@ impl<'a> PortBook<'a> {
     }
 }
 
+/// Whether `ip` is an address of this node (its namespace): one a socket can bind, which is
+/// what Docker checks, loopback addresses included.
+fn is_local_addr(ip: Ipv4Addr) -> bool {
+    std::net::UdpSocket::bind((ip, 0)).is_ok()
+}
+
 /// Choose host ports for `specs` (where they leave a choice) and check the result.
 pub fn resolve_ports(state: &State, specs: &[PortSpec]) -> Result<Vec<PortMapping>> {
+    for ip in specs
+        .iter()
+        .flat_map(|s| &s.requests)
+        .filter_map(|r| r.host_ip)
+    {
+        if !is_local_addr(ip) {
+            bail!(
+                "cannot publish on {ip}: {ip} is not an address of this node (publish on one of its addresses, or on all of them: 8080:80)"
+            );
+        }
+    }
     let ephemeral = node::ephemeral_range();
     let mut book = PortBook::of(state);
     let mut all: Vec<PortMapping> = Vec::new();

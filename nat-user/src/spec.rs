@@ -192,6 +192,17 @@ impl FromStr for PortSpec {
             Some((_, other)) => return Err(err(&format!("unsupported protocol {other:?}"))),
             None => (spec, Proto::Tcp),
         };
+        if let Some(rest) = ports.strip_prefix('[') {
+            // Docker's `[::]:8080:80`: an IPv6 host address in brackets.
+            let v6 = rest
+                .split_once(']')
+                .is_some_and(|(a, _)| a.parse::<std::net::Ipv6Addr>().is_ok());
+            return Err(err(if v6 {
+                "IPv6 host addresses are not supported yet; publish on an IPv4 address, or on every IPv4 address of the node (8080:80)"
+            } else {
+                "a bracketed host address must be an IPv6 address"
+            }));
+        }
         let parts: Vec<&str> = ports.split(':').collect();
         let (host_ip, host, cont) = match parts.as_slice() {
             [c] => (None, "", *c),

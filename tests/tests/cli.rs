@@ -61,6 +61,44 @@ fn malformed_publish_spec_is_rejected() {
 }
 
 #[test]
+fn publishing_on_an_address_the_node_lacks_or_on_ipv6_is_refused_clearly() {
+    let lab = lab_up("foreignip");
+    let c = lab.name("c");
+    // As Docker: a host address that is not the node's cannot take the port.
+    fails_with(
+        &lab,
+        &["container", "add", &c, "-p", "203.0.113.77:8080:80"],
+        "203.0.113.77 is not an address of this node",
+    );
+    for spec in ["[::]:8080:80", "[2001:db8::2]:8080:80/udp"] {
+        fails_with(
+            &lab,
+            &["container", "add", &c, "-p", spec],
+            "IPv6 host addresses are not supported yet",
+        );
+    }
+    assert!(!lab.container_ns(&c).exists(), "no namespace left behind");
+    assert!(json(&lab, &["port", "list"]).as_array().unwrap().is_empty());
+    // The node's own addresses, loopback included, are fine.
+    lab.ok(&[
+        "container",
+        "add",
+        &c,
+        "-p",
+        "127.0.0.1:8080:80",
+        "-p",
+        &format!("{NODE_ADDR}:8081:81"),
+    ])
+    .unwrap();
+    fails_with(
+        &lab,
+        &["port", "add", &c, "203.0.113.77:9090:90"],
+        "not an address of this node",
+    );
+    assert_eq!(json(&lab, &["port", "list"]).as_array().unwrap().len(), 2);
+}
+
+#[test]
 fn host_port_already_published_is_rejected() {
     let lab = lab_up("dupport");
     let (a, b) = (lab.name("a"), lab.name("b"));

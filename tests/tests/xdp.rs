@@ -165,7 +165,11 @@ fn native_xdp_on_a_jumbo_veth_is_refused_clearly_and_changes_nothing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("MTU is too large"), "{err}");
     let (code, st) = bpfnat_tests::status(&lab);
-    assert_eq!((code, &st["up"]), (3, &serde_json::json!(false)), "rolled back");
+    assert_eq!(
+        (code, &st["up"]),
+        (3, &serde_json::json!(false)),
+        "rolled back"
+    );
     assert!(!bpfnat_tests::pins(&lab).root().exists(), "no pins left");
     // Generic XDP has no such limit.
     lab.ok(&["up", "--uplink", UPLINK, "--xdp", "generic"])
