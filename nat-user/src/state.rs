@@ -1,6 +1,6 @@
 //! The small on-disk record of the node and its containers (`<state-dir>/state.json`).
 //! Every command holds an exclusive lock on `<state-dir>/lock` while it reads and writes it;
-//! writes go to a temporary file that is renamed into place.
+//! writes go to a temporary file that is synced and renamed into place (`write_durably`).
 
 use std::{
     collections::BTreeMap,
@@ -165,11 +165,8 @@ impl Store {
     }
 
     pub fn save(&self, state: &State) -> Result<()> {
-        let path = self.file();
-        let tmp = self.dir.join("state.json.tmp");
         let data = serde_json::to_vec_pretty(state).context("serialize state")?;
-        std::fs::write(&tmp, data).with_context(|| format!("write {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("replace {}", path.display()))
+        write_durably(&self.file(), &data, 0o644)
     }
 
     /// Remove the state file (after `down`). The directory and lock file stay.
@@ -180,4 +177,38 @@ impl Store {
             Err(e) => Err(anyhow!(e).context("remove state file")),
         }
     }
+}
+
+/// Replace `path` with `content` (mode `mode`) atomically and durably: readers see the old
+/// file or the new one, never half of one, and after a crash or power loss the new one is
+/// there once this returns (the file is synced before the rename, the directory after it).
+pub fn write_durably(path: &Path, content: &[u8], mode: u32) -> Result<()> {
+    use std::{
+        io::Write as _,
+        os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| anyhow!("{} names no file", path.display()))?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.bpfnat-tmp", name.to_string_lossy()));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("create {}", tmp.display()))?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .and_then(|()| f.write_all(content))
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("write {}", tmp.display()))?;
+    drop(f);
+    std::fs::rename(&tmp, path).with_context(|| format!("replace {}", path.display()))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("sync directory {}", dir.display()))
 }

@@ -176,3 +176,61 @@ fn state_left_by_a_node_namespace_that_is_gone_is_cleared_by_the_next_up() {
     assert!(down.status.success());
     assert!(!bpfnat_tests::pins(&lab).root().exists(), "no pins left");
 }
+
+/// The state file survives a crash or power loss: it is written to a temporary file that is
+/// synced, renamed over `state.json`, and the directory is synced after the rename, as the
+/// system calls of a `container add` show.
+#[test]
+fn the_state_file_is_replaced_atomically_and_durably() {
+    let lab = lab_up("durable");
+    let trace = lab.state_dir.join("strace.out");
+    let mut cmd = std::process::Command::new("strace");
+    cmd.args([
+        "-f",
+        "-qq",
+        "-y",
+        "-e",
+        "trace=fsync,fdatasync,rename,renameat,renameat2",
+        "-o",
+    ])
+    .arg(&trace)
+    .arg(bpfnat_tests::bin())
+    .arg("--bpffs-dir")
+    .arg(&lab.bpffs_dir)
+    .arg("--state-dir")
+    .arg(&lab.state_dir)
+    .args(["container", "add", &lab.name("c")]);
+    nat_plumbing::netns::command_in(&mut cmd, &lab.node).unwrap();
+    let out = cmd
+        .output()
+        .expect("run strace (cargo xtask setup installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let calls = std::fs::read_to_string(&trace).unwrap();
+    let lines: Vec<&str> = calls.lines().collect();
+    let dir = lab.state_dir.display().to_string();
+    let state = format!("{dir}/state.json\"");
+    let renames: Vec<usize> = (0..lines.len())
+        .filter(|&i| lines[i].contains("rename") && lines[i].contains(&state))
+        .collect();
+    assert!(!renames.is_empty(), "no rename onto state.json:\n{calls}");
+    for i in renames {
+        // The source of the rename: the first quoted path of the call.
+        let src = lines[i].split('"').nth(1).unwrap();
+        assert!(
+            lines[..i]
+                .iter()
+                .any(|l| l.contains("fsync(") && l.contains(&format!("<{src}>"))),
+            "{src} is synced before it replaces state.json:\n{calls}"
+        );
+        assert!(
+            lines[i + 1..]
+                .iter()
+                .any(|l| l.contains("fsync(") && l.contains(&format!("<{dir}>"))),
+            "{dir} is synced after the rename:\n{calls}"
+        );
+    }
+}

@@ -18,6 +18,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("iputils-ping", "ping"),
     ("util-linux", "nsenter"),
+    // The durability test watches the state file's fsync and rename.
+    ("strace", "strace"),
     // The container-runtime test: podman with the CNI backend, runc, and a static busybox
     // to build its image from.
     ("podman", "podman"),

@@ -21,6 +21,7 @@ use crate::{
     net::Cidr,
     netlink::Netlink,
     node::{self, NodeSpec, XdpChoice},
+    state,
 };
 
 /// `--config FILE` (JSON).
@@ -175,16 +176,6 @@ async fn bring_up(ctx: &Env, cfg: &AgentConfig) -> Result<()> {
     Ok(())
 }
 
-/// Write `content` to `path` through a temporary file and a rename, so a runtime never reads
-/// half a file.
-fn write_atomic(path: &Path, content: &[u8], mode: u32) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let tmp = path.with_extension("bpfnat-tmp");
-    std::fs::write(&tmp, content).with_context(|| format!("write {}", tmp.display()))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("install {}", path.display()))
-}
-
 /// Install the CNI plugin (this very binary) and a network configuration matching the
 /// running datapath.
 fn install_cni(ctx: &Env, cfg: &AgentConfig) -> Result<()> {
@@ -193,7 +184,7 @@ fn install_cni(ctx: &Env, cfg: &AgentConfig) -> Result<()> {
         let me = std::env::current_exe().context("find this binary")?;
         let bytes = std::fs::read(&me).with_context(|| format!("read {}", me.display()))?;
         let path = dir.join("bpfnat");
-        write_atomic(&path, &bytes, 0o755)?;
+        state::write_durably(&path, &bytes, 0o755)?;
         info!(path = %path.display(), "installed the CNI plugin");
     }
     if let Some(dir) = &cfg.cni_conf_dir {
@@ -213,7 +204,7 @@ fn install_cni(ctx: &Env, cfg: &AgentConfig) -> Result<()> {
             }]
         });
         let path = dir.join("10-bpfnat.conflist");
-        write_atomic(
+        state::write_durably(
             &path,
             serde_json::to_string_pretty(&conf)?.as_bytes(),
             0o644,
