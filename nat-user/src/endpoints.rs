@@ -17,7 +17,7 @@ use crate::{
     netns,
     node::{self, NodeSpec, Upped, require_node},
     spec::{PortMapping, PortSpec, Proto},
-    state::{Container, Node, State, XdpSetting},
+    state::{CniAttachment, Container, Node, State, XdpSetting},
 };
 
 /// What every host-side veth's name starts with.
@@ -221,8 +221,8 @@ pub struct AddRequest {
     pub netns: Option<PathBuf>,
     /// The interface name inside the namespace.
     pub ifname: String,
-    /// Created by the CNI plugin (subject to CNI GC).
-    pub cni: bool,
+    /// The CNI attachment this is (subject to CNI GC), if the CNI plugin asks.
+    pub cni: Option<CniAttachment>,
 }
 
 /// Create a container's network; on failure nothing is left behind.
@@ -236,7 +236,9 @@ pub async fn create(ctx: &Env, req: AddRequest) -> Result<Container> {
         ifname,
         cni,
     } = req;
-    netns::validate_name(&name)?;
+    if cni.is_none() {
+        netns::validate_name(&name)?;
+    }
     if ifname.is_empty() || ifname.len() > 15 || ifname.contains(['/', ' ']) {
         bail!("invalid interface name {ifname:?}");
     }
@@ -287,7 +289,8 @@ pub async fn create(ctx: &Env, req: AddRequest) -> Result<Container> {
         ports,
         sysctls,
         ifname,
-        cni,
+        cni: cni.is_some(),
+        cni_attachment: cni,
         pending: true,
     };
     // The intent first: whatever is created below, a killed command leaves a record of it.

@@ -89,11 +89,38 @@ pub struct Container {
     /// Created through the CNI plugin (CNI GC may remove it).
     #[serde(default)]
     pub cni: bool,
+    /// The CNI attachment this is (with `ifname`); absent in records of CNI attachments made
+    /// before attachments were keyed by interface, whose name is the container ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cni_attachment: Option<CniAttachment>,
     /// Recorded before anything was created for it, and cleared once all of it exists: an
     /// add that was killed half way leaves it set, and the next `container add` of the name,
     /// `container del` or `down` removes whatever part of it exists.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pending: bool,
+}
+
+/// What identifies a CNI attachment besides its interface name (spec 1.1: the container
+/// ID, the interface name and the network name).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CniAttachment {
+    pub container_id: String,
+    pub network: String,
+}
+
+impl Container {
+    /// Whether this record is the CNI attachment of interface `ifname` of container `id` on
+    /// network `network`. An older record (no attachment recorded) is its container ID's
+    /// attachment on any network.
+    #[must_use]
+    pub fn is_cni_attachment(&self, id: &str, ifname: &str, network: &str) -> bool {
+        self.cni
+            && self.ifname == ifname
+            && match &self.cni_attachment {
+                Some(a) => a.container_id == id && a.network == network,
+                None => self.name == id,
+            }
+    }
 }
 
 fn default_ifname() -> String {

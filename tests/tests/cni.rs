@@ -32,11 +32,23 @@ fn conf(lab: &Lab, version: &str, extra: Value) -> Value {
 
 /// Run the plugin in the lab's node namespace: (exit success, parsed stdout or Null).
 fn cni(lab: &Lab, command: &str, id: &str, netns: &Path, conf: &Value) -> (bool, Value) {
+    cni_if(lab, command, id, "eth0", netns, conf)
+}
+
+/// `cni` for interface `ifname`.
+fn cni_if(
+    lab: &Lab,
+    command: &str,
+    id: &str,
+    ifname: &str,
+    netns: &Path,
+    conf: &Value,
+) -> (bool, Value) {
     let mut c = Command::new(bin());
     c.env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", id)
         .env("CNI_NETNS", netns)
-        .env("CNI_IFNAME", "eth0")
+        .env("CNI_IFNAME", ifname)
         .env("CNI_PATH", "/opt/cni/bin")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -122,10 +134,10 @@ fn add_check_del_with_port_mappings_as_a_runtime_calls_them() {
     );
     srv.join().unwrap();
 
-    assert!(
-        cni(&lab, "CHECK", id, &ns, &c).0,
-        "CHECK passes on a healthy attachment"
-    );
+    let mut checked = c.clone();
+    checked["prevResult"] = r.clone();
+    let (ok, e) = cni(&lab, "CHECK", id, &ns, &checked);
+    assert!(ok, "CHECK passes on a healthy attachment: {e}");
     assert!(cni(&lab, "STATUS", id, &ns, &c).0);
 
     // DEL removes it, and is idempotent.
@@ -133,7 +145,7 @@ fn add_check_del_with_port_mappings_as_a_runtime_calls_them() {
     assert!(!link_exists(&ns, "eth0"));
     assert!(ns.exists(), "the runtime's namespace is the runtime's");
     assert!(cni(&lab, "DEL", id, &ns, &c).0, "second DEL");
-    let (ok, e) = cni(&lab, "CHECK", id, &ns, &c);
+    let (ok, e) = cni(&lab, "CHECK", id, &ns, &checked);
     assert!(!ok);
     assert_eq!(e["code"], 3, "{e}");
 }
@@ -145,7 +157,8 @@ fn del_after_the_namespace_vanished_and_check_after_the_veth_was_deleted() {
     let ns1 = sandbox(&lab, "p1");
     assert!(cni(&lab, "ADD", "pod-one", &ns1, &c).0);
     let ns2 = sandbox(&lab, "p2");
-    assert!(cni(&lab, "ADD", "pod-two", &ns2, &c).0);
+    let (ok, r2) = cni(&lab, "ADD", "pod-two", &ns2, &c);
+    assert!(ok, "{r2}");
 
     // pod-one's sandbox disappears before DEL (a crashed runtime).
     nat_plumbing::netns::remove(&ns1).unwrap();
@@ -159,7 +172,9 @@ fn del_after_the_namespace_vanished_and_check_after_the_veth_was_deleted() {
     ip.args(["link", "del", "eth0"]);
     nat_plumbing::netns::command_in(&mut ip, &ns2).unwrap();
     assert!(ip.status().unwrap().success());
-    let (ok, e) = cni(&lab, "CHECK", "pod-two", &ns2, &c);
+    let mut checked = c.clone();
+    checked["prevResult"] = r2;
+    let (ok, e) = cni(&lab, "CHECK", "pod-two", &ns2, &checked);
     assert!(!ok, "CHECK must fail");
     assert!(e["msg"].as_str().unwrap().contains("pod-two"), "{e}");
 }
@@ -220,9 +235,49 @@ fn unsupported_versions_and_bad_environment_are_cni_errors() {
     let (ok, e) = cni(&lab, "ADD", "bad/id", &ns, &conf(&lab, "1.0.0", json!({})));
     assert!(!ok);
     assert_eq!(e["code"], 4, "{e}");
+    // STATUS says ready whenever an ADD would succeed: not up yet, but the configuration
+    // names an uplink that exists, so the next ADD brings the datapath up.
     let (ok, e) = cni(&lab, "STATUS", "x1", &ns, &conf(&lab, "1.1.0", json!({})));
-    assert!(!ok, "not up yet");
+    assert!(ok, "ready: {e}");
+    let (ok, e) = cni(
+        &lab,
+        "STATUS",
+        "x1",
+        &ns,
+        &conf(&lab, "1.1.0", json!({"uplink": "nope0"})),
+    );
+    assert!(!ok, "no uplink to bring the datapath up with");
     assert_eq!(e["code"], 50, "{e}");
+    // An ipam section is refused (bpfnat assigns addresses itself), a bad CNI_NETNS is an
+    // environment error, and neither touches anything.
+    let (ok, e) = cni(
+        &lab,
+        "ADD",
+        "x1",
+        &ns,
+        &conf(&lab, "1.1.0", json!({"ipam": {"type": "host-local"}})),
+    );
+    assert!(!ok);
+    assert_eq!(e["code"], 2, "{e}");
+    let (ok, e) = cni(
+        &lab,
+        "ADD",
+        "x1",
+        Path::new("/run/netns/bnt-cnierr-nope"),
+        &conf(&lab, "1.1.0", json!({})),
+    );
+    assert!(!ok);
+    assert_eq!(e["code"], 4, "{e}");
+    for id in ["-leading-dash", "a b", "x/y"] {
+        let (ok, e) = cni(&lab, "ADD", id, &ns, &conf(&lab, "1.1.0", json!({})));
+        assert!(!ok, "{id}");
+        assert_eq!(e["code"], 4, "{id}: {e}");
+    }
+    assert!(
+        !bpfnat_tests::pins(&lab).root().exists(),
+        "nothing was brought up"
+    );
+    assert!(!link_exists(&ns, "eth0"));
 }
 
 #[test]
@@ -283,4 +338,122 @@ fn chained_after_another_plugin_the_previous_result_is_kept() {
     );
     assert_eq!(ifs[2]["name"], "eth0");
     assert_eq!(r["dns"]["nameservers"][0], "192.0.2.53", "dns kept");
+}
+
+#[test]
+fn a_sandboxs_interfaces_are_separate_attachments() {
+    let lab = lab("cnimulti");
+    let c = conf(&lab, "1.1.0", json!({}));
+    let ns = sandbox(&lab, "pod");
+    let id = "multi0";
+    let (ok, r0) = cni_if(&lab, "ADD", id, "eth0", &ns, &c);
+    assert!(ok, "{r0}");
+    // A second interface of the same sandbox (Multus-style, the same datapath).
+    let (ok, r1) = cni_if(&lab, "ADD", id, "net1", &ns, &c);
+    assert!(ok, "ADD of a second interface: {r1}");
+    let addr = |r: &Value| {
+        r["ips"][0]["address"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let (a0, a1) = (addr(&r0), addr(&r1));
+    assert_ne!(a0, a1);
+    for (ifname, r) in [("eth0", &r0), ("net1", &r1)] {
+        let mut checked = c.clone();
+        checked["prevResult"] = r.clone();
+        let (ok, e) = cni_if(&lab, "CHECK", id, ifname, &ns, &checked);
+        assert!(ok, "CHECK {ifname}: {e}");
+    }
+    // Both work: the second interface's address leaves by it (source routing, as the sbr
+    // plugin sets up), masqueraded like the first.
+    for cmd in [
+        vec!["rule", "add", "from", a1.as_str(), "table", "100"],
+        vec![
+            "route",
+            "add",
+            "default",
+            "via",
+            "10.88.0.1",
+            "dev",
+            "net1",
+            "table",
+            "100",
+        ],
+    ] {
+        let (ok, _) = bpfnat_tests::run_in_ns(&ns, "ip", &cmd);
+        assert!(ok, "ip {cmd:?}");
+    }
+    let ping_from = |src: &str| {
+        bpfnat_tests::run_in_ns(
+            &ns,
+            "ping",
+            &["-c", "1", "-W", "2", "-I", src, &EXT_ADDR.to_string()],
+        )
+        .0
+    };
+    assert!(
+        ping_from(&a0) && ping_from(&a1),
+        "both interfaces reach the outside"
+    );
+
+    // GC of another network touches neither.
+    let other = conf(
+        &lab,
+        "1.1.0",
+        json!({"name": "other", "cni.dev/valid-attachments": []}),
+    );
+    assert!(cni(&lab, "GC", "", &ns, &other).0);
+    assert!(link_exists(&ns, "eth0") && link_exists(&ns, "net1"));
+
+    // DEL of net1 leaves eth0 as it was.
+    assert!(cni_if(&lab, "DEL", id, "net1", &ns, &c).0);
+    assert!(!link_exists(&ns, "net1"));
+    assert!(link_exists(&ns, "eth0"), "DEL net1 kept eth0");
+    let mut checked = c.clone();
+    checked["prevResult"] = r0.clone();
+    let (ok, e) = cni_if(&lab, "CHECK", id, "eth0", &ns, &checked);
+    assert!(ok, "eth0 intact: {e}");
+    assert!(ping_from(&a0), "eth0 still reaches the outside");
+    let (ok, e) = cni_if(&lab, "CHECK", id, "net1", &ns, &checked);
+    assert!(!ok);
+    assert_eq!(e["code"], 3, "{e}");
+    assert!(cni_if(&lab, "DEL", id, "eth0", &ns, &c).0);
+    assert!(!link_exists(&ns, "eth0"));
+}
+
+#[test]
+fn check_compares_with_the_previous_result() {
+    let lab = lab("cnicheck");
+    let c = conf(&lab, "1.1.0", json!({}));
+    let ns = sandbox(&lab, "pod");
+    let (ok, r) = cni(&lab, "ADD", "chk", &ns, &c);
+    assert!(ok, "{r}");
+    // Positive control.
+    let mut good = c.clone();
+    good["prevResult"] = r.clone();
+    assert!(cni(&lab, "CHECK", "chk", &ns, &good).0);
+    // No prevResult: CHECK cannot say the attachment is what ADD returned.
+    let (ok, e) = cni(&lab, "CHECK", "chk", &ns, &c);
+    assert!(!ok);
+    assert!(e["msg"].as_str().unwrap().contains("prevResult"), "{e}");
+    // A prevResult with another MAC or another address.
+    let i = r["ips"][0]["interface"].as_u64().unwrap() as usize;
+    let mut mac = r.clone();
+    mac["interfaces"][i]["mac"] = json!("02:00:00:00:00:99");
+    let mut ip = r.clone();
+    ip["ips"][0]["address"] = json!("10.88.9.9/16");
+    for (what, prev) in [("MAC", mac), ("address", ip)] {
+        let mut bad = c.clone();
+        bad["prevResult"] = prev;
+        let (ok, e) = cni(&lab, "CHECK", "chk", &ns, &bad);
+        assert!(!ok, "CHECK must notice another {what}");
+        assert!(
+            e["msg"].as_str().unwrap().contains("prevResult"),
+            "{what}: {e}"
+        );
+    }
 }

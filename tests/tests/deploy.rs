@@ -123,6 +123,8 @@ fn daemonset_mounts_and_paths_match_the_code() {
 fn example_conflist_is_what_the_plugin_reads() {
     let text = std::fs::read_to_string(root().join("deploy/cni/bpfnat.conflist")).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    // 1.1.0: libcni sends GC and STATUS only to networks of that version.
+    assert_eq!(v["cniVersion"], "1.1.0");
     assert!(bpfnat::cni::SUPPORTED_VERSIONS.contains(&v["cniVersion"].as_str().unwrap()));
     let p = &v["plugins"][0];
     assert_eq!(p["type"], "bpfnat", "the plugin binary's name");
@@ -175,9 +177,22 @@ fn the_agent_installs_the_cni_plugin_and_its_configuration() {
     );
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&conflist).unwrap()).unwrap();
+    assert_eq!(v["cniVersion"], "1.1.0");
     assert_eq!(v["plugins"][0]["uplink"], bpfnat_tests::UPLINK);
     assert_eq!(
         v["plugins"][0]["bpffsDir"],
         serde_json::json!(lab.bpffs_dir)
+    );
+    // containerd needs `loopback` beside the plugin: the node's own is copied there
+    // (`cargo xtask setup` installs podman, whose CNI plugins include it).
+    let node_loopback = ["/opt/cni/bin", "/usr/lib/cni", "/usr/libexec/cni"]
+        .iter()
+        .map(|d| Path::new(d).join("loopback"))
+        .find(|p| p.is_file())
+        .expect("the reference CNI plugins are installed");
+    assert_eq!(
+        std::fs::read(bin_dir.join("loopback")).ok(),
+        std::fs::read(node_loopback).ok(),
+        "loopback installed beside the plugin"
     );
 }

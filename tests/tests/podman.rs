@@ -175,7 +175,7 @@ fn podman_runs_containers_on_a_bpfnat_network() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|c| c["name"] == id.as_str())
+        .find(|c| c["name"] == format!("{id}/eth0"))
         .expect("bpfnat knows the container");
     let web_ip: Ipv4Addr = web["ip"].as_str().unwrap().parse().unwrap();
     let web_netns = PathBuf::from(web["netns"].as_str().unwrap());

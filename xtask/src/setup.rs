@@ -23,6 +23,8 @@ const PACKAGES: &[(&str, &str)] = &[
     // The container-runtime test: podman with the CNI backend, runc, and a static busybox
     // to build its image from.
     ("podman", "podman"),
+    // The reference plugins: `loopback`, which the agent installs beside bpfnat.
+    ("containernetworking-plugins", "/usr/lib/cni/loopback"),
     ("runc", "runc"),
     ("conmon", "conmon"),
     ("busybox-static", "busybox"),

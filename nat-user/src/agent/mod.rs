@@ -176,6 +176,35 @@ async fn bring_up(ctx: &Env, cfg: &AgentConfig) -> Result<()> {
     Ok(())
 }
 
+/// Where distributions install the reference CNI plugins (`loopback` among them).
+const CNI_PLUGIN_DIRS: [&str; 3] = ["/opt/cni/bin", "/usr/lib/cni", "/usr/libexec/cni"];
+
+/// containerd sets up a pod's `lo` with the `loopback` plugin from the CNI bin directory and
+/// fails every pod without it: copy the node's own when the directory lacks it, or warn.
+fn install_loopback(dir: &Path) -> Result<()> {
+    let path = dir.join("loopback");
+    if path.exists() {
+        return Ok(());
+    }
+    let found = CNI_PLUGIN_DIRS
+        .iter()
+        .map(|d| Path::new(d).join("loopback"))
+        .find(|p| p.is_file() && p != &path);
+    match found {
+        Some(src) => {
+            let bytes = std::fs::read(&src).with_context(|| format!("read {}", src.display()))?;
+            state::write_durably(&path, &bytes, 0o755)?;
+            info!(from = %src.display(), path = %path.display(), "installed the loopback CNI plugin");
+        }
+        None => warn!(
+            path = %path.display(),
+            "no loopback CNI plugin here or in {}: containerd needs it to start pods (install the reference CNI plugins, e.g. Debian's containernetworking-plugins)",
+            CNI_PLUGIN_DIRS.join(", ")
+        ),
+    }
+    Ok(())
+}
+
 /// Install the CNI plugin (this very binary) and a network configuration matching the
 /// running datapath.
 fn install_cni(ctx: &Env, cfg: &AgentConfig) -> Result<()> {
@@ -186,13 +215,15 @@ fn install_cni(ctx: &Env, cfg: &AgentConfig) -> Result<()> {
         let path = dir.join("bpfnat");
         state::write_durably(&path, &bytes, 0o755)?;
         info!(path = %path.display(), "installed the CNI plugin");
+        install_loopback(dir)?;
     }
     if let Some(dir) = &cfg.cni_conf_dir {
         let state = ctx.store()?.load()?;
         let node = state.node.context("the datapath is not up")?;
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        // 1.1.0: libcni sends GC and STATUS only to networks of that version.
         let conf = serde_json::json!({
-            "cniVersion": "1.0.0",
+            "cniVersion": "1.1.0",
             "name": "bpfnat",
             "plugins": [{
                 "type": "bpfnat",

@@ -69,7 +69,7 @@ async fn add(
             sysctls: sysctl,
             netns: netns_path,
             ifname: "eth0".to_owned(),
-            cni: false,
+            cni: None,
         },
     )
     .await?;

@@ -16,6 +16,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::{
+    datapath,
     endpoints::{self, AddRequest},
     env::{DEFAULT_BPFFS_DIR, DEFAULT_STATE_DIR, Env},
     net::{Cidr, fmt_mac},
@@ -23,7 +24,7 @@ use crate::{
     netns,
     node::{self, NodeSpec},
     spec::{HostPort, PortRequest, PortSpec, Proto},
-    state::{Container, Store},
+    state::{CniAttachment, Container, State, Store},
 };
 
 pub const SUPPORTED_VERSIONS: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];
@@ -31,6 +32,7 @@ pub const SUPPORTED_VERSIONS: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];
 /// CNI error codes (spec "Error" section).
 mod code {
     pub const INCOMPATIBLE_VERSION: u32 = 1;
+    pub const UNSUPPORTED_FIELD: u32 = 2;
     pub const UNKNOWN_CONTAINER: u32 = 3;
     pub const INVALID_ENV: u32 = 4;
     pub const DECODE: u32 = 6;
@@ -94,6 +96,12 @@ struct Attachment {
 #[serde(rename_all = "camelCase")]
 struct NetConf {
     cni_version: String,
+    /// The network's name: part of an attachment's key.
+    #[serde(default)]
+    name: String,
+    /// bpfnat assigns addresses itself: an `ipam` section is refused, not ignored.
+    #[serde(default)]
+    ipam: Option<Value>,
     #[serde(default)]
     uplink: Option<String>,
     #[serde(default)]
@@ -164,6 +172,18 @@ fn run(input: &str, version: &str) -> Result<Option<Value>, CniError> {
             ),
         ));
     }
+    if conf.name.is_empty() && command != "STATUS" {
+        return Err(err(
+            code::INVALID_CONFIG,
+            "the network configuration has no \"name\"",
+        ));
+    }
+    if conf.ipam.is_some() {
+        return Err(err(
+            code::UNSUPPORTED_FIELD,
+            "the \"ipam\" section is not supported: bpfnat assigns addresses from its own subnet",
+        ));
+    }
     let ctx = Env::new(
         conf.bpffs_dir
             .as_deref()
@@ -183,9 +203,9 @@ fn run(input: &str, version: &str) -> Result<Option<Value>, CniError> {
                 conf_subnet(&conf)?;
                 add(&ctx, &conf).await.map(Some)
             }
-            "DEL" => del(&ctx).await.map(|()| None),
-            "CHECK" => check(&ctx).await.map(|()| None),
-            "STATUS" => status(&ctx).map(|()| None),
+            "DEL" => del(&ctx, &conf).await.map(|()| None),
+            "CHECK" => check(&ctx, &conf).await.map(|()| None),
+            "STATUS" => status(&ctx, &conf).await.map(|()| None),
             "GC" => gc(&ctx, &conf).await.map(|()| None),
             other => Err(err(
                 code::INVALID_ENV,
@@ -195,11 +215,61 @@ fn run(input: &str, version: &str) -> Result<Option<Value>, CniError> {
     })
 }
 
-/// The container name for a sandbox: its container ID.
-fn name_of(id: &str) -> Result<String, CniError> {
-    netns::validate_name(id)
-        .map_err(|e| err(code::INVALID_ENV, format!("CNI_CONTAINERID: {e}")))?;
-    Ok(id.to_owned())
+/// The attachment a call is about: spec 1.1 keys it by container ID, interface name and
+/// network name, so a sandbox may have several (one per interface).
+struct Key {
+    id: String,
+    ifname: String,
+    network: String,
+}
+
+impl Key {
+    fn of(conf: &NetConf) -> Result<Self, CniError> {
+        let id = env("CNI_CONTAINERID")?;
+        // The spec's rule: an alphanumeric first, then alphanumerics, `_`, `.` and `-`.
+        let valid = id.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+        if !valid {
+            return Err(err(
+                code::INVALID_ENV,
+                format!(
+                    "CNI_CONTAINERID {id:?} is not a valid container ID (an alphanumeric, then alphanumerics, '_', '.', '-')"
+                ),
+            ));
+        }
+        let ifname = env("CNI_IFNAME")?;
+        if ifname.len() > 15
+            || ifname == "."
+            || ifname == ".."
+            || ifname.contains(['/', ':'])
+            || ifname.chars().any(char::is_whitespace)
+        {
+            return Err(err(
+                code::INVALID_ENV,
+                format!("CNI_IFNAME {ifname:?} is not a valid interface name"),
+            ));
+        }
+        Ok(Self {
+            id,
+            ifname,
+            network: conf.name.clone(),
+        })
+    }
+
+    /// The record's name in bpfnat's state: `CONTAINERID/IFNAME`.
+    fn record_name(&self) -> String {
+        format!("{}/{}", self.id, self.ifname)
+    }
+
+    /// This attachment's record, if there is one.
+    fn find<'a>(&self, state: &'a State) -> Option<&'a Container> {
+        state
+            .containers
+            .values()
+            .find(|c| c.is_cni_attachment(&self.id, &self.ifname, &self.network))
+    }
 }
 
 /// The configuration's subnet (or the default), refused with code 7 when it is malformed or
@@ -309,26 +379,29 @@ fn port_request(m: &PortMapping) -> Result<PortSpec, CniError> {
 }
 
 async fn add(ctx: &Env, conf: &NetConf) -> Result<Value, CniError> {
-    let name = name_of(&env("CNI_CONTAINERID")?)?;
+    let key = Key::of(conf)?;
     let netns_path = PathBuf::from(env("CNI_NETNS")?);
-    let ifname = env("CNI_IFNAME")?;
-    ensure_up(ctx, conf).await?;
+    netns::open(&netns_path).map_err(|e| err(code::INVALID_ENV, format!("CNI_NETNS: {e:#}")))?;
     let ports = conf
         .runtime_config
         .port_mappings
         .iter()
         .map(port_request)
         .collect::<Result<Vec<_>, _>>()?;
+    ensure_up(ctx, conf).await?;
     let c = endpoints::create(
         ctx,
         AddRequest {
-            name,
+            name: key.record_name(),
             ip: None,
             ports,
             sysctls: Vec::new(),
             netns: Some(netns_path),
-            ifname,
-            cni: true,
+            ifname: key.ifname.clone(),
+            cni: Some(CniAttachment {
+                container_id: key.id.clone(),
+                network: key.network.clone(),
+            }),
         },
     )
     .await?;
@@ -345,45 +418,136 @@ async fn add(ctx: &Env, conf: &NetConf) -> Result<Value, CniError> {
     ))
 }
 
-async fn del(ctx: &Env) -> Result<(), CniError> {
-    let name = name_of(&env("CNI_CONTAINERID")?)?;
-    // Idempotent: an unknown sandbox, or one whose namespace is gone, is fine.
-    endpoints::destroy(ctx, &name).await?;
+async fn del(ctx: &Env, conf: &NetConf) -> Result<(), CniError> {
+    let key = Key::of(conf)?;
+    let state = Store::open(&ctx.state_dir)?.load()?;
+    // Idempotent: an unknown attachment, or one whose namespace is gone, is fine. Only this
+    // attachment goes: the sandbox's other interfaces stay.
+    if let Some(c) = key.find(&state) {
+        let name = c.name.clone();
+        drop(state);
+        endpoints::destroy(ctx, &name).await?;
+    }
     Ok(())
 }
 
-async fn check(ctx: &Env) -> Result<(), CniError> {
-    let name = name_of(&env("CNI_CONTAINERID")?)?;
-    let state = Store::open(&ctx.state_dir)?.load()?;
-    let c = state.containers.get(&name).ok_or_else(|| {
+/// Whether `prev` (the result ADD returned) describes `c`: its sandbox interface with the
+/// MAC bpfnat gave it, and its address on that interface.
+fn check_prev_result(prev: &Value, c: &Container, prefix: u8) -> Result<(), CniError> {
+    let differs = |what: String| {
         err(
-            code::UNKNOWN_CONTAINER,
-            format!("no attachment for container {name}"),
+            code::PLUGIN,
+            format!("prevResult does not match attachment {}: {what}", c.name),
+        )
+    };
+    let ifs = prev["interfaces"].as_array().cloned().unwrap_or_default();
+    let Some(i) = ifs.iter().position(|i| {
+        i["name"] == c.ifname.as_str() && i["sandbox"] == c.netns.display().to_string()
+    }) else {
+        return Err(differs(format!(
+            "no interface {} in sandbox {}",
+            c.ifname,
+            c.netns.display()
+        )));
+    };
+    let mac = fmt_mac(&c.mac);
+    if !ifs[i]["mac"]
+        .as_str()
+        .is_some_and(|m| m.eq_ignore_ascii_case(&mac))
+    {
+        return Err(differs(format!(
+            "interface {} has MAC {}, prevResult says {}",
+            c.ifname, mac, ifs[i]["mac"]
+        )));
+    }
+    let address = format!("{}/{prefix}", c.ip);
+    let has_ip = prev["ips"].as_array().is_some_and(|ips| {
+        ips.iter()
+            .any(|ip| ip["address"] == address.as_str() && ip["interface"] == i)
+    });
+    if !has_ip {
+        return Err(differs(format!(
+            "address {address} on interface {} is not in prevResult",
+            c.ifname
+        )));
+    }
+    Ok(())
+}
+
+async fn check(ctx: &Env, conf: &NetConf) -> Result<(), CniError> {
+    let key = Key::of(conf)?;
+    let prev = conf.prev_result.as_ref().ok_or_else(|| {
+        err(
+            code::INVALID_CONFIG,
+            "CHECK needs prevResult (the result ADD returned)",
         )
     })?;
+    let state = Store::open(&ctx.state_dir)?.load()?;
+    let c = key.find(&state).ok_or_else(|| {
+        err(
+            code::UNKNOWN_CONTAINER,
+            format!(
+                "no attachment of interface {} for container {} on network {}",
+                key.ifname, key.id, key.network
+            ),
+        )
+    })?;
+    let node = state
+        .node
+        .as_ref()
+        .ok_or_else(|| err(code::NOT_AVAILABLE, datapath::NOT_UP))?;
+    check_prev_result(prev, c, node.prefix_len)?;
+    let name = &c.name;
     let nl = Netlink::current()?;
     nl.check_link(&c.host_if, c.host_ifindex)
         .await
         .map_err(|e| err(code::PLUGIN, format!("host side of {name}: {e:#}")))?;
     let inner = Netlink::in_netns(&c.netns).map_err(|e| err(code::PLUGIN, format!("{e:#}")))?;
-    inner
+    let link = inner
         .require_link(&c.ifname)
         .await
         .map_err(|e| err(code::PLUGIN, format!("sandbox side of {name}: {e:#}")))?;
+    if link.mac != c.mac {
+        return Err(err(
+            code::PLUGIN,
+            format!(
+                "sandbox side of {name}: {} has MAC {}, not {}",
+                c.ifname,
+                fmt_mac(&link.mac),
+                fmt_mac(&c.mac)
+            ),
+        ));
+    }
     if !ctx.pins.installed() {
-        return Err(err(code::NOT_AVAILABLE, "the bpfnat datapath is not up"));
+        return Err(err(code::NOT_AVAILABLE, datapath::NOT_UP));
     }
     Ok(())
 }
 
-fn status(ctx: &Env) -> Result<(), CniError> {
+/// Ready whenever an ADD would succeed: the datapath is up, or the configuration can bring
+/// it up (an uplink that exists here, a usable subnet).
+async fn status(ctx: &Env, conf: &NetConf) -> Result<(), CniError> {
     if ctx.pins.installed() {
-        Ok(())
-    } else {
-        Err(err(code::NOT_AVAILABLE, "the bpfnat datapath is not up"))
+        return Ok(());
+    }
+    let not_ready = |why: String| err(code::NOT_AVAILABLE, why);
+    let uplink = conf.uplink.as_deref().ok_or_else(|| {
+        not_ready(
+            "the datapath is not up and the configuration names no \"uplink\" to bring it up"
+                .to_owned(),
+        )
+    })?;
+    conf_subnet(conf)?;
+    match Netlink::current()?.link(uplink).await? {
+        Some(_) => Ok(()),
+        None => Err(not_ready(format!(
+            "the datapath is not up and its uplink {uplink} does not exist here"
+        ))),
     }
 }
 
+/// Remove this network's attachments the runtime no longer has; every failure is reported,
+/// none stops the others.
 async fn gc(ctx: &Env, conf: &NetConf) -> Result<(), CniError> {
     let Some(valid) = &conf.valid_attachments else {
         return Err(err(
@@ -396,18 +560,31 @@ async fn gc(ctx: &Env, conf: &NetConf) -> Result<(), CniError> {
         .containers
         .values()
         .filter(|c| {
-            c.cni
-                && !valid
-                    .iter()
-                    .any(|a| a.container_id == c.name && a.ifname == c.ifname)
+            let ours = match &c.cni_attachment {
+                Some(a) => a.network == conf.name,
+                None => c.cni,
+            };
+            ours && !valid
+                .iter()
+                .any(|a| c.is_cni_attachment(&a.container_id, &a.ifname, &conf.name))
         })
         .map(|c| c.name.clone())
         .collect();
     drop(state);
+    let mut failed = Vec::new();
     for name in stale {
-        endpoints::destroy(ctx, &name).await?;
+        if let Err(e) = endpoints::destroy(ctx, &name).await {
+            failed.push(format!("{name}: {e:#}"));
+        }
     }
-    Ok(())
+    if failed.is_empty() {
+        return Ok(());
+    }
+    Err(CniError {
+        code: code::PLUGIN,
+        msg: format!("GC could not remove {} attachment(s)", failed.len()),
+        details: failed.join("; "),
+    })
 }
 
 #[cfg(test)]
