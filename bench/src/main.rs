@@ -6,6 +6,7 @@
 
 mod load;
 mod report;
+mod scrape;
 mod testrun;
 mod topo;
 
@@ -51,6 +52,13 @@ enum Cmd {
         bin: Option<PathBuf>,
         #[arg(long, default_value_t = 20_000)]
         runs: u32,
+    },
+    /// Only the agent's /metrics scrape against a full conntrack table.
+    Scrape {
+        #[arg(long)]
+        bin: Option<PathBuf>,
+        #[arg(long, default_value_t = 1_000_000)]
+        entries: u32,
     },
     /// (internal) UDP flood, 64-byte datagrams in sendmmsg batches; prints the count sent.
     #[command(hide = true)]
@@ -106,6 +114,15 @@ fn main() -> Result<()> {
             let me = std::env::current_exe().context("find this binary")?;
             let bin = bpfnat_bin(&me, bin)?;
             run(&me, &bin, quick, &out)
+        }
+        Cmd::Scrape { bin, entries } => {
+            let me = std::env::current_exe().context("find this binary")?;
+            let s = scrape::measure(&bpfnat_bin(&me, bin)?, entries)?;
+            println!(
+                "{} entries: scrape {:.1} ms during the first gc walk, {:.1} ms after; the walk took {:.2} s",
+                s.entries, s.during_gc_ms, s.after_gc_ms, s.gc_s
+            );
+            Ok(())
         }
         Cmd::Paths { bin, runs } => {
             let me = std::env::current_exe().context("find this binary")?;
@@ -439,8 +456,15 @@ fn control_plane(bin: &Path) -> Result<ControlPlane> {
     }
     let add = t.elapsed().as_secs_f64();
     println!("bench: publish 10,000 ports {publish:.2} s, add 200 containers {add:.2} s");
+    drop(lab);
+    let scrape = scrape::measure(bin, 1_000_000)?;
+    println!(
+        "bench: /metrics with 1,000,000 conntrack entries: {:.1} ms during the gc walk, {:.1} ms after; the walk {:.2} s",
+        scrape.during_gc_ms, scrape.after_gc_ms, scrape.gc_s
+    );
     Ok(ControlPlane {
         publish_10k_ports_s: publish,
         add_200_containers_s: add,
+        scrape,
     })
 }

@@ -52,6 +52,7 @@ pub struct Scaling {
 pub struct ControlPlane {
     pub publish_10k_ports_s: f64,
     pub add_200_containers_s: f64,
+    pub scrape: crate::scrape::Scrape,
 }
 
 /// The XDP comparison: variants (by label) × flows × metrics.
@@ -177,8 +178,21 @@ pub fn write(dir: &Path, r: &Report<'_>) -> Result<()> {
     );
     let _ = writeln!(
         md,
-        "| add 200 containers (`bpfnat container add`, one by one) | {:.2} |\n",
+        "| add 200 containers (`bpfnat container add`, one by one) | {:.2} |",
         r.control.add_200_containers_s
+    );
+    let sc = &r.control.scrape;
+    let _ = writeln!(
+        md,
+        "| the agent's `/metrics` with {} conntrack entries, while the garbage collector walks them / after | {:.4} / {:.4} |",
+        sc.entries,
+        sc.during_gc_ms / 1e3,
+        sc.after_gc_ms / 1e3
+    );
+    let _ = writeln!(
+        md,
+        "| that walk (`bpfnat_conntrack_gc_duration_seconds`; on its own task, off the event loop) | {:.2} |\n",
+        sc.gc_s
     );
 
     xdp_tables(&mut md, r);

@@ -107,8 +107,24 @@ fn a_stream_keeps_flowing_across_agent_kill_and_restart_and_metrics_count_it() {
     let m = get(&lab, 9971, "/metrics").unwrap();
     assert!(metric(&m, "bpfnat_packets_total{reason=\"ct_hit\"}") > 0.0);
     assert_eq!(metric(&m, "bpfnat_containers"), 1.0);
-    assert!(metric(&m, "bpfnat_conntrack_connections") >= 1.0);
-    assert!(metric(&m, "bpfnat_snat_ports_in_use") >= 1.0);
+    // Conntrack figures come from the garbage collector's last walk (every second here).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let m = loop {
+        let m = get(&lab, 9971, "/metrics").unwrap();
+        if m.contains("bpfnat_conntrack_connections ")
+            && metric(&m, "bpfnat_conntrack_connections") >= 1.0
+        {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "no conntrack figures:\n{m}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(metric(&m, "bpfnat_snat_ports_in_use{proto=\"tcp\"}"), 1.0);
+    assert!(metric(&m, "bpfnat_conntrack_gc_runs_total") >= 1.0);
+    assert_eq!(metric(&m, "bpfnat_datapath_up"), 1.0);
+    assert!(m.contains("bpfnat_build_info{version=\""), "{m}");
+    assert!(metric(&m, "process_resident_memory_bytes") > 0.0);
+    assert!(m.ends_with("# EOF\n"), "a complete OpenMetrics exposition");
 
     // kill -9: nothing the agent holds is needed for forwarding.
     drop(agent);
@@ -236,4 +252,82 @@ fn stalled_metrics_clients_do_not_hold_up_the_agent() {
     })
     .expect("probe the agent while other clients stall");
     assert!(answered.ends_with("ok\n"), "{answered}");
+}
+
+/// Status line, headers (lower-case names), body.
+type Reply = (String, Vec<(String, String)>, String);
+
+/// One HTTP/1.1 response from `r`: status line, headers (lower-case names) and body; `head`
+/// when it answers a HEAD request (no body follows whatever Content-Length says).
+fn response(r: &mut std::io::BufReader<TcpStream>, head: bool) -> std::io::Result<Reply> {
+    use std::io::BufRead as _;
+    let mut status = String::new();
+    r.read_line(&mut status)?;
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+        }
+    }
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; if head { 0 } else { len }];
+    r.read_exact(&mut body)?;
+    Ok((
+        status.trim_end().to_owned(),
+        headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    ))
+}
+
+#[test]
+fn metrics_speak_http_as_scrapers_and_probes_expect() {
+    let lab = lab("agenthttp");
+    let _agent = start_agent(&lab, 9977);
+    let replies = nat_plumbing::netns::run_in(&lab.node, || {
+        let s = TcpStream::connect_timeout(
+            &SocketAddr::from(([127, 0, 0, 1], 9977)),
+            Duration::from_millis(500),
+        )?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let mut w = s.try_clone()?;
+        let mut r = std::io::BufReader::new(s);
+        // Three requests on one connection: keep-alive, a query string, HEAD.
+        w.write_all(b"GET /metrics?name[]=bpfnat_packets_total HTTP/1.1\r\nHost: node\r\n\r\n")?;
+        let a = response(&mut r, false)?;
+        w.write_all(b"HEAD /healthz HTTP/1.1\r\nHost: node\r\n\r\n")?;
+        let b = response(&mut r, true)?;
+        w.write_all(b"GET /healthz?verbose=1 HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")?;
+        let c = response(&mut r, false)?;
+        Ok([a, b, c])
+    })
+    .expect("three requests on one connection");
+    let [(s1, h1, metrics), (s2, _, empty), (s3, _, ok)] = replies;
+    assert!(s1.starts_with("HTTP/1.1 200"), "{s1}");
+    assert!(
+        h1.iter()
+            .any(|(k, v)| k == "content-type" && v.starts_with("application/openmetrics-text")),
+        "{h1:?}"
+    );
+    assert!(
+        metrics.contains("bpfnat_packets_total{reason="),
+        "{metrics}"
+    );
+    assert!(
+        s2.starts_with("HTTP/1.1 200") && empty.is_empty(),
+        "HEAD: {s2} {empty:?}"
+    );
+    assert!(
+        s3.starts_with("HTTP/1.1 200") && ok == "ok\n",
+        "{s3} {ok:?}"
+    );
 }

@@ -1,118 +1,383 @@
-//! `/metrics` (Prometheus text format) and `/healthz`, over a minimal HTTP/1.0 responder:
-//! one request per connection, which is all Prometheus and kubelet probes need.
+//! The agent's `/metrics` (OpenMetrics text, from `prometheus-client`) and `/healthz`, served
+//! by axum: keep-alive, `HEAD` and query strings work as any HTTP client expects.
+//!
+//! A scrape never walks the conntrack table: the garbage collector, which walks it anyway
+//! on its own task, leaves a summary behind (`CtSummary`), and the scrape reads that. What a
+//! scrape does read is small and fixed: the per-reason counters (one per-CPU array), the
+//! programs' run counts, the state file and `/proc/self`.
 
-use std::fmt::Write as _;
-
-use anyhow::Result;
-use aya::programs::SchedClassifier;
-use nat_common::prog_names;
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
-    time::{Duration, timeout},
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use crate::{datapath::Maps, env::Env};
+use anyhow::{Result, bail};
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use aya::programs::SchedClassifier;
+use nat_common::prog_names;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        gauge::ConstGauge,
+        histogram::{Histogram, exponential_buckets},
+        info::Info,
+    },
+    registry::Registry,
+};
 
-pub async fn serve(ctx: &Env, mut s: TcpStream) -> Result<()> {
-    let mut buf = vec![0u8; 2048];
-    let n = timeout(Duration::from_secs(2), s.read(&mut buf)).await??;
-    let req = String::from_utf8_lossy(&buf[..n]);
-    let path = req.split_whitespace().nth(1).unwrap_or("/");
-    let (status, body, ctype) = match path {
-        "/healthz" => match health(ctx) {
-            Ok(()) => ("200 OK", "ok\n".to_owned(), "text/plain"),
-            Err(e) => ("503 Service Unavailable", format!("{e:#}\n"), "text/plain"),
-        },
-        "/metrics" => match render(ctx) {
-            Ok(m) => ("200 OK", m, "text/plain; version=0.0.4"),
-            Err(e) => (
-                "500 Internal Server Error",
-                format!("{e:#}\n"),
-                "text/plain",
-            ),
-        },
-        _ => ("404 Not Found", "not found\n".to_owned(), "text/plain"),
-    };
-    let resp = format!(
-        "HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
+use crate::{
+    datapath::{CtSummary, Maps},
+    env::Env,
+};
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The last conntrack summary and when it was taken (seconds since the epoch).
+type Snapshot = Arc<Mutex<Option<(CtSummary, f64)>>>;
+
+/// What the agent's own work adds to the metrics: the conntrack garbage collector's runs.
+#[derive(Clone)]
+pub struct GcMetrics {
+    runs: Counter,
+    failures: Counter,
+    deleted: Counter,
+    duration: Histogram,
+    snapshot: Snapshot,
+}
+
+impl GcMetrics {
+    /// Record a successful pass that removed `deleted` connections and left `summary`.
+    pub fn record(&self, deleted: usize, took: Duration, summary: CtSummary) {
+        self.runs.inc();
+        self.deleted.inc_by(deleted as u64);
+        self.duration.observe(took.as_secs_f64());
+        if let Ok(mut s) = self.snapshot.lock() {
+            *s = Some((summary, now_secs()));
+        }
+    }
+
+    pub fn failed(&self) {
+        self.runs.inc();
+        self.failures.inc();
+    }
+}
+
+fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The registry the agent serves, and the handle its garbage collector reports to.
+pub fn registry(ctx: &Env) -> (Arc<Registry>, GcMetrics) {
+    let mut r = Registry::default();
+    r.register(
+        "bpfnat_build",
+        "bpfnat's version",
+        Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
     );
-    s.write_all(resp.as_bytes()).await?;
-    Ok(())
+    let gc = GcMetrics {
+        runs: Counter::default(),
+        failures: Counter::default(),
+        deleted: Counter::default(),
+        duration: Histogram::new(exponential_buckets(0.001, 4.0, 10)),
+        snapshot: Arc::default(),
+    };
+    r.register(
+        "bpfnat_conntrack_gc_runs",
+        "Conntrack garbage collection passes",
+        gc.runs.clone(),
+    );
+    r.register(
+        "bpfnat_conntrack_gc_failures",
+        "Conntrack garbage collection passes that failed",
+        gc.failures.clone(),
+    );
+    r.register(
+        "bpfnat_conntrack_gc_deleted_connections",
+        "Connections removed by garbage collection (idle past their timeout)",
+        gc.deleted.clone(),
+    );
+    r.register(
+        "bpfnat_conntrack_gc_duration_seconds",
+        "How long a garbage collection pass (a walk of both conntrack tables) took",
+        gc.duration.clone(),
+    );
+    r.register_collector(Box::new(Datapath {
+        env: ctx.clone(),
+        snapshot: gc.snapshot.clone(),
+    }));
+    r.register_collector(Box::new(ProcessMetrics));
+    (Arc::new(r), gc)
+}
+
+#[derive(Clone)]
+struct AppState {
+    env: Env,
+    registry: Arc<Registry>,
+}
+
+/// `/metrics` and `/healthz`.
+pub fn router(env: Env, registry: Arc<Registry>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .with_state(AppState { env, registry })
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    // The collectors read maps, the state file (under its lock) and /proc: off the event loop.
+    let rendered = tokio::task::spawn_blocking(move || {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &s.registry).map(|()| out)
+    })
+    .await;
+    match rendered {
+        Ok(Ok(body)) => ([(header::CONTENT_TYPE, OPENMETRICS)], body).into_response(),
+        _ => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "encoding the metrics failed\n",
+        )
+            .into_response(),
+    }
+}
+
+async fn healthz(State(s): State<AppState>) -> Response {
+    match health(&s.env) {
+        Ok(()) => "ok\n".into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}\n")).into_response(),
+    }
 }
 
 fn health(ctx: &Env) -> Result<()> {
     if !ctx.pins.installed() {
-        anyhow::bail!("datapath not installed");
+        bail!("datapath not installed");
     }
     Maps::open(&ctx.pins)?.config()?;
     Ok(())
 }
 
-fn render(ctx: &Env) -> Result<String> {
-    let maps = Maps::open(&ctx.pins)?;
-    let state = ctx.store()?.load()?;
-    let mut m = String::new();
-    m.push_str("# HELP bpfnat_packets_total Packets by datapath decision.\n# TYPE bpfnat_packets_total counter\n");
-    let stats = maps.stats()?;
-    for s in &stats {
-        let _ = writeln!(
-            m,
-            "bpfnat_packets_total{{reason=\"{}\"}} {}",
-            s.reason, s.packets
-        );
+/// Encode one metric without labels.
+fn one(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    m: &impl EncodeMetric,
+) -> Result<(), std::fmt::Error> {
+    m.encode(e.encode_descriptor(name, help, None, m.metric_type())?)
+}
+
+/// Encode one metric per label set.
+fn labelled<M: EncodeMetric>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[([(&str, &str); 1], M)],
+) -> Result<(), std::fmt::Error> {
+    let Some((_, first)) = rows.first() else {
+        return Ok(());
+    };
+    let mut fam = e.encode_descriptor(name, help, None, first.metric_type())?;
+    for (labels, m) in rows {
+        m.encode(fam.encode_family(labels)?)?;
     }
-    m.push_str("# HELP bpfnat_bytes_total Bytes by datapath decision.\n# TYPE bpfnat_bytes_total counter\n");
-    for s in &stats {
-        let _ = writeln!(
-            m,
-            "bpfnat_bytes_total{{reason=\"{}\"}} {}",
-            s.reason, s.bytes
-        );
-    }
-    let flows = maps.flows()?;
-    let snat_ports: std::collections::HashSet<_> = flows
-        .iter()
-        .filter(|f| f.kind == "masquerade")
-        .map(|f| (f.proto, f.reply.dport))
-        .collect();
-    let _ = write!(
-        m,
-        "# HELP bpfnat_conntrack_entries Conntrack entries (two per connection).\n# TYPE bpfnat_conntrack_entries gauge\nbpfnat_conntrack_entries {}\n\
-         # HELP bpfnat_conntrack_max_entries Conntrack table size.\n# TYPE bpfnat_conntrack_max_entries gauge\nbpfnat_conntrack_max_entries {}\n\
-         # HELP bpfnat_conntrack_connections Tracked connections.\n# TYPE bpfnat_conntrack_connections gauge\nbpfnat_conntrack_connections {}\n\
-         # HELP bpfnat_conntrack_assured_connections Assured connections (out of reach of floods of new ones).\n# TYPE bpfnat_conntrack_assured_connections gauge\nbpfnat_conntrack_assured_connections {}\n\
-         # HELP bpfnat_conntrack_new_entries Entries of connections not assured yet (near the table size: new connections displace each other).\n# TYPE bpfnat_conntrack_new_entries gauge\nbpfnat_conntrack_new_entries {}\n\
-         # HELP bpfnat_conntrack_new_max_entries Size of the table of connections not assured yet.\n# TYPE bpfnat_conntrack_new_max_entries gauge\nbpfnat_conntrack_new_max_entries {}\n\
-         # HELP bpfnat_snat_ports_in_use MASQUERADE source ports in use (per protocol).\n# TYPE bpfnat_snat_ports_in_use gauge\nbpfnat_snat_ports_in_use {}\n\
-         # HELP bpfnat_containers Containers attached.\n# TYPE bpfnat_containers gauge\nbpfnat_containers {}\n\
-         # HELP bpfnat_published_ports Published ports.\n# TYPE bpfnat_published_ports gauge\nbpfnat_published_ports {}\n",
-        maps.ct_len()?,
-        maps.ct_max_entries(),
-        flows.len(),
-        flows.iter().filter(|f| f.assured).count(),
-        maps.ct_new_len()?,
-        maps.ct_new_max_entries(),
-        snat_ports.len(),
-        state.containers.len(),
-        state
-            .containers
-            .values()
-            .map(|c| c.ports.len())
-            .sum::<usize>(),
-    );
-    m.push_str("# HELP bpfnat_program_runs_total Program runs (counted while kernel.bpf_stats_enabled=1).\n# TYPE bpfnat_program_runs_total counter\n");
-    for name in [prog_names::TC_CONTAINER, prog_names::TC_UPLINK] {
-        if let Ok(p) = SchedClassifier::from_pin(ctx.pins.root().join("progs").join(name))
-            && let Ok(info) = p.info()
-        {
-            let _ = writeln!(
-                m,
-                "bpfnat_program_runs_total{{program=\"{name}\"}} {}",
-                info.run_count()
-            );
+    Ok(())
+}
+
+/// The datapath as the kernel has it at scrape time, and the last conntrack summary.
+#[derive(Debug)]
+struct Datapath {
+    env: Env,
+    snapshot: Snapshot,
+}
+
+impl Collector for Datapath {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let maps = Maps::open(&self.env.pins).ok();
+        one(
+            &mut e,
+            "bpfnat_datapath_up",
+            "1 when the pinned datapath is there",
+            &ConstGauge::new(i64::from(maps.is_some())),
+        )?;
+        let Some(maps) = maps else {
+            return Ok(());
+        };
+        if let Ok(stats) = maps.stats() {
+            let packets: Vec<_> = stats
+                .iter()
+                .map(|s| ([("reason", s.reason)], ConstCounter::new(s.packets)))
+                .collect();
+            labelled(
+                &mut e,
+                "bpfnat_packets",
+                "Packets by datapath decision",
+                &packets,
+            )?;
+            let bytes: Vec<_> = stats
+                .iter()
+                .map(|s| ([("reason", s.reason)], ConstCounter::new(s.bytes)))
+                .collect();
+            labelled(&mut e, "bpfnat_bytes", "Bytes by datapath decision", &bytes)?;
         }
+        one(
+            &mut e,
+            "bpfnat_conntrack_max_entries",
+            "Conntrack table size",
+            &ConstGauge::new(i64::from(maps.ct_max_entries())),
+        )?;
+        one(
+            &mut e,
+            "bpfnat_conntrack_new_max_entries",
+            "Size of the table of connections not assured yet",
+            &ConstGauge::new(i64::from(maps.ct_new_max_entries())),
+        )?;
+        let snapshot = self.snapshot.lock().ok().and_then(|s| s.clone());
+        if let Some((s, at)) = snapshot {
+            let gauge = |n: usize| ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX));
+            one(
+                &mut e,
+                "bpfnat_conntrack_summary_timestamp_seconds",
+                "When the conntrack figures below were taken (by the last garbage collection pass)",
+                &ConstGauge::new(at),
+            )?;
+            one(
+                &mut e,
+                "bpfnat_conntrack_entries",
+                "Conntrack entries (two per connection)",
+                &gauge(s.entries),
+            )?;
+            one(
+                &mut e,
+                "bpfnat_conntrack_connections",
+                "Tracked connections",
+                &gauge(s.connections),
+            )?;
+            one(
+                &mut e,
+                "bpfnat_conntrack_assured_connections",
+                "Assured connections (out of reach of floods of new ones)",
+                &gauge(s.assured),
+            )?;
+            one(
+                &mut e,
+                "bpfnat_conntrack_new_entries",
+                "Entries of connections not assured yet (near the table size: new connections displace each other)",
+                &gauge(s.new_entries),
+            )?;
+            let ports: Vec<_> = s
+                .snat_ports
+                .iter()
+                .map(|(proto, n)| ([("proto", *proto)], gauge(*n)))
+                .collect();
+            labelled(
+                &mut e,
+                "bpfnat_snat_ports_in_use",
+                "MASQUERADE source ports in use, per protocol",
+                &ports,
+            )?;
+        }
+        if let Ok(state) = self.env.store().and_then(|s| s.load()) {
+            one(
+                &mut e,
+                "bpfnat_containers",
+                "Containers attached",
+                &ConstGauge::new(state.containers.len() as i64),
+            )?;
+            one(
+                &mut e,
+                "bpfnat_published_ports",
+                "Published ports",
+                &ConstGauge::new(
+                    state
+                        .containers
+                        .values()
+                        .map(|c| c.ports.len())
+                        .sum::<usize>() as i64,
+                ),
+            )?;
+        }
+        let runs: Vec<_> = [prog_names::TC_CONTAINER, prog_names::TC_UPLINK]
+            .into_iter()
+            .filter_map(|name| {
+                let p = SchedClassifier::from_pin(self.env.pins.prog(name)).ok()?;
+                let info = p.info().ok()?;
+                Some(([("program", name)], ConstCounter::new(info.run_count())))
+            })
+            .collect();
+        labelled(
+            &mut e,
+            "bpfnat_program_runs",
+            "Program runs (counted while kernel.bpf_stats_enabled=1)",
+            &runs,
+        )
     }
-    Ok(m)
+}
+
+/// The standard process metrics (`process_*`), from `/proc/self`.
+#[derive(Debug)]
+struct ProcessMetrics;
+
+impl Collector for ProcessMetrics {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Ok(me) = procfs::process::Process::myself() else {
+            return Ok(());
+        };
+        let tps = procfs::ticks_per_second() as f64;
+        if let Ok(stat) = me.stat() {
+            one(
+                &mut e,
+                "process_cpu_seconds",
+                "User and system CPU time spent in seconds",
+                &ConstCounter::new((stat.utime + stat.stime) as f64 / tps),
+            )?;
+            one(
+                &mut e,
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                &ConstGauge::new((stat.rss * procfs::page_size()) as i64),
+            )?;
+            one(
+                &mut e,
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes",
+                &ConstGauge::new(stat.vsize as i64),
+            )?;
+            if let Ok(boot) = procfs::boot_time_secs() {
+                one(
+                    &mut e,
+                    "process_start_time_seconds",
+                    "Start time of the process since the epoch in seconds",
+                    &ConstGauge::new(boot as f64 + stat.starttime as f64 / tps),
+                )?;
+            }
+        }
+        if let Ok(n) = me.fd_count() {
+            one(
+                &mut e,
+                "process_open_fds",
+                "Open file descriptors",
+                &ConstGauge::new(n as i64),
+            )?;
+        }
+        if let Ok(l) = me.limits()
+            && let procfs::process::LimitValue::Value(max) = l.max_open_files.soft_limit
+        {
+            one(
+                &mut e,
+                "process_max_fds",
+                "Maximum number of open file descriptors",
+                &ConstGauge::new(max as i64),
+            )?;
+        }
+        Ok(())
+    }
 }

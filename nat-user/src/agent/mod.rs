@@ -110,31 +110,24 @@ pub async fn run(ctx: &Env, cfg: AgentConfig) -> Result<()> {
         .await
         .with_context(|| format!("listen on {}", cfg.metrics_addr))?;
     info!(addr = %cfg.metrics_addr, "serving /metrics and /healthz");
+    let (registry, gc_metrics) = metrics::registry(ctx);
+    let app = metrics::router(ctx.clone(), registry);
+    let http = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            warn!(error = %e, "the metrics server stopped");
+        }
+    });
+    let gc = tokio::spawn(gc_loop(
+        ctx.clone(),
+        Duration::from_secs(cfg.gc_interval_secs.max(1)),
+        gc_metrics,
+    ));
 
     let (mut events, watch_conn) = address_events()?;
     tokio::spawn(watch_conn);
-    let mut gc = tokio::time::interval(Duration::from_secs(cfg.gc_interval_secs.max(1)));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
-            conn = listener.accept() => {
-                if let Ok((stream, _)) = conn {
-                    // Its own task: a slow client must not hold up GC or address events.
-                    let ctx = ctx.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = metrics::serve(&ctx, stream).await {
-                            warn!(error = %format!("{e:#}"), "metrics request failed");
-                        }
-                    });
-                }
-            }
-            _ = gc.tick() => {
-                match Maps::open(&ctx.pins).and_then(|mut m| m.ct_gc()) {
-                    Ok(0) => {}
-                    Ok(n) => info!(connections = n, "conntrack gc"),
-                    Err(e) => warn!(error = %format!("{e:#}"), "conntrack gc failed"),
-                }
-            }
             ev = events.next() => {
                 if ev.is_none() {
                     bail!("the rtnetlink event stream ended");
@@ -147,8 +140,45 @@ pub async fn run(ctx: &Env, cfg: AgentConfig) -> Result<()> {
             _ = term.recv() => break,
         }
     }
+    http.abort();
+    gc.abort();
     info!("agent stopping; the datapath stays pinned and keeps forwarding");
     Ok(())
+}
+
+/// Garbage-collect conntrack every `every`, off the event loop: a walk of a large table takes
+/// a while. Each pass leaves the summary the metrics report.
+async fn gc_loop(ctx: Env, every: Duration, m: metrics::GcMetrics) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let pins = ctx.pins.clone();
+        let pass = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let mut maps = Maps::open(&pins)?;
+            let deleted = maps.ct_gc()?;
+            let took = started.elapsed();
+            Ok::<_, anyhow::Error>((deleted, took, maps.ct_summary()?))
+        })
+        .await;
+        match pass {
+            Ok(Ok((deleted, took, summary))) => {
+                if deleted > 0 {
+                    info!(connections = deleted, "conntrack gc");
+                }
+                m.record(deleted, took, summary);
+            }
+            Ok(Err(e)) => {
+                m.failed();
+                warn!(error = %format!("{e:#}"), "conntrack gc failed");
+            }
+            Err(e) => {
+                m.failed();
+                warn!(error = %e, "conntrack gc task failed");
+            }
+        }
+    }
 }
 
 async fn bring_up(ctx: &Env, cfg: &AgentConfig) -> Result<()> {

@@ -308,6 +308,42 @@ impl Maps {
         self.conntrack_max
     }
 
+    /// What the metrics report of both tables, in one walk of each.
+    pub fn ct_summary(&self) -> Result<CtSummary> {
+        let mut all: Vec<(CtKey4, CtEntry4)> = self
+            .conntrack
+            .iter()
+            .map(|r| r.context("read conntrack map"))
+            .collect::<Result<_>>()?;
+        let assured_keys: HashSet<CtKey4> = all.iter().map(|(k, _)| *k).collect();
+        let mut new_entries = 0;
+        for r in self.conntrack_new.iter() {
+            let (k, e) = r.context("read conntrack_new map")?;
+            if e.meta.assured == 0 {
+                new_entries += 1;
+            }
+            if !assured_keys.contains(&k) {
+                all.push((k, e));
+            }
+        }
+        let originals = || all.iter().filter(|(_, e)| e.meta.dir == DIR_ORIGINAL);
+        let mut ports: HashSet<(u8, Port)> = HashSet::new();
+        for (k, e) in originals().filter(|(_, e)| e.meta.origin == ORIGIN_MASQUERADE) {
+            ports.insert((k.proto, e.xlate.src_port));
+        }
+        let snat_ports = [PROTO_TCP, PROTO_UDP, PROTO_ICMP]
+            .into_iter()
+            .map(|p| (proto_name(p), ports.iter().filter(|(q, _)| *q == p).count()))
+            .collect();
+        Ok(CtSummary {
+            entries: all.len(),
+            new_entries,
+            connections: originals().count(),
+            assured: originals().filter(|(_, e)| e.meta.assured != 0).count(),
+            snat_ports,
+        })
+    }
+
     /// Entries in the table of connections not assured yet (copies already moved left out).
     pub fn ct_new_len(&self) -> Result<usize> {
         let mut n = 0;
@@ -322,4 +358,17 @@ impl Maps {
     pub fn ct_new_max_entries(&self) -> u32 {
         nat_common::conntrack_new_max(self.conntrack_max)
     }
+}
+
+/// Both conntrack tables, summed up (`Maps::ct_summary`).
+#[derive(Clone, Debug, Default)]
+pub struct CtSummary {
+    /// Entries, two per connection.
+    pub entries: usize,
+    /// Entries of connections not assured yet.
+    pub new_entries: usize,
+    pub connections: usize,
+    pub assured: usize,
+    /// MASQUERADE source ports in use, per protocol (`tcp`, `udp`, `icmp`: echo ids).
+    pub snat_ports: Vec<(&'static str, usize)>,
 }
