@@ -411,8 +411,6 @@ pub struct DownReport {
     pub was_up: bool,
 }
 
-/// Take the node down: every endpoint first (recorded or left over), then the node's
-/// datapath, gateway and pins.
 /// Bring the node up (`node::up`); when its pinned datapath had to be put back, rewire
 /// every recorded endpoint into it, so that `up` with the recorded settings repairs a node
 /// whose pins were lost without touching its containers.
@@ -474,6 +472,8 @@ async fn rewire_all(ctx: &Env, node: &Node) -> Result<()> {
     Ok(())
 }
 
+/// Take the node down: every endpoint first (recorded or left over), then the node's
+/// datapath, gateway and pins.
 pub async fn down(ctx: &Env) -> Result<DownReport> {
     let store = ctx.store()?;
     let mut state = store.load()?;

@@ -54,14 +54,30 @@ pub fn v4(ip: Ipv4Addr, port: u16) -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(ip, port))
 }
 
-/// `bpfnat -o json ARGS` in the lab's node, parsed.
+/// `bpfnat -o json ARGS` in the lab's node, parsed, checked against the schema's envelope
+/// (`apiVersion`, `kind`): a list's `items`, or the object.
 #[must_use]
 pub fn json(lab: &Lab, args: &[&str]) -> serde_json::Value {
     let mut a = vec!["-o", "json"];
     a.extend_from_slice(args);
     let out = lab.ok(&a).expect("bpfnat json command");
-    serde_json::from_str(&out)
-        .unwrap_or_else(|e| panic!("bpfnat {args:?} printed bad JSON ({e}): {out}"))
+    let v: serde_json::Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("bpfnat {args:?} printed bad JSON ({e}): {out}"));
+    unwrap_envelope(v, args)
+}
+
+/// The body of a `-o json` document: its `items` when it is a list.
+#[must_use]
+pub fn unwrap_envelope(v: serde_json::Value, args: &[&str]) -> serde_json::Value {
+    assert_eq!(v["apiVersion"], "bpfnat/v1", "bpfnat {args:?}: {v}");
+    let kind = v["kind"]
+        .as_str()
+        .unwrap_or_else(|| panic!("bpfnat {args:?}: no kind in {v}"));
+    if kind.ends_with("List") {
+        v["items"].clone()
+    } else {
+        v
+    }
 }
 
 /// `bpfnat -o json status`: its exit code (0 up, 1 degraded, 3 down) and its report.
@@ -73,7 +89,10 @@ pub fn status(lab: &Lab) -> (i32, serde_json::Value) {
     let text = String::from_utf8_lossy(&out.stdout);
     let v = serde_json::from_str(&text)
         .unwrap_or_else(|e| panic!("bpfnat status printed bad JSON ({e}): {text}"));
-    (out.status.code().expect("exit code"), v)
+    (
+        out.status.code().expect("exit code"),
+        unwrap_envelope(v, &["status"]),
+    )
 }
 
 /// One ping from namespace `ns` to `dst`; true when a reply came back.
@@ -215,13 +234,13 @@ pub fn uplink_mac(lab: &Lab) -> [u8; 6] {
     mac_of(&json(lab, &["status"])["node"]["uplink_mac"])
 }
 
-/// A MAC address as bpfnat's JSON prints it (an array of six numbers).
+/// A MAC address as bpfnat's JSON prints it (`"02:42:0a:58:00:02"`).
 fn mac_of(v: &serde_json::Value) -> [u8; 6] {
     let v: Vec<u8> = v
-        .as_array()
-        .expect("MAC array")
-        .iter()
-        .map(|b| b.as_u64().expect("MAC byte") as u8)
+        .as_str()
+        .expect("MAC string")
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).expect("MAC byte"))
         .collect();
     v.try_into().expect("6-byte MAC")
 }

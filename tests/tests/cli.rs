@@ -656,7 +656,10 @@ fn port_list_shows_the_datapath_and_where_the_state_file_disagrees() {
 
     let out = lab.run(&["-o", "json", "port", "list"]).unwrap();
     assert!(out.status.success());
-    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = bpfnat_tests::unwrap_envelope(
+        serde_json::from_slice(&out.stdout).unwrap(),
+        &["port", "list"],
+    );
     let state_of = |port: u64| {
         rows.as_array()
             .unwrap()

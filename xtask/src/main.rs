@@ -1,5 +1,6 @@
-//! `cargo xtask setup | build | demo | test | lint`: the project's own automation. Every
-//! command that builds runs `setup` first, which installs only what is missing.
+//! `cargo xtask setup | build | demo | test | lint | man | bench`: the project's own
+//! automation. Every command that builds runs `setup` first, which installs only what is
+//! missing.
 
 mod frames;
 mod setup;
@@ -38,6 +39,8 @@ enum Cmd {
     },
     /// rustfmt and clippy on the host crates and the eBPF crate.
     Lint,
+    /// Build, then write the manual pages (bpfnat.1 and one per command) to target/man/.
+    Man,
     /// Build in release mode and run the side-by-side benchmark (needs root); the report
     /// lands in target/bench/.
     Bench {
@@ -107,6 +110,17 @@ fn main() -> Result<()> {
         Cmd::Build { release } => {
             let bin = build(release)?;
             println!("built {}", bin.display());
+            Ok(())
+        }
+        Cmd::Man => {
+            let bin = build(false)?;
+            let dir = root().join("target").join("man");
+            run(Command::new(bin).arg("man").arg(&dir))?;
+            println!(
+                "manual pages in {} (man -l {}/bpfnat.1)",
+                dir.display(),
+                dir.display()
+            );
             Ok(())
         }
         Cmd::Demo => {

@@ -53,17 +53,17 @@ pub fn run(ctx: &Ctx, cmd: ConntrackCmd) -> Result<()> {
     match cmd {
         ConntrackCmd::List => {
             let flows = maps.flows()?;
-            ctx.emit(&flows, || list_text(&flows))
+            ctx.emit_list("ConnectionList", &flows, || list_text(&flows))
         }
         ConntrackCmd::Flush => {
             let n = maps.ct_flush()?;
-            ctx.emit(&Cleared { connections: n }, || {
+            ctx.emit("Cleared", &Cleared { connections: n }, || {
                 format!("flushed {n} connection(s)")
             })
         }
         ConntrackCmd::Gc => {
             let n = maps.ct_gc()?;
-            ctx.emit(&Cleared { connections: n }, || {
+            ctx.emit("Cleared", &Cleared { connections: n }, || {
                 format!("expired {n} connection(s)")
             })
         }
@@ -88,7 +88,7 @@ pub fn run(ctx: &Ctx, cmd: ConntrackCmd) -> Result<()> {
                 by_state,
                 by_kind,
             };
-            ctx.emit(&s, || {
+            ctx.emit("ConntrackStats", &s, || {
                 let mut t = format!(
                     "entries:     {} (assured connections: up to {} entries, the least recently used evicted when full; not assured yet: {} of {}, which floods of new connections churn)\norphans:     {}\nconnections: {} ({} assured)",
                     s.entries,

@@ -1,41 +1,59 @@
-//! `bpfnat container add / del / list`: arguments and output; the work is `endpoints`'s.
+//! `bpfnat container add / del / list / inspect`: arguments and output; the work is
+//! `endpoints`'s.
 
 use std::{net::Ipv4Addr, path::PathBuf};
 
 use anyhow::{Result, anyhow};
 use clap::Subcommand;
-use serde::Serialize;
 
-use super::{Ctx, table};
+use super::{
+    Ctx, table,
+    view::{ContainerView, PortView},
+};
 use crate::{
     endpoints::{AddRequest, create, destroy},
     net::fmt_mac,
     spec::PortSpec,
-    state::Container,
 };
 
 #[derive(Subcommand, Debug)]
 pub enum ContainerCmd {
     /// Create a container network: namespace, veth pair, address, routes, datapath hooks.
+    #[command(
+        after_help = "Examples:\n  bpfnat container add web -p 8080:80\n  bpfnat container add db --ip 10.88.0.10 -p 127.0.0.1:5432:5432 --sysctl net.ipv4.ip_unprivileged_port_start=0"
+    )]
     Add {
+        /// The container's name, e.g. `web`: also its namespace, /run/netns/web (1-64 of A-Z
+        /// a-z 0-9 - _ .).
         name: String,
-        /// Address in the node's subnet (default: the lowest free one).
+        /// Address in the node's subnet, e.g. `10.88.0.10` (default: the lowest free one).
         #[arg(long)]
         ip: Option<Ipv4Addr>,
-        /// Publish a port: [HOST_IP:]HOST_PORT[-END]:CONTAINER_PORT[-END][/tcp|/udp].
-        #[arg(short = 'p', long = "publish")]
+        /// Publish a port, as `docker -p`: [HOST_IP:][HOST_PORT[-END]:]CONTAINER_PORT[-END][/tcp|/udp],
+        /// e.g. `8080:80`, `127.0.0.1:5353:53/udp`, `8000-8010:80`.
+        #[arg(short = 'p', long = "publish", value_name = "SPEC")]
         publish: Vec<PortSpec>,
-        /// A per-namespace sysctl set before the container's interfaces come up (net.*).
+        /// A per-namespace sysctl set before the container's interfaces come up (net.*),
+        /// e.g. `net.ipv4.ip_unprivileged_port_start=0`.
         #[arg(long = "sysctl", value_name = "KEY=VALUE")]
         sysctl: Vec<String>,
-        /// Use this existing network namespace (a runtime's) instead of creating one.
-        #[arg(long)]
+        /// Use this existing network namespace (a runtime's) instead of creating one, e.g.
+        /// `/run/netns/pod1`.
+        #[arg(long, value_name = "PATH")]
         netns: Option<PathBuf>,
     },
     /// Remove a container's network (and its namespace, if bpfnat created it).
-    Del { name: String },
+    Del {
+        /// The container's name, e.g. `web`.
+        name: String,
+    },
     /// List containers.
     List,
+    /// Everything bpfnat knows about one container (as `docker inspect`).
+    Inspect {
+        /// The container's name, e.g. `web`.
+        name: String,
+    },
 }
 
 pub async fn run(ctx: &Ctx, cmd: ContainerCmd) -> Result<()> {
@@ -49,6 +67,7 @@ pub async fn run(ctx: &Ctx, cmd: ContainerCmd) -> Result<()> {
         } => add(ctx, name, ip, publish, sysctl, netns).await,
         ContainerCmd::Del { name } => del(ctx, &name).await,
         ContainerCmd::List => list(ctx),
+        ContainerCmd::Inspect { name } => inspect(ctx, &name),
     }
 }
 
@@ -73,7 +92,7 @@ async fn add(
         },
     )
     .await?;
-    ctx.emit(&c, || {
+    ctx.emit("Container", &ContainerView::of(&c), || {
         let mut s = format!(
             "container {} added: {} ({}) on {}, netns {}",
             c.name,
@@ -93,47 +112,77 @@ async fn del(ctx: &Ctx, name: &str) -> Result<()> {
     let c = destroy(ctx, name)
         .await?
         .ok_or_else(|| anyhow!("no such container: {name}"))?;
-    ctx.emit(&c, || format!("container {name} removed"))
-}
-
-#[derive(Serialize)]
-struct Row<'a> {
-    #[serde(flatten)]
-    c: &'a Container,
-    mac_str: String,
+    ctx.emit("Container", &ContainerView::of(&c), || {
+        format!("container {name} removed")
+    })
 }
 
 fn list(ctx: &Ctx) -> Result<()> {
-    let store = ctx.store()?;
-    let state = store.load()?;
-    let rows: Vec<Row<'_>> = state
-        .containers
-        .values()
-        .map(|c| Row {
-            c,
-            mac_str: fmt_mac(&c.mac),
-        })
-        .collect();
-    ctx.emit(&rows, || {
+    let state = ctx.store()?.load()?;
+    let rows: Vec<ContainerView> = state.containers.values().map(ContainerView::of).collect();
+    ctx.emit_list("ContainerList", &rows, || {
         table(
             &["NAME", "IP", "MAC", "HOST-IF", "NETNS", "PORTS"],
             &rows
                 .iter()
                 .map(|r| {
                     vec![
-                        r.c.name.clone(),
-                        r.c.ip.to_string(),
-                        r.mac_str.clone(),
-                        r.c.host_if.clone(),
-                        r.c.netns.display().to_string(),
-                        r.c.ports
-                            .iter()
-                            .map(ToString::to_string)
-                            .collect::<Vec<_>>()
-                            .join(","),
+                        if r.pending {
+                            format!("{} (unfinished)", r.name)
+                        } else {
+                            r.name.clone()
+                        },
+                        r.ip.to_string(),
+                        r.mac.clone(),
+                        r.host_if.clone(),
+                        r.netns.clone(),
+                        r.ports.iter().map(port_text).collect::<Vec<_>>().join(","),
                     ]
                 })
                 .collect::<Vec<_>>(),
         )
+    })
+}
+
+fn port_text(p: &PortView) -> String {
+    format!(
+        "{}:{}:{}/{}",
+        p.host_ip, p.host_port, p.container_port, p.proto
+    )
+}
+
+fn inspect(ctx: &Ctx, name: &str) -> Result<()> {
+    let state = ctx.store()?.load()?;
+    let c = state
+        .containers
+        .get(name)
+        .ok_or_else(|| anyhow!("no such container: {name}"))?;
+    let v = ContainerView::of(c);
+    ctx.emit("Container", &v, || {
+        let mut t = format!(
+            "name:       {}\naddress:    {} ({} {})\nhost side:  {} ({}, ifindex {})\nnetns:      {}{}",
+            v.name,
+            v.ip,
+            v.ifname,
+            v.mac,
+            v.host_if,
+            v.host_mac,
+            v.host_ifindex,
+            v.netns,
+            if v.owns_netns { " (created by bpfnat)" } else { "" }
+        );
+        if let Some(cni) = &v.cni {
+            t.push_str(&format!(
+                "\ncni:        container {} on network {}",
+                cni.container_id, cni.network
+            ));
+        }
+        for p in &v.ports {
+            t.push_str(&format!("\nport:       {}", port_text(p)));
+        }
+        for (k, val) in &v.sysctls {
+            t.push_str(&format!("\nsysctl:     {k}={val}"));
+        }
+        t
     })
 }

@@ -6,17 +6,18 @@ mod nat;
 mod port;
 mod stats;
 mod up;
+pub mod view;
 
 use std::path::PathBuf;
 
-use anyhow::{Context as _, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use anyhow::{Context as _, Result, bail};
+use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 pub use conntrack::ConntrackCmd;
 pub use container::ContainerCmd;
 pub use nat::NatCmd;
-pub use port::PortCmd;
+pub use port::{PortArgs, PortCmd};
 pub use up::UpArgs;
 
 use nat_plumbing::stdout;
@@ -60,9 +61,8 @@ pub enum Command {
     /// Create, remove and list containers (network namespaces behind the node).
     #[command(subcommand)]
     Container(ContainerCmd),
-    /// Publish and unpublish container ports (`docker -p`).
-    #[command(subcommand)]
-    Port(PortCmd),
+    /// A container's published ports (`docker port`); publish and unpublish (`docker -p`).
+    Port(PortArgs),
     /// Static 1:1 NAT: an external address that belongs to one container, both ways.
     #[command(subcommand)]
     Nat(NatCmd),
@@ -80,6 +80,18 @@ pub enum Command {
     },
     /// Build a self-contained lab, show NAT and port publishing working, tear it down.
     Demo,
+    /// Print a shell completion script, e.g. `bpfnat completion bash > /etc/bash_completion.d/bpfnat`.
+    Completion {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual pages (bpfnat.1 and one per command) into a directory; `cargo xtask
+    /// man` runs it.
+    #[command(hide = true)]
+    Man {
+        /// Where the pages go, e.g. `target/man`.
+        dir: PathBuf,
+    },
 }
 
 /// Everything a command needs besides its own arguments.
@@ -99,9 +111,19 @@ impl std::ops::Deref for Ctx {
 }
 
 impl Ctx {
-    pub fn emit<T: Serialize>(&self, value: &T, text: impl FnOnce() -> String) -> Result<()> {
+    /// Print `value` (a `kind` of the JSON schema, see `view`) as JSON or as `text()`.
+    pub fn emit<T: Serialize>(
+        &self,
+        kind: &str,
+        value: &T,
+        text: impl FnOnce() -> String,
+    ) -> Result<()> {
         match self.format {
-            Format::Json => stdout::line(&serde_json::to_string_pretty(value)?)?,
+            Format::Json => stdout::line(&serde_json::to_string_pretty(&view::Envelope {
+                api_version: view::API_VERSION,
+                kind,
+                body: value,
+            })?)?,
             Format::Text => {
                 let t = text();
                 if !t.is_empty() {
@@ -111,6 +133,16 @@ impl Ctx {
         }
         Ok(())
     }
+
+    /// `emit` for a list: `{"apiVersion", "kind", "items": [...]}`.
+    pub fn emit_list<T: Serialize>(
+        &self,
+        kind: &str,
+        items: &[T],
+        text: impl FnOnce() -> String,
+    ) -> Result<()> {
+        self.emit(kind, &view::Items { items }, text)
+    }
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -119,9 +151,22 @@ pub fn run(cli: Cli) -> Result<()> {
         format: cli.output,
     };
     if let Command::Demo = cli.command {
+        if cli.output == Format::Json {
+            bail!("the demo prints a walkthrough for people; it has no JSON output (-o json)");
+        }
         // The demo drives this binary as child processes; it needs no runtime of its own.
         let exe = std::env::current_exe().context("find the bpfnat binary")?;
         return bpfnat_lab::demo::run(&exe);
+    }
+    match &cli.command {
+        Command::Completion { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "bpfnat", &mut out);
+            stdout::line(String::from_utf8_lossy(&out).trim_end())?;
+            return Ok(());
+        }
+        Command::Man { dir } => return man_pages(dir),
+        _ => {}
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -140,7 +185,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 let cfg = crate::agent::load_config(config.as_deref())?;
                 crate::agent::run(&ctx, cfg).await
             }
-            Command::Demo => unreachable!("handled above"),
+            Command::Demo | Command::Completion { .. } | Command::Man { .. } => Ok(()),
         }
     })
 }
@@ -157,6 +202,29 @@ impl std::fmt::Display for Exit {
 }
 
 impl std::error::Error for Exit {}
+
+/// `bpfnat.1` and a page per command (`bpfnat-container.1`, `bpfnat-container-add.1`, …).
+fn man_pages(dir: &std::path::Path) -> Result<()> {
+    fn write(dir: &std::path::Path, name: &str, cmd: clap::Command) -> Result<()> {
+        let path = dir.join(format!("{name}.1"));
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cmd.clone().name(name.to_owned()))
+            .render(&mut page)
+            .with_context(|| format!("render {}", path.display()))?;
+        std::fs::write(&path, page).with_context(|| format!("write {}", path.display()))?;
+        for sub in cmd
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+        {
+            write(dir, &format!("{name}-{}", sub.get_name()), sub.clone())?;
+        }
+        Ok(())
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let mut cmd = Cli::command();
+    cmd.build();
+    write(dir, "bpfnat", cmd)
+}
 
 /// A plain text table: a header row and rows, columns padded to their widest cell.
 pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) -> String {

@@ -5,6 +5,7 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Result, anyhow, bail};
 use clap::Subcommand;
+use serde::Serialize;
 
 use super::{Ctx, table};
 use crate::{
@@ -18,14 +19,21 @@ use crate::{
 pub enum NatCmd {
     /// Map an external address to a container address, both ways. The node answers ARP for
     /// the external address on the uplink.
+    #[command(
+        after_help = "Example:\n  bpfnat nat add --external 203.0.113.10 --internal 10.88.0.5"
+    )]
     Add {
+        /// The external address, one the node answers ARP for on the uplink, e.g.
+        /// `203.0.113.10` (not the node's own, not in the container subnet).
         #[arg(long)]
         external: Ipv4Addr,
+        /// A container address of the subnet, e.g. `10.88.0.5`.
         #[arg(long)]
         internal: Ipv4Addr,
     },
     /// Remove the mapping of an external address.
     Del {
+        /// The mapping's external address, e.g. `203.0.113.10`.
         #[arg(long)]
         external: Ipv4Addr,
     },
@@ -79,7 +87,7 @@ pub fn run(ctx: &Ctx, cmd: NatCmd) -> Result<()> {
                 .values()
                 .find(|c| c.ip == internal)
                 .map(|c| c.name.clone());
-            ctx.emit(&m, || match owner {
+            ctx.emit("StaticNat", &m, || match owner {
                 Some(name) => format!("{external} <-> {internal} (container {name})"),
                 None => format!("{external} <-> {internal} (no container has {internal} yet)"),
             })
@@ -99,27 +107,47 @@ pub fn run(ctx: &Ctx, cmd: NatCmd) -> Result<()> {
             maps.remove_static_nat(m.external, m.internal)?;
             state.static_nat.remove(i);
             store.save(&state)?;
-            ctx.emit(&m, || format!("removed {} <-> {}", m.external, m.internal))
+            ctx.emit("StaticNat", &m, || {
+                format!("removed {} <-> {}", m.external, m.internal)
+            })
         }
-        NatCmd::List => ctx.emit(&state.static_nat, || {
-            table(
-                &["EXTERNAL", "INTERNAL", "CONTAINER"],
-                &state
-                    .static_nat
-                    .iter()
-                    .map(|m| {
-                        vec![
-                            m.external.to_string(),
-                            m.internal.to_string(),
-                            state
-                                .containers
-                                .values()
-                                .find(|c| c.ip == m.internal)
-                                .map_or_else(|| "-".to_owned(), |c| c.name.clone()),
-                        ]
-                    })
-                    .collect::<Vec<_>>(),
-            )
-        }),
+        NatCmd::List => {
+            let rows: Vec<NatRow> = state
+                .static_nat
+                .iter()
+                .map(|m| NatRow {
+                    external: m.external,
+                    internal: m.internal,
+                    container: state
+                        .containers
+                        .values()
+                        .find(|c| c.ip == m.internal)
+                        .map(|c| c.name.clone()),
+                })
+                .collect();
+            ctx.emit_list("StaticNatList", &rows, || {
+                table(
+                    &["EXTERNAL", "INTERNAL", "CONTAINER"],
+                    &rows
+                        .iter()
+                        .map(|r| {
+                            vec![
+                                r.external.to_string(),
+                                r.internal.to_string(),
+                                r.container.clone().unwrap_or_else(|| "-".to_owned()),
+                            ]
+                        })
+                        .collect::<Vec<_>>(),
+                )
+            })
+        }
     }
+}
+
+/// A static NAT mapping and the container that holds its internal address, if any.
+#[derive(Serialize)]
+struct NatRow {
+    external: Ipv4Addr,
+    internal: Ipv4Addr,
+    container: Option<String>,
 }

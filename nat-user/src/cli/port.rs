@@ -1,12 +1,12 @@
-//! `bpfnat port add / del / list`.
+//! `bpfnat port NAME`, `port add / del / list`.
 
 use std::net::Ipv4Addr;
 
 use anyhow::{Result, anyhow, bail};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use serde::Serialize;
 
-use super::{Ctx, table};
+use super::{Ctx, table, view::PortView};
 use crate::{
     datapath::Maps,
     endpoints::resolve_ports,
@@ -25,14 +25,42 @@ fn describe(r: &PortRequest) -> String {
     }
 }
 
+/// `bpfnat port`: a container's published ports (as `docker port NAME`), or a subcommand.
+#[derive(Args, Debug)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:\n  bpfnat port web            # web's published ports, as `docker port web`\n  bpfnat port add web 8443:443\n  bpfnat port del web 8443:443\n  bpfnat port list"
+)]
+pub struct PortArgs {
+    #[command(subcommand)]
+    cmd: Option<PortCmd>,
+    /// A container's name, e.g. `web`: list its published ports.
+    name: Option<String>,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum PortCmd {
     /// Publish ports of a running container.
-    Add { name: String, spec: PortSpec },
+    Add {
+        /// The container's name, e.g. `web`.
+        name: String,
+        /// As `docker -p`: [HOST_IP:][HOST_PORT[-END]:]CONTAINER_PORT[-END][/tcp|/udp], e.g.
+        /// `8080:80`, `127.0.0.1:5353:53/udp`.
+        spec: PortSpec,
+    },
     /// Unpublish ports of a container.
-    Del { name: String, spec: PortSpec },
-    /// List every published port.
-    List,
+    Del {
+        /// The container's name, e.g. `web`.
+        name: String,
+        /// The mapping as it was published, e.g. `8080:80` (`80` removes every mapping of
+        /// container port 80/tcp).
+        spec: PortSpec,
+    },
+    /// List published ports, as the kernel has them: every container's, or one's.
+    List {
+        /// Only this container's, e.g. `web`.
+        name: Option<String>,
+    },
 }
 
 #[derive(Serialize)]
@@ -55,7 +83,7 @@ impl PortRow {
             container: container.to_owned(),
             host_ip: m
                 .host_ip
-                .map_or_else(|| "0.0.0.0".to_owned(), |i| i.to_string()),
+                .map_or_else(|| super::view::ALL_ADDRESSES.to_owned(), |i| i.to_string()),
             host_port: m.host_port,
             container_ip: target.to_string(),
             container_port: m.container_port,
@@ -97,7 +125,14 @@ fn port_rows(kernel: &[(PortMapping, Ipv4Addr)], state: &State) -> Vec<PortRow> 
     rows
 }
 
-pub async fn run(ctx: &Ctx, cmd: PortCmd) -> Result<()> {
+pub async fn run(ctx: &Ctx, args: PortArgs) -> Result<()> {
+    let cmd = match (args.cmd, args.name) {
+        (Some(cmd), _) => cmd,
+        (None, Some(name)) => return list(ctx, &ctx.store()?.load()?, Some(&name), true),
+        (None, None) => {
+            bail!("name a container (`bpfnat port web`) or a subcommand (add, del, list)")
+        }
+    };
     let store = ctx.store()?;
     let mut state = store.load()?;
     match cmd {
@@ -119,7 +154,8 @@ pub async fn run(ctx: &Ctx, cmd: PortCmd) -> Result<()> {
                 c.ports.extend(done.iter().copied());
             }
             store.save(&state)?;
-            ctx.emit(&done, || {
+            let items: Vec<PortView> = done.iter().map(PortView::of).collect();
+            ctx.emit_list("PortMappingList", &items, || {
                 done.iter()
                     .map(|m| format!("{name}: published {m}"))
                     .collect::<Vec<_>>()
@@ -144,43 +180,67 @@ pub async fn run(ctx: &Ctx, cmd: PortCmd) -> Result<()> {
             Maps::open(&ctx.pins)?.remove_ports(&gone)?;
             c.ports.retain(|p| !gone.contains(p));
             store.save(&state)?;
-            ctx.emit(&gone, || {
+            let items: Vec<PortView> = gone.iter().map(PortView::of).collect();
+            ctx.emit_list("PortMappingList", &items, || {
                 gone.iter()
                     .map(|m| format!("{name}: unpublished {m}"))
                     .collect::<Vec<_>>()
                     .join("\n")
             })
         }
-        PortCmd::List => {
-            let kernel = Maps::open(&ctx.pins)?.published()?;
-            let rows = port_rows(&kernel, &state);
-            for r in rows.iter().filter(|r| r.state != "published") {
-                let what = match r.state {
-                    "unrecorded" => "is in the datapath, but no container records it",
-                    "missing" => "is recorded, but not in the datapath",
-                    _ => "leads elsewhere in the datapath than recorded",
-                };
-                eprintln!(
-                    "warning: {}:{}/{} ({}) {what}: the state file and the ports map disagree",
-                    r.host_ip, r.host_port, r.proto, r.container
-                );
-            }
-            ctx.emit(&rows, || {
-                table(
-                    &["CONTAINER", "HOST", "TARGET", "PROTO"],
-                    &rows
-                        .iter()
-                        .map(|r| {
-                            vec![
-                                r.container.clone(),
-                                format!("{}:{}", r.host_ip, r.host_port),
-                                format!("{}:{}", r.container_ip, r.container_port),
-                                r.proto.clone(),
-                            ]
-                        })
-                        .collect::<Vec<_>>(),
-                )
-            })
-        }
+        PortCmd::List { name } => list(ctx, &state, name.as_deref(), false),
     }
+}
+
+/// `port list [NAME]`; `docker_style`: `bpfnat port NAME`'s lines, as `docker port` prints.
+fn list(ctx: &Ctx, state: &State, name: Option<&str>, docker_style: bool) -> Result<()> {
+    if let Some(name) = name
+        && !state.containers.contains_key(name)
+    {
+        bail!("no such container: {name}");
+    }
+    let kernel = Maps::open(&ctx.pins)?.published()?;
+    let mut rows = port_rows(&kernel, state);
+    if let Some(name) = name {
+        rows.retain(|r| r.container == name);
+    }
+    for r in rows.iter().filter(|r| r.state != "published") {
+        let what = match r.state {
+            "unrecorded" => "is in the datapath, but no container records it",
+            "missing" => "is recorded, but not in the datapath",
+            _ => "leads elsewhere in the datapath than recorded",
+        };
+        eprintln!(
+            "warning: {}:{}/{} ({}) {what}: the state file and the ports map disagree",
+            r.host_ip, r.host_port, r.proto, r.container
+        );
+    }
+    ctx.emit_list("PortList", &rows, || {
+        if docker_style {
+            return rows
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{}/{} -> {}:{}",
+                        r.container_port, r.proto, r.host_ip, r.host_port
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+        }
+        table(
+            &["CONTAINER", "HOST", "TARGET", "PROTO"],
+            &rows
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.container.clone(),
+                        format!("{}:{}", r.host_ip, r.host_port),
+                        format!("{}:{}", r.container_ip, r.container_port),
+                        r.proto.clone(),
+                    ]
+                })
+                .collect::<Vec<_>>(),
+        )
+    })
 }

@@ -8,7 +8,7 @@ use crate::datapath::Maps;
 pub fn run(ctx: &Ctx) -> Result<()> {
     let maps = Maps::open(&ctx.pins)?;
     let stats = maps.stats()?;
-    ctx.emit(&stats, || {
+    ctx.emit_list("CounterList", &stats, || {
         table(
             &["REASON", "PACKETS", "BYTES"],
             &stats

@@ -8,7 +8,7 @@ use clap::Args;
 use nat_common::CONNTRACK_MAX_ENTRIES;
 use serde::Serialize;
 
-use super::{Ctx, Exit};
+use super::{Ctx, Exit, view::NodeView};
 use crate::{
     datapath::Maps,
     endpoints,
@@ -69,14 +69,16 @@ impl From<UpArgs> for NodeSpec {
 
 pub async fn up(ctx: &Ctx, a: UpArgs) -> Result<()> {
     match endpoints::up(ctx, a.into()).await? {
-        Upped::Already(n) => ctx.emit(&n, || format!("bpfnat is already up on {}", n.uplink)),
-        Upped::Repaired(n) => ctx.emit(&n, || {
+        Upped::Already(n) => ctx.emit("Node", &NodeView::of(&n), || {
+            format!("bpfnat is already up on {}", n.uplink)
+        }),
+        Upped::Repaired(n) => ctx.emit("Node", &NodeView::of(&n), || {
             format!(
                 "bpfnat is up again on {}: the pinned datapath was missing and has been restored with every recorded container",
                 n.uplink
             )
         }),
-        Upped::Fresh(node) => ctx.emit(&node, || {
+        Upped::Fresh(node) => ctx.emit("Node", &NodeView::of(&node), || {
             format!(
                 "bpfnat is up: uplink {} (masquerade as {}, XDP {}), containers in {}/{} via {}, pins in {}",
                 node.uplink,
@@ -93,7 +95,7 @@ pub async fn up(ctx: &Ctx, a: UpArgs) -> Result<()> {
 
 pub async fn down(ctx: &Ctx) -> Result<()> {
     let report = endpoints::down(ctx).await?;
-    ctx.emit(&report, || {
+    ctx.emit("DownReport", &report, || {
         if report.was_up {
             format!(
                 "bpfnat is down ({} container(s) removed)",
@@ -112,7 +114,7 @@ struct Status {
     degraded: bool,
     /// The command that restores a degraded node with its recorded settings and containers.
     repair: Option<String>,
-    node: Option<Node>,
+    node: Option<NodeView>,
     pins: String,
     containers: usize,
     published_ports: usize,
@@ -158,7 +160,7 @@ pub async fn status(ctx: &Ctx) -> Result<()> {
             .as_ref()
             .filter(|_| degraded)
             .map(|n| repair_command(ctx, n)),
-        node: state.node.clone(),
+        node: state.node.as_ref().map(NodeView::of),
         pins: ctx.pins.root().display().to_string(),
         containers: state.containers.len(),
         published_ports: state.containers.values().map(|c| c.ports.len()).sum(),
@@ -166,8 +168,8 @@ pub async fn status(ctx: &Ctx) -> Result<()> {
         uplink_programs,
         uplink_xdp,
     };
-    ctx.emit(&s, || {
-        let Some(n) = &s.node else {
+    ctx.emit("Status", &s, || {
+        let Some(n) = &state.node else {
             return "bpfnat is down".to_owned();
         };
         format!(
