@@ -185,8 +185,8 @@ fn is_local_addr(ip: Ipv4Addr) -> bool {
     std::net::UdpSocket::bind((ip, 0)).is_ok()
 }
 
-/// Choose host ports for `specs` (where they leave a choice) and check the result.
-pub fn resolve_ports(state: &State, specs: &[PortSpec]) -> Result<Vec<PortMapping>> {
+/// Refuse host addresses that are not the node's: nothing could be published on them.
+pub fn check_host_addrs(specs: &[PortSpec]) -> Result<()> {
     for ip in specs
         .iter()
         .flat_map(|s| &s.requests)
@@ -198,6 +198,12 @@ pub fn resolve_ports(state: &State, specs: &[PortSpec]) -> Result<Vec<PortMappin
             );
         }
     }
+    Ok(())
+}
+
+/// Choose host ports for `specs` (where they leave a choice) and check the result.
+pub fn resolve_ports(state: &State, specs: &[PortSpec]) -> Result<Vec<PortMapping>> {
+    check_host_addrs(specs)?;
     let ephemeral = node::ephemeral_range();
     let mut book = PortBook::of(state);
     let mut all: Vec<PortMapping> = Vec::new();

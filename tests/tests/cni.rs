@@ -268,6 +268,20 @@ fn unsupported_versions_and_bad_environment_are_cni_errors() {
     );
     assert!(!ok);
     assert_eq!(e["code"], 4, "{e}");
+    // A hostIP that is not the node's is a configuration error.
+    let (ok, e) = cni(
+        &lab,
+        "ADD",
+        "x1",
+        &ns,
+        &conf(
+            &lab,
+            "1.1.0",
+            json!({"runtimeConfig": {"portMappings": [{"hostPort": 8080, "containerPort": 80, "hostIP": "203.0.113.77"}]}}),
+        ),
+    );
+    assert!(!ok);
+    assert_eq!(e["code"], 7, "{e}");
     for id in ["-leading-dash", "a b", "x/y"] {
         let (ok, e) = cni(&lab, "ADD", id, &ns, &conf(&lab, "1.1.0", json!({})));
         assert!(!ok, "{id}");

@@ -388,6 +388,8 @@ async fn add(ctx: &Env, conf: &NetConf) -> Result<Value, CniError> {
         .iter()
         .map(port_request)
         .collect::<Result<Vec<_>, _>>()?;
+    endpoints::check_host_addrs(&ports)
+        .map_err(|e| err(code::INVALID_CONFIG, format!("portMappings: {e:#}")))?;
     ensure_up(ctx, conf).await?;
     let c = endpoints::create(
         ctx,
