@@ -397,6 +397,26 @@ fn scale(me: &Path, topos: &[Topo], quick: bool) -> Result<Scaling> {
         .as_ref()
         .ok_or_else(|| anyhow!("bpfnat lab missing"))?;
     let c1 = lab.name("c1");
+    // The extra ports go on addresses of their own, which the node must hold (a host address
+    // that is not the node's is refused, as by Docker).
+    for k in 0..2 {
+        let mut ip = std::process::Command::new("ip");
+        ip.args([
+            "addr",
+            "add",
+            &format!("198.51.100.{}/32", 10 + k),
+            "dev",
+            bpfnat_lab::UPLINK,
+        ]);
+        nat_plumbing::netns::command_in(&mut ip, &lab.node)?;
+        let out = ip.output().context("run ip")?;
+        if !out.status.success() {
+            bail!(
+                "ip addr add: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
     let mut series = vec![
         (Dp::Iptables.label(), Vec::new()),
         (Dp::Nftables.label(), Vec::new()),

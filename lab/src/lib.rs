@@ -22,6 +22,7 @@ use anyhow::{Context as _, Result, bail};
 
 use nat_plumbing::{netlink::Netlink, netns};
 
+pub mod cluster;
 pub mod demo;
 
 pub const EXT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);

@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod cli;
+mod cluster;
 pub mod cni;
 pub mod datapath;
 mod endpoints;

@@ -12,12 +12,18 @@ use anyhow::{Context as _, Result, anyhow, bail};
 
 use crate::run;
 
-/// Debian packages the tests use, and a command each provides (shown when missing).
+/// Debian packages the build and the tests use, and a command each provides (shown when
+/// missing).
 const PACKAGES: &[(&str, &str)] = &[
+    // etcd-client compiles etcd's protobuf definitions when it builds.
+    ("protobuf-compiler", "protoc"),
     ("bpftool", "bpftool"),
     ("iproute2", "ip"),
     ("iputils-ping", "ping"),
     ("util-linux", "nsenter"),
+    // The cluster tests: a real etcd, and etcdctl to read what the agents wrote.
+    ("etcd-server", "etcd"),
+    ("etcd-client", "etcdctl"),
     // The durability test watches the state file's fsync and rename.
     ("strace", "strace"),
     // The container-runtime test: podman with the CNI backend, runc, and a static busybox

@@ -6,7 +6,11 @@
 
 mod metrics;
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, bail};
 use futures::StreamExt as _;
@@ -15,6 +19,7 @@ use serde::Deserialize;
 use tracing::{info, warn};
 
 use crate::{
+    cluster::{self, ClusterConfig},
     datapath::Maps,
     endpoints,
     env::Env,
@@ -34,9 +39,9 @@ pub struct AgentConfig {
     #[serde(default)]
     pub subnet: Option<String>,
     #[serde(default)]
-    pub gateway: Option<std::net::Ipv4Addr>,
+    pub gateway: Option<Ipv4Addr>,
     #[serde(default, rename = "snatIP")]
-    pub snat_ip: Option<std::net::Ipv4Addr>,
+    pub snat_ip: Option<Ipv4Addr>,
     /// Where `/metrics` and `/healthz` are served.
     #[serde(default = "default_metrics")]
     pub metrics_addr: SocketAddr,
@@ -53,6 +58,9 @@ pub struct AgentConfig {
     /// `bpfnat up --xdp`.
     #[serde(default)]
     pub xdp: XdpChoice,
+    /// Many nodes: the pod subnet is a block of the cluster CIDR leased in a datastore.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
 }
 
 fn default_metrics() -> SocketAddr {
@@ -75,6 +83,7 @@ impl Default for AgentConfig {
             cni_bin_dir: None,
             cni_conf_dir: None,
             xdp: XdpChoice::Auto,
+            cluster: None,
         }
     }
 }
@@ -84,8 +93,15 @@ pub fn load_config(path: Option<&Path>) -> Result<AgentConfig> {
         return Ok(AgentConfig::default());
     };
     let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
-    serde_json::from_str(&text)
-        .with_context(|| format!("parse agent configuration {}", path.display()))
+    let cfg: AgentConfig = serde_json::from_str(&text)
+        .with_context(|| format!("parse agent configuration {}", path.display()))?;
+    if cfg.cluster.is_some() && cfg.subnet.is_some() {
+        bail!(
+            "{}: \"subnet\" and \"cluster\" exclude each other: a cluster node's subnet is the block it leases from cluster.clusterCidr",
+            path.display()
+        );
+    }
+    Ok(cfg)
 }
 
 fn init_logs() {
@@ -99,9 +115,34 @@ fn init_logs() {
         .try_init();
 }
 
-pub async fn run(ctx: &Env, cfg: AgentConfig) -> Result<()> {
+pub async fn run(ctx: &Env, mut cfg: AgentConfig) -> Result<()> {
     init_logs();
+    let mut membership = match &cfg.cluster {
+        Some(c) => {
+            let m = join_cluster(c, &cfg).await?;
+            cfg.subnet = Some(m.block.to_string());
+            Some(m)
+        }
+        None => None,
+    };
     bring_up(ctx, &cfg).await?;
+    check_subnet(ctx, &cfg)?;
+    // The lease is kept alive on its own task until the agent stops (SIGTERM, Ctrl-C), which
+    // leaves the cluster gracefully; `kill -9` leaves the lease to expire.
+    let lease = membership.take().map(|mut m| {
+        let (leave, left) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            tokio::select! {
+                () = m.keep_alive() => {}
+                _ = left => {}
+            }
+            match m.leave().await {
+                Ok(()) => info!(block = %m.block, "left the cluster"),
+                Err(e) => warn!(error = %format!("{e:#}"), "leaving the cluster failed"),
+            }
+        });
+        (leave, task)
+    });
     install_cni(ctx, &cfg)?;
     reconcile(ctx).await?;
     follow_uplink(ctx).await?;
@@ -142,7 +183,64 @@ pub async fn run(ctx: &Env, cfg: AgentConfig) -> Result<()> {
     }
     http.abort();
     gc.abort();
+    if let Some((leave, task)) = lease {
+        let _ = leave.send(());
+        let _ = task.await;
+    }
     info!("agent stopping; the datapath stays pinned and keeps forwarding");
+    Ok(())
+}
+
+/// The uplink's IPv4 address, which other nodes route this node's block to.
+async fn uplink_address(cfg: &AgentConfig) -> Result<Ipv4Addr> {
+    let uplink = cfg
+        .uplink
+        .as_deref()
+        .context("a cluster node needs \"uplink\" in its configuration")?;
+    let nl = Netlink::current()?;
+    let link = nl
+        .link(uplink)
+        .await?
+        .with_context(|| format!("uplink {uplink} not found"))?;
+    nl.ipv4_addrs(link.index)
+        .await?
+        .first()
+        .map(|(ip, _)| *ip)
+        .with_context(|| {
+            format!("uplink {uplink} has no IPv4 address for the other nodes to route to")
+        })
+}
+
+/// The UTS hostname (the default node name).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Lease this node's block of the cluster CIDR.
+async fn join_cluster(c: &ClusterConfig, cfg: &AgentConfig) -> Result<cluster::etcd::Membership> {
+    let cluster = c.check(&hostname())?;
+    let address = uplink_address(cfg).await?;
+    let m = cluster::etcd::join(&cluster, address).await?;
+    info!(node = %cluster.node_name, block = %m.block, "joined the cluster");
+    Ok(m)
+}
+
+/// A datapath adopted from before must use the block the cluster gave this node.
+fn check_subnet(ctx: &Env, cfg: &AgentConfig) -> Result<()> {
+    let Some(want) = cfg.subnet.as_deref().filter(|_| cfg.cluster.is_some()) else {
+        return Ok(());
+    };
+    let state = ctx.store()?.load()?;
+    if let Some(n) = &state.node {
+        let have = format!("{}/{}", n.subnet, n.prefix_len);
+        if have != want {
+            bail!(
+                "this node's datapath uses subnet {have}, but its cluster block is {want}: run `bpfnat down` to start it over on the block"
+            );
+        }
+    }
     Ok(())
 }
 

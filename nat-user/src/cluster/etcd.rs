@@ -1,0 +1,227 @@
+//! The etcd datastore. A node leases one free block of the cluster CIDR: the key
+//! `<prefix>/subnets/<block>` is created in a transaction only if absent (so two nodes never
+//! hold the same block) and bound to a TTL lease the agent keeps alive. A restarted agent takes
+//! its own block back (the record names the node); leaving revokes the lease at once, and a
+//! node that dies without leaving is forgotten when its lease expires.
+
+use std::{collections::HashSet, net::Ipv4Addr, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use tracing::{info, warn};
+
+use super::{Cluster, NodeRecord, block_key};
+use crate::net::Cidr;
+
+/// Connect, retrying with backoff (up to 10 s between tries) until an endpoint answers, with
+/// a warning naming the endpoints at every failure: a node may start before its datastore.
+pub async fn connect(endpoints: &[String]) -> Client {
+    let mut wait = Duration::from_millis(250);
+    loop {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(5));
+        match Client::connect(endpoints, Some(opts)).await {
+            Ok(mut c) => match c.status().await {
+                Ok(_) => return c,
+                Err(e) => {
+                    warn!(endpoints = ?endpoints, error = %e, "etcd does not answer; retrying")
+                }
+            },
+            Err(e) => warn!(endpoints = ?endpoints, error = %e, "cannot reach etcd; retrying"),
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// This node's lease of its block.
+pub struct Membership {
+    client: Client,
+    lease: i64,
+    key: String,
+    value: String,
+    pub block: Cidr,
+    ttl: i64,
+}
+
+fn subnets_prefix(prefix: &str) -> String {
+    format!("{}/subnets/", prefix.trim_end_matches('/'))
+}
+
+/// Lease a block for this node: its own again if a record names it, else the lowest free one.
+pub async fn join(cluster: &Cluster, address: Ipv4Addr) -> Result<Membership> {
+    let mut client = connect(&cluster.etcd.endpoints).await;
+    let ttl = i64::try_from(cluster.etcd.lease_ttl_secs).unwrap_or(i64::MAX);
+    let lease = client
+        .lease_grant(ttl, None)
+        .await
+        .context("etcd: grant a lease")?
+        .id();
+    let record = |block: &Cidr| NodeRecord {
+        node: cluster.node_name.clone(),
+        address,
+        block: block.to_string(),
+    };
+    let held = client
+        .get(
+            subnets_prefix(&cluster.etcd.prefix),
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await
+        .context("etcd: list the leased blocks")?;
+    let mut taken = HashSet::new();
+    for kv in held.kvs() {
+        let key = kv.key_str().unwrap_or_default().to_owned();
+        let rec: Option<NodeRecord> = serde_json::from_slice(kv.value()).ok();
+        if let Some(rec) = rec
+            && rec.node == cluster.node_name
+            && let Ok(block) = rec.block.parse::<Cidr>()
+            && cluster.blocks().any(|b| b == block)
+        {
+            // Ours (a restart): take it over, unless someone changed it meanwhile.
+            let value = serde_json::to_string(&record(&block))?;
+            let txn = Txn::new()
+                .when(vec![Compare::mod_revision(
+                    key.as_str(),
+                    CompareOp::Equal,
+                    kv.mod_revision(),
+                )])
+                .and_then(vec![TxnOp::put(
+                    key.as_str(),
+                    value.as_str(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )]);
+            if client
+                .txn(txn)
+                .await
+                .context("etcd: take our block back")?
+                .succeeded()
+            {
+                info!(block = %block, key = %key, "took this node's block back");
+                return Ok(Membership {
+                    client,
+                    lease,
+                    key,
+                    value,
+                    block,
+                    ttl,
+                });
+            }
+        }
+        taken.insert(key);
+    }
+    for block in cluster.blocks() {
+        let key = block_key(&cluster.etcd.prefix, &block);
+        if taken.contains(&key) {
+            continue;
+        }
+        let value = serde_json::to_string(&record(&block))?;
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then(vec![TxnOp::put(
+                key.as_str(),
+                value.as_str(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        if client
+            .txn(txn)
+            .await
+            .context("etcd: lease a block")?
+            .succeeded()
+        {
+            info!(block = %block, key = %key, "leased a block of the cluster CIDR");
+            return Ok(Membership {
+                client,
+                lease,
+                key,
+                value,
+                block,
+                ttl,
+            });
+        }
+    }
+    let _ = client.lease_revoke(lease).await;
+    bail!(
+        "no block of the cluster CIDR {} is free: every /{} is leased by another node (widen clusterCidr or narrow nodeCidrMaskSize)",
+        cluster.cidr,
+        cluster.mask
+    )
+}
+
+impl Membership {
+    /// Keep the lease alive, forever: a keep-alive every third of the TTL. If the lease is
+    /// lost anyway (etcd was away longer than the TTL), lease again and put the block back
+    /// if nobody took it meanwhile.
+    pub async fn keep_alive(&mut self) {
+        let every = Duration::from_secs(u64::try_from(self.ttl / 3).unwrap_or(1).max(1));
+        loop {
+            if let Err(e) = self.keep_alive_once().await {
+                warn!(error = %format!("{e:#}"), key = %self.key, "etcd keep-alive failed; retrying");
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    async fn keep_alive_once(&mut self) -> Result<()> {
+        let (mut keeper, mut stream) = self
+            .client
+            .lease_keep_alive(self.lease)
+            .await
+            .context("etcd: keep-alive")?;
+        keeper.keep_alive().await.context("etcd: keep-alive")?;
+        let alive = stream
+            .message()
+            .await
+            .context("etcd: keep-alive answer")?
+            .is_some_and(|r| r.ttl() > 0);
+        if alive {
+            return Ok(());
+        }
+        // Expired: a new lease, and the block again if it is still free.
+        self.lease = self
+            .client
+            .lease_grant(self.ttl, None)
+            .await
+            .context("etcd: grant a lease")?
+            .id();
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(
+                self.key.as_str(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then(vec![TxnOp::put(
+                self.key.as_str(),
+                self.value.as_str(),
+                Some(PutOptions::new().with_lease(self.lease)),
+            )]);
+        if !self
+            .client
+            .txn(txn)
+            .await
+            .context("etcd: lease the block again")?
+            .succeeded()
+        {
+            bail!(
+                "this node's block {} was leased by another node while this one was away",
+                self.block
+            );
+        }
+        info!(block = %self.block, "leased this node's block again after the lease expired");
+        Ok(())
+    }
+
+    /// Leave: revoke the lease, which deletes the block's key at once.
+    pub async fn leave(&mut self) -> Result<()> {
+        self.client
+            .lease_revoke(self.lease)
+            .await
+            .context("etcd: revoke the lease")?;
+        Ok(())
+    }
+}
