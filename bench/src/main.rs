@@ -169,16 +169,14 @@ fn paths_of(t: &Topo, runs: u32) -> Result<Vec<testrun::PathCost>> {
     let _ = ping.status();
     let list: serde_json::Value =
         serde_json::from_str(&d.ok(&["-o", "json", "container", "list"])?)?;
-    let c1 = &list[0];
+    let c1 = &list["items"][0];
+    // As the JSON schema prints it: "02:42:0a:58:00:02".
     let mac: Vec<u8> = c1["mac"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|b| b.as_u64())
-                .map(|b| b as u8)
-                .collect()
-        })
-        .unwrap_or_default();
+        .as_str()
+        .unwrap_or_default()
+        .split(':')
+        .filter_map(|b| u8::from_str_radix(b, 16).ok())
+        .collect();
     let status: serde_json::Value = serde_json::from_str(&d.ok(&["-o", "json", "status"])?)?;
     testrun::paths(
         d,

@@ -12,9 +12,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use aya::maps::{HashMap, Map, MapData};
 use bpfnat_lab::Lab;
-use nat_common::{CtEntry4, CtKey4, CtMeta, DIR_ORIGINAL, DIR_REPLY, PROTO_UDP, dgram_state};
 
 const PORT: u16 = 9979;
 
@@ -36,40 +34,6 @@ impl Drop for Agent {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn fill(lab: &Lab, entries: u32) -> Result<()> {
-    let pin = bpfnat::datapath::Pins::new(&lab.bpffs_dir).map(nat_common::map_names::CONNTRACK);
-    let mut ct: HashMap<_, CtKey4, CtEntry4> =
-        Map::from_map_data(MapData::from_pin(&pin).context("open the conntrack map")?)?
-            .try_into()?;
-    let now = bpfnat::datapath::ct_now_ns();
-    for i in 0..entries / 2 {
-        let [_, a, b, c] = i.to_be_bytes();
-        let k = CtKey4::new(
-            [203, a, b, c],
-            [192, 0, 2, 1],
-            40000u16.to_be_bytes(),
-            53u16.to_be_bytes(),
-            PROTO_UDP,
-        );
-        let meta = CtMeta {
-            dir: DIR_ORIGINAL,
-            state: dgram_state::REPLIED,
-            created_ns: now,
-            last_seen_ns: now,
-            assured: 1,
-            ..CtMeta::default()
-        };
-        let r = k.reversed();
-        ct.insert(k, CtEntry4 { xlate: k, meta }, 0)?;
-        let meta = CtMeta {
-            dir: DIR_REPLY,
-            ..meta
-        };
-        ct.insert(r, CtEntry4 { xlate: r, meta }, 0)?;
-    }
-    Ok(())
 }
 
 /// GET /metrics in the node's namespace: (milliseconds, body).
@@ -109,7 +73,7 @@ pub fn measure(bin: &Path, entries: u32) -> Result<Scrape> {
         "--conntrack-max",
         &max,
     ])?;
-    fill(&lab, entries)?;
+    bpfnat_tests::fill_conntrack(&lab.bpffs_dir, entries / 2)?;
     std::fs::create_dir_all(&lab.state_dir)?;
     let cfg = lab.state_dir.join("agent.json");
     std::fs::write(

@@ -19,7 +19,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use nat_plumbing::{netlink::Netlink, netns};
 
-use crate::{UPLINK, block_on};
+use crate::{UPLINK, block_on, bpfnat_in, stdout_of};
 
 /// The underlay's address of etcd.
 pub const ETCD_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
@@ -40,14 +40,7 @@ pub struct ClusterNode {
 impl ClusterNode {
     /// `bpfnat --bpffs-dir … --state-dir … ARGS` inside this node.
     pub fn bpfnat(&self, args: &[&str]) -> Result<Command> {
-        let mut cmd = Command::new(&self.bin);
-        cmd.arg("--bpffs-dir")
-            .arg(&self.bpffs_dir)
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .args(args);
-        netns::command_in(&mut cmd, &self.ns)?;
-        Ok(cmd)
+        bpfnat_in(&self.bin, &self.ns, &self.bpffs_dir, &self.state_dir, args)
     }
 
     /// Run bpfnat in the node; its output whatever the exit status.
@@ -59,17 +52,10 @@ impl ClusterNode {
 
     /// Run bpfnat in the node; fail with its stderr unless it succeeds. Returns stdout.
     pub fn ok(&self, args: &[&str]) -> Result<String> {
-        let out = self.run(args)?;
-        if !out.status.success() {
-            bail!(
-                "bpfnat {} on {} failed ({}): {}",
-                args.join(" "),
-                self.name,
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        stdout_of(
+            self.run(args)?,
+            &format!("bpfnat {} on {}", args.join(" "), self.name),
+        )
     }
 
     fn cleanup(&self) {

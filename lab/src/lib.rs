@@ -48,6 +48,36 @@ pub struct Lab {
     bin: PathBuf,
 }
 
+/// `bin --bpffs-dir … --state-dir … ARGS`, to be run inside the namespace `ns`.
+fn bpfnat_in(
+    bin: &Path,
+    ns: &Path,
+    bpffs_dir: &Path,
+    state_dir: &Path,
+    args: &[&str],
+) -> Result<Command> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("--bpffs-dir")
+        .arg(bpffs_dir)
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args(args);
+    netns::command_in(&mut cmd, ns)?;
+    Ok(cmd)
+}
+
+/// A command's standard output, or its standard error as the failure of `what`.
+fn stdout_of(out: Output, what: &str) -> Result<String> {
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 fn block_on<T>(f: impl Future<Output = Result<T>>) -> Result<T> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -190,14 +220,13 @@ impl Lab {
 
     /// `bpfnat --bpffs-dir … --state-dir … ARGS`, to be run inside the node namespace.
     pub fn bpfnat(&self, args: &[&str]) -> Result<Command> {
-        let mut cmd = Command::new(&self.bin);
-        cmd.arg("--bpffs-dir")
-            .arg(&self.bpffs_dir)
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .args(args);
-        netns::command_in(&mut cmd, &self.node)?;
-        Ok(cmd)
+        bpfnat_in(
+            &self.bin,
+            &self.node,
+            &self.bpffs_dir,
+            &self.state_dir,
+            args,
+        )
     }
 
     /// Run bpfnat in the node and return its output, whatever the exit status.
@@ -209,16 +238,7 @@ impl Lab {
 
     /// Run bpfnat in the node; fail with its stderr unless it succeeds. Returns stdout.
     pub fn ok(&self, args: &[&str]) -> Result<String> {
-        let out = self.run(args)?;
-        if !out.status.success() {
-            bail!(
-                "bpfnat {} failed ({}): {}",
-                args.join(" "),
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        stdout_of(self.run(args)?, &format!("bpfnat {}", args.join(" ")))
     }
 
     /// Remove everything the lab and bpfnat made for it. Idempotent.

@@ -244,3 +244,41 @@ fn mac_of(v: &serde_json::Value) -> [u8; 6] {
         .collect();
     v.try_into().expect("6-byte MAC")
 }
+
+/// Fill the `conntrack` table pinned under `bpffs_dir` with `connections` live, assured UDP
+/// connections between outside hosts (both entries each): a large table for tests and the
+/// benchmark, without the traffic it would take to make one.
+pub fn fill_conntrack(bpffs_dir: &Path, connections: u32) -> anyhow::Result<()> {
+    use aya::maps::{HashMap, Map, MapData};
+    use nat_common::{CtEntry4, CtKey4, CtMeta, DIR_ORIGINAL, DIR_REPLY, PROTO_UDP, dgram_state};
+    let pin = bpfnat::datapath::Pins::new(bpffs_dir).map(nat_common::map_names::CONNTRACK);
+    let mut ct: HashMap<_, CtKey4, CtEntry4> =
+        Map::from_map_data(MapData::from_pin(&pin)?)?.try_into()?;
+    let now = bpfnat::datapath::ct_now_ns();
+    for i in 0..connections {
+        let [_, hi, b, a] = i.to_be_bytes();
+        let k = CtKey4::new(
+            [203, 0, 113, a],
+            [192, 0, 2, b],
+            (40000 + u16::from(hi)).to_be_bytes(),
+            53u16.to_be_bytes(),
+            PROTO_UDP,
+        );
+        let meta = CtMeta {
+            dir: DIR_ORIGINAL,
+            state: dgram_state::REPLIED,
+            created_ns: now,
+            last_seen_ns: now,
+            assured: 1,
+            ..CtMeta::default()
+        };
+        let r = k.reversed();
+        ct.insert(k, CtEntry4 { xlate: k, meta }, 0)?;
+        let meta = CtMeta {
+            dir: DIR_REPLY,
+            ..meta
+        };
+        ct.insert(r, CtEntry4 { xlate: r, meta }, 0)?;
+    }
+    Ok(())
+}

@@ -162,46 +162,6 @@ fn broadcast_and_multicast_from_containers_are_never_masqueraded() {
     assert!(counter(&lab, "drop_no_endpoint") >= 1);
 }
 
-/// Fill the conntrack table with `n` live UDP connections between outside hosts (both
-/// entries each), so that dumping it takes a while.
-fn fill_conntrack(lab: &Lab, n: u32) {
-    use aya::maps::{HashMap, Map, MapData};
-    use nat_common::{CtEntry4, CtKey4, CtMeta, DIR_ORIGINAL, DIR_REPLY, dgram_state};
-    let pin = bpfnat_tests::pins(lab).map(nat_common::map_names::CONNTRACK);
-    let data = MapData::from_pin(&pin).unwrap();
-    let mut ct: HashMap<_, CtKey4, CtEntry4> =
-        Map::from_map_data(data).unwrap().try_into().unwrap();
-    let now = bpfnat::datapath::ct_now_ns();
-    for i in 0..n {
-        let [_, _, a, b] = i.to_be_bytes();
-        let k = CtKey4::new(
-            [203, 0, 113, a],
-            [192, 0, 2, b],
-            40000u16.to_be_bytes(),
-            53u16.to_be_bytes(),
-            PROTO_UDP,
-        );
-        let meta = CtMeta {
-            dir: DIR_ORIGINAL,
-            state: dgram_state::REPLIED,
-            created_ns: now,
-            last_seen_ns: now,
-            ..CtMeta::default()
-        };
-        let e = CtEntry4 { xlate: k, meta };
-        let r = k.reversed();
-        let re = CtEntry4 {
-            xlate: r,
-            meta: CtMeta {
-                dir: DIR_REPLY,
-                ..meta
-            },
-        };
-        ct.insert(k, e, 0).unwrap();
-        ct.insert(r, re, 0).unwrap();
-    }
-}
-
 /// `n` UDP flows from namespace `ns` to the external echo server on port 7002: one datagram
 /// out and its answer each, then, once `between` returns, a second round on every socket.
 /// Returns how many exchanges got no answer.
@@ -235,7 +195,7 @@ fn udp_flows(ns: &std::path::Path, n: usize, between: impl FnOnce()) -> usize {
 fn garbage_collection_during_new_connections_breaks_none() {
     let lab = lab_up("adv-gc");
     let c = add_container(&lab, "c", &[]);
-    fill_conntrack(&lab, 40_000);
+    bpfnat_tests::fill_conntrack(&lab.bpffs_dir, 40_000).unwrap();
     const FLOWS: usize = 320;
     let echo = traffic::udp_echo(
         &lab.ext,

@@ -49,19 +49,40 @@ fn subnets_prefix(prefix: &str) -> String {
     format!("{}/subnets/", prefix.trim_end_matches('/'))
 }
 
-/// Lease a block for this node: its own again if a record names it, else the lowest free one.
-pub async fn join(cluster: &Cluster, address: Ipv4Addr) -> Result<Membership> {
-    let mut client = connect(&cluster.etcd.endpoints).await;
-    let ttl = i64::try_from(cluster.etcd.lease_ttl_secs).unwrap_or(i64::MAX);
-    let lease = client
-        .lease_grant(ttl, None)
+/// Put `value` at `key`, bound to `lease`, if `cond` holds; whether it did.
+async fn put_if(
+    client: &mut Client,
+    cond: Compare,
+    key: &str,
+    value: &str,
+    lease: i64,
+) -> Result<bool> {
+    let txn = Txn::new().when(vec![cond]).and_then(vec![TxnOp::put(
+        key,
+        value,
+        Some(PutOptions::new().with_lease(lease)),
+    )]);
+    Ok(client
+        .txn(txn)
         .await
-        .context("etcd: grant a lease")?
-        .id();
-    let record = |block: &Cidr| NodeRecord {
-        node: cluster.node_name.clone(),
-        address,
-        block: block.to_string(),
+        .with_context(|| format!("etcd: write {key}"))?
+        .succeeded())
+}
+
+/// The key, value and block this node holds under `lease`: its own block again if a record
+/// names it, else the lowest free one; `None` when every block is taken.
+async fn lease_block(
+    client: &mut Client,
+    cluster: &Cluster,
+    address: Ipv4Addr,
+    lease: i64,
+) -> Result<Option<(String, String, Cidr)>> {
+    let value_of = |block: &Cidr| {
+        serde_json::to_string(&NodeRecord {
+            node: cluster.node_name.clone(),
+            address,
+            block: block.to_string(),
+        })
     };
     let held = client
         .get(
@@ -80,33 +101,11 @@ pub async fn join(cluster: &Cluster, address: Ipv4Addr) -> Result<Membership> {
             && cluster.blocks().any(|b| b == block)
         {
             // Ours (a restart): take it over, unless someone changed it meanwhile.
-            let value = serde_json::to_string(&record(&block))?;
-            let txn = Txn::new()
-                .when(vec![Compare::mod_revision(
-                    key.as_str(),
-                    CompareOp::Equal,
-                    kv.mod_revision(),
-                )])
-                .and_then(vec![TxnOp::put(
-                    key.as_str(),
-                    value.as_str(),
-                    Some(PutOptions::new().with_lease(lease)),
-                )]);
-            if client
-                .txn(txn)
-                .await
-                .context("etcd: take our block back")?
-                .succeeded()
-            {
+            let value = value_of(&block)?;
+            let cond = Compare::mod_revision(key.as_str(), CompareOp::Equal, kv.mod_revision());
+            if put_if(client, cond, &key, &value, lease).await? {
                 info!(block = %block, key = %key, "took this node's block back");
-                return Ok(Membership {
-                    client,
-                    lease,
-                    key,
-                    value,
-                    block,
-                    ttl,
-                });
+                return Ok(Some((key, value, block)));
             }
         }
         taken.insert(key);
@@ -116,41 +115,47 @@ pub async fn join(cluster: &Cluster, address: Ipv4Addr) -> Result<Membership> {
         if taken.contains(&key) {
             continue;
         }
-        let value = serde_json::to_string(&record(&block))?;
-        let txn = Txn::new()
-            .when(vec![Compare::create_revision(
-                key.as_str(),
-                CompareOp::Equal,
-                0,
-            )])
-            .and_then(vec![TxnOp::put(
-                key.as_str(),
-                value.as_str(),
-                Some(PutOptions::new().with_lease(lease)),
-            )]);
-        if client
-            .txn(txn)
-            .await
-            .context("etcd: lease a block")?
-            .succeeded()
-        {
+        let value = value_of(&block)?;
+        let cond = Compare::create_revision(key.as_str(), CompareOp::Equal, 0);
+        if put_if(client, cond, &key, &value, lease).await? {
             info!(block = %block, key = %key, "leased a block of the cluster CIDR");
-            return Ok(Membership {
-                client,
-                lease,
-                key,
-                value,
-                block,
-                ttl,
-            });
+            return Ok(Some((key, value, block)));
         }
     }
-    let _ = client.lease_revoke(lease).await;
-    bail!(
-        "no block of the cluster CIDR {} is free: every /{} is leased by another node (widen clusterCidr or narrow nodeCidrMaskSize)",
-        cluster.cidr,
-        cluster.mask
-    )
+    Ok(None)
+}
+
+/// Lease a block for this node: its own again if a record names it, else the lowest free one.
+pub async fn join(cluster: &Cluster, address: Ipv4Addr) -> Result<Membership> {
+    let mut client = connect(&cluster.etcd.endpoints).await;
+    let ttl = i64::try_from(cluster.etcd.lease_ttl_secs).unwrap_or(i64::MAX);
+    let lease = client
+        .lease_grant(ttl, None)
+        .await
+        .context("etcd: grant a lease")?
+        .id();
+    match lease_block(&mut client, cluster, address, lease).await {
+        Ok(Some((key, value, block))) => Ok(Membership {
+            client,
+            lease,
+            key,
+            value,
+            block,
+            ttl,
+        }),
+        Ok(None) => {
+            let _ = client.lease_revoke(lease).await;
+            bail!(
+                "no block of the cluster CIDR {} is free: every /{} is leased by another node (widen clusterCidr or narrow nodeCidrMaskSize)",
+                cluster.cidr,
+                cluster.mask
+            )
+        }
+        Err(e) => {
+            let _ = client.lease_revoke(lease).await;
+            Err(e)
+        }
+    }
 }
 
 impl Membership {
@@ -189,24 +194,8 @@ impl Membership {
             .await
             .context("etcd: grant a lease")?
             .id();
-        let txn = Txn::new()
-            .when(vec![Compare::create_revision(
-                self.key.as_str(),
-                CompareOp::Equal,
-                0,
-            )])
-            .and_then(vec![TxnOp::put(
-                self.key.as_str(),
-                self.value.as_str(),
-                Some(PutOptions::new().with_lease(self.lease)),
-            )]);
-        if !self
-            .client
-            .txn(txn)
-            .await
-            .context("etcd: lease the block again")?
-            .succeeded()
-        {
+        let cond = Compare::create_revision(self.key.as_str(), CompareOp::Equal, 0);
+        if !put_if(&mut self.client, cond, &self.key, &self.value, self.lease).await? {
             bail!(
                 "this node's block {} was leased by another node while this one was away",
                 self.block
