@@ -422,16 +422,22 @@ pub struct DownReport {
 /// whose pins were lost without touching its containers.
 pub async fn up(ctx: &Env, spec: NodeSpec) -> Result<Upped> {
     let upped = node::up(ctx, spec).await?;
-    if let Upped::Repaired(node) = &upped {
-        rewire_all(ctx, node).await?;
+    match &upped {
+        Upped::Repaired(node) => rewire_all(ctx, node, false).await?,
+        // A repair that stopped half way (a veth gone, a killed command) is finished here:
+        // only the containers the datapath lacks are rewired, so the others keep their
+        // published ports' connections.
+        Upped::Already(node) => rewire_all(ctx, node, true).await?,
+        Upped::Fresh(_) => {}
     }
     Ok(upped)
 }
 
 /// Put every recorded container, port and static NAT mapping back into a freshly installed
-/// datapath. A container whose host veth is gone is left to `container del` (or the agent's
-/// reconciler) and named in the error.
-async fn rewire_all(ctx: &Env, node: &Node) -> Result<()> {
+/// datapath (`only_missing`: only the containers it has no endpoint for). A container whose
+/// host veth is gone is left to `container del` (or the agent's reconciler) and named in the
+/// error.
+async fn rewire_all(ctx: &Env, node: &Node, only_missing: bool) -> Result<()> {
     let store = ctx.store()?;
     let mut state = store.load()?;
     let nl = Netlink::current()?;
@@ -442,7 +448,7 @@ async fn rewire_all(ctx: &Env, node: &Node) -> Result<()> {
         let Some(c) = state.containers.get(&name).cloned() else {
             continue;
         };
-        if c.pending {
+        if c.pending || (only_missing && maps.has_endpoint(c.ip)?) {
             // A killed add: the next command for it finishes or undoes it.
             continue;
         }
@@ -464,6 +470,7 @@ async fn rewire_all(ctx: &Env, node: &Node) -> Result<()> {
         state.generation = state.generation.wrapping_add(c.ports.len() as u32);
         maps.put_ports(&c.ports, c.ip, generation)?;
     }
+    // Rewriting these changes nothing that is already right.
     for m in &state.static_nat {
         maps.put_static_nat(m.external, m.internal)?;
     }

@@ -617,6 +617,30 @@ fn status_fails_when_down_and_a_degraded_node_is_repaired_by_up() {
         flows_work(),
         "published and masqueraded flows after the repair"
     );
+
+    // A repair that stopped half way (here: one endpoint gone from the map) is finished by
+    // the next `up`, which rewires only what is missing.
+    {
+        use aya::maps::{HashMap, Map, MapData};
+        let pin = bpfnat_tests::pins(&lab).map(nat_common::map_names::ENDPOINTS);
+        let mut eps: HashMap<_, [u8; 4], nat_common::Endpoint> =
+            Map::from_map_data(MapData::from_pin(&pin).unwrap())
+                .unwrap()
+                .try_into()
+                .unwrap();
+        let ip = json(&lab, &["container", "inspect", &client])["ip"]
+            .as_str()
+            .unwrap()
+            .parse::<std::net::Ipv4Addr>()
+            .unwrap();
+        eps.remove(&ip.octets()).unwrap();
+    }
+    assert!(
+        !flows_work(),
+        "the client has no endpoint: its traffic is dropped"
+    );
+    lab.ok(&args).unwrap();
+    assert!(flows_work(), "the next up put the client back");
 }
 
 #[test]

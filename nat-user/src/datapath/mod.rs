@@ -597,6 +597,15 @@ impl Maps {
             .with_context(|| format!("write endpoint {ip}"))
     }
 
+    /// Whether the datapath has an endpoint at `ip`.
+    pub fn has_endpoint(&self, ip: Ipv4Addr) -> Result<bool> {
+        match self.endpoints.get(&ip.octets(), 0) {
+            Ok(_) => Ok(true),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(anyhow!(e).context(format!("read endpoint {ip}"))),
+        }
+    }
+
     pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<()> {
         deleted(self.endpoints.remove(&ip.octets()))
             .with_context(|| format!("remove endpoint {ip}"))
