@@ -415,8 +415,19 @@ pub fn attach(pins: &Pins, hook: Hook, ifname: &str) -> Result<()> {
     };
     let mut prog = SchedClassifier::from_pin(pins.prog(name))
         .with_context(|| format!("open pinned program {name} (is the datapath up?)"))?;
+    let prog_id = prog
+        .info()
+        .with_context(|| format!("read pinned program {name}"))?
+        .id();
     let link_path = pins.link(ifname);
+    // Already there through our link: keep it (re-attaching would cut nothing, but the
+    // kernel frees an unpinned link later, on a work queue, and refuses the same program
+    // twice on one hook until then).
+    if link_path.exists() && tcx_has(ifname, prog_id)? {
+        return Ok(());
+    }
     remove_pin(&link_path)?;
+    wait_released(ifname, prog_id)?;
     let id = prog
         .attach(ifname, TcAttachType::Ingress)
         .with_context(|| format!("attach tc ingress to {ifname}"))?;
@@ -427,6 +438,27 @@ pub fn attach(pins: &Pins, hook: Hook, ifname: &str) -> Result<()> {
         .with_context(|| format!("TC link on {ifname} is not a TCX link (kernel < 6.6?)"))?;
     link.pin(&link_path)
         .with_context(|| format!("pin link at {}", link_path.display()))?;
+    Ok(())
+}
+
+/// Whether program `prog_id` runs at TC ingress of `ifname`.
+fn tcx_has(ifname: &str, prog_id: u32) -> Result<bool> {
+    let (_, progs) = SchedClassifier::query_tcx(ifname, TcAttachType::Ingress)
+        .with_context(|| format!("query tc programs on {ifname}"))?;
+    Ok(progs.iter().any(|p| p.id() == prog_id))
+}
+
+/// Wait (bounded) until a link of `prog_id` on `ifname` whose last pin just went is freed.
+fn wait_released(ifname: &str, prog_id: u32) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while tcx_has(ifname, prog_id)? {
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "program {prog_id} stays attached to {ifname} through a link that is not ours; detach it (bpftool net) and retry"
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     Ok(())
 }
 
