@@ -9,9 +9,10 @@
 
 /// Version of the pinned layout. Bumped whenever a map's key or value changes, so that a new
 /// loader never silently reuses an old, differently shaped map pinned by an earlier version.
-pub const PIN_VERSION: &str = "v2";
+pub const PIN_VERSION: &str = "v3";
 
 mod addr;
+mod cluster;
 mod conntrack;
 mod csum;
 mod frag;
@@ -23,6 +24,7 @@ mod sock;
 mod static_nat;
 
 pub use addr::*;
+pub use cluster::*;
 pub use conntrack::*;
 pub use csum::*;
 pub use frag::*;
@@ -58,8 +60,8 @@ pub const PROTO_UDP: u8 = 17;
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        Config, Counter, CtEntry4, CtKey4, CtMeta, Endpoint, FragKey4, FragPorts, Net4, NodeAddr,
-        PortKey4, PortTarget4, SockKey4, SockOrig4, StaticNat4,
+        ClusterNet, Config, Counter, CtEntry4, CtKey4, CtMeta, Endpoint, FragKey4, FragPorts, Net4,
+        NodeAddr, PortKey4, PortTarget4, SockKey4, SockOrig4, StaticNat4,
     };
 
     /// `aya::Pod` for map key and value types.
@@ -86,6 +88,7 @@ mod user {
         FragKey4,
         FragPorts,
         NodeAddr,
+        ClusterNet,
     );
 }
 

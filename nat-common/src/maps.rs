@@ -6,8 +6,8 @@
 use core::mem::size_of;
 
 use crate::{
-    Addr4, Config, Counter, CtEntry4, CtKey4, Endpoint, FragKey4, FragPorts, NodeAddr, PortKey4,
-    PortTarget4, REASON_COUNT, SockKey4, SockOrig4, StaticNat4,
+    Addr4, ClusterNet, Config, Counter, CtEntry4, CtKey4, Endpoint, FragKey4, FragPorts, Lpm4,
+    NodeAddr, PortKey4, PortTarget4, REASON_COUNT, SockKey4, SockOrig4, StaticNat4,
 };
 
 /// Map names as the kernel and bpftool see them (also the pin file names).
@@ -24,6 +24,9 @@ pub mod map_names {
     pub const SOCK_RNAT: &str = "sock_rnat";
     pub const FRAGS: &str = "frags";
     pub const NODE_ADDRS: &str = "node_addrs";
+    /// The cluster's prefixes (`Lpm4` → `ClusterNet`): where pods go without MASQUERADE and
+    /// which sources reach pods directly. Empty on a node that is not in a cluster.
+    pub const CLUSTER_NETS: &str = "cluster_nets";
     /// Per-CPU room for the two entries of a connection being created.
     pub const SCRATCH: &str = "scratch";
     /// Per-CPU room for checksum chunks and TCP options.
@@ -46,6 +49,8 @@ pub const STATIC_NAT_MAX_ENTRIES: u32 = 8_192;
 pub const SOCK_RNAT_MAX_ENTRIES: u32 = 65_536;
 pub const FRAGS_MAX_ENTRIES: u32 = 16_384;
 pub const NODE_ADDRS_MAX_ENTRIES: u32 = 1_024;
+/// Room for the cluster CIDR, the non-masquerade CIDRs and one address per node.
+pub const CLUSTER_NETS_MAX_ENTRIES: u32 = 16_384;
 /// Slots of the `scratch` map (0: reply entry, 1: original entry).
 pub const SCRATCH_SLOTS: u32 = 2;
 /// Bytes of the `csum_buf` value: a 256-byte chunk and room to zero-pad it.
@@ -58,6 +63,8 @@ pub enum MapKind {
     Hash,
     LruHash,
     PerCpuArray,
+    /// Longest-prefix match (`BPF_F_NO_PREALLOC`).
+    LpmTrie,
 }
 
 /// One map of the eBPF object.
@@ -96,8 +103,8 @@ const PINNED: bool = true;
 const PER_LOAD: bool = false;
 
 /// Every map of the eBPF object.
-pub const MAP_SPECS: [MapSpec; 12] = {
-    use MapKind::{Array, Hash, LruHash, PerCpuArray};
+pub const MAP_SPECS: [MapSpec; 13] = {
+    use MapKind::{Array, Hash, LpmTrie, LruHash, PerCpuArray};
     use map_names as n;
     [
         map::<u32, Config>(n::CONFIG, Array, Some(1), PINNED),
@@ -110,6 +117,7 @@ pub const MAP_SPECS: [MapSpec; 12] = {
         map::<SockKey4, SockOrig4>(n::SOCK_RNAT, LruHash, None, PINNED),
         map::<FragKey4, FragPorts>(n::FRAGS, LruHash, None, PINNED),
         map::<Addr4, NodeAddr>(n::NODE_ADDRS, Hash, None, PINNED),
+        map::<Lpm4, ClusterNet>(n::CLUSTER_NETS, LpmTrie, None, PINNED),
         map::<u32, CtEntry4>(n::SCRATCH, PerCpuArray, Some(SCRATCH_SLOTS), PER_LOAD),
         map::<u32, [u8; CSUM_BUF_LEN]>(n::CSUM_BUF, PerCpuArray, Some(1), PER_LOAD),
     ]

@@ -109,10 +109,16 @@ pub enum Reason {
     /// discards it unless the datagram is the node's). From a container the same fragment
     /// is dropped and counted as `drop_fragment`.
     FragUnmatched = 36,
+    /// A container's packet to a non-masquerade destination (another node's pod, another
+    /// node): routed with the container's own address, untracked.
+    ClusterRoute = 37,
+    /// A packet from a pod of another node (or from another node) delivered to a local
+    /// container with its source preserved, untracked.
+    ClusterDeliver = 38,
 }
 
 /// Number of `Reason` slots in the `stats` array.
-pub const REASON_COUNT: u32 = 37;
+pub const REASON_COUNT: u32 = 39;
 
 impl Reason {
     /// Every reason with its stable name, in index order.
@@ -154,6 +160,8 @@ impl Reason {
         (Self::DropTcpWindow, "drop_tcp_window"),
         (Self::DropL4Csum, "drop_l4_csum"),
         (Self::FragUnmatched, "frag_unmatched"),
+        (Self::ClusterRoute, "cluster_route"),
+        (Self::ClusterDeliver, "cluster_deliver"),
     ];
 }
 

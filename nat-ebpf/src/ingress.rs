@@ -3,15 +3,15 @@
 
 use aya_ebpf::programs::TcContext;
 use nat_common::{
-    Addr4, CFG_MASQUERADE, Config, CtEntry4, Endpoint, PROTO_TCP, PROTO_UDP, PortTarget4, Reason,
-    STATIC_EXTERNAL, STATIC_INTERNAL, tcp_flags,
+    Addr4, CFG_MASQUERADE, Config, CtEntry4, Endpoint, NET_CLUSTER_SRC, NET_NO_MASQ, PROTO_TCP,
+    PROTO_UDP, PortTarget4, Reason, STATIC_EXTERNAL, STATIC_INTERNAL, tcp_flags,
 };
 
 use crate::{
     TC_ACT_OK, addr, arp,
     conntrack::{self, now},
     csum, forward, frag, icmp,
-    lookup::{config, container_at, endpoint, port_target, static_nat},
+    lookup::{cluster_flags, config, container_at, endpoint, port_target, static_nat},
     nat,
     nexthop::{self, Way},
     parse::{self, L3},
@@ -162,6 +162,13 @@ fn leave(
         count(Reason::MtuExceeded, ctx.len());
         return Ok(TC_ACT_OK);
     }
+    if cluster_flags(&p.dst) & NET_NO_MASQ != 0 {
+        // Another node's pod, or another node: the Kubernetes network model's "no NAT",
+        // routed with the container's own address (the node's route for the peer's block);
+        // the answer arrives from a cluster source and is delivered as it is.
+        count(Reason::ClusterRoute, ctx.len());
+        return forward::route(ctx, p, ifindex, Some(nh));
+    }
     if let Some(s) = static_nat(cfg, &p.src)
         && s.kind == STATIC_INTERNAL
     {
@@ -307,7 +314,7 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
     }
     if !p.is_trackable() {
         if parse::in_subnet(p.dst, cfg.v4.subnet_addr, cfg.v4.subnet_mask) {
-            return Err(Reason::DropNotPublished);
+            return from_cluster(ctx, &mut p);
         }
         if p.frag && !p.l4_present && (p.proto == PROTO_TCP || p.proto == PROTO_UDP) {
             // Ports unknown: never translated; the stack keeps it if the datagram is its own.
@@ -327,9 +334,23 @@ pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
         return dnat_new(ctx, cfg, &mut p, &t, ifindex);
     }
     if parse::in_subnet(p.dst, cfg.v4.subnet_addr, cfg.v4.subnet_mask) {
-        return Err(Reason::DropNotPublished);
+        return from_cluster(ctx, &mut p);
     }
     pass(ctx)
+}
+
+/// A packet for a container address that no connection or published port explains: from a
+/// pod of another node or from another node (`NET_CLUSTER_SRC`) it is delivered with its
+/// source preserved, untracked (ICMP errors included); from anywhere else it is dropped.
+#[inline(always)]
+fn from_cluster(ctx: &TcContext, p: &mut parse::Ip4) -> Result<i32, Reason> {
+    if cluster_flags(&p.src) & NET_CLUSTER_SRC == 0 {
+        return Err(Reason::DropNotPublished);
+    }
+    not_expiring(p)?;
+    let ep = endpoint(&p.dst).ok_or(Reason::DropNoEndpoint)?;
+    count(Reason::ClusterDeliver, ctx.len());
+    forward::to_endpoint(ctx, p, &ep, true, Reason::Deliver)
 }
 
 /// A packet from outside that would be routed into a container must not expire here: it is

@@ -8,7 +8,7 @@ use nat_common::{
 };
 
 use crate::{
-    maps::{CONFIG, ENDPOINTS, PORTS, STATIC_NAT},
+    maps::{CLUSTER_NETS, CONFIG, ENDPOINTS, PORTS, STATIC_NAT},
     parse::{self, Ip4},
 };
 
@@ -36,6 +36,15 @@ pub fn static_nat(cfg: &Config, addr: &Addr4) -> Option<StaticNat4> {
     }
     // SAFETY: the value is copied out at once.
     unsafe { STATIC_NAT.get(addr).copied() }
+}
+
+/// The `NET_*` flags of the cluster prefix `addr` falls in (0 outside the cluster, and on a
+/// node that is not in one).
+#[inline(always)]
+pub fn cluster_flags(addr: &Addr4) -> u32 {
+    CLUSTER_NETS
+        .get(&aya_ebpf::btf_maps::lpm_trie::Key::new(32, *addr))
+        .map_or(0, |n| n.flags)
 }
 
 /// The container at `addr`, if any. Addresses outside the subnet skip the map lookup: that is

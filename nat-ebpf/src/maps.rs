@@ -1,17 +1,18 @@
 //! Map definitions. Every map is a BTF map, so `bpftool map dump` prints named fields; the
-//! loader pins them under `<bpffs-dir>/v2/` and overrides sizes where the user asks. Each one
+//! loader pins them under `<bpffs-dir>/v3/` and overrides sizes where the user asks. Each one
 //! is described in `nat_common::MAP_SPECS` too (the macro wants its name as a literal); a
 //! test compares the two.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use nat_common::{
-    Addr4, CONNTRACK_MAX_ENTRIES, Config, Counter, CtEntry4, CtKey4, ENDPOINTS_MAX_ENTRIES,
-    Endpoint, FRAGS_MAX_ENTRIES, FragKey4, FragPorts, NODE_ADDRS_MAX_ENTRIES, NodeAddr,
-    PORTS_MAX_ENTRIES, PortKey4, PortTarget4, REASON_COUNT, SCRATCH_SLOTS, SOCK_RNAT_MAX_ENTRIES,
-    STATIC_NAT_MAX_ENTRIES, SockKey4, SockOrig4, StaticNat4, conntrack_new_max,
+    Addr4, CLUSTER_NETS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, ClusterNet, Config, Counter, CtEntry4,
+    CtKey4, ENDPOINTS_MAX_ENTRIES, Endpoint, FRAGS_MAX_ENTRIES, FragKey4, FragPorts,
+    NODE_ADDRS_MAX_ENTRIES, NodeAddr, PORTS_MAX_ENTRIES, PortKey4, PortTarget4, REASON_COUNT,
+    SCRATCH_SLOTS, SOCK_RNAT_MAX_ENTRIES, STATIC_NAT_MAX_ENTRIES, SockKey4, SockOrig4, StaticNat4,
+    conntrack_new_max,
 };
 
 #[btf_map(name = "config")]
@@ -71,3 +72,8 @@ pub static NODE_ADDRS: HashMap<Addr4, NodeAddr, { NODE_ADDRS_MAX_ENTRIES as usiz
 /// options. Never pinned: nothing in it outlives one packet.
 #[btf_map(name = "csum_buf")]
 pub static CSUM_BUF: PerCpuArray<[u8; crate::csum::BUF_LEN], 1> = PerCpuArray::new();
+
+/// The cluster's prefixes (`nat_common::NET_*` flags), kept by the agent of a cluster node.
+#[btf_map(name = "cluster_nets")]
+pub static CLUSTER_NETS: LpmTrie<Addr4, ClusterNet, { CLUSTER_NETS_MAX_ENTRIES as usize }> =
+    LpmTrie::new();

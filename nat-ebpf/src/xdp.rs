@@ -1,5 +1,6 @@
 //! The uplink's XDP fast path: replies to masqueraded connections, packets of connections to
-//! published ports and static NAT are translated and redirected to the container's host veth
+//! published ports and static NAT are translated (and packets from another node's pods
+//! delivered untranslated) and redirected to the container's host veth
 //! before the kernel allocates an skb. Everything else (new connections, TCP segments with
 //! SYN, FIN or RST, ARP, fragments, ICMP errors, expiring TTLs, traffic for the node, what
 //! needs a FIB lookup, anything that would be dropped) is passed on untouched, to the
@@ -11,13 +12,13 @@ use aya_ebpf::{
     helpers::bpf_redirect,
     programs::XdpContext,
 };
-use nat_common::{Endpoint, Reason, STATIC_EXTERNAL, tcp_flags};
+use nat_common::{Endpoint, NET_CLUSTER_SRC, Reason, STATIC_EXTERNAL, tcp_flags};
 
 use crate::{
     addr,
     conntrack::{self, now},
     forward, icmp,
-    lookup::{config, endpoint, static_nat},
+    lookup::{cluster_flags, config, container_at, endpoint, static_nat},
     nat,
     nexthop::{self, Hop},
     parse::{self, L3},
@@ -72,6 +73,13 @@ pub fn from_uplink(ctx: &XdpContext) -> Result<u32, Reason> {
         };
         nat::set_dst(ctx, &mut p, s.peer)?;
         count(Reason::StaticNat, ctx.bytes());
+        return deliver(ctx, &mut p, &hop_of(&ep));
+    }
+    if let Some(ep) = container_at(cfg, &p.dst)
+        && cluster_flags(&p.src) & NET_CLUSTER_SRC != 0
+    {
+        // Another node's pod (or another node) to a local pod: untracked, as TC would.
+        count(Reason::ClusterDeliver, ctx.bytes());
         return deliver(ctx, &mut p, &hop_of(&ep));
     }
     if !p.is_trackable() || p.tcp_flags & CTL != 0 {

@@ -5,7 +5,7 @@ use std::{fmt, net::Ipv4Addr, str::FromStr};
 use anyhow::{Result, anyhow, bail};
 
 /// An IPv4 network in CIDR notation, e.g. `10.88.0.0/16`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Cidr {
     pub addr: Ipv4Addr,
     pub prefix: u8,

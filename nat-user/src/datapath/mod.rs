@@ -16,6 +16,7 @@
 mod conntrack;
 
 use std::{
+    collections::BTreeMap,
     io,
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -24,22 +25,28 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, MapInfo, MapType, PerCpuArray},
+    maps::{
+        Array, HashMap, Map, MapData, MapInfo, MapType, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{
         CgroupAttachMode, CgroupSockAddr, CgroupSockAddrAttachType, Program, SchedClassifier,
         TcAttachType, Xdp, XdpMode, links::FdLink,
     },
 };
 use nat_common::{
-    Addr4, Config, Counter, CtEntry4, CtKey4, Endpoint, MAP_SPECS, MapKind, MapSpec, NodeAddr,
-    PIN_VERSION, PortKey4, PortTarget4, Reason, STATIC_EXTERNAL, STATIC_INTERNAL, StaticNat4,
-    map_names, prog_names,
+    Addr4, ClusterNet, Config, Counter, CtEntry4, CtKey4, Endpoint, MAP_SPECS, MapKind, MapSpec,
+    NodeAddr, PIN_VERSION, PortKey4, PortTarget4, Reason, STATIC_EXTERNAL, STATIC_INTERNAL,
+    StaticNat4, map_names, prog_names,
 };
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 
 pub use conntrack::{CtSummary, Flow, FlowEnd, ct_now_ns};
 
-use crate::spec::{PortMapping, Proto};
+use crate::{
+    net::Cidr,
+    spec::{PortMapping, Proto},
+};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nat"));
 
@@ -174,6 +181,7 @@ fn map_type(kind: MapKind) -> MapType {
         MapKind::Hash => MapType::Hash,
         MapKind::LruHash => MapType::LruHash,
         MapKind::PerCpuArray => MapType::PerCpuArray,
+        MapKind::LpmTrie => MapType::LpmTrie,
     }
 }
 
@@ -546,6 +554,7 @@ pub struct Maps {
     stats: PerCpuArray<MapData, Counter>,
     static_nat: HashMap<MapData, Addr4, StaticNat4>,
     node_addrs: HashMap<MapData, Addr4, NodeAddr>,
+    cluster_nets: LpmTrie<MapData, Addr4, ClusterNet>,
     conntrack_max: u32,
 }
 
@@ -580,6 +589,7 @@ impl Maps {
             stats: open_map(pins, map_names::STATS)?.try_into()?,
             static_nat: open_map(pins, map_names::STATIC_NAT)?.try_into()?,
             node_addrs: open_map(pins, map_names::NODE_ADDRS)?.try_into()?,
+            cluster_nets: open_map(pins, map_names::CLUSTER_NETS)?.try_into()?,
             conntrack_max: MapInfo::from_pin(pins.map(map_names::CONNTRACK))
                 .context("inspect conntrack map")?
                 .max_entries(),
@@ -613,6 +623,47 @@ impl Maps {
                 .with_context(|| format!("remove node address {}", Ipv4Addr::from(k)))?;
         }
         Ok(())
+    }
+
+    /// Make `cluster_nets` hold exactly `want` (prefix → `NET_*` flags): new and changed
+    /// prefixes first, then the stale ones go, so no prefix of the cluster is ever missing
+    /// in between.
+    pub fn set_cluster_nets(&mut self, want: &BTreeMap<Cidr, u32>) -> Result<()> {
+        let have = self.cluster_nets()?;
+        for (net, flags) in want {
+            if have.get(net) != Some(flags) {
+                self.cluster_nets
+                    .insert(
+                        &Key::new(u32::from(net.prefix), net.addr.octets()),
+                        ClusterNet { flags: *flags },
+                        0,
+                    )
+                    .with_context(|| format!("write cluster prefix {net}"))?;
+            }
+        }
+        for net in have.keys().filter(|n| !want.contains_key(n)) {
+            deleted(
+                self.cluster_nets
+                    .remove(&Key::new(u32::from(net.prefix), net.addr.octets())),
+            )
+            .with_context(|| format!("remove cluster prefix {net}"))?;
+        }
+        Ok(())
+    }
+
+    /// The cluster prefixes the datapath knows, with their `NET_*` flags.
+    pub fn cluster_nets(&self) -> Result<BTreeMap<Cidr, u32>> {
+        self.cluster_nets
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.context("read cluster_nets map")?;
+                let net = Cidr {
+                    addr: Ipv4Addr::from(k.data()),
+                    prefix: u8::try_from(k.prefix_len()).unwrap_or(32),
+                };
+                Ok((net, v.flags))
+            })
+            .collect()
     }
 
     /// The node addresses the datapath knows.
