@@ -1,11 +1,16 @@
-//! A cluster lab: node namespaces on one underlay segment, with a real etcd on it.
+//! A cluster lab: node namespaces on one underlay segment, with a real etcd on it and a
+//! router to an "internet".
 //!
 //! ```text
 //!  <prefix>-ul: br0 192.0.2.2/24, etcd on http://192.0.2.2:2379
-//!     ├── <prefix>-n1: uplink0 192.0.2.11/24
+//!     ├── <prefix>-n1: uplink0 192.0.2.11/24, default via 192.0.2.1
 //!     ├── <prefix>-n2: uplink0 192.0.2.12/24
-//!     └── …
+//!     ├── …
+//!     └── <prefix>-rt: eth0 192.0.2.1/24 ── eth1 203.0.113.1/24
+//!                                              └── <prefix>-inet: eth0 203.0.113.2/24
 //! ```
+//! The router is outside the cluster: a packet it sends to a pod address comes from a source
+//! that is neither a pod nor a node.
 //! Each node has its own bpffs mount and state directory. Dropping the lab stops etcd and
 //! removes every namespace, pin, mount and directory it made.
 
@@ -23,6 +28,10 @@ use crate::{UPLINK, block_on, bpfnat_in, stdout_of};
 
 /// The underlay's address of etcd.
 pub const ETCD_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+/// The router's address on the underlay (the nodes' default gateway).
+pub const ROUTER_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+/// The "internet" host behind the router.
+pub const INET_ADDR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
 
 /// One node of a cluster lab.
 pub struct ClusterNode {
@@ -68,12 +77,29 @@ impl ClusterNode {
     }
 }
 
+fn node(prefix: &str, bin: &Path, i: usize) -> ClusterNode {
+    ClusterNode {
+        name: format!("n{i}"),
+        ns: netns::path_of(&format!("{prefix}-n{i}")),
+        addr: Ipv4Addr::new(192, 0, 2, 10 + i as u8),
+        bpffs_dir: PathBuf::from(format!("/run/bpfnat-{prefix}-n{i}.bpffs/bpfnat")),
+        state_dir: PathBuf::from(format!("/run/bpfnat-{prefix}-n{i}")),
+        bpffs_mount: PathBuf::from(format!("/run/bpfnat-{prefix}-n{i}.bpffs")),
+        bin: bin.to_owned(),
+    }
+}
+
 /// Nodes and etcd on one segment.
 pub struct ClusterLab {
     prefix: String,
     /// The underlay namespace (the segment's bridge, and etcd).
     pub underlay: PathBuf,
+    /// The router between the underlay and the internet (outside the cluster).
+    pub router: PathBuf,
+    /// The internet host.
+    pub inet: PathBuf,
     pub nodes: Vec<ClusterNode>,
+    bin: PathBuf,
     etcd: Option<Child>,
     etcd_dir: PathBuf,
 }
@@ -84,17 +110,10 @@ impl ClusterLab {
         let mut lab = Self {
             prefix: prefix.to_owned(),
             underlay: netns::path_of(&format!("{prefix}-ul")),
-            nodes: (1..=nodes)
-                .map(|i| ClusterNode {
-                    name: format!("n{i}"),
-                    ns: netns::path_of(&format!("{prefix}-n{i}")),
-                    addr: Ipv4Addr::new(192, 0, 2, 10 + i as u8),
-                    bpffs_dir: PathBuf::from(format!("/run/bpfnat-{prefix}-n{i}.bpffs/bpfnat")),
-                    state_dir: PathBuf::from(format!("/run/bpfnat-{prefix}-n{i}")),
-                    bpffs_mount: PathBuf::from(format!("/run/bpfnat-{prefix}-n{i}.bpffs")),
-                    bin: bin.to_owned(),
-                })
-                .collect(),
+            router: netns::path_of(&format!("{prefix}-rt")),
+            inet: netns::path_of(&format!("{prefix}-inet")),
+            nodes: (1..=nodes).map(|i| node(prefix, bin, i)).collect(),
+            bin: bin.to_owned(),
             etcd: None,
             etcd_dir: PathBuf::from(format!("/run/bpfnat-{prefix}-etcd")),
         };
@@ -143,7 +162,68 @@ impl ClusterLab {
             &["addr", "add", "192.0.2.2/24", "dev", "br0"],
         )?;
         self.ip_in(&self.underlay, &["link", "set", "br0", "up"])?;
+        self.build_router()?;
         for n in &self.nodes {
+            self.build_node(n)?;
+        }
+        Ok(())
+    }
+
+    /// The router (on the underlay as 192.0.2.1) and the internet host behind it.
+    fn build_router(&self) -> Result<()> {
+        let (rt, inet) = (
+            format!("{}-rt", self.prefix),
+            format!("{}-inet", self.prefix),
+        );
+        netns::create(&rt)?;
+        netns::create(&inet)?;
+        let (r, i, u) = (&self.router, &self.inet, &self.underlay);
+        self.ip_in(r, &["link", "set", "lo", "up"])?;
+        self.ip_in(i, &["link", "set", "lo", "up"])?;
+        self.ip_in(
+            r,
+            &["link", "add", "eth0", "type", "veth", "peer", "name", "rt"],
+        )?;
+        self.ip_in(
+            r,
+            &["link", "set", "rt", "netns", &format!("{}-ul", self.prefix)],
+        )?;
+        self.ip_in(u, &["link", "set", "rt", "master", "br0", "up"])?;
+        self.ip_in(r, &["addr", "add", "192.0.2.1/24", "dev", "eth0"])?;
+        self.ip_in(r, &["link", "set", "eth0", "up"])?;
+        self.ip_in(
+            r,
+            &[
+                "link", "add", "eth1", "type", "veth", "peer", "name", "eth0", "netns", &inet,
+            ],
+        )?;
+        self.ip_in(r, &["addr", "add", "203.0.113.1/24", "dev", "eth1"])?;
+        self.ip_in(r, &["link", "set", "eth1", "up"])?;
+        self.ip_in(i, &["addr", "add", "203.0.113.2/24", "dev", "eth0"])?;
+        self.ip_in(i, &["link", "set", "eth0", "up"])?;
+        self.ip_in(i, &["route", "add", "default", "via", "203.0.113.1"])?;
+        netns::run_in(r, || {
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enable forwarding")
+        })?;
+        Ok(())
+    }
+
+    /// Another node (`n<N+1>`) on the underlay, with no agent yet.
+    pub fn add_node(&mut self) -> Result<&ClusterNode> {
+        let n = node(&self.prefix, &self.bin, self.nodes.len() + 1);
+        self.nodes.push(n);
+        let n = &self.nodes[self.nodes.len() - 1];
+        self.build_node(n)?;
+        Ok(n)
+    }
+
+    /// Delete node `i`'s namespace (a node that is gone, agent and all).
+    pub fn remove_node(&self, i: usize) -> Result<()> {
+        netns::remove(&self.nodes[i].ns)
+    }
+
+    fn build_node(&self, n: &ClusterNode) -> Result<()> {
+        {
             std::fs::create_dir_all(&n.bpffs_mount)?;
             nix::mount::mount(
                 Some("bpf"),
@@ -178,6 +258,7 @@ impl ClusterLab {
                 &self.underlay,
                 &["link", "set", &n.name, "master", "br0", "up"],
             )?;
+            self.ip_in(&n.ns, &["route", "add", "default", "via", "192.0.2.1"])?;
         }
         Ok(())
     }

@@ -372,5 +372,8 @@ pub async fn teardown(ctx: &Env, nl: &Netlink) -> Result<()> {
     if let Some(gw) = nl.link(GATEWAY_IF).await? {
         nl.del_link(gw.index).await?;
     }
+    // A cluster node's routes to the other nodes' blocks, and what it knew of them.
+    crate::cluster::follow::remove_routes(nl).await?;
+    crate::cluster::follow::View::remove(ctx)?;
     datapath::uninstall(&ctx.pins)
 }

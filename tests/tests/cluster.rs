@@ -1,14 +1,22 @@
 //! Many nodes: each agent leases its own block of the cluster CIDR in a real etcd, keeps it
-//! across a `kill -9` and restart, gives it back on SIGTERM, and says so when none is free.
+//! across a `kill -9` and restart, gives it back on SIGTERM, and says so when none is free;
+//! pods reach each other across nodes with their own addresses, through routes that follow
+//! the nodes coming and going, and outsiders still cannot reach them.
 
 use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, TcpListener, TcpStream},
     path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use bpfnat_lab::cluster::{ClusterLab, ClusterNode};
-use bpfnat_tests::bin;
+use bpfnat_lab::{
+    cluster::{ClusterLab, ClusterNode, INET_ADDR},
+    traffic,
+};
+use bpfnat_tests::{bin, v4};
+use nat_plumbing::netns;
 use serde_json::{Value, json};
 
 struct Agent(Child);
@@ -89,7 +97,7 @@ fn records(lab: &ClusterLab) -> Vec<Value> {
     c.args(["--endpoints", &lab.etcd_endpoint()])
         .args(["get", "--prefix", "/bpfnat/subnets/", "--print-value-only"])
         .env("ETCDCTL_API", "3");
-    nat_plumbing::netns::command_in(&mut c, &lab.underlay).unwrap();
+    netns::command_in(&mut c, &lab.underlay).unwrap();
     let out = c
         .output()
         .expect("etcdctl (cargo xtask setup installs etcd-client)");
@@ -185,4 +193,395 @@ fn a_subnet_beside_the_cluster_section_is_refused() {
     let e = bpfnat::agent::load_config(Some(&path)).unwrap_err();
     assert!(format!("{e:#}").contains("exclude each other"), "{e:#}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+const TTL: Duration = Duration::from_secs(4);
+
+/// Poll `f` until it returns `Some`, or fail after `within` saying `what`.
+fn wait_for<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `bpfnat cluster status -o json` on the node.
+fn cluster_status(n: &ClusterNode) -> Option<Value> {
+    let out = n.run(&["-o", "json", "cluster", "status"]).ok()?;
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())?
+}
+
+/// Wait until the node's agent follows the cluster, healthy, with exactly `peers` (by name)
+/// and a route installed to each.
+fn wait_peers(n: &ClusterNode, peers: &[&str]) -> Value {
+    wait_for(TTL * 3, &format!("{} sees {peers:?}", n.name), || {
+        let st = cluster_status(n)?;
+        let names: Vec<&str> = st["peers"]
+            .as_array()?
+            .iter()
+            .filter_map(|p| p["name"].as_str())
+            .collect();
+        let mut want = peers.to_vec();
+        want.sort_unstable();
+        let mut have = names.clone();
+        have.sort_unstable();
+        let routed = st["peers"]
+            .as_array()?
+            .iter()
+            .all(|p| p["routeInstalled"] == true);
+        (st["node"]["datastore"]["healthy"] == true && have == want && routed).then_some(st)
+    })
+}
+
+/// The node's routes of bpfnat's protocol, as `ip route` shows them.
+fn bpfnat_routes(n: &ClusterNode) -> String {
+    let mut c = Command::new("ip");
+    c.args(["-4", "route", "show", "proto", "176"]);
+    netns::command_in(&mut c, &n.ns).unwrap();
+    String::from_utf8_lossy(&c.output().unwrap().stdout).into_owned()
+}
+
+/// The agent's `/metrics`, once it serves them.
+fn metrics(n: &ClusterNode) -> Option<String> {
+    let port = 9980 + n.name[1..].parse::<u16>().unwrap();
+    let addr = v4(Ipv4Addr::LOCALHOST, port);
+    netns::run_in(&n.ns, move || {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })
+    .ok()
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// A pod on `n` with port 8080 published to its port 80: its name and address.
+fn pod(lab: &ClusterLab, n: &ClusterNode) -> (String, Ipv4Addr) {
+    let name = lab.name(&format!("p-{}", n.name));
+    n.ok(&["container", "add", &name, "-p", "8080:80"]).unwrap();
+    let out = n
+        .ok(&["-o", "json", "container", "inspect", &name])
+        .unwrap();
+    let v: Value = serde_json::from_str(&out).unwrap();
+    (name, v["ip"].as_str().unwrap().parse().unwrap())
+}
+
+/// TCP from pod `from` to pod `to`: what the receiver saw as the source, if it got through.
+fn tcp_source(from: &(String, Ipv4Addr), to: &(String, Ipv4Addr)) -> Option<Ipv4Addr> {
+    let srv = traffic::http_server(
+        &netns::path_of(&to.0),
+        v4(Ipv4Addr::UNSPECIFIED, 80),
+        &to.0,
+        1,
+        Duration::from_secs(6),
+    )
+    .unwrap();
+    let got = traffic::http_get(&netns::path_of(&from.0), v4(to.1, 80));
+    let seen = srv.join().unwrap_or_default();
+    got.ok().and(seen.first().map(|p| match p.ip() {
+        std::net::IpAddr::V4(ip) => ip,
+        std::net::IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+    }))
+}
+
+fn ping(from: &str, to: Ipv4Addr) -> bool {
+    let mut c = Command::new("ping");
+    c.args(["-c", "1", "-W", "2", &to.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    netns::command_in(&mut c, &netns::path_of(from)).unwrap();
+    c.status().unwrap().success()
+}
+
+/// The datapath's counter for `reason` on node `n`.
+fn counter(n: &ClusterNode, reason: &str) -> u64 {
+    let out = n.ok(&["-o", "json", "stats"]).unwrap();
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["reason"] == reason)
+        .and_then(|c| c["packets"].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn pods_reach_each_other_across_nodes_with_their_own_addresses() {
+    let mut lab = ClusterLab::new("bnt-pod", &bin(), 3).unwrap();
+    let cidr = "10.244.0.0/16";
+    let mut agents: Vec<Option<Agent>> = Vec::new();
+    let mut blocks = Vec::new();
+    for n in &lab.nodes {
+        let (a, s) = start(&lab, n, cidr);
+        agents.push(Some(a));
+        blocks.push(s);
+    }
+    let mut distinct = blocks.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 3, "three distinct blocks: {blocks:?}");
+    let pods: Vec<(String, Ipv4Addr)> = lab.nodes.iter().map(|n| pod(&lab, n)).collect();
+    for (n, others) in lab
+        .nodes
+        .iter()
+        .zip([["n2", "n3"], ["n1", "n3"], ["n1", "n2"]])
+    {
+        let st = wait_peers(n, &others);
+        assert_eq!(st["node"]["name"], n.name.as_str());
+        assert_eq!(st["node"]["address"], n.addr.to_string());
+        assert_eq!(st["node"]["datastore"]["kind"], "etcd");
+        for p in st["peers"].as_array().unwrap() {
+            assert!(p["lastSeenSecs"].as_u64().unwrap() <= TTL.as_secs(), "{p}");
+        }
+    }
+    // The CNI's and the CLI's addresses come from the node's block only.
+    let foreign = blocks[1].replace(".0/24", ".77");
+    let out = lab.nodes[0]
+        .run(&["container", "add", &lab.name("x"), "--ip", &foreign])
+        .unwrap();
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains(&blocks[0]),
+        "an address of another node's block is refused: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Pod to pod across nodes, every pair in a ring: TCP, UDP and ping, with the receiver
+    // seeing the sender's own pod address.
+    for (a, b) in [(0, 1), (1, 2), (2, 0)] {
+        assert_eq!(
+            tcp_source(&pods[a], &pods[b]),
+            Some(pods[a].1),
+            "TCP {} -> {}",
+            pods[a].0,
+            pods[b].0
+        );
+        let echo = traffic::udp_echo(
+            &netns::path_of(&pods[b].0),
+            v4(Ipv4Addr::UNSPECIFIED, 5353),
+            1,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let reply = traffic::udp_ask(
+            &netns::path_of(&pods[a].0),
+            v4(Ipv4Addr::UNSPECIFIED, 0),
+            v4(pods[b].1, 5353),
+            b"hi",
+        )
+        .unwrap();
+        let _ = echo.join();
+        assert!(
+            reply.starts_with(&format!("{}:", pods[a].1)),
+            "UDP source preserved: {reply}"
+        );
+        assert!(
+            ping(&pods[a].0, pods[b].1),
+            "ping {} -> {}",
+            pods[a].0,
+            pods[b].0
+        );
+    }
+    assert!(counter(&lab.nodes[0], "cluster_deliver") > 0);
+    assert!(counter(&lab.nodes[0], "cluster_route") > 0);
+
+    // To the internet a pod is masqueraded to its own node's address; published ports work
+    // on every node.
+    for (i, n) in lab.nodes.iter().enumerate() {
+        let srv = traffic::http_server(
+            &lab.inet,
+            v4(INET_ADDR, 9000),
+            "inet",
+            1,
+            Duration::from_secs(6),
+        )
+        .unwrap();
+        let got = traffic::http_get(&netns::path_of(&pods[i].0), v4(INET_ADDR, 9000));
+        let seen = srv.join().unwrap();
+        assert!(got.is_ok(), "{} reaches the internet: {got:?}", pods[i].0);
+        assert_eq!(seen[0].ip(), n.addr, "masqueraded to {}'s address", n.name);
+
+        let srv = traffic::http_server(
+            &netns::path_of(&pods[i].0),
+            v4(Ipv4Addr::UNSPECIFIED, 80),
+            &pods[i].0,
+            1,
+            Duration::from_secs(6),
+        )
+        .unwrap();
+        let body = traffic::http_get(&lab.inet, v4(n.addr, 8080));
+        let _ = srv.join();
+        assert!(
+            body.as_ref().is_ok_and(|b| b.contains(&pods[i].0)),
+            "published port on {}: {body:?}",
+            n.name
+        );
+    }
+
+    // A source outside the cluster (the router, routing n1's block to n1) still cannot reach
+    // a pod address; the same request from a pod of another node does (above).
+    let mut c = Command::new("ip");
+    c.args([
+        "route",
+        "add",
+        &blocks[0],
+        "via",
+        &lab.nodes[0].addr.to_string(),
+    ]);
+    netns::command_in(&mut c, &lab.router).unwrap();
+    assert!(c.status().unwrap().success());
+    let dropped = counter(&lab.nodes[0], "drop_not_published");
+    let srv = traffic::http_server(
+        &netns::path_of(&pods[0].0),
+        v4(Ipv4Addr::UNSPECIFIED, 80),
+        "p1",
+        1,
+        Duration::from_secs(3),
+    )
+    .unwrap();
+    let outsider = traffic::http_get_raw(&lab.router, v4(pods[0].1, 80));
+    assert!(
+        srv.join().unwrap().is_empty() && outsider.is_err(),
+        "{outsider:?}"
+    );
+    assert!(counter(&lab.nodes[0], "drop_not_published") > dropped);
+    assert_eq!(tcp_source(&pods[1], &pods[0]), Some(pods[1].1), "control");
+
+    // A fourth node joins: a fourth block, reached by all.
+    lab.add_node().unwrap();
+    let (a4, s4) = start(&lab, &lab.nodes[3], cidr);
+    agents.push(Some(a4));
+    assert!(!blocks.contains(&s4), "a fourth block: {s4} vs {blocks:?}");
+    let p4 = pod(&lab, &lab.nodes[3]);
+    for (i, n) in lab.nodes.iter().enumerate().take(3) {
+        let mut others: Vec<&str> = ["n1", "n2", "n3", "n4"].into_iter().collect();
+        others.retain(|o| *o != n.name);
+        wait_peers(n, &others);
+        assert_eq!(
+            tcp_source(&pods[i], &p4),
+            Some(pods[i].1),
+            "{} -> n4",
+            pods[i].0
+        );
+    }
+
+    // n4 goes away (agent killed, namespace deleted): the others forget it within the lease
+    // TTL and a few seconds, routes included.
+    drop(agents[3].take());
+    lab.remove_node(3).unwrap();
+    let gone = Instant::now();
+    for (n, others) in lab
+        .nodes
+        .iter()
+        .zip([["n2", "n3"], ["n1", "n3"], ["n1", "n2"]])
+    {
+        wait_peers(n, &others);
+        assert!(
+            !bpfnat_routes(n).contains(&s4),
+            "{}: {}",
+            n.name,
+            bpfnat_routes(n)
+        );
+    }
+    assert!(
+        gone.elapsed() < TTL + Duration::from_secs(5),
+        "{:?}",
+        gone.elapsed()
+    );
+
+    // kill -9 and a restart of n1's agent: the same block, and an established cross-node
+    // connection goes on.
+    let listener = netns::run_in(&netns::path_of(&pods[0].0), || {
+        Ok(TcpListener::bind("0.0.0.0:7000")?)
+    })
+    .unwrap();
+    let p1 = pods[0].1;
+    let mut client = netns::run_in(&netns::path_of(&pods[1].0), move || {
+        Ok(TcpStream::connect_timeout(
+            &v4(p1, 7000),
+            Duration::from_secs(5),
+        )?)
+    })
+    .unwrap();
+    let (mut server, peer) = listener.accept().unwrap();
+    assert_eq!(peer.ip(), pods[1].1);
+    server
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 6];
+    client.write_all(b"before").unwrap();
+    server.read_exact(&mut buf).unwrap();
+    drop(agents[0].take());
+    let (a1, again) = start(&lab, &lab.nodes[0], cidr);
+    agents[0] = Some(a1);
+    assert_eq!(again, blocks[0], "n1 keeps its block");
+    wait_for(TTL * 3, "n1's agent serves metrics again", || {
+        metrics(&lab.nodes[0])
+    });
+    wait_peers(&lab.nodes[0], &["n2", "n3"]);
+    client.write_all(b"after!").unwrap();
+    server.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"after!", "the connection survived the restart");
+
+    // etcd away: nothing on the datapath changes, the datastore is reported unhealthy within
+    // the TTL, and the agents recover when it is back.
+    lab.stop_etcd();
+    let stopped = Instant::now();
+    wait_for(TTL * 2, "n1 reports the datastore unhealthy", || {
+        let st = cluster_status(&lab.nodes[0])?;
+        (st["node"]["datastore"]["healthy"] == false).then_some(())
+    });
+    assert!(
+        stopped.elapsed() <= TTL + Duration::from_secs(1),
+        "{:?}",
+        stopped.elapsed()
+    );
+    std::thread::sleep(TTL);
+    for n in &lab.nodes[..3] {
+        assert_eq!(
+            bpfnat_routes(n).lines().count(),
+            2,
+            "{}: routes kept",
+            n.name
+        );
+    }
+    assert_eq!(
+        tcp_source(&pods[2], &pods[0]),
+        Some(pods[2].1),
+        "pods still reach each other"
+    );
+    let m = metrics(&lab.nodes[0]).unwrap();
+    assert!(
+        metric(&m, "bpfnat_cluster_datastore_errors_total").unwrap() >= 1.0,
+        "{m}"
+    );
+    assert_eq!(metric(&m, "bpfnat_cluster_datastore_healthy"), Some(0.0));
+    assert_eq!(metric(&m, "bpfnat_cluster_peers"), Some(2.0));
+    assert_eq!(metric(&m, "bpfnat_cluster_routes_installed"), Some(2.0));
+    lab.start_etcd().unwrap();
+    for (n, others) in lab
+        .nodes
+        .iter()
+        .zip([["n2", "n3"], ["n1", "n2"], ["n1", "n2"]])
+        .take(1)
+    {
+        wait_peers(n, &others);
+    }
+    wait_peers(&lab.nodes[1], &["n1", "n3"]);
+    wait_peers(&lab.nodes[2], &["n1", "n2"]);
+    client.write_all(b"again!").unwrap();
+    server.read_exact(&mut buf).unwrap();
+    drop(agents);
 }

@@ -14,7 +14,9 @@ use rtnetlink::{
     packet_route::{
         address::AddressAttribute,
         link::{InfoData, InfoVeth, LinkAttribute, LinkInfo, LinkMessage, LinkXdp, XdpAttached},
-        route::RouteScope,
+        route::{
+            RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+        },
     },
 };
 
@@ -31,6 +33,28 @@ pub struct Link {
     pub xdp: Option<&'static str>,
     /// The interface alias (`ip link set … alias`), if set.
     pub alias: Option<String>,
+}
+
+/// A main-table IPv4 route, as `routes_of` reads it and `replace_route` writes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProtoRoute {
+    pub dst: Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Option<Ipv4Addr>,
+    pub oif: Option<u32>,
+}
+
+fn route_message(r: &ProtoRoute, proto: u8) -> RouteMessage {
+    let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(r.dst, r.prefix)
+        .protocol(RouteProtocol::Other(proto));
+    if let Some(gw) = r.gateway {
+        b = b.gateway(gw);
+    }
+    if let Some(oif) = r.oif {
+        b = b.output_interface(oif);
+    }
+    b.build()
 }
 
 pub struct Netlink {
@@ -297,6 +321,65 @@ impl Netlink {
             .execute()
             .await
             .with_context(|| format!("add route {dst}/32"))
+    }
+
+    /// The main table's IPv4 routes of route protocol `proto` (`ip route show proto N`).
+    pub async fn routes_of(&self, proto: u8) -> Result<Vec<ProtoRoute>> {
+        let mut s = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        let mut out = Vec::new();
+        while let Some(m) = s.try_next().await.context("list routes")? {
+            if m.header.protocol != RouteProtocol::Other(proto)
+                || m.header.table != RouteHeader::RT_TABLE_MAIN
+            {
+                continue;
+            }
+            let mut r = ProtoRoute {
+                dst: Ipv4Addr::UNSPECIFIED,
+                prefix: m.header.destination_prefix_length,
+                gateway: None,
+                oif: None,
+            };
+            for a in &m.attributes {
+                match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(d)) => r.dst = *d,
+                    RouteAttribute::Gateway(RouteAddress::Inet(g)) => r.gateway = Some(*g),
+                    RouteAttribute::Oif(i) => r.oif = Some(*i),
+                    _ => {}
+                }
+            }
+            out.push(r);
+        }
+        Ok(out)
+    }
+
+    /// `ip route replace dst/prefix via gw dev index proto N`.
+    pub async fn replace_route(&self, r: &ProtoRoute, proto: u8) -> Result<()> {
+        self.handle
+            .route()
+            .add(route_message(r, proto))
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("install route {}/{}", r.dst, r.prefix))
+    }
+
+    /// `ip route del dst/prefix proto N` (gone already is fine).
+    pub async fn del_route(&self, r: &ProtoRoute, proto: u8) -> Result<()> {
+        match self
+            .handle
+            .route()
+            .del(route_message(r, proto))
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if is_errno(&e, libc::ESRCH) || is_errno(&e, libc::ENOENT) => Ok(()),
+            Err(e) => Err(anyhow!(e).context(format!("remove route {}/{}", r.dst, r.prefix))),
+        }
     }
 
     /// Bring `lo` up (a fresh namespace has it down).

@@ -34,6 +34,7 @@ use prometheus_client::{
 };
 
 use crate::{
+    cluster::follow::ClusterMetrics,
     datapath::{CtSummary, Maps},
     env::Env,
 };
@@ -77,7 +78,7 @@ fn now_secs() -> f64 {
 }
 
 /// The registry the agent serves, and the handle its garbage collector reports to.
-pub fn registry(ctx: &Env) -> (Arc<Registry>, GcMetrics) {
+pub fn registry(ctx: &Env, cluster: Option<&ClusterMetrics>) -> (Arc<Registry>, GcMetrics) {
     let mut r = Registry::default();
     r.register(
         "bpfnat_build",
@@ -116,6 +117,28 @@ pub fn registry(ctx: &Env) -> (Arc<Registry>, GcMetrics) {
         snapshot: gc.snapshot.clone(),
     }));
     r.register_collector(Box::new(ProcessMetrics));
+    if let Some(c) = cluster {
+        r.register(
+            "bpfnat_cluster_peers",
+            "Other nodes of the cluster, as the datastore last listed them",
+            c.peers.clone(),
+        );
+        r.register(
+            "bpfnat_cluster_routes_installed",
+            "Routes to other nodes' pod blocks this node has installed",
+            c.routes.clone(),
+        );
+        r.register(
+            "bpfnat_cluster_datastore_errors",
+            "Requests to the cluster datastore that failed or timed out",
+            c.datastore_errors.clone(),
+        );
+        r.register(
+            "bpfnat_cluster_datastore_healthy",
+            "1 while the cluster datastore answers, else 0",
+            c.datastore_healthy.clone(),
+        );
+    }
     (Arc::new(r), gc)
 }
 

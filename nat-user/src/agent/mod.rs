@@ -19,7 +19,10 @@ use serde::Deserialize;
 use tracing::{info, warn};
 
 use crate::{
-    cluster::{self, ClusterConfig},
+    cluster::{
+        self, ClusterConfig,
+        follow::{ClusterMetrics, Follower},
+    },
     datapath::Maps,
     endpoints,
     env::Env,
@@ -119,9 +122,9 @@ pub async fn run(ctx: &Env, mut cfg: AgentConfig) -> Result<()> {
     init_logs();
     let mut membership = match &cfg.cluster {
         Some(c) => {
-            let m = join_cluster(c, &cfg).await?;
+            let (cluster, m) = join_cluster(c, &cfg).await?;
             cfg.subnet = Some(m.block.to_string());
-            Some(m)
+            Some((cluster, m))
         }
         None => None,
     };
@@ -129,12 +132,29 @@ pub async fn run(ctx: &Env, mut cfg: AgentConfig) -> Result<()> {
     check_subnet(ctx, &cfg)?;
     // The lease is kept alive on its own task until the agent stops (SIGTERM, Ctrl-C), which
     // leaves the cluster gracefully; `kill -9` leaves the lease to expire.
-    let lease = membership.take().map(|mut m| {
+    let cluster_metrics = membership.as_ref().map(|_| ClusterMetrics::default());
+    let lease = membership.take().map(|(cluster, mut m)| {
+        // Follow the other nodes beside the lease: routes to their blocks, the datapath's
+        // cluster prefixes, the view `bpfnat cluster status` shows.
+        let follower = m.record().map(|me| {
+            let mut f = Follower::new(
+                ctx.clone(),
+                cluster,
+                me,
+                cfg.uplink.clone().unwrap_or_default(),
+                cluster_metrics.clone().unwrap_or_default(),
+            );
+            let client = m.client();
+            tokio::spawn(async move { cluster::etcd::follow(client, &mut f).await })
+        });
         let (leave, left) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             tokio::select! {
                 () = m.keep_alive() => {}
                 _ = left => {}
+            }
+            if let Ok(f) = &follower {
+                f.abort();
             }
             match m.leave().await {
                 Ok(()) => info!(block = %m.block, "left the cluster"),
@@ -151,7 +171,7 @@ pub async fn run(ctx: &Env, mut cfg: AgentConfig) -> Result<()> {
         .await
         .with_context(|| format!("listen on {}", cfg.metrics_addr))?;
     info!(addr = %cfg.metrics_addr, "serving /metrics and /healthz");
-    let (registry, gc_metrics) = metrics::registry(ctx);
+    let (registry, gc_metrics) = metrics::registry(ctx, cluster_metrics.as_ref());
     let app = metrics::router(ctx.clone(), registry);
     let http = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -219,12 +239,15 @@ fn hostname() -> String {
 }
 
 /// Lease this node's block of the cluster CIDR.
-async fn join_cluster(c: &ClusterConfig, cfg: &AgentConfig) -> Result<cluster::etcd::Membership> {
+async fn join_cluster(
+    c: &ClusterConfig,
+    cfg: &AgentConfig,
+) -> Result<(cluster::Cluster, cluster::etcd::Membership)> {
     let cluster = c.check(&hostname())?;
     let address = uplink_address(cfg).await?;
     let m = cluster::etcd::join(&cluster, address).await?;
     info!(node = %cluster.node_name, block = %m.block, "joined the cluster");
-    Ok(m)
+    Ok((cluster, m))
 }
 
 /// A datapath adopted from before must use the block the cluster gave this node.

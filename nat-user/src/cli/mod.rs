@@ -1,5 +1,6 @@
 //! The `bpfnat` command line: argument types and dispatch. One file per command group.
 
+mod cluster;
 mod conntrack;
 mod container;
 mod nat;
@@ -71,6 +72,10 @@ pub enum Command {
     Conntrack(ConntrackCmd),
     /// Per-reason packet counters of the datapath.
     Stats,
+    /// This node in its cluster: its block, the datastore's health, the other nodes and
+    /// the routes to their pods.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCmd),
     /// Run the node agent: keep the datapath up, follow the uplink address, garbage-collect
     /// conntrack, serve Prometheus metrics and /healthz.
     Agent {
@@ -181,6 +186,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Command::Nat(c) => nat::run(&ctx, c),
             Command::Conntrack(c) => conntrack::run(&ctx, c),
             Command::Stats => stats::run(&ctx),
+            Command::Cluster(c) => cluster::run(&ctx, c).await,
             Command::Agent { config } => {
                 let cfg = crate::agent::load_config(config.as_deref())?;
                 crate::agent::run(&ctx, cfg).await

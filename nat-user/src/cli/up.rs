@@ -8,8 +8,12 @@ use clap::Args;
 use nat_common::CONNTRACK_MAX_ENTRIES;
 use serde::Serialize;
 
-use super::{Ctx, Exit, view::NodeView};
+use super::{
+    Ctx, Exit,
+    view::{DatastoreView, NodeView},
+};
 use crate::{
+    cluster::follow::View,
     datapath::Maps,
     endpoints,
     env::{DEFAULT_BPFFS_DIR, DEFAULT_STATE_DIR},
@@ -122,6 +126,16 @@ struct Status {
     uplink_programs: Vec<String>,
     /// How XDP is attached to the uplink right now (`native`, `generic`, …), if it is.
     uplink_xdp: Option<&'static str>,
+    /// A cluster node: its name, block, datastore health and how many other nodes it knows.
+    cluster: Option<StatusCluster>,
+}
+
+#[derive(Serialize)]
+struct StatusCluster {
+    name: String,
+    block: String,
+    datastore: DatastoreView,
+    peers: usize,
 }
 
 pub async fn status(ctx: &Ctx) -> Result<()> {
@@ -167,13 +181,32 @@ pub async fn status(ctx: &Ctx) -> Result<()> {
         conntrack_entries: maps.as_ref().map(Maps::ct_len).transpose()?,
         uplink_programs,
         uplink_xdp,
+        cluster: View::load(ctx)?.map(|v| StatusCluster {
+            datastore: DatastoreView {
+                kind: v.datastore.clone(),
+                healthy: v.healthy_now(),
+            },
+            name: v.node.node,
+            block: v.node.block,
+            peers: v.peers.len(),
+        }),
     };
     ctx.emit("Status", &s, || {
         let Some(n) = &state.node else {
             return "bpfnat is down".to_owned();
         };
+        let cluster = s.cluster.as_ref().map_or_else(String::new, |c| {
+            format!(
+                "\ncluster:      node {}, block {}, {} other nodes, datastore {} {}",
+                c.name,
+                c.block,
+                c.peers,
+                c.datastore.kind,
+                if c.datastore.healthy { "healthy" } else { "UNHEALTHY" }
+            )
+        });
         format!(
-            "state:        {}\nuplink:       {} (ifindex {}, tc ingress: {}, xdp: {})\nmasquerade:   {} (ports {}-{})\nsubnet:       {}/{} gateway {}\ncontainers:   {}\nports:        {}\nconntrack:    {} entries\npins:         {}",
+            "state:        {}\nuplink:       {} (ifindex {}, tc ingress: {}, xdp: {})\nmasquerade:   {} (ports {}-{})\nsubnet:       {}/{} gateway {}\ncontainers:   {}\nports:        {}\nconntrack:    {} entries\npins:         {}{cluster}",
             match &s.repair {
                 None => "up".to_owned(),
                 Some(cmd) => format!("degraded: the pinned datapath is gone; `{cmd}` restores it with every recorded container"),

@@ -182,3 +182,40 @@ impl ContainerView {
         }
     }
 }
+
+/// `cluster status`: this node in its cluster, and every other node.
+#[derive(Serialize)]
+pub struct ClusterStatusView {
+    pub node: ClusterNodeView,
+    pub peers: Vec<ClusterPeerView>,
+}
+
+#[derive(Serialize)]
+pub struct ClusterNodeView {
+    pub name: String,
+    pub address: Ipv4Addr,
+    /// This node's block of the cluster CIDR, CIDR.
+    pub block: String,
+    pub datastore: DatastoreView,
+}
+
+#[derive(Serialize)]
+pub struct DatastoreView {
+    /// `etcd` or `kubernetes`.
+    pub kind: String,
+    /// The agent's last listing of the cluster succeeded less than a lease TTL ago.
+    pub healthy: bool,
+}
+
+/// Another node of the cluster.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterPeerView {
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub block: String,
+    /// The route `block via address` is in this node's main table.
+    pub route_installed: bool,
+    /// Seconds since the datastore last listed it.
+    pub last_seen_secs: u64,
+}

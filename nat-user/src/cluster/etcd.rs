@@ -7,10 +7,12 @@
 use std::{collections::HashSet, net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+};
 use tracing::{info, warn};
 
-use super::{Cluster, NodeRecord, block_key};
+use super::{Cluster, NodeRecord, block_key, follow::Follower};
 use crate::net::Cidr;
 
 /// Connect, retrying with backoff (up to 10 s between tries) until an endpoint answers, with
@@ -158,7 +160,86 @@ pub async fn join(cluster: &Cluster, address: Ipv4Addr) -> Result<Membership> {
     }
 }
 
+/// Every node record under the prefix (unreadable ones skipped), and the store's revision.
+async fn records(client: &mut Client, prefix: &str) -> Result<(Vec<NodeRecord>, i64)> {
+    let resp = client
+        .get(
+            subnets_prefix(prefix),
+            Some(GetOptions::new().with_prefix()),
+        )
+        .await
+        .context("etcd: list the nodes")?;
+    let revision = resp.header().map_or(0, |h| h.revision());
+    let records = resp
+        .kvs()
+        .iter()
+        .filter_map(|kv| match serde_json::from_slice::<NodeRecord>(kv.value()) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                warn!(key = %kv.key_str().unwrap_or("?"), error = %e, "ignoring an unreadable node record");
+                None
+            }
+        })
+        .collect();
+    Ok((records, revision))
+}
+
+/// Follow the nodes under the prefix, forever: list them (the truth), then wait for a change
+/// on a watch from that listing's revision, or for a third of the lease TTL (which keeps the
+/// peers' last-seen times and the datastore's health current), and list again. Every
+/// request is bounded by half the TTL, so a datastore that stopped answering is reported
+/// within the TTL; nothing is changed until it answers again.
+pub async fn follow(mut client: Client, f: &mut Follower) {
+    let ttl = Duration::from_secs(f.cluster().etcd.lease_ttl_secs);
+    let (every, bound) = (ttl / 3, ttl / 2);
+    let prefix = f.cluster().etcd.prefix.clone();
+    loop {
+        let listed = tokio::time::timeout(bound, records(&mut client, &prefix))
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("etcd: no answer in {bound:?}")));
+        let revision = match listed {
+            Ok((recs, revision)) => {
+                f.apply(recs).await;
+                revision
+            }
+            Err(e) => {
+                f.failed(&e);
+                tokio::time::sleep(every).await;
+                continue;
+            }
+        };
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(revision + 1);
+        let watch = tokio::time::timeout(bound, client.watch(subnets_prefix(&prefix), Some(opts)));
+        let Ok(Ok(mut stream)) = watch.await else {
+            tokio::time::sleep(every).await;
+            continue;
+        };
+        let deadline = tokio::time::Instant::now() + every;
+        loop {
+            match tokio::time::timeout_at(deadline, stream.message()).await {
+                // The watch was set up, or a progress note: nothing changed yet.
+                Ok(Ok(Some(resp))) if resp.events().is_empty() && !resp.canceled() => {}
+                // A change, the watch's end or the period's: list again.
+                _ => break,
+            }
+        }
+    }
+}
+
 impl Membership {
+    /// A client for following the cluster beside the lease.
+    #[must_use]
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// What this node published about itself.
+    pub fn record(&self) -> Result<NodeRecord> {
+        serde_json::from_str(&self.value).context("this node's record")
+    }
+
     /// Keep the lease alive, forever: a keep-alive every third of the TTL. If the lease is
     /// lost anyway (etcd was away longer than the TTL), lease again and put the block back
     /// if nobody took it meanwhile.

@@ -3,6 +3,7 @@
 //! (`etcd`). Absent `cluster`, a node is on its own, as before.
 
 pub mod etcd;
+pub mod follow;
 
 use std::net::Ipv4Addr;
 
@@ -135,6 +136,18 @@ impl ClusterConfig {
 }
 
 impl Cluster {
+    /// The datastore's name, as status shows it.
+    #[must_use]
+    pub const fn datastore_name(&self) -> &'static str {
+        "etcd"
+    }
+
+    /// Whether `block` is one of the cluster CIDR's blocks.
+    #[must_use]
+    pub fn blocks_contain(&self, block: &Cidr) -> bool {
+        block.prefix == self.mask && self.cidr.contains(block.addr)
+    }
+
     /// Every block of the cluster CIDR, lowest first.
     pub fn blocks(&self) -> impl Iterator<Item = Cidr> + '_ {
         let count = 1u64 << (self.mask - self.cidr.prefix);
