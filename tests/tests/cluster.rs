@@ -5,7 +5,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, TcpListener, TcpStream},
+    net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket},
     path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -394,6 +394,42 @@ fn pods_reach_each_other_across_nodes_with_their_own_addresses() {
             pods[b].0
         );
     }
+    // ICMP errors too: a datagram to a closed port of another node's pod comes back as
+    // "port unreachable" to the sender's own address.
+    let p0 = pods[0].1;
+    let refused = netns::run_in(&netns::path_of(&pods[1].0), move || {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.connect(v4(p0, 9))?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        for _ in 0..3 {
+            s.send(b"x")?;
+            if let Err(e) = s.recv(&mut [0u8; 8])
+                && e.kind() == std::io::ErrorKind::ConnectionRefused
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    })
+    .unwrap();
+    assert!(refused, "port unreachable from another node's pod");
+    // Another node itself reaches a pod with its own address (a kubelet's probe).
+    let srv = traffic::http_server(
+        &netns::path_of(&pods[0].0),
+        v4(Ipv4Addr::UNSPECIFIED, 80),
+        "p1",
+        1,
+        Duration::from_secs(6),
+    )
+    .unwrap();
+    let got = traffic::http_get(&lab.nodes[1].ns, v4(pods[0].1, 80));
+    let seen = srv.join().unwrap();
+    assert!(got.is_ok(), "n2 -> pod on n1: {got:?}");
+    assert_eq!(
+        seen[0].ip(),
+        lab.nodes[1].addr,
+        "the pod sees n2's own address"
+    );
     assert!(counter(&lab.nodes[0], "cluster_deliver") > 0);
     assert!(counter(&lab.nodes[0], "cluster_route") > 0);
 
