@@ -11,6 +11,7 @@ use std::{
 pub use bpfnat_lab::{EXT_ADDR, FAR_ADDR, Lab, NODE_ADDR, ROUTER_ADDR, UPLINK, traffic};
 use nat_plumbing::netns;
 
+pub mod kube_api;
 pub mod packet;
 pub mod wire;
 

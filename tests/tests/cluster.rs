@@ -12,10 +12,14 @@ use std::{
 };
 
 use bpfnat_lab::{
-    cluster::{ClusterLab, ClusterNode, INET_ADDR},
+    cluster::{ClusterLab, ClusterNode, ETCD_ADDR, INET_ADDR},
     traffic,
 };
-use bpfnat_tests::{bin, v4};
+use bpfnat_tests::{
+    bin,
+    kube_api::{self, KubeApi},
+    v4,
+};
 use nat_plumbing::netns;
 use serde_json::{Value, json};
 
@@ -197,8 +201,22 @@ fn a_subnet_beside_the_cluster_section_is_refused() {
 
 const TTL: Duration = Duration::from_secs(4);
 
+/// A node's agent log, read when shown.
+struct Log<'a>(&'a ClusterNode);
+
+impl std::fmt::Display for Log<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let log = std::fs::read_to_string(self.0.state_dir.join("agent.log")).unwrap_or_default();
+        write!(f, "{}'s agent: {log}", self.0.name)
+    }
+}
+
 /// Poll `f` until it returns `Some`, or fail after `within` saying `what`.
-fn wait_for<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+fn wait_for<T>(
+    within: Duration,
+    what: impl std::fmt::Display,
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
     let deadline = Instant::now() + within;
     loop {
         if let Some(v) = f() {
@@ -220,23 +238,27 @@ fn cluster_status(n: &ClusterNode) -> Option<Value> {
 /// Wait until the node's agent follows the cluster, healthy, with exactly `peers` (by name)
 /// and a route installed to each.
 fn wait_peers(n: &ClusterNode, peers: &[&str]) -> Value {
-    wait_for(TTL * 3, &format!("{} sees {peers:?}", n.name), || {
-        let st = cluster_status(n)?;
-        let names: Vec<&str> = st["peers"]
-            .as_array()?
-            .iter()
-            .filter_map(|p| p["name"].as_str())
-            .collect();
-        let mut want = peers.to_vec();
-        want.sort_unstable();
-        let mut have = names.clone();
-        have.sort_unstable();
-        let routed = st["peers"]
-            .as_array()?
-            .iter()
-            .all(|p| p["routeInstalled"] == true);
-        (st["node"]["datastore"]["healthy"] == true && have == want && routed).then_some(st)
-    })
+    wait_for(
+        TTL * 3,
+        format!("{} sees {peers:?}: {}", n.name, Log(n)),
+        || {
+            let st = cluster_status(n)?;
+            let names: Vec<&str> = st["peers"]
+                .as_array()?
+                .iter()
+                .filter_map(|p| p["name"].as_str())
+                .collect();
+            let mut want = peers.to_vec();
+            want.sort_unstable();
+            let mut have = names.clone();
+            have.sort_unstable();
+            let routed = st["peers"]
+                .as_array()?
+                .iter()
+                .all(|p| p["routeInstalled"] == true);
+            (st["node"]["datastore"]["healthy"] == true && have == want && routed).then_some(st)
+        },
+    )
 }
 
 /// The node's routes of bpfnat's protocol, as `ip route` shows them.
@@ -619,5 +641,63 @@ fn pods_reach_each_other_across_nodes_with_their_own_addresses() {
     wait_peers(&lab.nodes[2], &["n1", "n2"]);
     client.write_all(b"again!").unwrap();
     server.read_exact(&mut buf).unwrap();
+    drop(agents);
+}
+
+#[test]
+fn the_kubernetes_datastore_follows_recorded_nodes() {
+    let lab = ClusterLab::new("bnt-k8s", &bin(), 2).unwrap();
+    let read = |f: &str| std::fs::read_to_string(kube_api::fixtures().join(f)).unwrap();
+    let list: Value = serde_json::from_str(&read("nodes.json")).unwrap();
+    let api = KubeApi::start(&lab.underlay, v4(ETCD_ADDR, 6443), &list).unwrap();
+    let mut agents = Vec::new();
+    let mut subnets = Vec::new();
+    for n in &lab.nodes {
+        std::fs::create_dir_all(&n.state_dir).unwrap();
+        let kubeconfig = n.state_dir.join("kubeconfig");
+        std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
+        let path = n.state_dir.join("agent.json");
+        let port = 9980 + n.name[1..].parse::<u16>().unwrap();
+        let conf = json!({
+            "uplink": bpfnat_lab::UPLINK,
+            "metricsAddr": format!("127.0.0.1:{port}"),
+            "cluster": {
+                "datastore": "kubernetes",
+                "nodeName": n.name,
+                "clusterCidr": "10.244.0.0/16",
+                "kubernetes": {"kubeconfig": kubeconfig, "timeoutSecs": 4}
+            }
+        });
+        std::fs::write(&path, conf.to_string()).unwrap();
+        agents.push(Agent(spawn(n, &path)));
+        subnets.push(wait_for(Duration::from_secs(20), Log(n), || subnet(n)));
+    }
+    // Each node's subnet is its Node's spec.podCIDRs (IPv4), as kube-controller-manager
+    // allocated it.
+    assert_eq!(subnets, ["10.244.1.0/24", "10.244.2.0/24"]);
+    // n3's Node has no pod CIDR yet: it is not a peer.
+    let st = wait_peers(&lab.nodes[0], &["n2"]);
+    assert_eq!(st["node"]["datastore"]["kind"], "kubernetes");
+    assert_eq!(st["peers"][0]["address"], "192.0.2.12");
+    assert_eq!(st["peers"][0]["block"], "10.244.2.0/24");
+    wait_peers(&lab.nodes[1], &["n1"]);
+    let pods: Vec<(String, Ipv4Addr)> = lab.nodes.iter().map(|n| pod(&lab, n)).collect();
+    assert_eq!(tcp_source(&pods[0], &pods[1]), Some(pods[0].1));
+    assert_eq!(tcp_source(&pods[1], &pods[0]), Some(pods[1].1));
+
+    // The Node n2 is deleted (a recorded watch stream): n1 forgets it and its route.
+    assert!(bpfnat_routes(&lab.nodes[0]).contains("10.244.2.0/24"));
+    api.play(&read("watch-n2-deleted.jsonl")).unwrap();
+    wait_peers(&lab.nodes[0], &[]);
+    assert!(
+        bpfnat_routes(&lab.nodes[0]).is_empty(),
+        "{}",
+        bpfnat_routes(&lab.nodes[0])
+    );
+    assert_eq!(
+        tcp_source(&pods[1], &pods[0]),
+        None,
+        "no route back to n2's pods"
+    );
     drop(agents);
 }

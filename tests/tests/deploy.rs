@@ -110,6 +110,48 @@ fn daemonset_mounts_and_paths_match_the_code() {
         c["livenessProbe"]["httpGet"]["path"].as_str(),
         Some("/healthz")
     );
+    // A cluster node on the Kubernetes datastore: its name from the downward API, Nodes
+    // readable by its service account, a pinned image and resource requests.
+    let cluster = cfg
+        .cluster
+        .as_ref()
+        .expect("the ConfigMap configures a cluster");
+    let env = c["env"].as_vec().unwrap();
+    assert!(env.iter().any(|e| e["name"].as_str() == Some("NODE_NAME")
+        && e["valueFrom"]["fieldRef"]["fieldPath"].as_str() == Some("spec.nodeName")));
+    // SAFETY: this test's process sets it before anything reads it.
+    unsafe { std::env::set_var("NODE_NAME", "node-a") };
+    let checked = cluster
+        .check("hostname")
+        .expect("the cluster section is valid");
+    assert_eq!(checked.node_name, "node-a");
+    assert_eq!(checked.datastore_name(), "kubernetes");
+    let sa = kind(&docs, "ServiceAccount")["metadata"]["name"]
+        .as_str()
+        .unwrap();
+    assert_eq!(pod["serviceAccountName"].as_str(), Some(sa));
+    let role = kind(&docs, "ClusterRole");
+    let rule = &role["rules"][0];
+    let strs = |y: &Yaml| -> Vec<String> {
+        y.as_vec()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect()
+    };
+    assert_eq!(strs(&rule["resources"]), ["nodes"]);
+    assert_eq!(strs(&rule["verbs"]), ["get", "list", "watch"]);
+    let binding = kind(&docs, "ClusterRoleBinding");
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    assert_eq!(binding["subjects"][0]["name"].as_str(), Some(sa));
+    let image = c["image"].as_str().unwrap();
+    assert!(
+        !image.ends_with(":latest") && image.contains(&format!(":{}", env!("CARGO_PKG_VERSION"))),
+        "a pinned image tag: {image}"
+    );
+    assert!(c["resources"]["requests"]["cpu"].as_str().is_some());
+    assert!(c["resources"]["requests"]["memory"].as_str().is_some());
+
     for dir in [cfg.cni_bin_dir.unwrap(), cfg.cni_conf_dir.unwrap()] {
         assert!(
             mounted(dir.to_str().unwrap()),

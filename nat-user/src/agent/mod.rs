@@ -4,6 +4,7 @@
 //! the datapath down: programs, links and maps are pinned, so killing, restarting or upgrading
 //! the agent drops no connection.
 
+mod cluster;
 mod metrics;
 
 use std::{
@@ -19,10 +20,7 @@ use serde::Deserialize;
 use tracing::{info, warn};
 
 use crate::{
-    cluster::{
-        self, ClusterConfig,
-        follow::{ClusterMetrics, Follower},
-    },
+    cluster::{ClusterConfig, follow::ClusterMetrics},
     datapath::Maps,
     endpoints,
     env::Env,
@@ -120,49 +118,28 @@ fn init_logs() {
 
 pub async fn run(ctx: &Env, mut cfg: AgentConfig) -> Result<()> {
     init_logs();
-    let mut membership = match &cfg.cluster {
+    let joined = match &cfg.cluster {
         Some(c) => {
-            let (cluster, m) = join_cluster(c, &cfg).await?;
-            cfg.subnet = Some(m.block.to_string());
-            Some((cluster, m))
+            let (cluster, j) =
+                cluster::join(c, &hostname(), async || uplink_address(&cfg).await).await?;
+            cfg.subnet = Some(j.record()?.block);
+            Some((cluster, j))
         }
         None => None,
     };
     bring_up(ctx, &cfg).await?;
     check_subnet(ctx, &cfg)?;
-    // The lease is kept alive on its own task until the agent stops (SIGTERM, Ctrl-C), which
-    // leaves the cluster gracefully; `kill -9` leaves the lease to expire.
-    let cluster_metrics = membership.as_ref().map(|_| ClusterMetrics::default());
-    let lease = membership.take().map(|(cluster, mut m)| {
-        // Follow the other nodes beside the lease: routes to their blocks, the datapath's
-        // cluster prefixes, the view `bpfnat cluster status` shows.
-        let follower = m.record().map(|me| {
-            let mut f = Follower::new(
-                ctx.clone(),
-                cluster,
-                me,
-                cfg.uplink.clone().unwrap_or_default(),
-                cluster_metrics.clone().unwrap_or_default(),
-            );
-            let client = m.client();
-            tokio::spawn(async move { cluster::etcd::follow(client, &mut f).await })
-        });
-        let (leave, left) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            tokio::select! {
-                () = m.keep_alive() => {}
-                _ = left => {}
-            }
-            if let Ok(f) = &follower {
-                f.abort();
-            }
-            match m.leave().await {
-                Ok(()) => info!(block = %m.block, "left the cluster"),
-                Err(e) => warn!(error = %format!("{e:#}"), "leaving the cluster failed"),
-            }
-        });
-        (leave, task)
-    });
+    let cluster_metrics = joined.as_ref().map(|_| ClusterMetrics::default());
+    let in_cluster = match joined {
+        Some((cluster, j)) => Some(cluster::run(
+            ctx,
+            cluster,
+            j,
+            cfg.uplink.clone().unwrap_or_default(),
+            cluster_metrics.clone().unwrap_or_default(),
+        )?),
+        None => None,
+    };
     install_cni(ctx, &cfg)?;
     reconcile(ctx).await?;
     follow_uplink(ctx).await?;
@@ -203,9 +180,8 @@ pub async fn run(ctx: &Env, mut cfg: AgentConfig) -> Result<()> {
     }
     http.abort();
     gc.abort();
-    if let Some((leave, task)) = lease {
-        let _ = leave.send(());
-        let _ = task.await;
+    if let Some(c) = in_cluster {
+        c.stop().await;
     }
     info!("agent stopping; the datapath stays pinned and keeps forwarding");
     Ok(())
@@ -236,18 +212,6 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .unwrap_or_default()
-}
-
-/// Lease this node's block of the cluster CIDR.
-async fn join_cluster(
-    c: &ClusterConfig,
-    cfg: &AgentConfig,
-) -> Result<(cluster::Cluster, cluster::etcd::Membership)> {
-    let cluster = c.check(&hostname())?;
-    let address = uplink_address(cfg).await?;
-    let m = cluster::etcd::join(&cluster, address).await?;
-    info!(node = %cluster.node_name, block = %m.block, "joined the cluster");
-    Ok((cluster, m))
 }
 
 /// A datapath adopted from before must use the block the cluster gave this node.

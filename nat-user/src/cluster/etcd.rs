@@ -12,7 +12,7 @@ use etcd_client::{
 };
 use tracing::{info, warn};
 
-use super::{Cluster, NodeRecord, block_key, follow::Follower};
+use super::{Cluster, EtcdConfig, NodeRecord, block_key, follow::Follower};
 use crate::net::Cidr;
 
 /// Connect, retrying with backoff (up to 10 s between tries) until an endpoint answers, with
@@ -76,6 +76,7 @@ async fn put_if(
 async fn lease_block(
     client: &mut Client,
     cluster: &Cluster,
+    etcd: &EtcdConfig,
     address: Ipv4Addr,
     lease: i64,
 ) -> Result<Option<(String, String, Cidr)>> {
@@ -88,7 +89,7 @@ async fn lease_block(
     };
     let held = client
         .get(
-            subnets_prefix(&cluster.etcd.prefix),
+            subnets_prefix(&etcd.prefix),
             Some(GetOptions::new().with_prefix()),
         )
         .await
@@ -113,7 +114,7 @@ async fn lease_block(
         taken.insert(key);
     }
     for block in cluster.blocks() {
-        let key = block_key(&cluster.etcd.prefix, &block);
+        let key = block_key(&etcd.prefix, &block);
         if taken.contains(&key) {
             continue;
         }
@@ -128,15 +129,15 @@ async fn lease_block(
 }
 
 /// Lease a block for this node: its own again if a record names it, else the lowest free one.
-pub async fn join(cluster: &Cluster, address: Ipv4Addr) -> Result<Membership> {
-    let mut client = connect(&cluster.etcd.endpoints).await;
-    let ttl = i64::try_from(cluster.etcd.lease_ttl_secs).unwrap_or(i64::MAX);
+pub async fn join(cluster: &Cluster, etcd: &EtcdConfig, address: Ipv4Addr) -> Result<Membership> {
+    let mut client = connect(&etcd.endpoints).await;
+    let ttl = i64::try_from(etcd.lease_ttl_secs).unwrap_or(i64::MAX);
     let lease = client
         .lease_grant(ttl, None)
         .await
         .context("etcd: grant a lease")?
         .id();
-    match lease_block(&mut client, cluster, address, lease).await {
+    match lease_block(&mut client, cluster, etcd, address, lease).await {
         Ok(Some((key, value, block))) => Ok(Membership {
             client,
             lease,
@@ -189,10 +190,10 @@ async fn records(client: &mut Client, prefix: &str) -> Result<(Vec<NodeRecord>, 
 /// peers' last-seen times and the datastore's health current), and list again. Every
 /// request is bounded by half the TTL, so a datastore that stopped answering is reported
 /// within the TTL; nothing is changed until it answers again.
-pub async fn follow(mut client: Client, f: &mut Follower) {
-    let ttl = Duration::from_secs(f.cluster().etcd.lease_ttl_secs);
+pub async fn follow(mut client: Client, etcd: &EtcdConfig, f: &mut Follower) {
+    let ttl = Duration::from_secs(etcd.lease_ttl_secs);
     let (every, bound) = (ttl / 3, ttl / 2);
-    let prefix = f.cluster().etcd.prefix.clone();
+    let prefix = etcd.prefix.clone();
     loop {
         let listed = tokio::time::timeout(bound, records(&mut client, &prefix))
             .await

@@ -39,8 +39,8 @@ pub struct View {
     pub healthy: bool,
     /// When the last listing succeeded (seconds since the epoch).
     pub last_ok: u64,
-    /// The lease TTL: a view whose last good listing is older is unhealthy whatever it says
-    /// (the agent stopped following).
+    /// The datastore's health window (etcd: the lease TTL): a view whose last good listing is
+    /// older is unhealthy whatever it says (the agent stopped following).
     pub ttl_secs: u64,
     pub peers: Vec<Peer>,
 }
@@ -169,7 +169,7 @@ impl Follower {
             datastore: cluster.datastore_name().to_owned(),
             healthy: false,
             last_ok: 0,
-            ttl_secs: cluster.etcd.lease_ttl_secs,
+            ttl_secs: cluster.health_secs(),
             peers: Vec::new(),
         };
         Self {
@@ -179,11 +179,6 @@ impl Follower {
             metrics,
             view,
         }
-    }
-
-    #[must_use]
-    pub fn cluster(&self) -> &Cluster {
-        &self.cluster
     }
 
     /// A complete listing of the cluster's nodes: routes, prefixes and view follow it.

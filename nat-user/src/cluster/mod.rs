@@ -4,6 +4,7 @@
 
 pub mod etcd;
 pub mod follow;
+pub mod kubernetes;
 
 use std::net::Ipv4Addr;
 
@@ -31,6 +32,8 @@ pub struct ClusterConfig {
     pub non_masquerade_cidrs: Option<Vec<String>>,
     #[serde(default)]
     pub etcd: Option<EtcdConfig>,
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesConfig>,
 }
 
 const fn default_mask() -> u8 {
@@ -67,6 +70,38 @@ const fn default_ttl() -> u64 {
     10
 }
 
+/// `cluster.kubernetes` (optional with the `kubernetes` datastore).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// A kubeconfig file; default: the in-cluster service account, else `$KUBECONFIG` or
+    /// `~/.kube/config`.
+    #[serde(default)]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// How long the API server may not answer before the datastore is reported unhealthy
+    /// (default 10 s).
+    #[serde(default = "default_ttl")]
+    pub timeout_secs: u64,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        Self {
+            kubeconfig: None,
+            timeout_secs: default_ttl(),
+        }
+    }
+}
+
+/// Where the cluster's nodes and blocks live.
+#[derive(Clone, Debug)]
+pub enum Datastore {
+    /// Blocks leased by the nodes themselves under a prefix of a real etcd.
+    Etcd(EtcdConfig),
+    /// Blocks allocated by kube-controller-manager (`Node.spec.podCIDRs`).
+    Kubernetes(KubernetesConfig),
+}
+
 /// A checked `cluster` section.
 #[derive(Clone, Debug)]
 pub struct Cluster {
@@ -74,7 +109,7 @@ pub struct Cluster {
     pub cidr: Cidr,
     pub mask: u8,
     pub non_masquerade: Vec<Cidr>,
-    pub etcd: EtcdConfig,
+    pub datastore: Datastore,
 }
 
 impl ClusterConfig {
@@ -102,9 +137,11 @@ impl ClusterConfig {
                 })
                 .collect::<Result<_>>()?,
         };
-        let node_name = match &self.node_name {
-            Some(n) => n.clone(),
-            None => hostname.to_owned(),
+        let node_name = match (&self.node_name, self.datastore) {
+            (Some(n), _) => n.clone(),
+            // The downward API's `spec.nodeName`, as the DaemonSet sets it.
+            (None, DatastoreKind::Kubernetes) => std::env::var("NODE_NAME").unwrap_or_default(),
+            (None, DatastoreKind::Etcd) => hostname.to_owned(),
         };
         if node_name.is_empty()
             || !node_name
@@ -113,24 +150,38 @@ impl ClusterConfig {
         {
             bail!("cluster.nodeName {node_name:?}: use letters, digits, '-', '.', '_'");
         }
-        let etcd = match (self.datastore, &self.etcd) {
-            (DatastoreKind::Etcd, Some(e)) if !e.endpoints.is_empty() => e.clone(),
-            (DatastoreKind::Etcd, _) => {
+        let datastore = match (self.datastore, &self.etcd, &self.kubernetes) {
+            (DatastoreKind::Etcd, Some(e), None) if !e.endpoints.is_empty() => {
+                if e.lease_ttl_secs < 2 {
+                    bail!("cluster.etcd.leaseTtlSecs must be at least 2");
+                }
+                Datastore::Etcd(e.clone())
+            }
+            (DatastoreKind::Etcd, _, None) => {
                 bail!("cluster.datastore \"etcd\" needs cluster.etcd.endpoints")
             }
-            (DatastoreKind::Kubernetes, _) => {
-                bail!("cluster.datastore \"kubernetes\" is not supported yet; use \"etcd\"")
+            (DatastoreKind::Kubernetes, None, k) => {
+                let k = k.clone().unwrap_or_default();
+                if k.timeout_secs < 2 {
+                    bail!("cluster.kubernetes.timeoutSecs must be at least 2");
+                }
+                Datastore::Kubernetes(k)
+            }
+            (DatastoreKind::Etcd, _, Some(_)) => {
+                bail!(
+                    "cluster.kubernetes is for the \"kubernetes\" datastore; this one is \"etcd\""
+                )
+            }
+            (DatastoreKind::Kubernetes, Some(_), _) => {
+                bail!("cluster.etcd is for the \"etcd\" datastore; this one is \"kubernetes\"")
             }
         };
-        if etcd.lease_ttl_secs < 2 {
-            bail!("cluster.etcd.leaseTtlSecs must be at least 2");
-        }
         Ok(Cluster {
             node_name,
             cidr,
             mask,
             non_masquerade,
-            etcd,
+            datastore,
         })
     }
 }
@@ -139,13 +190,27 @@ impl Cluster {
     /// The datastore's name, as status shows it.
     #[must_use]
     pub const fn datastore_name(&self) -> &'static str {
-        "etcd"
+        match self.datastore {
+            Datastore::Etcd(_) => "etcd",
+            Datastore::Kubernetes(_) => "kubernetes",
+        }
     }
 
-    /// Whether `block` is one of the cluster CIDR's blocks.
+    /// How long the datastore may not answer before it is reported unhealthy: the lease TTL
+    /// (etcd), the API timeout (Kubernetes).
+    #[must_use]
+    pub const fn health_secs(&self) -> u64 {
+        match &self.datastore {
+            Datastore::Etcd(e) => e.lease_ttl_secs,
+            Datastore::Kubernetes(k) => k.timeout_secs,
+        }
+    }
+
+    /// Whether `block` can be a node's block: inside the cluster CIDR, no wider than it
+    /// (kube-controller-manager's blocks have the size it was given; etcd's have `mask`).
     #[must_use]
     pub fn blocks_contain(&self, block: &Cidr) -> bool {
-        block.prefix == self.mask && self.cidr.contains(block.addr)
+        block.prefix >= self.cidr.prefix && self.cidr.contains(block.addr)
     }
 
     /// Every block of the cluster CIDR, lowest first.
@@ -207,10 +272,13 @@ mod tests {
         );
         assert_eq!(c.node_name, "node-a");
         assert_eq!(c.non_masquerade, [c.cidr]);
-        assert_eq!(c.etcd.prefix, "/bpfnat");
-        assert_eq!(c.etcd.lease_ttl_secs, 10);
+        let Datastore::Etcd(etcd) = &c.datastore else {
+            panic!("etcd")
+        };
+        assert_eq!(etcd.prefix, "/bpfnat");
+        assert_eq!(etcd.lease_ttl_secs, 10);
         assert_eq!(
-            block_key(&c.etcd.prefix, &c.blocks().nth(3).unwrap()),
+            block_key(&etcd.prefix, &c.blocks().nth(3).unwrap()),
             "/bpfnat/subnets/10.244.3.0-24"
         );
     }
