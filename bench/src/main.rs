@@ -4,6 +4,7 @@
 //! and writes `report.md` with SVG charts. Bounded traffic, own namespaces only, everything
 //! torn down at the end.
 
+mod cluster;
 mod load;
 mod report;
 mod scrape;
@@ -52,6 +53,13 @@ enum Cmd {
         bin: Option<PathBuf>,
         #[arg(long, default_value_t = 20_000)]
         runs: u32,
+    },
+    /// Only pod to pod across two cluster nodes, against plain routing.
+    Cluster {
+        #[arg(long)]
+        bin: Option<PathBuf>,
+        #[arg(long, default_value_t = 2)]
+        secs: u32,
     },
     /// Only the agent's /metrics scrape against a full conntrack table.
     Scrape {
@@ -114,6 +122,25 @@ fn main() -> Result<()> {
             let me = std::env::current_exe().context("find this binary")?;
             let bin = bpfnat_bin(&me, bin)?;
             run(&me, &bin, quick, &out)
+        }
+        Cmd::Cluster { bin, secs } => {
+            let me = std::env::current_exe().context("find this binary")?;
+            let c = cluster::measure(&me, &bpfnat_bin(&me, bin)?, secs, 1)?;
+            for (mi, m) in Metric::ALL.iter().enumerate() {
+                let v = |si: usize| {
+                    c.samples
+                        .get(&(si, 0, mi))
+                        .map_or(0.0, |v| report::median(v))
+                };
+                println!(
+                    "{:<24} routing {:>12.2}  bpfnat {:>12.2}  ×{:.2}",
+                    m.label(),
+                    v(0),
+                    v(1),
+                    v(1) / v(0)
+                );
+            }
+            Ok(())
         }
         Cmd::Scrape { bin, entries } => {
             let me = std::env::current_exe().context("find this binary")?;
@@ -267,6 +294,8 @@ fn run(me: &Path, bin: &Path, quick: bool, out: &Path) -> Result<()> {
     let paths = paths_of(d, if quick { 2_000 } else { 20_000 })?;
     drop(topos);
     let xdp = xdp_section(me, bin, quick, secs, reps)?;
+    println!("bench: pod to pod across two cluster nodes");
+    let cluster = cluster::measure(me, bin, secs, reps)?;
 
     report::write(
         out,
@@ -279,6 +308,7 @@ fn run(me: &Path, bin: &Path, quick: bool, out: &Path) -> Result<()> {
             control: &control,
             paths: &paths,
             xdp: &xdp,
+            cluster: &cluster,
             machine: machine(),
             elapsed_s: started.elapsed().as_secs_f64(),
         },

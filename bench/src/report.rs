@@ -74,6 +74,7 @@ pub struct Report<'a> {
     pub control: &'a ControlPlane,
     pub paths: &'a [PathCost],
     pub xdp: &'a XdpSection,
+    pub cluster: &'a crate::cluster::ClusterSection,
     pub machine: String,
     pub elapsed_s: f64,
 }
@@ -196,6 +197,7 @@ pub fn write(dir: &Path, r: &Report<'_>) -> Result<()> {
     );
 
     xdp_tables(&mut md, r);
+    cluster_table(&mut md, r);
 
     let _ = writeln!(md, "## Per-path cost of the programs (BPF_PROG_TEST_RUN)\n");
     let _ = writeln!(
@@ -211,6 +213,45 @@ pub fn write(dir: &Path, r: &Report<'_>) -> Result<()> {
     }
     std::fs::write(dir.join("report.md"), md)?;
     Ok(())
+}
+
+fn cluster_table(md: &mut String, r: &Report<'_>) {
+    let _ = writeln!(md, "## Pod to pod across two nodes\n");
+    let _ = writeln!(
+        md,
+        "Two nodes on one segment, a pod behind each. (a): a veth per pod and a static route per node to the other's block, the kernel forwarding, nothing else. (d): two `bpfnat agent`s on a real etcd, which lease the blocks and install the routes; pod traffic is routed untranslated and untracked by the programs (`cluster_route` out, `cluster_deliver` in). Ratio to (a).\n"
+    );
+    let _ = write!(md, "| setup |");
+    for m in Metric::ALL {
+        let _ = write!(md, " {} | ×routing |", m.label());
+    }
+    let _ = write!(md, "\n| --- |");
+    for _ in Metric::ALL {
+        let _ = write!(md, " ---: | ---: |");
+    }
+    md.push('\n');
+    let med = |si: usize, mi: usize| {
+        median(
+            &r.cluster
+                .samples
+                .get(&(si, 0, mi))
+                .cloned()
+                .unwrap_or_default(),
+        )
+    };
+    for (si, label) in crate::cluster::LABELS.iter().enumerate() {
+        let _ = write!(md, "| {label} |");
+        for (mi, m) in Metric::ALL.iter().enumerate() {
+            let _ = write!(
+                md,
+                " {} | {:.2} |",
+                fmt(*m, med(si, mi)),
+                med(si, mi) / med(0, mi)
+            );
+        }
+        md.push('\n');
+    }
+    md.push('\n');
 }
 
 fn xdp_tables(md: &mut String, r: &Report<'_>) {

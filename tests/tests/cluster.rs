@@ -661,6 +661,7 @@ fn the_kubernetes_datastore_follows_recorded_nodes() {
         let conf = json!({
             "uplink": bpfnat_lab::UPLINK,
             "metricsAddr": format!("127.0.0.1:{port}"),
+            "cniConfDir": n.state_dir.join("net.d"),
             "cluster": {
                 "datastore": "kubernetes",
                 "nodeName": n.name,
@@ -675,6 +676,14 @@ fn the_kubernetes_datastore_follows_recorded_nodes() {
     // Each node's subnet is its Node's spec.podCIDRs (IPv4), as kube-controller-manager
     // allocated it.
     assert_eq!(subnets, ["10.244.1.0/24", "10.244.2.0/24"]);
+    // The CNI configuration the agent writes hands out addresses of the node's block.
+    for (n, block) in lab.nodes.iter().zip(&subnets) {
+        let path = n.state_dir.join("net.d/10-bpfnat.conflist");
+        let conf: Value = wait_for(Duration::from_secs(10), Log(n), || {
+            serde_json::from_str(&std::fs::read_to_string(&path).ok()?).ok()
+        });
+        assert_eq!(conf["plugins"][0]["subnet"], block.as_str(), "{conf}");
+    }
     // n3's Node has no pod CIDR yet: it is not a peer.
     let st = wait_peers(&lab.nodes[0], &["n2"]);
     assert_eq!(st["node"]["datastore"]["kind"], "kubernetes");

@@ -143,6 +143,11 @@ impl ClusterConfig {
             (None, DatastoreKind::Kubernetes) => std::env::var("NODE_NAME").unwrap_or_default(),
             (None, DatastoreKind::Etcd) => hostname.to_owned(),
         };
+        if node_name.is_empty() && self.datastore == DatastoreKind::Kubernetes {
+            bail!(
+                "cluster.nodeName is not set and $NODE_NAME is empty: set NODE_NAME from the downward API (fieldPath spec.nodeName) or give cluster.nodeName"
+            );
+        }
         if node_name.is_empty()
             || !node_name
                 .chars()
