@@ -37,7 +37,7 @@ struct Cli {
 enum Cmd {
     /// Run the benchmark and write the report.
     Run {
-        /// Short measurements, one repetition: under 3 minutes.
+        /// Short measurements, one repetition: under 4 minutes.
         #[arg(long)]
         quick: bool,
         /// Where the report goes.
@@ -133,7 +133,7 @@ fn main() -> Result<()> {
                         .map_or(0.0, |v| report::median(v))
                 };
                 println!(
-                    "{:<24} routing {:>12.2}  bpfnat {:>12.2}  ×{:.2}",
+                    "{:<24} routing {:>12.2}  bpfnat {:>12.2} ×{:.2}",
                     m.label(),
                     v(0),
                     v(1),

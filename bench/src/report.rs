@@ -219,7 +219,7 @@ fn cluster_table(md: &mut String, r: &Report<'_>) {
     let _ = writeln!(md, "## Pod to pod across two nodes\n");
     let _ = writeln!(
         md,
-        "Two nodes on one segment, a pod behind each. (a): a veth per pod and a static route per node to the other's block, the kernel forwarding, nothing else. (d): two `bpfnat agent`s on a real etcd, which lease the blocks and install the routes; pod traffic is routed untranslated and untracked by the programs (`cluster_route` out, `cluster_deliver` in). Ratio to (a).\n"
+        "Two nodes on one segment, a pod behind each. (a): a veth per pod and a static route per node to the other's block, the kernel forwarding, nothing else. (d): two `bpfnat agent`s on a real etcd, which lease the blocks and install the routes; pod traffic is routed untranslated and untracked by the programs (`cluster_route` out, `cluster_deliver` in), with the uplink's XDP off (TC only, what `auto` picks on a veth uplink: a native XDP delivery cannot complete the partial checksums a local sender hands to a veth). Ratio to (a).\n"
     );
     let _ = write!(md, "| setup |");
     for m in Metric::ALL {
