@@ -5,14 +5,14 @@
 use std::{
     net::Ipv4Addr,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 use bpfnat_lab::{
     UPLINK,
-    cluster::{ClusterLab, ClusterNode},
+    cluster::{ClusterLab, ClusterNode, ip_in},
 };
 use nat_plumbing::netns;
 
@@ -30,21 +30,6 @@ pub struct ClusterSection {
     pub samples: Samples,
 }
 
-fn ip(ns: &Path, args: &[&str]) -> Result<()> {
-    let mut c = Command::new("ip");
-    c.args(args);
-    netns::command_in(&mut c, ns)?;
-    let out = c.output().context("run ip")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
 /// Plain routing: pod `i` (10.244.i.2) behind node `i` (10.244.i.1 on its veth), each node
 /// routing the other's block via the other's underlay address.
 fn routed(lab: &ClusterLab, prefix: &str) -> Result<Endpoints> {
@@ -54,24 +39,24 @@ fn routed(lab: &ClusterLab, prefix: &str) -> Result<Endpoints> {
         let pod = format!("{prefix}-pod{k}");
         netns::create(&pod)?;
         let pod_ns = netns::path_of(&pod);
-        ip(&pod_ns, &["link", "set", "lo", "up"])?;
-        ip(
+        ip_in(&pod_ns, &["link", "set", "lo", "up"])?;
+        ip_in(
             &n.ns,
             &[
                 "link", "add", "veth0", "type", "veth", "peer", "name", "eth0", "netns", &pod,
             ],
         )?;
-        ip(
+        ip_in(
             &n.ns,
             &["addr", "add", &format!("10.244.{k}.1/24"), "dev", "veth0"],
         )?;
-        ip(&n.ns, &["link", "set", "veth0", "up"])?;
-        ip(
+        ip_in(&n.ns, &["link", "set", "veth0", "up"])?;
+        ip_in(
             &pod_ns,
             &["addr", "add", &format!("10.244.{k}.2/24"), "dev", "eth0"],
         )?;
-        ip(&pod_ns, &["link", "set", "eth0", "up"])?;
-        ip(
+        ip_in(&pod_ns, &["link", "set", "eth0", "up"])?;
+        ip_in(
             &pod_ns,
             &["route", "add", "default", "via", &format!("10.244.{k}.1")],
         )?;
@@ -82,7 +67,7 @@ fn routed(lab: &ClusterLab, prefix: &str) -> Result<Endpoints> {
     }
     for (i, n) in lab.nodes.iter().enumerate() {
         let other = 1 - i;
-        ip(
+        ip_in(
             &n.ns,
             &[
                 "route",

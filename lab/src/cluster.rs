@@ -26,6 +26,22 @@ use nat_plumbing::{netlink::Netlink, netns};
 
 use crate::{UPLINK, block_on, bpfnat_in, stdout_of};
 
+/// `ip ARGS` inside namespace `ns`; fails with its stderr.
+pub fn ip_in(ns: &Path, args: &[&str]) -> Result<()> {
+    let mut c = Command::new("ip");
+    c.args(args);
+    netns::command_in(&mut c, ns)?;
+    let out = c.output().context("run ip")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// The underlay's address of etcd.
 pub const ETCD_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 /// The router's address on the underlay (the nodes' default gateway).
@@ -138,30 +154,15 @@ impl ClusterLab {
         format!("{}-{short}", self.prefix)
     }
 
-    fn ip_in(&self, ns: &Path, args: &[&str]) -> Result<()> {
-        let mut c = Command::new("ip");
-        c.args(args);
-        netns::command_in(&mut c, ns)?;
-        let out = c.output().context("run ip")?;
-        if !out.status.success() {
-            bail!(
-                "ip {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
-    }
-
     fn build(&self) -> Result<()> {
         netns::create(&format!("{}-ul", self.prefix))?;
-        self.ip_in(&self.underlay, &["link", "set", "lo", "up"])?;
-        self.ip_in(&self.underlay, &["link", "add", "br0", "type", "bridge"])?;
-        self.ip_in(
+        ip_in(&self.underlay, &["link", "set", "lo", "up"])?;
+        ip_in(&self.underlay, &["link", "add", "br0", "type", "bridge"])?;
+        ip_in(
             &self.underlay,
             &["addr", "add", "192.0.2.2/24", "dev", "br0"],
         )?;
-        self.ip_in(&self.underlay, &["link", "set", "br0", "up"])?;
+        ip_in(&self.underlay, &["link", "set", "br0", "up"])?;
         self.build_router()?;
         for n in &self.nodes {
             self.build_node(n)?;
@@ -178,30 +179,30 @@ impl ClusterLab {
         netns::create(&rt)?;
         netns::create(&inet)?;
         let (r, i, u) = (&self.router, &self.inet, &self.underlay);
-        self.ip_in(r, &["link", "set", "lo", "up"])?;
-        self.ip_in(i, &["link", "set", "lo", "up"])?;
-        self.ip_in(
+        ip_in(r, &["link", "set", "lo", "up"])?;
+        ip_in(i, &["link", "set", "lo", "up"])?;
+        ip_in(
             r,
             &["link", "add", "eth0", "type", "veth", "peer", "name", "rt"],
         )?;
-        self.ip_in(
+        ip_in(
             r,
             &["link", "set", "rt", "netns", &format!("{}-ul", self.prefix)],
         )?;
-        self.ip_in(u, &["link", "set", "rt", "master", "br0", "up"])?;
-        self.ip_in(r, &["addr", "add", "192.0.2.1/24", "dev", "eth0"])?;
-        self.ip_in(r, &["link", "set", "eth0", "up"])?;
-        self.ip_in(
+        ip_in(u, &["link", "set", "rt", "master", "br0", "up"])?;
+        ip_in(r, &["addr", "add", "192.0.2.1/24", "dev", "eth0"])?;
+        ip_in(r, &["link", "set", "eth0", "up"])?;
+        ip_in(
             r,
             &[
                 "link", "add", "eth1", "type", "veth", "peer", "name", "eth0", "netns", &inet,
             ],
         )?;
-        self.ip_in(r, &["addr", "add", "203.0.113.1/24", "dev", "eth1"])?;
-        self.ip_in(r, &["link", "set", "eth1", "up"])?;
-        self.ip_in(i, &["addr", "add", "203.0.113.2/24", "dev", "eth0"])?;
-        self.ip_in(i, &["link", "set", "eth0", "up"])?;
-        self.ip_in(i, &["route", "add", "default", "via", "203.0.113.1"])?;
+        ip_in(r, &["addr", "add", "203.0.113.1/24", "dev", "eth1"])?;
+        ip_in(r, &["link", "set", "eth1", "up"])?;
+        ip_in(i, &["addr", "add", "203.0.113.2/24", "dev", "eth0"])?;
+        ip_in(i, &["link", "set", "eth0", "up"])?;
+        ip_in(i, &["route", "add", "default", "via", "203.0.113.1"])?;
         netns::run_in(r, || {
             std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("enable forwarding")
         })?;
@@ -254,11 +255,11 @@ impl ClusterLab {
                 Ok(())
             })
             .with_context(|| format!("build node {}", n.name))?;
-            self.ip_in(
+            ip_in(
                 &self.underlay,
                 &["link", "set", &n.name, "master", "br0", "up"],
             )?;
-            self.ip_in(&n.ns, &["route", "add", "default", "via", "192.0.2.1"])?;
+            ip_in(&n.ns, &["route", "add", "default", "via", "192.0.2.1"])?;
         }
         Ok(())
     }

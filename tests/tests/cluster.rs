@@ -606,6 +606,11 @@ fn pods_reach_each_other_across_nodes_with_their_own_addresses() {
         "{:?}",
         stopped.elapsed()
     );
+    let out = lab.nodes[0].run(&["-o", "json", "status"]).unwrap();
+    let st: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["cluster"]["datastore"]["healthy"], false, "{st}");
+    assert_eq!(st["cluster"]["block"], blocks[0].as_str());
+    assert!(out.status.success(), "the datapath is up: status exits 0");
     std::thread::sleep(TTL);
     for n in &lab.nodes[..3] {
         assert_eq!(

@@ -2,6 +2,8 @@
 //! allocated), follow the other nodes on a task of its own, and leave when the agent stops
 //! (SIGTERM revokes an etcd lease at once; `kill -9` lets it expire).
 
+use std::time::Duration;
+
 use anyhow::{Context as _, Result};
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
@@ -11,7 +13,7 @@ use tracing::{info, warn};
 use crate::{
     cluster::{
         Cluster, ClusterConfig, Datastore, NodeRecord, etcd,
-        follow::{ClusterMetrics, Follower},
+        follow::{ClusterMetrics, Follower, follow},
         kubernetes,
     },
     env::Env,
@@ -76,11 +78,15 @@ pub fn run(
     let (stop, stopped) = oneshot::channel::<()>();
     let task = match (joined, cluster.datastore) {
         (Joined::Etcd(mut m), Datastore::Etcd(e)) => {
-            let client = m.client();
+            let mut nodes = etcd::Nodes {
+                client: m.client(),
+                prefix: e.prefix.clone(),
+            };
+            let health = Duration::from_secs(e.lease_ttl_secs);
             tokio::spawn(async move {
                 tokio::select! {
                     () = m.keep_alive() => {}
-                    () = etcd::follow(client, &e, &mut f) => {}
+                    () = follow(&mut nodes, &mut f, health) => {}
                     _ = stopped => {}
                 }
                 match m.leave().await {
@@ -89,12 +95,16 @@ pub fn run(
                 }
             })
         }
-        (Joined::Kubernetes(api, _), Datastore::Kubernetes(k)) => tokio::spawn(async move {
-            tokio::select! {
-                () = kubernetes::follow(*api, &k, &mut f) => {}
-                _ = stopped => {}
-            }
-        }),
+        (Joined::Kubernetes(api, _), Datastore::Kubernetes(k)) => {
+            let mut nodes = kubernetes::Nodes(*api);
+            let health = Duration::from_secs(k.timeout_secs);
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = follow(&mut nodes, &mut f, health) => {}
+                    _ = stopped => {}
+                }
+            })
+        }
         _ => anyhow::bail!("joined through another datastore than the configured one"),
     };
     Ok(Running { stop, task })

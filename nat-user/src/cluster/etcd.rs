@@ -12,7 +12,7 @@ use etcd_client::{
 };
 use tracing::{info, warn};
 
-use super::{Cluster, EtcdConfig, NodeRecord, block_key, follow::Follower};
+use super::{Cluster, EtcdConfig, NodeRecord, block_key, follow::Source};
 use crate::net::Cidr;
 
 /// Connect, retrying with backoff (up to 10 s between tries) until an endpoint answers, with
@@ -185,47 +185,35 @@ async fn records(client: &mut Client, prefix: &str) -> Result<(Vec<NodeRecord>, 
     Ok((records, revision))
 }
 
-/// Follow the nodes under the prefix, forever: list them (the truth), then wait for a change
-/// on a watch from that listing's revision, or for a third of the lease TTL (which keeps the
-/// peers' last-seen times and the datastore's health current), and list again. Every
-/// request is bounded by half the TTL, so a datastore that stopped answering is reported
-/// within the TTL; nothing is changed until it answers again.
-pub async fn follow(mut client: Client, etcd: &EtcdConfig, f: &mut Follower) {
-    let ttl = Duration::from_secs(etcd.lease_ttl_secs);
-    let (every, bound) = (ttl / 3, ttl / 2);
-    let prefix = etcd.prefix.clone();
-    loop {
-        let listed = tokio::time::timeout(bound, records(&mut client, &prefix))
-            .await
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("etcd: no answer in {bound:?}")));
-        let revision = match listed {
-            Ok((recs, revision)) => {
-                f.apply(recs).await;
-                revision
-            }
-            Err(e) => {
-                f.failed(&e);
-                tokio::time::sleep(every).await;
-                continue;
-            }
-        };
+/// The nodes under the prefix: listed, then watched from the listing's revision.
+pub struct Nodes {
+    pub client: Client,
+    pub prefix: String,
+}
+
+impl Source for Nodes {
+    type Version = i64;
+
+    async fn list(&mut self) -> Result<(Vec<NodeRecord>, i64)> {
+        records(&mut self.client, &self.prefix).await
+    }
+
+    async fn changed(&mut self, revision: i64, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
         let opts = WatchOptions::new()
             .with_prefix()
             .with_start_revision(revision + 1);
-        let watch = tokio::time::timeout(bound, client.watch(subnets_prefix(&prefix), Some(opts)));
-        let Ok(Ok(mut stream)) = watch.await else {
-            tokio::time::sleep(every).await;
-            continue;
+        let watch = self.client.watch(subnets_prefix(&self.prefix), Some(opts));
+        let Ok(Ok(mut stream)) = tokio::time::timeout_at(deadline, watch).await else {
+            tokio::time::sleep_until(deadline).await;
+            return;
         };
-        let deadline = tokio::time::Instant::now() + every;
-        loop {
-            match tokio::time::timeout_at(deadline, stream.message()).await {
-                // The watch was set up, or a progress note: nothing changed yet.
-                Ok(Ok(Some(resp))) if resp.events().is_empty() && !resp.canceled() => {}
-                // A change, the watch's end or the period's: list again.
-                _ => break,
-            }
-        }
+        // The watch being set up, or a progress note: nothing changed yet. A change, the
+        // watch's end or the deadline: list again.
+        while let Ok(Ok(Some(resp))) = tokio::time::timeout_at(deadline, stream.message()).await
+            && resp.events().is_empty()
+            && !resp.canceled()
+        {}
     }
 }
 

@@ -8,7 +8,7 @@ use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
     path::PathBuf,
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, Result};
@@ -144,6 +144,39 @@ pub fn cluster_nets(cluster: &Cluster, peers: &[Ipv4Addr]) -> BTreeMap<Cidr, u32
         out.insert(*net, flags);
     }
     out
+}
+
+/// A datastore's nodes, as the follower reads them.
+pub trait Source {
+    /// Where a listing was taken, for a watch to start from.
+    type Version;
+    /// Every node's record: the truth.
+    async fn list(&mut self) -> Result<(Vec<NodeRecord>, Self::Version)>;
+    /// Return when something may have changed since `from`, or after `within` at most.
+    async fn changed(&mut self, from: Self::Version, within: Duration);
+}
+
+/// Follow `source` forever: list the nodes (the truth) and apply them, then wait for a change
+/// or a third of `health`, and list again. Each request is bounded by half of `health`, so a
+/// datastore that stopped answering is reported unhealthy within it; nothing changes until
+/// it answers again.
+pub async fn follow(source: &mut impl Source, f: &mut Follower, health: Duration) {
+    let (every, bound) = (health / 3, health / 2);
+    loop {
+        let listed = tokio::time::timeout(bound, source.list())
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer in {bound:?}")));
+        match listed {
+            Ok((recs, version)) => {
+                f.apply(recs).await;
+                source.changed(version, every).await;
+            }
+            Err(e) => {
+                f.failed(&e);
+                tokio::time::sleep(every).await;
+            }
+        }
+    }
 }
 
 /// Applies listings of the cluster to this node.

@@ -1,7 +1,8 @@
 //! The Kubernetes datastore: kube-controller-manager allocates each node's block
 //! (`Node.spec.podCIDRs`, with `--allocate-node-cidrs`), so a node only reads its own, and
 //! every Node with an `InternalIP` and a pod CIDR is a peer. Nodes are listed, then watched
-//! from the listing's `resourceVersion`; a deleted Node disappears with the next listing.
+//! from the listing's `resourceVersion` (`follow::follow` drives it); a deleted Node
+//! disappears with the next listing.
 
 use std::{net::Ipv4Addr, time::Duration};
 
@@ -15,7 +16,7 @@ use kube::{
 };
 use tracing::{info, warn};
 
-use super::{Cluster, KubernetesConfig, NodeRecord, follow::Follower};
+use super::{Cluster, KubernetesConfig, NodeRecord, follow::Source};
 use crate::net::Cidr;
 
 /// A client of the API server: the kubeconfig given, else the in-cluster service account,
@@ -100,47 +101,35 @@ pub async fn join(cluster: &Cluster, api: &Api<Node>) -> Result<NodeRecord> {
     }
 }
 
-/// Every Node's record (those without a pod CIDR or `InternalIP` skipped), and the list's
-/// `resourceVersion`.
-async fn records(api: &Api<Node>) -> Result<(Vec<NodeRecord>, String)> {
-    let list = api
-        .list(&ListParams::default())
-        .await
-        .context("Kubernetes: list Nodes")?;
-    let version = list.metadata.resource_version.clone().unwrap_or_default();
-    Ok((list.items.iter().filter_map(record_of).collect(), version))
-}
+/// The Nodes: listed, then watched from the list's `resourceVersion`.
+pub struct Nodes(pub Api<Node>);
 
-/// Follow the Nodes, forever: list them (the truth), then watch from that listing's
-/// `resourceVersion` until something changes or a third of the timeout passes, and list
-/// again. A listing that fails marks the datastore unhealthy and changes nothing.
-pub async fn follow(api: Api<Node>, k: &KubernetesConfig, f: &mut Follower) {
-    let timeout = Duration::from_secs(k.timeout_secs);
-    let (every, bound) = (timeout / 3, timeout / 2);
-    loop {
-        let listed = tokio::time::timeout(bound, records(&api))
+impl Source for Nodes {
+    type Version = String;
+
+    /// Every Node's record (those without a pod CIDR or `InternalIP` skipped).
+    async fn list(&mut self) -> Result<(Vec<NodeRecord>, String)> {
+        let list = self
+            .0
+            .list(&ListParams::default())
             .await
-            .unwrap_or_else(|_| Err(anyhow!("Kubernetes: no answer in {bound:?}")));
-        let version = match listed {
-            Ok((recs, version)) => {
-                f.apply(recs).await;
-                version
-            }
-            Err(e) => {
-                f.failed(&e);
-                tokio::time::sleep(every).await;
-                continue;
-            }
-        };
-        let wp = WatchParams::default().timeout(u32::try_from(every.as_secs()).unwrap_or(1).max(1));
-        let Ok(Ok(stream)) = tokio::time::timeout(bound, api.watch(&wp, &version)).await else {
-            tokio::time::sleep(every).await;
-            continue;
+            .context("Kubernetes: list Nodes")?;
+        let version = list.metadata.resource_version.clone().unwrap_or_default();
+        Ok((list.items.iter().filter_map(record_of).collect(), version))
+    }
+
+    async fn changed(&mut self, version: String, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        let wp =
+            WatchParams::default().timeout(u32::try_from(within.as_secs()).unwrap_or(1).max(1));
+        let Ok(Ok(stream)) = tokio::time::timeout_at(deadline, self.0.watch(&wp, &version)).await
+        else {
+            tokio::time::sleep_until(deadline).await;
+            return;
         };
         let mut stream = std::pin::pin!(stream);
-        let deadline = tokio::time::Instant::now() + every;
         // Bookmarks say nothing changed; a change, an error, the watch's end or the
-        // period's: list again.
+        // deadline: list again.
         while let Ok(Some(Ok(WatchEvent::Bookmark(_)))) =
             tokio::time::timeout_at(deadline, stream.next()).await
         {}
