@@ -715,3 +715,68 @@ fn the_kubernetes_datastore_follows_recorded_nodes() {
     );
     drop(agents);
 }
+
+#[test]
+fn an_agent_that_cannot_start_gives_its_block_back_at_once() {
+    let lab = ClusterLab::new("bnt-clq", &bin(), 1).unwrap();
+    let n = &lab.nodes[0];
+    // The node is up on a subnet of its own: the agent leases a block, sees the datapath on
+    // another subnet and stops.
+    n.ok(&[
+        "up",
+        "--uplink",
+        bpfnat_lab::UPLINK,
+        "--subnet",
+        "10.99.0.0/16",
+    ])
+    .unwrap();
+    let mut agent = spawn(n, &config(&lab, n, "10.244.0.0/16"));
+    let status = wait_for(Duration::from_secs(20), Log(n), || {
+        agent.try_wait().unwrap()
+    });
+    assert!(!status.success());
+    let log = std::fs::read_to_string(n.state_dir.join("agent.log")).unwrap();
+    assert!(log.contains("bpfnat down"), "{log}");
+    // Well within the lease's TTL, the block is free again.
+    let recs = records(&lab);
+    assert!(recs.is_empty(), "the block was given back: {recs:?}");
+}
+
+#[test]
+fn a_node_whose_uplink_address_changes_is_routed_to_its_new_address() {
+    let lab = ClusterLab::new("bnt-clm", &bin(), 2).unwrap();
+    let cidr = "10.244.0.0/16";
+    let agents: Vec<Agent> = lab.nodes.iter().map(|n| start(&lab, n, cidr).0).collect();
+    let pods: Vec<(String, Ipv4Addr)> = lab.nodes.iter().map(|n| pod(&lab, n)).collect();
+    wait_peers(&lab.nodes[0], &["n2"]);
+    assert_eq!(tcp_source(&pods[0], &pods[1]), Some(pods[0].1), "before");
+
+    // n2 is renumbered (a new DHCP lease, say): 192.0.2.12 -> 192.0.2.22.
+    let n2 = &lab.nodes[1];
+    for args in [
+        &["addr", "del", "192.0.2.12/24", "dev", bpfnat_lab::UPLINK][..],
+        &["addr", "add", "192.0.2.22/24", "dev", bpfnat_lab::UPLINK],
+        &["route", "replace", "default", "via", "192.0.2.1"],
+    ] {
+        bpfnat_lab::cluster::ip_in(&n2.ns, args).unwrap();
+    }
+    let st = wait_for(TTL * 3, Log(n2), || {
+        let st = cluster_status(&lab.nodes[0])?;
+        (st["peers"][0]["address"] == "192.0.2.22" && st["peers"][0]["routeInstalled"] == true)
+            .then_some(st)
+    });
+    assert!(
+        bpfnat_routes(&lab.nodes[0]).contains("via 192.0.2.22"),
+        "{st} {}",
+        bpfnat_routes(&lab.nodes[0])
+    );
+    let own = cluster_status(n2).unwrap();
+    assert_eq!(own["node"]["address"], "192.0.2.22", "{own}");
+    assert_eq!(tcp_source(&pods[0], &pods[1]), Some(pods[0].1), "after");
+    assert_eq!(
+        tcp_source(&pods[1], &pods[0]),
+        Some(pods[1].1),
+        "after, back"
+    );
+    drop(agents);
+}

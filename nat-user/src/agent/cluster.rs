@@ -2,12 +2,15 @@
 //! allocated), follow the other nodes on a task of its own, and leave when the agent stops
 //! (SIGTERM revokes an etcd lease at once; `kill -9` lets it expire).
 
-use std::time::Duration;
+use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context as _, Result};
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
-use tokio::{sync::oneshot, task::JoinHandle};
+use tokio::{
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+};
 use tracing::{info, warn};
 
 use crate::{
@@ -26,6 +29,16 @@ pub enum Joined {
 }
 
 impl Joined {
+    /// Give the block back (etcd: revoke the lease) when the agent stops before it runs.
+    pub async fn leave(self) {
+        if let Self::Etcd(mut m) = self {
+            match m.leave().await {
+                Ok(()) => info!(block = %m.block, "left the cluster"),
+                Err(e) => warn!(error = %format!("{e:#}"), "leaving the cluster failed"),
+            }
+        }
+    }
+
     /// This node's record: its name, address and block.
     pub fn record(&self) -> Result<NodeRecord> {
         match self {
@@ -40,7 +53,7 @@ impl Joined {
 pub async fn join(
     c: &ClusterConfig,
     hostname: &str,
-    address: impl AsyncFnOnce() -> Result<std::net::Ipv4Addr>,
+    address: impl AsyncFnOnce() -> Result<Ipv4Addr>,
 ) -> Result<(Cluster, Joined)> {
     let cluster = c.check(hostname)?;
     let joined = match &cluster.datastore {
@@ -62,6 +75,7 @@ pub async fn join(
 pub struct Running {
     stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
+    moved: mpsc::UnboundedSender<Ipv4Addr>,
 }
 
 /// Follow the other nodes (routes, the datapath's cluster prefixes, the view) and, on etcd,
@@ -75,7 +89,8 @@ pub fn run(
 ) -> Result<Running> {
     let me = joined.record().context("this node's record")?;
     let mut f = Follower::new(ctx.clone(), cluster.clone(), me, uplink, metrics);
-    let (stop, stopped) = oneshot::channel::<()>();
+    let (stop, mut stopped) = oneshot::channel::<()>();
+    let (moved, mut moves) = mpsc::unbounded_channel::<Ipv4Addr>();
     let task = match (joined, cluster.datastore) {
         (Joined::Etcd(mut m), Datastore::Etcd(e)) => {
             let mut nodes = etcd::Nodes {
@@ -84,10 +99,31 @@ pub fn run(
             };
             let health = Duration::from_secs(e.lease_ttl_secs);
             tokio::spawn(async move {
-                tokio::select! {
-                    () = m.keep_alive() => {}
-                    () = follow(&mut nodes, &mut f, health) => {}
-                    _ = stopped => {}
+                // The uplink's address to publish, until etcd has it (the request that follows
+                // a renumbering may meet the connection the old address took down).
+                let mut pending: Option<Ipv4Addr> = None;
+                loop {
+                    if let Some(address) = pending {
+                        match m.move_to(address).await {
+                            Ok(moved) => {
+                                pending = None;
+                                if moved {
+                                    f.moved_to(address);
+                                    info!(%address, "this node's record follows the uplink's new address");
+                                }
+                            }
+                            Err(e) => {
+                                warn!(error = %format!("{e:#}"), "publishing the uplink's new address failed; retrying")
+                            }
+                        }
+                    }
+                    tokio::select! {
+                        () = m.keep_alive() => break,
+                        () = follow(&mut nodes, &mut f, health) => break,
+                        Some(address) = moves.recv() => pending = Some(address),
+                        () = tokio::time::sleep(Duration::from_secs(1)), if pending.is_some() => {}
+                        _ = &mut stopped => break,
+                    }
                 }
                 match m.leave().await {
                     Ok(()) => info!(block = %m.block, "left the cluster"),
@@ -95,6 +131,7 @@ pub fn run(
                 }
             })
         }
+        // The Node's InternalIP is the kubelet's to keep: address changes are not ours.
         (Joined::Kubernetes(api, _), Datastore::Kubernetes(k)) => {
             let mut nodes = kubernetes::Nodes(*api);
             let health = Duration::from_secs(k.timeout_secs);
@@ -107,10 +144,15 @@ pub fn run(
         }
         _ => anyhow::bail!("joined through another datastore than the configured one"),
     };
-    Ok(Running { stop, task })
+    Ok(Running { stop, task, moved })
 }
 
 impl Running {
+    /// The uplink's address is now `address` (published if it changed, on etcd).
+    pub fn uplink_address(&self, address: Ipv4Addr) {
+        let _ = self.moved.send(address);
+    }
+
     /// Stop following; on etcd, give the block back.
     pub async fn stop(self) {
         let _ = self.stop.send(());

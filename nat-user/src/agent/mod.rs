@@ -127,8 +127,17 @@ pub async fn run(ctx: &Env, mut cfg: AgentConfig) -> Result<()> {
         }
         None => None,
     };
-    bring_up(ctx, &cfg).await?;
-    check_subnet(ctx, &cfg)?;
+    let started = match bring_up(ctx, &cfg).await {
+        Ok(()) => check_subnet(ctx, &cfg),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = started {
+        // The block is not used after all: give it back now rather than at the TTL.
+        if let Some((_, j)) = joined {
+            j.leave().await;
+        }
+        return Err(e);
+    }
     let cluster_metrics = joined.as_ref().map(|_| ClusterMetrics::default());
     let in_cluster = match joined {
         Some((cluster, j)) => Some(cluster::run(
@@ -140,7 +149,23 @@ pub async fn run(ctx: &Env, mut cfg: AgentConfig) -> Result<()> {
         )?),
         None => None,
     };
-    install_cni(ctx, &cfg)?;
+    let served = serve(ctx, &cfg, cluster_metrics.as_ref(), in_cluster.as_ref()).await;
+    if let Some(c) = in_cluster {
+        c.stop().await;
+    }
+    info!("agent stopping; the datapath stays pinned and keeps forwarding");
+    served
+}
+
+/// The agent's work until SIGTERM or Ctrl-C: the CNI files, the reconciler, the uplink's
+/// address (also for the cluster, when in one), `/metrics`, conntrack garbage collection.
+async fn serve(
+    ctx: &Env,
+    cfg: &AgentConfig,
+    cluster_metrics: Option<&ClusterMetrics>,
+    in_cluster: Option<&cluster::Running>,
+) -> Result<()> {
+    install_cni(ctx, cfg)?;
     reconcile(ctx).await?;
     follow_uplink(ctx).await?;
 
@@ -148,7 +173,7 @@ pub async fn run(ctx: &Env, mut cfg: AgentConfig) -> Result<()> {
         .await
         .with_context(|| format!("listen on {}", cfg.metrics_addr))?;
     info!(addr = %cfg.metrics_addr, "serving /metrics and /healthz");
-    let (registry, gc_metrics) = metrics::registry(ctx, cluster_metrics.as_ref());
+    let (registry, gc_metrics) = metrics::registry(ctx, cluster_metrics);
     let app = metrics::router(ctx.clone(), registry);
     let http = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
@@ -173,6 +198,11 @@ pub async fn run(ctx: &Env, mut cfg: AgentConfig) -> Result<()> {
                 if let Err(e) = follow_uplink(ctx).await {
                     warn!(error = %format!("{e:#}"), "following the uplink address failed");
                 }
+                if let Some(c) = in_cluster
+                    && let Ok(address) = uplink_address(cfg).await
+                {
+                    c.uplink_address(address);
+                }
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
@@ -180,10 +210,6 @@ pub async fn run(ctx: &Env, mut cfg: AgentConfig) -> Result<()> {
     }
     http.abort();
     gc.abort();
-    if let Some(c) = in_cluster {
-        c.stop().await;
-    }
-    info!("agent stopping; the datapath stays pinned and keeps forwarding");
     Ok(())
 }
 

@@ -20,9 +20,13 @@ use crate::net::Cidr;
 pub async fn connect(endpoints: &[String]) -> Client {
     let mut wait = Duration::from_millis(250);
     loop {
+        // HTTP/2 pings find a connection that died under the client (the node's own address
+        // changed, a middlebox forgot it) within seconds; the channel then connects anew.
         let opts = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(Duration::from_secs(5));
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true);
         match Client::connect(endpoints, Some(opts)).await {
             Ok(mut c) => match c.status().await {
                 Ok(_) => return c,
@@ -273,6 +277,26 @@ impl Membership {
         }
         info!(block = %self.block, "leased this node's block again after the lease expired");
         Ok(())
+    }
+
+    /// The uplink's address changed: publish the new one in this node's record (only if the
+    /// record is still ours), so the other nodes route the block to it.
+    pub async fn move_to(&mut self, address: Ipv4Addr) -> Result<bool> {
+        let mut rec = self.record()?;
+        if rec.address == address {
+            return Ok(false);
+        }
+        rec.address = address;
+        let value = serde_json::to_string(&rec)?;
+        let cond = Compare::lease(self.key.as_str(), CompareOp::Equal, self.lease);
+        if !put_if(&mut self.client, cond, &self.key, &value, self.lease).await? {
+            bail!(
+                "this node's record {} is not held by its lease any more",
+                self.key
+            );
+        }
+        self.value = value;
+        Ok(true)
     }
 
     /// Leave: revoke the lease, which deletes the block's key at once.

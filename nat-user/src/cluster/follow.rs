@@ -214,6 +214,12 @@ impl Follower {
         }
     }
 
+    /// This node's address moved (its record says so now).
+    pub fn moved_to(&mut self, address: Ipv4Addr) {
+        self.view.node.address = address;
+        self.save();
+    }
+
     /// A complete listing of the cluster's nodes: routes, prefixes and view follow it.
     /// Records that are not another node's valid block of the cluster CIDR are ignored.
     pub async fn apply(&mut self, records: Vec<NodeRecord>) {
