@@ -8,5 +8,8 @@
 /// An IPv4 address, network order (`bpftool` prints it as `[10,88,0,2]`).
 pub type Addr4 = [u8; 4];
 
+/// An IPv6 address, network order.
+pub type Addr6 = [u8; 16];
+
 /// A port (or ICMP echo identifier), network order.
 pub type Port = [u8; 2];

@@ -61,7 +61,7 @@ pub const PROTO_UDP: u8 = 17;
 mod user {
     use super::{
         ClusterNet, Config, Counter, CtEntry4, CtKey4, CtMeta, Endpoint, FragKey4, FragPorts, Net4,
-        NodeAddr, PortKey4, PortTarget4, SockKey4, SockOrig4, StaticNat4,
+        Net6, NodeAddr, PortKey4, PortTarget4, SockKey4, SockOrig4, StaticNat4,
     };
 
     /// `aya::Pod` for map key and value types.
@@ -89,6 +89,7 @@ mod user {
         FragPorts,
         NodeAddr,
         ClusterNet,
+        Net6,
     );
 }
 
@@ -166,7 +167,8 @@ mod tests {
         assert_eq!(size_of::<PortKey4>(), 8);
         assert_eq!(size_of::<PortTarget4>(), 12);
         assert_eq!(size_of::<Endpoint>(), 20);
-        assert_eq!(size_of::<Config>(), 56);
+        assert_eq!(size_of::<Net6>(), 40);
+        assert_eq!(size_of::<Config>(), 96);
         assert_eq!(size_of::<StaticNat4>(), 8);
     }
 

@@ -6,14 +6,16 @@
 use core::mem::size_of;
 
 use crate::{
-    Addr4, ClusterNet, Config, Counter, CtEntry4, CtKey4, Endpoint, FragKey4, FragPorts, Lpm4,
-    NodeAddr, PortKey4, PortTarget4, REASON_COUNT, SockKey4, SockOrig4, StaticNat4,
+    Addr4, Addr6, ClusterNet, Config, Counter, CtEntry4, CtKey4, Endpoint, FragKey4, FragPorts,
+    Lpm4, NodeAddr, PortKey4, PortTarget4, REASON_COUNT, SockKey4, SockOrig4, StaticNat4,
 };
 
 /// Map names as the kernel and bpftool see them (also the pin file names).
 pub mod map_names {
     pub const CONFIG: &str = "config";
     pub const ENDPOINTS: &str = "endpoints";
+    /// The containers by IPv6 address (`Addr6` → `Endpoint`).
+    pub const ENDPOINTS6: &str = "endpoints6";
     pub const PORTS: &str = "ports";
     pub const CONNTRACK: &str = "conntrack";
     /// Connections not assured yet (no answer seen): an LRU of their own, so that a flood of
@@ -103,12 +105,13 @@ const PINNED: bool = true;
 const PER_LOAD: bool = false;
 
 /// Every map of the eBPF object.
-pub const MAP_SPECS: [MapSpec; 13] = {
+pub const MAP_SPECS: [MapSpec; 14] = {
     use MapKind::{Array, Hash, LpmTrie, LruHash, PerCpuArray};
     use map_names as n;
     [
         map::<u32, Config>(n::CONFIG, Array, Some(1), PINNED),
         map::<Addr4, Endpoint>(n::ENDPOINTS, Hash, None, PINNED),
+        map::<Addr6, Endpoint>(n::ENDPOINTS6, Hash, None, PINNED),
         map::<PortKey4, PortTarget4>(n::PORTS, Hash, None, PINNED),
         map::<CtKey4, CtEntry4>(n::CONNTRACK, LruHash, None, PINNED),
         map::<CtKey4, CtEntry4>(n::CONNTRACK_NEW, LruHash, None, PINNED),

@@ -3,7 +3,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::Addr4;
+use crate::{Addr4, Addr6};
 
 /// `Config::flags`: masquerade traffic from the container subnet that leaves by the uplink.
 pub const CFG_MASQUERADE: u32 = 1 << 0;
@@ -38,6 +38,23 @@ pub struct Config {
     /// The node's IPv4 addresses.
     pub v4: Net4,
     pub _pad2: [u8; 4],
+    /// The container subnet's IPv6 part (`prefix_len` 0: the node has none, and IPv6 is the
+    /// stack's business as before).
+    pub v6: Net6,
+}
+
+/// The IPv6 part of `Config`; addresses network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Net6 {
+    /// Container subnet base address (`up --subnet6`).
+    pub subnet_addr: Addr6,
+    /// The containers' IPv6 gateway (a node address; Neighbour Solicitations for it are
+    /// answered with the host veth's MAC).
+    pub gateway_addr: Addr6,
+    /// The subnet's prefix length; 0 when the node has no IPv6 subnet.
+    pub prefix_len: u8,
+    pub _pad: [u8; 7],
 }
 
 /// The IPv4 part of `Config`; all addresses network order.
@@ -72,7 +89,8 @@ pub struct NodeAddr {
 /// Endpoint flag: the entry is a container attached to this node.
 pub const EP_CONTAINER: u32 = 1 << 0;
 
-/// `endpoints` hash map value, keyed by the container's IPv4 address (`Addr4`).
+/// `endpoints` hash map value, keyed by the container's IPv4 address (`Addr4`); also the
+/// `endpoints6` value, keyed by its IPv6 address (`Addr6`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Endpoint {

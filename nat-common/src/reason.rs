@@ -115,10 +115,18 @@ pub enum Reason {
     /// A packet from a pod of another node (or from another node) delivered to a local
     /// container with its source preserved, untracked.
     ClusterDeliver = 38,
+    /// IPv6 Neighbour Solicitation answered by the datapath (IPv6's ARP): a container's for
+    /// the gateway or for another container.
+    NdReply = 39,
+    /// Dropped: a Neighbour Solicitation for an address the datapath does not know.
+    DropNdUnknown = 40,
+    /// Dropped: IPv6 from a container to beyond its subnet and the node: not translated yet
+    /// (NAT66 is to come), and never leaked untranslated.
+    DropIpv6Out = 41,
 }
 
 /// Number of `Reason` slots in the `stats` array.
-pub const REASON_COUNT: u32 = 39;
+pub const REASON_COUNT: u32 = 42;
 
 impl Reason {
     /// Every reason with its stable name, in index order.
@@ -162,6 +170,9 @@ impl Reason {
         (Self::FragUnmatched, "frag_unmatched"),
         (Self::ClusterRoute, "cluster_route"),
         (Self::ClusterDeliver, "cluster_deliver"),
+        (Self::NdReply, "nd_reply"),
+        (Self::DropNdUnknown, "drop_nd_unknown"),
+        (Self::DropIpv6Out, "drop_ipv6_out"),
     ];
 }
 

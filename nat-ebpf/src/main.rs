@@ -20,6 +20,7 @@ mod forward;
 mod frag;
 mod icmp;
 mod ingress;
+mod ipv6;
 mod lookup;
 mod maps;
 mod nat;
@@ -50,7 +51,12 @@ fn verdict(ctx: &TcContext, r: Result<i32, nat_common::Reason>) -> i32 {
 /// TC ingress of a container's host-side veth.
 #[classifier]
 pub fn tc_container(ctx: TcContext) -> i32 {
-    verdict(&ctx, ingress::from_container(&ctx))
+    let r = if ingress::is_ipv6(&ctx) {
+        ingress::from_container_v6(&ctx)
+    } else {
+        ingress::from_container(&ctx)
+    };
+    verdict(&ctx, r)
 }
 
 /// TC ingress of the uplink.

@@ -8,8 +8,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use nat_common::{
-    Addr4, CLUSTER_NETS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, ClusterNet, Config, Counter, CtEntry4,
-    CtKey4, ENDPOINTS_MAX_ENTRIES, Endpoint, FRAGS_MAX_ENTRIES, FragKey4, FragPorts,
+    Addr4, Addr6, CLUSTER_NETS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, ClusterNet, Config, Counter,
+    CtEntry4, CtKey4, ENDPOINTS_MAX_ENTRIES, Endpoint, FRAGS_MAX_ENTRIES, FragKey4, FragPorts,
     NODE_ADDRS_MAX_ENTRIES, NodeAddr, PORTS_MAX_ENTRIES, PortKey4, PortTarget4, REASON_COUNT,
     SCRATCH_SLOTS, SOCK_RNAT_MAX_ENTRIES, STATIC_NAT_MAX_ENTRIES, SockKey4, SockOrig4, StaticNat4,
     conntrack_new_max,
@@ -21,6 +21,11 @@ pub static CONFIG: Array<Config, 1> = Array::new();
 /// Container IPv4 address (network order) → its veth and MACs.
 #[btf_map(name = "endpoints")]
 pub static ENDPOINTS: HashMap<Addr4, Endpoint, { ENDPOINTS_MAX_ENTRIES as usize }> = HashMap::new();
+
+/// Container IPv6 address (network order) → its veth and MACs.
+#[btf_map(name = "endpoints6")]
+pub static ENDPOINTS6: HashMap<Addr6, Endpoint, { ENDPOINTS_MAX_ENTRIES as usize }> =
+    HashMap::new();
 
 #[btf_map(name = "ports")]
 pub static PORTS: HashMap<PortKey4, PortTarget4, { PORTS_MAX_ENTRIES as usize }> = HashMap::new();

@@ -41,6 +41,7 @@ pub fn ptr_at<T>(ctx: &impl Pkt, off: usize) -> Option<*const T> {
 pub enum L3 {
     Arp,
     Ipv4,
+    Ipv6,
     Other,
 }
 
@@ -53,6 +54,8 @@ pub fn l3(ctx: &impl Pkt) -> Option<(L3, [u8; 6])> {
         L3::Ipv4
     } else if ty == EtherType::Arp as u16 {
         L3::Arp
+    } else if ty == EtherType::Ipv6 as u16 {
+        L3::Ipv6
     } else {
         L3::Other
     };

@@ -2,7 +2,11 @@
 //! routes, datapath hooks, published ports), remove it, and find what an earlier bpfnat left.
 //! The CLI's `container` commands and the CNI plugin call these.
 
-use std::{collections::HashMap, net::Ipv4Addr, path::PathBuf};
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use nat_common::{EP_CONTAINER, Endpoint};
@@ -12,7 +16,7 @@ use crate::{
     datapath::{self, Hook, Maps},
     env::Env,
     ethtool::{self, Offload},
-    net::{Cidr, mac_for},
+    net::{Cidr, Cidr6, mac_for},
     netlink::Netlink,
     netns,
     node::{self, NodeSpec, Upped, require_node},
@@ -133,6 +137,42 @@ fn pick_ip(state: &State, node: &Node, want: Option<Ipv4Addr>) -> Result<Ipv4Add
     }
 }
 
+/// The container's IPv6 address: `want` if it is a free host address of the node's IPv6
+/// subnet, else the lowest free one; none on a node without an IPv6 subnet.
+fn pick_ip6(state: &State, node: &Node, want: Option<Ipv6Addr>) -> Result<Option<Ipv6Addr>> {
+    let Some(v6) = &node.v6 else {
+        if let Some(ip) = want {
+            bail!("--ip6 {ip}: this node has no IPv6 subnet (`bpfnat up --subnet6`)");
+        }
+        return Ok(None);
+    };
+    let net = Cidr6 {
+        addr: v6.subnet,
+        prefix: v6.prefix_len,
+    };
+    let holder = |ip: Ipv6Addr| state.containers.values().find(|c| c.ip6 == Some(ip));
+    match want {
+        Some(ip) => {
+            if !net.contains(ip) || ip == net.addr {
+                bail!("address {ip} is not a host address of the IPv6 subnet {net}");
+            }
+            if ip == v6.gateway {
+                bail!("address {ip} is the IPv6 gateway's");
+            }
+            if let Some(c) = holder(ip) {
+                bail!("address {ip} is already used by container {}", c.name);
+            }
+            Ok(Some(ip))
+        }
+        // Bounded: a /64 is not searched to its end.
+        None => (1..=65_536u128)
+            .filter_map(|n| net.nth(n))
+            .find(|ip| *ip != v6.gateway && holder(*ip).is_none())
+            .map(Some)
+            .ok_or_else(|| anyhow!("no free address left in {net}")),
+    }
+}
+
 /// Who holds which host port: the published ports of every container, indexed by
 /// (protocol, port) so checks stay linear when thousands of ports are published at once.
 struct PortBook<'a> {
@@ -221,6 +261,8 @@ pub fn resolve_ports(state: &State, specs: &[PortSpec]) -> Result<Vec<PortMappin
 pub struct AddRequest {
     pub name: String,
     pub ip: Option<Ipv4Addr>,
+    /// On a node with an IPv6 subnet (default: the lowest free address of it).
+    pub ip6: Option<Ipv6Addr>,
     pub ports: Vec<PortSpec>,
     pub sysctls: Vec<String>,
     /// An existing namespace to wire instead of creating `/run/netns/NAME`.
@@ -236,6 +278,7 @@ pub async fn create(ctx: &Env, req: AddRequest) -> Result<Container> {
     let AddRequest {
         name,
         ip,
+        ip6,
         ports: publish,
         sysctls: sysctl,
         netns: netns_path,
@@ -264,6 +307,7 @@ pub async fn create(ctx: &Env, req: AddRequest) -> Result<Container> {
         store.save(&state)?;
     }
     let ip = pick_ip(&state, &node, ip)?;
+    let ip6 = pick_ip6(&state, &node, ip6)?;
     let ports = resolve_ports(&state, &publish)?;
     let sysctls = parse_sysctls(&sysctl)?;
     let host_if = host_if_name(&name);
@@ -286,6 +330,7 @@ pub async fn create(ctx: &Env, req: AddRequest) -> Result<Container> {
     let mut c = Container {
         name: name.clone(),
         ip,
+        ip6,
         mac: mac_for(ip),
         host_if,
         host_ifindex: 0,
@@ -354,6 +399,10 @@ async fn wire(
     inner.add_addr(eth0.index, c.ip, node.prefix_len).await?;
     inner.set_up(eth0.index).await?;
     inner.add_default_route(node.gateway, eth0.index).await?;
+    if let (Some(v6), Some(ip6)) = (&node.v6, c.ip6) {
+        inner.add_addr6(eth0.index, ip6, v6.prefix_len).await?;
+        inner.add_default_route6(v6.gateway, eth0.index).await?;
+    }
     if node.xdp == XdpSetting::Native {
         // Frames the uplink's XDP program redirects into this veth pair are dropped unless
         // this end runs NAPI, which GRO turns on.
@@ -363,18 +412,17 @@ async fn wire(
 
     nl.set_up(host.index).await?;
     nl.add_host_route(c.ip, host.index, node.gateway).await?;
+    if let Some(ip6) = c.ip6 {
+        nl.add_host_route6(ip6, host.index).await?;
+        // The node knows the container's MAC (bpfnat chose it): no solicitation needed, and
+        // the kernel's own would carry the gateway address from another interface, which
+        // the exchange does not survive.
+        nl.add_neigh(ip6.into(), c.mac, host.index).await?;
+    }
     datapath::attach(&ctx.pins, Hook::Container, &c.host_if)?;
 
     let mut maps = Maps::open(&ctx.pins)?;
-    maps.put_endpoint(
-        c.ip,
-        &Endpoint {
-            ifindex: c.host_ifindex,
-            flags: EP_CONTAINER,
-            mac: c.mac,
-            host_mac: c.host_mac,
-        },
-    )?;
+    put_endpoints(&mut maps, c)?;
     if !c.ports.is_empty() {
         // An address added to the node since `up` is a DNAT destination from now on.
         node::sync_node_addrs(nl, &mut maps, node).await?;
@@ -384,6 +432,21 @@ async fn wire(
     maps.put_ports(&c.ports, c.ip, generation)
 }
 
+/// The datapath's endpoints of `c`: by its IPv4 address, and by its IPv6 one if it has one.
+fn put_endpoints(maps: &mut Maps, c: &Container) -> Result<()> {
+    let ep = Endpoint {
+        ifindex: c.host_ifindex,
+        flags: EP_CONTAINER,
+        mac: c.mac,
+        host_mac: c.host_mac,
+    };
+    maps.put_endpoint(c.ip, &ep)?;
+    if let Some(ip6) = c.ip6 {
+        maps.put_endpoint6(ip6, &ep)?;
+    }
+    Ok(())
+}
+
 /// Undo everything `wire` and `add` did for `c`; tolerant of parts that never happened (an
 /// unfinished add's record does not know the veth's ifindex: the veth says).
 pub async fn remove(ctx: &Env, nl: &Netlink, c: &Container) -> Result<()> {
@@ -391,6 +454,9 @@ pub async fn remove(ctx: &Env, nl: &Netlink, c: &Container) -> Result<()> {
         let mut maps = Maps::open(&ctx.pins)?;
         maps.remove_ports(&c.ports)?;
         maps.remove_endpoint(c.ip)?;
+        if let Some(ip6) = c.ip6 {
+            maps.remove_endpoint6(ip6)?;
+        }
         let ifindex = match c.host_ifindex {
             0 => nl.link(&c.host_if).await?.map_or(0, |l| l.index),
             i => i,
@@ -457,13 +523,12 @@ async fn rewire_all(ctx: &Env, node: &Node, only_missing: bool) -> Result<()> {
             continue;
         };
         datapath::attach(&ctx.pins, Hook::Container, &c.host_if)?;
-        maps.put_endpoint(
-            c.ip,
-            &Endpoint {
-                ifindex: host.index,
-                flags: EP_CONTAINER,
-                mac: c.mac,
+        put_endpoints(
+            &mut maps,
+            &Container {
+                host_ifindex: host.index,
                 host_mac: host.mac,
+                ..c.clone()
             },
         )?;
         let generation = state.next_generation();

@@ -216,3 +216,68 @@ mod tests {
         );
     }
 }
+
+/// An IPv6 network in CIDR notation, e.g. `fd00:88::/64`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr6 {
+    pub addr: std::net::Ipv6Addr,
+    pub prefix: u8,
+}
+
+impl Cidr6 {
+    fn mask(&self) -> u128 {
+        u128::MAX
+            .checked_shl(128 - u32::from(self.prefix))
+            .unwrap_or(0)
+    }
+
+    #[must_use]
+    pub fn contains(&self, ip: std::net::Ipv6Addr) -> bool {
+        u128::from(ip) & self.mask() == u128::from(self.addr)
+    }
+
+    /// The `n`th address of the network (0: the network's own, the subnet-router anycast).
+    #[must_use]
+    pub fn nth(&self, n: u128) -> Option<std::net::Ipv6Addr> {
+        let a = u128::from(self.addr).checked_add(n)?;
+        let ip = std::net::Ipv6Addr::from(a);
+        self.contains(ip).then_some(ip)
+    }
+}
+
+impl FromStr for Cidr6 {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let (a, p) = s.split_once('/').ok_or_else(|| {
+            anyhow!("invalid IPv6 subnet {s:?}: expected ADDRESS/PREFIX, e.g. fd00:88::/64")
+        })?;
+        let addr: std::net::Ipv6Addr = a
+            .parse()
+            .map_err(|_| anyhow!("invalid IPv6 subnet {s:?}: {a:?} is not an IPv6 address"))?;
+        let prefix: u8 = p
+            .parse()
+            .ok()
+            .filter(|p| (48..=120).contains(p))
+            .ok_or_else(|| anyhow!("invalid IPv6 subnet {s:?}: prefix must be 48-120"))?;
+        let c = Self { addr, prefix };
+        let net = std::net::Ipv6Addr::from(u128::from(addr) & c.mask());
+        if net != addr {
+            bail!("invalid IPv6 subnet {s:?}: host bits set (did you mean {net}/{prefix}?)");
+        }
+        let seg = addr.segments()[0];
+        let unicast = (0x2000..=0x3fff).contains(&seg) || seg & 0xfe00 == 0xfc00;
+        if !unicast {
+            bail!(
+                "invalid IPv6 subnet {s:?}: containers need global unicast (2000::/3) or unique local (fc00::/7) addresses, e.g. fd00:88::/64"
+            );
+        }
+        Ok(c)
+    }
+}
+
+impl fmt::Display for Cidr6 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}

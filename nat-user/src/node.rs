@@ -2,18 +2,18 @@
 //! record another namespace left. The CLI, the agent and the CNI plugin call these; showing
 //! the result is theirs.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use nat_common::{CFG_MASQUERADE, CFG_STATIC_NAT, CONNTRACK_MAX_ENTRIES, Config, Net4};
+use nat_common::{CFG_MASQUERADE, CFG_STATIC_NAT, CONNTRACK_MAX_ENTRIES, Config, Net4, Net6};
 
 use crate::{
     datapath::{self, Hook, Maps, XdpAttach},
     env::Env,
-    net::{Cidr, PortRange},
+    net::{Cidr, Cidr6, PortRange},
     netlink::{Link, Netlink},
     netns,
-    state::{Node, State, Store, XdpSetting},
+    state::{Node, State, Store, Subnet6, XdpSetting},
 };
 
 /// The interface that holds the container gateway address (one end of a veth pair whose
@@ -42,6 +42,10 @@ pub struct NodeSpec {
     /// Never MASQUERADE from a port of the node's own ephemeral range.
     pub masquerade_avoid_host_ports: bool,
     pub xdp: XdpChoice,
+    /// An IPv6 container subnet beside the IPv4 one.
+    pub subnet6: Option<Cidr6>,
+    /// Default: the IPv6 subnet's first address after the subnet-router anycast one.
+    pub gateway6: Option<Ipv6Addr>,
 }
 
 impl NodeSpec {
@@ -59,6 +63,8 @@ impl NodeSpec {
             conntrack_max: CONNTRACK_MAX_ENTRIES,
             masquerade_avoid_host_ports: false,
             xdp: XdpChoice::Auto,
+            subnet6: None,
+            gateway6: None,
         }
     }
 }
@@ -145,6 +151,12 @@ pub fn config_of(node: &Node, static_nat: bool) -> Config {
             subnet_addr: node.subnet.octets(),
             subnet_mask: subnet.mask().octets(),
         },
+        v6: node.v6.as_ref().map_or_else(Net6::default, |v| Net6 {
+            subnet_addr: v.subnet.octets(),
+            gateway_addr: v.gateway.octets(),
+            prefix_len: v.prefix_len,
+            _pad: [0; 7],
+        }),
         ..Config::default()
     }
 }
@@ -212,6 +224,7 @@ pub async fn up(ctx: &Env, a: NodeSpec) -> Result<Upped> {
             host_ports.1
         );
     }
+    let v6 = subnet6(&a)?;
     let store = ctx.store()?;
     let mut state = store.load()?;
     forget_stale_node(ctx, &store, &mut state)?;
@@ -250,6 +263,7 @@ pub async fn up(ctx: &Env, a: NodeSpec) -> Result<Upped> {
         host_port_min: host_ports.0,
         host_port_max: host_ports.1,
         xdp: a.xdp.resolve(&uplink),
+        v6,
     };
     if let Some(old) = &state.node {
         let same = Node {
@@ -289,6 +303,28 @@ pub async fn up(ctx: &Env, a: NodeSpec) -> Result<Upped> {
     Ok(Upped::Fresh(node))
 }
 
+/// The IPv6 subnet `up` asks for, checked: the gateway a host address of it.
+fn subnet6(a: &NodeSpec) -> Result<Option<Subnet6>> {
+    let Some(net) = a.subnet6 else {
+        if let Some(gw) = a.gateway6 {
+            bail!("--gateway6 {gw} needs --subnet6");
+        }
+        return Ok(None);
+    };
+    let gateway = match a.gateway6 {
+        Some(gw) => gw,
+        None => net.nth(1).context("the IPv6 subnet has no first address")?,
+    };
+    if !net.contains(gateway) || gateway == net.addr {
+        bail!("gateway {gateway} is not a host address of IPv6 subnet {net}");
+    }
+    Ok(Some(Subnet6 {
+        subnet: net.addr,
+        prefix_len: net.prefix,
+        gateway,
+    }))
+}
+
 /// Install the node's datapath, or leave nothing half-done behind.
 async fn install_node(
     ctx: &Env,
@@ -323,6 +359,11 @@ async fn bring_up(
     nl.add_local_veth(GATEWAY_IF, GATEWAY_PEER).await?;
     let gw = nl.require_link(GATEWAY_IF).await?;
     nl.add_addr(gw.index, gateway, 32).await?;
+    if let Some(v6) = &node.v6 {
+        // The node answers its containers on the IPv6 gateway address too (F6); IPv6
+        // forwarding stays as it is: the datapath forwards between containers itself.
+        nl.add_addr6(gw.index, v6.gateway, 128).await?;
+    }
     node.gateway_ifindex = gw.index;
 
     datapath::install(&ctx.pins, ct_max)?;

@@ -45,6 +45,18 @@ pub struct Node {
     /// How the uplink's XDP fast path runs (`up --xdp`).
     #[serde(default)]
     pub xdp: XdpSetting,
+    /// The container subnet's IPv6 part (`up --subnet6`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v6: Option<Subnet6>,
+}
+
+/// A node's IPv6 container subnet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subnet6 {
+    pub subnet: std::net::Ipv6Addr,
+    pub prefix_len: u8,
+    /// The containers' IPv6 gateway, held by the node.
+    pub gateway: std::net::Ipv6Addr,
 }
 
 /// How the uplink's inbound XDP fast path runs.
@@ -74,6 +86,9 @@ impl std::fmt::Display for XdpSetting {
 pub struct Container {
     pub name: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, on a node with an IPv6 subnet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<std::net::Ipv6Addr>,
     pub mac: [u8; 6],
     pub host_if: String,
     pub host_ifindex: u32,

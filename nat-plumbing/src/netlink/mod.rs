@@ -2,7 +2,7 @@
 //! namespace: the one its socket was opened in.
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::AsRawFd as _,
     path::Path,
 };
@@ -12,8 +12,9 @@ use futures::TryStreamExt as _;
 use rtnetlink::{
     Handle, LinkUnspec, LinkVeth, RouteMessageBuilder,
     packet_route::{
-        address::AddressAttribute,
+        address::{AddressAttribute, AddressFlags, AddressHeaderFlags},
         link::{InfoData, InfoVeth, LinkAttribute, LinkInfo, LinkMessage, LinkXdp, XdpAttached},
+        neighbour::NeighbourState,
         route::{
             RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
         },
@@ -258,6 +259,62 @@ impl Netlink {
             Err(e) if is_errno(&e, libc::EEXIST) => Ok(()),
             Err(e) => Err(anyhow!(e).context(format!("add address {addr}/{prefix}"))),
         }
+    }
+
+    /// Add an IPv6 address without duplicate address detection (bpfnat hands out each one
+    /// once: waiting out DAD would only delay the container's first packet).
+    pub async fn add_addr6(&self, index: u32, addr: Ipv6Addr, prefix: u8) -> Result<()> {
+        let mut req = self.handle.address().add(index, IpAddr::V6(addr), prefix);
+        req.message_mut().header.flags |= AddressHeaderFlags::Nodad;
+        req.message_mut()
+            .attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        match req.execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if is_errno(&e, libc::EEXIST) => Ok(()),
+            Err(e) => Err(anyhow!(e).context(format!("add address {addr}/{prefix}"))),
+        }
+    }
+
+    /// `default via gw dev index` for IPv6.
+    pub async fn add_default_route6(&self, gw: Ipv6Addr, index: u32) -> Result<()> {
+        let r = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+            .gateway(gw)
+            .output_interface(index)
+            .build();
+        match self.handle.route().add(r).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if is_errno(&e, libc::EEXIST) => Ok(()),
+            Err(e) => Err(anyhow!(e).context(format!("add IPv6 default route via {gw}"))),
+        }
+    }
+
+    /// `dst/128 dev index`: how the node reaches a container over IPv6.
+    pub async fn add_host_route6(&self, dst: Ipv6Addr, index: u32) -> Result<()> {
+        let r = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(dst, 128)
+            .output_interface(index)
+            .build();
+        self.handle
+            .route()
+            .add(r)
+            .execute()
+            .await
+            .with_context(|| format!("add route {dst}/128"))
+    }
+
+    /// A permanent neighbour entry `dst lladdr mac dev index`.
+    pub async fn add_neigh(&self, dst: IpAddr, mac: [u8; 6], index: u32) -> Result<()> {
+        self.handle
+            .neighbours()
+            .add(index, dst)
+            .link_layer_address(&mac)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("add neighbour {dst}"))
     }
 
     /// IPv4 addresses on link `index`, primary first.

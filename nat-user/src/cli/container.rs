@@ -1,7 +1,10 @@
 //! `bpfnat container add / del / list / inspect`: arguments and output; the work is
 //! `endpoints`'s.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::PathBuf,
+};
 
 use anyhow::{Result, anyhow};
 use clap::Subcommand;
@@ -29,6 +32,10 @@ pub enum ContainerCmd {
         /// Address in the node's subnet, e.g. `10.88.0.10` (default: the lowest free one).
         #[arg(long)]
         ip: Option<Ipv4Addr>,
+        /// IPv6 address in the node's IPv6 subnet, e.g. `fd00:88::10` (default: the lowest
+        /// free one; only on a node brought up with `--subnet6`).
+        #[arg(long)]
+        ip6: Option<Ipv6Addr>,
         /// Publish a port, as `docker -p`: [HOST_IP:][HOST_PORT[-END]:]CONTAINER_PORT[-END][/tcp|/udp],
         /// e.g. `8080:80`, `127.0.0.1:5353:53/udp`, `8000-8010:80`.
         #[arg(short = 'p', long = "publish", value_name = "SPEC")]
@@ -61,10 +68,11 @@ pub async fn run(ctx: &Ctx, cmd: ContainerCmd) -> Result<()> {
         ContainerCmd::Add {
             name,
             ip,
+            ip6,
             publish,
             sysctl,
             netns,
-        } => add(ctx, name, ip, publish, sysctl, netns).await,
+        } => add(ctx, name, (ip, ip6), publish, sysctl, netns).await,
         ContainerCmd::Del { name } => del(ctx, &name).await,
         ContainerCmd::List => list(ctx),
         ContainerCmd::Inspect { name } => inspect(ctx, &name),
@@ -74,7 +82,7 @@ pub async fn run(ctx: &Ctx, cmd: ContainerCmd) -> Result<()> {
 async fn add(
     ctx: &Ctx,
     name: String,
-    ip: Option<Ipv4Addr>,
+    (ip, ip6): (Option<Ipv4Addr>, Option<Ipv6Addr>),
     publish: Vec<PortSpec>,
     sysctl: Vec<String>,
     netns_path: Option<PathBuf>,
@@ -84,6 +92,7 @@ async fn add(
         AddRequest {
             name,
             ip,
+            ip6,
             ports: publish,
             sysctls: sysctl,
             netns: netns_path,
@@ -94,9 +103,10 @@ async fn add(
     .await?;
     ctx.emit("Container", &ContainerView::of(&c), || {
         let mut s = format!(
-            "container {} added: {} ({}) on {}, netns {}",
+            "container {} added: {}{} ({}) on {}, netns {}",
             c.name,
             c.ip,
+            c.ip6.map_or_else(String::new, |ip| format!(" {ip}")),
             fmt_mac(&c.mac),
             c.host_if,
             c.netns.display()
@@ -132,7 +142,10 @@ fn list(ctx: &Ctx) -> Result<()> {
                         } else {
                             r.name.clone()
                         },
-                        r.ip.to_string(),
+                        match r.ip6 {
+                            Some(ip6) => format!("{} {ip6}", r.ip),
+                            None => r.ip.to_string(),
+                        },
                         r.mac.clone(),
                         r.host_if.clone(),
                         r.netns.clone(),

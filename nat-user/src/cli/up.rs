@@ -1,6 +1,9 @@
 //! `bpfnat up`, `down`, `status`: arguments and output; the work is `node`'s.
 
-use std::{net::Ipv4Addr, path::Path};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    path::Path,
+};
 
 use anyhow::{Context as _, Result};
 use aya::programs::{SchedClassifier, TcAttachType};
@@ -17,7 +20,7 @@ use crate::{
     datapath::Maps,
     endpoints,
     env::{DEFAULT_BPFFS_DIR, DEFAULT_STATE_DIR},
-    net::{Cidr, PortRange},
+    net::{Cidr, Cidr6, PortRange},
     netlink::Netlink,
     node::{DEFAULT_PORT_RANGE, DEFAULT_SUBNET, NodeSpec, Upped, XdpChoice},
     state::{Node, XdpSetting},
@@ -54,6 +57,14 @@ pub struct UpArgs {
     /// bpf_redirect_peer and cannot handle the partial checksums of local senders.
     #[arg(long, value_enum, default_value_t = XdpChoice::Auto)]
     pub xdp: XdpChoice,
+    /// An IPv6 container subnet beside the IPv4 one, e.g. `fd00:88::/64`: containers get an
+    /// address of each and reach each other and the node over both (IPv6 to beyond the node
+    /// is not translated yet, and dropped).
+    #[arg(long)]
+    pub subnet6: Option<Cidr6>,
+    /// The containers' IPv6 gateway (default: the IPv6 subnet's first address, `::1`).
+    #[arg(long)]
+    pub gateway6: Option<Ipv6Addr>,
 }
 
 impl From<UpArgs> for NodeSpec {
@@ -67,6 +78,8 @@ impl From<UpArgs> for NodeSpec {
             conntrack_max: a.conntrack_max,
             masquerade_avoid_host_ports: a.masquerade_avoid_host_ports,
             xdp: a.xdp,
+            subnet6: a.subnet6,
+            gateway6: a.gateway6,
         }
     }
 }
@@ -195,6 +208,12 @@ pub async fn status(ctx: &Ctx) -> Result<()> {
         let Some(n) = &state.node else {
             return "bpfnat is down".to_owned();
         };
+        let subnet6 = n.v6.as_ref().map_or_else(String::new, |v| {
+            format!(
+                "\nsubnet6:      {}/{} gateway {}",
+                v.subnet, v.prefix_len, v.gateway
+            )
+        });
         let cluster = s.cluster.as_ref().map_or_else(String::new, |c| {
             format!(
                 "\ncluster:      node {}, block {}, {} other nodes, datastore {} {}",
@@ -206,7 +225,7 @@ pub async fn status(ctx: &Ctx) -> Result<()> {
             )
         });
         format!(
-            "state:        {}\nuplink:       {} (ifindex {}, tc ingress: {}, xdp: {})\nmasquerade:   {} (ports {}-{})\nsubnet:       {}/{} gateway {}\ncontainers:   {}\nports:        {}\nconntrack:    {} entries\npins:         {}{cluster}",
+            "state:        {}\nuplink:       {} (ifindex {}, tc ingress: {}, xdp: {})\nmasquerade:   {} (ports {}-{})\nsubnet:       {}/{} gateway {}{subnet6}\ncontainers:   {}\nports:        {}\nconntrack:    {} entries\npins:         {}{cluster}",
             match &s.repair {
                 None => "up".to_owned(),
                 Some(cmd) => format!("degraded: the pinned datapath is gone; `{cmd}` restores it with every recorded container"),
@@ -257,6 +276,12 @@ fn repair_command(ctx: &Ctx, n: &Node) -> String {
     }
     if n.host_port_min <= n.host_port_max {
         cmd.push("--masquerade-avoid-host-ports".to_owned());
+    }
+    if let Some(v6) = &n.v6 {
+        cmd.push(format!(
+            "--subnet6 {}/{} --gateway6 {}",
+            v6.subnet, v6.prefix_len, v6.gateway
+        ));
     }
     cmd.join(" ")
 }

@@ -5,7 +5,10 @@
 //! helper interfaces, namespace cookies, empty ranges standing for "none") is shown. Every
 //! object has `apiVersion` and `kind`; a list is `{"apiVersion", "kind": "…List", "items"}`.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 use serde::Serialize;
 
@@ -70,6 +73,11 @@ pub struct NodeView {
     pub avoided_host_ports: Option<Range>,
     /// `off`, `native` or `generic`.
     pub xdp: String,
+    /// The IPv6 container subnet, CIDR; absent on a node without one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subnet6: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway6: Option<Ipv6Addr>,
 }
 
 impl NodeView {
@@ -93,6 +101,11 @@ impl NodeView {
                 max: n.host_port_max,
             }),
             xdp: n.xdp.to_string(),
+            subnet6: n
+                .v6
+                .as_ref()
+                .map(|v| format!("{}/{}", v.subnet, v.prefix_len)),
+            gateway6: n.v6.as_ref().map(|v| v.gateway),
         }
     }
 }
@@ -130,6 +143,9 @@ pub struct CniView {
 pub struct ContainerView {
     pub name: String,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, on a node with an IPv6 subnet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip6: Option<Ipv6Addr>,
     pub mac: String,
     /// The interface inside the namespace.
     pub ifname: String,
@@ -168,6 +184,7 @@ impl ContainerView {
         Self {
             name: c.name.clone(),
             ip: c.ip,
+            ip6: c.ip6,
             mac: fmt_mac(&c.mac),
             ifname: c.ifname.clone(),
             host_if: c.host_if.clone(),

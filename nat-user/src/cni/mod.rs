@@ -396,6 +396,7 @@ async fn add(ctx: &Env, conf: &NetConf) -> Result<Value, CniError> {
         AddRequest {
             name: key.record_name(),
             ip: None,
+            ip6: None,
             ports,
             sysctls: Vec::new(),
             netns: Some(netns_path),

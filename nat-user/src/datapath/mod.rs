@@ -18,7 +18,7 @@ mod conntrack;
 use std::{
     collections::BTreeMap,
     io,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -35,9 +35,9 @@ use aya::{
     },
 };
 use nat_common::{
-    Addr4, ClusterNet, Config, Counter, CtEntry4, CtKey4, Endpoint, MAP_SPECS, MapKind, MapSpec,
-    NodeAddr, PIN_VERSION, PortKey4, PortTarget4, Reason, STATIC_EXTERNAL, STATIC_INTERNAL,
-    StaticNat4, map_names, prog_names,
+    Addr4, Addr6, ClusterNet, Config, Counter, CtEntry4, CtKey4, Endpoint, MAP_SPECS, MapKind,
+    MapSpec, NodeAddr, PIN_VERSION, PortKey4, PortTarget4, Reason, STATIC_EXTERNAL,
+    STATIC_INTERNAL, StaticNat4, map_names, prog_names,
 };
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 
@@ -547,6 +547,7 @@ fn open_map(pins: &Pins, name: &str) -> Result<Map> {
 pub struct Maps {
     config: Array<MapData, Config>,
     endpoints: HashMap<MapData, Addr4, Endpoint>,
+    endpoints6: HashMap<MapData, Addr6, Endpoint>,
     ports: HashMap<MapData, PortKey4, PortTarget4>,
     conntrack: HashMap<MapData, CtKey4, CtEntry4>,
     /// Connections not assured yet (see `map_names::CONNTRACK_NEW`).
@@ -583,6 +584,7 @@ impl Maps {
         Ok(Self {
             config: open_map(pins, map_names::CONFIG)?.try_into()?,
             endpoints: open_map(pins, map_names::ENDPOINTS)?.try_into()?,
+            endpoints6: open_map(pins, map_names::ENDPOINTS6)?.try_into()?,
             ports: open_map(pins, map_names::PORTS)?.try_into()?,
             conntrack: open_map(pins, map_names::CONNTRACK)?.try_into()?,
             conntrack_new: open_map(pins, map_names::CONNTRACK_NEW)?.try_into()?,
@@ -687,6 +689,17 @@ impl Maps {
             Err(aya::maps::MapError::KeyNotFound) => Ok(false),
             Err(e) => Err(anyhow!(e).context(format!("read endpoint {ip}"))),
         }
+    }
+
+    pub fn put_endpoint6(&mut self, ip: Ipv6Addr, ep: &Endpoint) -> Result<()> {
+        self.endpoints6
+            .insert(ip.octets(), ep, 0)
+            .with_context(|| format!("write endpoint {ip}"))
+    }
+
+    pub fn remove_endpoint6(&mut self, ip: Ipv6Addr) -> Result<()> {
+        deleted(self.endpoints6.remove(&ip.octets()))
+            .with_context(|| format!("remove endpoint {ip}"))
     }
 
     pub fn remove_endpoint(&mut self, ip: Ipv4Addr) -> Result<()> {

@@ -1,0 +1,188 @@
+//! IPv6 on a dual-stack node (`up --subnet6`): containers get an address of each family,
+//! the datapath answers their Neighbour Solicitations, forwards between them by an endpoint
+//! lookup, refuses forged sources, hands the node's gateway address to the stack, drops what
+//! would leave untranslated, and keeps container addresses unreachable from outside.
+
+use std::{
+    net::{Ipv6Addr, SocketAddr},
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use bpfnat_tests::{UPLINK, counter, json, lab, status, traffic};
+use nat_plumbing::netns;
+
+fn ip(ns: &Path, args: &[&str]) {
+    let mut c = Command::new("ip");
+    c.args(args);
+    netns::command_in(&mut c, ns).unwrap();
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `ping -6` from `ns` (from `src` if given) to `to`: whether an answer came.
+fn ping6(ns: &Path, src: Option<&str>, to: &str) -> bool {
+    let mut c = Command::new("ping");
+    c.args(["-6", "-c", "1", "-W", "2"]);
+    if let Some(s) = src {
+        c.args(["-I", s]);
+    }
+    c.arg(to).stdout(Stdio::null()).stderr(Stdio::null());
+    netns::command_in(&mut c, ns).unwrap();
+    c.status().unwrap().success()
+}
+
+fn v6(ip: &str, port: u16) -> SocketAddr {
+    SocketAddr::from((ip.parse::<Ipv6Addr>().unwrap(), port))
+}
+
+#[test]
+fn containers_reach_each_other_and_the_node_over_ipv6() {
+    let lab = lab("v6");
+    lab.ok(&["up", "--uplink", UPLINK, "--subnet6", "fd00:88::/64"])
+        .unwrap();
+    let (_, st) = status(&lab);
+    assert_eq!(st["node"]["subnet6"], "fd00:88::/64", "{st}");
+    assert_eq!(st["node"]["gateway6"], "fd00:88::1", "{st}");
+    let (a, b) = (lab.name("a"), lab.name("b"));
+    lab.ok(&["container", "add", &a]).unwrap();
+    lab.ok(&["container", "add", &b, "--ip6", "fd00:88::10"])
+        .unwrap();
+    let ia = json(&lab, &["container", "inspect", &a])["ip6"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(ia, "fd00:88::2", "the lowest free address");
+    assert_eq!(
+        json(&lab, &["container", "inspect", &b])["ip6"],
+        "fd00:88::10"
+    );
+    for (args, why) in [
+        (vec!["--ip6", "fd00:99::5"], "not a host address"),
+        (vec!["--ip6", "fd00:88::10"], "already used"),
+        (vec!["--ip6", "fd00:88::1"], "gateway"),
+    ] {
+        let mut cmd = vec!["container", "add"];
+        let name = lab.name("x");
+        cmd.push(&name);
+        cmd.extend(args.iter().copied());
+        let out = lab.run(&cmd).unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(why),
+            "{args:?}: {err}"
+        );
+    }
+    let (na, nb) = (lab.container_ns(&a), lab.container_ns(&b));
+
+    // F1 over IPv6: TCP with the sender's own address, and ping; the datapath answered the
+    // neighbour solicitations and forwarded.
+    let srv = traffic::http_server(&nb, v6("::", 80), "b", 1, Duration::from_secs(10)).unwrap();
+    let got = traffic::http_get(&na, v6("fd00:88::10", 80));
+    let seen = srv.join().unwrap();
+    assert!(got.is_ok_and(|b| b.starts_with("hello from b")));
+    assert_eq!(
+        seen[0].ip().to_string(),
+        ia,
+        "the receiver sees a's address"
+    );
+    assert!(ping6(&nb, None, &ia), "b -> a");
+    assert!(counter(&lab, "nd_reply") > 0);
+    assert!(counter(&lab, "forward") > 0);
+    // F6: the node, on the gateway address.
+    assert!(
+        ping6(&na, None, "fd00:88::1"),
+        "a -> the node's gateway address"
+    );
+
+    // Another container's address is refused (with a control from a's own).
+    ip(
+        &na,
+        &[
+            "-6",
+            "addr",
+            "add",
+            "fd00:88::10/128",
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    );
+    let spoofed = counter(&lab, "drop_spoof");
+    assert!(!ping6(&na, Some("fd00:88::10"), "fd00:88::1"));
+    assert!(counter(&lab, "drop_spoof") > spoofed);
+    assert!(ping6(&na, Some(&ia), "fd00:88::1"), "control");
+
+    // Beyond the node: not translated yet, so dropped rather than leaked.
+    let out = counter(&lab, "drop_ipv6_out");
+    assert!(!ping6(&na, Some(&ia), "2001:db8:99::1"));
+    assert!(counter(&lab, "drop_ipv6_out") > out);
+
+    // From outside, a container's IPv6 address stays unreachable, even with the node
+    // forwarding IPv6 and the outside routing the subnet to it (control: the node itself).
+    ip(
+        &lab.node,
+        &[
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:1::1/64",
+            "dev",
+            UPLINK,
+            "nodad",
+        ],
+    );
+    ip(
+        &lab.ext,
+        &[
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:1::2/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    );
+    ip(
+        &lab.ext,
+        &["-6", "route", "add", "fd00:88::/64", "via", "2001:db8:1::1"],
+    );
+    netns::run_in(&lab.node, || {
+        std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")?;
+        Ok(())
+    })
+    .unwrap();
+    assert!(ping6(&lab.ext, None, "2001:db8:1::1"), "control: the node");
+    let dropped = counter(&lab, "drop_not_published");
+    assert!(!ping6(&lab.ext, None, &ia));
+    assert!(counter(&lab, "drop_not_published") > dropped);
+}
+
+#[test]
+fn a_node_without_an_ipv6_subnet_refuses_ip6_and_leaves_ipv6_alone() {
+    let lab = lab("v6off");
+    lab.ok(&["up", "--uplink", UPLINK]).unwrap();
+    let out = lab
+        .run(&["container", "add", &lab.name("a"), "--ip6", "fd00:88::2"])
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no IPv6 subnet"));
+    let c = lab.name("b");
+    lab.ok(&["container", "add", &c]).unwrap();
+    let v = json(&lab, &["container", "inspect", &c]);
+    assert!(v.get("ip6").is_none(), "{v}");
+    let out = lab
+        .run(&["up", "--uplink", UPLINK, "--gateway6", "fd00:88::1"])
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs --subnet6"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
