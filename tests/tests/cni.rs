@@ -471,3 +471,79 @@ fn check_compares_with_the_previous_result() {
         );
     }
 }
+
+#[test]
+fn a_dual_stack_network_gives_each_attachment_an_address_of_each_family() {
+    let lab = lab("cni6");
+    let c = conf(&lab, "1.1.0", json!({"subnet6": "fd00:88::/64"}));
+    let (ns1, ns2) = (sandbox(&lab, "p1"), sandbox(&lab, "p2"));
+    let (ok, r1) = cni(&lab, "ADD", "d1", &ns1, &c);
+    assert!(ok, "{r1}");
+    let (ok, r2) = cni(&lab, "ADD", "d2", &ns2, &c);
+    assert!(ok, "{r2}");
+    let addrs = |r: &Value| -> Vec<String> {
+        r["ips"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| format!("{} via {}", i["address"], i["gateway"]))
+            .collect()
+    };
+    assert_eq!(
+        addrs(&r1),
+        [
+            r#""10.88.0.2/16" via "10.88.0.1""#,
+            r#""fd00:88::2/64" via "fd00:88::1""#
+        ]
+    );
+    assert_eq!(r1["routes"][1], json!({"dst": "::/0", "gw": "fd00:88::1"}));
+    assert_eq!(r1["ips"][1]["interface"], r1["ips"][0]["interface"]);
+    assert_eq!(r2["ips"][1]["address"], "fd00:88::3/64");
+
+    // Both families carry traffic between the pods, and to the node's IPv6 gateway.
+    let ping6 = |ns: &Path, to: &str| {
+        let mut p = Command::new("ping");
+        p.args(["-6", "-c", "1", "-W", "2", to])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        nat_plumbing::netns::command_in(&mut p, ns).unwrap();
+        p.status().unwrap().success()
+    };
+    assert!(ping6(&ns1, "fd00:88::3"));
+    assert!(ping6(&ns2, "fd00:88::1"));
+
+    // CHECK knows both addresses: the result passes, one with another IPv6 address does not.
+    let mut good = c.clone();
+    good["prevResult"] = r1.clone();
+    assert!(cni(&lab, "CHECK", "d1", &ns1, &good).0);
+    let mut bad = good.clone();
+    bad["prevResult"]["ips"][1]["address"] = json!("fd00:88::99/64");
+    let (ok, e) = cni(&lab, "CHECK", "d1", &ns1, &bad);
+    assert!(
+        !ok && e["msg"].as_str().unwrap().contains("fd00:88::2/64"),
+        "{e}"
+    );
+
+    // 0.4.0 results say which family each address is.
+    let old = conf(&lab, "0.4.0", json!({"subnet6": "fd00:88::/64"}));
+    let ns3 = sandbox(&lab, "p3");
+    let (ok, r3) = cni(&lab, "ADD", "d3", &ns3, &old);
+    assert!(ok, "{r3}");
+    assert_eq!(
+        (&r3["ips"][0]["version"], &r3["ips"][1]["version"]),
+        (&json!("4"), &json!("6"))
+    );
+    for (id, ns) in [("d1", &ns1), ("d2", &ns2), ("d3", &ns3)] {
+        assert!(cni(&lab, "DEL", id, ns, &c).0);
+    }
+    // A malformed IPv6 subnet is a configuration error (code 7) before anything is touched.
+    let lab2 = bpfnat_tests::lab("cni6bad");
+    let ns = sandbox(&lab2, "p");
+    let broken = conf(&lab2, "1.1.0", json!({"subnet6": "fd00:88::1/64"}));
+    let (ok, e) = cni(&lab2, "ADD", "x", &ns, &broken);
+    assert!(!ok && e["code"] == 7, "{e}");
+    assert!(
+        !lab2.bpffs_dir.join(nat_common::PIN_VERSION).exists(),
+        "nothing touched"
+    );
+}

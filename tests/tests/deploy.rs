@@ -174,6 +174,11 @@ fn example_conflist_is_what_the_plugin_reads() {
     assert_eq!(p["bpffsDir"], "/sys/fs/bpf/bpfnat");
     assert_eq!(p["stateDir"], "/run/bpfnat");
     assert!(p["uplink"].is_string() && p["subnet"].is_string());
+    // Dual-stack: an IPv6 subnet beside the IPv4 one, as `up --subnet6` takes it.
+    let s6 = p["subnet6"].as_str().expect("a dual-stack example");
+    let args = ["bpfnat", "up", "--uplink", "eth0", "--subnet6", s6];
+    let cli = <bpfnat::cli::Cli as clap::Parser>::try_parse_from(args);
+    assert!(cli.is_ok(), "{s6}: {:?}", cli.err());
 }
 
 #[test]
@@ -189,6 +194,7 @@ fn the_agent_installs_the_cni_plugin_and_its_configuration() {
             "metricsAddr": "127.0.0.1:9974",
             "cniBinDir": bin_dir,
             "cniConfDir": conf_dir,
+            "subnet6": "fd00:88::/64",
         })
         .to_string(),
     )
@@ -221,6 +227,11 @@ fn the_agent_installs_the_cni_plugin_and_its_configuration() {
         serde_json::from_str(&std::fs::read_to_string(&conflist).unwrap()).unwrap();
     assert_eq!(v["cniVersion"], "1.1.0");
     assert_eq!(v["plugins"][0]["uplink"], bpfnat_tests::UPLINK);
+    assert_eq!(
+        v["plugins"][0]["subnet6"], "fd00:88::/64",
+        "dual-stack from the agent"
+    );
+    assert_eq!(v["plugins"][0]["gateway6"], "fd00:88::1");
     assert_eq!(
         v["plugins"][0]["bpffsDir"],
         serde_json::json!(lab.bpffs_dir)

@@ -71,29 +71,33 @@ impl Drop for Podman<'_> {
 }
 
 fn setup(lab: &Lab) -> Podman<'_> {
+    setup_with(lab, &serde_json::json!({}))
+}
+
+/// `setup` with `extra` added to the plugin's configuration.
+fn setup_with<'a>(lab: &'a Lab, extra: &serde_json::Value) -> Podman<'a> {
     let dir = lab.state_dir.join("podman");
     let (cni_bin, net_d, rootfs) = (dir.join("cni-bin"), dir.join("net.d"), dir.join("rootfs"));
     for d in [&cni_bin, &net_d, &rootfs.join("bin"), &rootfs.join("www")] {
         std::fs::create_dir_all(d).unwrap();
     }
     std::os::unix::fs::symlink(bin(), cni_bin.join("bpfnat")).unwrap();
-    std::fs::write(
-        net_d.join("bpfnat.conflist"),
-        serde_json::json!({
-            "cniVersion": "1.0.0",
-            "name": "bpfnat",
-            "plugins": [{
-                "type": "bpfnat",
-                "uplink": bpfnat_tests::UPLINK,
-                "subnet": "10.88.0.0/16",
-                "bpffsDir": lab.bpffs_dir,
-                "stateDir": lab.state_dir,
-                "capabilities": {"portMappings": true}
-            }]
-        })
-        .to_string(),
-    )
-    .unwrap();
+    let mut conf = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "bpfnat",
+        "plugins": [{
+            "type": "bpfnat",
+            "uplink": bpfnat_tests::UPLINK,
+            "subnet": "10.88.0.0/16",
+            "bpffsDir": lab.bpffs_dir,
+            "stateDir": lab.state_dir,
+            "capabilities": {"portMappings": true}
+        }]
+    });
+    if let (Some(p), Some(e)) = (conf["plugins"][0].as_object_mut(), extra.as_object()) {
+        p.extend(e.clone());
+    }
+    std::fs::write(net_d.join("bpfnat.conflist"), conf.to_string()).unwrap();
     // Facts about podman on these machines: runc (crun refuses the hybrid cgroup layout),
     // cgroupfs, file events, and ulimits within what the VM allows.
     std::fs::write(
@@ -222,5 +226,52 @@ fn podman_runs_containers_on_a_bpfnat_network() {
     assert!(
         json(&lab, &["port", "list"]).as_array().unwrap().is_empty(),
         "host port freed"
+    );
+}
+
+#[test]
+fn podman_runs_dual_stack_containers() {
+    let lab = lab("podman6");
+    let p = setup_with(&lab, &serde_json::json!({"subnet6": "fd00:88::/64"}));
+    p.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "web6",
+        "--network",
+        "bpfnat",
+        "localhost/bb",
+        "/bin/httpd",
+        "-f",
+        "-p",
+        "80",
+        "-h",
+        "/www",
+    ]);
+    // podman took both addresses from the plugin's result.
+    let v6 = p
+        .ok(&[
+            "inspect",
+            "--format",
+            "{{.NetworkSettings.Networks.bpfnat.GlobalIPv6Address}}",
+            "web6",
+        ])
+        .trim()
+        .to_owned();
+    let list = json(&lab, &["container", "list"]);
+    let web = &list.as_array().unwrap()[0];
+    assert_eq!(web["ip6"].as_str(), Some(v6.as_str()), "{list}");
+    // Container to container over IPv6.
+    let mut out = String::new();
+    wait_for("the web container over IPv6", || {
+        out = p.fetch(&format!("http://[{v6}]/"));
+        out.contains("hello-from-podman")
+    });
+    p.ok(&["rm", "-f", "-t", "0", "web6"]);
+    assert!(
+        json(&lab, &["container", "list"])
+            .as_array()
+            .unwrap()
+            .is_empty()
     );
 }

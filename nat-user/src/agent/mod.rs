@@ -24,7 +24,7 @@ use crate::{
     datapath::Maps,
     endpoints,
     env::Env,
-    net::Cidr,
+    net::{Cidr, Cidr6},
     netlink::Netlink,
     node::{self, NodeSpec, XdpChoice},
     state,
@@ -43,6 +43,11 @@ pub struct AgentConfig {
     pub gateway: Option<Ipv4Addr>,
     #[serde(default, rename = "snatIP")]
     pub snat_ip: Option<Ipv4Addr>,
+    /// An IPv6 container subnet beside the IPv4 one (`up --subnet6`).
+    #[serde(default)]
+    pub subnet6: Option<String>,
+    #[serde(default)]
+    pub gateway6: Option<std::net::Ipv6Addr>,
     /// Where `/metrics` and `/healthz` are served.
     #[serde(default = "default_metrics")]
     pub metrics_addr: SocketAddr,
@@ -79,6 +84,8 @@ impl Default for AgentConfig {
             subnet: None,
             gateway: None,
             snat_ip: None,
+            subnet6: None,
+            gateway6: None,
             metrics_addr: default_metrics(),
             gc_interval_secs: default_gc(),
             cni_bin_dir: None,
@@ -312,6 +319,10 @@ async fn bring_up(ctx: &Env, cfg: &AgentConfig) -> Result<()> {
     spec.gateway = cfg.gateway;
     spec.snat_ip = cfg.snat_ip;
     spec.xdp = cfg.xdp;
+    if let Some(s) = cfg.subnet6.as_deref() {
+        spec.subnet6 = Some(s.parse::<Cidr6>()?);
+    }
+    spec.gateway6 = cfg.gateway6;
     endpoints::up(ctx, spec).await?;
     info!("datapath up");
     Ok(())
@@ -363,7 +374,7 @@ fn install_cni(ctx: &Env, cfg: &AgentConfig) -> Result<()> {
         let node = state.node.context("the datapath is not up")?;
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
         // 1.1.0: libcni sends GC and STATUS only to networks of that version.
-        let conf = serde_json::json!({
+        let mut conf = serde_json::json!({
             "cniVersion": "1.1.0",
             "name": "bpfnat",
             "plugins": [{
@@ -375,6 +386,11 @@ fn install_cni(ctx: &Env, cfg: &AgentConfig) -> Result<()> {
                 "capabilities": {"portMappings": true}
             }]
         });
+        if let Some(v6) = &node.v6 {
+            // Dual-stack: an address of each family per pod.
+            conf["plugins"][0]["subnet6"] = format!("{}/{}", v6.subnet, v6.prefix_len).into();
+            conf["plugins"][0]["gateway6"] = v6.gateway.to_string().into();
+        }
         let path = dir.join("10-bpfnat.conflist");
         state::write_durably(
             &path,

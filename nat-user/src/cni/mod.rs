@@ -7,7 +7,7 @@
 
 use std::{
     io::Read as _,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -19,12 +19,12 @@ use crate::{
     datapath,
     endpoints::{self, AddRequest},
     env::{DEFAULT_BPFFS_DIR, DEFAULT_STATE_DIR, Env},
-    net::{Cidr, fmt_mac},
+    net::{Cidr, Cidr6, fmt_mac},
     netlink::Netlink,
     netns,
     node::{self, NodeSpec},
     spec::{HostPort, PortRequest, PortSpec, Proto},
-    state::{CniAttachment, Container, State, Store},
+    state::{CniAttachment, Container, Node, State, Store},
 };
 
 pub const SUPPORTED_VERSIONS: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];
@@ -108,6 +108,11 @@ struct NetConf {
     subnet: Option<String>,
     #[serde(default)]
     gateway: Option<Ipv4Addr>,
+    /// An IPv6 subnet beside the IPv4 one (dual-stack: one address of each per attachment).
+    #[serde(default)]
+    subnet6: Option<String>,
+    #[serde(default)]
+    gateway6: Option<Ipv6Addr>,
     #[serde(default, rename = "snatIP")]
     snat_ip: Option<Ipv4Addr>,
     #[serde(default)]
@@ -282,6 +287,15 @@ fn conf_subnet(conf: &NetConf) -> Result<Cidr, CniError> {
         .map_err(|e: anyhow::Error| err(code::INVALID_CONFIG, e.to_string()))
 }
 
+/// The configuration's IPv6 subnet, if any, refused with code 7 when it is malformed.
+fn conf_subnet6(conf: &NetConf) -> Result<Option<Cidr6>, CniError> {
+    conf.subnet6
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .map_err(|e: anyhow::Error| err(code::INVALID_CONFIG, e.to_string()))
+}
+
 async fn ensure_up(ctx: &Env, conf: &NetConf) -> Result<(), CniError> {
     {
         let store = Store::open(&ctx.state_dir)?;
@@ -302,21 +316,31 @@ async fn ensure_up(ctx: &Env, conf: &NetConf) -> Result<(), CniError> {
     spec.subnet = subnet;
     spec.gateway = conf.gateway;
     spec.snat_ip = conf.snat_ip;
+    spec.subnet6 = conf_subnet6(conf)?;
+    spec.gateway6 = conf.gateway6;
     endpoints::up(ctx, spec).await?;
     Ok(())
 }
 
-fn result(
-    version: &str,
-    c: &Container,
-    prefix: u8,
-    gateway: Ipv4Addr,
-    prev: Option<&Value>,
-) -> Value {
-    let mut ip = json!({"address": format!("{}/{prefix}", c.ip), "gateway": gateway.to_string()});
+fn result(version: &str, c: &Container, node: &Node, prev: Option<&Value>) -> Value {
+    let mut ip = json!({
+        "address": format!("{}/{}", c.ip, node.prefix_len),
+        "gateway": node.gateway.to_string(),
+    });
     if version == "0.4.0" {
         ip["version"] = json!("4");
     }
+    // Dual-stack: the IPv6 address and route beside the IPv4 ones.
+    let v6 = node.v6.as_ref().zip(c.ip6).map(|(v, ip6)| {
+        let mut ip = json!({
+            "address": format!("{ip6}/{}", v.prefix_len),
+            "gateway": v.gateway.to_string(),
+        });
+        if version == "0.4.0" {
+            ip["version"] = json!("6");
+        }
+        (ip, json!({"dst": "::/0", "gw": v.gateway.to_string()}))
+    });
     let mut out = prev.cloned().unwrap_or_else(|| json!({}));
     out["cniVersion"] = json!(version);
     let mut interfaces = out["interfaces"].as_array().cloned().unwrap_or_default();
@@ -329,7 +353,12 @@ fn result(
     let mut ips = out["ips"].as_array().cloned().unwrap_or_default();
     ips.push(ip);
     let mut routes = out["routes"].as_array().cloned().unwrap_or_default();
-    routes.push(json!({"dst": "0.0.0.0/0", "gw": gateway.to_string()}));
+    routes.push(json!({"dst": "0.0.0.0/0", "gw": node.gateway.to_string()}));
+    if let Some((mut ip, route)) = v6 {
+        ip["interface"] = json!(base + 1);
+        ips.push(ip);
+        routes.push(route);
+    }
     out["interfaces"] = json!(interfaces);
     out["ips"] = json!(ips);
     out["routes"] = json!(routes);
@@ -415,8 +444,7 @@ async fn add(ctx: &Env, conf: &NetConf) -> Result<Value, CniError> {
     Ok(result(
         &conf.cni_version,
         &c,
-        node.prefix_len,
-        node.gateway,
+        &node,
         conf.prev_result.as_ref(),
     ))
 }
@@ -436,7 +464,7 @@ async fn del(ctx: &Env, conf: &NetConf) -> Result<(), CniError> {
 
 /// Whether `prev` (the result ADD returned) describes `c`: its sandbox interface with the
 /// MAC bpfnat gave it, and its address on that interface.
-fn check_prev_result(prev: &Value, c: &Container, prefix: u8) -> Result<(), CniError> {
+fn check_prev_result(prev: &Value, c: &Container, node: &Node) -> Result<(), CniError> {
     let differs = |what: String| {
         err(
             code::PLUGIN,
@@ -463,16 +491,21 @@ fn check_prev_result(prev: &Value, c: &Container, prefix: u8) -> Result<(), CniE
             c.ifname, mac, ifs[i]["mac"]
         )));
     }
-    let address = format!("{}/{prefix}", c.ip);
-    let has_ip = prev["ips"].as_array().is_some_and(|ips| {
-        ips.iter()
-            .any(|ip| ip["address"] == address.as_str() && ip["interface"] == i)
-    });
-    if !has_ip {
-        return Err(differs(format!(
-            "address {address} on interface {} is not in prevResult",
-            c.ifname
-        )));
+    let mut addresses = vec![format!("{}/{}", c.ip, node.prefix_len)];
+    if let (Some(v6), Some(ip6)) = (&node.v6, c.ip6) {
+        addresses.push(format!("{ip6}/{}", v6.prefix_len));
+    }
+    for address in addresses {
+        let has_ip = prev["ips"].as_array().is_some_and(|ips| {
+            ips.iter()
+                .any(|ip| ip["address"] == address.as_str() && ip["interface"] == i)
+        });
+        if !has_ip {
+            return Err(differs(format!(
+                "address {address} on interface {} is not in prevResult",
+                c.ifname
+            )));
+        }
     }
     Ok(())
 }
@@ -499,7 +532,7 @@ async fn check(ctx: &Env, conf: &NetConf) -> Result<(), CniError> {
         .node
         .as_ref()
         .ok_or_else(|| err(code::NOT_AVAILABLE, datapath::NOT_UP))?;
-    check_prev_result(prev, c, node.prefix_len)?;
+    check_prev_result(prev, c, node)?;
     let name = &c.name;
     let nl = Netlink::current()?;
     nl.check_link(&c.host_if, c.host_ifindex)
@@ -541,6 +574,7 @@ async fn status(ctx: &Env, conf: &NetConf) -> Result<(), CniError> {
         )
     })?;
     conf_subnet(conf)?;
+    conf_subnet6(conf)?;
     match Netlink::current()?.link(uplink).await? {
         Some(_) => Ok(()),
         None => Err(not_ready(format!(
