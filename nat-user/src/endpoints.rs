@@ -401,7 +401,7 @@ async fn wire(
     inner.add_default_route(node.gateway, eth0.index).await?;
     if let (Some(v6), Some(ip6)) = (&node.v6, c.ip6) {
         inner.add_addr6(eth0.index, ip6, v6.prefix_len).await?;
-        inner.add_default_route6(v6.gateway, eth0.index).await?;
+        inner.add_default_route(v6.gateway, eth0.index).await?;
     }
     if node.xdp == XdpSetting::Native {
         // Frames the uplink's XDP program redirects into this veth pair are dropped unless

@@ -276,20 +276,6 @@ impl Netlink {
         }
     }
 
-    /// `default via gw dev index` for IPv6.
-    pub async fn add_default_route6(&self, gw: Ipv6Addr, index: u32) -> Result<()> {
-        let r = RouteMessageBuilder::<Ipv6Addr>::new()
-            .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
-            .gateway(gw)
-            .output_interface(index)
-            .build();
-        match self.handle.route().add(r).execute().await {
-            Ok(()) => Ok(()),
-            Err(e) if is_errno(&e, libc::EEXIST) => Ok(()),
-            Err(e) => Err(anyhow!(e).context(format!("add IPv6 default route via {gw}"))),
-        }
-    }
-
     /// `dst/128 dev index`: how the node reaches a container over IPv6.
     pub async fn add_host_route6(&self, dst: Ipv6Addr, index: u32) -> Result<()> {
         let r = RouteMessageBuilder::<Ipv6Addr>::new()
@@ -350,13 +336,21 @@ impl Netlink {
         Ok(out)
     }
 
-    /// `default via gw dev index`.
-    pub async fn add_default_route(&self, gw: Ipv4Addr, index: u32) -> Result<()> {
-        let r = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
-            .gateway(gw)
-            .output_interface(index)
-            .build();
+    /// `default via gw dev index`, in `gw`'s family.
+    pub async fn add_default_route(&self, gw: impl Into<IpAddr>, index: u32) -> Result<()> {
+        let gw = gw.into();
+        let r = match gw {
+            IpAddr::V4(g) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+                .gateway(g)
+                .output_interface(index)
+                .build(),
+            IpAddr::V6(g) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+                .gateway(g)
+                .output_interface(index)
+                .build(),
+        };
         match self.handle.route().add(r).execute().await {
             Ok(()) => Ok(()),
             Err(e) if is_errno(&e, libc::EEXIST) => Ok(()),
