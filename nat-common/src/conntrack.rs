@@ -1,59 +1,62 @@
 //! The `conntrack` and `conntrack_new` maps: the tuple, the entry, TCP and datagram states,
 //! their transitions and timeouts.
 
+use core::mem::size_of;
+
 use bytemuck::{Pod, Zeroable};
 
-use crate::{Addr4, PROTO_TCP, PROTO_UDP, Port};
+use crate::{Addr4, Addr6, Family, PROTO_TCP, PROTO_UDP, Port};
 
-/// `conntrack` key: a packet's tuple exactly as it is on the wire at the hook that looks it up.
+/// `conntrack` (`CtKey4`) and `conntrack6` (`CtKey6`) key: a packet's tuple exactly as it is on
+/// the wire at the hook that looks it up.
 ///
 /// For ICMP echo, the identifier stands in for a port: requests use
 /// `src_port = id, dst_port = 0`, replies `src_port = 0, dst_port = id`, so that swapping the
 /// two ends of a request's tuple yields its reply's.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct CtKey4 {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey<A> {
     /// Source address.
-    pub src_addr: Addr4,
+    pub src_addr: A,
     /// Destination address.
-    pub dst_addr: Addr4,
+    pub dst_addr: A,
     /// Source port (or ICMP id).
     pub src_port: Port,
     /// Destination port (or ICMP id).
     pub dst_port: Port,
-    /// IP protocol number.
+    /// IP protocol number (ICMPv6 is 58).
     pub proto: u8,
     pub _pad: [u8; 3],
 }
 
-impl CtKey4 {
-    /// A key from its fields, padding zeroed. Built as four whole words: field by field, the
-    /// compiler zeroes the three padding bytes with a call to `memset`, which on BPF is a
-    /// subprogram with a loop that the verifier walks at every call and whose frame the
-    /// 512-byte stack can hardly spare.
+/// The IPv4 tuple (16 bytes).
+pub type CtKey4 = CtKey<Addr4>;
+/// The IPv6 tuple (40 bytes).
+pub type CtKey6 = CtKey<Addr6>;
+
+// SAFETY: `#[repr(C)]` of `u8` arrays only (alignment 1, so no padding the compiler adds):
+// any bits are valid, all-zero included.
+unsafe impl Zeroable for CtKey4 {}
+// SAFETY: as above.
+unsafe impl Pod for CtKey4 {}
+// SAFETY: as above.
+unsafe impl Zeroable for CtKey6 {}
+// SAFETY: as above.
+unsafe impl Pod for CtKey6 {}
+const _: () = assert!(size_of::<CtKey4>() == 16 && size_of::<CtKey6>() == 40);
+
+impl<A: Family> CtKey<A> {
+    /// A key from its fields, padding zeroed (see `Family::key`).
     #[must_use]
     #[inline(always)]
-    pub const fn new(
-        src_addr: Addr4,
-        dst_addr: Addr4,
-        src_port: Port,
-        dst_port: Port,
-        proto: u8,
-    ) -> Self {
-        let words: [u32; 4] = [
-            u32::from_ne_bytes(src_addr),
-            u32::from_ne_bytes(dst_addr),
-            u32::from_ne_bytes([src_port[0], src_port[1], dst_port[0], dst_port[1]]),
-            u32::from_ne_bytes([proto, 0, 0, 0]),
-        ];
-        // SAFETY: `CtKey4` is 16 bytes of `u8` arrays, `#[repr(C)]`: any bits are valid.
-        unsafe { core::mem::transmute::<[u32; 4], Self>(words) }
+    pub fn new(src_addr: A, dst_addr: A, src_port: Port, dst_port: Port, proto: u8) -> Self {
+        A::key(src_addr, dst_addr, src_port, dst_port, proto)
     }
 
     /// The tuple of the packets that travel the other way.
     #[must_use]
     #[inline(always)]
-    pub const fn reversed(&self) -> Self {
+    pub fn reversed(&self) -> Self {
         Self::new(
             self.dst_addr,
             self.src_addr,
@@ -61,6 +64,58 @@ impl CtKey4 {
             self.src_port,
             self.proto,
         )
+    }
+}
+
+/// The ports and protocol of a key as one native-order word.
+#[inline(always)]
+const fn ports_word(src_port: Port, dst_port: Port) -> u32 {
+    u32::from_ne_bytes([src_port[0], src_port[1], dst_port[0], dst_port[1]])
+}
+
+impl Family for Addr4 {
+    const PROTO_ICMP: u8 = crate::PROTO_ICMP;
+    const ECHO_REQUEST: u8 = 8;
+    const ECHO_REPLY: u8 = 0;
+    const UDP_CSUM_OPTIONAL: bool = true;
+
+    #[inline(always)]
+    fn key(src: Self, dst: Self, src_port: Port, dst_port: Port, proto: u8) -> CtKey<Self> {
+        let words: [u32; 4] = [
+            u32::from_ne_bytes(src),
+            u32::from_ne_bytes(dst),
+            ports_word(src_port, dst_port),
+            u32::from_ne_bytes([proto, 0, 0, 0]),
+        ];
+        // SAFETY: `CtKey4` is 16 bytes of `u8` arrays, `#[repr(C)]`: any bits are valid.
+        unsafe { core::mem::transmute::<[u32; 4], CtKey4>(words) }
+    }
+}
+
+impl Family for Addr6 {
+    const PROTO_ICMP: u8 = crate::PROTO_ICMPV6;
+    const ECHO_REQUEST: u8 = 128;
+    const ECHO_REPLY: u8 = 129;
+    const UDP_CSUM_OPTIONAL: bool = false;
+
+    #[inline(always)]
+    fn key(src: Self, dst: Self, src_port: Port, dst_port: Port, proto: u8) -> CtKey<Self> {
+        let s: [u32; 4] = bytemuck::cast(src);
+        let d: [u32; 4] = bytemuck::cast(dst);
+        let words: [u32; 10] = [
+            s[0],
+            s[1],
+            s[2],
+            s[3],
+            d[0],
+            d[1],
+            d[2],
+            d[3],
+            ports_word(src_port, dst_port),
+            u32::from_ne_bytes([proto, 0, 0, 0]),
+        ];
+        // SAFETY: `CtKey6` is 40 bytes of `u8` arrays, `#[repr(C)]`: any bits are valid.
+        unsafe { core::mem::transmute::<[u32; 10], CtKey6>(words) }
     }
 }
 
@@ -216,25 +271,42 @@ pub const fn ct_timeout_ns(proto: u8, state: u8) -> u64 {
     }
 }
 
-/// `conntrack` value: what to do with packets of one direction of a connection.
+/// `conntrack` (`CtEntry4`) and `conntrack6` (`CtEntry6`) value: what to do with packets of
+/// one direction of a connection.
 ///
 /// A connection has two entries, created together: one keyed by the original direction's
 /// tuple and one by the reply direction's, so either direction is a single lookup.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct CtEntry4 {
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry<A> {
     /// The tuple this direction's packets are rewritten to (`proto` included).
-    pub xlate: CtKey4,
+    pub xlate: CtKey<A>,
     /// Everything else, the same for both families.
     pub meta: CtMeta,
 }
 
-impl CtEntry4 {
+/// An IPv4 connection's entry (112 bytes).
+pub type CtEntry4 = CtEntry<Addr4>;
+/// An IPv6 connection's entry (136 bytes).
+pub type CtEntry6 = CtEntry<Addr6>;
+
+// SAFETY: `#[repr(C)]`; the key's size (16 or 40) is a multiple of `CtMeta`'s alignment (8),
+// so there is no padding: any bits are valid.
+unsafe impl Zeroable for CtEntry4 {}
+// SAFETY: as above.
+unsafe impl Pod for CtEntry4 {}
+// SAFETY: as above.
+unsafe impl Zeroable for CtEntry6 {}
+// SAFETY: as above.
+unsafe impl Pod for CtEntry6 {}
+const _: () = assert!(size_of::<CtEntry4>() == 16 + 96 && size_of::<CtEntry6>() == 40 + 96);
+
+impl<A: Family> CtEntry<A> {
     /// The key of the entry for the other direction of this entry's connection: the reverse
     /// of the tuple this direction is translated to.
     #[must_use]
     #[inline(always)]
-    pub const fn peer_key(&self) -> CtKey4 {
+    pub fn peer_key(&self) -> CtKey<A> {
         self.xlate.reversed()
     }
 }

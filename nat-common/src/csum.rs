@@ -17,3 +17,15 @@ pub const fn csum_replace(csum: u16, old: u32, new: u32, size: u64) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
 }
+
+/// The Internet checksum `csum` after the bytes it covers changed by `diff`: the ones'
+/// complement sum of the new bytes less the old (what `bpf_csum_diff` returns), unfolded.
+#[must_use]
+#[inline(always)]
+pub const fn csum_add_diff(csum: u16, diff: u32) -> u16 {
+    let mut sum = (!csum) as u64 + diff as u64;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}

@@ -56,12 +56,15 @@ pub mod prog_names {
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+/// ICMPv6 (IPv6's next header value).
+pub const PROTO_ICMPV6: u8 = 58;
 
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        ClusterNet, Config, Counter, CtEntry4, CtKey4, CtMeta, Endpoint, FragKey4, FragPorts, Net4,
-        Net6, NodeAddr, PortKey4, PortTarget4, SockKey4, SockOrig4, StaticNat4,
+        ClusterNet, Config, Counter, CtEntry4, CtEntry6, CtKey4, CtKey6, CtMeta, Endpoint,
+        FragKey4, FragPorts, Net4, Net6, NodeAddr, PortKey4, PortTarget4, SockKey4, SockOrig4,
+        StaticNat4,
     };
 
     /// `aya::Pod` for map key and value types.
@@ -80,6 +83,8 @@ mod user {
         PortTarget4,
         CtKey4,
         CtEntry4,
+        CtKey6,
+        CtEntry6,
         CtMeta,
         Counter,
         StaticNat4,
@@ -159,16 +164,70 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_key_is_its_fields_with_zeroed_padding() {
+        let src: Addr6 = [0xfd, 0, 0, 0x88, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        let dst: Addr6 = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        let k = CtKey6::new(
+            src,
+            dst,
+            40000u16.to_be_bytes(),
+            80u16.to_be_bytes(),
+            PROTO_TCP,
+        );
+        assert_eq!(
+            k,
+            CtKey6 {
+                src_addr: src,
+                dst_addr: dst,
+                src_port: 40000u16.to_be_bytes(),
+                dst_port: 80u16.to_be_bytes(),
+                proto: PROTO_TCP,
+                _pad: [0; 3],
+            }
+        );
+        assert_eq!(k.reversed().src_addr, dst);
+        assert_eq!(k.reversed().reversed(), k);
+    }
+
+    #[test]
+    fn a_checksum_difference_updates_like_a_recomputation() {
+        // A UDP-like payload covered with a 16-byte address, as NAT66 rewrites it.
+        let mut data: [u8; 40] = core::array::from_fn(|i| (i as u8).wrapping_mul(37));
+        data[34..36].copy_from_slice(&[0, 0]);
+        let c = full(&data);
+        data[34..36].copy_from_slice(&c.to_ne_bytes());
+        let new: [u8; 16] = [
+            0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 1,
+        ];
+        // What `bpf_csum_diff(old, 16, new, 16, 0)` returns: the sum of the new words and of
+        // the complements of the old ones.
+        let word = |w: &[u8]| u64::from(u32::from_ne_bytes(w.try_into().unwrap()));
+        let mut diff: u64 = 0;
+        for (old, new) in data[0..16].chunks(4).zip(new.chunks(4)) {
+            diff += (!word(old) & 0xffff_ffff) + word(new);
+        }
+        while diff > 0xffff_ffff {
+            diff = (diff & 0xffff_ffff) + (diff >> 32);
+        }
+        let csum = u16::from_ne_bytes([data[34], data[35]]);
+        data[0..16].copy_from_slice(&new);
+        data[34..36].copy_from_slice(&csum_add_diff(csum, diff as u32).to_ne_bytes());
+        assert_eq!(full(&data), 0);
+    }
+
+    #[test]
     fn layouts_have_the_sizes_bpftool_shows() {
         assert_eq!(size_of::<CtKey4>(), 16);
         assert_eq!(size_of::<CtEntry4>(), 112);
+        assert_eq!(size_of::<CtKey6>(), 40);
+        assert_eq!(size_of::<CtEntry6>(), 136);
         assert_eq!(size_of::<CtMeta>(), 96);
         assert_eq!(size_of::<Net4>(), 20);
         assert_eq!(size_of::<PortKey4>(), 8);
         assert_eq!(size_of::<PortTarget4>(), 12);
         assert_eq!(size_of::<Endpoint>(), 20);
-        assert_eq!(size_of::<Net6>(), 40);
-        assert_eq!(size_of::<Config>(), 96);
+        assert_eq!(size_of::<Net6>(), 56);
+        assert_eq!(size_of::<Config>(), 112);
         assert_eq!(size_of::<StaticNat4>(), 8);
     }
 

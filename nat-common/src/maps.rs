@@ -6,8 +6,9 @@
 use core::mem::size_of;
 
 use crate::{
-    Addr4, Addr6, ClusterNet, Config, Counter, CtEntry4, CtKey4, Endpoint, FragKey4, FragPorts,
-    Lpm4, NodeAddr, PortKey4, PortTarget4, REASON_COUNT, SockKey4, SockOrig4, StaticNat4,
+    Addr4, Addr6, ClusterNet, Config, Counter, CtEntry4, CtEntry6, CtKey4, CtKey6, Endpoint,
+    FragKey4, FragPorts, Lpm4, NodeAddr, PortKey4, PortTarget4, REASON_COUNT, SockKey4, SockOrig4,
+    StaticNat4,
 };
 
 /// Map names as the kernel and bpftool see them (also the pin file names).
@@ -21,6 +22,10 @@ pub mod map_names {
     /// Connections not assured yet (no answer seen): an LRU of their own, so that a flood of
     /// them never displaces an established connection in `conntrack`.
     pub const CONNTRACK_NEW: &str = "conntrack_new";
+    /// The IPv6 twins of `conntrack` and `conntrack_new` (`CtKey6` → `CtEntry6`), sized as
+    /// they are.
+    pub const CONNTRACK6: &str = "conntrack6";
+    pub const CONNTRACK6_NEW: &str = "conntrack6_new";
     pub const STATS: &str = "stats";
     pub const STATIC_NAT: &str = "static_nat";
     pub const SOCK_RNAT: &str = "sock_rnat";
@@ -31,6 +36,10 @@ pub mod map_names {
     pub const CLUSTER_NETS: &str = "cluster_nets";
     /// Per-CPU room for the two entries of a connection being created.
     pub const SCRATCH: &str = "scratch";
+    /// The same for an IPv6 connection.
+    pub const SCRATCH6: &str = "scratch6";
+    /// Per-CPU room for the IPv6 packet being decided and its tuple (`WORK6_LEN` bytes).
+    pub const WORK6: &str = "work6";
     /// Per-CPU room for checksum chunks and TCP options.
     pub const CSUM_BUF: &str = "csum_buf";
 }
@@ -55,6 +64,9 @@ pub const NODE_ADDRS_MAX_ENTRIES: u32 = 1_024;
 pub const CLUSTER_NETS_MAX_ENTRIES: u32 = 16_384;
 /// Slots of the `scratch` map (0: reply entry, 1: original entry).
 pub const SCRATCH_SLOTS: u32 = 2;
+/// Bytes of the `work6` value: the datapath's parsed IPv6 packet and its 40-byte tuple, which
+/// the 512-byte stack of the IPv6 path cannot spare.
+pub const WORK6_LEN: usize = 160;
 /// Bytes of the `csum_buf` value: a 256-byte chunk and room to zero-pad it.
 pub const CSUM_BUF_LEN: usize = 512;
 
@@ -105,7 +117,7 @@ const PINNED: bool = true;
 const PER_LOAD: bool = false;
 
 /// Every map of the eBPF object.
-pub const MAP_SPECS: [MapSpec; 14] = {
+pub const MAP_SPECS: [MapSpec; 18] = {
     use MapKind::{Array, Hash, LpmTrie, LruHash, PerCpuArray};
     use map_names as n;
     [
@@ -115,6 +127,8 @@ pub const MAP_SPECS: [MapSpec; 14] = {
         map::<PortKey4, PortTarget4>(n::PORTS, Hash, None, PINNED),
         map::<CtKey4, CtEntry4>(n::CONNTRACK, LruHash, None, PINNED),
         map::<CtKey4, CtEntry4>(n::CONNTRACK_NEW, LruHash, None, PINNED),
+        map::<CtKey6, CtEntry6>(n::CONNTRACK6, LruHash, None, PINNED),
+        map::<CtKey6, CtEntry6>(n::CONNTRACK6_NEW, LruHash, None, PINNED),
         map::<u32, Counter>(n::STATS, PerCpuArray, Some(REASON_COUNT), PINNED),
         map::<Addr4, StaticNat4>(n::STATIC_NAT, Hash, None, PINNED),
         map::<SockKey4, SockOrig4>(n::SOCK_RNAT, LruHash, None, PINNED),
@@ -122,6 +136,8 @@ pub const MAP_SPECS: [MapSpec; 14] = {
         map::<Addr4, NodeAddr>(n::NODE_ADDRS, Hash, None, PINNED),
         map::<Lpm4, ClusterNet>(n::CLUSTER_NETS, LpmTrie, None, PINNED),
         map::<u32, CtEntry4>(n::SCRATCH, PerCpuArray, Some(SCRATCH_SLOTS), PER_LOAD),
+        map::<u32, CtEntry6>(n::SCRATCH6, PerCpuArray, Some(SCRATCH_SLOTS), PER_LOAD),
+        map::<u32, [u64; WORK6_LEN / 8]>(n::WORK6, PerCpuArray, Some(1), PER_LOAD),
         map::<u32, [u8; CSUM_BUF_LEN]>(n::CSUM_BUF, PerCpuArray, Some(1), PER_LOAD),
     ]
 };

@@ -52,6 +52,10 @@ pub struct Net6 {
     /// The containers' IPv6 gateway (a node address; Neighbour Solicitations for it are
     /// answered with the host veth's MAC).
     pub gateway_addr: Addr6,
+    /// Source address written by MASQUERADE (NAT66): the uplink's first global unicast
+    /// address or `up --snat-ip6`; all zero while there is none, and then IPv6 traffic for
+    /// outside is dropped (`drop_ipv6_out`) rather than sent untranslated.
+    pub snat_addr: Addr6,
     /// The subnet's prefix length; 0 when the node has no IPv6 subnet.
     pub prefix_len: u8,
     pub _pad: [u8; 7],

@@ -14,50 +14,38 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_loop},
 };
 use nat_common::{
-    Addr4, Config, CtEntry4, CtKey4, CtMeta, DIR_ORIGINAL, DIR_REPLY, Endpoint, NAT_DNAT, NAT_SNAT,
+    Addr4, Config, CtEntry, CtKey, CtMeta, DIR_ORIGINAL, DIR_REPLY, Endpoint, NAT_DNAT, NAT_SNAT,
     ORIGIN_HAIRPIN, ORIGIN_MASQUERADE, ORIGIN_PUBLISHED, PROTO_TCP, PROTO_UDP, Port, PortTarget4,
     Reason, ct_timeout_ns, dgram_state, tcp_state, tcp_transition,
 };
 
 use crate::{
-    maps::{CONNTRACK, CONNTRACK_NEW, SCRATCH},
-    parse::Ip4,
+    family::Fam,
+    parse::{Ip, Ip4},
     pkt::Pkt,
     tcp,
 };
 
+/// The two tables: assured connections, and those not assured yet.
+const ASSURED: bool = false;
+const FRESH: bool = true;
+
 /// Ports tried from a random start when the original source port is taken.
 const SNAT_PROBES: u32 = 32;
 
-/// The tuple one direction of a connection is rewritten to: the part of a `CtEntry4` the
-/// rewrite needs, small enough to keep on the stack.
-#[derive(Clone, Copy)]
-pub struct Xlate {
-    pub src: Addr4,
-    pub dst: Addr4,
-    pub sport: Port,
-    pub dport: Port,
-}
-
-impl Xlate {
-    /// Read from a map value (the entry itself stays in the map).
-    #[inline(always)]
-    pub fn of(e: *const CtEntry4) -> Self {
-        // SAFETY: `e` points at a live map value; these fields are written only at creation.
-        unsafe {
-            Self {
-                src: (*e).xlate.src_addr,
-                dst: (*e).xlate.dst_addr,
-                sport: (*e).xlate.src_port,
-                dport: (*e).xlate.dst_port,
-            }
-        }
-    }
+/// The tuple the direction of `e` is rewritten to, read in place: a copy would cost the
+/// stack (40 bytes for IPv6) on the paths that have the least of it. The fields are written
+/// only at creation.
+#[inline(always)]
+pub fn xlate<A>(e: *const CtEntry<A>) -> &'static CtKey<A> {
+    // SAFETY: `e` points at a live map value (or this CPU's scratch slot), which stays
+    // mapped while the program runs.
+    unsafe { &(*e).xlate }
 }
 
 /// The family-neutral part of the entry at `e`.
 #[inline(always)]
-pub fn meta(e: *mut CtEntry4) -> *mut CtMeta {
+pub fn meta<A>(e: *mut CtEntry<A>) -> *mut CtMeta {
     // SAFETY: a field address of a live map value; nothing is read.
     unsafe { &raw mut (*e).meta }
 }
@@ -70,17 +58,15 @@ pub fn now() -> u64 {
 
 /// The entry for `key`: assured connections first, then those not assured yet.
 #[inline(always)]
-pub fn lookup(key: &CtKey4) -> Option<*mut CtEntry4> {
-    CONNTRACK
-        .get_ptr_mut(key)
-        .or_else(|| CONNTRACK_NEW.get_ptr_mut(key))
+pub fn lookup<A: Fam>(key: &CtKey<A>) -> Option<*mut CtEntry<A>> {
+    A::ct_get(key, ASSURED).or_else(|| A::ct_get(key, FRESH))
 }
 
 /// Delete `key` from both tables.
 #[inline(always)]
-fn remove(key: &CtKey4) {
-    let _ = CONNTRACK.remove(key);
-    let _ = CONNTRACK_NEW.remove(key);
+fn remove<A: Fam>(key: &CtKey<A>) {
+    A::ct_remove(key, ASSURED);
+    A::ct_remove(key, FRESH);
 }
 
 /// Move a connection that just became assured to `conntrack`, where floods of new ones
@@ -88,9 +74,9 @@ fn remove(key: &CtKey4) {
 /// copies left in `conntrack_new` are marked and never found again while `conntrack` holds
 /// the connection (a packet being handled on another CPU may still write to them).
 #[inline(always)]
-fn assure(key: &CtKey4, e: &mut CtEntry4) {
+fn assure<A: Fam>(key: &CtKey<A>, e: &mut CtEntry<A>) {
     let rk = e.peer_key();
-    let Some(r) = CONNTRACK_NEW.get_ptr_mut(&rk) else {
+    let Some(r) = A::ct_get(&rk, FRESH) else {
         // Already in `conntrack` (or its other half is gone): nothing to move.
         e.meta.assured = 1;
         return;
@@ -99,10 +85,10 @@ fn assure(key: &CtKey4, e: &mut CtEntry4) {
     // SAFETY: a live map value; the helpers below copy it from the map.
     let r = unsafe { &mut *r };
     r.meta.assured = 1;
-    if CONNTRACK.insert(&rk, &*r, u64::from(BPF_ANY)).is_err()
-        || CONNTRACK.insert(key, &*e, u64::from(BPF_ANY)).is_err()
+    if !A::ct_insert(&rk, &*r, ASSURED, u64::from(BPF_ANY))
+        || !A::ct_insert(key, &*e, ASSURED, u64::from(BPF_ANY))
     {
-        let _ = CONNTRACK.remove(&rk);
+        A::ct_remove(&rk, ASSURED);
         e.meta.assured = 0;
         r.meta.assured = 0;
     }
@@ -112,7 +98,7 @@ fn assure(key: &CtKey4, e: &mut CtEntry4) {
 /// connection and the client side of a published one. Container-side directions (and both of
 /// a hairpin) are never matched for a packet from outside, whatever its tuple claims.
 #[inline(always)]
-pub fn arrives_from_outside(e: *const CtEntry4) -> bool {
+pub fn arrives_from_outside<A>(e: *const CtEntry<A>) -> bool {
     // SAFETY: read of a live map value; `origin` and `dir` are written only at creation.
     let (origin, dir) = unsafe { ((*e).meta.origin, (*e).meta.dir) };
     (origin == ORIGIN_MASQUERADE && dir == DIR_REPLY)
@@ -120,7 +106,7 @@ pub fn arrives_from_outside(e: *const CtEntry4) -> bool {
 }
 
 #[inline(always)]
-fn initial_state(p: &Ip4) -> u8 {
+fn initial_state<A>(p: &Ip<A>) -> u8 {
     if p.proto == PROTO_TCP {
         tcp_transition(tcp_state::NONE, 0, DIR_ORIGINAL, p.tcp_flags).0
     } else {
@@ -132,7 +118,12 @@ fn initial_state(p: &Ip4) -> u8 {
 /// segments are checked against the window first: `Err` for an RST outside it. A connection
 /// that has become assured moves to `conntrack`.
 #[inline(always)]
-pub fn touch(ctx: &impl Pkt, e: *mut CtEntry4, p: &Ip4, now: u64) -> Result<(), Reason> {
+pub fn touch<A: Fam>(
+    ctx: &impl Pkt,
+    e: *mut CtEntry<A>,
+    p: &Ip<A>,
+    now: u64,
+) -> Result<(), Reason> {
     let both_seen = if p.proto == PROTO_TCP {
         tcp::track(ctx, e, p)?
     } else {
@@ -171,11 +162,32 @@ pub fn touch(ctx: &impl Pkt, e: *mut CtEntry4, p: &Ip4, now: u64) -> Result<(), 
     Ok(())
 }
 
+/// The key of `e`'s other entry, built in this CPU's second scratch slot instead of on the
+/// stack: the port search's callback has little of it (an IPv6 key is 40 bytes). Only while
+/// a connection is being set up, before `create` fills that slot.
+#[inline(always)]
+fn peer_key_tmp<A: Fam>(e: &CtEntry<A>) -> Option<&'static CtKey<A>> {
+    let slot = A::scratch(1)?;
+    // SAFETY: this CPU's scratch slot, not in use until `create` fills it.
+    unsafe {
+        (*slot).xlate = e.peer_key();
+        Some(&(*slot).xlate)
+    }
+}
+
+/// Delete the other entry of `e`'s connection.
+#[inline(always)]
+fn remove_peer<A: Fam>(e: &CtEntry<A>) {
+    if let Some(k) = peer_key_tmp(e) {
+        remove(k);
+    }
+}
+
 /// Whether the connection `e` belongs to has been idle past its timeout in both directions.
 #[inline(always)]
-fn conn_expired(e: &CtEntry4, proto: u8, now: u64) -> bool {
+fn conn_expired<A: Fam>(e: &CtEntry<A>, proto: u8, now: u64) -> bool {
     let mut last = e.meta.last_seen_ns;
-    if let Some(peer) = lookup(&e.peer_key()) {
+    if let Some(peer) = peer_key_tmp(e).and_then(lookup) {
         // SAFETY: read of a map value.
         let peer_last = unsafe { (*peer).meta.last_seen_ns };
         if peer_last > last {
@@ -189,7 +201,7 @@ fn conn_expired(e: &CtEntry4, proto: u8, now: u64) -> bool {
 /// timeout, or a closed TCP connection (TIME_WAIT, CLOSE), which nf_nat also reuses — else a
 /// busy host would run out of ports to closed connections waiting out their 120 s.
 #[inline(always)]
-fn reclaimable(e: &CtEntry4, proto: u8, now: u64) -> bool {
+fn reclaimable<A: Fam>(e: &CtEntry<A>, proto: u8, now: u64) -> bool {
     let state = e.meta.state;
     (proto == PROTO_TCP && (state == tcp_state::TIME_WAIT || state == tcp_state::CLOSE))
         || conn_expired(e, proto, now)
@@ -198,20 +210,20 @@ fn reclaimable(e: &CtEntry4, proto: u8, now: u64) -> bool {
 /// Take `key` for a new entry unless a live connection holds it, in either table. Taking
 /// over a closed connection's tuple also drops that connection's other entry.
 #[inline(always)]
-fn claim(key: &CtKey4, e: &CtEntry4, now: u64) -> bool {
-    if let Some(old) = CONNTRACK.get_ptr(key) {
+fn claim<A: Fam>(key: &CtKey<A>, e: &CtEntry<A>, now: u64) -> bool {
+    if let Some(old) = A::ct_get(key, ASSURED) {
         // SAFETY: a live map value, read in place.
         let old = unsafe { &*old };
         if !reclaimable(old, key.proto, now) {
             return false;
         }
-        remove(&old.peer_key());
-        let _ = CONNTRACK.remove(key);
+        remove_peer(old);
+        A::ct_remove(key, ASSURED);
     }
-    if CONNTRACK_NEW.insert(key, e, u64::from(BPF_NOEXIST)).is_ok() {
+    if A::ct_insert(key, e, FRESH, u64::from(BPF_NOEXIST)) {
         return true;
     }
-    match CONNTRACK_NEW.get_ptr(key) {
+    match A::ct_get(key, FRESH) {
         Some(old) => {
             // SAFETY: a live map value, read in place (a copy would cost the callback's
             // stack); a racing writer can only make the reclaim decision stale.
@@ -219,17 +231,17 @@ fn claim(key: &CtKey4, e: &CtEntry4, now: u64) -> bool {
             if !reclaimable(old, key.proto, now) {
                 return false;
             }
-            remove(&old.peer_key());
-            CONNTRACK_NEW.insert(key, e, u64::from(BPF_ANY)).is_ok()
+            remove_peer(old);
+            A::ct_insert(key, e, FRESH, u64::from(BPF_ANY))
         }
-        None => CONNTRACK_NEW.insert(key, e, u64::from(BPF_NOEXIST)).is_ok(),
+        None => A::ct_insert(key, e, FRESH, u64::from(BPF_NOEXIST)),
     }
 }
 
 /// Start a new entry in the scratch slot `e`, owned by the container `owner`.
 #[inline(always)]
-fn init_entry(e: &mut CtEntry4, p: &Ip4, now: u64, owner: &Endpoint) {
-    // SAFETY: a map value of `CtEntry4` (8-byte aligned); all-zero is a valid entry.
+fn init_entry<A>(e: &mut CtEntry<A>, p: &Ip<A>, now: u64, owner: &Endpoint) {
+    // SAFETY: a map value of `CtEntry` (8-byte aligned); all-zero is a valid entry.
     unsafe { crate::pkt::zero(e) };
     e.meta.state = initial_state(p);
     e.meta.ifindex = owner.ifindex;
@@ -239,10 +251,10 @@ fn init_entry(e: &mut CtEntry4, p: &Ip4, now: u64, owner: &Endpoint) {
 }
 
 /// State of the port search, shared with the `bpf_loop` callback. The reply entry to insert
-/// waits in the per-CPU `SCRATCH` map: the 512-byte stack is shared with the callback.
+/// waits in the per-CPU scratch map: the 512-byte stack is shared with the callback.
 #[repr(C)]
-struct Probe {
-    rkey: CtKey4,
+struct Probe<A> {
+    rkey: CtKey<A>,
     start: u32,
     /// How many ports may be picked (the range less the avoided block).
     range: u32,
@@ -255,9 +267,9 @@ struct Probe {
 }
 
 /// One candidate port: `bpf_loop` callback (1 stops the loop).
-unsafe extern "C" fn probe_one(i: u64, ctx: *mut c_void) -> i64 {
+unsafe extern "C" fn probe_one<A: Fam>(i: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the `Probe` on the caller's stack that `probe_port` passed in.
-    let c = unsafe { &mut *ctx.cast::<Probe>() };
+    let c = unsafe { &mut *ctx.cast::<Probe<A>>() };
     let off = c
         .start
         .wrapping_add(i as u32)
@@ -269,7 +281,7 @@ unsafe extern "C" fn probe_one(i: u64, ctx: *mut c_void) -> i64 {
         port += u32::from(c.avoid_max - c.avoid_min) + 1;
     }
     c.rkey.dst_port = (port as u16).to_be_bytes();
-    let Some(reply) = SCRATCH.get_ptr(0) else {
+    let Some(reply) = A::scratch(0) else {
         return 1;
     };
     // SAFETY: per-CPU scratch slot, written by `create` just before the loop.
@@ -284,7 +296,7 @@ unsafe extern "C" fn probe_one(i: u64, ctx: *mut c_void) -> i64 {
 /// random start. `bpf_loop` makes the verifier check the body once instead of once per
 /// iteration and caller path.
 #[inline(always)]
-fn probe_port(rkey: CtKey4, cfg: &Config, avoid_host: bool) -> Result<Port, Reason> {
+fn probe_port<A: Fam>(rkey: CtKey<A>, cfg: &Config, avoid_host: bool) -> Result<Port, Reason> {
     let min = u32::from(cfg.port_min);
     let max = u32::from(cfg.port_max);
     // The part of the node's ephemeral range that falls inside the allocation range.
@@ -316,7 +328,7 @@ fn probe_port(rkey: CtKey4, cfg: &Config, avoid_host: bool) -> Result<Port, Reas
     unsafe {
         bpf_loop(
             SNAT_PROBES,
-            probe_one as *mut c_void,
+            probe_one::<A> as *mut c_void,
             (&raw mut c).cast::<c_void>(),
             0,
         );
@@ -329,11 +341,13 @@ fn probe_port(rkey: CtKey4, cfg: &Config, avoid_host: bool) -> Result<Port, Reas
 }
 
 /// How a new connection is translated in its original direction.
-pub struct NewConn<'a> {
+pub struct NewConn<'a, A> {
+    /// The packet's own tuple (`Ip::key`), where the caller keeps it.
+    pub key: &'a CtKey<A>,
     /// Source address after translation.
-    pub src: Addr4,
+    pub src: A,
     /// Destination address and port after translation.
-    pub dst: Addr4,
+    pub dst: A,
     pub dport: Port,
     /// Find a source port (keep the original when free, else probe the configured range);
     /// `false` keeps the source port as it is.
@@ -349,13 +363,13 @@ pub struct NewConn<'a> {
 /// Create both entries of a new connection for `p` and return the original direction's.
 /// The reply entry is claimed first: its tuple is what must be unique.
 #[inline(always)]
-pub fn create(
+pub fn create<A: Fam>(
     ctx: &impl Pkt,
-    p: &Ip4,
-    n: &NewConn,
+    p: &Ip<A>,
+    n: &NewConn<A>,
     cfg: &Config,
     now: u64,
-) -> Result<Xlate, Reason> {
+) -> Result<&'static CtKey<A>, Reason> {
     let mut nat = 0;
     if n.src != p.src {
         nat |= NAT_SNAT;
@@ -363,11 +377,11 @@ pub fn create(
     if n.dst != p.dst || n.dport != p.dport {
         nat |= NAT_DNAT;
     }
-    let slot = SCRATCH.get_ptr_mut(0).ok_or(Reason::DropHelper)?;
+    let slot = A::scratch(0).ok_or(Reason::DropHelper)?;
     // SAFETY: per-CPU scratch slot; nothing else on this CPU uses it while we run.
     let reply = unsafe { &mut *slot };
     init_entry(reply, p, now, n.owner);
-    reply.xlate = CtKey4::new(p.dst, p.src, p.dport, p.sport, p.proto);
+    reply.xlate = CtKey::new(p.dst, p.src, p.dport, p.sport, p.proto);
     // What the original direction rewrites on the source, the reply rewrites on the
     // destination, and the other way round.
     reply.meta.nat = ((nat & NAT_SNAT) << 1) | ((nat & NAT_DNAT) >> 1);
@@ -375,7 +389,7 @@ pub fn create(
     reply.meta.origin = n.origin;
     reply.meta.generation = n.generation;
 
-    let mut rkey = CtKey4::new(n.dst, n.src, n.dport, p.sport, p.proto);
+    let mut rkey = CtKey::new(n.dst, n.src, n.dport, p.sport, p.proto);
     if n.alloc_port {
         // TCP/UDP source ports in the node's ephemeral range may be in use by the node itself
         // on the same address: never keep or pick those.
@@ -387,17 +401,14 @@ pub fn create(
         }
     } else {
         // Published: the client's own tuple, taken over whatever held it.
-        let _ = CONNTRACK.remove(&rkey);
-        if CONNTRACK_NEW
-            .insert(&rkey, &*reply, u64::from(BPF_ANY))
-            .is_err()
-        {
+        A::ct_remove(&rkey, ASSURED);
+        if !A::ct_insert(&rkey, &*reply, FRESH, u64::from(BPF_ANY)) {
             return Err(Reason::DropCtFull);
         }
     }
 
     // The original direction's entry waits in the second scratch slot, off the stack too.
-    let slot = SCRATCH.get_ptr_mut(1).ok_or(Reason::DropHelper)?;
+    let slot = A::scratch(1).ok_or(Reason::DropHelper)?;
     // SAFETY: per-CPU scratch slot, as above.
     let orig = unsafe { &mut *slot };
     init_entry(orig, p, now, n.owner);
@@ -410,28 +421,28 @@ pub fn create(
         tcp::init(ctx, p, &mut orig.meta);
     }
     // An assured connection on this tuple would shadow the new one.
-    let _ = CONNTRACK.remove(&p.key());
-    if CONNTRACK_NEW
-        .insert(&p.key(), &*orig, u64::from(BPF_ANY))
-        .is_err()
-    {
-        let _ = CONNTRACK_NEW.remove(&rkey);
+    A::ct_remove(n.key, ASSURED);
+    if !A::ct_insert(n.key, &*orig, FRESH, u64::from(BPF_ANY)) {
+        A::ct_remove(&rkey, FRESH);
         return Err(Reason::DropCtFull);
     }
-    Ok(Xlate::of(orig))
+    Ok(xlate(orig))
 }
 
-/// MASQUERADE: `p` from the container behind `ifindex` leaves with the SNAT address.
+/// MASQUERADE: `p` from the container `owner` leaves with the SNAT address `snat`.
 #[inline(always)]
-pub fn create_snat(
+pub fn create_snat<A: Fam>(
     ctx: &impl Pkt,
-    p: &Ip4,
+    p: &Ip<A>,
+    key: &CtKey<A>,
+    snat: A,
     cfg: &Config,
     owner: &Endpoint,
     now: u64,
-) -> Result<Xlate, Reason> {
+) -> Result<&'static CtKey<A>, Reason> {
     let n = NewConn {
-        src: cfg.v4.snat_addr,
+        key,
+        src: snat,
         dst: p.dst,
         dport: p.dport,
         alloc_port: true,
@@ -451,8 +462,9 @@ pub fn create_dnat(
     cfg: &Config,
     owner: &Endpoint,
     now: u64,
-) -> Result<Xlate, Reason> {
+) -> Result<&'static CtKey<Addr4>, Reason> {
     let n = NewConn {
+        key: &p.key(),
         src: p.src,
         dst: t.addr,
         dport: t.port,
@@ -475,8 +487,9 @@ pub fn create_hairpin(
     cfg: &Config,
     target: &Endpoint,
     now: u64,
-) -> Result<Xlate, Reason> {
+) -> Result<&'static CtKey<Addr4>, Reason> {
     let n = NewConn {
+        key: &p.key(),
         src: cfg.v4.gateway_addr,
         dst: t.addr,
         dport: t.port,

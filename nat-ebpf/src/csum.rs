@@ -18,11 +18,12 @@ use aya_ebpf::{
     helpers::{bpf_csum_diff, bpf_csum_level, bpf_csum_update, bpf_loop, bpf_skb_load_bytes},
     programs::TcContext,
 };
-use nat_common::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+use nat_common::{PROTO_ICMP, PROTO_UDP};
 
 use crate::{
+    family::Fam,
     maps::CSUM_BUF,
-    parse::{IP_OFF, Ip4},
+    parse::{Ip, l4_csum_off},
 };
 
 /// Bytes summed per `bpf_loop` step.
@@ -136,30 +137,16 @@ fn fold(sum: u32) -> u16 {
     s as u16
 }
 
-/// Sum of the pseudo-header (addresses, protocol, L4 length), in the same representation as
-/// `bpf_csum_diff`'s.
-#[inline(always)]
-fn pseudo_sum(p: &Ip4, len: u32) -> Option<u32> {
-    let mut ph: [u32; 3] = [
-        u32::from_ne_bytes(p.src),
-        u32::from_ne_bytes(p.dst),
-        u32::from_ne_bytes([0, p.proto, (len >> 8) as u8, len as u8]),
-    ];
-    // SAFETY: a 12-byte array on the stack.
-    let s = unsafe { bpf_csum_diff(null_mut(), 0, ph.as_mut_ptr(), 12, 0) };
-    (s >= 0).then_some(s as u32)
-}
-
 /// Whether `p`'s TCP, UDP or ICMP checksum may be trusted: see the module comment.
 #[inline(always)]
-pub fn l4_ok(ctx: &TcContext, p: &Ip4) -> bool {
+pub fn l4_ok<A: Fam>(ctx: &TcContext, p: &Ip<A>) -> bool {
     p.frag || !p.l4_present || verify(ctx.skb.skb, p)
 }
 
 /// A function of its own, reading the packet through helpers only: inlined, it made the
 /// compiler keep packet pointers across the callers' code, which the verifier refuses.
 #[inline(never)]
-fn verify(skb: *mut __sk_buff, p: &Ip4) -> bool {
+fn verify<A: Fam>(skb: *mut __sk_buff, p: &Ip<A>) -> bool {
     // SAFETY: queries; neither changes the skb (adding 0 to a complete sum keeps it).
     let (unnecessary, complete) = unsafe {
         (
@@ -170,11 +157,8 @@ fn verify(skb: *mut __sk_buff, p: &Ip4) -> bool {
     if unnecessary {
         return true;
     }
-    let field_off = match p.proto {
-        PROTO_TCP => p.l4_off + 16,
-        PROTO_UDP => p.l4_off + 6,
-        PROTO_ICMP => p.l4_off + 2,
-        _ => return true,
+    let Some((field_off, _)) = l4_csum_off(p) else {
+        return true;
     };
     let mut field = [0u8; 2];
     // SAFETY: two bytes on the stack.
@@ -191,18 +175,17 @@ fn verify(skb: *mut __sk_buff, p: &Ip4) -> bool {
     }
     let field = u16::from_ne_bytes(field);
     if p.proto == PROTO_UDP && field == 0 {
-        // No checksum (IPv4 allows it for UDP).
-        return true;
+        // No checksum: IPv4 allows it for UDP, IPv6 does not.
+        return A::UDP_CSUM_OPTIONAL;
     }
-    let ihl = (p.l4_off - IP_OFF) as u32;
-    let len = u32::from(p.tot_len).saturating_sub(ihl);
+    let len = u32::from(p.tot_len).saturating_sub(p.ip_hdr_len() as u32);
     let Some(seg) = segment_sum(skb, p.l4_off as u32, len) else {
         return false;
     };
     if p.proto == PROTO_ICMP {
         return fold(seg) == 0xffff;
     }
-    let Some(ph) = pseudo_sum(p, len) else {
+    let Some(ph) = A::pseudo_sum(p, len) else {
         return false;
     };
     let (total, carry) = seg.overflowing_add(ph);

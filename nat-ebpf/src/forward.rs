@@ -11,9 +11,10 @@ use nat_common::{Endpoint, Reason};
 
 use crate::{
     TC_ACT_OK,
+    family::Fam,
     nat::dec_ttl,
     nexthop::{Hop, NO_NEIGH, NextHop, SUCCESS, fib},
-    parse::Ip4,
+    parse::Ip,
     pkt::Pkt,
     stats::count,
 };
@@ -29,9 +30,9 @@ pub fn set_macs(ctx: &impl Pkt, dst: [u8; 6], src: [u8; 6]) -> Result<(), Reason
 
 /// Deliver `p` into the container behind `ep`, straight into its namespace.
 #[inline(always)]
-pub fn to_endpoint(
+pub fn to_endpoint<A: Fam>(
     ctx: &TcContext,
-    p: &mut Ip4,
+    p: &mut Ip<A>,
     ep: &Endpoint,
     routed: bool,
     reason: Reason,
@@ -47,7 +48,7 @@ pub fn to_endpoint(
 
 /// Deliver a routed `p` into the container behind `hop`, straight into its namespace.
 #[inline(always)]
-pub fn to_hop(ctx: &TcContext, p: &mut Ip4, hop: &Hop) -> Result<i32, Reason> {
+pub fn to_hop<A: Fam>(ctx: &TcContext, p: &mut Ip<A>, hop: &Hop) -> Result<i32, Reason> {
     dec_ttl(ctx, p)?;
     set_macs(ctx, hop.dmac, hop.smac)?;
     count(Reason::Deliver, ctx.len());
@@ -58,9 +59,9 @@ pub fn to_hop(ctx: &TcContext, p: &mut Ip4, hop: &Hop) -> Result<i32, Reason> {
 /// Send an already translated `p` on towards the outside, using `hint` when the caller has
 /// already done the FIB lookup for this destination.
 #[inline(always)]
-pub fn route(
+pub fn route<A: Fam>(
     ctx: &TcContext,
-    p: &mut Ip4,
+    p: &mut Ip<A>,
     ifindex: u32,
     hint: Option<NextHop>,
 ) -> Result<i32, Reason> {

@@ -168,28 +168,28 @@ pub fn translate(ctx: &impl Pkt, p: &mut Ip4, from_outside: bool) -> Result<bool
     {
         return Err(Reason::DropIcmpMismatch);
     }
-    let e = conntrack::Xlate::of(e);
+    let e = conntrack::xlate(e);
 
     // Outer: to whom the error goes, and from whom if the quoted packet's receiver sent it
     // (a router on the way outside keeps its own address).
     if p.src == i.key.dst_addr {
-        nat::set_src(ctx, p, e.src)?;
+        nat::set_src(ctx, p, e.src_addr)?;
     }
-    nat::set_dst(ctx, p, e.dst)?;
+    nat::set_dst(ctx, p, e.dst_addr)?;
 
     // Quoted: the packet as its sender saw it.
-    set_inner_addr(ctx, i.ip_off, 12, i.key.src_addr, e.dst)?;
-    set_inner_addr(ctx, i.ip_off, 16, i.key.dst_addr, e.src)?;
+    set_inner_addr(ctx, i.ip_off, 12, i.key.src_addr, e.dst_addr)?;
+    set_inner_addr(ctx, i.ip_off, 16, i.key.dst_addr, e.src_addr)?;
     if i.key.proto == PROTO_ICMP {
         let (old, new) = if i.icmp_type == ICMP_ECHO_REQUEST {
-            (i.key.src_port, e.dport)
+            (i.key.src_port, e.dst_port)
         } else {
-            (i.key.dst_port, e.sport)
+            (i.key.dst_port, e.src_port)
         };
         set_inner_port(ctx, p, i.l4_off + 4, old, new)?;
     } else {
-        set_inner_port(ctx, p, i.l4_off, i.key.src_port, e.dport)?;
-        set_inner_port(ctx, p, i.l4_off + 2, i.key.dst_port, e.sport)?;
+        set_inner_port(ctx, p, i.l4_off, i.key.src_port, e.dst_port)?;
+        set_inner_port(ctx, p, i.l4_off + 2, i.key.dst_port, e.src_port)?;
     }
     count(Reason::IcmpError, ctx.bytes());
     Ok(true)

@@ -3,19 +3,22 @@
 
 use aya_ebpf::programs::TcContext;
 use nat_common::{
-    Addr4, CFG_MASQUERADE, Config, CtEntry4, Endpoint, NET_CLUSTER_SRC, NET_NO_MASQ, PROTO_TCP,
-    PROTO_UDP, PortTarget4, Reason, STATIC_EXTERNAL, STATIC_INTERNAL, tcp_flags,
+    Addr4, CFG_MASQUERADE, Config, CtEntry, CtEntry4, Endpoint, NET_CLUSTER_SRC, NET_NO_MASQ,
+    PROTO_TCP, PROTO_UDP, PortTarget4, Reason, STATIC_EXTERNAL, STATIC_INTERNAL, tcp_flags,
 };
 
 use crate::{
     TC_ACT_OK, addr, arp,
     conntrack::{self, now},
-    csum, forward, frag, icmp, ipv6,
+    csum,
+    family::Fam,
+    forward, frag, icmp,
     lookup::{cluster_flags, config, container_at, endpoint, port_target, static_nat},
     nat,
     nexthop::{self, Way},
     parse::{self, L3},
     stats::count,
+    verdict,
 };
 
 #[inline(always)]
@@ -25,22 +28,29 @@ fn pass(ctx: &TcContext) -> Result<i32, Reason> {
 }
 
 #[inline(always)]
-fn ifindex(ctx: &TcContext) -> u32 {
+pub fn ifindex(ctx: &TcContext) -> u32 {
     // SAFETY: reading a field of the program's own `__sk_buff`.
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
-/// Everything a container sends: ARP answers, anti-spoofing, container-to-container
-/// forwarding, conntrack hits, new masqueraded connections, traffic for the node itself.
+/// Everything a container sends over IPv4 and ARP: ARP answers, anti-spoofing,
+/// container-to-container forwarding, conntrack hits, new masqueraded connections, traffic
+/// for the node itself. A function of its own beside `ipv6::from_container`: the two frames
+/// would not fit in 512 bytes one on top of the other.
 #[inline(never)]
-pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
+pub fn from_container(ctx: &TcContext) -> i32 {
+    verdict(ctx, container(ctx))
+}
+
+#[inline(always)]
+fn container(ctx: &TcContext) -> Result<i32, Reason> {
     let cfg = config()?;
     let ifindex = ifindex(ctx);
     let (l3, eth_src) = parse::l3(ctx).ok_or(Reason::DropTruncated)?;
     match l3 {
         L3::Arp => return arp::from_container(ctx, cfg, ifindex, eth_src),
         L3::Ipv4 => {}
-        // `tc_container` sends IPv6 to `from_container_v6`, whose stack is not this one's.
+        // `tc_container` sends IPv6 to `ipv6::from_container`.
         L3::Ipv6 | L3::Other => return pass(ctx),
     }
     let mut p = parse::ipv4(ctx)?;
@@ -93,16 +103,6 @@ pub fn from_container(ctx: &TcContext) -> Result<i32, Reason> {
     leave(ctx, cfg, &mut p, ifindex, &me)
 }
 
-/// What a container sends over IPv6 (`ipv6.rs`). A function of its own, beside
-/// `from_container` rather than inside it: the two stack frames would not fit in 512 bytes
-/// one on top of the other.
-#[inline(never)]
-pub fn from_container_v6(ctx: &TcContext) -> Result<i32, Reason> {
-    let cfg = config()?;
-    let (_, eth_src) = parse::l3(ctx).ok_or(Reason::DropTruncated)?;
-    ipv6::from_container(ctx, cfg, ifindex(ctx), eth_src)
-}
-
 /// Whether the frame is IPv6.
 #[inline(always)]
 pub fn is_ipv6(ctx: &TcContext) -> bool {
@@ -151,7 +151,7 @@ fn hairpin(
     let target = endpoint(&t.addr).ok_or(Reason::DropNoEndpoint)?;
     valid_for_state(ctx, p)?;
     let e = conntrack::create_hairpin(ctx, p, t, cfg, &target, now())?;
-    nat::apply(ctx, p, &e)?;
+    nat::apply(ctx, p, e)?;
     count(Reason::HairpinNew, ctx.len());
     forward::to_endpoint(ctx, p, &target, true, Reason::Deliver)
 }
@@ -208,8 +208,8 @@ fn leave(
         return Err(Reason::DropUnsupported);
     }
     valid_for_state(ctx, p)?;
-    let e = conntrack::create_snat(ctx, p, cfg, me, now())?;
-    nat::apply(ctx, p, &e)?;
+    let e = conntrack::create_snat(ctx, p, &p.key(), cfg.v4.snat_addr, cfg, me, now())?;
+    nat::apply(ctx, p, e)?;
     count(Reason::SnatNew, ctx.len());
     forward::route(ctx, p, ifindex, Some(nh))
 }
@@ -217,19 +217,19 @@ fn leave(
 /// A packet of a tracked connection, either way: check what could change its state, account
 /// it, and send it on translated as its entry says.
 #[inline(always)]
-fn tracked(
+pub fn tracked<A: Fam>(
     ctx: &TcContext,
     cfg: &Config,
-    p: &mut parse::Ip4,
+    p: &mut parse::Ip<A>,
     ifindex: u32,
-    e: *mut CtEntry4,
+    e: *mut CtEntry<A>,
 ) -> Result<i32, Reason> {
     let t = now();
     ctl_csum_ok(ctx, p)?;
     conntrack::touch(ctx, e, p, t)?;
     count(Reason::CtHit, ctx.len());
-    let x = conntrack::Xlate::of(e);
-    let way = nexthop::tracked_way(ctx, cfg, p, ifindex, conntrack::meta(e), &x.dst, t);
+    let x = conntrack::xlate(e);
+    let way = nexthop::tracked_way(ctx, cfg, p, ifindex, conntrack::meta(e), &x.dst_addr, t);
     if let Way::Out(nh) = way
         && nh.rc == nexthop::FRAG_NEEDED
         && p.df
@@ -239,20 +239,20 @@ fn tracked(
         count(Reason::MtuExceeded, ctx.len());
         return Ok(TC_ACT_OK);
     }
-    nat::apply(ctx, p, &x)?;
+    nat::apply(ctx, p, x)?;
     match way {
         Way::Peer(hop) => forward::to_hop(ctx, p, &hop),
         Way::Out(nh) => forward::route(ctx, p, ifindex, Some(nh)),
     }
 }
 
-/// Checksums that must hold before a packet creates a connection: the IPv4 header's and the
-/// L4 one (as far as `csum::l4_ok` can tell). A function of its own: inlined into the long
-/// callers, the compiler kept a pointer into the context across them, which the verifier
-/// refuses.
+/// Checksums that must hold before a packet creates a connection: the IPv4 header's (IPv6
+/// has none) and the L4 one (as far as `csum::l4_ok` can tell). A function of its own:
+/// inlined into the long callers, the compiler kept a pointer into the context across them,
+/// which the verifier refuses.
 #[inline(never)]
-fn valid_for_state(ctx: &TcContext, p: &parse::Ip4) -> Result<(), Reason> {
-    if !parse::ipv4_csum_ok(ctx, p) {
+pub fn valid_for_state<A: Fam>(ctx: &TcContext, p: &parse::Ip<A>) -> Result<(), Reason> {
+    if !A::header_ok(ctx, p) {
         return Err(Reason::DropInvalid);
     }
     if !csum::l4_ok(ctx, p) {
@@ -264,7 +264,7 @@ fn valid_for_state(ctx: &TcContext, p: &parse::Ip4) -> Result<(), Reason> {
 /// A TCP segment that may change its connection's state (SYN, FIN, RST) needs an L4 checksum
 /// that holds; other segments change nothing the endpoint would not reject them for.
 #[inline(always)]
-fn ctl_csum_ok(ctx: &TcContext, p: &parse::Ip4) -> Result<(), Reason> {
+fn ctl_csum_ok<A: Fam>(ctx: &TcContext, p: &parse::Ip<A>) -> Result<(), Reason> {
     let ctl = tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST;
     if p.proto == PROTO_TCP && p.tcp_flags & ctl != 0 && !csum::l4_ok(ctx, p) {
         return Err(Reason::DropL4Csum);
@@ -292,17 +292,22 @@ fn published(cfg: &Config, p: &parse::Ip4) -> Option<PortTarget4> {
     addr::is_node_addr(cfg, &p.dst).then_some(t)
 }
 
-/// Everything that arrives on the uplink: replies to masqueraded connections, packets of
-/// connections to published ports, new connections to published ports; the rest is the
-/// node's and goes to the stack untouched.
+/// Everything that arrives on the uplink over IPv4 and ARP: replies to masqueraded
+/// connections, packets of connections to published ports, new connections to published
+/// ports; the rest is the node's and goes to the stack untouched. A function of its own
+/// beside `ipv6::from_uplink`, as for containers.
+#[inline(never)]
+pub fn from_uplink(ctx: &TcContext) -> i32 {
+    verdict(ctx, uplink(ctx))
+}
+
 #[inline(always)]
-pub fn from_uplink(ctx: &TcContext) -> Result<i32, Reason> {
+fn uplink(ctx: &TcContext) -> Result<i32, Reason> {
     let cfg = config()?;
     let ifindex = ifindex(ctx);
     match parse::l3(ctx) {
         Some((L3::Ipv4, _)) => {}
         Some((L3::Arp, _)) => return arp::from_uplink(ctx, cfg, ifindex),
-        Some((L3::Ipv6, _)) => return ipv6::from_uplink(ctx, cfg),
         _ => return pass(ctx),
     }
     // Malformed: dropped and counted, as ip_rcv would drop it.
@@ -414,6 +419,6 @@ fn dnat_new(
     valid_for_state(ctx, p)?;
     let e = conntrack::create_dnat(ctx, p, t, cfg, &ep, now())?;
     count(Reason::DnatNew, ctx.len());
-    nat::apply(ctx, p, &e)?;
+    nat::apply(ctx, p, e)?;
     deliver(ctx, cfg, p, ifindex)
 }

@@ -1,89 +1,59 @@
 //! IPv6 on a node with an IPv6 subnet (`up --subnet6`): the Neighbour Discovery responder
 //! (IPv6's ARP: Neighbour Solicitations for the gateway and for other containers are
-//! answered here, so all traffic reaches this program as unicast), anti-spoofing, and F1
-//! (container to container by an endpoint lookup, straight into the peer's namespace).
-//! Traffic to the node itself goes to the stack; traffic beyond the subnet and the node is
-//! dropped until NAT66 exists, never leaked untranslated. On the uplink, a packet for the
-//! subnet from outside is dropped (containers are unreachable from outside, as over IPv4).
-//! Without an IPv6 subnet, IPv6 is the stack's business, as before.
+//! answered here, so all traffic reaches this program as unicast), anti-spoofing, F1
+//! (container to container by an endpoint lookup, straight into the peer's namespace) and F2
+//! (MASQUERADE as NAT66, on the same conntrack code as IPv4's, in the `conntrack6` tables).
+//! Traffic to the node itself goes to the stack; traffic that would leave untranslated (no
+//! address to masquerade with, a protocol or extension header NAT66 does not handle) is
+//! dropped, never leaked. On the uplink, replies of masqueraded connections are translated
+//! back; any other packet for the subnet from outside is dropped (containers are unreachable
+//! from outside, as over IPv4). Without an IPv6 subnet, IPv6 is the stack's business.
 
-use aya_ebpf::{
-    helpers::{bpf_redirect, bpf_redirect_peer},
-    programs::TcContext,
+use core::mem::{MaybeUninit, align_of, size_of};
+
+use aya_ebpf::{helpers::bpf_redirect_peer, programs::TcContext};
+use nat_common::{
+    Addr6, CFG_MASQUERADE, Config, CtEntry6, CtKey6, Endpoint, PROTO_ICMPV6, Reason, WORK6_LEN,
 };
-use nat_common::{Addr6, Config, Endpoint, Reason};
-use network_types::eth::EthHdr;
 
 use crate::{
     TC_ACT_OK,
-    forward::set_macs,
-    maps::ENDPOINTS6,
-    parse::{ETH_LEN, ptr_at},
-    pkt::Pkt as _,
+    conntrack::{self, now},
+    forward::{self, set_macs},
+    ingress::{ifindex, tracked, valid_for_state},
+    lookup::config,
+    maps::{ENDPOINTS6, WORK6},
+    nat, nd,
+    nexthop::{self, NextHop},
+    parse::{self, ETH_LEN, IP6_LEN, Ip6, Ip6Hdr, ptr_at},
     stats::count,
+    verdict,
 };
 
-const NEXT_ICMPV6: u8 = 58;
-const ND_SOLICIT: u8 = 135;
-const ND_ADVERT: u8 = 136;
-/// NA flags (first byte): router, solicited, override.
-const NA_ROUTER: u8 = 0x80;
-const NA_SOLICITED: u8 = 0x40;
-const NA_OVERRIDE: u8 = 0x20;
-/// ND options: source and target link-layer address.
-const OPT_SLLA: u8 = 1;
-const OPT_TLLA: u8 = 2;
-/// An NS without options, and with one link-layer address option.
-const NS_LEN: u16 = 24;
-const NS_SLLA_LEN: u16 = 32;
-
-/// The fixed IPv6 header.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Ip6Hdr {
-    vtc_flow: [u8; 4],
-    payload_len: [u8; 2],
-    next_hdr: u8,
-    hop_limit: u8,
-    src: Addr6,
-    dst: Addr6,
-}
-
-const IP6_LEN: usize = 40;
-const L4_OFF: usize = ETH_LEN + IP6_LEN;
-
-/// A Neighbour Solicitation or Advertisement without options.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Nd {
-    ty: u8,
-    code: u8,
-    csum: [u8; 2],
-    flags: [u8; 4],
-    target: Addr6,
-}
-
-/// A link-layer address option.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct LlOpt {
-    ty: u8,
-    len: u8,
-    mac: [u8; 6],
-}
-
-const OPT_OFF: usize = L4_OFF + 24;
+pub const NEXT_ICMPV6: u8 = PROTO_ICMPV6;
+/// Where the ICMPv6 header starts (no extension headers).
+pub const L4_OFF: usize = ETH_LEN + IP6_LEN;
 
 #[inline(always)]
-fn pass(ctx: &TcContext) -> Result<i32, Reason> {
+pub fn pass(ctx: &TcContext) -> Result<i32, Reason> {
     count(Reason::Pass, ctx.len());
     Ok(TC_ACT_OK)
 }
 
 #[inline(always)]
-fn endpoint6(addr: &Addr6) -> Option<Endpoint> {
+pub fn endpoint6(addr: &Addr6) -> Option<Endpoint> {
     // SAFETY: the value is copied out at once.
     unsafe { ENDPOINTS6.get(addr).copied() }
+}
+
+/// The container at `addr`, if any (only addresses in the subnet are looked up).
+#[inline(always)]
+pub fn container_at(cfg: &Config, addr: &Addr6) -> Option<Endpoint> {
+    if in_subnet6(cfg, addr) {
+        endpoint6(addr)
+    } else {
+        None
+    }
 }
 
 /// Whether `a` lies in the node's IPv6 subnet.
@@ -114,184 +84,209 @@ fn is_local_scope(a: &Addr6) -> bool {
     (a[0] == 0xfe && a[1] & 0xc0 == 0x80) || a[0] == 0xff || *a == [0; 16]
 }
 
-/// Everything a container sends over IPv6.
+/// Everything a container sends over IPv6 (`tc_container` hands it over). The stack is the
+/// scarce thing here: a tuple is 40 bytes, so the parsed packet and its tuple live in the
+/// per-CPU `work6` map, and each branch that needs much stack is a function of its own
+/// whose frame is never stacked on another's.
+#[inline(never)]
+pub fn from_container(ctx: &TcContext) -> i32 {
+    verdict(ctx, dispatch(ctx))
+}
+
 #[inline(always)]
-pub fn from_container(
-    ctx: &TcContext,
-    cfg: &Config,
-    ifindex: u32,
-    eth_src: [u8; 6],
-) -> Result<i32, Reason> {
+fn dispatch(ctx: &TcContext) -> Result<i32, Reason> {
+    let cfg = config()?;
     if cfg.v6.prefix_len == 0 {
         return pass(ctx);
     }
+    let ifindex = ifindex(ctx);
+    let (_, eth_src) = parse::l3(ctx).ok_or(Reason::DropTruncated)?;
     let ip = ptr_at::<Ip6Hdr>(ctx, ETH_LEN).ok_or(Reason::DropTruncated)?;
-    // SAFETY: bounds checked by `ptr_at`.
-    let ip = unsafe { *ip };
-    if ip.next_hdr == NEXT_ICMPV6
-        && !is_local_scope(&ip.src)
+    // SAFETY: bounds checked by `ptr_at`. The addresses are read in place (copies would
+    // cost the frame that the branches below stack theirs on); nothing here changes the
+    // packet before they are last used.
+    let (next_hdr, src, dst) = unsafe { ((*ip).next_hdr, &(*ip).src, &(*ip).dst) };
+    if next_hdr == NEXT_ICMPV6
+        && !is_local_scope(src)
         && let Some(nd) = ptr_at::<[u8; 1]>(ctx, L4_OFF)
         // SAFETY: bounds checked by `ptr_at`.
-        && unsafe { (*nd)[0] } == ND_SOLICIT
+        && unsafe { (*nd)[0] } == nd::ND_SOLICIT
     {
-        return solicitation(ctx, cfg, &ip, ifindex, eth_src);
+        return Ok(nd::solicitation(ctx));
     }
-    if is_local_scope(&ip.src) || is_local_scope(&ip.dst) {
+    if is_local_scope(src) || is_local_scope(dst) {
         return pass(ctx);
     }
-    let me = endpoint6(&ip.src).ok_or(Reason::DropSpoof)?;
+    let me = endpoint6(src).ok_or(Reason::DropSpoof)?;
     if me.ifindex != ifindex || me.mac != eth_src {
         return Err(Reason::DropSpoof);
     }
-    if in_subnet6(cfg, &ip.dst) && ip.dst != cfg.v6.gateway_addr {
+    if in_subnet6(cfg, dst) && *dst != cfg.v6.gateway_addr {
         // F1: one flat L2 segment, as on a bridge: no hop limit change.
-        let peer = endpoint6(&ip.dst).ok_or(Reason::DropNoEndpoint)?;
+        let peer = endpoint6(dst).ok_or(Reason::DropNoEndpoint)?;
         set_macs(ctx, peer.mac, peer.host_mac)?;
         count(Reason::Forward, ctx.len());
         // SAFETY: plain helper call.
         return Ok(unsafe { bpf_redirect_peer(peer.ifindex, 0) } as i32);
     }
-    if ip.dst == cfg.v6.gateway_addr {
+    if *dst == cfg.v6.gateway_addr {
         // F6: the node, by its gateway address.
         return pass(ctx);
     }
-    Err(Reason::DropIpv6Out)
-}
-
-/// A Neighbour Solicitation from a container with a global source: answered for the gateway
-/// (with the host veth's MAC, as a router) and for other containers (with their MAC). The
-/// sender must be the container that owns the source address, on its veth, with its MAC.
-#[inline(always)]
-fn solicitation(
-    ctx: &TcContext,
-    cfg: &Config,
-    ip: &Ip6Hdr,
-    ifindex: u32,
-    eth_src: [u8; 6],
-) -> Result<i32, Reason> {
-    let len = u16::from_be_bytes(ip.payload_len);
-    if ip.hop_limit != 255 || (len != NS_LEN && len != NS_SLLA_LEN) {
-        // Not a solicitation a neighbour would accept (RFC 4861 7.1.1), or one with options
-        // this responder does not write: the stack's.
+    // Beyond the subnet: a tracked connection's packet, or a new one for outside. The
+    // source is the sender's own (checked above), so is any connection of this tuple.
+    let w = parsed(ctx)?;
+    if w.p.ttl <= 1 {
+        // Expiring here: the kernel answers it with Time Exceeded.
         return pass(ctx);
     }
-    let ns = ptr_at::<Nd>(ctx, L4_OFF).ok_or(Reason::DropTruncated)?;
-    // SAFETY: bounds checked by `ptr_at`.
-    let ns = unsafe { *ns };
-    let with_opt = len == NS_SLLA_LEN;
-    let opt = if with_opt {
-        let o = ptr_at::<LlOpt>(ctx, OPT_OFF).ok_or(Reason::DropTruncated)?;
-        // SAFETY: bounds checked by `ptr_at`.
-        Some(unsafe { *o })
-    } else {
-        None
-    };
-    if ns.code != 0 || opt.is_some_and(|o| o.ty != OPT_SLLA || o.len != 1) {
+    if let Some(e) = tracked_entry(w) {
+        return Ok(tracked6(ctx, e));
+    }
+    // Three steps, each with a frame of its own: where it goes, the checksums, the new
+    // connection.
+    match leaves_by_uplink(ctx) {
+        GO_ON => {}
+        action => return Ok(action),
+    }
+    valid_for_state(ctx, &work()?.p)?;
+    Ok(masquerade(ctx, &me))
+}
+
+/// A step's answer that the decision goes on in the caller (not a TC action).
+const GO_ON: i32 = i32::MIN;
+
+/// The packet being decided, its tuple and its next hop (`work6`).
+#[repr(C)]
+pub struct Work6 {
+    pub p: Ip6,
+    pub key: CtKey6,
+    pub nh: NextHop,
+}
+
+const _: () = assert!(size_of::<Work6>() <= WORK6_LEN && align_of::<Work6>() <= 8);
+
+/// Parse the packet into this CPU's `work6` slot.
+#[inline(always)]
+fn parsed(ctx: &TcContext) -> Result<&'static mut Work6, Reason> {
+    let w = WORK6
+        .get_ptr_mut(0)
+        .ok_or(Reason::DropHelper)?
+        .cast::<Work6>();
+    // SAFETY: this CPU's slot: 8-byte aligned, large enough (asserted above), used by
+    // nothing else while the program runs. `p` is written whole (by `parse::ipv6`) before
+    // the slot is used as a `Work6`; `key` and `nh` are plain bytes and integers.
+    unsafe {
+        parse::ipv6(ctx, &mut *(&raw mut (*w).p).cast::<MaybeUninit<Ip6>>())?;
+        Ok(&mut *w)
+    }
+}
+
+/// The packet already parsed into `work6` by the caller.
+#[inline(always)]
+fn work() -> Result<&'static mut Work6, Reason> {
+    let w = WORK6.get_ptr_mut(0).ok_or(Reason::DropHelper)?;
+    // SAFETY: as in `parsed`, which filled it for this packet.
+    Ok(unsafe { &mut *w.cast::<Work6>() })
+}
+
+/// The connection `w.p` belongs to, if it is tracked (its tuple left in `w.key`).
+#[inline(always)]
+fn tracked_entry(w: &mut Work6) -> Option<*mut CtEntry6> {
+    if !w.p.is_trackable() {
+        return None;
+    }
+    w.key = w.p.key();
+    conntrack::lookup(&w.key)
+}
+
+/// A packet of a tracked IPv6 connection, either way (`ingress::tracked`).
+#[inline(never)]
+fn tracked6(ctx: &TcContext, e: *mut CtEntry6) -> i32 {
+    let r = config().and_then(|cfg| tracked(ctx, cfg, &mut work()?.p, ifindex(ctx), e));
+    verdict(ctx, r)
+}
+
+/// A new packet for outside: what the FIB does not send out by the uplink is the stack's
+/// (any TC action), and so is one NAT66 cannot translate; `GO_ON` to masquerade the rest,
+/// with the next hop left in `work6`.
+#[inline(never)]
+fn leaves_by_uplink(ctx: &TcContext) -> i32 {
+    verdict(ctx, route_out(ctx))
+}
+
+#[inline(always)]
+fn route_out(ctx: &TcContext) -> Result<i32, Reason> {
+    let cfg = config()?;
+    let w = work()?;
+    w.nh = nexthop::fib(ctx, &w.p, ifindex(ctx));
+    let nh = &w.nh;
+    if !(nh.forwards() && nh.ifindex == cfg.uplink_ifindex) {
         return pass(ctx);
     }
-    let me = endpoint6(&ip.src).ok_or(Reason::DropSpoof)?;
-    if me.ifindex != ifindex || me.mac != eth_src || opt.is_some_and(|o| o.mac != eth_src) {
-        return Err(Reason::DropSpoof);
+    if nh.rc == nexthop::FRAG_NEEDED {
+        // Untranslated, so that the kernel's Packet Too Big reaches the container.
+        count(Reason::MtuExceeded, ctx.len());
+        return Ok(TC_ACT_OK);
     }
-    let (mac, router) = if ns.target == cfg.v6.gateway_addr {
-        (me.host_mac, NA_ROUTER)
-    } else if let Some(peer) = endpoint6(&ns.target)
-        && ns.target != ip.src
+    if cfg.flags & CFG_MASQUERADE == 0 {
+        return pass(ctx);
+    }
+    if cfg.v6.snat_addr == [0; 16] {
+        // No global address to masquerade with (yet).
+        return Err(Reason::DropIpv6Out);
+    }
+    if !w.p.is_trackable() {
+        // Another protocol, or an extension header NAT66 does not walk: never leaked.
+        return Err(Reason::DropUnsupported);
+    }
+    Ok(GO_ON)
+}
+
+/// F2 over IPv6: a new connection of the container `me`, masqueraded (NAT66) and sent by
+/// the next hop `route_out` left in `work6`.
+#[inline(never)]
+fn masquerade(ctx: &TcContext, me: &Endpoint) -> i32 {
+    verdict(ctx, masquerade_new(ctx, me))
+}
+
+#[inline(always)]
+fn masquerade_new(ctx: &TcContext, me: &Endpoint) -> Result<i32, Reason> {
+    let cfg = config()?;
+    let w = work()?;
+    let e = conntrack::create_snat(ctx, &w.p, &w.key, cfg.v6.snat_addr, cfg, me, now())?;
+    nat::apply(ctx, &mut w.p, e)?;
+    count(Reason::SnatNew, ctx.len());
+    forward::route(ctx, &mut w.p, ifindex(ctx), Some(w.nh))
+}
+
+/// On the uplink: the replies of masqueraded connections go back to their containers; any
+/// other packet from outside for the IPv6 subnet is dropped (no published port reaches it
+/// yet); everything else is the node's.
+///
+/// A function of its own: the IPv4 path's frame is not stacked on it.
+#[inline(never)]
+pub fn from_uplink(ctx: &TcContext) -> i32 {
+    verdict(ctx, uplink(ctx))
+}
+
+#[inline(always)]
+fn uplink(ctx: &TcContext) -> Result<i32, Reason> {
+    let cfg = config()?;
+    if cfg.v6.prefix_len == 0 {
+        return pass(ctx);
+    }
+    // Malformed: dropped and counted, as ip6_rcv would drop it.
+    let w = parsed(ctx)?;
+    if let Some(e) = tracked_entry(w)
+        && conntrack::arrives_from_outside(e)
     {
-        (peer.mac, 0)
-    } else {
-        return Err(Reason::DropNdUnknown);
-    };
-    advertise(ctx, ip, &ns, (eth_src, mac), router, with_opt, ifindex)
-}
-
-/// Sum of big-endian 16-bit words, unfolded.
-#[inline(always)]
-fn sum16(b: &[u8]) -> u32 {
-    let mut s = 0u32;
-    let mut i = 0;
-    while i + 1 < b.len() {
-        s += u32::from(u16::from_be_bytes([b[i], b[i + 1]]));
-        i += 2;
+        if w.p.ttl <= 1 {
+            return Err(Reason::DropTtl);
+        }
+        return Ok(tracked6(ctx, e));
     }
-    s
-}
-
-/// Turn the solicitation into the advertisement "`ns.target` is at `mac`" and send it back
-/// out of `ifindex`, where it came from.
-#[inline(always)]
-fn advertise(
-    ctx: &TcContext,
-    ip: &Ip6Hdr,
-    ns: &Nd,
-    (to, mac): ([u8; 6], [u8; 6]),
-    router: u8,
-    with_opt: bool,
-    ifindex: u32,
-) -> Result<i32, Reason> {
-    let mut na = Nd {
-        ty: ND_ADVERT,
-        code: 0,
-        csum: [0; 2],
-        flags: [router | NA_SOLICITED | NA_OVERRIDE, 0, 0, 0],
-        target: ns.target,
-    };
-    let len: u16 = if with_opt { NS_SLLA_LEN } else { NS_LEN };
-    // The checksum over the pseudo-header (source, destination, length, next header) and the
-    // message as sent.
-    let mut s = sum16(&ns.target) + sum16(&ip.src) + u32::from(len) + u32::from(NEXT_ICMPV6);
-    s += u32::from(u16::from_be_bytes([ND_ADVERT, 0]));
-    s += u32::from(u16::from_be_bytes([na.flags[0], 0]));
-    s += sum16(&ns.target);
-    if with_opt {
-        s += u32::from(u16::from_be_bytes([OPT_TLLA, 1])) + sum16(&mac);
-    }
-    while s > 0xffff {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    na.csum = (!(s as u16)).to_be_bytes();
-    let reply = Ip6Hdr {
-        vtc_flow: [0x60, 0, 0, 0],
-        payload_len: len.to_be_bytes(),
-        next_hdr: NEXT_ICMPV6,
-        hop_limit: 255,
-        src: ns.target,
-        dst: ip.src,
-    };
-    ctx.put(
-        0,
-        &EthHdr {
-            dst_addr: to,
-            src_addr: mac,
-            ether_type: network_types::eth::EtherType::Ipv6 as u16,
-        },
-    )?;
-    ctx.put(ETH_LEN, &reply)?;
-    ctx.put(L4_OFF, &na)?;
-    if with_opt {
-        ctx.put(
-            OPT_OFF,
-            &LlOpt {
-                ty: OPT_TLLA,
-                len: 1,
-                mac,
-            },
-        )?;
-    }
-    count(Reason::NdReply, ctx.len());
-    // SAFETY: plain helper call; egress of the interface the solicitation came in on.
-    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
-}
-
-/// On the uplink: a packet from outside for the IPv6 subnet is dropped (no NAT66 or
-/// published port reaches it yet); everything else is the node's.
-#[inline(always)]
-pub fn from_uplink(ctx: &TcContext, cfg: &Config) -> Result<i32, Reason> {
-    if cfg.v6.prefix_len != 0
-        && let Some(ip) = ptr_at::<Ip6Hdr>(ctx, ETH_LEN)
-        // SAFETY: bounds checked by `ptr_at`.
-        && in_subnet6(cfg, unsafe { &(*ip).dst })
-    {
+    if in_subnet6(cfg, &w.p.dst) {
         return Err(Reason::DropNotPublished);
     }
     pass(ctx)

@@ -16,6 +16,7 @@ mod addr;
 mod arp;
 mod conntrack;
 mod csum;
+mod family;
 mod forward;
 mod frag;
 mod icmp;
@@ -24,6 +25,7 @@ mod ipv6;
 mod lookup;
 mod maps;
 mod nat;
+mod nd;
 mod nexthop;
 mod parse;
 mod pkt;
@@ -40,8 +42,13 @@ use aya_ebpf::{
 pub(crate) const TC_ACT_OK: i32 = 0;
 pub(crate) const TC_ACT_SHOT: i32 = 2;
 
+/// The TC action for a decision: a drop is counted under its reason here.
+///
+/// Functions of their own (`#[inline(never)]`) return this rather than a `Result`: a
+/// `Result` comes back through memory, and the compiler may leave a pointer into the
+/// caller's stack in R0 at their exit, which the verifier refuses.
 #[inline(always)]
-fn verdict(ctx: &TcContext, r: Result<i32, nat_common::Reason>) -> i32 {
+pub(crate) fn verdict(ctx: &TcContext, r: Result<i32, nat_common::Reason>) -> i32 {
     r.unwrap_or_else(|reason| {
         stats::count(reason, ctx.len());
         TC_ACT_SHOT
@@ -51,18 +58,19 @@ fn verdict(ctx: &TcContext, r: Result<i32, nat_common::Reason>) -> i32 {
 /// TC ingress of a container's host-side veth.
 #[classifier]
 pub fn tc_container(ctx: TcContext) -> i32 {
-    let r = if ingress::is_ipv6(&ctx) {
-        ingress::from_container_v6(&ctx)
-    } else {
-        ingress::from_container(&ctx)
-    };
-    verdict(&ctx, r)
+    if ingress::is_ipv6(&ctx) {
+        return ipv6::from_container(&ctx);
+    }
+    ingress::from_container(&ctx)
 }
 
 /// TC ingress of the uplink.
 #[classifier]
 pub fn tc_uplink(ctx: TcContext) -> i32 {
-    verdict(&ctx, ingress::from_uplink(&ctx))
+    if ingress::is_ipv6(&ctx) {
+        return ipv6::from_uplink(&ctx);
+    }
+    ingress::from_uplink(&ctx)
 }
 
 /// XDP on the uplink: the inbound fast path in front of `tc_uplink`.

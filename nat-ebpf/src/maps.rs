@@ -9,10 +9,10 @@ use aya_ebpf::{
 };
 use nat_common::{
     Addr4, Addr6, CLUSTER_NETS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, ClusterNet, Config, Counter,
-    CtEntry4, CtKey4, ENDPOINTS_MAX_ENTRIES, Endpoint, FRAGS_MAX_ENTRIES, FragKey4, FragPorts,
-    NODE_ADDRS_MAX_ENTRIES, NodeAddr, PORTS_MAX_ENTRIES, PortKey4, PortTarget4, REASON_COUNT,
-    SCRATCH_SLOTS, SOCK_RNAT_MAX_ENTRIES, STATIC_NAT_MAX_ENTRIES, SockKey4, SockOrig4, StaticNat4,
-    conntrack_new_max,
+    CtEntry4, CtEntry6, CtKey4, CtKey6, ENDPOINTS_MAX_ENTRIES, Endpoint, FRAGS_MAX_ENTRIES,
+    FragKey4, FragPorts, NODE_ADDRS_MAX_ENTRIES, NodeAddr, PORTS_MAX_ENTRIES, PortKey4,
+    PortTarget4, REASON_COUNT, SCRATCH_SLOTS, SOCK_RNAT_MAX_ENTRIES, STATIC_NAT_MAX_ENTRIES,
+    SockKey4, SockOrig4, StaticNat4, WORK6_LEN, conntrack_new_max,
 };
 
 #[btf_map(name = "config")]
@@ -45,6 +45,18 @@ pub static CONNTRACK_NEW: LruHashMap<
     { conntrack_new_max(CONNTRACK_MAX_ENTRIES) as usize },
 > = LruHashMap::new();
 
+/// The IPv6 twins of `conntrack` and `conntrack_new`, sized alike by the loader.
+#[btf_map(name = "conntrack6")]
+pub static CONNTRACK6: LruHashMap<CtKey6, CtEntry6, { CONNTRACK_MAX_ENTRIES as usize }> =
+    LruHashMap::new();
+
+#[btf_map(name = "conntrack6_new")]
+pub static CONNTRACK6_NEW: LruHashMap<
+    CtKey6,
+    CtEntry6,
+    { conntrack_new_max(CONNTRACK_MAX_ENTRIES) as usize },
+> = LruHashMap::new();
+
 #[btf_map(name = "stats")]
 pub static STATS: PerCpuArray<Counter, { REASON_COUNT as usize }> = PerCpuArray::new();
 
@@ -52,6 +64,14 @@ pub static STATS: PerCpuArray<Counter, { REASON_COUNT as usize }> = PerCpuArray:
 /// of a connection being created (0: reply, 1: original direction).
 #[btf_map(name = "scratch")]
 pub static SCRATCH: PerCpuArray<CtEntry4, { SCRATCH_SLOTS as usize }> = PerCpuArray::new();
+
+/// The same for an IPv6 connection.
+#[btf_map(name = "scratch6")]
+pub static SCRATCH6: PerCpuArray<CtEntry6, { SCRATCH_SLOTS as usize }> = PerCpuArray::new();
+
+/// The IPv6 packet being decided and its tuple (`ipv6::Work6`), off the stack.
+#[btf_map(name = "work6")]
+pub static WORK6: PerCpuArray<[u64; WORK6_LEN / 8], 1> = PerCpuArray::new();
 
 /// Static 1:1 NAT: address → the other side of its mapping (two entries per mapping).
 #[btf_map(name = "static_nat")]

@@ -12,14 +12,12 @@ use aya_ebpf::{
     helpers::{bpf_check_mtu, bpf_fib_lookup},
     programs::TcContext,
 };
-use nat_common::{Addr4, Config, CtMeta, Endpoint, NEXT_HOP_CACHE_NS};
+use nat_common::{Config, CtMeta, Endpoint, NEXT_HOP_CACHE_NS};
 
 use crate::{
-    lookup::container_at,
-    parse::{ETH_LEN, Ip4},
+    family::Fam,
+    parse::{ETH_LEN, Ip},
 };
-
-const AF_INET: u8 = 2;
 
 /// Where a tracked direction delivers into a container: the container's host veth and the
 /// MACs to write.
@@ -68,10 +66,10 @@ fn remember_peer(e: *mut CtMeta, ep: &Endpoint, now: u64) -> Hop {
 /// from the entry's cache while fresh, else from the endpoint table (and cached). `None`:
 /// the packets do not end in a container.
 #[inline(always)]
-pub fn peer_hop(cfg: &Config, e: *mut CtMeta, dst: &Addr4, now: u64) -> Option<Hop> {
+pub fn peer_hop<A: Fam>(cfg: &Config, e: *mut CtMeta, dst: &A, now: u64) -> Option<Hop> {
     match cached_peer(e, now) {
         Some(h) => Some(h),
-        None => container_at(cfg, dst).map(|ep| remember_peer(e, &ep, now)),
+        None => A::container_at(cfg, dst).map(|ep| remember_peer(e, &ep, now)),
     }
 }
 
@@ -87,13 +85,13 @@ pub enum Way {
 /// Decide where a packet of the tracked direction `e` goes; its destination after
 /// translation is `dst`.
 #[inline(always)]
-pub fn tracked_way(
+pub fn tracked_way<A: Fam>(
     ctx: &TcContext,
     cfg: &Config,
-    p: &Ip4,
+    p: &Ip<A>,
     ifindex: u32,
     e: *mut CtMeta,
-    dst: &Addr4,
+    dst: &A,
     now: u64,
 ) -> Way {
     match peer_hop(cfg, e, dst, now) {
@@ -132,18 +130,16 @@ impl NextHop {
 
 /// FIB lookup for `p` as if it arrived on `ifindex`.
 #[inline(always)]
-pub fn fib(ctx: &TcContext, p: &Ip4, ifindex: u32) -> NextHop {
+pub fn fib<A: Fam>(ctx: &TcContext, p: &Ip<A>, ifindex: u32) -> NextHop {
     // SAFETY: an all-zero `bpf_fib_lookup` is a valid input.
     let mut f: FibParams = unsafe { core::mem::zeroed() };
-    f.family = AF_INET;
+    A::fib_addrs(&mut f, p);
     f.l4_protocol = p.proto;
     f.sport = u16::from_ne_bytes(p.sport);
     f.dport = u16::from_ne_bytes(p.dport);
     // tot_len 0: the kernel checks the skb (GSO aware) against the egress MTU itself.
     f.__bindgen_anon_1.tot_len = 0;
     f.ifindex = ifindex;
-    f.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(p.src);
-    f.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(p.dst);
     // SAFETY: `f` lives on the stack for the call; size matches the struct.
     let rc = unsafe {
         bpf_fib_lookup(
@@ -169,7 +165,7 @@ pub fn fib(ctx: &TcContext, p: &Ip4, ifindex: u32) -> NextHop {
 /// cached hop still has the packet checked against its device's MTU (GSO aware), as the FIB
 /// lookup does.
 #[inline(always)]
-fn out_hop(ctx: &TcContext, p: &Ip4, ifindex: u32, e: *mut CtMeta, now: u64) -> NextHop {
+fn out_hop<A: Fam>(ctx: &TcContext, p: &Ip<A>, ifindex: u32, e: *mut CtMeta, now: u64) -> NextHop {
     // SAFETY: `e` points at the connection's map value; concurrent writers store the same
     // next hop, and a torn read costs one wrong-but-valid redirect at worst until refreshed.
     let e = unsafe { &mut *e };

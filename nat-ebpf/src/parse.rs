@@ -1,10 +1,12 @@
 //! Bounds-checked header reads: `ptr_at` is how a header is read in place (rewrites go
 //! through `pkt.rs`, whole-packet walks through load helpers).
 
-use core::mem::size_of;
+use core::mem::{MaybeUninit, size_of};
 
 use crate::pkt::Pkt;
-use nat_common::{Addr4, CtKey4, PROTO_ICMP, PROTO_TCP, PROTO_UDP, Port, Reason};
+use nat_common::{
+    Addr4, Addr6, CtKey, Family, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Port, Reason,
+};
 use network_types::{
     arp::ArpHdr,
     eth::{EthHdr, EtherType},
@@ -70,22 +72,24 @@ pub fn arp(ctx: &impl Pkt) -> Option<ArpHdr> {
     Some(unsafe { *p })
 }
 
-/// The fields of an IPv4 packet the datapath decides on.
+/// The fields of an IP packet the datapath decides on, for either family (`Ip4`, `Ip6`).
 #[derive(Clone, Copy)]
-pub struct Ip4 {
-    pub src: Addr4,
-    pub dst: Addr4,
+pub struct Ip<A> {
+    pub src: A,
+    pub dst: A,
     /// Source port, or for ICMP echo the id of a request (0 for a reply).
     pub sport: Port,
     /// Destination port, or for ICMP echo the id of a reply (0 for a request).
     pub dport: Port,
+    /// IP protocol (IPv6: the upper-layer header's next header value).
     pub proto: u8,
+    /// TTL, or IPv6 hop limit.
     pub ttl: u8,
     pub tcp_flags: u8,
     pub icmp_type: u8,
     /// Part of a fragmented datagram (MF set or a non-zero offset).
     pub frag: bool,
-    /// Don't fragment.
+    /// Don't fragment (always set over IPv6: routers never fragment).
     pub df: bool,
     /// The L4 header is in this packet (not a non-first fragment).
     pub l4_present: bool,
@@ -93,8 +97,9 @@ pub struct Ip4 {
     pub ports_known: bool,
     /// IPv4 identification (fragments of one datagram share it).
     pub id: [u8; 2],
-    /// Offset of the L4 header (Ethernet + IP header with options).
+    /// Offset of the L4 header (Ethernet + IP header with options or extension headers).
     pub l4_off: usize,
+    /// The IP datagram's length, headers included (IPv6: 40 + payload length).
     pub tot_len: u16,
     /// Fragment offset in 8-byte units.
     pub frag_offset: u16,
@@ -102,10 +107,13 @@ pub struct Ip4 {
     pub more_fragments: bool,
 }
 
-impl Ip4 {
+pub type Ip4 = Ip<Addr4>;
+pub type Ip6 = Ip<Addr6>;
+
+impl<A: Family> Ip<A> {
     #[inline(always)]
-    pub fn key(&self) -> CtKey4 {
-        CtKey4::new(self.src, self.dst, self.sport, self.dport, self.proto)
+    pub fn key(&self) -> CtKey<A> {
+        CtKey::new(self.src, self.dst, self.sport, self.dport, self.proto)
     }
 
     /// TCP, UDP, or an ICMP echo request/reply whose ports (ids) are known: the packets that
@@ -114,12 +122,20 @@ impl Ip4 {
     pub fn is_trackable(&self) -> bool {
         match self.proto {
             PROTO_TCP | PROTO_UDP => self.l4_present || self.ports_known,
-            PROTO_ICMP => {
+            p if p == A::PROTO_ICMP => {
                 self.l4_present
-                    && (self.icmp_type == ICMP_ECHO_REQUEST || self.icmp_type == ICMP_ECHO_REPLY)
+                    && (self.icmp_type == A::ECHO_REQUEST || self.icmp_type == A::ECHO_REPLY)
             }
             _ => false,
         }
+    }
+}
+
+impl<A> Ip<A> {
+    /// The IP header's length (options or extension headers included).
+    #[inline(always)]
+    pub fn ip_hdr_len(&self) -> usize {
+        self.l4_off - IP_OFF
     }
 }
 
@@ -167,12 +183,20 @@ pub fn ipv4(ctx: &impl Pkt) -> Result<Ip4, Reason> {
         frag_offset: offset,
         more_fragments,
     };
-    // The L4 lengths are checked against this packet only when it holds the whole datagram.
-    let l4_len = usize::from(tot_len) - ihl;
     if offset != 0 {
         return Ok(p);
     }
-    match h.proto {
+    l4(ctx, &mut p)?;
+    Ok(p)
+}
+
+/// Read the ports (TCP, UDP), flags (TCP) or echo id (ICMP) of a packet that carries its L4
+/// header, and check the header's lengths against the datagram's.
+#[inline(always)]
+fn l4<A: Family>(ctx: &impl Pkt, p: &mut Ip<A>) -> Result<(), Reason> {
+    // The L4 lengths are checked against this packet only when it holds the whole datagram.
+    let l4_len = usize::from(p.tot_len).saturating_sub(p.ip_hdr_len());
+    match p.proto {
         PROTO_TCP => {
             // The whole fixed header: the checksum a rewrite updates is at offset 16.
             let t = ptr_at::<[u8; 20]>(ctx, p.l4_off).ok_or(Reason::DropTruncated)?;
@@ -198,20 +222,76 @@ pub fn ipv4(ctx: &impl Pkt) -> Result<Ip4, Reason> {
                 return Err(Reason::DropInvalid);
             }
         }
-        PROTO_ICMP => {
+        proto if proto == A::PROTO_ICMP => {
             // type, code, checksum, id, sequence.
             let i = ptr_at::<[u8; 8]>(ctx, p.l4_off).ok_or(Reason::DropTruncated)?;
             // SAFETY: bounds checked by `ptr_at`.
             let i = unsafe { *i };
             p.icmp_type = i[0];
-            if i[0] == ICMP_ECHO_REQUEST {
+            if i[0] == A::ECHO_REQUEST {
                 p.sport = [i[4], i[5]];
-            } else if i[0] == ICMP_ECHO_REPLY {
+            } else if i[0] == A::ECHO_REPLY {
                 p.dport = [i[4], i[5]];
             }
         }
         _ => {}
     }
+    Ok(())
+}
+
+/// The fixed IPv6 header.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ip6Hdr {
+    pub vtc_flow: [u8; 4],
+    pub payload_len: [u8; 2],
+    pub next_hdr: u8,
+    pub hop_limit: u8,
+    pub src: Addr6,
+    pub dst: Addr6,
+}
+
+pub const IP6_LEN: usize = size_of::<Ip6Hdr>();
+
+/// Parse the IPv6 header and the L4 ports into `out` (per-CPU memory: the IPv6 path's stack
+/// cannot spare the room). Only packets whose upper-layer header follows the fixed header
+/// directly are parsed further; with an extension header in between, `proto` is that
+/// header's number and the packet is not trackable (nothing is translated that was not
+/// understood).
+#[inline(always)]
+pub fn ipv6<'a>(ctx: &impl Pkt, out: &'a mut MaybeUninit<Ip6>) -> Result<&'a mut Ip6, Reason> {
+    let ip = ptr_at::<Ip6Hdr>(ctx, IP_OFF).ok_or(Reason::DropTruncated)?;
+    // SAFETY: bounds checked by `ptr_at`; read field by field, not copied whole.
+    let h = unsafe { &*ip };
+    if h.vtc_flow[0] >> 4 != 6 {
+        return Err(Reason::DropTruncated);
+    }
+    let payload = u16::from_be_bytes(h.payload_len);
+    // ip6_rcv's rule: a payload past the frame is a truncated packet (a longer frame is
+    // padding). A zero payload length (a jumbogram's) is never ours to translate.
+    if IP_OFF + IP6_LEN + usize::from(payload) > ctx.bytes() as usize || payload > 65535 - 40 {
+        return Err(Reason::DropTruncated);
+    }
+    let p = out.write(Ip6 {
+        src: h.src,
+        dst: h.dst,
+        sport: [0; 2],
+        dport: [0; 2],
+        proto: h.next_hdr,
+        ttl: h.hop_limit,
+        tcp_flags: 0,
+        icmp_type: 0,
+        frag: false,
+        df: true,
+        l4_present: true,
+        ports_known: false,
+        id: [0; 2],
+        l4_off: IP_OFF + IP6_LEN,
+        tot_len: payload + IP6_LEN as u16,
+        frag_offset: 0,
+        more_fragments: false,
+    });
+    l4(ctx, p)?;
     Ok(p)
 }
 
@@ -250,9 +330,10 @@ pub fn ipv4_csum_ok(ctx: &impl Pkt, p: &Ip4) -> bool {
     sum == 0xffff
 }
 
-/// Offset of the L4 checksum field, and whether it covers the pseudo-header.
+/// Offset of the L4 checksum field, and whether it covers the pseudo-header (ICMPv6's does,
+/// ICMP's does not).
 #[inline(always)]
-pub fn l4_csum_off(p: &Ip4) -> Option<(usize, bool)> {
+pub fn l4_csum_off<A>(p: &Ip<A>) -> Option<(usize, bool)> {
     if !p.l4_present {
         return None;
     }
@@ -260,6 +341,7 @@ pub fn l4_csum_off(p: &Ip4) -> Option<(usize, bool)> {
         PROTO_TCP => Some((p.l4_off + 16, true)),
         PROTO_UDP => Some((p.l4_off + 6, true)),
         PROTO_ICMP => Some((p.l4_off + 2, false)),
+        PROTO_ICMPV6 => Some((p.l4_off + 2, true)),
         _ => None,
     }
 }

@@ -14,7 +14,7 @@ use aya_ebpf::{
     helpers::{bpf_skb_load_bytes, bpf_xdp_load_bytes},
     programs::{TcContext, XdpContext},
 };
-use nat_common::{Reason, csum_replace};
+use nat_common::{Reason, csum_add_diff, csum_replace};
 
 /// Byte access and checksum updates on a packet. Offsets count from the Ethernet header.
 ///
@@ -40,6 +40,10 @@ pub trait Pkt {
     /// Update the L4 checksum at `off`; `flags` as for `bpf_l4_csum_replace` (size in the low
     /// bits, `BPF_F_PSEUDO_HDR`, `BPF_F_MARK_MANGLED_0`).
     fn csum_l4(&self, off: usize, old: u32, new: u32, flags: u64) -> Result<(), Reason>;
+    /// Update the L4 checksum at `off` by `diff`, a ones' complement sum of what changed
+    /// (`bpf_csum_diff` of the old and new bytes), for fields wider than four bytes (IPv6
+    /// addresses); `flags` as for `csum_l4`, without a size.
+    fn csum_l4_diff(&self, off: usize, diff: u32, flags: u64) -> Result<(), Reason>;
     /// Copy `len` bytes at `off` (anywhere in the packet, not only its linear part) to `to`.
     ///
     /// # Safety
@@ -96,6 +100,12 @@ impl Pkt for TcContext {
     #[inline(always)]
     fn csum_l4(&self, off: usize, old: u32, new: u32, flags: u64) -> Result<(), Reason> {
         helper(self.l4_csum_replace(off, u64::from(old), u64::from(new), flags))
+    }
+
+    #[inline(always)]
+    fn csum_l4_diff(&self, off: usize, diff: u32, flags: u64) -> Result<(), Reason> {
+        // Size 0: `to` is a checksum difference (`inet_proto_csum_replace_by_diff`).
+        helper(self.l4_csum_replace(off, 0, u64::from(diff), flags & !0xf))
     }
 
     #[inline(always)]
@@ -181,6 +191,24 @@ impl Pkt for XdpContext {
             flags & 0xf,
             keep_zero,
         )
+    }
+
+    #[inline(always)]
+    fn csum_l4_diff(&self, off: usize, diff: u32, flags: u64) -> Result<(), Reason> {
+        let keep_zero = flags & u64::from(BPF_F_MARK_MANGLED_0) != 0;
+        let p = at_mut::<[u8; 2]>(self.data(), self.data_end(), off)?;
+        // SAFETY: bounds checked by `at_mut`; byte arrays need no alignment.
+        let csum = u16::from_ne_bytes(unsafe { *p });
+        if keep_zero && csum == 0 {
+            return Ok(());
+        }
+        let mut c = csum_add_diff(csum, diff);
+        if keep_zero && c == 0 {
+            c = 0xffff;
+        }
+        // SAFETY: as above.
+        unsafe { *p = c.to_ne_bytes() };
+        Ok(())
     }
 
     #[inline(always)]

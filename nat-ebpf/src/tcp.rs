@@ -20,14 +20,15 @@ use core::ffi::c_void;
 
 use aya_ebpf::helpers::bpf_loop;
 use nat_common::{
-    CtEntry4, CtMeta, DIR_ORIGINAL, DIR_REPLY, Reason, TCP_SEEN, tcp_flags, tcp_state,
+    CtEntry, CtMeta, DIR_ORIGINAL, DIR_REPLY, Reason, TCP_SEEN, tcp_flags, tcp_state,
     tcp_transition,
 };
 
 use crate::{
     conntrack::{lookup, meta},
+    family::Fam,
     maps::CSUM_BUF,
-    parse::{IP_OFF, Ip4, ptr_at},
+    parse::{Ip, ptr_at},
     pkt::Pkt,
 };
 
@@ -68,7 +69,7 @@ fn after(a: u32, b: u32) -> bool {
 
 /// The segment's numbers, or `None` for a later fragment (no TCP header).
 #[inline(always)]
-pub fn seg(ctx: &impl Pkt, p: &Ip4) -> Option<Seg> {
+pub fn seg<A>(ctx: &impl Pkt, p: &Ip<A>) -> Option<Seg> {
     if !p.l4_present {
         return None;
     }
@@ -76,7 +77,7 @@ pub fn seg(ctx: &impl Pkt, p: &Ip4) -> Option<Seg> {
     // SAFETY: bounds checked by `ptr_at`.
     let t = unsafe { *t };
     let doff = u32::from(t[12] >> 4) * 4;
-    let ihl = (p.l4_off - IP_OFF) as u32;
+    let ihl = p.ip_hdr_len() as u32;
     let payload = u32::from(p.tot_len).saturating_sub(ihl + doff);
     let flags = t[13];
     let seq = u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
@@ -144,7 +145,7 @@ unsafe extern "C" fn opt_step(k: u64, ctx: *mut c_void) -> i64 {
 /// TCP header ends (starting inside the IP header when the options are shorter): the packet
 /// always holds them, and a fixed size keeps the verifier's work small.
 #[inline(never)]
-fn wscale(ctx: &impl Pkt, p: &Ip4, s: &Seg) -> Option<u8> {
+fn wscale<A>(ctx: &impl Pkt, p: &Ip<A>, s: &Seg) -> Option<u8> {
     let len = u32::from(s.opt_len);
     if len == 0 || len > 40 {
         return None;
@@ -174,7 +175,7 @@ fn wscale(ctx: &impl Pkt, p: &Ip4, s: &Seg) -> Option<u8> {
 
 /// Start a direction's view from its SYN (a new or reopened connection).
 #[inline(always)]
-pub fn init_from_syn(ctx: &impl Pkt, p: &Ip4, e: &mut CtMeta) {
+pub fn init_from_syn<A>(ctx: &impl Pkt, p: &Ip<A>, e: &mut CtMeta) {
     let Some(s) = seg(ctx, p) else {
         return;
     };
@@ -193,7 +194,7 @@ pub fn init_from_syn(ctx: &impl Pkt, p: &Ip4, e: &mut CtMeta) {
 /// Start the original direction's view of a new connection from its first segment: a SYN,
 /// or any segment of a connection picked up mid-stream.
 #[inline(always)]
-pub fn init(ctx: &impl Pkt, p: &Ip4, e: &mut CtMeta) {
+pub fn init<A>(ctx: &impl Pkt, p: &Ip<A>, e: &mut CtMeta) {
     let Some(s) = seg(ctx, p) else {
         return;
     };
@@ -272,7 +273,7 @@ fn learn(e: &mut CtMeta, s: &Seg) {
 
 /// The SYN-ACK settles window scaling: used only when both SYNs offered it.
 #[inline(always)]
-fn settle_wscale(ctx: &impl Pkt, p: &Ip4, s: &Seg, e: &mut CtMeta, peer: &mut CtMeta) {
+fn settle_wscale<A>(ctx: &impl Pkt, p: &Ip<A>, s: &Seg, e: &mut CtMeta, peer: &mut CtMeta) {
     match wscale(ctx, p, s) {
         Some(ws) if peer.tcp_track & TCP_WS_OFFERED != 0 => {
             e.tcp_wscale = ws;
@@ -289,7 +290,7 @@ fn settle_wscale(ctx: &impl Pkt, p: &Ip4, s: &Seg, e: &mut CtMeta, peer: &mut Ct
 /// advance the connection's state in both entries. `Err` only for an RST outside the window;
 /// `Ok(true)` when the segment was in the window and both sides have been seen.
 #[inline(always)]
-pub fn track(ctx: &impl Pkt, e: *mut CtEntry4, p: &Ip4) -> Result<bool, Reason> {
+pub fn track<A: Fam>(ctx: &impl Pkt, e: *mut CtEntry<A>, p: &Ip<A>) -> Result<bool, Reason> {
     let Some(s) = seg(ctx, p) else {
         return Ok(false);
     };
@@ -302,9 +303,9 @@ pub fn track(ctx: &impl Pkt, e: *mut CtEntry4, p: &Ip4) -> Result<bool, Reason> 
 /// `track` for either family: `e` is the segment's direction, `peer` the other one when
 /// its entry exists.
 #[inline(always)]
-fn track_seg(
+fn track_seg<A>(
     ctx: &impl Pkt,
-    p: &Ip4,
+    p: &Ip<A>,
     s: &Seg,
     e: *mut CtMeta,
     peer: Option<*mut CtMeta>,

@@ -102,8 +102,7 @@ pub fn from_uplink(ctx: &XdpContext) -> Result<u32, Reason> {
     };
     conntrack::touch(ctx, e, &p, t)?;
     count(Reason::CtHit, ctx.bytes());
-    let x = conntrack::Xlate::of(e);
-    nat::apply(ctx, &mut p, &x)?;
+    nat::apply(ctx, &mut p, conntrack::xlate(e))?;
     deliver(ctx, &mut p, &hop)
 }
 

@@ -46,6 +46,8 @@ pub struct NodeSpec {
     pub subnet6: Option<Cidr6>,
     /// Default: the IPv6 subnet's first address after the subnet-router anycast one.
     pub gateway6: Option<Ipv6Addr>,
+    /// NAT66 source. Default: the uplink's first global IPv6 address.
+    pub snat_ip6: Option<Ipv6Addr>,
 }
 
 impl NodeSpec {
@@ -65,6 +67,7 @@ impl NodeSpec {
             xdp: XdpChoice::Auto,
             subnet6: None,
             gateway6: None,
+            snat_ip6: None,
         }
     }
 }
@@ -154,6 +157,7 @@ pub fn config_of(node: &Node, static_nat: bool) -> Config {
         v6: node.v6.as_ref().map_or_else(Net6::default, |v| Net6 {
             subnet_addr: v.subnet.octets(),
             gateway_addr: v.gateway.octets(),
+            snat_addr: v.snat.map_or([0; 16], |a| a.octets()),
             prefix_len: v.prefix_len,
             _pad: [0; 7],
         }),
@@ -224,7 +228,7 @@ pub async fn up(ctx: &Env, a: NodeSpec) -> Result<Upped> {
             host_ports.1
         );
     }
-    let v6 = subnet6(&a)?;
+    let mut v6 = subnet6(&a)?;
     let store = ctx.store()?;
     let mut state = store.load()?;
     forget_stale_node(ctx, &store, &mut state)?;
@@ -238,6 +242,11 @@ pub async fn up(ctx: &Env, a: NodeSpec) -> Result<Upped> {
         .await?
         .first()
         .map(|(ip, _)| *ip);
+    if let Some(v6) = &mut v6
+        && v6.snat_from_uplink
+    {
+        v6.snat = nl.global_ipv6_addrs(uplink.index).await?.first().copied();
+    }
     let snat_ip = match (a.snat_ip, uplink_addr) {
         (Some(ip), _) | (None, Some(ip)) => ip,
         (None, None) => bail!(
@@ -303,14 +312,25 @@ pub async fn up(ctx: &Env, a: NodeSpec) -> Result<Upped> {
     Ok(Upped::Fresh(node))
 }
 
-/// The IPv6 subnet `up` asks for, checked: the gateway a host address of it.
+/// The IPv6 subnet `up` asks for, checked: the gateway a host address of it, the NAT66
+/// source outside it. The source from the uplink is filled in by the caller.
 fn subnet6(a: &NodeSpec) -> Result<Option<Subnet6>> {
     let Some(net) = a.subnet6 else {
         if let Some(gw) = a.gateway6 {
             bail!("--gateway6 {gw} needs --subnet6");
         }
+        if let Some(ip) = a.snat_ip6 {
+            bail!("--snat-ip6 {ip} needs --subnet6");
+        }
         return Ok(None);
     };
+    if let Some(ip) = a.snat_ip6
+        && (net.contains(ip) || ip.is_unspecified() || ip.is_loopback() || ip.is_multicast())
+    {
+        bail!(
+            "--snat-ip6 {ip} cannot be a source for outside: choose a unicast address outside {net}"
+        );
+    }
     let gateway = match a.gateway6 {
         Some(gw) => gw,
         None => net.nth(1).context("the IPv6 subnet has no first address")?,
@@ -322,7 +342,21 @@ fn subnet6(a: &NodeSpec) -> Result<Option<Subnet6>> {
         subnet: net.addr,
         prefix_len: net.prefix,
         gateway,
+        snat: a.snat_ip6,
+        snat_from_uplink: a.snat_ip6.is_none(),
     }))
+}
+
+/// With forwarding on, Linux ignores router advertisements on an interface whose `accept_ra`
+/// is 1 (the default): an uplink that takes its address or default route from them loses
+/// both when they expire. Docker has the same caveat; say so rather than change it.
+fn warn_accept_ra(uplink: &str) {
+    let path = format!("/proc/sys/net/ipv6/conf/{uplink}/accept_ra");
+    if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "1") {
+        eprintln!(
+            "warning: IPv6 forwarding is now on, so {uplink} ignores router advertisements (accept_ra=1); if it is configured by them, set net.ipv6.conf.{uplink}.accept_ra=2"
+        );
+    }
 }
 
 /// Install the node's datapath, or leave nothing half-done behind.
@@ -360,9 +394,12 @@ async fn bring_up(
     let gw = nl.require_link(GATEWAY_IF).await?;
     nl.add_addr(gw.index, gateway, 32).await?;
     if let Some(v6) = &node.v6 {
-        // The node answers its containers on the IPv6 gateway address too (F6); IPv6
-        // forwarding stays as it is: the datapath forwards between containers itself.
+        // The node answers its containers on the IPv6 gateway address too (F6). Forwarding
+        // on, as for IPv4: the datapath's FIB lookups for NAT66 need it, and what the
+        // datapath hands to the stack (packets that expire, too big ones) is routed there.
         nl.add_addr6(gw.index, v6.gateway, 128).await?;
+        netns::set_own_sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        warn_accept_ra(&node.uplink);
     }
     node.gateway_ifindex = gw.index;
 

@@ -57,6 +57,13 @@ pub struct Subnet6 {
     pub prefix_len: u8,
     /// The containers' IPv6 gateway, held by the node.
     pub gateway: std::net::Ipv6Addr,
+    /// MASQUERADE's IPv6 source (NAT66): `--snat-ip6`, or the uplink's first global address;
+    /// `None` while the uplink has none (IPv6 for outside is then dropped, never leaked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snat: Option<std::net::Ipv6Addr>,
+    /// `snat` follows the uplink's address rather than `--snat-ip6`.
+    #[serde(default)]
+    pub snat_from_uplink: bool,
 }
 
 /// How the uplink's inbound XDP fast path runs.

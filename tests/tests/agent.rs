@@ -3,7 +3,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -20,13 +20,18 @@ impl Drop for Agent {
 }
 
 fn start_agent(lab: &Lab, port: u16) -> Agent {
+    start_agent_with(lab, port, "")
+}
+
+/// An agent whose configuration has `extra` (`"key": value, ` pairs) besides the usual.
+fn start_agent_with(lab: &Lab, port: u16, extra: &str) -> Agent {
     // Inside the lab's state directory, so the lab removes it.
     std::fs::create_dir_all(&lab.state_dir).unwrap();
     let cfg = lab.state_dir.join("agent.json");
     std::fs::write(
         &cfg,
         format!(
-            r#"{{"uplink": "{}", "metricsAddr": "127.0.0.1:{port}", "gcIntervalSecs": 1}}"#,
+            r#"{{{extra}"uplink": "{}", "metricsAddr": "127.0.0.1:{port}", "gcIntervalSecs": 1}}"#,
             bpfnat_tests::UPLINK
         ),
     )
@@ -177,6 +182,70 @@ fn the_agent_follows_the_uplink_address() {
         new_addr,
         "masquerading with the new address"
     );
+}
+
+/// `sh -c script` in the lab's node namespace.
+fn node_sh(lab: &Lab, script: &str) {
+    let mut c = Command::new("sh");
+    c.args(["-c", script]);
+    nat_plumbing::netns::command_in(&mut c, &lab.node).unwrap();
+    assert!(c.status().unwrap().success(), "{script}");
+}
+
+/// Wait until `status` shows `want` as the IPv6 MASQUERADE address (`None`: none).
+fn wait_snat6(lab: &Lab, want: Option<&str>) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let st = json(lab, &["status"]);
+        if st["node"]["snat_ip6"].as_str() == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not pick up {want:?}: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn the_agent_follows_the_uplinks_ipv6_address() {
+    let lab = lab("agentaddr6");
+    let _agent = start_agent_with(&lab, 9978, r#""subnet6": "fd00:88::/64", "#);
+    // No global address yet: nothing to masquerade with.
+    wait_snat6(&lab, None);
+    let c = lab.name("c");
+    lab.ok(&["container", "add", &c]).unwrap();
+    let mut ext = Command::new("ip");
+    ext.args([
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:1::2/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    nat_plumbing::netns::command_in(&mut ext, &lab.ext).unwrap();
+    assert!(ext.status().unwrap().success());
+    let to = SocketAddr::from(("2001:db8:1::2".parse::<Ipv6Addr>().unwrap(), 9000));
+    for addr in ["2001:db8:1::1", "2001:db8:1::5"] {
+        // Renumbered, as by a router advertisement: the new address, then the old one gone.
+        node_sh(
+            &lab,
+            &format!(
+                "ip -6 addr add {addr}/64 dev uplink0 nodad && for a in $(ip -6 -o addr show dev uplink0 scope global | awk '{{print $4}}' | grep -v '^{addr}/'); do ip -6 addr del $a dev uplink0; done"
+            ),
+        );
+        wait_snat6(&lab, Some(addr));
+        let srv = traffic::http_server(&lab.ext, to, "ext", 1, Duration::from_secs(10)).unwrap();
+        traffic::http_get(&lab.container_ns(&c), to).unwrap();
+        assert_eq!(
+            srv.join().unwrap()[0].ip().to_string(),
+            addr,
+            "masquerading with the uplink's address"
+        );
+    }
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! IPv6 on a dual-stack node (`up --subnet6`): containers get an address of each family,
 //! the datapath answers their Neighbour Solicitations, forwards between them by an endpoint
-//! lookup, refuses forged sources, hands the node's gateway address to the stack, drops what
-//! would leave untranslated, and keeps container addresses unreachable from outside.
+//! lookup, refuses forged sources, hands the node's gateway address to the stack, masquerades
+//! what leaves by the uplink (NAT66), drops what would leave untranslated, and keeps
+//! container addresses unreachable from outside.
 
 use std::{
     net::{Ipv6Addr, SocketAddr},
@@ -10,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use bpfnat_tests::{UPLINK, counter, json, lab, status, traffic};
+use bpfnat_tests::{UPLINK, counter, flows, json, lab, status, traffic};
 use nat_plumbing::netns;
 
 fn ip(ns: &Path, args: &[&str]) {
@@ -118,7 +119,12 @@ fn containers_reach_each_other_and_the_node_over_ipv6() {
     assert!(counter(&lab, "drop_spoof") > spoofed);
     assert!(ping6(&na, Some(&ia), "fd00:88::1"), "control");
 
-    // Beyond the node: not translated yet, so dropped rather than leaked.
+    // Out by the uplink while the node has no global IPv6 address to masquerade with:
+    // dropped rather than leaked (the route exists; the node's own forwarding is on).
+    ip(
+        &lab.node,
+        &["-6", "route", "add", "2001:db8:99::/64", "dev", UPLINK],
+    );
     let out = counter(&lab, "drop_ipv6_out");
     assert!(!ping6(&na, Some(&ia), "2001:db8:99::1"));
     assert!(counter(&lab, "drop_ipv6_out") > out);
@@ -185,4 +191,157 @@ fn a_node_without_an_ipv6_subnet_refuses_ip6_and_leaves_ipv6_alone() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The uplink's link gets 2001:db8:1::/64: the node is `::1`, the outside host `::2`.
+fn v6_uplink(lab: &bpfnat_tests::Lab) {
+    ip(
+        &lab.node,
+        &[
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:1::1/64",
+            "dev",
+            UPLINK,
+            "nodad",
+        ],
+    );
+    ip(
+        &lab.ext,
+        &[
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:1::2/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    );
+}
+
+#[test]
+fn containers_reach_outside_masqueraded_to_the_uplinks_ipv6_address() {
+    let lab = lab("nat66");
+    v6_uplink(&lab);
+    lab.ok(&["up", "--uplink", UPLINK, "--subnet6", "fd00:88::/64"])
+        .unwrap();
+    let (_, st) = status(&lab);
+    assert_eq!(st["node"]["snat_ip6"], "2001:db8:1::1", "{st}");
+    assert_eq!(st["node"]["snat6_from_uplink"], true, "{st}");
+    let a = lab.name("a");
+    lab.ok(&["container", "add", &a]).unwrap();
+    let na = lab.container_ns(&a);
+    let new = counter(&lab, "snat_new");
+
+    // TCP: the outside host sees the node's address, and the answer comes back.
+    let srv =
+        traffic::http_server(&lab.ext, v6("::", 80), "ext", 1, Duration::from_secs(10)).unwrap();
+    let got = traffic::http_get(&na, v6("2001:db8:1::2", 80));
+    let seen = srv.join().unwrap();
+    assert!(
+        got.as_ref().is_ok_and(|b| b.starts_with("hello from ext")),
+        "{got:?}"
+    );
+    assert_eq!(seen[0].ip().to_string(), "2001:db8:1::1", "masqueraded");
+
+    // UDP, keeping the container's source port when it is free.
+    let echo = traffic::udp_echo(&lab.ext, v6("::", 5353), 1, Duration::from_secs(10)).unwrap();
+    let reply = traffic::udp_ask(&na, v6("::", 40123), v6("2001:db8:1::2", 5353), b"hi");
+    let seen = echo.join().unwrap();
+    assert!(
+        reply.as_ref().is_ok_and(|r| r.ends_with(" hi")),
+        "{reply:?}"
+    );
+    assert_eq!(seen[0], v6("2001:db8:1::1", 40123), "source port kept");
+
+    // ICMPv6 echo, by its identifier.
+    assert!(ping6(&na, None, "2001:db8:1::2"), "ping through NAT66");
+    assert!(
+        counter(&lab, "snat_new") >= new + 3,
+        "three new connections"
+    );
+
+    // Tracked in the IPv6 tables, listed with the IPv4 ones, flushed with them.
+    let list = flows(&lab);
+    for proto in ["tcp", "udp", "icmpv6"] {
+        assert!(
+            list.iter().any(|f| f["proto"] == proto
+                && f["kind"] == "masquerade"
+                && f["original"]["src"] == "fd00:88::2"
+                && f["reply"]["dst"] == "2001:db8:1::1"),
+            "{proto}: {list:?}"
+        );
+    }
+    let text = lab.ok(&["conntrack", "list"]).unwrap();
+    assert!(text.contains("[fd00:88::2]:40123"), "{text}");
+    lab.ok(&["conntrack", "flush"]).unwrap();
+    assert!(flows(&lab).is_empty());
+
+    // An unsolicited packet from outside for the container's address is still refused.
+    ip(
+        &lab.ext,
+        &["-6", "route", "add", "fd00:88::/64", "via", "2001:db8:1::1"],
+    );
+    let dropped = counter(&lab, "drop_not_published");
+    assert!(!ping6(&lab.ext, None, "fd00:88::2"));
+    assert!(counter(&lab, "drop_not_published") > dropped);
+}
+
+#[test]
+fn snat_ip6_fixes_the_ipv6_masquerade_address_and_is_checked() {
+    let lab = lab("snat6");
+    v6_uplink(&lab);
+    // A second address on the uplink, chosen over the first.
+    ip(
+        &lab.node,
+        &[
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:1::7/64",
+            "dev",
+            UPLINK,
+            "nodad",
+        ],
+    );
+    for (args, why) in [
+        (vec!["--snat-ip6", "2001:db8:1::7"], "needs --subnet6"),
+        (
+            vec!["--subnet6", "fd00:88::/64", "--snat-ip6", "fd00:88::9"],
+            "cannot be a source",
+        ),
+    ] {
+        let mut cmd = vec!["up", "--uplink", UPLINK];
+        cmd.extend(args.iter().copied());
+        let out = lab.run(&cmd).unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(why),
+            "{args:?}: {err}"
+        );
+        assert_eq!(status(&lab).0, 3, "nothing was set up");
+    }
+    lab.ok(&[
+        "up",
+        "--uplink",
+        UPLINK,
+        "--subnet6",
+        "fd00:88::/64",
+        "--snat-ip6",
+        "2001:db8:1::7",
+    ])
+    .unwrap();
+    let (_, st) = status(&lab);
+    assert_eq!(st["node"]["snat_ip6"], "2001:db8:1::7", "{st}");
+    assert_eq!(st["node"]["snat6_from_uplink"], false, "{st}");
+    let a = lab.name("a");
+    lab.ok(&["container", "add", &a]).unwrap();
+    let srv =
+        traffic::http_server(&lab.ext, v6("::", 80), "ext", 1, Duration::from_secs(10)).unwrap();
+    let got = traffic::http_get(&lab.container_ns(&a), v6("2001:db8:1::2", 80));
+    let seen = srv.join().unwrap();
+    assert!(got.is_ok(), "{got:?}");
+    assert_eq!(seen[0].ip().to_string(), "2001:db8:1::7");
 }

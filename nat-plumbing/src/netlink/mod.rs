@@ -12,7 +12,7 @@ use futures::TryStreamExt as _;
 use rtnetlink::{
     Handle, LinkUnspec, LinkVeth, RouteMessageBuilder,
     packet_route::{
-        address::{AddressAttribute, AddressFlags, AddressHeaderFlags},
+        address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressScope},
         link::{InfoData, InfoVeth, LinkAttribute, LinkInfo, LinkMessage, LinkXdp, XdpAttached},
         neighbour::NeighbourState,
         route::{
@@ -316,6 +316,46 @@ impl Netlink {
             for a in &m.attributes {
                 if let AddressAttribute::Local(IpAddr::V4(v4)) = a {
                     out.push((*v4, m.header.prefix_len));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The global IPv6 addresses of link `index` that may be used as a source, in the
+    /// kernel's order: scope universe, and neither tentative, failed, deprecated nor
+    /// temporary (privacy addresses come and go; `IFA_F_TEMPORARY` is `IFA_F_SECONDARY`).
+    pub async fn global_ipv6_addrs(&self, index: u32) -> Result<Vec<Ipv6Addr>> {
+        let unusable = AddressFlags::Tentative
+            | AddressFlags::Dadfailed
+            | AddressFlags::Deprecated
+            | AddressFlags::Secondary;
+        let mut s = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        let mut out = Vec::new();
+        while let Some(m) = s.try_next().await.context("list addresses")? {
+            if m.header.scope != AddressScope::Universe {
+                continue;
+            }
+            // The 32-bit flags attribute when present, else the header's 8 bits.
+            let flags = m
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    AddressAttribute::Flags(f) => Some(*f),
+                    _ => None,
+                })
+                .unwrap_or_else(|| AddressFlags::from_bits_retain(m.header.flags.bits().into()));
+            if flags.intersects(unusable) {
+                continue;
+            }
+            for a in &m.attributes {
+                if let AddressAttribute::Address(IpAddr::V6(v6)) = a {
+                    out.push(*v6);
                 }
             }
         }

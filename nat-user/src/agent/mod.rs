@@ -48,6 +48,9 @@ pub struct AgentConfig {
     pub subnet6: Option<String>,
     #[serde(default)]
     pub gateway6: Option<std::net::Ipv6Addr>,
+    /// The IPv6 MASQUERADE source (`up --snat-ip6`).
+    #[serde(default, rename = "snatIP6")]
+    pub snat_ip6: Option<std::net::Ipv6Addr>,
     /// Where `/metrics` and `/healthz` are served.
     #[serde(default = "default_metrics")]
     pub metrics_addr: SocketAddr,
@@ -86,6 +89,7 @@ impl Default for AgentConfig {
             snat_ip: None,
             subnet6: None,
             gateway6: None,
+            snat_ip6: None,
             metrics_addr: default_metrics(),
             gc_interval_secs: default_gc(),
             cni_bin_dir: None,
@@ -323,6 +327,7 @@ async fn bring_up(ctx: &Env, cfg: &AgentConfig) -> Result<()> {
         spec.subnet6 = Some(s.parse::<Cidr6>()?);
     }
     spec.gateway6 = cfg.gateway6;
+    spec.snat_ip6 = cfg.snat_ip6;
     endpoints::up(ctx, spec).await?;
     info!("datapath up");
     Ok(())
@@ -426,9 +431,11 @@ type Events = futures::channel::mpsc::UnboundedReceiver<(
 
 /// Address change notifications (only that something changed; `follow_uplink` re-reads).
 fn address_events() -> Result<(impl futures::Stream<Item = ()>, impl Future<Output = ()>)> {
-    let (conn, _handle, messages): (_, _, Events) =
-        rtnetlink::new_multicast_connection(&[MulticastGroup::Ipv4Ifaddr])
-            .context("subscribe to address changes")?;
+    let (conn, _handle, messages): (_, _, Events) = rtnetlink::new_multicast_connection(&[
+        MulticastGroup::Ipv4Ifaddr,
+        MulticastGroup::Ipv6Ifaddr,
+    ])
+    .context("subscribe to address changes")?;
     let events = messages.filter_map(|(m, _)| async move {
         match m.payload {
             NetlinkPayload::InnerMessage(
@@ -440,8 +447,8 @@ fn address_events() -> Result<(impl futures::Stream<Item = ()>, impl Future<Outp
     Ok((Box::pin(events), conn))
 }
 
-/// Make the datapath use the uplink's current address (MASQUERADE, unless `--snat-ip` fixed
-/// it, and host access to published ports).
+/// Make the datapath use the uplink's current addresses (MASQUERADE over both families,
+/// unless `--snat-ip`/`--snat-ip6` fixed them, and host access to published ports).
 async fn follow_uplink(ctx: &Env) -> Result<()> {
     let store = ctx.store()?;
     let mut state = store.load()?;
@@ -451,22 +458,40 @@ async fn follow_uplink(ctx: &Env) -> Result<()> {
     };
     let nl = Netlink::current()?;
     node::sync_node_addrs(&nl, &mut Maps::open(&ctx.pins)?, node).await?;
-    let Some(addr) = nl
+    let mut changed = false;
+    if let Some(v6) = node.v6.as_mut()
+        && v6.snat_from_uplink
+    {
+        let addr = nl
+            .global_ipv6_addrs(node.uplink_ifindex)
+            .await?
+            .first()
+            .copied();
+        if addr != v6.snat {
+            info!(uplink = %node.uplink, old = ?v6.snat, new = ?addr, "uplink IPv6 address changed");
+            v6.snat = addr;
+            changed = true;
+        }
+    }
+    match nl
         .ipv4_addrs(node.uplink_ifindex)
         .await?
         .first()
         .map(|(a, _)| *a)
-    else {
-        warn!(uplink = %node.uplink, "the uplink has no IPv4 address");
-        return Ok(());
-    };
-    if addr == node.node_addr && (!node.snat_from_uplink || addr == node.snat_ip) {
-        return Ok(());
+    {
+        None => warn!(uplink = %node.uplink, "the uplink has no IPv4 address"),
+        Some(addr) if addr != node.node_addr || (node.snat_from_uplink && addr != node.snat_ip) => {
+            info!(uplink = %node.uplink, old = %node.node_addr, new = %addr, "uplink address changed");
+            node.node_addr = addr;
+            if node.snat_from_uplink {
+                node.snat_ip = addr;
+            }
+            changed = true;
+        }
+        Some(_) => {}
     }
-    info!(uplink = %node.uplink, old = %node.node_addr, new = %addr, "uplink address changed");
-    node.node_addr = addr;
-    if node.snat_from_uplink {
-        node.snat_ip = addr;
+    if !changed {
+        return Ok(());
     }
     Maps::open(&ctx.pins)?.set_config(&node::config_of(node, static_nat))?;
     store.save(&state)

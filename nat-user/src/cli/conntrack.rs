@@ -22,7 +22,12 @@ pub enum ConntrackCmd {
 }
 
 fn tuple(e: &crate::datapath::FlowEnd) -> String {
-    format!("{}:{} -> {}:{}", e.src, e.sport, e.dst, e.dport)
+    use std::net::SocketAddr;
+    format!(
+        "{} -> {}",
+        SocketAddr::new(e.src, e.sport),
+        SocketAddr::new(e.dst, e.dport)
+    )
 }
 
 #[derive(Serialize)]

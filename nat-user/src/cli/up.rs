@@ -58,13 +58,16 @@ pub struct UpArgs {
     #[arg(long, value_enum, default_value_t = XdpChoice::Auto)]
     pub xdp: XdpChoice,
     /// An IPv6 container subnet beside the IPv4 one, e.g. `fd00:88::/64`: containers get an
-    /// address of each and reach each other and the node over both (IPv6 to beyond the node
-    /// is not translated yet, and dropped).
+    /// address of each, reach each other and the node over both, and reach outside over
+    /// IPv6 masqueraded (NAT66) to the uplink's first global IPv6 address.
     #[arg(long)]
     pub subnet6: Option<Cidr6>,
     /// The containers' IPv6 gateway (default: the IPv6 subnet's first address, `::1`).
     #[arg(long)]
     pub gateway6: Option<Ipv6Addr>,
+    /// Source address for IPv6 MASQUERADE instead of the uplink's first global IPv6 address.
+    #[arg(long)]
+    pub snat_ip6: Option<Ipv6Addr>,
 }
 
 impl From<UpArgs> for NodeSpec {
@@ -80,6 +83,7 @@ impl From<UpArgs> for NodeSpec {
             xdp: a.xdp,
             subnet6: a.subnet6,
             gateway6: a.gateway6,
+            snat_ip6: a.snat_ip6,
         }
     }
 }
@@ -210,8 +214,12 @@ pub async fn status(ctx: &Ctx) -> Result<()> {
         };
         let subnet6 = n.v6.as_ref().map_or_else(String::new, |v| {
             format!(
-                "\nsubnet6:      {}/{} gateway {}",
-                v.subnet, v.prefix_len, v.gateway
+                "\nsubnet6:      {}/{} gateway {}, masquerade as {}",
+                v.subnet,
+                v.prefix_len,
+                v.gateway,
+                v.snat
+                    .map_or_else(|| "nothing (the uplink has no global IPv6 address)".to_owned(), |a| a.to_string())
             )
         });
         let cluster = s.cluster.as_ref().map_or_else(String::new, |c| {
@@ -282,6 +290,11 @@ fn repair_command(ctx: &Ctx, n: &Node) -> String {
             "--subnet6 {}/{} --gateway6 {}",
             v6.subnet, v6.prefix_len, v6.gateway
         ));
+        if !v6.snat_from_uplink
+            && let Some(ip) = v6.snat
+        {
+            cmd.push(format!("--snat-ip6 {ip}"));
+        }
     }
     cmd.join(" ")
 }

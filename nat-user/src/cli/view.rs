@@ -78,6 +78,12 @@ pub struct NodeView {
     pub subnet6: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gateway6: Option<Ipv6Addr>,
+    /// The IPv6 MASQUERADE source (absent while the uplink has no global IPv6 address), and
+    /// whether it follows the uplink's; both absent on a node without an IPv6 subnet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snat_ip6: Option<Ipv6Addr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snat6_from_uplink: Option<bool>,
 }
 
 impl NodeView {
@@ -106,6 +112,8 @@ impl NodeView {
                 .as_ref()
                 .map(|v| format!("{}/{}", v.subnet, v.prefix_len)),
             gateway6: n.v6.as_ref().map(|v| v.gateway),
+            snat_ip6: n.v6.as_ref().and_then(|v| v.snat),
+            snat6_from_uplink: n.v6.as_ref().map(|v| v.snat_from_uplink),
         }
     }
 }

@@ -1,19 +1,63 @@
-//! The conntrack map in connection terms: pairs of entries shown as flows, expiry, flushing.
+//! The conntrack maps in connection terms: pairs of entries shown as flows, expiry,
+//! flushing. Each family has its two tables (`conntrack`/`conntrack_new`, and the IPv6
+//! twins); everything here is written once for both (`Tables<A>`), and `Maps` answers for
+//! both together.
 
 use std::{
-    collections::{HashMap, HashSet},
-    net::Ipv4Addr,
+    collections::{HashMap as StdHashMap, HashSet},
+    hash::Hash,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use anyhow::{Context as _, Result, anyhow};
+use aya::maps::{HashMap, MapData};
 use nat_common::{
-    Addr4, CtEntry4, CtKey4, DIR_ORIGINAL, ORIGIN_HAIRPIN, ORIGIN_MASQUERADE, ORIGIN_PUBLISHED,
-    PROTO_ICMP, PROTO_TCP, PROTO_UDP, Port, ct_timeout_ns, dgram_state, tcp_state,
+    Addr4, Addr6, CtEntry, CtKey, DIR_ORIGINAL, Family, ORIGIN_HAIRPIN, ORIGIN_MASQUERADE,
+    ORIGIN_PUBLISHED, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Port, ct_timeout_ns,
+    dgram_state, map_names, tcp_state,
 };
 use serde::Serialize;
 
-use super::{Maps, deleted, port_key};
+use super::{Maps, Pins, deleted, open_map, port_key};
 use crate::spec::PortMapping;
+
+/// An address family as the conntrack tables hold it.
+pub trait CtFamily: Family + Hash
+where
+    CtKey<Self>: aya::Pod,
+    CtEntry<Self>: aya::Pod,
+{
+    /// The pinned tables: assured connections, and those not assured yet.
+    const TABLES: (&'static str, &'static str);
+    fn ip(self) -> IpAddr;
+}
+
+impl CtFamily for Addr4 {
+    const TABLES: (&'static str, &'static str) = (map_names::CONNTRACK, map_names::CONNTRACK_NEW);
+    fn ip(self) -> IpAddr {
+        Ipv4Addr::from(self).into()
+    }
+}
+
+impl CtFamily for Addr6 {
+    const TABLES: (&'static str, &'static str) = (map_names::CONNTRACK6, map_names::CONNTRACK6_NEW);
+    fn ip(self) -> IpAddr {
+        Ipv6Addr::from(self).into()
+    }
+}
+
+/// One family's two conntrack tables.
+pub struct Tables<A>
+where
+    A: CtFamily,
+    CtKey<A>: aya::Pod,
+    CtEntry<A>: aya::Pod,
+{
+    /// Assured connections (`conntrack`, `conntrack6`).
+    assured: HashMap<MapData, CtKey<A>, CtEntry<A>>,
+    /// Connections not assured yet (see `map_names::CONNTRACK_NEW`).
+    fresh: HashMap<MapData, CtKey<A>, CtEntry<A>>,
+}
 
 /// CLOCK_MONOTONIC_COARSE in nanoseconds: the clock the datapath stamps entries with
 /// (`bpf_ktime_get_coarse_ns`, tick resolution, a fraction of the precise clock's cost per
@@ -27,9 +71,9 @@ pub fn ct_now_ns() -> u64 {
 /// One direction of a flow, as its packets are on the wire at the node.
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct FlowEnd {
-    pub src: Ipv4Addr,
+    pub src: IpAddr,
     pub sport: u16,
-    pub dst: Ipv4Addr,
+    pub dst: IpAddr,
     pub dport: u16,
     pub packets: u64,
     pub bytes: u64,
@@ -62,6 +106,7 @@ fn proto_name(p: u8) -> &'static str {
         PROTO_TCP => "tcp",
         PROTO_UDP => "udp",
         PROTO_ICMP => "icmp",
+        PROTO_ICMPV6 => "icmpv6",
         _ => "other",
     }
 }
@@ -86,12 +131,16 @@ fn state_name(proto: u8, s: u8) -> &'static str {
     }
 }
 
-/// The key of the other direction's entry.
-fn end(k: &CtKey4, e: Option<&CtEntry4>) -> FlowEnd {
+/// One direction of a flow: its tuple `k` and its entry's counters.
+fn end<A: CtFamily>(k: &CtKey<A>, e: Option<&CtEntry<A>>) -> FlowEnd
+where
+    CtKey<A>: aya::Pod,
+    CtEntry<A>: aya::Pod,
+{
     FlowEnd {
-        src: Ipv4Addr::from(k.src_addr),
+        src: k.src_addr.ip(),
         sport: u16::from_be_bytes(k.src_port),
-        dst: Ipv4Addr::from(k.dst_addr),
+        dst: k.dst_addr.ip(),
         dport: u16::from_be_bytes(k.dst_port),
         packets: e.map_or(0, |e| e.meta.packets),
         bytes: e.map_or(0, |e| e.meta.bytes),
@@ -103,17 +152,29 @@ const NS: u64 = 1_000_000_000;
 /// How old a lone entry must be before garbage collection takes it for an orphan.
 const ORPHAN_GRACE_NS: u64 = 2 * NS;
 
-impl Maps {
+impl<A> Tables<A>
+where
+    A: CtFamily,
+    CtKey<A>: aya::Pod,
+    CtEntry<A>: aya::Pod,
+{
+    pub fn open(pins: &Pins) -> Result<Self> {
+        Ok(Self {
+            assured: open_map(pins, A::TABLES.0)?.try_into()?,
+            fresh: open_map(pins, A::TABLES.1)?.try_into()?,
+        })
+    }
+
     /// Every entry of both tables. An entry of `conntrack_new` whose connection has moved to
     /// `conntrack` (the datapath leaves the old copy behind) is left out.
-    fn ct_entries(&self) -> Result<Vec<(CtKey4, CtEntry4)>> {
-        let mut all: Vec<(CtKey4, CtEntry4)> = self
-            .conntrack
+    fn entries(&self) -> Result<Vec<(CtKey<A>, CtEntry<A>)>> {
+        let mut all: Vec<(CtKey<A>, CtEntry<A>)> = self
+            .assured
             .iter()
             .map(|r| r.context("read conntrack map"))
             .collect::<Result<_>>()?;
-        let assured: HashSet<CtKey4> = all.iter().map(|(k, _)| *k).collect();
-        for r in self.conntrack_new.iter() {
+        let assured: HashSet<CtKey<A>> = all.iter().map(|(k, _)| *k).collect();
+        for r in self.fresh.iter() {
             let (k, e) = r.context("read conntrack_new map")?;
             if !assured.contains(&k) {
                 all.push((k, e));
@@ -123,18 +184,18 @@ impl Maps {
     }
 
     /// Delete `k` from both tables (a moved connection's old copy goes too).
-    fn ct_remove(&mut self, k: &CtKey4) -> Result<()> {
-        deleted(self.conntrack.remove(k)).context("delete conntrack entry")?;
-        deleted(self.conntrack_new.remove(k)).context("delete conntrack_new entry")
+    fn remove(&mut self, k: &CtKey<A>) -> Result<()> {
+        deleted(self.assured.remove(k)).context("delete conntrack entry")?;
+        deleted(self.fresh.remove(k)).context("delete conntrack_new entry")
     }
 
     /// Every connection, original direction first. Entries whose partner was evicted are
     /// shown with an empty reply side.
-    pub fn flows(&self) -> Result<Vec<Flow>> {
-        let entries = self.ct_entries()?;
-        let index: HashMap<CtKey4, CtEntry4> = entries.iter().copied().collect();
+    fn flows(&self) -> Result<Vec<Flow>> {
+        let entries = self.entries()?;
+        let index: StdHashMap<CtKey<A>, CtEntry<A>> = entries.iter().copied().collect();
         let now = ct_now_ns();
-        let find = |k: &CtKey4| index.get(k).copied();
+        let find = |k: &CtKey<A>| index.get(k).copied();
         let mut out = Vec::new();
         for (k, e) in &entries {
             if e.meta.dir != DIR_ORIGINAL {
@@ -163,25 +224,18 @@ impl Maps {
                 assured: e.meta.assured != 0,
             });
         }
-        out.sort_by(|a, b| {
-            (a.proto, a.original.src, a.original.sport).cmp(&(
-                b.proto,
-                b.original.src,
-                b.original.sport,
-            ))
-        });
         Ok(out)
     }
 
     /// Number of entries (two per connection).
-    pub fn ct_len(&self) -> Result<usize> {
-        Ok(self.ct_entries()?.len())
+    pub fn len(&self) -> Result<usize> {
+        Ok(self.entries()?.len())
     }
 
     /// Entries whose partner is gone (evicted by the LRU when the table was full).
-    pub fn ct_orphans(&self) -> Result<usize> {
-        let entries = self.ct_entries()?;
-        let keys: HashSet<CtKey4> = entries.iter().map(|(k, _)| *k).collect();
+    pub fn orphans(&self) -> Result<usize> {
+        let entries = self.entries()?;
+        let keys: HashSet<CtKey<A>> = entries.iter().map(|(k, _)| *k).collect();
         Ok(entries
             .iter()
             .filter(|(_, e)| !keys.contains(&e.peer_key()))
@@ -189,8 +243,8 @@ impl Maps {
     }
 
     /// The entry at `k` as the kernel has it now.
-    fn ct_get(&self, k: &CtKey4) -> Result<Option<CtEntry4>> {
-        for map in [&self.conntrack, &self.conntrack_new] {
+    fn get(&self, k: &CtKey<A>) -> Result<Option<CtEntry<A>>> {
+        for map in [&self.assured, &self.fresh] {
             match map.get(k, 0) {
                 Ok(e) => return Ok(Some(e)),
                 Err(aya::maps::MapError::KeyNotFound) => {}
@@ -207,12 +261,12 @@ impl Maps {
     /// entry on each side of the cursor, and an idle one may have woken up. Each candidate is
     /// read again from the kernel, and `pred` decides again on what is there now (the partner
     /// included) just before the delete.
-    fn ct_remove_where(
+    fn remove_where(
         &mut self,
-        pred: impl Fn(&CtKey4, &CtEntry4, Option<&CtEntry4>) -> bool,
+        pred: impl Fn(&CtKey<A>, &CtEntry<A>, Option<&CtEntry<A>>) -> bool,
     ) -> Result<usize> {
-        let entries = self.ct_entries()?;
-        let index: HashMap<CtKey4, CtEntry4> = entries.iter().copied().collect();
+        let entries = self.entries()?;
+        let index: StdHashMap<CtKey<A>, CtEntry<A>> = entries.iter().copied().collect();
         let mut conns = 0;
         for (k, e) in &entries {
             let peer = e.peer_key();
@@ -222,16 +276,16 @@ impl Maps {
             if (e.meta.dir != DIR_ORIGINAL && p.is_some()) || !pred(k, e, p) {
                 continue;
             }
-            let Some(e) = self.ct_get(k)? else {
+            let Some(e) = self.get(k)? else {
                 continue;
             };
             let peer = e.peer_key();
-            let p = self.ct_get(&peer)?.filter(|p| p.peer_key() == *k);
+            let p = self.get(&peer)?.filter(|p| p.peer_key() == *k);
             if pred(k, &e, p.as_ref()) {
                 conns += 1;
-                self.ct_remove(k)?;
+                self.remove(k)?;
                 if p.is_some() {
-                    self.ct_remove(&peer)?;
+                    self.remove(&peer)?;
                 }
             }
         }
@@ -242,10 +296,10 @@ impl Maps {
     /// LRU evicted (they can no longer carry traffic both ways); returns how many. A lone
     /// entry younger than `ORPHAN_GRACE_NS` may be a connection the datapath is creating
     /// right now (the reply entry goes in first), so it is left for the next run.
-    pub fn ct_gc(&mut self) -> Result<usize> {
-        self.ct_drop_moved_copies()?;
+    pub fn gc(&mut self) -> Result<usize> {
+        self.drop_moved_copies()?;
         let now = ct_now_ns();
-        self.ct_remove_where(|k, e, p| {
+        self.remove_where(|k, e, p| {
             let Some(p) = p else {
                 return now.saturating_sub(e.meta.created_ns) > ORPHAN_GRACE_NS;
             };
@@ -255,32 +309,34 @@ impl Maps {
     }
 
     /// Delete the copies in `conntrack_new` of connections that moved to `conntrack`.
-    fn ct_drop_moved_copies(&mut self) -> Result<()> {
-        let moved: Vec<CtKey4> = self
-            .conntrack_new
+    fn drop_moved_copies(&mut self) -> Result<()> {
+        let moved: Vec<CtKey<A>> = self
+            .fresh
             .iter()
             .filter_map(|r| r.ok())
             .filter(|(_, e)| e.meta.assured != 0)
             .map(|(k, _)| k)
             .collect();
         for k in moved {
-            if self.conntrack.get(&k, 0).is_ok() {
-                deleted(self.conntrack_new.remove(&k)).context("delete conntrack_new entry")?;
+            if self.assured.get(&k, 0).is_ok() {
+                deleted(self.fresh.remove(&k)).context("delete conntrack_new entry")?;
             }
         }
         Ok(())
     }
 
     /// Remove every connection; returns how many.
-    pub fn ct_flush(&mut self) -> Result<usize> {
-        self.ct_remove_where(|_, _, _| true)
+    pub fn flush(&mut self) -> Result<usize> {
+        self.remove_where(|_, _, _| true)
     }
 
     /// Forget the connections of the container behind host veth `ifindex`.
     pub fn forget_container(&mut self, ifindex: u32) -> Result<usize> {
-        self.ct_remove_where(|_, e, _| e.meta.ifindex == ifindex)
+        self.remove_where(|_, e, _| e.meta.ifindex == ifindex)
     }
+}
 
+impl Tables<Addr4> {
     /// Forget connections made to the published ports `ms` (one pass over the table).
     pub fn forget_ports(&mut self, ms: &[PortMapping]) -> Result<()> {
         if ms.is_empty() {
@@ -293,7 +349,7 @@ impl Maps {
                 (k.host_addr, k.host_port, k.proto)
             })
             .collect();
-        self.ct_remove_where(|k, e, _| {
+        self.remove_where(|k, e, _| {
             (e.meta.origin == ORIGIN_PUBLISHED || e.meta.origin == ORIGIN_HAIRPIN)
                 && (keys.contains(&([0; 4], k.dst_port, k.proto))
                     || keys.contains(&(k.dst_addr, k.dst_port, k.proto)))
@@ -303,24 +359,71 @@ impl Maps {
 }
 
 impl Maps {
-    /// The conntrack table's capacity.
-    pub fn ct_max_entries(&self) -> u32 {
-        self.conntrack_max
+    /// Every connection of both families, original direction first. Entries whose partner
+    /// was evicted are shown with an empty reply side.
+    pub fn flows(&self) -> Result<Vec<Flow>> {
+        let mut out = self.ct4.flows()?;
+        out.extend(self.ct6.flows()?);
+        out.sort_by(|a, b| {
+            (a.proto, a.original.src, a.original.sport).cmp(&(
+                b.proto,
+                b.original.src,
+                b.original.sport,
+            ))
+        });
+        Ok(out)
     }
 
-    /// What the metrics report of both tables, in one walk of each.
-    pub fn ct_summary(&self) -> Result<CtSummary> {
-        let mut all: Vec<(CtKey4, CtEntry4)> = self
-            .conntrack
+    /// Number of entries of both families (two per connection).
+    pub fn ct_len(&self) -> Result<usize> {
+        Ok(self.ct4.len()? + self.ct6.len()?)
+    }
+
+    /// Entries whose partner is gone (evicted by the LRU when the table was full).
+    pub fn ct_orphans(&self) -> Result<usize> {
+        Ok(self.ct4.orphans()? + self.ct6.orphans()?)
+    }
+
+    /// Garbage collection of both families (`Tables::gc`); returns connections removed.
+    pub fn ct_gc(&mut self) -> Result<usize> {
+        Ok(self.ct4.gc()? + self.ct6.gc()?)
+    }
+
+    /// Remove every connection; returns how many.
+    pub fn ct_flush(&mut self) -> Result<usize> {
+        Ok(self.ct4.flush()? + self.ct6.flush()?)
+    }
+
+    /// Forget the connections of the container behind host veth `ifindex`.
+    pub fn forget_container(&mut self, ifindex: u32) -> Result<usize> {
+        Ok(self.ct4.forget_container(ifindex)? + self.ct6.forget_container(ifindex)?)
+    }
+
+    /// Forget connections made to the published ports `ms` (one pass over the table).
+    pub fn forget_ports(&mut self, ms: &[PortMapping]) -> Result<()> {
+        self.ct4.forget_ports(ms)
+    }
+}
+
+impl<A> Tables<A>
+where
+    A: CtFamily,
+    CtKey<A>: aya::Pod,
+    CtEntry<A>: aya::Pod,
+{
+    /// Add this family's tables to `sum`, in one walk of each. MASQUERADE ports are counted
+    /// per protocol, ICMPv6 echo ids with ICMP's.
+    fn summarize(&self, sum: &mut CtSummary) -> Result<()> {
+        let mut all: Vec<(CtKey<A>, CtEntry<A>)> = self
+            .assured
             .iter()
             .map(|r| r.context("read conntrack map"))
             .collect::<Result<_>>()?;
-        let assured_keys: HashSet<CtKey4> = all.iter().map(|(k, _)| *k).collect();
-        let mut new_entries = 0;
-        for r in self.conntrack_new.iter() {
+        let assured_keys: HashSet<CtKey<A>> = all.iter().map(|(k, _)| *k).collect();
+        for r in self.fresh.iter() {
             let (k, e) = r.context("read conntrack_new map")?;
             if e.meta.assured == 0 {
-                new_entries += 1;
+                sum.new_entries += 1;
             }
             if !assured_keys.contains(&k) {
                 all.push((k, e));
@@ -329,38 +432,65 @@ impl Maps {
         let originals = || all.iter().filter(|(_, e)| e.meta.dir == DIR_ORIGINAL);
         let mut ports: HashSet<(u8, Port)> = HashSet::new();
         for (k, e) in originals().filter(|(_, e)| e.meta.origin == ORIGIN_MASQUERADE) {
-            ports.insert((k.proto, e.xlate.src_port));
+            let proto = if k.proto == PROTO_ICMPV6 {
+                PROTO_ICMP
+            } else {
+                k.proto
+            };
+            ports.insert((proto, e.xlate.src_port));
         }
-        let snat_ports = [PROTO_TCP, PROTO_UDP, PROTO_ICMP]
-            .into_iter()
-            .map(|p| (proto_name(p), ports.iter().filter(|(q, _)| *q == p).count()))
-            .collect();
-        Ok(CtSummary {
-            entries: all.len(),
-            new_entries,
-            connections: originals().count(),
-            assured: originals().filter(|(_, e)| e.meta.assured != 0).count(),
-            snat_ports,
-        })
+        for (i, p) in [PROTO_TCP, PROTO_UDP, PROTO_ICMP].into_iter().enumerate() {
+            sum.snat_ports[i].1 += ports.iter().filter(|(q, _)| *q == p).count();
+        }
+        sum.entries += all.len();
+        sum.connections += originals().count();
+        sum.assured += originals().filter(|(_, e)| e.meta.assured != 0).count();
+        Ok(())
     }
 
     /// Entries in the table of connections not assured yet (copies already moved left out).
-    pub fn ct_new_len(&self) -> Result<usize> {
+    fn new_len(&self) -> Result<usize> {
         let mut n = 0;
-        for r in self.conntrack_new.iter() {
+        for r in self.fresh.iter() {
             let (_, e) = r.context("read conntrack_new map")?;
             n += usize::from(e.meta.assured == 0);
         }
         Ok(n)
     }
+}
 
-    /// The capacity of the table of connections not assured yet.
+impl Maps {
+    /// The capacity of each family's conntrack table.
+    pub fn ct_max_entries(&self) -> u32 {
+        self.conntrack_max
+    }
+
+    /// What the metrics report of all four tables, in one walk of each.
+    pub fn ct_summary(&self) -> Result<CtSummary> {
+        let mut sum = CtSummary {
+            snat_ports: [PROTO_TCP, PROTO_UDP, PROTO_ICMP]
+                .into_iter()
+                .map(|p| (proto_name(p), 0))
+                .collect(),
+            ..CtSummary::default()
+        };
+        self.ct4.summarize(&mut sum)?;
+        self.ct6.summarize(&mut sum)?;
+        Ok(sum)
+    }
+
+    /// Entries in the tables of connections not assured yet (copies already moved left out).
+    pub fn ct_new_len(&self) -> Result<usize> {
+        Ok(self.ct4.new_len()? + self.ct6.new_len()?)
+    }
+
+    /// The capacity of each family's table of connections not assured yet.
     pub fn ct_new_max_entries(&self) -> u32 {
         nat_common::conntrack_new_max(self.conntrack_max)
     }
 }
 
-/// Both conntrack tables, summed up (`Maps::ct_summary`).
+/// The conntrack tables of both families, summed up (`Maps::ct_summary`).
 #[derive(Clone, Debug, Default)]
 pub struct CtSummary {
     /// Entries, two per connection.

@@ -35,9 +35,9 @@ use aya::{
     },
 };
 use nat_common::{
-    Addr4, Addr6, ClusterNet, Config, Counter, CtEntry4, CtKey4, Endpoint, MAP_SPECS, MapKind,
-    MapSpec, NodeAddr, PIN_VERSION, PortKey4, PortTarget4, Reason, STATIC_EXTERNAL,
-    STATIC_INTERNAL, StaticNat4, map_names, prog_names,
+    Addr4, Addr6, ClusterNet, Config, Counter, Endpoint, MAP_SPECS, MapKind, MapSpec, NodeAddr,
+    PIN_VERSION, PortKey4, PortTarget4, Reason, STATIC_EXTERNAL, STATIC_INTERNAL, StaticNat4,
+    map_names, prog_names,
 };
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 
@@ -235,11 +235,14 @@ pub fn install(pins: &Pins, conntrack_max: u32) -> Result<()> {
     for (name, path) in &map_paths {
         loader.map_pin_path(name, path.as_path());
     }
-    loader.map_max_entries(map_names::CONNTRACK, conntrack_max);
-    loader.map_max_entries(
-        map_names::CONNTRACK_NEW,
-        nat_common::conntrack_new_max(conntrack_max),
-    );
+    // One size for both families, as `--conntrack-max` says.
+    for (table, fresh) in [
+        (map_names::CONNTRACK, map_names::CONNTRACK_NEW),
+        (map_names::CONNTRACK6, map_names::CONNTRACK6_NEW),
+    ] {
+        loader.map_max_entries(table, conntrack_max);
+        loader.map_max_entries(fresh, nat_common::conntrack_new_max(conntrack_max));
+    }
     let mut ebpf = loader.load(OBJECT).context("load the eBPF object")?;
     let names = PROGS
         .iter()
@@ -549,9 +552,9 @@ pub struct Maps {
     endpoints: HashMap<MapData, Addr4, Endpoint>,
     endpoints6: HashMap<MapData, Addr6, Endpoint>,
     ports: HashMap<MapData, PortKey4, PortTarget4>,
-    conntrack: HashMap<MapData, CtKey4, CtEntry4>,
-    /// Connections not assured yet (see `map_names::CONNTRACK_NEW`).
-    conntrack_new: HashMap<MapData, CtKey4, CtEntry4>,
+    /// Each family's conntrack tables.
+    ct4: conntrack::Tables<Addr4>,
+    ct6: conntrack::Tables<Addr6>,
     stats: PerCpuArray<MapData, Counter>,
     static_nat: HashMap<MapData, Addr4, StaticNat4>,
     node_addrs: HashMap<MapData, Addr4, NodeAddr>,
@@ -586,8 +589,8 @@ impl Maps {
             endpoints: open_map(pins, map_names::ENDPOINTS)?.try_into()?,
             endpoints6: open_map(pins, map_names::ENDPOINTS6)?.try_into()?,
             ports: open_map(pins, map_names::PORTS)?.try_into()?,
-            conntrack: open_map(pins, map_names::CONNTRACK)?.try_into()?,
-            conntrack_new: open_map(pins, map_names::CONNTRACK_NEW)?.try_into()?,
+            ct4: conntrack::Tables::open(pins)?,
+            ct6: conntrack::Tables::open(pins)?,
             stats: open_map(pins, map_names::STATS)?.try_into()?,
             static_nat: open_map(pins, map_names::STATIC_NAT)?.try_into()?,
             node_addrs: open_map(pins, map_names::NODE_ADDRS)?.try_into()?,

@@ -1,0 +1,267 @@
+//! The address-family seam of the datapath: what differs between IPv4 and IPv6 under the
+//! family-neutral code (conntrack, TCP tracking, NAT, next hops, forwarding): which maps hold
+//! a family's connections, how an address is rewritten (IPv4 has a header checksum, IPv6 has
+//! none), the hop limit, the FIB lookup's address fields and the checksum's pseudo-header.
+
+use core::ptr::null_mut;
+
+use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, helpers::bpf_csum_diff};
+use nat_common::{Addr4, Addr6, Config, CtEntry, CtKey, Endpoint, Family, Reason};
+
+use crate::{
+    ipv6,
+    lookup::container_at,
+    maps::{CONNTRACK, CONNTRACK_NEW, CONNTRACK6, CONNTRACK6_NEW, SCRATCH, SCRATCH6},
+    parse::{self, IP_CSUM_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, IP_TTL_OFF, Ip},
+    pkt::Pkt,
+};
+
+/// The family-specific operations, implemented for `Addr4` and `Addr6`.
+pub trait Fam: Family {
+    /// Offsets of the source and destination address from the Ethernet header.
+    const SRC_OFF: usize;
+    const DST_OFF: usize;
+
+    /// The connection table's entry for `k`: assured (`conntrack*`) or not yet (`*_new`).
+    fn ct_get(k: &CtKey<Self>, fresh: bool) -> Option<*mut CtEntry<Self>>;
+    fn ct_insert(k: &CtKey<Self>, v: &CtEntry<Self>, fresh: bool, flags: u64) -> bool;
+    fn ct_remove(k: &CtKey<Self>, fresh: bool);
+    /// The per-CPU scratch slot `i` for an entry being built.
+    fn scratch(i: u32) -> Option<*mut CtEntry<Self>>;
+
+    /// Write `new` over the address at `off` (was `old`) with the checksums that cover it;
+    /// `l4`: the L4 checksum's offset and whether it covers the pseudo-header, with the
+    /// `bpf_l4_csum_replace` flags to use.
+    fn set_addr(
+        ctx: &impl Pkt,
+        off: usize,
+        old: &Self,
+        new: &Self,
+        l4: Option<(usize, bool)>,
+        flags: u64,
+    ) -> Result<(), Reason>;
+    /// Decrement the TTL or hop limit.
+    fn dec_ttl(ctx: &impl Pkt, p: &mut Ip<Self>) -> Result<(), Reason>;
+    /// Fill the FIB lookup's family and addresses.
+    fn fib_addrs(f: &mut FibParams, p: &Ip<Self>);
+    /// The sum of the L4 pseudo-header for `len` bytes of `proto`, as `bpf_csum_diff` sums.
+    fn pseudo_sum(p: &Ip<Self>, len: u32) -> Option<u32>;
+    /// The container at `addr`, if any (only addresses in the family's subnet are looked up).
+    fn container_at(cfg: &Config, addr: &Self) -> Option<Endpoint>;
+    /// Whether the IP header's checksum holds (IPv6 has none).
+    fn header_ok(ctx: &impl Pkt, p: &Ip<Self>) -> bool;
+}
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+impl Fam for Addr4 {
+    const SRC_OFF: usize = IP_SRC_OFF;
+    const DST_OFF: usize = IP_DST_OFF;
+
+    #[inline(always)]
+    fn ct_get(k: &CtKey<Self>, fresh: bool) -> Option<*mut CtEntry<Self>> {
+        if fresh {
+            CONNTRACK_NEW.get_ptr_mut(k)
+        } else {
+            CONNTRACK.get_ptr_mut(k)
+        }
+    }
+
+    #[inline(always)]
+    fn ct_insert(k: &CtKey<Self>, v: &CtEntry<Self>, fresh: bool, flags: u64) -> bool {
+        if fresh {
+            CONNTRACK_NEW.insert(k, v, flags).is_ok()
+        } else {
+            CONNTRACK.insert(k, v, flags).is_ok()
+        }
+    }
+
+    #[inline(always)]
+    fn ct_remove(k: &CtKey<Self>, fresh: bool) {
+        let _ = if fresh {
+            CONNTRACK_NEW.remove(k)
+        } else {
+            CONNTRACK.remove(k)
+        };
+    }
+
+    #[inline(always)]
+    fn scratch(i: u32) -> Option<*mut CtEntry<Self>> {
+        SCRATCH.get_ptr_mut(i)
+    }
+
+    #[inline(always)]
+    fn set_addr(
+        ctx: &impl Pkt,
+        off: usize,
+        old: &Self,
+        new: &Self,
+        l4: Option<(usize, bool)>,
+        flags: u64,
+    ) -> Result<(), Reason> {
+        let (o, n) = (u32::from_ne_bytes(*old), u32::from_ne_bytes(*new));
+        if let Some((csum_off, true)) = l4 {
+            ctx.csum_l4(csum_off, o, n, flags | 4)?;
+        }
+        ctx.csum_l3(IP_CSUM_OFF, o, n, 4)?;
+        ctx.put(off, new)
+    }
+
+    #[inline(always)]
+    fn dec_ttl(ctx: &impl Pkt, p: &mut Ip<Self>) -> Result<(), Reason> {
+        let old = u32::from(u16::from_ne_bytes([p.ttl, p.proto]));
+        let ttl = p.ttl.wrapping_sub(1);
+        let new = u32::from(u16::from_ne_bytes([ttl, p.proto]));
+        ctx.csum_l3(IP_CSUM_OFF, old, new, 2)?;
+        ctx.put(IP_TTL_OFF, &ttl)?;
+        p.ttl = ttl;
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn fib_addrs(f: &mut FibParams, p: &Ip<Self>) {
+        f.family = AF_INET;
+        f.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(p.src);
+        f.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(p.dst);
+    }
+
+    #[inline(always)]
+    fn pseudo_sum(p: &Ip<Self>, len: u32) -> Option<u32> {
+        let mut ph: [u32; 3] = [
+            u32::from_ne_bytes(p.src),
+            u32::from_ne_bytes(p.dst),
+            u32::from_ne_bytes([0, p.proto, (len >> 8) as u8, len as u8]),
+        ];
+        // SAFETY: a 12-byte array on the stack.
+        let s = unsafe { bpf_csum_diff(null_mut(), 0, ph.as_mut_ptr(), 12, 0) };
+        (s >= 0).then_some(s as u32)
+    }
+
+    #[inline(always)]
+    fn container_at(cfg: &Config, addr: &Self) -> Option<Endpoint> {
+        container_at(cfg, addr)
+    }
+
+    #[inline(always)]
+    fn header_ok(ctx: &impl Pkt, p: &Ip<Self>) -> bool {
+        parse::ipv4_csum_ok(ctx, p)
+    }
+}
+
+/// An IPv6 address as four native-order words (the byte order stays the packet's).
+#[inline(always)]
+pub fn words(a: &Addr6) -> [u32; 4] {
+    // SAFETY: 16 bytes either way; any bits are valid words.
+    unsafe { core::mem::transmute::<Addr6, [u32; 4]>(*a) }
+}
+
+/// Offset of the IPv6 hop limit.
+const HOP_LIMIT_OFF: usize = IP_OFF + 7;
+
+impl Fam for Addr6 {
+    const SRC_OFF: usize = IP_OFF + 8;
+    const DST_OFF: usize = IP_OFF + 24;
+
+    #[inline(always)]
+    fn ct_get(k: &CtKey<Self>, fresh: bool) -> Option<*mut CtEntry<Self>> {
+        if fresh {
+            CONNTRACK6_NEW.get_ptr_mut(k)
+        } else {
+            CONNTRACK6.get_ptr_mut(k)
+        }
+    }
+
+    #[inline(always)]
+    fn ct_insert(k: &CtKey<Self>, v: &CtEntry<Self>, fresh: bool, flags: u64) -> bool {
+        if fresh {
+            CONNTRACK6_NEW.insert(k, v, flags).is_ok()
+        } else {
+            CONNTRACK6.insert(k, v, flags).is_ok()
+        }
+    }
+
+    #[inline(always)]
+    fn ct_remove(k: &CtKey<Self>, fresh: bool) {
+        let _ = if fresh {
+            CONNTRACK6_NEW.remove(k)
+        } else {
+            CONNTRACK6.remove(k)
+        };
+    }
+
+    #[inline(always)]
+    fn scratch(i: u32) -> Option<*mut CtEntry<Self>> {
+        SCRATCH6.get_ptr_mut(i)
+    }
+
+    /// IPv6 has no header checksum; the L4 one (ICMPv6's included) covers both addresses
+    /// through the pseudo-header, updated by the difference of the two 16-byte values.
+    #[inline(always)]
+    fn set_addr(
+        ctx: &impl Pkt,
+        off: usize,
+        old: &Self,
+        new: &Self,
+        l4: Option<(usize, bool)>,
+        flags: u64,
+    ) -> Result<(), Reason> {
+        if let Some((csum_off, true)) = l4 {
+            let mut o = words(old);
+            let mut n = words(new);
+            // SAFETY: two 16-byte arrays on the stack.
+            let diff = unsafe { bpf_csum_diff(o.as_mut_ptr(), 16, n.as_mut_ptr(), 16, 0) };
+            if diff < 0 {
+                return Err(Reason::DropHelper);
+            }
+            ctx.csum_l4_diff(csum_off, diff as u32, flags)?;
+        }
+        ctx.put(off, new)
+    }
+
+    #[inline(always)]
+    fn dec_ttl(ctx: &impl Pkt, p: &mut Ip<Self>) -> Result<(), Reason> {
+        let hl = p.ttl.wrapping_sub(1);
+        ctx.put(HOP_LIMIT_OFF, &hl)?;
+        p.ttl = hl;
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn fib_addrs(f: &mut FibParams, p: &Ip<Self>) {
+        f.family = AF_INET6;
+        f.__bindgen_anon_3.ipv6_src = words(&p.src);
+        f.__bindgen_anon_4.ipv6_dst = words(&p.dst);
+    }
+
+    #[inline(always)]
+    fn pseudo_sum(p: &Ip<Self>, len: u32) -> Option<u32> {
+        let s = words(&p.src);
+        let d = words(&p.dst);
+        let mut ph: [u32; 10] = [
+            s[0],
+            s[1],
+            s[2],
+            s[3],
+            d[0],
+            d[1],
+            d[2],
+            d[3],
+            len.to_be(),
+            u32::from(p.proto).to_be(),
+        ];
+        // SAFETY: a 40-byte array on the stack.
+        let r = unsafe { bpf_csum_diff(null_mut(), 0, ph.as_mut_ptr(), 40, 0) };
+        (r >= 0).then_some(r as u32)
+    }
+
+    #[inline(always)]
+    fn container_at(cfg: &Config, addr: &Self) -> Option<Endpoint> {
+        ipv6::container_at(cfg, addr)
+    }
+
+    #[inline(always)]
+    fn header_ok(_: &impl Pkt, _: &Ip<Self>) -> bool {
+        true
+    }
+}
