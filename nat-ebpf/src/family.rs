@@ -7,12 +7,15 @@ use core::ptr::null_mut;
 
 use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, helpers::bpf_csum_diff};
 use nat_common::{Addr4, Addr6, Config, CtEntry, CtKey, Endpoint, Family, Reason};
+use network_types::ip::Ipv4Hdr;
 
 use crate::{
     ipv6,
     lookup::container_at,
     maps::{CONNTRACK, CONNTRACK_NEW, CONNTRACK6, CONNTRACK6_NEW, SCRATCH, SCRATCH6},
-    parse::{self, IP_CSUM_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, IP_TTL_OFF, Ip},
+    parse::{
+        self, IP_CSUM_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, IP_TTL_OFF, IP6_LEN, Ip, Ip6Hdr, ptr_at,
+    },
     pkt::Pkt,
 };
 
@@ -50,7 +53,31 @@ pub trait Fam: Family {
     fn container_at(cfg: &Config, addr: &Self) -> Option<Endpoint>;
     /// Whether the IP header's checksum holds (IPv6 has none).
     fn header_ok(ctx: &impl Pkt, p: &Ip<Self>) -> bool;
+    /// Whether an ICMP type of the family is an error that quotes a packet (destination
+    /// unreachable, packet too big, time exceeded, parameter problem).
+    fn is_icmp_error(icmp_type: u8) -> bool;
+    /// The packet header an ICMP error quotes at `ip_off`: its addresses, upper-layer
+    /// protocol and length, if it is one the datapath can translate.
+    fn quoted(ctx: &impl Pkt, ip_off: usize) -> Option<(Self, Self, u8, usize)>;
+    /// Rewrite the quoted address at `ip_off + field` and the checksum that covers it: the
+    /// quoted IPv4 header's own, or (IPv6 has none) the ICMPv6 checksum at `icmp_csum_off`.
+    fn set_quoted_addr(
+        ctx: &impl Pkt,
+        ip_off: usize,
+        field: usize,
+        old: &Self,
+        new: &Self,
+        icmp_csum_off: usize,
+    ) -> Result<(), Reason>;
 }
+
+/// ICMP error types.
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
+/// ICMPv6 error types (RFC 4443): 1 destination unreachable, 2 packet too big, 3 time
+/// exceeded, 4 parameter problem.
+const ICMPV6_ERRORS: core::ops::RangeInclusive<u8> = 1..=4;
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -146,6 +173,37 @@ impl Fam for Addr4 {
     #[inline(always)]
     fn header_ok(ctx: &impl Pkt, p: &Ip<Self>) -> bool {
         parse::ipv4_csum_ok(ctx, p)
+    }
+
+    #[inline(always)]
+    fn is_icmp_error(icmp_type: u8) -> bool {
+        matches!(
+            icmp_type,
+            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+        )
+    }
+
+    #[inline(always)]
+    fn quoted(ctx: &impl Pkt, ip_off: usize) -> Option<(Self, Self, u8, usize)> {
+        let ip = ptr_at::<Ipv4Hdr>(ctx, ip_off)?;
+        // SAFETY: bounds checked by `ptr_at`.
+        let h = unsafe { *ip };
+        let ihl = usize::from(h.vihl & 0x0f) * 4;
+        (ihl >= Ipv4Hdr::LEN).then_some((h.src_addr, h.dst_addr, h.proto, ihl))
+    }
+
+    #[inline(always)]
+    fn set_quoted_addr(
+        ctx: &impl Pkt,
+        ip_off: usize,
+        field: usize,
+        old: &Self,
+        new: &Self,
+        _: usize,
+    ) -> Result<(), Reason> {
+        let (o, n) = (u32::from_ne_bytes(*old), u32::from_ne_bytes(*new));
+        ctx.csum_l3(ip_off + 10, o, n, 4)?;
+        ctx.put(ip_off + field, new)
     }
 }
 
@@ -263,5 +321,41 @@ impl Fam for Addr6 {
     #[inline(always)]
     fn header_ok(_: &impl Pkt, _: &Ip<Self>) -> bool {
         true
+    }
+
+    #[inline(always)]
+    fn is_icmp_error(icmp_type: u8) -> bool {
+        ICMPV6_ERRORS.contains(&icmp_type)
+    }
+
+    /// Only a quoted packet whose upper-layer header follows the fixed header: one with
+    /// extension headers is not translated (and its error goes to the stack).
+    #[inline(always)]
+    fn quoted(ctx: &impl Pkt, ip_off: usize) -> Option<(Self, Self, u8, usize)> {
+        let ip = ptr_at::<Ip6Hdr>(ctx, ip_off)?;
+        // SAFETY: bounds checked by `ptr_at`; fields read in place.
+        let h = unsafe { &*ip };
+        Some((h.src, h.dst, h.next_hdr, IP6_LEN))
+    }
+
+    #[inline(always)]
+    fn set_quoted_addr(
+        ctx: &impl Pkt,
+        ip_off: usize,
+        field: usize,
+        old: &Self,
+        new: &Self,
+        icmp_csum_off: usize,
+    ) -> Result<(), Reason> {
+        let mut o = words(old);
+        let mut n = words(new);
+        // SAFETY: two 16-byte arrays on the stack.
+        let diff = unsafe { bpf_csum_diff(o.as_mut_ptr(), 16, n.as_mut_ptr(), 16, 0) };
+        if diff < 0 {
+            return Err(Reason::DropHelper);
+        }
+        // Part of the message, not of the pseudo-header.
+        ctx.csum_l4_diff(icmp_csum_off, diff as u32, 0)?;
+        ctx.put(ip_off + field, new)
     }
 }

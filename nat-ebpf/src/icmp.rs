@@ -1,56 +1,52 @@
-//! ICMP errors about tracked connections (F7): destination unreachable (including
-//! "fragmentation needed", which PMTU discovery depends on), time exceeded (traceroute) and
-//! parameter problem. The outer header is translated like any packet travelling in the error's
-//! direction, and the embedded header back to what its sender saw, so the error reaches the
-//! socket it is about.
+//! ICMP and ICMPv6 errors about tracked connections (F7): destination unreachable (including
+//! "fragmentation needed"), packet too big (IPv6's, which PMTU discovery depends on), time
+//! exceeded (traceroute) and parameter problem. The outer header is translated like any
+//! packet travelling in the error's direction, and the embedded header back to what its
+//! sender saw, so the error reaches the socket it is about. Written once for both families
+//! (`Fam` says how each quotes and checksums).
 //!
-//! Checksums: an embedded address change is matched by its embedded IP checksum change, which
-//! leaves the ICMP checksum as it was; an embedded port (or echo id) change is folded into the
-//! ICMP checksum. The embedded TCP/UDP checksum is left alone: receivers do not check it and
-//! the embedded segment is usually cut short anyway.
+//! Checksums: an embedded IPv4 address change is matched by its embedded header checksum
+//! change, which leaves the ICMP checksum as it was; an embedded IPv6 address change (no
+//! header checksum) is folded into the ICMPv6 checksum, as is any embedded port (or echo id)
+//! change. The outer addresses are in the ICMPv6 checksum's pseudo-header, not in ICMP's.
+//! The embedded TCP/UDP checksum is left alone: receivers do not check it and the embedded
+//! segment is usually cut short anyway.
 
-use nat_common::{Addr4, CtKey4, PROTO_ICMP, PROTO_TCP, PROTO_UDP, Port, Reason};
+use nat_common::{Addr4, CtKey, PROTO_TCP, PROTO_UDP, Port, Reason};
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
-    conntrack, nat,
-    parse::{ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, Ip4, ptr_at},
+    conntrack,
+    family::Fam,
+    nat,
+    parse::{IP_OFF, Ip, Ip4, ptr_at},
     pkt::Pkt,
     stats::count,
 };
 
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_TIME_EXCEEDED: u8 = 11;
-const ICMP_PARAMETER_PROBLEM: u8 = 12;
-
-/// Whether `p` is an ICMP error message.
+/// Whether `p` is an ICMP (ICMPv6) error message.
 #[inline(always)]
-pub fn is_error(p: &Ip4) -> bool {
-    p.proto == PROTO_ICMP
-        && p.l4_present
-        && matches!(
-            p.icmp_type,
-            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
-        )
+pub fn is_error<A: Fam>(p: &Ip<A>) -> bool {
+    p.proto == A::PROTO_ICMP && p.l4_present && A::is_icmp_error(p.icmp_type)
 }
 
 /// The packet an error message quotes.
-struct Inner {
-    /// Offset of the quoted IPv4 header.
+struct Inner<A> {
+    /// Offset of the quoted IP header.
     ip_off: usize,
     /// Offset of the quoted L4 header.
     l4_off: usize,
     /// The quoted packet's tuple (ICMP echo: id as the port, as in `parse`).
-    key: CtKey4,
+    key: CtKey<A>,
     /// The quoted ICMP type, when the quoted packet is ICMP.
     icmp_type: u8,
 }
 
-/// Offset of the quoted IPv4 header in the error `p`.
+/// Offset of the quoted IP header in the error `p`.
 #[inline(always)]
-fn quoted_off(p: &Ip4) -> usize {
+fn quoted_off<A>(p: &Ip<A>) -> usize {
     // Masked so the verifier sees the bound it lost when `l4_off` went through the stack
-    // (Ethernet + a 60-byte IPv4 header ends below 128).
+    // (Ethernet + a 60-byte IPv4 header, or the 40-byte IPv6 one, ends below 128).
     (p.l4_off & 0x7f) + 8
 }
 
@@ -74,36 +70,30 @@ pub fn translate_static(
     if (if field == 12 { h.src_addr } else { h.dst_addr }) != old {
         return Ok(());
     }
-    set_inner_addr(ctx, ip_off, field, old, new)
+    set_inner_addr(ctx, p, ip_off, field, &old, &new)
 }
 
 #[inline(always)]
-fn inner(ctx: &impl Pkt, p: &Ip4) -> Option<Inner> {
+fn inner<A: Fam>(ctx: &impl Pkt, p: &Ip<A>) -> Option<Inner<A>> {
     let ip_off = quoted_off(p);
-    let ip = ptr_at::<Ipv4Hdr>(ctx, ip_off)?;
-    // SAFETY: bounds checked by `ptr_at`.
-    let h = unsafe { *ip };
-    let ihl = usize::from(h.vihl & 0x0f) * 4;
-    if ihl < Ipv4Hdr::LEN {
-        return None;
-    }
-    let l4_off = ip_off + ihl;
+    let (src, dst, proto, hdr_len) = A::quoted(ctx, ip_off)?;
+    let l4_off = ip_off + hdr_len;
     // Only the first 8 bytes of the quoted L4 header are guaranteed to be there.
     let l4 = ptr_at::<[u8; 8]>(ctx, l4_off)?;
     // SAFETY: bounds checked by `ptr_at`.
     let b = unsafe { *l4 };
-    let mut key = CtKey4::new(h.src_addr, h.dst_addr, [0; 2], [0; 2], h.proto);
+    let mut key = CtKey::new(src, dst, [0; 2], [0; 2], proto);
     let mut icmp_type = 0;
-    match h.proto {
+    match proto {
         PROTO_TCP | PROTO_UDP => {
             key.src_port = [b[0], b[1]];
             key.dst_port = [b[2], b[3]];
         }
-        PROTO_ICMP => {
+        q if q == A::PROTO_ICMP => {
             icmp_type = b[0];
-            if b[0] == ICMP_ECHO_REQUEST {
+            if b[0] == A::ECHO_REQUEST {
                 key.src_port = [b[4], b[5]];
-            } else if b[0] == ICMP_ECHO_REPLY {
+            } else if b[0] == A::ECHO_REPLY {
                 key.dst_port = [b[4], b[5]];
             } else {
                 return None;
@@ -119,27 +109,33 @@ fn inner(ctx: &impl Pkt, p: &Ip4) -> Option<Inner> {
     })
 }
 
-/// Rewrite a quoted address (at `field` within the quoted header) and its header checksum.
+/// Rewrite a quoted address (at `field` within the quoted header) and the checksum that
+/// covers it (`Fam::set_quoted_addr`).
 #[inline(always)]
-fn set_inner_addr(
+fn set_inner_addr<A: Fam>(
     ctx: &impl Pkt,
+    p: &Ip<A>,
     ip_off: usize,
     field: usize,
-    old: Addr4,
-    new: Addr4,
+    old: &A,
+    new: &A,
 ) -> Result<(), Reason> {
     if old == new {
         return Ok(());
     }
-    let (o, n) = (u32::from_ne_bytes(old), u32::from_ne_bytes(new));
-    ctx.csum_l3(ip_off + 10, o, n, 4)?;
-    ctx.put(ip_off + field, &new)
+    A::set_quoted_addr(ctx, ip_off, field, old, new, p.l4_off + 2)
 }
 
 /// Rewrite a quoted port or echo id at `off`: the outer packet is ICMP, so `set_port` folds
 /// the change into the ICMP checksum.
 #[inline(always)]
-fn set_inner_port(ctx: &impl Pkt, p: &Ip4, off: usize, old: Port, new: Port) -> Result<(), Reason> {
+fn set_inner_port<A>(
+    ctx: &impl Pkt,
+    p: &Ip<A>,
+    off: usize,
+    old: Port,
+    new: Port,
+) -> Result<(), Reason> {
     if old == new {
         return Ok(());
     }
@@ -148,15 +144,21 @@ fn set_inner_port(ctx: &impl Pkt, p: &Ip4, off: usize, old: Port, new: Port) -> 
 
 /// Translate the error `p` if it is about a tracked connection. `Ok(false)`: it is not.
 /// `from_outside`: it arrived on the uplink (else from a container, whose address anti-spoofing
-/// has checked).
+/// has checked). `key`: room for the lookup's key (the IPv6 path keeps it off the stack).
 #[inline(always)]
-pub fn translate(ctx: &impl Pkt, p: &mut Ip4, from_outside: bool) -> Result<bool, Reason> {
+pub fn translate<A: Fam>(
+    ctx: &impl Pkt,
+    p: &mut Ip<A>,
+    from_outside: bool,
+    key: &mut CtKey<A>,
+) -> Result<bool, Reason> {
     let Some(i) = inner(ctx, p) else {
         return Ok(false);
     };
     // The error travels against the quoted packet: its connection entry is keyed by the
     // quoted tuple reversed.
-    let Some(e) = conntrack::lookup(&i.key.reversed()) else {
+    *key = i.key.reversed();
+    let Some(e) = conntrack::lookup(key) else {
         return Ok(false);
     };
     // It must go back to the quoted packet's sender (nf_conntrack's rule) along a direction
@@ -178,10 +180,24 @@ pub fn translate(ctx: &impl Pkt, p: &mut Ip4, from_outside: bool) -> Result<bool
     nat::set_dst(ctx, p, e.dst_addr)?;
 
     // Quoted: the packet as its sender saw it.
-    set_inner_addr(ctx, i.ip_off, 12, i.key.src_addr, e.dst_addr)?;
-    set_inner_addr(ctx, i.ip_off, 16, i.key.dst_addr, e.src_addr)?;
-    if i.key.proto == PROTO_ICMP {
-        let (old, new) = if i.icmp_type == ICMP_ECHO_REQUEST {
+    set_inner_addr(
+        ctx,
+        p,
+        i.ip_off,
+        A::SRC_OFF - IP_OFF,
+        &i.key.src_addr,
+        &e.dst_addr,
+    )?;
+    set_inner_addr(
+        ctx,
+        p,
+        i.ip_off,
+        A::DST_OFF - IP_OFF,
+        &i.key.dst_addr,
+        &e.src_addr,
+    )?;
+    if i.key.proto == A::PROTO_ICMP {
+        let (old, new) = if i.icmp_type == A::ECHO_REQUEST {
             (i.key.src_port, e.dst_port)
         } else {
             (i.key.dst_port, e.src_port)

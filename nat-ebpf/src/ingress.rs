@@ -3,8 +3,9 @@
 
 use aya_ebpf::programs::TcContext;
 use nat_common::{
-    Addr4, CFG_MASQUERADE, Config, CtEntry, CtEntry4, Endpoint, NET_CLUSTER_SRC, NET_NO_MASQ,
-    PROTO_TCP, PROTO_UDP, PortTarget4, Reason, STATIC_EXTERNAL, STATIC_INTERNAL, tcp_flags,
+    Addr4, CFG_MASQUERADE, Config, CtEntry, CtEntry4, CtKey4, Endpoint, NET_CLUSTER_SRC,
+    NET_NO_MASQ, PROTO_TCP, PROTO_UDP, PortTarget4, Reason, STATIC_EXTERNAL, STATIC_INTERNAL,
+    tcp_flags,
 };
 
 use crate::{
@@ -81,7 +82,7 @@ fn container(ctx: &TcContext) -> Result<i32, Reason> {
         // node itself).
         return pass(ctx);
     }
-    if icmp::is_error(&p) && icmp::translate(ctx, &mut p, false)? {
+    if icmp::is_error(&p) && icmp::translate(ctx, &mut p, false, &mut CtKey4::default())? {
         return deliver(ctx, cfg, &mut p, ifindex);
     }
     if p.is_trackable()
@@ -330,7 +331,7 @@ fn uplink(ctx: &TcContext) -> Result<i32, Reason> {
     }
     if icmp::is_error(&p) {
         not_expiring(&p)?;
-        if icmp::translate(ctx, &mut p, true)? {
+        if icmp::translate(ctx, &mut p, true, &mut CtKey4::default())? {
             return deliver(ctx, cfg, &mut p, ifindex);
         }
     }

@@ -20,6 +20,7 @@ use crate::{
     TC_ACT_OK,
     conntrack::{self, now},
     forward::{self, set_macs},
+    icmp,
     ingress::{ifindex, tracked, valid_for_state},
     lookup::config,
     maps::{ENDPOINTS6, WORK6},
@@ -140,6 +141,13 @@ fn dispatch(ctx: &TcContext) -> Result<i32, Reason> {
         // Expiring here: the kernel answers it with Time Exceeded.
         return pass(ctx);
     }
+    if icmp::is_error(&w.p) {
+        // About a packet the container received (F7): back to its sender, translated.
+        match icmp_error(ctx, false) {
+            GO_ON => {}
+            action => return Ok(action),
+        }
+    }
     if let Some(e) = tracked_entry(w) {
         return Ok(tracked6(ctx, e));
     }
@@ -198,6 +206,47 @@ fn tracked_entry(w: &mut Work6) -> Option<*mut CtEntry6> {
     }
     w.key = w.p.key();
     conntrack::lookup(&w.key)
+}
+
+/// An ICMPv6 error about a tracked connection (F7: Packet Too Big, which PMTU discovery
+/// depends on, Time Exceeded, Destination Unreachable, Parameter Problem): translated in the
+/// outer and the quoted headers and sent on. `GO_ON` when it is about no tracked connection.
+/// `from_outside`: it arrived on the uplink. Two steps, each with a frame of its own.
+#[inline(always)]
+fn icmp_error(ctx: &TcContext, from_outside: bool) -> i32 {
+    match translate_error(ctx, from_outside) {
+        TRANSLATED => deliver(ctx),
+        action => action,
+    }
+}
+
+/// `translate_error`'s answer that the error is translated and waits in `work6` to be sent.
+const TRANSLATED: i32 = i32::MIN + 1;
+
+#[inline(never)]
+fn translate_error(ctx: &TcContext, from_outside: bool) -> i32 {
+    let r = work().and_then(|w| {
+        if from_outside && w.p.ttl <= 1 {
+            return Err(Reason::DropTtl);
+        }
+        let translated = icmp::translate(ctx, &mut w.p, from_outside, &mut w.key)?;
+        Ok(if translated { TRANSLATED } else { GO_ON })
+    });
+    verdict(ctx, r)
+}
+
+/// Send the translated packet in `work6` on: into a container when its new destination is
+/// one, else towards the outside.
+#[inline(never)]
+fn deliver(ctx: &TcContext) -> i32 {
+    let r = config().and_then(|cfg| {
+        let w = work()?;
+        match container_at(cfg, &w.p.dst) {
+            Some(ep) => forward::to_endpoint(ctx, &mut w.p, &ep, true, Reason::Deliver),
+            None => forward::route(ctx, &mut w.p, ifindex(ctx), None),
+        }
+    });
+    verdict(ctx, r)
 }
 
 /// A packet of a tracked IPv6 connection, either way (`ingress::tracked`).
@@ -278,6 +327,12 @@ fn uplink(ctx: &TcContext) -> Result<i32, Reason> {
     }
     // Malformed: dropped and counted, as ip6_rcv would drop it.
     let w = parsed(ctx)?;
+    if icmp::is_error(&w.p) {
+        match icmp_error(ctx, true) {
+            GO_ON => {}
+            action => return Ok(action),
+        }
+    }
     if let Some(e) = tracked_entry(w)
         && conntrack::arrives_from_outside(e)
     {

@@ -20,9 +20,6 @@ pub const IP_CSUM_OFF: usize = IP_OFF + 10;
 pub const IP_SRC_OFF: usize = IP_OFF + 12;
 pub const IP_DST_OFF: usize = IP_OFF + 16;
 
-pub const ICMP_ECHO_REPLY: u8 = 0;
-pub const ICMP_ECHO_REQUEST: u8 = 8;
-
 /// Furthest offset a header is read at: every header we parse (quoted ICMP headers included)
 /// starts well within it.
 pub const MAX_HDR_OFF: usize = 255;

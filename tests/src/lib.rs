@@ -136,8 +136,13 @@ pub fn link_exists(ns: &Path, name: &str) -> bool {
 /// quotes the packet exactly as the socket sent it.
 #[must_use]
 pub fn udp_refused(ns: &Path, dst: SocketAddr) -> bool {
+    let any: std::net::IpAddr = if dst.is_ipv6() {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        Ipv4Addr::UNSPECIFIED.into()
+    };
     let r = netns::run_in(ns, move || {
-        let s = std::net::UdpSocket::bind(v4(Ipv4Addr::UNSPECIFIED, 0))?;
+        let s = std::net::UdpSocket::bind(SocketAddr::new(any, 0))?;
         s.connect(dst)?;
         s.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
         s.send(b"anyone?")?;
@@ -282,4 +287,113 @@ pub fn fill_conntrack(bpffs_dir: &Path, connections: u32) -> anyhow::Result<()> 
         ct.insert(r, CtEntry4 { xlate: r, meta }, 0)?;
     }
     Ok(())
+}
+
+/// `ip ARGS` in namespace `ns`, which must succeed.
+pub fn ip_in(ns: &Path, args: &[&str]) {
+    let mut c = Command::new("ip");
+    c.args(args);
+    netns::command_in(&mut c, ns).expect("enter namespace");
+    let out = c.output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The node's IPv6 address on the uplink's link (`uplink_v6`, `routed_v6`).
+pub const NODE6: &str = "2001:db8:1::1";
+/// The outside host's on a plain lab (`uplink_v6`); the router's on a routed one.
+pub const EXT6: &str = "2001:db8:1::2";
+/// The far host's on a routed lab (`routed_v6`).
+pub const FAR6: &str = "2001:db8:2::2";
+
+/// IPv6 on a plain lab: the uplink's link gets 2001:db8:1::/64, the node `NODE6`, the
+/// outside host `EXT6`.
+pub fn uplink_v6(lab: &Lab) {
+    ip_in(
+        &lab.node,
+        &[
+            "-6",
+            "addr",
+            "add",
+            &format!("{NODE6}/64"),
+            "dev",
+            UPLINK,
+            "nodad",
+        ],
+    );
+    ip_in(
+        &lab.ext,
+        &[
+            "-6",
+            "addr",
+            "add",
+            &format!("{EXT6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    );
+}
+
+/// IPv6 on a routed lab (`Lab::with_router`): node `NODE6` ── `EXT6` router 2001:db8:2::1
+/// ── `FAR6`, with default routes both ways and the router forwarding.
+pub fn routed_v6(lab: &Lab) {
+    let router = lab.router.as_ref().expect("a routed lab");
+    ip_in(
+        &lab.node,
+        &[
+            "-6",
+            "addr",
+            "add",
+            &format!("{NODE6}/64"),
+            "dev",
+            UPLINK,
+            "nodad",
+        ],
+    );
+    ip_in(&lab.node, &["-6", "route", "add", "default", "via", EXT6]);
+    ip_in(
+        router,
+        &[
+            "-6",
+            "addr",
+            "add",
+            &format!("{EXT6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    );
+    ip_in(
+        router,
+        &[
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:2::1/64",
+            "dev",
+            "eth1",
+            "nodad",
+        ],
+    );
+    netns::set_sysctl(router, "net.ipv6.conf.all.forwarding", "1").expect("router forwarding");
+    ip_in(
+        &lab.ext,
+        &[
+            "-6",
+            "addr",
+            "add",
+            &format!("{FAR6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    );
+    ip_in(
+        &lab.ext,
+        &["-6", "route", "add", "default", "via", "2001:db8:2::1"],
+    );
 }

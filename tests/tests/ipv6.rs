@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use bpfnat_tests::{UPLINK, counter, flows, json, lab, status, traffic};
+use bpfnat_tests::{UPLINK, counter, flows, json, lab, status, traffic, uplink_v6};
 use nat_plumbing::netns;
 
 fn ip(ns: &Path, args: &[&str]) {
@@ -193,38 +193,10 @@ fn a_node_without_an_ipv6_subnet_refuses_ip6_and_leaves_ipv6_alone() {
     );
 }
 
-/// The uplink's link gets 2001:db8:1::/64: the node is `::1`, the outside host `::2`.
-fn v6_uplink(lab: &bpfnat_tests::Lab) {
-    ip(
-        &lab.node,
-        &[
-            "-6",
-            "addr",
-            "add",
-            "2001:db8:1::1/64",
-            "dev",
-            UPLINK,
-            "nodad",
-        ],
-    );
-    ip(
-        &lab.ext,
-        &[
-            "-6",
-            "addr",
-            "add",
-            "2001:db8:1::2/64",
-            "dev",
-            "eth0",
-            "nodad",
-        ],
-    );
-}
-
 #[test]
 fn containers_reach_outside_masqueraded_to_the_uplinks_ipv6_address() {
     let lab = lab("nat66");
-    v6_uplink(&lab);
+    uplink_v6(&lab);
     lab.ok(&["up", "--uplink", UPLINK, "--subnet6", "fd00:88::/64"])
         .unwrap();
     let (_, st) = status(&lab);
@@ -292,7 +264,7 @@ fn containers_reach_outside_masqueraded_to_the_uplinks_ipv6_address() {
 #[test]
 fn snat_ip6_fixes_the_ipv6_masquerade_address_and_is_checked() {
     let lab = lab("snat6");
-    v6_uplink(&lab);
+    uplink_v6(&lab);
     // A second address on the uplink, chosen over the first.
     ip(
         &lab.node,
