@@ -63,8 +63,8 @@ pub const PROTO_ICMPV6: u8 = 58;
 mod user {
     use super::{
         ClusterNet, Config, Counter, CtEntry4, CtEntry6, CtKey4, CtKey6, CtMeta, Endpoint,
-        FragKey4, FragPorts, Net4, Net6, NodeAddr, PortKey4, PortTarget4, SockKey4, SockOrig4,
-        StaticNat4,
+        FragKey4, FragPorts, Net4, Net6, NodeAddr, PortKey4, PortKey6, PortTarget4, PortTarget6,
+        SockKey4, SockOrig4, StaticNat4,
     };
 
     /// `aya::Pod` for map key and value types.
@@ -81,6 +81,8 @@ mod user {
         Endpoint,
         PortKey4,
         PortTarget4,
+        PortKey6,
+        PortTarget6,
         CtKey4,
         CtEntry4,
         CtKey6,

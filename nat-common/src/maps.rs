@@ -7,8 +7,8 @@ use core::mem::size_of;
 
 use crate::{
     Addr4, Addr6, ClusterNet, Config, Counter, CtEntry4, CtEntry6, CtKey4, CtKey6, Endpoint,
-    FragKey4, FragPorts, Lpm4, NodeAddr, PortKey4, PortTarget4, REASON_COUNT, SockKey4, SockOrig4,
-    StaticNat4,
+    FragKey4, FragPorts, Lpm4, NodeAddr, PortKey4, PortKey6, PortTarget4, PortTarget6,
+    REASON_COUNT, SockKey4, SockOrig4, StaticNat4,
 };
 
 /// Map names as the kernel and bpftool see them (also the pin file names).
@@ -18,6 +18,8 @@ pub mod map_names {
     /// The containers by IPv6 address (`Addr6` → `Endpoint`).
     pub const ENDPOINTS6: &str = "endpoints6";
     pub const PORTS: &str = "ports";
+    /// The published ports' IPv6 side (`PortKey6` → `PortTarget6`).
+    pub const PORTS6: &str = "ports6";
     pub const CONNTRACK: &str = "conntrack";
     /// Connections not assured yet (no answer seen): an LRU of their own, so that a flood of
     /// them never displaces an established connection in `conntrack`.
@@ -31,6 +33,8 @@ pub mod map_names {
     pub const SOCK_RNAT: &str = "sock_rnat";
     pub const FRAGS: &str = "frags";
     pub const NODE_ADDRS: &str = "node_addrs";
+    /// The node's own global IPv6 addresses (`Addr6` → `NodeAddr`).
+    pub const NODE_ADDRS6: &str = "node_addrs6";
     /// The cluster's prefixes (`Lpm4` → `ClusterNet`): where pods go without MASQUERADE and
     /// which sources reach pods directly. Empty on a node that is not in a cluster.
     pub const CLUSTER_NETS: &str = "cluster_nets";
@@ -66,7 +70,7 @@ pub const CLUSTER_NETS_MAX_ENTRIES: u32 = 16_384;
 pub const SCRATCH_SLOTS: u32 = 2;
 /// Bytes of the `work6` value: the datapath's parsed IPv6 packet and its 40-byte tuple, which
 /// the 512-byte stack of the IPv6 path cannot spare.
-pub const WORK6_LEN: usize = 160;
+pub const WORK6_LEN: usize = 192;
 /// Bytes of the `csum_buf` value: a 256-byte chunk and room to zero-pad it.
 pub const CSUM_BUF_LEN: usize = 512;
 
@@ -117,7 +121,7 @@ const PINNED: bool = true;
 const PER_LOAD: bool = false;
 
 /// Every map of the eBPF object.
-pub const MAP_SPECS: [MapSpec; 18] = {
+pub const MAP_SPECS: [MapSpec; 20] = {
     use MapKind::{Array, Hash, LpmTrie, LruHash, PerCpuArray};
     use map_names as n;
     [
@@ -125,6 +129,7 @@ pub const MAP_SPECS: [MapSpec; 18] = {
         map::<Addr4, Endpoint>(n::ENDPOINTS, Hash, None, PINNED),
         map::<Addr6, Endpoint>(n::ENDPOINTS6, Hash, None, PINNED),
         map::<PortKey4, PortTarget4>(n::PORTS, Hash, None, PINNED),
+        map::<PortKey6, PortTarget6>(n::PORTS6, Hash, None, PINNED),
         map::<CtKey4, CtEntry4>(n::CONNTRACK, LruHash, None, PINNED),
         map::<CtKey4, CtEntry4>(n::CONNTRACK_NEW, LruHash, None, PINNED),
         map::<CtKey6, CtEntry6>(n::CONNTRACK6, LruHash, None, PINNED),
@@ -134,6 +139,7 @@ pub const MAP_SPECS: [MapSpec; 18] = {
         map::<SockKey4, SockOrig4>(n::SOCK_RNAT, LruHash, None, PINNED),
         map::<FragKey4, FragPorts>(n::FRAGS, LruHash, None, PINNED),
         map::<Addr4, NodeAddr>(n::NODE_ADDRS, Hash, None, PINNED),
+        map::<Addr6, NodeAddr>(n::NODE_ADDRS6, Hash, None, PINNED),
         map::<Lpm4, ClusterNet>(n::CLUSTER_NETS, LpmTrie, None, PINNED),
         map::<u32, CtEntry4>(n::SCRATCH, PerCpuArray, Some(SCRATCH_SLOTS), PER_LOAD),
         map::<u32, CtEntry6>(n::SCRATCH6, PerCpuArray, Some(SCRATCH_SLOTS), PER_LOAD),

@@ -14,17 +14,12 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_loop},
 };
 use nat_common::{
-    Addr4, Config, CtEntry, CtKey, CtMeta, DIR_ORIGINAL, DIR_REPLY, Endpoint, NAT_DNAT, NAT_SNAT,
-    ORIGIN_HAIRPIN, ORIGIN_MASQUERADE, ORIGIN_PUBLISHED, PROTO_TCP, PROTO_UDP, Port, PortTarget4,
+    Config, CtEntry, CtKey, CtMeta, DIR_ORIGINAL, DIR_REPLY, Endpoint, NAT_DNAT, NAT_SNAT,
+    ORIGIN_HAIRPIN, ORIGIN_MASQUERADE, ORIGIN_PUBLISHED, PROTO_TCP, PROTO_UDP, Port, PortTarget,
     Reason, ct_timeout_ns, dgram_state, tcp_state, tcp_transition,
 };
 
-use crate::{
-    family::Fam,
-    parse::{Ip, Ip4},
-    pkt::Pkt,
-    tcp,
-};
+use crate::{family::Fam, parse::Ip, pkt::Pkt, tcp};
 
 /// The two tables: assured connections, and those not assured yet.
 const ASSURED: bool = false;
@@ -453,18 +448,20 @@ pub fn create_snat<A: Fam>(
     create(ctx, p, &n, cfg, now)
 }
 
-/// A client outside connects to the published port `t`; its address is kept.
+/// A client outside connects to the published port `t`; its address is kept. `key`: the
+/// packet's tuple.
 #[inline(always)]
-pub fn create_dnat(
+pub fn create_dnat<A: Fam>(
     ctx: &impl Pkt,
-    p: &Ip4,
-    t: &PortTarget4,
+    p: &Ip<A>,
+    key: &CtKey<A>,
+    t: &PortTarget<A>,
     cfg: &Config,
     owner: &Endpoint,
     now: u64,
-) -> Result<&'static CtKey<Addr4>, Reason> {
+) -> Result<&'static CtKey<A>, Reason> {
     let n = NewConn {
-        key: &p.key(),
+        key,
         src: p.src,
         dst: t.addr,
         dport: t.port,
@@ -477,20 +474,21 @@ pub fn create_dnat(
 }
 
 /// Hairpin: a container connects to a published port on a node address. The source becomes
-/// the gateway address so that the reply comes back through the datapath (the target may be
-/// the sender itself).
+/// the family's gateway address `gateway` so that the reply comes back through the datapath
+/// (the target may be the sender itself). `key`: the packet's tuple.
 #[inline(always)]
-pub fn create_hairpin(
+pub fn create_hairpin<A: Fam>(
     ctx: &impl Pkt,
-    p: &Ip4,
-    t: &PortTarget4,
+    p: &Ip<A>,
+    (key, gateway): (&CtKey<A>, A),
+    t: &PortTarget<A>,
     cfg: &Config,
     target: &Endpoint,
     now: u64,
-) -> Result<&'static CtKey<Addr4>, Reason> {
+) -> Result<&'static CtKey<A>, Reason> {
     let n = NewConn {
-        key: &p.key(),
-        src: cfg.v4.gateway_addr,
+        key,
+        src: gateway,
         dst: t.addr,
         dport: t.port,
         alloc_port: true,

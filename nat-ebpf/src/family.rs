@@ -6,13 +6,18 @@
 use core::ptr::null_mut;
 
 use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, helpers::bpf_csum_diff};
-use nat_common::{Addr4, Addr6, Config, CtEntry, CtKey, Endpoint, Family, Reason};
+use nat_common::{
+    Addr4, Addr6, Config, CtEntry, CtKey, Endpoint, Family, Port, PortKey6, PortTarget, Reason,
+};
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
-    ipv6,
-    lookup::container_at,
-    maps::{CONNTRACK, CONNTRACK_NEW, CONNTRACK6, CONNTRACK6_NEW, SCRATCH, SCRATCH6},
+    addr, ipv6,
+    lookup::{container_at, published_port},
+    maps::{
+        CONNTRACK, CONNTRACK_NEW, CONNTRACK6, CONNTRACK6_NEW, NODE_ADDRS6, PORTS6, SCRATCH,
+        SCRATCH6,
+    },
     parse::{
         self, IP_CSUM_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, IP_TTL_OFF, IP6_LEN, Ip, Ip6Hdr, ptr_at,
     },
@@ -59,6 +64,12 @@ pub trait Fam: Family {
     /// The packet header an ICMP error quotes at `ip_off`: its addresses, upper-layer
     /// protocol and length, if it is one the datapath can translate.
     fn quoted(ctx: &impl Pkt, ip_off: usize) -> Option<(Self, Self, u8, usize)>;
+    /// The mapping for host port `port` (network order) of `proto` on the node address
+    /// `dst`: one bound to that address first, then one bound to every address of the
+    /// family. Whether `dst` is the node's is `is_node_addr`'s question.
+    fn port_target(dst: &Self, port: Port, proto: u8) -> Option<PortTarget<Self>>;
+    /// One of the node's own unicast addresses (as userspace keeps them).
+    fn is_node_addr(cfg: &Config, a: &Self) -> bool;
     /// Rewrite the quoted address at `ip_off + field` and the checksum that covers it: the
     /// quoted IPv4 header's own, or (IPv6 has none) the ICMPv6 checksum at `icmp_csum_off`.
     fn set_quoted_addr(
@@ -173,6 +184,16 @@ impl Fam for Addr4 {
     #[inline(always)]
     fn header_ok(ctx: &impl Pkt, p: &Ip<Self>) -> bool {
         parse::ipv4_csum_ok(ctx, p)
+    }
+
+    #[inline(always)]
+    fn port_target(dst: &Self, port: Port, proto: u8) -> Option<PortTarget<Self>> {
+        published_port(*dst, port, proto)
+    }
+
+    #[inline(always)]
+    fn is_node_addr(cfg: &Config, a: &Self) -> bool {
+        addr::is_node_addr(cfg, a)
     }
 
     #[inline(always)]
@@ -326,6 +347,28 @@ impl Fam for Addr6 {
     #[inline(always)]
     fn is_icmp_error(icmp_type: u8) -> bool {
         ICMPV6_ERRORS.contains(&icmp_type)
+    }
+
+    #[inline(always)]
+    fn port_target(dst: &Self, port: Port, proto: u8) -> Option<PortTarget<Self>> {
+        let mut key = PortKey6 {
+            host_addr: *dst,
+            host_port: port,
+            proto,
+            _pad: 0,
+        };
+        // SAFETY: the value is copied out at once.
+        if let Some(t) = unsafe { PORTS6.get(&key) } {
+            return Some(*t);
+        }
+        key.host_addr = [0; 16];
+        // SAFETY: as above.
+        unsafe { PORTS6.get(&key) }.copied()
+    }
+
+    #[inline(always)]
+    fn is_node_addr(_: &Config, a: &Self) -> bool {
+        NODE_ADDRS6.get_ptr(a).is_some()
     }
 
     /// Only a quoted packet whose upper-layer header follows the fixed header: one with

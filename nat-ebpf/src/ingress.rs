@@ -151,7 +151,8 @@ fn hairpin(
 ) -> Result<i32, Reason> {
     let target = endpoint(&t.addr).ok_or(Reason::DropNoEndpoint)?;
     valid_for_state(ctx, p)?;
-    let e = conntrack::create_hairpin(ctx, p, t, cfg, &target, now())?;
+    let gw = cfg.v4.gateway_addr;
+    let e = conntrack::create_hairpin(ctx, p, (&p.key(), gw), t, cfg, &target, now())?;
     nat::apply(ctx, p, e)?;
     count(Reason::HairpinNew, ctx.len());
     forward::to_endpoint(ctx, p, &target, true, Reason::Deliver)
@@ -418,7 +419,7 @@ fn dnat_new(
     let ep = endpoint(&t.addr).ok_or(Reason::DropNoEndpoint)?;
     not_expiring(p)?;
     valid_for_state(ctx, p)?;
-    let e = conntrack::create_dnat(ctx, p, t, cfg, &ep, now())?;
+    let e = conntrack::create_dnat(ctx, p, &p.key(), t, cfg, &ep, now())?;
     count(Reason::DnatNew, ctx.len());
     nat::apply(ctx, p, e)?;
     deliver(ctx, cfg, p, ifindex)

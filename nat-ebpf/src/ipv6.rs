@@ -13,12 +13,14 @@ use core::mem::{MaybeUninit, align_of, size_of};
 
 use aya_ebpf::{helpers::bpf_redirect_peer, programs::TcContext};
 use nat_common::{
-    Addr6, CFG_MASQUERADE, Config, CtEntry6, CtKey6, Endpoint, PROTO_ICMPV6, Reason, WORK6_LEN,
+    Addr6, CFG_MASQUERADE, Config, CtEntry6, CtKey6, Endpoint, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+    PortTarget6, Reason, WORK6_LEN,
 };
 
 use crate::{
     TC_ACT_OK,
     conntrack::{self, now},
+    family::Fam as _,
     forward::{self, set_macs},
     icmp,
     ingress::{ifindex, tracked, valid_for_state},
@@ -130,18 +132,17 @@ fn dispatch(ctx: &TcContext) -> Result<i32, Reason> {
         // SAFETY: plain helper call.
         return Ok(unsafe { bpf_redirect_peer(peer.ifindex, 0) } as i32);
     }
-    if *dst == cfg.v6.gateway_addr {
-        // F6: the node, by its gateway address.
-        return pass(ctx);
-    }
     // Beyond the subnet: a tracked connection's packet, or a new one for outside. The
     // source is the sender's own (checked above), so is any connection of this tuple.
+    // For the gateway address: the node's (F6), unless it answers a hairpin connection,
+    // whose source became the gateway.
     let w = parsed(ctx)?;
-    if w.p.ttl <= 1 {
+    let to_gateway = w.p.dst == cfg.v6.gateway_addr;
+    if w.p.ttl <= 1 && !to_gateway {
         // Expiring here: the kernel answers it with Time Exceeded.
         return pass(ctx);
     }
-    if icmp::is_error(&w.p) {
+    if icmp::is_error(&w.p) && !to_gateway {
         // About a packet the container received (F7): back to its sender, translated.
         match icmp_error(ctx, false) {
             GO_ON => {}
@@ -150,6 +151,15 @@ fn dispatch(ctx: &TcContext) -> Result<i32, Reason> {
     }
     if let Some(e) = tracked_entry(w) {
         return Ok(tracked6(ctx, e));
+    }
+    if to_gateway {
+        return pass(ctx);
+    }
+    if find_published() {
+        // F5 over IPv6: a published port on a node address, possibly the sender's own. The
+        // checksums first, in a frame of their own too.
+        valid_for_state(ctx, &work()?.p)?;
+        return Ok(hairpin(ctx));
     }
     // Three steps, each with a frame of its own: where it goes, the checksums, the new
     // connection.
@@ -164,12 +174,14 @@ fn dispatch(ctx: &TcContext) -> Result<i32, Reason> {
 /// A step's answer that the decision goes on in the caller (not a TC action).
 const GO_ON: i32 = i32::MIN;
 
-/// The packet being decided, its tuple and its next hop (`work6`).
+/// The packet being decided, its tuple, its next hop and the published port it is for
+/// (`work6`).
 #[repr(C)]
 pub struct Work6 {
     pub p: Ip6,
     pub key: CtKey6,
     pub nh: NextHop,
+    pub t: PortTarget6,
 }
 
 const _: () = assert!(size_of::<Work6>() <= WORK6_LEN && align_of::<Work6>() <= 8);
@@ -247,6 +259,81 @@ fn deliver(ctx: &TcContext) -> i32 {
         }
     });
     verdict(ctx, r)
+}
+
+/// Whether the packet in `work6` is for a published port (TCP and UDP with their header) on
+/// one of the node's own addresses (`node_addrs6`: never a multicast or loopback address,
+/// whatever the FIB says); the mapping is left in `work6.t`. A step of its own: the lookup's
+/// key and value would otherwise sit in the dispatcher's frame, under every other step's.
+#[inline(never)]
+fn find_published() -> bool {
+    let (Ok(cfg), Ok(w)) = (config(), work()) else {
+        return false;
+    };
+    let p = &w.p;
+    if (p.proto != PROTO_TCP && p.proto != PROTO_UDP) || !p.l4_present {
+        return false;
+    }
+    match Addr6::port_target(&p.dst, p.dport, p.proto) {
+        Some(t) if Addr6::is_node_addr(cfg, &p.dst) => {
+            w.t = t;
+            true
+        }
+        _ => false,
+    }
+}
+
+/// A source no packet from outside may carry into a container: unspecified, loopback,
+/// multicast, link-local (not routable back), the container subnet (the gateway included)
+/// or one of the node's own addresses.
+#[inline(always)]
+fn forged_outside_src(cfg: &Config, a: &Addr6) -> bool {
+    let loopback = *a == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    is_local_scope(a) || loopback || in_subnet6(cfg, a) || Addr6::is_node_addr(cfg, a)
+}
+
+/// F3 over IPv6: a client outside opens a connection to the published port in `work6.t`;
+/// its address is kept (DNAT only).
+#[inline(never)]
+fn dnat(ctx: &TcContext) -> i32 {
+    verdict(ctx, dnat_new(ctx))
+}
+
+#[inline(always)]
+fn dnat_new(ctx: &TcContext) -> Result<i32, Reason> {
+    let cfg = config()?;
+    let w = work()?;
+    if forged_outside_src(cfg, &w.p.src) {
+        return Err(Reason::DropMartian);
+    }
+    let ep = endpoint6(&w.t.addr).ok_or(Reason::DropNoEndpoint)?;
+    if w.p.ttl <= 1 {
+        return Err(Reason::DropTtl);
+    }
+    valid_for_state(ctx, &w.p)?;
+    let e = conntrack::create_dnat(ctx, &w.p, &w.key, &w.t, cfg, &ep, now())?;
+    count(Reason::DnatNew, ctx.len());
+    nat::apply(ctx, &mut w.p, e)?;
+    forward::to_endpoint(ctx, &mut w.p, &ep, true, Reason::Deliver)
+}
+
+/// F5 over IPv6: a container reaches the published port in `work6.t` on a node address.
+/// The source becomes the IPv6 gateway, so that the answer comes back through here.
+#[inline(never)]
+fn hairpin(ctx: &TcContext) -> i32 {
+    verdict(ctx, hairpin_new(ctx))
+}
+
+#[inline(always)]
+fn hairpin_new(ctx: &TcContext) -> Result<i32, Reason> {
+    let cfg = config()?;
+    let w = work()?;
+    let target = endpoint6(&w.t.addr).ok_or(Reason::DropNoEndpoint)?;
+    let gw = cfg.v6.gateway_addr;
+    let e = conntrack::create_hairpin(ctx, &w.p, (&w.key, gw), &w.t, cfg, &target, now())?;
+    nat::apply(ctx, &mut w.p, e)?;
+    count(Reason::HairpinNew, ctx.len());
+    forward::to_endpoint(ctx, &mut w.p, &target, true, Reason::Deliver)
 }
 
 /// A packet of a tracked IPv6 connection, either way (`ingress::tracked`).
@@ -340,6 +427,9 @@ fn uplink(ctx: &TcContext) -> Result<i32, Reason> {
             return Err(Reason::DropTtl);
         }
         return Ok(tracked6(ctx, e));
+    }
+    if find_published() {
+        return Ok(dnat(ctx));
     }
     if in_subnet6(cfg, &w.p.dst) {
         return Err(Reason::DropNotPublished);

@@ -10,9 +10,9 @@ use aya_ebpf::{
 use nat_common::{
     Addr4, Addr6, CLUSTER_NETS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, ClusterNet, Config, Counter,
     CtEntry4, CtEntry6, CtKey4, CtKey6, ENDPOINTS_MAX_ENTRIES, Endpoint, FRAGS_MAX_ENTRIES,
-    FragKey4, FragPorts, NODE_ADDRS_MAX_ENTRIES, NodeAddr, PORTS_MAX_ENTRIES, PortKey4,
-    PortTarget4, REASON_COUNT, SCRATCH_SLOTS, SOCK_RNAT_MAX_ENTRIES, STATIC_NAT_MAX_ENTRIES,
-    SockKey4, SockOrig4, StaticNat4, WORK6_LEN, conntrack_new_max,
+    FragKey4, FragPorts, NODE_ADDRS_MAX_ENTRIES, NodeAddr, PORTS_MAX_ENTRIES, PortKey4, PortKey6,
+    PortTarget4, PortTarget6, REASON_COUNT, SCRATCH_SLOTS, SOCK_RNAT_MAX_ENTRIES,
+    STATIC_NAT_MAX_ENTRIES, SockKey4, SockOrig4, StaticNat4, WORK6_LEN, conntrack_new_max,
 };
 
 #[btf_map(name = "config")]
@@ -29,6 +29,9 @@ pub static ENDPOINTS6: HashMap<Addr6, Endpoint, { ENDPOINTS_MAX_ENTRIES as usize
 
 #[btf_map(name = "ports")]
 pub static PORTS: HashMap<PortKey4, PortTarget4, { PORTS_MAX_ENTRIES as usize }> = HashMap::new();
+
+#[btf_map(name = "ports6")]
+pub static PORTS6: HashMap<PortKey6, PortTarget6, { PORTS_MAX_ENTRIES as usize }> = HashMap::new();
 
 /// Common (not per-CPU) LRU: a per-CPU LRU evicts live NAT entries long before the table is full.
 #[btf_map(name = "conntrack")]
@@ -91,6 +94,11 @@ pub static FRAGS: LruHashMap<FragKey4, FragPorts, { FRAGS_MAX_ENTRIES as usize }
 /// The node's own unicast addresses (besides `Net4::node_addr`), kept by userspace.
 #[btf_map(name = "node_addrs")]
 pub static NODE_ADDRS: HashMap<Addr4, NodeAddr, { NODE_ADDRS_MAX_ENTRIES as usize }> =
+    HashMap::new();
+
+/// The node's own global IPv6 addresses, kept by userspace.
+#[btf_map(name = "node_addrs6")]
+pub static NODE_ADDRS6: HashMap<Addr6, NodeAddr, { NODE_ADDRS_MAX_ENTRIES as usize }> =
     HashMap::new();
 
 /// Per-CPU scratch bytes: chunks of a segment whose checksum is being verified, a SYN's TCP

@@ -429,7 +429,7 @@ async fn wire(
     }
     let generation = state.next_generation();
     state.generation = state.generation.wrapping_add(c.ports.len() as u32);
-    maps.put_ports(&c.ports, c.ip, generation)
+    maps.put_ports(&c.ports, (c.ip, c.ip6), generation)
 }
 
 /// The datapath's endpoints of `c`: by its IPv4 address, and by its IPv6 one if it has one.
@@ -533,7 +533,7 @@ async fn rewire_all(ctx: &Env, node: &Node, only_missing: bool) -> Result<()> {
         )?;
         let generation = state.next_generation();
         state.generation = state.generation.wrapping_add(c.ports.len() as u32);
-        maps.put_ports(&c.ports, c.ip, generation)?;
+        maps.put_ports(&c.ports, (c.ip, c.ip6), generation)?;
     }
     // Rewriting these changes nothing that is already right.
     for m in &state.static_nat {

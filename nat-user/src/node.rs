@@ -442,7 +442,20 @@ pub async fn sync_node_addrs(nl: &Netlink, maps: &mut Maps, node: &Node) -> Resu
         .filter(|(_, a)| !a.is_loopback() && !subnet.contains(*a))
         .map(|(i, a)| (a, i))
         .collect();
-    maps.set_node_addrs(&addrs)
+    maps.set_node_addrs(&addrs)?;
+    // The same over IPv6: global addresses, the containers' subnet left out.
+    let v6 = node.v6.as_ref().map(|v| Cidr6 {
+        addr: v.subnet,
+        prefix: v.prefix_len,
+    });
+    let addrs6: Vec<(Ipv6Addr, u32)> = nl
+        .all_global_ipv6_addrs()
+        .await?
+        .into_iter()
+        .filter(|(_, a)| !v6.is_some_and(|n| n.contains(*a)))
+        .map(|(i, a)| (a, i))
+        .collect();
+    maps.set_node_addrs6(&addrs6)
 }
 
 /// Remove the gateway interface and every pin; idempotent.

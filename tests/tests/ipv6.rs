@@ -11,7 +11,9 @@ use std::{
     time::Duration,
 };
 
-use bpfnat_tests::{UPLINK, counter, flows, json, lab, status, traffic, uplink_v6};
+use bpfnat_tests::{
+    EXT6, NODE_ADDR, NODE6, UPLINK, counter, flows, json, lab, status, traffic, uplink_v6, v4,
+};
 use nat_plumbing::netns;
 
 fn ip(ns: &Path, args: &[&str]) {
@@ -316,4 +318,81 @@ fn snat_ip6_fixes_the_ipv6_masquerade_address_and_is_checked() {
     let seen = srv.join().unwrap();
     assert!(got.is_ok(), "{got:?}");
     assert_eq!(seen[0].ip().to_string(), "2001:db8:1::7");
+}
+
+#[test]
+fn a_published_port_answers_over_ipv6_too() {
+    let lab = lab("pub6");
+    uplink_v6(&lab);
+    lab.ok(&["up", "--uplink", UPLINK, "--subnet6", "fd00:88::/64"])
+        .unwrap();
+    let web = lab.name("web");
+    lab.ok(&[
+        "container",
+        "add",
+        &web,
+        "-p",
+        "8080:80",
+        "-p",
+        "5353:53/udp",
+    ])
+    .unwrap();
+    let nw = lab.container_ns(&web);
+    let window = Duration::from_secs(10);
+
+    // A client outside that claims a container address is refused (control: the same
+    // datagram from its own address is answered).
+    ip(
+        &lab.ext,
+        &[
+            "-6",
+            "addr",
+            "add",
+            "fd00:88::99/128",
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    );
+    let echo = traffic::udp_echo(&nw, v6("::", 53), 1, window).unwrap();
+    let martians = counter(&lab, "drop_martian");
+    let forged = traffic::udp_ask(&lab.ext, v6("fd00:88::99", 0), v6(NODE6, 5353), b"x");
+    assert!(forged.is_err(), "{forged:?}");
+    assert!(counter(&lab, "drop_martian") > martians);
+    let control = traffic::udp_ask(&lab.ext, v6(EXT6, 0), v6(NODE6, 5353), b"x");
+    assert!(control.is_ok(), "{control:?}");
+    assert_eq!(echo.join().unwrap()[0].ip().to_string(), EXT6);
+
+    // F3: `8080:80` publishes on every address of both families, as Docker does; the
+    // client's address is kept.
+    let dnat = counter(&lab, "dnat_new");
+    let srv = traffic::http_server(&nw, v6("::", 80), "web", 2, window).unwrap();
+    let got6 = traffic::http_get(&lab.ext, v6(NODE6, 8080));
+    let got4 = traffic::http_get(&lab.ext, v4(NODE_ADDR, 8080));
+    let seen = srv.join().unwrap();
+    assert!(
+        got6.as_ref().is_ok_and(|b| b.starts_with("hello from web")),
+        "{got6:?}"
+    );
+    assert!(got4.is_ok(), "and over IPv4: {got4:?}");
+    assert_eq!(seen[0].ip().to_string(), EXT6, "the client's address, kept");
+    assert!(counter(&lab, "dnat_new") >= dnat + 2);
+
+    // F5: another container reaches the published port on the node's IPv6 address; the
+    // source becomes the IPv6 gateway so that the answer comes back the same way.
+    let cli = lab.name("cli");
+    lab.ok(&["container", "add", &cli]).unwrap();
+    let hairpin = counter(&lab, "hairpin_new");
+    let srv = traffic::http_server(&nw, v6("::", 80), "web", 1, window).unwrap();
+    let got = traffic::http_get(&lab.container_ns(&cli), v6(NODE6, 8080));
+    let seen = srv.join().unwrap();
+    assert!(got.is_ok(), "{got:?}");
+    assert_eq!(seen[0].ip().to_string(), "fd00:88::1");
+    assert!(counter(&lab, "hairpin_new") > hairpin);
+
+    // Unpublished: gone from both families.
+    lab.ok(&["port", "del", &web, "8080:80"]).unwrap();
+    let srv = traffic::http_server(&nw, v6("::", 80), "web", 1, Duration::from_secs(3)).unwrap();
+    assert!(traffic::http_get(&lab.ext, v6(NODE6, 8080)).is_err());
+    assert!(srv.join().unwrap().is_empty());
 }

@@ -362,6 +362,24 @@ impl Netlink {
         Ok(out)
     }
 
+    /// Every global IPv6 address of the namespace (scope universe), with the ifindex that
+    /// holds it.
+    pub async fn all_global_ipv6_addrs(&self) -> Result<Vec<(u32, Ipv6Addr)>> {
+        let mut s = self.handle.address().get().execute();
+        let mut out = Vec::new();
+        while let Some(m) = s.try_next().await.context("list addresses")? {
+            if m.header.scope != AddressScope::Universe {
+                continue;
+            }
+            for a in &m.attributes {
+                if let AddressAttribute::Address(IpAddr::V6(v6)) = a {
+                    out.push((m.header.index, *v6));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Every IPv4 address of the namespace, with the ifindex that holds it.
     pub async fn all_ipv4_addrs(&self) -> Result<Vec<(u32, Ipv4Addr)>> {
         let mut s = self.handle.address().get().execute();

@@ -145,10 +145,11 @@ pub async fn run(ctx: &Ctx, args: PortArgs) -> Result<()> {
             let mut maps = Maps::open(&ctx.pins)?;
             // An address added to the node since `up` is a DNAT destination from now on.
             node::sync_node_addrs(&Netlink::current()?, &mut maps, &node).await?;
-            let ip = state.containers[&name].ip;
+            let c = &state.containers[&name];
+            let target = (c.ip, c.ip6);
             let generation = state.next_generation();
             state.generation = state.generation.wrapping_add(mappings.len() as u32);
-            maps.put_ports(&mappings, ip, generation)?;
+            maps.put_ports(&mappings, target, generation)?;
             let done = mappings;
             if let Some(c) = state.containers.get_mut(&name) {
                 c.ports.extend(done.iter().copied());

@@ -18,7 +18,7 @@ use nat_common::{
 };
 use serde::Serialize;
 
-use super::{Maps, Pins, deleted, open_map, port_key};
+use super::{Maps, Pins, deleted, open_map, port_key, port_key6};
 use crate::spec::PortMapping;
 
 /// An address family as the conntrack tables hold it.
@@ -334,24 +334,16 @@ where
     pub fn forget_container(&mut self, ifindex: u32) -> Result<usize> {
         self.remove_where(|_, e, _| e.meta.ifindex == ifindex)
     }
-}
 
-impl Tables<Addr4> {
-    /// Forget connections made to the published ports `ms` (one pass over the table).
-    pub fn forget_ports(&mut self, ms: &[PortMapping]) -> Result<()> {
-        if ms.is_empty() {
+    /// Forget connections made to the published ports `keys` (host address, all zero for
+    /// any; host port; protocol), in one pass over the tables.
+    fn forget_ports(&mut self, keys: &HashSet<(A, Port, u8)>) -> Result<()> {
+        if keys.is_empty() {
             return Ok(());
         }
-        let keys: HashSet<(Addr4, Port, u8)> = ms
-            .iter()
-            .map(|m| {
-                let k = port_key(m);
-                (k.host_addr, k.host_port, k.proto)
-            })
-            .collect();
         self.remove_where(|k, e, _| {
             (e.meta.origin == ORIGIN_PUBLISHED || e.meta.origin == ORIGIN_HAIRPIN)
-                && (keys.contains(&([0; 4], k.dst_port, k.proto))
+                && (keys.contains(&(A::default(), k.dst_port, k.proto))
                     || keys.contains(&(k.dst_addr, k.dst_port, k.proto)))
         })
         .map(|_| ())
@@ -399,9 +391,22 @@ impl Maps {
         Ok(self.ct4.forget_container(ifindex)? + self.ct6.forget_container(ifindex)?)
     }
 
-    /// Forget connections made to the published ports `ms` (one pass over the table).
+    /// Forget connections made to the published ports `ms`, over both families.
     pub fn forget_ports(&mut self, ms: &[PortMapping]) -> Result<()> {
-        self.ct4.forget_ports(ms)
+        let keys: HashSet<(Addr4, Port, u8)> = ms
+            .iter()
+            .map(|m| {
+                let k = port_key(m);
+                (k.host_addr, k.host_port, k.proto)
+            })
+            .collect();
+        self.ct4.forget_ports(&keys)?;
+        let keys6: HashSet<(Addr6, Port, u8)> = ms
+            .iter()
+            .filter_map(port_key6)
+            .map(|k| (k.host_addr, k.host_port, k.proto))
+            .collect();
+        self.ct6.forget_ports(&keys6)
     }
 }
 

@@ -36,8 +36,8 @@ use aya::{
 };
 use nat_common::{
     Addr4, Addr6, ClusterNet, Config, Counter, Endpoint, MAP_SPECS, MapKind, MapSpec, NodeAddr,
-    PIN_VERSION, PortKey4, PortTarget4, Reason, STATIC_EXTERNAL, STATIC_INTERNAL, StaticNat4,
-    map_names, prog_names,
+    PIN_VERSION, PortKey4, PortKey6, PortTarget4, PortTarget6, Reason, STATIC_EXTERNAL,
+    STATIC_INTERNAL, StaticNat4, map_names, prog_names,
 };
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 
@@ -552,12 +552,14 @@ pub struct Maps {
     endpoints: HashMap<MapData, Addr4, Endpoint>,
     endpoints6: HashMap<MapData, Addr6, Endpoint>,
     ports: HashMap<MapData, PortKey4, PortTarget4>,
+    ports6: HashMap<MapData, PortKey6, PortTarget6>,
     /// Each family's conntrack tables.
     ct4: conntrack::Tables<Addr4>,
     ct6: conntrack::Tables<Addr6>,
     stats: PerCpuArray<MapData, Counter>,
     static_nat: HashMap<MapData, Addr4, StaticNat4>,
     node_addrs: HashMap<MapData, Addr4, NodeAddr>,
+    node_addrs6: HashMap<MapData, Addr6, NodeAddr>,
     cluster_nets: LpmTrie<MapData, Addr4, ClusterNet>,
     conntrack_max: u32,
 }
@@ -579,6 +581,17 @@ fn port_key(m: &PortMapping) -> PortKey4 {
     }
 }
 
+/// The IPv6 side of `m`, if it has one: a mapping on every node address publishes on both
+/// families, as Docker's `-p 8080:80` does (one bound to an IPv4 address does not).
+fn port_key6(m: &PortMapping) -> Option<PortKey6> {
+    m.host_ip.is_none().then(|| PortKey6 {
+        host_addr: [0; 16],
+        host_port: m.host_port.to_be_bytes(),
+        proto: m.proto.number(),
+        _pad: 0,
+    })
+}
+
 impl Maps {
     pub fn open(pins: &Pins) -> Result<Self> {
         if !pins.installed() {
@@ -589,11 +602,13 @@ impl Maps {
             endpoints: open_map(pins, map_names::ENDPOINTS)?.try_into()?,
             endpoints6: open_map(pins, map_names::ENDPOINTS6)?.try_into()?,
             ports: open_map(pins, map_names::PORTS)?.try_into()?,
+            ports6: open_map(pins, map_names::PORTS6)?.try_into()?,
             ct4: conntrack::Tables::open(pins)?,
             ct6: conntrack::Tables::open(pins)?,
             stats: open_map(pins, map_names::STATS)?.try_into()?,
             static_nat: open_map(pins, map_names::STATIC_NAT)?.try_into()?,
             node_addrs: open_map(pins, map_names::NODE_ADDRS)?.try_into()?,
+            node_addrs6: open_map(pins, map_names::NODE_ADDRS6)?.try_into()?,
             cluster_nets: open_map(pins, map_names::CLUSTER_NETS)?.try_into()?,
             conntrack_max: MapInfo::from_pin(pins.map(map_names::CONNTRACK))
                 .context("inspect conntrack map")?
@@ -710,24 +725,37 @@ impl Maps {
             .with_context(|| format!("remove endpoint {ip}"))
     }
 
-    /// Publish `ms` towards `target`, each with the next generation after `generation`.
-    /// Connections tracked for the same host ports from an earlier mapping are forgotten, so
-    /// they cannot shadow the new one. On error, what was published here is withdrawn.
+    /// Publish `ms` towards the container at `target` (and at `target6`, over IPv6, when it
+    /// has an IPv6 address), each with the next generation after `generation`. Connections
+    /// tracked for the same host ports from an earlier mapping are forgotten, so they cannot
+    /// shadow the new one. On error, what was published here is withdrawn.
     pub fn put_ports(
         &mut self,
         ms: &[PortMapping],
-        target: Ipv4Addr,
+        (target, target6): (Ipv4Addr, Option<Ipv6Addr>),
         generation: u32,
     ) -> Result<()> {
         for (i, m) in ms.iter().enumerate() {
+            let generation = generation.wrapping_add(i as u32);
+            let port = m.container_port.to_be_bytes();
             let t = PortTarget4 {
                 addr: target.octets(),
-                port: m.container_port.to_be_bytes(),
+                port,
                 _pad: [0; 2],
-                generation: generation.wrapping_add(i as u32),
+                generation,
             };
-            if let Err(e) = self.ports.insert(port_key(m), t, 0) {
-                let _ = self.remove_ports(&ms[..i]);
+            let mut r = self.ports.insert(port_key(m), t, 0);
+            if let (Ok(()), Some(ip6), Some(k6)) = (&r, target6, port_key6(m)) {
+                let t6 = PortTarget6 {
+                    addr: ip6.octets(),
+                    port,
+                    _pad: [0; 2],
+                    generation,
+                };
+                r = self.ports6.insert(k6, t6, 0);
+            }
+            if let Err(e) = r {
+                let _ = self.remove_ports(&ms[..=i]);
                 return Err(anyhow!(e).context(format!("publish {m}")));
             }
         }
@@ -737,8 +765,32 @@ impl Maps {
     pub fn remove_ports(&mut self, ms: &[PortMapping]) -> Result<()> {
         for m in ms {
             deleted(self.ports.remove(&port_key(m))).with_context(|| format!("unpublish {m}"))?;
+            if let Some(k6) = port_key6(m) {
+                deleted(self.ports6.remove(&k6)).with_context(|| format!("unpublish {m}"))?;
+            }
         }
         self.forget_ports(ms)
+    }
+
+    /// Make `node_addrs6` hold exactly `addrs` (address, ifindex): the node's global IPv6
+    /// addresses that outside packets may be DNATed from.
+    pub fn set_node_addrs6(&mut self, addrs: &[(Ipv6Addr, u32)]) -> Result<()> {
+        for (ip, ifindex) in addrs {
+            self.node_addrs6
+                .insert(ip.octets(), NodeAddr { ifindex: *ifindex }, 0)
+                .with_context(|| format!("write node address {ip}"))?;
+        }
+        let stale: Vec<Addr6> = self
+            .node_addrs6
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !addrs.iter().any(|(ip, _)| ip.octets() == *k))
+            .collect();
+        for k in stale {
+            deleted(self.node_addrs6.remove(&k))
+                .with_context(|| format!("remove node address {}", Ipv6Addr::from(k)))?;
+        }
+        Ok(())
     }
 
     /// Published ports as they are in the map: (proto, host addr, host port) → (addr, port).
