@@ -4,7 +4,7 @@
 
 use std::{
     collections::HashMap,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
 };
 
@@ -221,17 +221,30 @@ impl<'a> PortBook<'a> {
 
 /// Whether `ip` is an address of this node (its namespace): one a socket can bind, which is
 /// what Docker checks, loopback addresses included.
-fn is_local_addr(ip: Ipv4Addr) -> bool {
+fn is_local_addr(ip: IpAddr) -> bool {
     std::net::UdpSocket::bind((ip, 0)).is_ok()
 }
 
-/// Refuse host addresses that are not the node's: nothing could be published on them.
-pub fn check_host_addrs(specs: &[PortSpec]) -> Result<()> {
+/// Refuse host addresses that are not the node's: nothing could be published on them; and
+/// IPv6 ones on a node without an IPv6 subnet (`v6`), or on IPv6 loopback (node processes
+/// reach published ports over IPv4 only, for now).
+pub fn check_host_addrs(specs: &[PortSpec], v6: bool) -> Result<()> {
     for ip in specs
         .iter()
         .flat_map(|s| &s.requests)
         .filter_map(|r| r.host_ip)
     {
+        if ip.is_ipv6() && !v6 {
+            bail!("cannot publish on [{ip}]: the node has no IPv6 subnet (up --subnet6)");
+        }
+        if ip.is_ipv6() && ip.is_loopback() {
+            bail!(
+                "cannot publish on [{ip}]: node processes reach published ports over IPv4 only, for now (publish on 127.0.0.1)"
+            );
+        }
+        if ip.is_unspecified() {
+            continue;
+        }
         if !is_local_addr(ip) {
             bail!(
                 "cannot publish on {ip}: {ip} is not an address of this node (publish on one of its addresses, or on all of them: 8080:80)"
@@ -243,7 +256,7 @@ pub fn check_host_addrs(specs: &[PortSpec]) -> Result<()> {
 
 /// Choose host ports for `specs` (where they leave a choice) and check the result.
 pub fn resolve_ports(state: &State, specs: &[PortSpec]) -> Result<Vec<PortMapping>> {
-    check_host_addrs(specs)?;
+    check_host_addrs(specs, state.node.as_ref().is_some_and(|n| n.v6.is_some()))?;
     let ephemeral = node::ephemeral_range();
     let mut book = PortBook::of(state);
     let mut all: Vec<PortMapping> = Vec::new();

@@ -1,6 +1,11 @@
-//! Docker's `-p` syntax: `[HOST_IP:]HOST_PORT[-END]:CONTAINER_PORT[-END][/tcp|/udp]`.
+//! Docker's `-p` syntax: `[HOST_IP:]HOST_PORT[-END]:CONTAINER_PORT[-END][/tcp|/udp]`, with an
+//! IPv6 host address in brackets (`[::]:8080:80`).
 
-use std::{fmt, net::Ipv4Addr, str::FromStr};
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    str::FromStr,
+};
 
 use anyhow::{Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
@@ -44,27 +49,61 @@ impl fmt::Display for Proto {
 /// One published port: `host_ip:host_port -> container_port/proto`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PortMapping {
-    /// `None` = every address of the node.
-    pub host_ip: Option<Ipv4Addr>,
+    /// As Docker has it: `None` = every address of the node, in each family the container
+    /// has (`8080:80`); `0.0.0.0` = every IPv4 address, `::` every IPv6 one; else that
+    /// address only.
+    pub host_ip: Option<IpAddr>,
     pub host_port: u16,
     pub container_port: u16,
     pub proto: Proto,
 }
 
+/// Whether two listening addresses of one family overlap (`None`: every address).
+fn overlap<T: PartialEq>(a: Option<Option<T>>, b: Option<Option<T>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => a.is_none() || b.is_none() || a == b,
+        _ => false,
+    }
+}
+
 impl PortMapping {
-    /// Whether two mappings want the same host port (Docker refuses the second).
+    /// Where the port listens over IPv4: `None` not at all, `Some(None)` on every address,
+    /// `Some(Some(a))` on `a`.
+    #[must_use]
+    pub fn v4(&self) -> Option<Option<Ipv4Addr>> {
+        match self.host_ip {
+            None => Some(None),
+            Some(IpAddr::V4(a)) => Some((!a.is_unspecified()).then_some(a)),
+            Some(IpAddr::V6(_)) => None,
+        }
+    }
+
+    /// Where the port listens over IPv6, as `v4` says for IPv4.
+    #[must_use]
+    pub fn v6(&self) -> Option<Option<Ipv6Addr>> {
+        match self.host_ip {
+            None => Some(None),
+            Some(IpAddr::V6(a)) => Some((!a.is_unspecified()).then_some(a)),
+            Some(IpAddr::V4(_)) => None,
+        }
+    }
+
+    /// Whether two mappings want the same host port on a shared address (Docker refuses
+    /// the second).
     #[must_use]
     pub fn conflicts_with(&self, other: &Self) -> bool {
         self.proto == other.proto
             && self.host_port == other.host_port
-            && (self.host_ip.is_none() || other.host_ip.is_none() || self.host_ip == other.host_ip)
+            && (overlap(self.v4(), other.v4()) || overlap(self.v6(), other.v6()))
     }
 }
 
 impl fmt::Display for PortMapping {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if let Some(ip) = self.host_ip {
-            write!(f, "{ip}:")?;
+        match self.host_ip {
+            Some(IpAddr::V4(ip)) => write!(f, "{ip}:")?,
+            Some(IpAddr::V6(ip)) => write!(f, "[{ip}]:")?,
+            None => {}
         }
         write!(
             f,
@@ -88,7 +127,7 @@ pub enum HostPort {
 /// One container port to publish, before the host port is chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortRequest {
-    pub host_ip: Option<Ipv4Addr>,
+    pub host_ip: Option<IpAddr>,
     pub host: HostPort,
     pub container_port: u16,
     pub proto: Proto,
@@ -192,33 +231,38 @@ impl FromStr for PortSpec {
             Some((_, other)) => return Err(err(&format!("unsupported protocol {other:?}"))),
             None => (spec, Proto::Tcp),
         };
-        if let Some(rest) = ports.strip_prefix('[') {
+        let (host_ip, host, cont) = if let Some(rest) = ports.strip_prefix('[') {
             // Docker's `[::]:8080:80`: an IPv6 host address in brackets.
-            let v6 = rest
-                .split_once(']')
-                .is_some_and(|(a, _)| a.parse::<std::net::Ipv6Addr>().is_ok());
-            return Err(err(if v6 {
-                "IPv6 host addresses are not supported yet; publish on an IPv4 address, or on every IPv4 address of the node (8080:80)"
-            } else {
-                "a bracketed host address must be an IPv6 address"
-            }));
-        }
-        let parts: Vec<&str> = ports.split(':').collect();
-        let (host_ip, host, cont) = match parts.as_slice() {
-            [c] => (None, "", *c),
-            [h, c] => {
-                if h.is_empty() {
-                    return Err(err("the host port is missing"));
+            let (ip, rest) = rest
+                .split_once("]:")
+                .ok_or_else(|| err("a bracketed host address needs `]:` after it"))?;
+            let ip: Ipv6Addr = ip
+                .parse()
+                .map_err(|_| err(&format!("{ip:?} is not an IPv6 address")))?;
+            match rest.split(':').collect::<Vec<_>>().as_slice() {
+                [h, c] => (Some(IpAddr::V6(ip)), *h, *c),
+                _ => return Err(err("expected [IPV6]:HOST_PORT:CONTAINER_PORT")),
+            }
+        } else {
+            let parts: Vec<&str> = ports.split(':').collect();
+            match parts.as_slice() {
+                [c] => (None, "", *c),
+                [h, c] => {
+                    if h.is_empty() {
+                        return Err(err("the host port is missing"));
+                    }
+                    (None, *h, *c)
                 }
-                (None, *h, *c)
+                [ip, h, c] => {
+                    let ip: Ipv4Addr = ip.parse().map_err(|_| {
+                        err(&format!(
+                            "{ip:?} is not an IPv4 address (an IPv6 one goes in brackets: [::1])"
+                        ))
+                    })?;
+                    (Some(IpAddr::V4(ip)), *h, *c)
+                }
+                _ => return Err(err("too many ':'-separated fields")),
             }
-            [ip, h, c] => {
-                let ip: Ipv4Addr = ip
-                    .parse()
-                    .map_err(|_| err(&format!("{ip:?} is not an IPv4 address")))?;
-                (if ip.is_unspecified() { None } else { Some(ip) }, *h, *c)
-            }
-            _ => return Err(err("too many ':'-separated fields")),
         };
         let (c0, c1) = range(cont, "container").map_err(|e| err(&e.to_string()))?;
         let hosts: Vec<HostPort> = if host.is_empty() {
@@ -277,9 +321,34 @@ mod tests {
     #[test]
     fn host_ip_and_udp() {
         let m = one("127.0.0.1:5353:53/udp");
-        assert_eq!(m.host_ip, Some(Ipv4Addr::LOCALHOST));
+        assert_eq!(m.host_ip, Some(Ipv4Addr::LOCALHOST.into()));
         assert_eq!(m.proto, Proto::Udp);
-        assert_eq!(one("0.0.0.0:80:80").host_ip, None);
+        // As Docker: 0.0.0.0 is every IPv4 address only, `::` every IPv6 one.
+        let any4 = one("0.0.0.0:80:80");
+        assert_eq!((any4.v4(), any4.v6()), (Some(None), None));
+        let any6 = one("[::]:80:80");
+        assert_eq!((any6.v4(), any6.v6()), (None, Some(None)));
+        let both = one("80:80");
+        assert_eq!((both.v4(), both.v6()), (Some(None), Some(None)));
+        let m = one("[2001:db8::2]:8080:80/udp");
+        assert_eq!(m.v6(), Some(Some("2001:db8::2".parse().unwrap())));
+        assert_eq!(m.to_string(), "[2001:db8::2]:8080:80/udp");
+        assert_eq!(one("[::]::80").host_port, 32768);
+        for bad in ["[::1:80:80", "[1.2.3.4]:80:80", "[::]:80", "::1:80:80"] {
+            assert!(bad.parse::<PortSpec>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn mappings_conflict_only_on_a_shared_address_of_a_shared_family() {
+        let conflict = |a: &str, b: &str| one(a).conflicts_with(&one(b));
+        assert!(conflict("8080:80", "0.0.0.0:8080:81"));
+        assert!(conflict("8080:80", "[::]:8080:81"));
+        assert!(conflict("[::]:8080:80", "[2001:db8::2]:8080:81"));
+        assert!(!conflict("0.0.0.0:8080:80", "[::]:8080:81"));
+        assert!(!conflict("127.0.0.1:8080:80", "[2001:db8::2]:8080:81"));
+        assert!(!conflict("[2001:db8::3]:8080:80", "[2001:db8::2]:8080:81"));
+        assert!(!conflict("8080:80", "8080:80/udp"));
     }
 
     #[test]
@@ -295,7 +364,10 @@ mod tests {
     fn omitted_host_ports_come_from_the_ephemeral_range() {
         assert_eq!(one("80").host_port, 32768);
         let m = one("127.0.0.1::80");
-        assert_eq!((m.host_ip, m.host_port), (Some(Ipv4Addr::LOCALHOST), 32768));
+        assert_eq!(
+            (m.host_ip, m.host_port),
+            (Some(Ipv4Addr::LOCALHOST.into()), 32768)
+        );
         let two = resolve("80-81");
         assert_eq!((two[0].host_port, two[1].host_port), (32768, 32769));
         let taken = "80"

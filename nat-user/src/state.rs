@@ -131,6 +131,35 @@ pub struct CniAttachment {
 }
 
 impl Container {
+    /// Each family's side of the published port `m` as the datapath has it: the host address
+    /// spelled out (`0.0.0.0` or `::` for every address) and the container address it leads
+    /// to. `8080:80` is both sides on a container with an IPv6 address, as with Docker.
+    #[must_use]
+    pub fn sides(&self, m: &PortMapping) -> Vec<(PortMapping, std::net::IpAddr)> {
+        let mut out = Vec::new();
+        if let Some(a) = m.v4() {
+            let host = a.unwrap_or(Ipv4Addr::UNSPECIFIED);
+            out.push((
+                PortMapping {
+                    host_ip: Some(host.into()),
+                    ..*m
+                },
+                self.ip.into(),
+            ));
+        }
+        if let (Some(a), Some(ip6)) = (m.v6(), self.ip6) {
+            let host = a.unwrap_or(std::net::Ipv6Addr::UNSPECIFIED);
+            out.push((
+                PortMapping {
+                    host_ip: Some(host.into()),
+                    ..*m
+                },
+                ip6.into(),
+            ));
+        }
+        out
+    }
+
     /// Whether this record is the CNI attachment of interface `ifname` of container `id` on
     /// network `network`. An older record (no attachment recorded) is its container ID's
     /// attachment on any network.

@@ -61,7 +61,7 @@ fn malformed_publish_spec_is_rejected() {
 }
 
 #[test]
-fn publishing_on_an_address_the_node_lacks_or_on_ipv6_is_refused_clearly() {
+fn publishing_on_an_address_the_node_lacks_or_on_ipv6_without_a_subnet_is_refused_clearly() {
     let lab = lab_up("foreignip");
     let c = lab.name("c");
     // As Docker: a host address that is not the node's cannot take the port.
@@ -74,7 +74,7 @@ fn publishing_on_an_address_the_node_lacks_or_on_ipv6_is_refused_clearly() {
         fails_with(
             &lab,
             &["container", "add", &c, "-p", spec],
-            "IPv6 host addresses are not supported yet",
+            "the node has no IPv6 subnet",
         );
     }
     assert!(!lab.container_ns(&c).exists(), "no namespace left behind");

@@ -390,9 +390,98 @@ fn a_published_port_answers_over_ipv6_too() {
     assert_eq!(seen[0].ip().to_string(), "fd00:88::1");
     assert!(counter(&lab, "hairpin_new") > hairpin);
 
+    // `docker port`: one line per family.
+    let text = lab.ok(&["port", &web]).unwrap();
+    assert!(
+        text.contains("80/tcp -> 0.0.0.0:8080") && text.contains("80/tcp -> [::]:8080"),
+        "{text}"
+    );
+
     // Unpublished: gone from both families.
     lab.ok(&["port", "del", &web, "8080:80"]).unwrap();
     let srv = traffic::http_server(&nw, v6("::", 80), "web", 1, Duration::from_secs(3)).unwrap();
     assert!(traffic::http_get(&lab.ext, v6(NODE6, 8080)).is_err());
     assert!(srv.join().unwrap().is_empty());
+}
+
+#[test]
+fn ipv6_host_addresses_publish_over_ipv6_only() {
+    let lab = lab("hostip6");
+    uplink_v6(&lab);
+    lab.ok(&["up", "--uplink", UPLINK, "--subnet6", "fd00:88::/64"])
+        .unwrap();
+    let web = lab.name("web");
+    let on_node6 = format!("[{NODE6}]:8082:80");
+    lab.ok(&[
+        "container",
+        "add",
+        &web,
+        "-p",
+        "[::]:8081:80",
+        "-p",
+        &on_node6,
+        "-p",
+        "0.0.0.0:8083:80",
+    ])
+    .unwrap();
+    let srv = traffic::http_server(
+        &lab.container_ns(&web),
+        v6("::", 80),
+        "web",
+        3,
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    for (to, published) in [
+        (v6(NODE6, 8081), true),
+        (v4(NODE_ADDR, 8081), false),
+        (v6(NODE6, 8082), true),
+        (v6(NODE6, 8083), false),
+        (v4(NODE_ADDR, 8083), true),
+    ] {
+        let got = traffic::http_get(&lab.ext, to);
+        assert_eq!(got.is_ok(), published, "{to}: {got:?}");
+    }
+    assert_eq!(srv.join().unwrap().len(), 3);
+    let v = json(&lab, &["container", "inspect", &web]);
+    let hosts: Vec<&str> = v["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["host_ip"].as_str().unwrap())
+        .collect();
+    assert_eq!(hosts, ["::", NODE6, "0.0.0.0"], "{v}");
+
+    for (spec, why) in [
+        ("[::]:8081:81", "already published"),
+        ("8081:81", "already published"),
+        ("[2001:db8:99::1]:8084:80", "not an address of this node"),
+        ("[::1]:8085:80", "over IPv4 only"),
+    ] {
+        let out = lab.run(&["port", "add", &web, spec]).unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(why), "{spec}: {err}");
+    }
+    // IPv4 on the same port as an IPv6-only mapping is free.
+    lab.ok(&["port", "add", &web, "0.0.0.0:8081:81"]).unwrap();
+}
+
+#[test]
+fn an_ipv6_host_address_needs_an_ipv6_subnet() {
+    let lab = lab("hostip6off");
+    lab.ok(&["up", "--uplink", UPLINK]).unwrap();
+    let out = lab
+        .run(&["container", "add", &lab.name("web"), "-p", "[::]:8080:80"])
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no IPv6 subnet"),
+        "{err}"
+    );
+    assert!(
+        json(&lab, &["container", "list"])
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
 }

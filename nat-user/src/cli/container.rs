@@ -37,7 +37,8 @@ pub enum ContainerCmd {
         #[arg(long)]
         ip6: Option<Ipv6Addr>,
         /// Publish a port, as `docker -p`: [HOST_IP:][HOST_PORT[-END]:]CONTAINER_PORT[-END][/tcp|/udp],
-        /// e.g. `8080:80`, `127.0.0.1:5353:53/udp`, `8000-8010:80`.
+        /// e.g. `8080:80` (both families), `127.0.0.1:5353:53/udp`, `[::]:8080:80` (IPv6 only),
+        /// `8000-8010:80`.
         #[arg(short = 'p', long = "publish", value_name = "SPEC")]
         publish: Vec<PortSpec>,
         /// A per-namespace sysctl set before the container's interfaces come up (net.*),
@@ -158,10 +159,12 @@ fn list(ctx: &Ctx) -> Result<()> {
 }
 
 fn port_text(p: &PortView) -> String {
-    format!(
-        "{}:{}:{}/{}",
-        p.host_ip, p.host_port, p.container_port, p.proto
-    )
+    let host = if p.host_ip.contains(':') {
+        format!("[{}]", p.host_ip)
+    } else {
+        p.host_ip.clone()
+    };
+    format!("{host}:{}:{}/{}", p.host_port, p.container_port, p.proto)
 }
 
 fn inspect(ctx: &Ctx, name: &str) -> Result<()> {

@@ -1,6 +1,6 @@
 //! `bpfnat port NAME`, `port add / del / list`.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Result, anyhow, bail};
 use clap::{Args, Subcommand};
@@ -17,7 +17,11 @@ use crate::{
 };
 
 fn describe(r: &PortRequest) -> String {
-    let ip = r.host_ip.map(|i| format!("{i}:")).unwrap_or_default();
+    let ip = match r.host_ip {
+        Some(IpAddr::V6(i)) => format!("[{i}]:"),
+        Some(i) => format!("{i}:"),
+        None => String::new(),
+    };
     match r.host {
         HostPort::Exact(p) => format!("{ip}{p}:{}/{}", r.container_port, r.proto),
         HostPort::OneOf(a, b) => format!("{ip}{a}-{b}:{}/{}", r.container_port, r.proto),
@@ -45,7 +49,7 @@ pub enum PortCmd {
         /// The container's name, e.g. `web`.
         name: String,
         /// As `docker -p`: [HOST_IP:][HOST_PORT[-END]:]CONTAINER_PORT[-END][/tcp|/udp], e.g.
-        /// `8080:80`, `127.0.0.1:5353:53/udp`.
+        /// `8080:80`, `127.0.0.1:5353:53/udp`, `[::]:8443:443`.
         spec: PortSpec,
     },
     /// Unpublish ports of a container.
@@ -78,7 +82,7 @@ struct PortRow {
 }
 
 impl PortRow {
-    fn new(container: &str, m: &PortMapping, target: Ipv4Addr, state: &'static str) -> Self {
+    fn new(container: &str, m: &PortMapping, target: IpAddr, state: &'static str) -> Self {
         Self {
             container: container.to_owned(),
             host_ip: m
@@ -93,13 +97,29 @@ impl PortRow {
     }
 }
 
-/// What the kernel publishes (the `ports` map), each row checked against the state file.
-fn port_rows(kernel: &[(PortMapping, Ipv4Addr)], state: &State) -> Vec<PortRow> {
-    let recorded: Vec<(&str, &PortMapping, Ipv4Addr)> = state
+/// `ip:port`, with brackets around an IPv6 address (as `docker port` prints it).
+fn socket(ip: &str, port: u16) -> String {
+    ip.parse::<IpAddr>().map_or_else(
+        |_| format!("{ip}:{port}"),
+        |ip| SocketAddr::new(ip, port).to_string(),
+    )
+}
+
+/// What the kernel publishes (the `ports` and `ports6` maps, one row per family), each row
+/// checked against the state file.
+fn port_rows(kernel: &[(PortMapping, IpAddr)], state: &State) -> Vec<PortRow> {
+    let sides: Vec<(&str, PortMapping, IpAddr)> = state
         .containers
         .values()
-        .flat_map(|c| c.ports.iter().map(move |m| (c.name.as_str(), m, c.ip)))
+        .flat_map(|c| {
+            c.ports
+                .iter()
+                .flat_map(|m| c.sides(m))
+                .map(move |(m, ip)| (c.name.as_str(), m, ip))
+        })
         .collect();
+    let recorded: Vec<(&str, &PortMapping, IpAddr)> =
+        sides.iter().map(|(n, m, ip)| (*n, m, *ip)).collect();
     let same_key = |a: &PortMapping, b: &PortMapping| {
         (a.host_ip, a.host_port, a.proto) == (b.host_ip, b.host_port, b.proto)
     };
@@ -145,17 +165,16 @@ pub async fn run(ctx: &Ctx, args: PortArgs) -> Result<()> {
             let mut maps = Maps::open(&ctx.pins)?;
             // An address added to the node since `up` is a DNAT destination from now on.
             node::sync_node_addrs(&Netlink::current()?, &mut maps, &node).await?;
-            let c = &state.containers[&name];
-            let target = (c.ip, c.ip6);
+            let target = (state.containers[&name].ip, state.containers[&name].ip6);
             let generation = state.next_generation();
             state.generation = state.generation.wrapping_add(mappings.len() as u32);
             maps.put_ports(&mappings, target, generation)?;
             let done = mappings;
+            let items = PortView::all(&state.containers[&name], &done);
             if let Some(c) = state.containers.get_mut(&name) {
                 c.ports.extend(done.iter().copied());
             }
             store.save(&state)?;
-            let items: Vec<PortView> = done.iter().map(PortView::of).collect();
             ctx.emit_list("PortMappingList", &items, || {
                 done.iter()
                     .map(|m| format!("{name}: published {m}"))
@@ -179,9 +198,9 @@ pub async fn run(ctx: &Ctx, args: PortArgs) -> Result<()> {
                 gone.push(m);
             }
             Maps::open(&ctx.pins)?.remove_ports(&gone)?;
+            let items = PortView::all(c, &gone);
             c.ports.retain(|p| !gone.contains(p));
             store.save(&state)?;
-            let items: Vec<PortView> = gone.iter().map(PortView::of).collect();
             ctx.emit_list("PortMappingList", &items, || {
                 gone.iter()
                     .map(|m| format!("{name}: unpublished {m}"))
@@ -222,8 +241,10 @@ fn list(ctx: &Ctx, state: &State, name: Option<&str>, docker_style: bool) -> Res
                 .iter()
                 .map(|r| {
                     format!(
-                        "{}/{} -> {}:{}",
-                        r.container_port, r.proto, r.host_ip, r.host_port
+                        "{}/{} -> {}",
+                        r.container_port,
+                        r.proto,
+                        socket(&r.host_ip, r.host_port)
                     )
                 })
                 .collect::<Vec<_>>()
@@ -236,8 +257,8 @@ fn list(ctx: &Ctx, state: &State, name: Option<&str>, docker_style: bool) -> Res
                 .map(|r| {
                     vec![
                         r.container.clone(),
-                        format!("{}:{}", r.host_ip, r.host_port),
-                        format!("{}:{}", r.container_ip, r.container_port),
+                        socket(&r.host_ip, r.host_port),
+                        socket(&r.container_ip, r.container_port),
                         r.proto.clone(),
                     ]
                 })

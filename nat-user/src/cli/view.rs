@@ -40,7 +40,7 @@ pub struct Items<'a, T: Serialize> {
 /// How "every address of the node" is spelled.
 pub const ALL_ADDRESSES: &str = "0.0.0.0";
 
-fn host_ip(ip: Option<Ipv4Addr>) -> String {
+fn host_ip(ip: Option<std::net::IpAddr>) -> String {
     ip.map_or_else(|| ALL_ADDRESSES.to_owned(), |i| i.to_string())
 }
 
@@ -128,6 +128,16 @@ pub struct PortView {
 }
 
 impl PortView {
+    /// One view per family side of each of `ms`, as `c` publishes them (`8080:80` on a
+    /// dual-stack container is `0.0.0.0` and `::`, as Docker shows it).
+    #[must_use]
+    pub fn all(c: &Container, ms: &[PortMapping]) -> Vec<Self> {
+        ms.iter()
+            .flat_map(|m| c.sides(m))
+            .map(|(m, _)| Self::of(&m))
+            .collect()
+    }
+
     #[must_use]
     pub fn of(m: &PortMapping) -> Self {
         Self {
@@ -200,7 +210,7 @@ impl ContainerView {
             host_mac: fmt_mac(&c.host_mac),
             netns: c.netns.display().to_string(),
             owns_netns: c.owns_netns,
-            ports: c.ports.iter().map(PortView::of).collect(),
+            ports: PortView::all(c, &c.ports),
             sysctls: c.sysctls.iter().cloned().collect(),
             cni,
             pending: c.pending,

@@ -7,7 +7,7 @@
 
 use std::{
     io::Read as _,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -382,14 +382,14 @@ fn port_request(m: &PortMapping) -> Result<PortSpec, CniError> {
         Some("udp") => Proto::Udp,
         Some(p) => return Err(bad(format!("protocol {p:?} is not tcp or udp"))),
     };
-    // Empty or 0.0.0.0: every address of the node, as with `docker -p`.
+    // Empty: every address of the node, in each family the container has; `0.0.0.0` or
+    // `::`: every address of that family; else that address (as the portmap plugin).
     let host_ip = match m.host_ip.as_deref().filter(|s| !s.is_empty()) {
         None => None,
         Some(ip) => Some(
-            ip.parse::<Ipv4Addr>()
-                .map_err(|_| bad(format!("hostIP {ip:?} is not an IPv4 address")))?,
-        )
-        .filter(|ip| !ip.is_unspecified()),
+            ip.parse::<IpAddr>()
+                .map_err(|_| bad(format!("hostIP {ip:?} is not an IP address")))?,
+        ),
     };
     if m.host_port == 0 || m.container_port == 0 {
         return Err(bad(format!(
@@ -417,7 +417,7 @@ async fn add(ctx: &Env, conf: &NetConf) -> Result<Value, CniError> {
         .iter()
         .map(port_request)
         .collect::<Result<Vec<_>, _>>()?;
-    endpoints::check_host_addrs(&ports)
+    endpoints::check_host_addrs(&ports, conf.subnet6.is_some())
         .map_err(|e| err(code::INVALID_CONFIG, format!("portMappings: {e:#}")))?;
     ensure_up(ctx, conf).await?;
     let c = endpoints::create(
@@ -647,14 +647,21 @@ mod tests {
         let r = port_request(&mapping(Some("UDP"), Some("0.0.0.0"), 53))
             .unwrap()
             .requests[0];
-        assert_eq!((r.host_ip, r.proto), (None, Proto::Udp));
+        assert_eq!(
+            (r.host_ip, r.proto),
+            (Some(Ipv4Addr::UNSPECIFIED.into()), Proto::Udp)
+        );
         let r = port_request(&mapping(None, Some("127.0.0.1"), 8080))
             .unwrap()
             .requests[0];
-        assert_eq!(r.host_ip, Some(Ipv4Addr::LOCALHOST));
+        assert_eq!(r.host_ip, Some(Ipv4Addr::LOCALHOST.into()));
+        let r = port_request(&mapping(None, Some("2001:db8::2"), 8080))
+            .unwrap()
+            .requests[0];
+        assert_eq!(r.host_ip, Some("2001:db8::2".parse().unwrap()));
         for bad in [
             mapping(Some("sctp"), None, 8080),
-            mapping(None, Some("::1"), 8080),
+            mapping(None, Some("localhost"), 8080),
             mapping(None, None, 0),
         ] {
             assert_eq!(port_request(&bad).unwrap_err().code, code::INVALID_CONFIG);

@@ -395,10 +395,8 @@ impl Maps {
     pub fn forget_ports(&mut self, ms: &[PortMapping]) -> Result<()> {
         let keys: HashSet<(Addr4, Port, u8)> = ms
             .iter()
-            .map(|m| {
-                let k = port_key(m);
-                (k.host_addr, k.host_port, k.proto)
-            })
+            .filter_map(port_key)
+            .map(|k| (k.host_addr, k.host_port, k.proto))
             .collect();
         self.ct4.forget_ports(&keys)?;
         let keys6: HashSet<(Addr6, Port, u8)> = ms

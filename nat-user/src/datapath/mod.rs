@@ -18,7 +18,7 @@ mod conntrack;
 use std::{
     collections::BTreeMap,
     io,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -36,7 +36,7 @@ use aya::{
 };
 use nat_common::{
     Addr4, Addr6, ClusterNet, Config, Counter, Endpoint, MAP_SPECS, MapKind, MapSpec, NodeAddr,
-    PIN_VERSION, PortKey4, PortKey6, PortTarget4, PortTarget6, Reason, STATIC_EXTERNAL,
+    PIN_VERSION, Port, PortKey4, PortKey6, PortTarget4, PortTarget6, Reason, STATIC_EXTERNAL,
     STATIC_INTERNAL, StaticNat4, map_names, prog_names,
 };
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
@@ -572,20 +572,21 @@ pub struct Stat {
     pub bytes: u64,
 }
 
-fn port_key(m: &PortMapping) -> PortKey4 {
-    PortKey4 {
-        host_addr: m.host_ip.map_or([0; 4], |ip| ip.octets()),
+/// The IPv4 side of `m`, if it listens over IPv4.
+fn port_key(m: &PortMapping) -> Option<PortKey4> {
+    m.v4().map(|ip| PortKey4 {
+        host_addr: ip.map_or([0; 4], |ip| ip.octets()),
         host_port: m.host_port.to_be_bytes(),
         proto: m.proto.number(),
         _pad: 0,
-    }
+    })
 }
 
-/// The IPv6 side of `m`, if it has one: a mapping on every node address publishes on both
-/// families, as Docker's `-p 8080:80` does (one bound to an IPv4 address does not).
+/// The IPv6 side of `m`, if it listens over IPv6: a mapping on every node address does on
+/// both families, as Docker's `-p 8080:80`.
 fn port_key6(m: &PortMapping) -> Option<PortKey6> {
-    m.host_ip.is_none().then(|| PortKey6 {
-        host_addr: [0; 16],
+    m.v6().map(|ip| PortKey6 {
+        host_addr: ip.map_or([0; 16], |ip| ip.octets()),
         host_port: m.host_port.to_be_bytes(),
         proto: m.proto.number(),
         _pad: 0,
@@ -744,19 +745,28 @@ impl Maps {
                 _pad: [0; 2],
                 generation,
             };
-            let mut r = self.ports.insert(port_key(m), t, 0);
-            if let (Ok(()), Some(ip6), Some(k6)) = (&r, target6, port_key6(m)) {
-                let t6 = PortTarget6 {
-                    addr: ip6.octets(),
-                    port,
-                    _pad: [0; 2],
-                    generation,
-                };
-                r = self.ports6.insert(k6, t6, 0);
+            let r = match port_key(m) {
+                Some(k) => self.ports.insert(k, t, 0).map_err(anyhow::Error::from),
+                None => Ok(()),
             }
+            .and_then(|()| match (port_key6(m), target6) {
+                (Some(k6), Some(ip6)) => {
+                    let t6 = PortTarget6 {
+                        addr: ip6.octets(),
+                        port,
+                        _pad: [0; 2],
+                        generation,
+                    };
+                    self.ports6.insert(k6, t6, 0).map_err(anyhow::Error::from)
+                }
+                // `8080:80` on a container without IPv6: its IPv4 side only.
+                (Some(_), None) if m.host_ip.is_none() => Ok(()),
+                (Some(_), None) => Err(anyhow!("the container has no IPv6 address")),
+                (None, _) => Ok(()),
+            });
             if let Err(e) = r {
                 let _ = self.remove_ports(&ms[..=i]);
-                return Err(anyhow!(e).context(format!("publish {m}")));
+                return Err(e.context(format!("publish {m}")));
             }
         }
         self.forget_ports(ms)
@@ -764,7 +774,9 @@ impl Maps {
 
     pub fn remove_ports(&mut self, ms: &[PortMapping]) -> Result<()> {
         for m in ms {
-            deleted(self.ports.remove(&port_key(m))).with_context(|| format!("unpublish {m}"))?;
+            if let Some(k) = port_key(m) {
+                deleted(self.ports.remove(&k)).with_context(|| format!("unpublish {m}"))?;
+            }
             if let Some(k6) = port_key6(m) {
                 deleted(self.ports6.remove(&k6)).with_context(|| format!("unpublish {m}"))?;
             }
@@ -793,25 +805,44 @@ impl Maps {
         Ok(())
     }
 
-    /// Published ports as they are in the map: (proto, host addr, host port) → (addr, port).
-    /// What the `ports` map publishes, in domain terms: each mapping and the container
-    /// address it leads to.
-    pub fn published(&self) -> Result<Vec<(PortMapping, Ipv4Addr)>> {
+    /// What the `ports` and `ports6` maps publish, in domain terms: one mapping per family
+    /// (its host address as the map has it: `0.0.0.0` or `::` for every address) and the
+    /// container address it leads to.
+    pub fn published(&self) -> Result<Vec<(PortMapping, IpAddr)>> {
         let mut out = Vec::new();
+        let mut add = |host: IpAddr, port: Port, proto: u8, to: IpAddr, to_port: Port| {
+            if let Some(proto) = Proto::from_number(proto) {
+                out.push((
+                    PortMapping {
+                        host_ip: Some(host),
+                        host_port: u16::from_be_bytes(port),
+                        container_port: u16::from_be_bytes(to_port),
+                        proto,
+                    },
+                    to,
+                ));
+            }
+        };
         for (k, t) in self.ports()? {
-            let Some(proto) = Proto::from_number(k.proto) else {
-                continue;
-            };
-            let host = Ipv4Addr::from(k.host_addr);
-            out.push((
-                PortMapping {
-                    host_ip: (!host.is_unspecified()).then_some(host),
-                    host_port: u16::from_be_bytes(k.host_port),
-                    container_port: u16::from_be_bytes(t.port),
-                    proto,
-                },
-                Ipv4Addr::from(t.addr),
-            ));
+            let host = Ipv4Addr::from(k.host_addr).into();
+            add(
+                host,
+                k.host_port,
+                k.proto,
+                Ipv4Addr::from(t.addr).into(),
+                t.port,
+            );
+        }
+        for r in self.ports6.iter() {
+            let (k, t) = r.context("read ports6 map")?;
+            let host = Ipv6Addr::from(k.host_addr).into();
+            add(
+                host,
+                k.host_port,
+                k.proto,
+                Ipv6Addr::from(t.addr).into(),
+                t.port,
+            );
         }
         Ok(out)
     }
