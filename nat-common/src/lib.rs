@@ -51,6 +51,11 @@ pub mod prog_names {
     pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
     /// cgroup `getpeername4`: the peer shown as the published address.
     pub const SOCK_GETPEERNAME4: &str = "sock_getpeername4";
+    /// The same four over IPv6.
+    pub const SOCK_CONNECT6: &str = "sock_connect6";
+    pub const SOCK_SENDMSG6: &str = "sock_sendmsg6";
+    pub const SOCK_RECVMSG6: &str = "sock_recvmsg6";
+    pub const SOCK_GETPEERNAME6: &str = "sock_getpeername6";
 }
 
 pub const PROTO_ICMP: u8 = 1;
@@ -64,7 +69,7 @@ mod user {
     use super::{
         ClusterNet, Config, Counter, CtEntry4, CtEntry6, CtKey4, CtKey6, CtMeta, Endpoint,
         FragKey4, FragPorts, Net4, Net6, NodeAddr, PortKey4, PortKey6, PortTarget4, PortTarget6,
-        SockKey4, SockOrig4, StaticNat4,
+        SockKey4, SockKey6, SockOrig4, SockOrig6, StaticNat4,
     };
 
     /// `aya::Pod` for map key and value types.
@@ -92,6 +97,8 @@ mod user {
         StaticNat4,
         SockKey4,
         SockOrig4,
+        SockKey6,
+        SockOrig6,
         FragKey4,
         FragPorts,
         NodeAddr,

@@ -8,7 +8,7 @@ use core::mem::size_of;
 use crate::{
     Addr4, Addr6, ClusterNet, Config, Counter, CtEntry4, CtEntry6, CtKey4, CtKey6, Endpoint,
     FragKey4, FragPorts, Lpm4, NodeAddr, PortKey4, PortKey6, PortTarget4, PortTarget6,
-    REASON_COUNT, SockKey4, SockOrig4, StaticNat4,
+    REASON_COUNT, SockKey4, SockKey6, SockOrig4, SockOrig6, StaticNat4,
 };
 
 /// Map names as the kernel and bpftool see them (also the pin file names).
@@ -31,6 +31,8 @@ pub mod map_names {
     pub const STATS: &str = "stats";
     pub const STATIC_NAT: &str = "static_nat";
     pub const SOCK_RNAT: &str = "sock_rnat";
+    /// The IPv6 sockets the socket programs translated (`SockKey6` → `SockOrig6`).
+    pub const SOCK_RNAT6: &str = "sock_rnat6";
     pub const FRAGS: &str = "frags";
     pub const NODE_ADDRS: &str = "node_addrs";
     /// The node's own global IPv6 addresses (`Addr6` → `NodeAddr`).
@@ -121,7 +123,7 @@ const PINNED: bool = true;
 const PER_LOAD: bool = false;
 
 /// Every map of the eBPF object.
-pub const MAP_SPECS: [MapSpec; 20] = {
+pub const MAP_SPECS: [MapSpec; 21] = {
     use MapKind::{Array, Hash, LpmTrie, LruHash, PerCpuArray};
     use map_names as n;
     [
@@ -137,6 +139,7 @@ pub const MAP_SPECS: [MapSpec; 20] = {
         map::<u32, Counter>(n::STATS, PerCpuArray, Some(REASON_COUNT), PINNED),
         map::<Addr4, StaticNat4>(n::STATIC_NAT, Hash, None, PINNED),
         map::<SockKey4, SockOrig4>(n::SOCK_RNAT, LruHash, None, PINNED),
+        map::<SockKey6, SockOrig6>(n::SOCK_RNAT6, LruHash, None, PINNED),
         map::<FragKey4, FragPorts>(n::FRAGS, LruHash, None, PINNED),
         map::<Addr4, NodeAddr>(n::NODE_ADDRS, Hash, None, PINNED),
         map::<Addr6, NodeAddr>(n::NODE_ADDRS6, Hash, None, PINNED),

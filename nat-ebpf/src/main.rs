@@ -103,6 +103,30 @@ pub fn sock_getpeername4(ctx: SockAddrContext) -> i32 {
     sock::reverse(&ctx)
 }
 
+/// cgroup connect6: node processes connecting to a published port over IPv6 (F4).
+#[cgroup_sock_addr(connect6)]
+pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock::translate6(&ctx)
+}
+
+/// cgroup sendmsg6: unconnected UDP sends to a published port over IPv6.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::translate6(&ctx)
+}
+
+/// cgroup recvmsg6: datagrams from the container appear to come from the published address.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::reverse6(&ctx)
+}
+
+/// cgroup getpeername6: the peer is the published address.
+#[cgroup_sock_addr(getpeername6)]
+pub fn sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::reverse6(&ctx)
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -12,7 +12,8 @@ use nat_common::{
     CtEntry4, CtEntry6, CtKey4, CtKey6, ENDPOINTS_MAX_ENTRIES, Endpoint, FRAGS_MAX_ENTRIES,
     FragKey4, FragPorts, NODE_ADDRS_MAX_ENTRIES, NodeAddr, PORTS_MAX_ENTRIES, PortKey4, PortKey6,
     PortTarget4, PortTarget6, REASON_COUNT, SCRATCH_SLOTS, SOCK_RNAT_MAX_ENTRIES,
-    STATIC_NAT_MAX_ENTRIES, SockKey4, SockOrig4, StaticNat4, WORK6_LEN, conntrack_new_max,
+    STATIC_NAT_MAX_ENTRIES, SockKey4, SockKey6, SockOrig4, SockOrig6, StaticNat4, WORK6_LEN,
+    conntrack_new_max,
 };
 
 #[btf_map(name = "config")]
@@ -84,6 +85,11 @@ pub static STATIC_NAT: HashMap<Addr4, StaticNat4, { STATIC_NAT_MAX_ENTRIES as us
 /// Sockets whose destination the socket programs rewrote: what to show the application back.
 #[btf_map(name = "sock_rnat")]
 pub static SOCK_RNAT: LruHashMap<SockKey4, SockOrig4, { SOCK_RNAT_MAX_ENTRIES as usize }> =
+    LruHashMap::new();
+
+/// The same for sockets translated to a container's IPv6 address.
+#[btf_map(name = "sock_rnat6")]
+pub static SOCK_RNAT6: LruHashMap<SockKey6, SockOrig6, { SOCK_RNAT_MAX_ENTRIES as usize }> =
     LruHashMap::new();
 
 /// Ports of fragmented datagrams, learned from their first fragment.

@@ -226,8 +226,7 @@ fn is_local_addr(ip: IpAddr) -> bool {
 }
 
 /// Refuse host addresses that are not the node's: nothing could be published on them; and
-/// IPv6 ones on a node without an IPv6 subnet (`v6`), or on IPv6 loopback (node processes
-/// reach published ports over IPv4 only, for now).
+/// IPv6 ones on a node without an IPv6 subnet (`v6`).
 pub fn check_host_addrs(specs: &[PortSpec], v6: bool) -> Result<()> {
     for ip in specs
         .iter()
@@ -236,11 +235,6 @@ pub fn check_host_addrs(specs: &[PortSpec], v6: bool) -> Result<()> {
     {
         if ip.is_ipv6() && !v6 {
             bail!("cannot publish on [{ip}]: the node has no IPv6 subnet (up --subnet6)");
-        }
-        if ip.is_ipv6() && ip.is_loopback() {
-            bail!(
-                "cannot publish on [{ip}]: node processes reach published ports over IPv4 only, for now (publish on 127.0.0.1)"
-            );
         }
         if ip.is_unspecified() {
             continue;

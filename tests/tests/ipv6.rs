@@ -5,7 +5,7 @@
 //! container addresses unreachable from outside.
 
 use std::{
-    net::{Ipv6Addr, SocketAddr},
+    net::{Ipv6Addr, SocketAddr, TcpStream},
     path::Path,
     process::{Command, Stdio},
     time::Duration,
@@ -484,4 +484,59 @@ fn an_ipv6_host_address_needs_an_ipv6_subnet() {
             .unwrap()
             .is_empty()
     );
+}
+
+#[test]
+fn node_processes_reach_published_ports_over_ipv6() {
+    let lab = lab("f4v6");
+    uplink_v6(&lab);
+    lab.ok(&["up", "--uplink", UPLINK, "--subnet6", "fd00:88::/64"])
+        .unwrap();
+    let web = lab.name("web");
+    lab.ok(&[
+        "container",
+        "add",
+        &web,
+        "-p",
+        "8080:80",
+        "-p",
+        "[::1]:8081:80",
+        "-p",
+        "5353:53/udp",
+    ])
+    .unwrap();
+    let ns = lab.container_ns(&web);
+    let window = Duration::from_secs(10);
+    let srv = traffic::http_server(&ns, v6("::", 80), "web", 5, window).unwrap();
+    for target in [
+        v6("::1", 8080),
+        v6(NODE6, 8080),
+        v6("fd00:88::1", 8080),
+        v6("::1", 8081),
+    ] {
+        let body =
+            traffic::http_get(&lab.node, target).unwrap_or_else(|e| panic!("{target}: {e:#}"));
+        assert!(
+            body.starts_with("hello from web") && !body.contains("you are [::1]"),
+            "{target}: {body}"
+        );
+    }
+    // The application sees the address it connected to, not the container's.
+    let peer = netns::run_in(&lab.node, || {
+        let s = TcpStream::connect(v6("::1", 8080))?;
+        Ok(s.peer_addr()?)
+    })
+    .unwrap();
+    assert_eq!(peer, v6("::1", 8080));
+    assert_eq!(srv.join().unwrap().len(), 5);
+
+    // UDP: the reply appears to come from [::1]:5353 (udp_ask insists on it).
+    let echo = traffic::udp_echo(&ns, v6("::", 53), 1, window).unwrap();
+    let reply = traffic::udp_ask(&lab.node, v6("::", 0), v6("::1", 5353), b"q");
+    assert!(reply.is_ok(), "{reply:?}");
+    assert_eq!(echo.join().unwrap().len(), 1);
+    assert!(counter(&lab, "sock_xlate") >= 6);
+
+    // Other namespaces' loopback is theirs.
+    assert!(traffic::http_get(&lab.ext, v6("::1", 8080)).is_err());
 }

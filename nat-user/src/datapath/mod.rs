@@ -57,7 +57,7 @@ const PROGS: [&str; 3] = [
 ];
 
 /// The socket programs for host-local access to published ports, with their hooks.
-const SOCK_PROGS: [(&str, CgroupSockAddrAttachType); 4] = [
+const SOCK_PROGS: [(&str, CgroupSockAddrAttachType); 8] = [
     (
         prog_names::SOCK_CONNECT4,
         CgroupSockAddrAttachType::Connect4,
@@ -73,6 +73,22 @@ const SOCK_PROGS: [(&str, CgroupSockAddrAttachType); 4] = [
     (
         prog_names::SOCK_GETPEERNAME4,
         CgroupSockAddrAttachType::GetPeerName4,
+    ),
+    (
+        prog_names::SOCK_CONNECT6,
+        CgroupSockAddrAttachType::Connect6,
+    ),
+    (
+        prog_names::SOCK_SENDMSG6,
+        CgroupSockAddrAttachType::UDPSendMsg6,
+    ),
+    (
+        prog_names::SOCK_RECVMSG6,
+        CgroupSockAddrAttachType::UDPRecvMsg6,
+    ),
+    (
+        prog_names::SOCK_GETPEERNAME6,
+        CgroupSockAddrAttachType::GetPeerName6,
     ),
 ];
 
