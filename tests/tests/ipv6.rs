@@ -456,14 +456,15 @@ fn ipv6_host_addresses_publish_over_ipv6_only() {
         ("[::]:8081:81", "already published"),
         ("8081:81", "already published"),
         ("[2001:db8:99::1]:8084:80", "not an address of this node"),
-        ("[::1]:8085:80", "over IPv4 only"),
     ] {
         let out = lab.run(&["port", "add", &web, spec]).unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains(why), "{spec}: {err}");
     }
-    // IPv4 on the same port as an IPv6-only mapping is free.
+    // IPv4 on the same port as an IPv6-only mapping is free; IPv6 loopback is the node's
+    // processes' (F4), as 127.0.0.1 is.
     lab.ok(&["port", "add", &web, "0.0.0.0:8081:81"]).unwrap();
+    lab.ok(&["port", "add", &web, "[::1]:8085:80"]).unwrap();
 }
 
 #[test]
@@ -539,4 +540,66 @@ fn node_processes_reach_published_ports_over_ipv6() {
 
     // Other namespaces' loopback is theirs.
     assert!(traffic::http_get(&lab.ext, v6("::1", 8080)).is_err());
+}
+
+#[test]
+fn a_static_ipv6_mapping_reaches_its_container_both_ways() {
+    let lab = lab("static6");
+    uplink_v6(&lab);
+    lab.ok(&["up", "--uplink", UPLINK, "--subnet6", "fd00:88::/64"])
+        .unwrap();
+    let c = lab.name("c");
+    lab.ok(&["container", "add", &c, "--ip6", "fd00:88::5"])
+        .unwrap();
+    for (ext, int, why) in [
+        ("fd00:88::9", "fd00:88::5", "inside the container subnet"),
+        ("2001:db8:1::10", "10.88.0.2", "different families"),
+        ("2001:db8:1::10", "fd00:99::5", "not a container address"),
+        ("fe80::10", "fd00:88::5", "not global unicast"),
+    ] {
+        let out = lab
+            .run(&["nat", "add", "--external", ext, "--internal", int])
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(why), "{ext}: {err}");
+    }
+    lab.ok(&[
+        "nat",
+        "add",
+        "--external",
+        "2001:db8:1::10",
+        "--internal",
+        "fd00:88::5",
+    ])
+    .unwrap();
+    let list = json(&lab, &["nat", "list"]);
+    assert_eq!(list[0]["container"], c.as_str(), "{list}");
+    let nc = lab.container_ns(&c);
+    let window = Duration::from_secs(10);
+
+    // Inbound, any protocol: the node answers Neighbour Solicitations for the external
+    // address, and the client's address is kept.
+    let answered = counter(&lab, "nd_reply");
+    let srv = traffic::http_server(&nc, v6("::", 80), "c", 1, window).unwrap();
+    let got = traffic::http_get(&lab.ext, v6("2001:db8:1::10", 80));
+    assert!(got.is_ok(), "{got:?}");
+    assert_eq!(srv.join().unwrap()[0].ip().to_string(), EXT6);
+    assert!(
+        ping6(&lab.ext, None, "2001:db8:1::10"),
+        "ping the external address"
+    );
+    assert!(counter(&lab, "nd_reply") > answered);
+
+    // Outbound: the container's connections leave from its external address.
+    let srv = traffic::http_server(&lab.ext, v6("::", 81), "ext", 1, window).unwrap();
+    let got = traffic::http_get(&nc, v6(EXT6, 81));
+    assert!(got.is_ok(), "{got:?}");
+    assert_eq!(srv.join().unwrap()[0].ip().to_string(), "2001:db8:1::10");
+    assert!(counter(&lab, "static_nat") >= 2);
+
+    // Removed: the external address answers no more.
+    lab.ok(&["nat", "del", "--external", "2001:db8:1::10"])
+        .unwrap();
+    ip(&lab.ext, &["-6", "neigh", "flush", "dev", "eth0"]);
+    assert!(!ping6(&lab.ext, None, "2001:db8:1::10"));
 }
