@@ -69,7 +69,7 @@ mod user {
     use super::{
         ClusterNet, Config, Counter, CtEntry4, CtEntry6, CtKey4, CtKey6, CtMeta, Endpoint,
         FragKey4, FragPorts, Net4, Net6, NodeAddr, PortKey4, PortKey6, PortTarget4, PortTarget6,
-        SockKey4, SockKey6, SockOrig4, SockOrig6, StaticNat4,
+        SockKey4, SockKey6, SockOrig4, SockOrig6, StaticNat4, StaticNat6,
     };
 
     /// `aya::Pod` for map key and value types.
@@ -95,6 +95,7 @@ mod user {
         CtMeta,
         Counter,
         StaticNat4,
+        StaticNat6,
         SockKey4,
         SockOrig4,
         SockKey6,

@@ -8,7 +8,7 @@ use core::mem::size_of;
 use crate::{
     Addr4, Addr6, ClusterNet, Config, Counter, CtEntry4, CtEntry6, CtKey4, CtKey6, Endpoint,
     FragKey4, FragPorts, Lpm4, NodeAddr, PortKey4, PortKey6, PortTarget4, PortTarget6,
-    REASON_COUNT, SockKey4, SockKey6, SockOrig4, SockOrig6, StaticNat4,
+    REASON_COUNT, SockKey4, SockKey6, SockOrig4, SockOrig6, StaticNat4, StaticNat6,
 };
 
 /// Map names as the kernel and bpftool see them (also the pin file names).
@@ -30,6 +30,8 @@ pub mod map_names {
     pub const CONNTRACK6_NEW: &str = "conntrack6_new";
     pub const STATS: &str = "stats";
     pub const STATIC_NAT: &str = "static_nat";
+    /// IPv6 static 1:1 NAT (`Addr6` → `StaticNat6`).
+    pub const STATIC_NAT6: &str = "static_nat6";
     pub const SOCK_RNAT: &str = "sock_rnat";
     /// The IPv6 sockets the socket programs translated (`SockKey6` → `SockOrig6`).
     pub const SOCK_RNAT6: &str = "sock_rnat6";
@@ -123,7 +125,7 @@ const PINNED: bool = true;
 const PER_LOAD: bool = false;
 
 /// Every map of the eBPF object.
-pub const MAP_SPECS: [MapSpec; 21] = {
+pub const MAP_SPECS: [MapSpec; 22] = {
     use MapKind::{Array, Hash, LpmTrie, LruHash, PerCpuArray};
     use map_names as n;
     [
@@ -138,6 +140,7 @@ pub const MAP_SPECS: [MapSpec; 21] = {
         map::<CtKey6, CtEntry6>(n::CONNTRACK6_NEW, LruHash, None, PINNED),
         map::<u32, Counter>(n::STATS, PerCpuArray, Some(REASON_COUNT), PINNED),
         map::<Addr4, StaticNat4>(n::STATIC_NAT, Hash, None, PINNED),
+        map::<Addr6, StaticNat6>(n::STATIC_NAT6, Hash, None, PINNED),
         map::<SockKey4, SockOrig4>(n::SOCK_RNAT, LruHash, None, PINNED),
         map::<SockKey6, SockOrig6>(n::SOCK_RNAT6, LruHash, None, PINNED),
         map::<FragKey4, FragPorts>(n::FRAGS, LruHash, None, PINNED),

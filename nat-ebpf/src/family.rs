@@ -7,16 +7,17 @@ use core::ptr::null_mut;
 
 use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, helpers::bpf_csum_diff};
 use nat_common::{
-    Addr4, Addr6, Config, CtEntry, CtKey, Endpoint, Family, Port, PortKey6, PortTarget, Reason,
+    Addr4, Addr6, CFG_STATIC_NAT, Config, CtEntry, CtKey, Endpoint, Family, Port, PortKey6,
+    PortTarget, Reason, StaticNat,
 };
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
     addr, ipv6,
-    lookup::{container_at, published_port},
+    lookup::{container_at, published_port, static_nat},
     maps::{
         CONNTRACK, CONNTRACK_NEW, CONNTRACK6, CONNTRACK6_NEW, NODE_ADDRS6, PORTS6, SCRATCH,
-        SCRATCH6,
+        SCRATCH6, STATIC_NAT6,
     },
     parse::{
         self, IP_CSUM_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, IP_TTL_OFF, IP6_LEN, Ip, Ip6Hdr, ptr_at,
@@ -70,6 +71,8 @@ pub trait Fam: Family {
     fn port_target(dst: &Self, port: Port, proto: u8) -> Option<PortTarget<Self>>;
     /// One of the node's own unicast addresses (as userspace keeps them).
     fn is_node_addr(cfg: &Config, a: &Self) -> bool;
+    /// The static 1:1 NAT entry for `a`, if any (no lookup while no mapping exists).
+    fn static_nat(cfg: &Config, a: &Self) -> Option<StaticNat<Self>>;
     /// Rewrite the quoted address at `ip_off + field` and the checksum that covers it: the
     /// quoted IPv4 header's own, or (IPv6 has none) the ICMPv6 checksum at `icmp_csum_off`.
     fn set_quoted_addr(
@@ -194,6 +197,11 @@ impl Fam for Addr4 {
     #[inline(always)]
     fn is_node_addr(cfg: &Config, a: &Self) -> bool {
         addr::is_node_addr(cfg, a)
+    }
+
+    #[inline(always)]
+    fn static_nat(cfg: &Config, a: &Self) -> Option<StaticNat<Self>> {
+        static_nat(cfg, a)
     }
 
     #[inline(always)]
@@ -369,6 +377,15 @@ impl Fam for Addr6 {
     #[inline(always)]
     fn is_node_addr(_: &Config, a: &Self) -> bool {
         NODE_ADDRS6.get_ptr(a).is_some()
+    }
+
+    #[inline(always)]
+    fn static_nat(cfg: &Config, a: &Self) -> Option<StaticNat<Self>> {
+        if cfg.flags & CFG_STATIC_NAT == 0 {
+            return None;
+        }
+        // SAFETY: the value is copied out at once.
+        unsafe { STATIC_NAT6.get(a) }.copied()
     }
 
     /// Only a quoted packet whose upper-layer header follows the fixed header: one with

@@ -12,14 +12,13 @@
 //! The embedded TCP/UDP checksum is left alone: receivers do not check it and the embedded
 //! segment is usually cut short anyway.
 
-use nat_common::{Addr4, CtKey, PROTO_TCP, PROTO_UDP, Port, Reason};
-use network_types::ip::Ipv4Hdr;
+use nat_common::{CtKey, PROTO_TCP, PROTO_UDP, Port, Reason};
 
 use crate::{
     conntrack,
     family::Fam,
     nat,
-    parse::{IP_OFF, Ip, Ip4, ptr_at},
+    parse::{IP_OFF, Ip, ptr_at},
     pkt::Pkt,
     stats::count,
 };
@@ -50,24 +49,32 @@ fn quoted_off<A>(p: &Ip<A>) -> usize {
     (p.l4_off & 0x7f) + 8
 }
 
-/// Static 1:1 NAT for the error `p`: when the quoted header's address at `field` (12: source,
-/// 16: destination) is `old`, the mapped side of the address the outer header was translated
-/// for, make it `new`, so that the receiver recognises the packet it sent.
+/// Which quoted address `translate_static` looks at.
+pub const QUOTED_SRC: bool = true;
+pub const QUOTED_DST: bool = false;
+
+/// Static 1:1 NAT for the error `p`: when the quoted header's source (`QUOTED_SRC`) or
+/// destination address is `old`, the mapped side of the address the outer header was
+/// translated for, make it `new`, so that the receiver recognises the packet it sent.
 #[inline(always)]
-pub fn translate_static(
+pub fn translate_static<A: Fam>(
     ctx: &impl Pkt,
-    p: &Ip4,
-    field: usize,
-    old: Addr4,
-    new: Addr4,
+    p: &Ip<A>,
+    quoted_src: bool,
+    old: A,
+    new: A,
 ) -> Result<(), Reason> {
     let ip_off = quoted_off(p);
-    let Some(ip) = ptr_at::<Ipv4Hdr>(ctx, ip_off) else {
+    let field = if quoted_src {
+        A::SRC_OFF - IP_OFF
+    } else {
+        A::DST_OFF - IP_OFF
+    };
+    let Some(quoted) = ptr_at::<A>(ctx, ip_off + field) else {
         return Ok(());
     };
     // SAFETY: bounds checked by `ptr_at`.
-    let h = unsafe { *ip };
-    if (if field == 12 { h.src_addr } else { h.dst_addr }) != old {
+    if unsafe { *quoted } != old {
         return Ok(());
     }
     set_inner_addr(ctx, p, ip_off, field, &old, &new)

@@ -193,7 +193,7 @@ fn leave(
         // F8: the container's own external address, for every protocol and fragment.
         if icmp::is_error(p) {
             // About a packet from outside to the external address: quote that address.
-            icmp::translate_static(ctx, p, 16, p.src, s.peer)?;
+            icmp::translate_static(ctx, p, icmp::QUOTED_DST, p.src, s.peer)?;
         }
         nat::set_src(ctx, p, s.peer)?;
         count(Reason::StaticNat, ctx.len());
@@ -394,7 +394,7 @@ fn to_static(ctx: &TcContext, p: &mut parse::Ip4, internal: Addr4) -> Result<i32
     not_expiring(p)?;
     if icmp::is_error(p) {
         // About a packet the container sent from its external address.
-        icmp::translate_static(ctx, p, 12, p.dst, internal)?;
+        icmp::translate_static(ctx, p, icmp::QUOTED_SRC, p.dst, internal)?;
     }
     nat::set_dst(ctx, p, internal)?;
     count(Reason::StaticNat, ctx.len());

@@ -13,8 +13,8 @@ use core::mem::{MaybeUninit, align_of, size_of};
 
 use aya_ebpf::{helpers::bpf_redirect_peer, programs::TcContext};
 use nat_common::{
-    Addr6, CFG_MASQUERADE, Config, CtEntry6, CtKey6, Endpoint, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
-    PortTarget6, Reason, WORK6_LEN,
+    Addr6, CFG_MASQUERADE, CFG_STATIC_NAT, Config, CtEntry6, CtKey6, Endpoint, PROTO_ICMPV6,
+    PROTO_TCP, PROTO_UDP, PortTarget6, Reason, STATIC_EXTERNAL, STATIC_INTERNAL, WORK6_LEN,
 };
 
 use crate::{
@@ -165,14 +165,19 @@ fn dispatch(ctx: &TcContext) -> Result<i32, Reason> {
     // connection.
     match leaves_by_uplink(ctx) {
         GO_ON => {}
+        STATIC => return Ok(from_static(ctx)),
         action => return Ok(action),
     }
     valid_for_state(ctx, &work()?.p)?;
     Ok(masquerade(ctx, &me))
 }
 
+/// `leaves_by_uplink`'s answer that the sender has a static mapping (its external address
+/// waits in `work6.peer`).
+const STATIC: i32 = i32::MIN + 2;
+
 /// A step's answer that the decision goes on in the caller (not a TC action).
-const GO_ON: i32 = i32::MIN;
+pub const GO_ON: i32 = i32::MIN;
 
 /// The packet being decided, its tuple, its next hop and the published port it is for
 /// (`work6`).
@@ -182,6 +187,8 @@ pub struct Work6 {
     pub key: CtKey6,
     pub nh: NextHop,
     pub t: PortTarget6,
+    /// The other side of a static 1:1 mapping of the packet's address.
+    pub peer: Addr6,
 }
 
 const _: () = assert!(size_of::<Work6>() <= WORK6_LEN && align_of::<Work6>() <= 8);
@@ -365,6 +372,13 @@ fn route_out(ctx: &TcContext) -> Result<i32, Reason> {
         count(Reason::MtuExceeded, ctx.len());
         return Ok(TC_ACT_OK);
     }
+    if let Some(s) = Addr6::static_nat(cfg, &w.p.src)
+        && s.kind == STATIC_INTERNAL
+    {
+        // F8: the container's own external address, for every protocol.
+        w.peer = s.peer;
+        return Ok(STATIC);
+    }
     if cfg.flags & CFG_MASQUERADE == 0 {
         return pass(ctx);
     }
@@ -377,6 +391,44 @@ fn route_out(ctx: &TcContext) -> Result<i32, Reason> {
         return Err(Reason::DropUnsupported);
     }
     Ok(GO_ON)
+}
+
+/// F8 over IPv6, outbound: the packet in `work6` leaves with its sender's external address
+/// (`work6.peer`) by the next hop `route_out` left there; an ICMPv6 error quotes that address.
+#[inline(never)]
+fn from_static(ctx: &TcContext) -> i32 {
+    let r = work().and_then(|w| {
+        let external = w.peer;
+        if icmp::is_error(&w.p) {
+            icmp::translate_static(ctx, &w.p, icmp::QUOTED_DST, w.p.src, external)?;
+        }
+        nat::set_src(ctx, &mut w.p, external)?;
+        count(Reason::StaticNat, ctx.len());
+        forward::route(ctx, &mut w.p, ifindex(ctx), Some(w.nh))
+    });
+    verdict(ctx, r)
+}
+
+/// F8 over IPv6, inbound: everything for a static external address goes to its container
+/// (`work6.peer`); an ICMPv6 error about a packet the container sent quotes it back.
+#[inline(never)]
+fn to_static(ctx: &TcContext) -> i32 {
+    let r = work().and_then(|w| {
+        if w.p.ttl <= 1 {
+            return Err(Reason::DropTtl);
+        }
+        let internal = w.peer;
+        if icmp::is_error(&w.p) {
+            icmp::translate_static(ctx, &w.p, icmp::QUOTED_SRC, w.p.dst, internal)?;
+        }
+        nat::set_dst(ctx, &mut w.p, internal)?;
+        count(Reason::StaticNat, ctx.len());
+        Ok(TRANSLATED)
+    });
+    match verdict(ctx, r) {
+        TRANSLATED => deliver(ctx),
+        action => action,
+    }
 }
 
 /// F2 over IPv6: a new connection of the container `me`, masqueraded (NAT66) and sent by
@@ -412,8 +464,21 @@ fn uplink(ctx: &TcContext) -> Result<i32, Reason> {
     if cfg.v6.prefix_len == 0 {
         return pass(ctx);
     }
+    if cfg.flags & CFG_STATIC_NAT != 0 {
+        // Neighbour Solicitations for a static external address are answered here.
+        match nd::uplink_solicitation(ctx) {
+            GO_ON => {}
+            action => return Ok(action),
+        }
+    }
     // Malformed: dropped and counted, as ip6_rcv would drop it.
     let w = parsed(ctx)?;
+    if let Some(s) = Addr6::static_nat(cfg, &w.p.dst)
+        && s.kind == STATIC_EXTERNAL
+    {
+        w.peer = s.peer;
+        return Ok(to_static(ctx));
+    }
     if icmp::is_error(&w.p) {
         match icmp_error(ctx, true) {
             GO_ON => {}

@@ -12,8 +12,8 @@ use nat_common::{
     CtEntry4, CtEntry6, CtKey4, CtKey6, ENDPOINTS_MAX_ENTRIES, Endpoint, FRAGS_MAX_ENTRIES,
     FragKey4, FragPorts, NODE_ADDRS_MAX_ENTRIES, NodeAddr, PORTS_MAX_ENTRIES, PortKey4, PortKey6,
     PortTarget4, PortTarget6, REASON_COUNT, SCRATCH_SLOTS, SOCK_RNAT_MAX_ENTRIES,
-    STATIC_NAT_MAX_ENTRIES, SockKey4, SockKey6, SockOrig4, SockOrig6, StaticNat4, WORK6_LEN,
-    conntrack_new_max,
+    STATIC_NAT_MAX_ENTRIES, SockKey4, SockKey6, SockOrig4, SockOrig6, StaticNat4, StaticNat6,
+    WORK6_LEN, conntrack_new_max,
 };
 
 #[btf_map(name = "config")]
@@ -80,6 +80,11 @@ pub static WORK6: PerCpuArray<[u64; WORK6_LEN / 8], 1> = PerCpuArray::new();
 /// Static 1:1 NAT: address → the other side of its mapping (two entries per mapping).
 #[btf_map(name = "static_nat")]
 pub static STATIC_NAT: HashMap<Addr4, StaticNat4, { STATIC_NAT_MAX_ENTRIES as usize }> =
+    HashMap::new();
+
+/// IPv6 static 1:1 NAT, as `static_nat`.
+#[btf_map(name = "static_nat6")]
+pub static STATIC_NAT6: HashMap<Addr6, StaticNat6, { STATIC_NAT_MAX_ENTRIES as usize }> =
     HashMap::new();
 
 /// Sockets whose destination the socket programs rewrote: what to show the application back.

@@ -9,12 +9,13 @@ use aya_ebpf::{
     helpers::{bpf_csum_diff, bpf_redirect},
     programs::TcContext,
 };
-use nat_common::{Addr6, Reason};
+use nat_common::{Addr6, Reason, STATIC_EXTERNAL};
 
 use crate::{
+    family::Fam as _,
     forward::set_macs,
     ingress::ifindex,
-    ipv6::{L4_OFF, NEXT_ICMPV6, endpoint6, pass},
+    ipv6::{GO_ON, L4_OFF, NEXT_ICMPV6, endpoint6, pass},
     lookup::config,
     parse::{self, ETH_LEN, Ip6Hdr, ptr_at},
     pkt::Pkt as _,
@@ -104,6 +105,72 @@ fn solicit(ctx: &TcContext) -> Result<i32, Reason> {
     count(Reason::NdReply, ctx.len());
     // SAFETY: plain helper call; egress of the interface the solicitation came in on.
     Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+}
+
+/// A Neighbour Solicitation on the uplink for a static external address (F8): answered
+/// with the uplink's MAC, as the ARP responder answers for IPv4. `GO_ON` for any other
+/// packet, which goes on through the uplink's path.
+#[inline(never)]
+pub fn uplink_solicitation(ctx: &TcContext) -> i32 {
+    verdict(ctx, answer_uplink(ctx))
+}
+
+#[inline(always)]
+fn answer_uplink(ctx: &TcContext) -> Result<i32, Reason> {
+    let cfg = config()?;
+    let Some(ip) = ptr_at::<Ip6Hdr>(ctx, ETH_LEN) else {
+        return Ok(GO_ON);
+    };
+    // SAFETY: bounds checked by `ptr_at`; fields are read in place.
+    let (next_hdr, len, hop_limit) = unsafe {
+        (
+            (*ip).next_hdr,
+            u16::from_be_bytes((*ip).payload_len),
+            (*ip).hop_limit,
+        )
+    };
+    let Some(head) = ptr_at::<[u8; 2]>(ctx, L4_OFF) else {
+        return Ok(GO_ON);
+    };
+    // SAFETY: bounds checked by `ptr_at`.
+    let head = unsafe { *head };
+    if next_hdr != NEXT_ICMPV6
+        || head != [ND_SOLICIT, 0]
+        || hop_limit != 255
+        || (len != NS_LEN && len != NS_SLLA_LEN)
+    {
+        return Ok(GO_ON);
+    }
+    let with_opt = len == NS_SLLA_LEN;
+    if with_opt {
+        let o = ptr_at::<[u8; 2]>(ctx, OPT_OFF).ok_or(Reason::DropTruncated)?;
+        // SAFETY: bounds checked by `ptr_at`.
+        if unsafe { *o } != [OPT_SLLA, 1] {
+            return Ok(GO_ON);
+        }
+    }
+    let src = ptr_at::<Addr6>(ctx, IP_SRC_OFF).ok_or(Reason::DropTruncated)?;
+    let target = ptr_at::<Addr6>(ctx, ND_TARGET_OFF).ok_or(Reason::DropTruncated)?;
+    // SAFETY: bounds checked by `ptr_at`; copied before the packet is rewritten.
+    let (asker, target) = unsafe { (*src, *target) };
+    if asker == [0; 16] {
+        // Duplicate address detection: the stack's.
+        return Ok(GO_ON);
+    }
+    if !Addr6::static_nat(cfg, &target).is_some_and(|s| s.kind == STATIC_EXTERNAL) {
+        return Ok(GO_ON);
+    }
+    let (_, eth_src) = parse::l3(ctx).ok_or(Reason::DropTruncated)?;
+    advertise(
+        ctx,
+        (&asker, &target),
+        (eth_src, cfg.uplink_mac),
+        0,
+        with_opt,
+    )?;
+    count(Reason::NdReply, ctx.len());
+    // SAFETY: plain helper call; back out of the uplink.
+    Ok(unsafe { bpf_redirect(ifindex(ctx), 0) } as i32)
 }
 
 /// Rewrite the solicitation in place into the advertisement "`target` is at `mac`" for

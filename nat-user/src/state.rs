@@ -181,8 +181,9 @@ fn default_ifname() -> String {
 /// A static 1:1 NAT mapping (`bpfnat nat add`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StaticMapping {
-    pub external: Ipv4Addr,
-    pub internal: Ipv4Addr,
+    /// Both of one family.
+    pub external: std::net::IpAddr,
+    pub internal: std::net::IpAddr,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -2,7 +2,7 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
-use bpfnat_tests::{EXT_ADDR, NODE_ADDR, counter, flows, json, lab_up, ping, traffic, v4};
+use bpfnat_tests::{EXT_ADDR, NODE_ADDR, UPLINK, counter, flows, json, lab_up, ping, traffic, v4};
 
 const C1: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 2);
 const C2: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 3);
@@ -145,13 +145,8 @@ fn masquerade_never_collides_with_the_nodes_own_connections() {
     use std::io::{Read as _, Write as _};
     const PORT: u16 = 45000; // inside the node's ephemeral range
     let lab = bpfnat_tests::lab("f2host");
-    lab.ok(&[
-        "up",
-        "--uplink",
-        bpfnat_tests::UPLINK,
-        "--masquerade-avoid-host-ports",
-    ])
-    .unwrap();
+    lab.ok(&["up", "--uplink", UPLINK, "--masquerade-avoid-host-ports"])
+        .unwrap();
     let c = lab.name("c");
     lab.ok(&["container", "add", &c]).unwrap();
     let listener = nat_plumbing::netns::run_in(&lab.ext, || {
@@ -359,42 +354,68 @@ fn node_and_containers_reach_each_other() {
 
 #[test]
 fn masquerade_carries_200_concurrent_connections() {
-    const N: usize = 200;
     let lab = lab_up("f2many");
     let c = lab.name("c");
     lab.ok(&["container", "add", &c]).unwrap();
-    let srv = traffic::http_server(
-        &lab.ext,
-        v4(EXT_ADDR, 9000),
-        "ext",
-        N,
-        Duration::from_secs(60),
-    )
-    .unwrap();
-    let ns = lab.container_ns(&c);
+    concurrent_connections(&lab, &c, v4(EXT_ADDR, 9000), NODE_ADDR.into());
+}
+
+#[test]
+fn nat66_carries_200_concurrent_connections() {
+    let lab = bpfnat_tests::lab("f2many6");
+    bpfnat_tests::uplink_v6(&lab);
+    lab.ok(&["up", "--uplink", UPLINK, "--subnet6", "fd00:88::/64"])
+        .unwrap();
+    let c = lab.name("c");
+    lab.ok(&["container", "add", &c]).unwrap();
+    let ext6: std::net::Ipv6Addr = bpfnat_tests::EXT6.parse().unwrap();
+    let node6: std::net::Ipv6Addr = bpfnat_tests::NODE6.parse().unwrap();
+    concurrent_connections(&lab, &c, (ext6, 9000).into(), node6.into());
+}
+
+/// 200 concurrent connections from container `c` to `server` (outside), masqueraded to
+/// `snat`: each answered, each its own port and conntrack connection, no half connections.
+fn concurrent_connections(
+    lab: &bpfnat_tests::Lab,
+    c: &str,
+    server: std::net::SocketAddr,
+    snat: std::net::IpAddr,
+) {
+    const N: usize = 200;
+    let any = std::net::SocketAddr::new(
+        if server.is_ipv6() {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        } else {
+            Ipv4Addr::UNSPECIFIED.into()
+        },
+        server.port(),
+    );
+    let srv = traffic::http_server(&lab.ext, any, "ext", N, Duration::from_secs(60)).unwrap();
+    let ns = lab.container_ns(c);
+    let you_are = match snat {
+        std::net::IpAddr::V4(a) => format!("you are {a}:"),
+        std::net::IpAddr::V6(a) => format!("you are [{a}]:"),
+    };
     let clients: Vec<_> = (0..N)
         .map(|_| {
             let ns = ns.clone();
-            std::thread::spawn(move || traffic::http_get(&ns, v4(EXT_ADDR, 9000)))
+            std::thread::spawn(move || traffic::http_get(&ns, server))
         })
         .collect();
     let ok = clients
         .into_iter()
         .map(|h| h.join().unwrap())
-        .filter(|r| {
-            r.as_ref()
-                .is_ok_and(|b| b.contains(&format!("you are {NODE_ADDR}:")))
-        })
+        .filter(|r| r.as_ref().is_ok_and(|b| b.contains(&you_are)))
         .count();
     let seen = srv.join().unwrap();
-    assert_eq!(ok, N, "every connection got its answer");
+    assert_eq!(ok, N, "every connection got its answer ({you_are})");
     assert_eq!(seen.len(), N);
-    assert!(seen.iter().all(|p| p.ip() == NODE_ADDR));
+    assert!(seen.iter().all(|p| p.ip() == snat));
     // One tracked connection per client connection; the distinct source ports the external
     // host saw are the MASQUERADE ports. (A closed connection's entries may already have
     // been reclaimed by a later one, so the table can hold fewer than N.)
     assert_eq!(
-        counter(&lab, "snat_new"),
+        counter(lab, "snat_new"),
         N as u64,
         "one conntrack connection per client connection"
     );
@@ -405,7 +426,7 @@ fn masquerade_carries_200_concurrent_connections() {
         "connections got their own ports: {}",
         ports.len()
     );
-    let s = json(&lab, &["conntrack", "stats"]);
+    let s = json(lab, &["conntrack", "stats"]);
     assert!(s["entries"].as_u64().unwrap() <= 2 * N as u64);
     assert_eq!(s["orphans"], 0, "no half connections");
 }
@@ -636,14 +657,8 @@ fn fragmented_udp_datagrams_are_translated_both_ways() {
 fn a_full_conntrack_table_evicts_the_least_recently_used_and_keeps_working() {
     const FLOWS: u16 = 900;
     let lab = bpfnat_tests::lab("ctfull");
-    lab.ok(&[
-        "up",
-        "--uplink",
-        bpfnat_tests::UPLINK,
-        "--conntrack-max",
-        "1024",
-    ])
-    .unwrap();
+    lab.ok(&["up", "--uplink", UPLINK, "--conntrack-max", "1024"])
+        .unwrap();
     let c = lab.name("c");
     lab.ok(&["container", "add", &c]).unwrap();
     let echo = traffic::udp_echo(

@@ -1,7 +1,7 @@
 //! `bpfnat nat add / del / list`: static 1:1 NAT (seed 001's `routerns`: DNAT of an external
 //! address to one container plus SNAT of that container back to it).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Result, anyhow, bail};
 use clap::Subcommand;
@@ -11,31 +11,32 @@ use super::{Ctx, table};
 use crate::{
     datapath::Maps,
     net::Cidr,
+    net::Cidr6,
     node::{config_of, require_node},
-    state::StaticMapping,
+    state::{Node, StaticMapping},
 };
 
 #[derive(Subcommand, Debug)]
 pub enum NatCmd {
-    /// Map an external address to a container address, both ways. The node answers ARP for
-    /// the external address on the uplink.
+    /// Map an external address to a container address, both ways, over IPv4 or IPv6. The
+    /// node answers ARP (Neighbour Solicitations) for the external address on the uplink.
     #[command(
-        after_help = "Example:\n  bpfnat nat add --external 203.0.113.10 --internal 10.88.0.5"
+        after_help = "Examples:\n  bpfnat nat add --external 203.0.113.10 --internal 10.88.0.5\n  bpfnat nat add --external 2001:db8:1::10 --internal fd00:88::5"
     )]
     Add {
-        /// The external address, one the node answers ARP for on the uplink, e.g.
-        /// `203.0.113.10` (not the node's own, not in the container subnet).
+        /// The external address, one the node answers for on the uplink, e.g.
+        /// `203.0.113.10` or `2001:db8:1::10` (not the node's own, not in a container subnet).
         #[arg(long)]
-        external: Ipv4Addr,
-        /// A container address of the subnet, e.g. `10.88.0.5`.
+        external: IpAddr,
+        /// A container address of the subnet of the same family, e.g. `10.88.0.5`.
         #[arg(long)]
-        internal: Ipv4Addr,
+        internal: IpAddr,
     },
     /// Remove the mapping of an external address.
     Del {
         /// The mapping's external address, e.g. `203.0.113.10`.
         #[arg(long)]
-        external: Ipv4Addr,
+        external: IpAddr,
     },
     /// List static mappings.
     List,
@@ -47,24 +48,12 @@ pub fn run(ctx: &Ctx, cmd: NatCmd) -> Result<()> {
     match cmd {
         NatCmd::Add { external, internal } => {
             let node = require_node(&state)?.clone();
-            let subnet = Cidr {
-                addr: node.subnet,
-                prefix: node.prefix_len,
-            };
-            if subnet.contains(external) {
-                bail!("external address {external} is inside the container subnet {subnet}");
-            }
-            if external == node.snat_ip || external.is_loopback() || external.is_unspecified() {
-                bail!(
-                    "external address {external} cannot be mapped (it is the node's own or not unicast)"
-                );
-            }
-            if !subnet.contains(internal)
-                || internal == node.gateway
-                || internal == subnet.broadcast()
-                || internal == subnet.addr
-            {
-                bail!("internal address {internal} is not a container address of {subnet}");
+            match (external, internal) {
+                (IpAddr::V4(e), IpAddr::V4(i)) => check4(&node, e, i)?,
+                (IpAddr::V6(e), IpAddr::V6(i)) => check6(&node, e, i)?,
+                _ => bail!(
+                    "external address {external} and internal address {internal} are of different families"
+                ),
             }
             if let Some(m) = state
                 .static_nat
@@ -82,11 +71,7 @@ pub fn run(ctx: &Ctx, cmd: NatCmd) -> Result<()> {
             }
             state.static_nat.push(m);
             store.save(&state)?;
-            let owner = state
-                .containers
-                .values()
-                .find(|c| c.ip == internal)
-                .map(|c| c.name.clone());
+            let owner = owner(&state, internal);
             ctx.emit("StaticNat", &m, || match owner {
                 Some(name) => format!("{external} <-> {internal} (container {name})"),
                 None => format!("{external} <-> {internal} (no container has {internal} yet)"),
@@ -118,11 +103,7 @@ pub fn run(ctx: &Ctx, cmd: NatCmd) -> Result<()> {
                 .map(|m| NatRow {
                     external: m.external,
                     internal: m.internal,
-                    container: state
-                        .containers
-                        .values()
-                        .find(|c| c.ip == m.internal)
-                        .map(|c| c.name.clone()),
+                    container: owner(&state, m.internal),
                 })
                 .collect();
             ctx.emit_list("StaticNatList", &rows, || {
@@ -147,7 +128,68 @@ pub fn run(ctx: &Ctx, cmd: NatCmd) -> Result<()> {
 /// A static NAT mapping and the container that holds its internal address, if any.
 #[derive(Serialize)]
 struct NatRow {
-    external: Ipv4Addr,
-    internal: Ipv4Addr,
+    external: IpAddr,
+    internal: IpAddr,
     container: Option<String>,
+}
+
+/// The container that holds `ip`, if any.
+fn owner(state: &crate::state::State, ip: IpAddr) -> Option<String> {
+    state
+        .containers
+        .values()
+        .find(|c| IpAddr::from(c.ip) == ip || c.ip6.map(IpAddr::from) == Some(ip))
+        .map(|c| c.name.clone())
+}
+
+/// An IPv4 mapping: the external address outside the container subnet and not the node's,
+/// the internal one a container address of it.
+fn check4(node: &Node, external: Ipv4Addr, internal: Ipv4Addr) -> Result<()> {
+    let subnet = Cidr {
+        addr: node.subnet,
+        prefix: node.prefix_len,
+    };
+    if subnet.contains(external) {
+        bail!("external address {external} is inside the container subnet {subnet}");
+    }
+    if external == node.snat_ip || external.is_loopback() || external.is_unspecified() {
+        bail!("external address {external} cannot be mapped (it is the node's own or not unicast)");
+    }
+    if !subnet.contains(internal)
+        || internal == node.gateway
+        || internal == subnet.broadcast()
+        || internal == subnet.addr
+    {
+        bail!("internal address {internal} is not a container address of {subnet}");
+    }
+    Ok(())
+}
+
+/// The same over IPv6, on a node with an IPv6 subnet.
+fn check6(node: &Node, external: Ipv6Addr, internal: Ipv6Addr) -> Result<()> {
+    let Some(v6) = &node.v6 else {
+        bail!("the node has no IPv6 subnet (up --subnet6) to map {external} to");
+    };
+    let subnet = Cidr6 {
+        addr: v6.subnet,
+        prefix: v6.prefix_len,
+    };
+    if subnet.contains(external) {
+        bail!("external address {external} is inside the container subnet {subnet}");
+    }
+    let link_local = external.segments()[0] & 0xffc0 == 0xfe80;
+    if Some(external) == v6.snat
+        || external.is_loopback()
+        || external.is_unspecified()
+        || external.is_multicast()
+        || link_local
+    {
+        bail!(
+            "external address {external} cannot be mapped (it is the node's own or not global unicast)"
+        );
+    }
+    if !subnet.contains(internal) || internal == v6.gateway || internal == subnet.addr {
+        bail!("internal address {internal} is not a container address of {subnet}");
+    }
+    Ok(())
 }

@@ -37,7 +37,7 @@ use aya::{
 use nat_common::{
     Addr4, Addr6, ClusterNet, Config, Counter, Endpoint, MAP_SPECS, MapKind, MapSpec, NodeAddr,
     PIN_VERSION, Port, PortKey4, PortKey6, PortTarget4, PortTarget6, Reason, STATIC_EXTERNAL,
-    STATIC_INTERNAL, StaticNat4, map_names, prog_names,
+    STATIC_INTERNAL, StaticNat4, StaticNat6, map_names, prog_names,
 };
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 
@@ -574,6 +574,7 @@ pub struct Maps {
     ct6: conntrack::Tables<Addr6>,
     stats: PerCpuArray<MapData, Counter>,
     static_nat: HashMap<MapData, Addr4, StaticNat4>,
+    static_nat6: HashMap<MapData, Addr6, StaticNat6>,
     node_addrs: HashMap<MapData, Addr4, NodeAddr>,
     node_addrs6: HashMap<MapData, Addr6, NodeAddr>,
     cluster_nets: LpmTrie<MapData, Addr4, ClusterNet>,
@@ -624,6 +625,7 @@ impl Maps {
             ct6: conntrack::Tables::open(pins)?,
             stats: open_map(pins, map_names::STATS)?.try_into()?,
             static_nat: open_map(pins, map_names::STATIC_NAT)?.try_into()?,
+            static_nat6: open_map(pins, map_names::STATIC_NAT6)?.try_into()?,
             node_addrs: open_map(pins, map_names::NODE_ADDRS)?.try_into()?,
             node_addrs6: open_map(pins, map_names::NODE_ADDRS6)?.try_into()?,
             cluster_nets: open_map(pins, map_names::CLUSTER_NETS)?.try_into()?,
@@ -871,7 +873,39 @@ impl Maps {
     }
 
     /// Map `external` to `internal` one to one, both ways.
-    pub fn put_static_nat(&mut self, external: Ipv4Addr, internal: Ipv4Addr) -> Result<()> {
+    /// Map `external` to `internal` one to one, both ways: the two are of one family.
+    pub fn put_static_nat(&mut self, external: IpAddr, internal: IpAddr) -> Result<()> {
+        match (external, internal) {
+            (IpAddr::V4(e), IpAddr::V4(i)) => self.put_static_nat4(e, i),
+            (IpAddr::V6(e), IpAddr::V6(i)) => self.put_static_nat6(e, i),
+            _ => bail!(
+                "static NAT maps an address to one of its own family ({external} -> {internal})"
+            ),
+        }
+    }
+
+    fn put_static_nat6(&mut self, external: Ipv6Addr, internal: Ipv6Addr) -> Result<()> {
+        let ext = StaticNat6 {
+            peer: internal.octets(),
+            kind: STATIC_EXTERNAL,
+            _pad: [0; 3],
+        };
+        let int = StaticNat6 {
+            peer: external.octets(),
+            kind: STATIC_INTERNAL,
+            _pad: [0; 3],
+        };
+        self.static_nat6
+            .insert(external.octets(), ext, 0)
+            .with_context(|| format!("write static NAT {external}"))?;
+        if let Err(e) = self.static_nat6.insert(internal.octets(), int, 0) {
+            let _ = self.static_nat6.remove(&external.octets());
+            return Err(anyhow!(e).context(format!("write static NAT {internal}")));
+        }
+        Ok(())
+    }
+
+    fn put_static_nat4(&mut self, external: Ipv4Addr, internal: Ipv4Addr) -> Result<()> {
         let ext = StaticNat4 {
             peer: internal.octets(),
             kind: STATIC_EXTERNAL,
@@ -892,10 +926,13 @@ impl Maps {
         Ok(())
     }
 
-    pub fn remove_static_nat(&mut self, external: Ipv4Addr, internal: Ipv4Addr) -> Result<()> {
+    pub fn remove_static_nat(&mut self, external: IpAddr, internal: IpAddr) -> Result<()> {
         for a in [external, internal] {
-            deleted(self.static_nat.remove(&a.octets()))
-                .with_context(|| format!("remove static NAT {a}"))?;
+            match a {
+                IpAddr::V4(a4) => deleted(self.static_nat.remove(&a4.octets())),
+                IpAddr::V6(a6) => deleted(self.static_nat6.remove(&a6.octets())),
+            }
+            .with_context(|| format!("remove static NAT {a}"))?;
         }
         Ok(())
     }
