@@ -2,7 +2,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
-use crate::{Addr4, Port};
+use crate::{Addr4, Addr6, Port};
 
 /// `frags` key: one fragmented datagram as it arrived at a hook.
 #[repr(C)]
@@ -18,7 +18,23 @@ pub struct FragKey4 {
     pub _pad: u8,
 }
 
-/// `frags` value: the ports the first fragment carried, for the fragments that do not, and
+/// `frags6` key: one fragmented IPv6 datagram as it arrived at a hook (RFC 8200: source,
+/// destination and the Fragment header's 32-bit identification).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FragKey6 {
+    /// Network order.
+    pub src_addr: Addr6,
+    /// Network order.
+    pub dst_addr: Addr6,
+    /// Fragment identification, network order.
+    pub id: [u8; 4],
+    /// The upper-layer protocol after the extension headers.
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `frags`/`frags6` value: the ports the first fragment carried, for the fragments that do not, and
 /// what is needed to forget the datagram once it has passed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]

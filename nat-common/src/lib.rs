@@ -68,8 +68,8 @@ pub const PROTO_ICMPV6: u8 = 58;
 mod user {
     use super::{
         ClusterNet, Config, Counter, CtEntry4, CtEntry6, CtKey4, CtKey6, CtMeta, Endpoint,
-        FragKey4, FragPorts, Net4, Net6, NodeAddr, PortKey4, PortKey6, PortTarget4, PortTarget6,
-        SockKey4, SockKey6, SockOrig4, SockOrig6, StaticNat4, StaticNat6,
+        FragKey4, FragKey6, FragPorts, Net4, Net6, NodeAddr, PortKey4, PortKey6, PortTarget4,
+        PortTarget6, SockKey4, SockKey6, SockOrig4, SockOrig6, StaticNat4, StaticNat6,
     };
 
     /// `aya::Pod` for map key and value types.
@@ -101,6 +101,7 @@ mod user {
         SockKey6,
         SockOrig6,
         FragKey4,
+        FragKey6,
         FragPorts,
         NodeAddr,
         ClusterNet,

@@ -7,7 +7,7 @@ use core::mem::size_of;
 
 use crate::{
     Addr4, Addr6, ClusterNet, Config, Counter, CtEntry4, CtEntry6, CtKey4, CtKey6, Endpoint,
-    FragKey4, FragPorts, Lpm4, NodeAddr, PortKey4, PortKey6, PortTarget4, PortTarget6,
+    FragKey4, FragKey6, FragPorts, Lpm4, NodeAddr, PortKey4, PortKey6, PortTarget4, PortTarget6,
     REASON_COUNT, SockKey4, SockKey6, SockOrig4, SockOrig6, StaticNat4, StaticNat6,
 };
 
@@ -36,6 +36,8 @@ pub mod map_names {
     /// The IPv6 sockets the socket programs translated (`SockKey6` → `SockOrig6`).
     pub const SOCK_RNAT6: &str = "sock_rnat6";
     pub const FRAGS: &str = "frags";
+    /// The same for IPv6 datagrams (`FragKey6` → `FragPorts`).
+    pub const FRAGS6: &str = "frags6";
     pub const NODE_ADDRS: &str = "node_addrs";
     /// The node's own global IPv6 addresses (`Addr6` → `NodeAddr`).
     pub const NODE_ADDRS6: &str = "node_addrs6";
@@ -125,7 +127,7 @@ const PINNED: bool = true;
 const PER_LOAD: bool = false;
 
 /// Every map of the eBPF object.
-pub const MAP_SPECS: [MapSpec; 22] = {
+pub const MAP_SPECS: [MapSpec; 23] = {
     use MapKind::{Array, Hash, LpmTrie, LruHash, PerCpuArray};
     use map_names as n;
     [
@@ -144,6 +146,7 @@ pub const MAP_SPECS: [MapSpec; 22] = {
         map::<SockKey4, SockOrig4>(n::SOCK_RNAT, LruHash, None, PINNED),
         map::<SockKey6, SockOrig6>(n::SOCK_RNAT6, LruHash, None, PINNED),
         map::<FragKey4, FragPorts>(n::FRAGS, LruHash, None, PINNED),
+        map::<FragKey6, FragPorts>(n::FRAGS6, LruHash, None, PINNED),
         map::<Addr4, NodeAddr>(n::NODE_ADDRS, Hash, None, PINNED),
         map::<Addr6, NodeAddr>(n::NODE_ADDRS6, Hash, None, PINNED),
         map::<Lpm4, ClusterNet>(n::CLUSTER_NETS, LpmTrie, None, PINNED),

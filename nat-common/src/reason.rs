@@ -120,13 +120,17 @@ pub enum Reason {
     NdReply = 39,
     /// Dropped: a Neighbour Solicitation for an address the datapath does not know.
     DropNdUnknown = 40,
-    /// Dropped: IPv6 from a container to beyond its subnet and the node: not translated yet
-    /// (NAT66 is to come), and never leaked untranslated.
+    /// Dropped: IPv6 from a container that would leave by the uplink untranslated: the node
+    /// has no global IPv6 address to masquerade with.
     DropIpv6Out = 41,
+    /// Dropped: an IPv6 packet to translate whose extension headers NAT66 must not pass: a
+    /// routing header with segments left (its destination is not the final one, which the
+    /// checksums cover), or a chain longer than the datapath walks.
+    DropIpv6Ext = 42,
 }
 
 /// Number of `Reason` slots in the `stats` array.
-pub const REASON_COUNT: u32 = 42;
+pub const REASON_COUNT: u32 = 43;
 
 impl Reason {
     /// Every reason with its stable name, in index order.
@@ -173,6 +177,7 @@ impl Reason {
         (Self::NdReply, "nd_reply"),
         (Self::DropNdUnknown, "drop_nd_unknown"),
         (Self::DropIpv6Out, "drop_ipv6_out"),
+        (Self::DropIpv6Ext, "drop_ipv6_ext"),
     ];
 }
 

@@ -5,10 +5,13 @@
 
 use core::ptr::null_mut;
 
-use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, helpers::bpf_csum_diff};
+use aya_ebpf::{
+    bindings::{BPF_ANY, bpf_fib_lookup as FibParams},
+    helpers::bpf_csum_diff,
+};
 use nat_common::{
-    Addr4, Addr6, CFG_STATIC_NAT, Config, CtEntry, CtKey, Endpoint, Family, Port, PortKey6,
-    PortTarget, Reason, StaticNat,
+    Addr4, Addr6, CFG_STATIC_NAT, Config, CtEntry, CtKey, Endpoint, Family, FragKey4, FragKey6,
+    FragPorts, Port, PortKey6, PortTarget, Reason, StaticNat,
 };
 use network_types::ip::Ipv4Hdr;
 
@@ -16,8 +19,8 @@ use crate::{
     addr, ipv6,
     lookup::{container_at, published_port, static_nat},
     maps::{
-        CONNTRACK, CONNTRACK_NEW, CONNTRACK6, CONNTRACK6_NEW, NODE_ADDRS6, PORTS6, SCRATCH,
-        SCRATCH6, STATIC_NAT6,
+        CONNTRACK, CONNTRACK_NEW, CONNTRACK6, CONNTRACK6_NEW, FRAGS, FRAGS6, NODE_ADDRS6, PORTS6,
+        SCRATCH, SCRATCH6, STATIC_NAT6,
     },
     parse::{
         self, IP_CSUM_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, IP_TTL_OFF, IP6_LEN, Ip, Ip6Hdr, ptr_at,
@@ -73,6 +76,10 @@ pub trait Fam: Family {
     fn is_node_addr(cfg: &Config, a: &Self) -> bool;
     /// The static 1:1 NAT entry for `a`, if any (no lookup while no mapping exists).
     fn static_nat(cfg: &Config, a: &Self) -> Option<StaticNat<Self>>;
+    /// The fragment table entry of `p`'s datagram (`frag.rs`).
+    fn frags_get(p: &Ip<Self>) -> Option<*mut FragPorts>;
+    fn frags_insert(p: &Ip<Self>, v: &FragPorts);
+    fn frags_remove(p: &Ip<Self>);
     /// Rewrite the quoted address at `ip_off + field` and the checksum that covers it: the
     /// quoted IPv4 header's own, or (IPv6 has none) the ICMPv6 checksum at `icmp_csum_off`.
     fn set_quoted_addr(
@@ -205,6 +212,21 @@ impl Fam for Addr4 {
     }
 
     #[inline(always)]
+    fn frags_get(p: &Ip<Self>) -> Option<*mut FragPorts> {
+        FRAGS.get_ptr_mut(&frag_key4(p))
+    }
+
+    #[inline(always)]
+    fn frags_insert(p: &Ip<Self>, v: &FragPorts) {
+        let _ = FRAGS.insert(&frag_key4(p), v, u64::from(BPF_ANY));
+    }
+
+    #[inline(always)]
+    fn frags_remove(p: &Ip<Self>) {
+        let _ = FRAGS.remove(&frag_key4(p));
+    }
+
+    #[inline(always)]
     fn is_icmp_error(icmp_type: u8) -> bool {
         matches!(
             icmp_type,
@@ -233,6 +255,30 @@ impl Fam for Addr4 {
         let (o, n) = (u32::from_ne_bytes(*old), u32::from_ne_bytes(*new));
         ctx.csum_l3(ip_off + 10, o, n, 4)?;
         ctx.put(ip_off + field, new)
+    }
+}
+
+/// The `frags` key of `p`'s datagram.
+#[inline(always)]
+fn frag_key4(p: &Ip<Addr4>) -> FragKey4 {
+    FragKey4 {
+        src_addr: p.src,
+        dst_addr: p.dst,
+        id: [p.id[0], p.id[1]],
+        proto: p.proto,
+        _pad: 0,
+    }
+}
+
+/// The `frags6` key of `p`'s datagram.
+#[inline(always)]
+fn frag_key6(p: &Ip<Addr6>) -> FragKey6 {
+    FragKey6 {
+        src_addr: p.src,
+        dst_addr: p.dst,
+        id: p.id,
+        proto: p.proto,
+        _pad: [0; 3],
     }
 }
 
@@ -386,6 +432,21 @@ impl Fam for Addr6 {
         }
         // SAFETY: the value is copied out at once.
         unsafe { STATIC_NAT6.get(a) }.copied()
+    }
+
+    #[inline(always)]
+    fn frags_get(p: &Ip<Self>) -> Option<*mut FragPorts> {
+        FRAGS6.get_ptr_mut(&frag_key6(p))
+    }
+
+    #[inline(always)]
+    fn frags_insert(p: &Ip<Self>, v: &FragPorts) {
+        let _ = FRAGS6.insert(&frag_key6(p), v, u64::from(BPF_ANY));
+    }
+
+    #[inline(always)]
+    fn frags_remove(p: &Ip<Self>) {
+        let _ = FRAGS6.remove(&frag_key6(p));
     }
 
     /// Only a quoted packet whose upper-layer header follows the fixed header: one with

@@ -1,6 +1,7 @@
-//! IPv4 fragments. Only the first fragment carries the ports that conntrack keys on; it
-//! records them here under the datagram's reassembly key (src, dst, protocol, IP id: RFC 791),
-//! and the later fragments look them up, so a whole datagram follows one translation.
+//! Fragments, of either family. Only the first fragment carries the ports that conntrack keys
+//! on; it records them here under the datagram's reassembly key (src, dst, protocol, IP id:
+//! RFC 791; the Fragment header's 32-bit id for IPv6, RFC 8200), and the later fragments look
+//! them up, so a whole datagram follows one translation.
 //!
 //! An entry lives as long as its datagram: it counts the payload bytes that passed and is
 //! deleted once they add up to the length the last fragment revealed (in whatever order the
@@ -12,26 +13,15 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use aya_ebpf::bindings::BPF_ANY;
-use nat_common::{FRAG_TIMEOUT_NS, FragKey4, FragPorts, PROTO_TCP, PROTO_UDP};
+use nat_common::{FRAG_TIMEOUT_NS, FragPorts, PROTO_TCP, PROTO_UDP};
 
-use crate::{conntrack::now, maps::FRAGS, parse::Ip4};
+use crate::{conntrack::now, family::Fam, parse::Ip};
 
+/// The fragmentable part of this fragment (after the IP header and, for IPv6, the extension
+/// headers up to the Fragment header's end).
 #[inline(always)]
-fn key(p: &Ip4) -> FragKey4 {
-    FragKey4 {
-        src_addr: p.src,
-        dst_addr: p.dst,
-        id: p.id,
-        proto: p.proto,
-        _pad: 0,
-    }
-}
-
-/// The IP payload of this fragment.
-#[inline(always)]
-fn payload(p: &Ip4) -> u32 {
-    u32::from(p.tot_len).saturating_sub((p.l4_off - crate::parse::IP_OFF) as u32)
+fn payload<A>(p: &Ip<A>) -> u32 {
+    u32::from(p.tot_len).saturating_sub(u32::from(p.frag_data_off))
 }
 
 /// Remember the ports of a first fragment, for the fragments that follow it. Called only
@@ -39,7 +29,7 @@ fn payload(p: &Ip4) -> u32 {
 /// a source that may come from outside), so that nobody can write a record for another
 /// host's datagrams.
 #[inline(never)]
-pub fn record(p: &Ip4) {
+pub fn record<A: Fam>(p: &Ip<A>) {
     if !p.frag || !p.l4_present || (p.proto != PROTO_TCP && p.proto != PROTO_UDP) {
         return;
     }
@@ -51,26 +41,25 @@ pub fn record(p: &Ip4) {
         _pad: 0,
         created_ns: now(),
     };
-    let _ = FRAGS.insert(&key(p), &f, u64::from(BPF_ANY));
+    A::frags_insert(p, &f);
 }
 
 /// Recover the ports of a later fragment from its datagram's first fragment (before any
 /// rewrite). A function of its own: inlined at the top of both programs, its branches
 /// multiplied the paths the verifier walks through everything after it.
 #[inline(never)]
-pub fn resolve(p: &mut Ip4) {
+pub fn resolve<A: Fam>(p: &mut Ip<A>) {
     if !p.frag || p.l4_present || (p.proto != PROTO_TCP && p.proto != PROTO_UDP) {
         return;
     }
-    let k = key(p);
-    let Some(f) = FRAGS.get_ptr_mut(&k) else {
+    let Some(f) = A::frags_get(p) else {
         return;
     };
     // SAFETY: `f` points into the map value; `seen` is added atomically (fragments of one
     // datagram may be handled on several CPUs at once).
     let f = unsafe { &mut *f };
     if now().saturating_sub(f.created_ns) > FRAG_TIMEOUT_NS {
-        let _ = FRAGS.remove(&k);
+        A::frags_remove(p);
         return;
     }
     p.sport = f.src_port;
@@ -85,6 +74,6 @@ pub fn resolve(p: &mut Ip4) {
     }
     if f.total != 0 && f.seen >= f.total {
         // Every byte has passed: the next datagram with this IP id is another one.
-        let _ = FRAGS.remove(&k);
+        A::frags_remove(p);
     }
 }

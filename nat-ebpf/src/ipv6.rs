@@ -22,7 +22,7 @@ use crate::{
     conntrack::{self, now},
     family::Fam as _,
     forward::{self, set_macs},
-    icmp,
+    frag, icmp,
     ingress::{ifindex, tracked, valid_for_state},
     lookup::config,
     maps::{ENDPOINTS6, WORK6},
@@ -136,7 +136,12 @@ fn dispatch(ctx: &TcContext) -> Result<i32, Reason> {
     // source is the sender's own (checked above), so is any connection of this tuple.
     // For the gateway address: the node's (F6), unless it answers a hairpin connection,
     // whose source became the gateway.
-    let w = parsed(ctx)?;
+    // The source is the sender's own: its first fragments may record ports.
+    match parse(ctx, true) {
+        GO_ON => {}
+        action => return Ok(action),
+    }
+    let w = work()?;
     let to_gateway = w.p.dst == cfg.v6.gateway_addr;
     if w.p.ttl <= 1 && !to_gateway {
         // Expiring here: the kernel answers it with Time Exceeded.
@@ -192,6 +197,22 @@ pub struct Work6 {
 }
 
 const _: () = assert!(size_of::<Work6>() <= WORK6_LEN && align_of::<Work6>() <= 8);
+
+/// Parse the packet into `work6` and match its fragments to their first one's ports
+/// (`frag.rs`); `record`: the source may record a first fragment's. `GO_ON`, or the drop
+/// (counted) of a malformed packet, as ip6_rcv would drop it. A step of its own: the walk of
+/// the headers then costs the dispatchers' frames nothing.
+#[inline(never)]
+fn parse(ctx: &TcContext, record: bool) -> i32 {
+    let r = parsed(ctx).map(|w| {
+        if record {
+            frag::record(&w.p);
+        }
+        frag::resolve(&mut w.p);
+        GO_ON
+    });
+    verdict(ctx, r)
+}
 
 /// Parse the packet into this CPU's `work6` slot.
 #[inline(always)]
@@ -386,8 +407,15 @@ fn route_out(ctx: &TcContext) -> Result<i32, Reason> {
         // No global address to masquerade with (yet).
         return Err(Reason::DropIpv6Out);
     }
+    if w.p.bad_ext {
+        return Err(Reason::DropIpv6Ext);
+    }
+    if w.p.frag && !w.p.l4_present && !w.p.ports_known {
+        // A later fragment of a datagram whose first fragment was not seen.
+        return Err(Reason::DropFragment);
+    }
     if !w.p.is_trackable() {
-        // Another protocol, or an extension header NAT66 does not walk: never leaked.
+        // Another protocol, or ESP, AH or an unknown header: never leaked untranslated.
         return Err(Reason::DropUnsupported);
     }
     Ok(GO_ON)
@@ -471,8 +499,15 @@ fn uplink(ctx: &TcContext) -> Result<i32, Reason> {
             action => return Ok(action),
         }
     }
-    // Malformed: dropped and counted, as ip6_rcv would drop it.
-    let w = parsed(ctx)?;
+    // Fragments, as over IPv4: only a source that may come from outside records ports.
+    let src = ptr_at::<Addr6>(ctx, ETH_LEN + 8).ok_or(Reason::DropTruncated)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let genuine = !forged_outside_src(cfg, unsafe { &*src });
+    match parse(ctx, genuine) {
+        GO_ON => {}
+        action => return Ok(action),
+    }
+    let w = work()?;
     if let Some(s) = Addr6::static_nat(cfg, &w.p.dst)
         && s.kind == STATIC_EXTERNAL
     {

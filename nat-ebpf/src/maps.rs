@@ -10,8 +10,8 @@ use aya_ebpf::{
 use nat_common::{
     Addr4, Addr6, CLUSTER_NETS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, ClusterNet, Config, Counter,
     CtEntry4, CtEntry6, CtKey4, CtKey6, ENDPOINTS_MAX_ENTRIES, Endpoint, FRAGS_MAX_ENTRIES,
-    FragKey4, FragPorts, NODE_ADDRS_MAX_ENTRIES, NodeAddr, PORTS_MAX_ENTRIES, PortKey4, PortKey6,
-    PortTarget4, PortTarget6, REASON_COUNT, SCRATCH_SLOTS, SOCK_RNAT_MAX_ENTRIES,
+    FragKey4, FragKey6, FragPorts, NODE_ADDRS_MAX_ENTRIES, NodeAddr, PORTS_MAX_ENTRIES, PortKey4,
+    PortKey6, PortTarget4, PortTarget6, REASON_COUNT, SCRATCH_SLOTS, SOCK_RNAT_MAX_ENTRIES,
     STATIC_NAT_MAX_ENTRIES, SockKey4, SockKey6, SockOrig4, SockOrig6, StaticNat4, StaticNat6,
     WORK6_LEN, conntrack_new_max,
 };
@@ -100,6 +100,11 @@ pub static SOCK_RNAT6: LruHashMap<SockKey6, SockOrig6, { SOCK_RNAT_MAX_ENTRIES a
 /// Ports of fragmented datagrams, learned from their first fragment.
 #[btf_map(name = "frags")]
 pub static FRAGS: LruHashMap<FragKey4, FragPorts, { FRAGS_MAX_ENTRIES as usize }> =
+    LruHashMap::new();
+
+/// The same for IPv6 datagrams.
+#[btf_map(name = "frags6")]
+pub static FRAGS6: LruHashMap<FragKey6, FragPorts, { FRAGS_MAX_ENTRIES as usize }> =
     LruHashMap::new();
 
 /// The node's own unicast addresses (besides `Net4::node_addr`), kept by userspace.

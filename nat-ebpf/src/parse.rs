@@ -93,7 +93,8 @@ pub struct Ip<A> {
     /// A non-first fragment whose ports were learned from its first fragment.
     pub ports_known: bool,
     /// IPv4 identification (fragments of one datagram share it).
-    pub id: [u8; 2],
+    /// IPv4: identification (first two bytes); IPv6: the Fragment header's.
+    pub id: [u8; 4],
     /// Offset of the L4 header (Ethernet + IP header with options or extension headers).
     pub l4_off: usize,
     /// The IP datagram's length, headers included (IPv6: 40 + payload length).
@@ -102,6 +103,12 @@ pub struct Ip<A> {
     pub frag_offset: u16,
     /// MF: more fragments follow.
     pub more_fragments: bool,
+    /// Where the fragmentable data starts, counted from the IP header: IPv4's header length,
+    /// or the end of IPv6's Fragment header (the offsets count from there).
+    pub frag_data_off: u16,
+    /// IPv6: an extension header NAT66 must not pass (a routing header with segments left,
+    /// or a chain longer than `EXT_MAX`): `drop_ipv6_ext` where it would be translated.
+    pub bad_ext: bool,
 }
 
 pub type Ip4 = Ip<Addr4>;
@@ -174,7 +181,9 @@ pub fn ipv4(ctx: &impl Pkt) -> Result<Ip4, Reason> {
         df: frags & 0x4000 != 0,
         l4_present: offset == 0,
         ports_known: false,
-        id: h.id,
+        id: [h.id[0], h.id[1], 0, 0],
+        frag_data_off: ihl as u16,
+        bad_ext: false,
         l4_off: IP_OFF + ihl,
         tot_len,
         frag_offset: offset,
@@ -250,11 +259,27 @@ pub struct Ip6Hdr {
 
 pub const IP6_LEN: usize = size_of::<Ip6Hdr>();
 
-/// Parse the IPv6 header and the L4 ports into `out` (per-CPU memory: the IPv6 path's stack
-/// cannot spare the room). Only packets whose upper-layer header follows the fixed header
-/// directly are parsed further; with an extension header in between, `proto` is that
-/// header's number and the packet is not trackable (nothing is translated that was not
-/// understood).
+/// Extension headers the IPv6 parser walks at most; a longer chain is `bad_ext`.
+const EXT_MAX: usize = 4;
+/// Next header values of the extension headers: hop-by-hop options, routing, fragment,
+/// destination options.
+const EXT_HOP: u8 = 0;
+const EXT_ROUTING: u8 = 43;
+const EXT_FRAGMENT: u8 = 44;
+const EXT_DEST: u8 = 60;
+
+/// Parse the IPv6 header, its extension headers and the L4 ports into `out` (per-CPU memory:
+/// the IPv6 path's stack cannot spare the room). The rules for extension headers:
+/// - hop-by-hop and destination options are stepped over (nothing in them is translated,
+///   and the checksums do not cover them);
+/// - a routing header with segments left makes the packet `bad_ext` (its destination is not
+///   the final one, which the upper layer's checksum covers); with none left it is stepped
+///   over;
+/// - a Fragment header makes the packet a fragment, tracked as IPv4 fragments are (`frag.rs`):
+///   the first one carries the ports, the later ones have no upper-layer header;
+/// - anything else (ESP, AH, unknown) ends the walk: `proto` is that header, and the packet
+///   is not trackable, so it is never translated (`drop_unsupported` where it would be);
+/// - more than `EXT_MAX` extension headers: `bad_ext`.
 #[inline(always)]
 pub fn ipv6<'a>(ctx: &impl Pkt, out: &'a mut MaybeUninit<Ip6>) -> Result<&'a mut Ip6, Reason> {
     let ip = ptr_at::<Ip6Hdr>(ctx, IP_OFF).ok_or(Reason::DropTruncated)?;
@@ -282,14 +307,75 @@ pub fn ipv6<'a>(ctx: &impl Pkt, out: &'a mut MaybeUninit<Ip6>) -> Result<&'a mut
         df: true,
         l4_present: true,
         ports_known: false,
-        id: [0; 2],
+        id: [0; 4],
         l4_off: IP_OFF + IP6_LEN,
         tot_len: payload + IP6_LEN as u16,
         frag_offset: 0,
         more_fragments: false,
+        frag_data_off: IP6_LEN as u16,
+        bad_ext: false,
     });
-    l4(ctx, p)?;
+    if matches!(p.proto, EXT_HOP | EXT_ROUTING | EXT_FRAGMENT | EXT_DEST) {
+        extension_headers(ctx, p)?;
+    }
+    if p.l4_present && !p.bad_ext {
+        l4(ctx, p)?;
+    }
     Ok(p)
+}
+
+/// Walk `p`'s extension headers (the rules are `ipv6`'s): `proto` and `l4_off` end up at the
+/// upper-layer header, or the packet is a later fragment or `bad_ext`.
+#[inline(always)]
+fn extension_headers(ctx: &impl Pkt, p: &mut Ip6) -> Result<(), Reason> {
+    let mut i = 0;
+    while i < EXT_MAX {
+        let off = p.l4_off;
+        match p.proto {
+            EXT_HOP | EXT_DEST | EXT_ROUTING => {
+                // Next header, length in 8-octet units past the first 8; routing: type and
+                // segments left.
+                let e = ptr_at::<[u8; 4]>(ctx, off).ok_or(Reason::DropTruncated)?;
+                // SAFETY: bounds checked by `ptr_at`.
+                let e = unsafe { *e };
+                if p.proto == EXT_ROUTING && e[3] != 0 {
+                    p.bad_ext = true;
+                    return Ok(());
+                }
+                p.proto = e[0];
+                p.l4_off = off + (usize::from(e[1]) + 1) * 8;
+            }
+            EXT_FRAGMENT => {
+                // Next header, reserved, offset (13 bits) and M, identification.
+                let f = ptr_at::<[u8; 8]>(ctx, off).ok_or(Reason::DropTruncated)?;
+                // SAFETY: bounds checked by `ptr_at`.
+                let f = unsafe { *f };
+                let word = u16::from_be_bytes([f[2], f[3]]);
+                p.proto = f[0];
+                p.l4_off = off + 8;
+                p.frag_data_off = (p.l4_off - IP_OFF) as u16;
+                p.frag_offset = word >> 3;
+                p.more_fragments = word & 1 != 0;
+                p.frag = p.frag_offset != 0 || p.more_fragments;
+                p.id = [f[4], f[5], f[6], f[7]];
+                if p.frag_offset != 0 {
+                    // A later fragment: no upper-layer header here.
+                    p.l4_present = false;
+                    return Ok(());
+                }
+            }
+            _ => return Ok(()),
+        }
+        if p.l4_off > MAX_HDR_OFF {
+            p.bad_ext = true;
+            return Ok(());
+        }
+        i += 1;
+    }
+    if matches!(p.proto, EXT_HOP | EXT_ROUTING | EXT_FRAGMENT | EXT_DEST) {
+        p.bad_ext = true;
+    }
+    Ok(())
 }
 
 /// Whether the IPv4 header checksum of `p` is right (options included). Checked before a

@@ -249,6 +249,68 @@ pub fn verify(f: &[u8]) -> Seen {
     }
 }
 
+/// The IPv6 pseudo-header sum for `len` bytes of `proto` from `src` to `dst`.
+fn pseudo6(src: std::net::Ipv6Addr, dst: std::net::Ipv6Addr, proto: u8, len: usize) -> u32 {
+    let mut p = Vec::with_capacity(40);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&(len as u32).to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0, proto]);
+    p.chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum()
+}
+
+/// An Ethernet frame with an IPv6 header from `src` to `dst`, then `ext` (extension headers,
+/// whose first next-header is `first`), then a UDP datagram `sport -> dport` carrying
+/// `payload`, checksummed over the pseudo-header (the UDP length is the datagram's, even when
+/// `cut` keeps only its first `cut` bytes: a first fragment).
+#[must_use]
+pub fn udp6(
+    (src, dst): (std::net::Ipv6Addr, std::net::Ipv6Addr),
+    (eth_src, eth_dst): ([u8; 6], [u8; 6]),
+    (first, ext): (u8, &[u8]),
+    (sport, dport): (u16, u16),
+    payload: &[u8],
+    cut: Option<usize>,
+) -> Vec<u8> {
+    let len = 8 + payload.len();
+    let mut u = Vec::with_capacity(len);
+    u.extend_from_slice(&sport.to_be_bytes());
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&(len as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    let c = csum(&u, pseudo6(src, dst, PROTO_UDP, len));
+    u[6..8].copy_from_slice(&c.to_be_bytes());
+    if let Some(n) = cut {
+        u.truncate(n);
+    }
+    ipv6_frame((src, dst), (eth_src, eth_dst), (first, ext), &u)
+}
+
+/// An Ethernet frame carrying an IPv6 header, `ext` (first next-header `first`) and `body`.
+#[must_use]
+pub fn ipv6_frame(
+    (src, dst): (std::net::Ipv6Addr, std::net::Ipv6Addr),
+    (eth_src, eth_dst): ([u8; 6], [u8; 6]),
+    (first, ext): (u8, &[u8]),
+    body: &[u8],
+) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&eth_dst);
+    f.extend_from_slice(&eth_src);
+    f.extend_from_slice(&0x86ddu16.to_be_bytes());
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&((ext.len() + body.len()) as u16).to_be_bytes());
+    f.extend_from_slice(&[first, 64]);
+    f.extend_from_slice(&src.octets());
+    f.extend_from_slice(&dst.octets());
+    f.extend_from_slice(ext);
+    f.extend_from_slice(body);
+    f
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -603,3 +603,134 @@ fn a_static_ipv6_mapping_reaches_its_container_both_ways() {
     ip(&lab.ext, &["-6", "neigh", "flush", "dev", "eth0"]);
     assert!(!ping6(&lab.ext, None, "2001:db8:1::10"));
 }
+
+/// Extension headers, each by its rule (`parse::ipv6`), and fragments, on crafted packets
+/// through the real `tc_container` (BPF_PROG_TEST_RUN): stepped over and translated,
+/// dropped with their reason, or matched to their first fragment.
+#[test]
+fn extension_headers_and_fragments_follow_their_rules() {
+    use aya::{TestRun as _, TestRunOptions, programs::SchedClassifier};
+    use bpfnat_tests::packet::{self, PROTO_UDP};
+
+    let lab = lab("ext6");
+    uplink_v6(&lab);
+    lab.ok(&["up", "--uplink", UPLINK, "--subnet6", "fd00:88::/64"])
+        .unwrap();
+    let c = bpfnat_tests::add_container(&lab, "c", &["--ip6", "fd00:88::5"]);
+    let pin = bpfnat_tests::pins(&lab).prog(nat_common::prog_names::TC_CONTAINER);
+    let run = |frame: Vec<u8>| -> (u32, Vec<u8>) {
+        let pin = pin.clone();
+        let ifindex = c.host_ifindex;
+        netns::run_in(&lab.node, move || {
+            let p = SchedClassifier::from_pin(&pin)?;
+            let mut ctx = [0u8; 192];
+            ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+            let mut out = vec![0u8; frame.len() + 64];
+            let r = p.test_run(TestRunOptions {
+                data_in: Some(&frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::default()
+            })?;
+            out.truncate(r.data_size_out as usize);
+            Ok((r.return_value, out))
+        })
+        .unwrap()
+    };
+    const SHOT: u32 = 2;
+    const REDIRECT: u32 = 7;
+    let me: Ipv6Addr = "fd00:88::5".parse().unwrap();
+    let peer: Ipv6Addr = EXT6.parse().unwrap();
+    let node: Ipv6Addr = NODE6.parse().unwrap();
+    let macs = (c.mac, c.host_mac);
+    let src_of = |out: &[u8]| Ipv6Addr::from(<[u8; 16]>::try_from(&out[22..38]).unwrap());
+    let udp = |first: u8, ext: &[u8], sport: u16, cut: Option<usize>| {
+        packet::udp6((me, peer), macs, (first, ext), (sport, 53), &[7u8; 64], cut)
+    };
+
+    // Hop-by-hop options (PadN), stepped over: translated, the checksum kept right.
+    let hop = [PROTO_UDP, 0, 1, 4, 0, 0, 0, 0];
+    let (action, out) = run(udp(0, &hop, 41000, None));
+    assert_eq!(action, REDIRECT);
+    assert_eq!(src_of(&out), node, "masqueraded past a hop-by-hop header");
+    let udp_off = 14 + 40 + 8;
+    let seen = packet::udp6(
+        (node, peer),
+        macs,
+        (0, &hop),
+        (u16::from_be_bytes([out[udp_off], out[udp_off + 1]]), 53),
+        &[7u8; 64],
+        None,
+    );
+    assert_eq!(
+        out[udp_off + 6..udp_off + 8],
+        seen[udp_off + 6..udp_off + 8],
+        "the UDP checksum, recomputed from scratch"
+    );
+
+    // A routing header with segments left: its destination is not the final one.
+    let mut routing = vec![PROTO_UDP, 2, 4, 1, 0, 0, 0, 0];
+    routing.extend_from_slice(&"2001:db8:1::99".parse::<Ipv6Addr>().unwrap().octets());
+    let dropped = counter(&lab, "drop_ipv6_ext");
+    assert_eq!(run(udp(43, &routing, 41001, None)).0, SHOT);
+    assert_eq!(counter(&lab, "drop_ipv6_ext"), dropped + 1);
+    // Control: with no segments left, it is stepped over.
+    routing[3] = 0;
+    assert_eq!(run(udp(43, &routing, 41002, None)).0, REDIRECT);
+
+    // ESP: not translated, never leaked.
+    let unsupported = counter(&lab, "drop_unsupported");
+    let esp = packet::ipv6_frame((me, peer), macs, (50, &[]), &[0u8; 32]);
+    assert_eq!(run(esp).0, SHOT);
+    assert_eq!(counter(&lab, "drop_unsupported"), unsupported + 1);
+
+    // Fragments: the first carries the ports, the later one follows its translation.
+    let first = [PROTO_UDP, 0, 0, 1, 0, 0, 0x12, 0x34];
+    let (action, out) = run(udp(44, &first, 41003, Some(40)));
+    assert_eq!(action, REDIRECT, "first fragment");
+    assert_eq!(src_of(&out), node);
+    let later = [PROTO_UDP, 0, 0, 5 << 3, 0, 0, 0x12, 0x34];
+    let body = [7u8; 32];
+    let (action, out) = run(packet::ipv6_frame((me, peer), macs, (44, &later), &body));
+    assert_eq!(action, REDIRECT, "later fragment");
+    assert_eq!(src_of(&out), node, "translated as its first fragment");
+    // A later fragment whose first was never seen cannot be translated.
+    let orphan = [PROTO_UDP, 0, 0, 5 << 3, 0, 0, 0x56, 0x78];
+    let lost = counter(&lab, "drop_fragment");
+    let frame = packet::ipv6_frame((me, peer), macs, (44, &orphan), &body);
+    assert_eq!(run(frame).0, SHOT);
+    assert_eq!(counter(&lab, "drop_fragment"), lost + 1);
+}
+
+#[test]
+fn fragmented_udp_datagrams_cross_nat66_both_ways() {
+    let lab = lab("frags6");
+    uplink_v6(&lab);
+    lab.ok(&["up", "--uplink", UPLINK, "--subnet6", "fd00:88::/64"])
+        .unwrap();
+    let c = lab.name("c");
+    lab.ok(&["container", "add", &c, "-p", "5353:53/udp"])
+        .unwrap();
+    let nc = lab.container_ns(&c);
+    let window = Duration::from_secs(10);
+    // 4000 bytes: three fragments at MTU 1500, each way.
+    let big: Vec<u8> = (0..4000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let text = std::str::from_utf8(&big).unwrap();
+
+    // Out through NAT66, and the fragmented echo back in.
+    let echo = traffic::udp_echo(&lab.ext, v6("::", 7777), 1, window).unwrap();
+    let reply = traffic::udp_ask(&nc, v6("::", 27000), v6(EXT6, 7777), &big).unwrap();
+    assert!(
+        reply.starts_with(&format!("[{NODE6}]:27000 ")) && reply.ends_with(text),
+        "{}",
+        &reply[..60]
+    );
+    assert_eq!(echo.join().unwrap()[0].ip().to_string(), NODE6);
+
+    // In through a published port, and the fragmented answer back out.
+    let echo = traffic::udp_echo(&nc, v6("::", 53), 1, window).unwrap();
+    let reply = traffic::udp_ask(&lab.ext, v6(EXT6, 47001), v6(NODE6, 5353), &big).unwrap();
+    assert!(reply.starts_with(&format!("[{EXT6}]:47001 ")) && reply.ends_with(text));
+    assert_eq!(echo.join().unwrap().len(), 1);
+    assert_eq!(counter(&lab, "drop_fragment"), 0);
+}
