@@ -29,6 +29,7 @@ use crate::{
     nat, nd,
     nexthop::{self, NextHop},
     parse::{self, ETH_LEN, IP6_LEN, Ip6, Ip6Hdr, ptr_at},
+    pkt::Pkt,
     stats::count,
     verdict,
 };
@@ -214,9 +215,16 @@ fn parse(ctx: &TcContext, record: bool) -> i32 {
     verdict(ctx, r)
 }
 
-/// Parse the packet into this CPU's `work6` slot.
+/// For XDP: whether the node has an IPv6 subnet and the packet parsed into `work6`. A step
+/// of its own, as `parse` is for TC.
+#[inline(never)]
+pub fn parse_only(ctx: &impl Pkt) -> bool {
+    config().is_ok_and(|cfg| cfg.v6.prefix_len != 0) && parsed(ctx).is_ok()
+}
+
+/// Parse the packet into this CPU's `work6` slot (TC or XDP).
 #[inline(always)]
-fn parsed(ctx: &TcContext) -> Result<&'static mut Work6, Reason> {
+pub fn parsed(ctx: &impl Pkt) -> Result<&'static mut Work6, Reason> {
     let w = WORK6
         .get_ptr_mut(0)
         .ok_or(Reason::DropHelper)?
@@ -232,7 +240,7 @@ fn parsed(ctx: &TcContext) -> Result<&'static mut Work6, Reason> {
 
 /// The packet already parsed into `work6` by the caller.
 #[inline(always)]
-fn work() -> Result<&'static mut Work6, Reason> {
+pub fn work() -> Result<&'static mut Work6, Reason> {
     let w = WORK6.get_ptr_mut(0).ok_or(Reason::DropHelper)?;
     // SAFETY: as in `parsed`, which filled it for this packet.
     Ok(unsafe { &mut *w.cast::<Work6>() })
@@ -315,7 +323,7 @@ fn find_published() -> bool {
 /// multicast, link-local (not routable back), the container subnet (the gateway included)
 /// or one of the node's own addresses.
 #[inline(always)]
-fn forged_outside_src(cfg: &Config, a: &Addr6) -> bool {
+pub fn forged_outside_src(cfg: &Config, a: &Addr6) -> bool {
     let loopback = *a == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
     is_local_scope(a) || loopback || in_subnet6(cfg, a) || Addr6::is_node_addr(cfg, a)
 }

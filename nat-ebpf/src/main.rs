@@ -76,7 +76,7 @@ pub fn tc_uplink(ctx: TcContext) -> i32 {
 /// XDP on the uplink: the inbound fast path in front of `tc_uplink`.
 #[xdp]
 pub fn xdp_uplink(ctx: XdpContext) -> u32 {
-    xdp::verdict(&ctx, xdp::from_uplink(&ctx))
+    xdp::from_uplink(&ctx)
 }
 
 /// cgroup connect4: node processes connecting to a published port (F4).

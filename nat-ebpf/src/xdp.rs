@@ -1,7 +1,8 @@
 //! The uplink's XDP fast path: replies to masqueraded connections, packets of connections to
 //! published ports and static NAT are translated (and packets from another node's pods
 //! delivered untranslated) and redirected to the container's host veth
-//! before the kernel allocates an skb. Everything else (new connections, TCP segments with
+//! before the kernel allocates an skb. Over IPv6, the same for tracked connections (NAT66
+//! replies and published ports); static NAT66 is TC's. Everything else (new connections, TCP segments with
 //! SYN, FIN or RST, ARP, fragments, ICMP errors, expiring TTLs, traffic for the node, what
 //! needs a FIB lookup, anything that would be dropped) is passed on untouched, to the
 //! uplink's TC program and the stack, which make the same decisions the slow way: only TC
@@ -17,7 +18,8 @@ use nat_common::{Endpoint, NET_CLUSTER_SRC, Reason, STATIC_EXTERNAL, tcp_flags};
 use crate::{
     addr,
     conntrack::{self, now},
-    forward, icmp,
+    family::Fam,
+    forward, icmp, ipv6,
     lookup::{cluster_flags, config, container_at, endpoint, static_nat},
     nat,
     nexthop::{self, Hop},
@@ -44,15 +46,27 @@ pub fn verdict(ctx: &XdpContext, r: Result<u32, Reason>) -> u32 {
     })
 }
 
-/// Everything that arrives on the uplink, before the stack sees it.
+/// Everything that arrives on the uplink, before the stack sees it: each family in a
+/// function of its own, so that neither frame is stacked on the other's.
 #[inline(always)]
-pub fn from_uplink(ctx: &XdpContext) -> Result<u32, Reason> {
+pub fn from_uplink(ctx: &XdpContext) -> u32 {
+    match parse::l3(ctx) {
+        Some((L3::Ipv4, _)) => from_uplink4(ctx),
+        Some((L3::Ipv6, _)) => from_uplink6(ctx),
+        _ => verdict(ctx, pass(ctx)),
+    }
+}
+
+#[inline(never)]
+fn from_uplink4(ctx: &XdpContext) -> u32 {
+    verdict(ctx, fast4(ctx))
+}
+
+#[inline(always)]
+fn fast4(ctx: &XdpContext) -> Result<u32, Reason> {
     let Ok(cfg) = config() else {
         return pass(ctx);
     };
-    if !matches!(parse::l3(ctx), Some((L3::Ipv4, _))) {
-        return pass(ctx);
-    }
     let Ok(mut p) = parse::ipv4(ctx) else {
         return pass(ctx);
     };
@@ -106,6 +120,53 @@ pub fn from_uplink(ctx: &XdpContext) -> Result<u32, Reason> {
     deliver(ctx, &mut p, &hop)
 }
 
+/// The IPv6 fast path: a tracked connection's packet from outside that ends in a container.
+/// A function of its own (the IPv4 path's frame is not stacked on it); the packet and its
+/// tuple live in `work6`, as on TC's IPv6 path.
+#[inline(never)]
+fn from_uplink6(ctx: &XdpContext) -> u32 {
+    if !ipv6::parse_only(ctx) {
+        return verdict(ctx, pass(ctx));
+    }
+    verdict(ctx, fast6(ctx))
+}
+
+#[inline(always)]
+fn fast6(ctx: &XdpContext) -> Result<u32, Reason> {
+    let cfg = config()?;
+    let w = ipv6::work()?;
+    let p = &mut w.p;
+    // Fragments, odd extension headers, ICMPv6 errors, expiring hop limits, control
+    // segments, new connections and forged sources: TC's, as over IPv4.
+    if p.frag
+        || p.bad_ext
+        || p.ttl <= 1
+        || icmp::is_error(p)
+        || !p.is_trackable()
+        || p.tcp_flags & CTL != 0
+        || ipv6::forged_outside_src(cfg, &p.src)
+    {
+        return pass(ctx);
+    }
+    w.key = p.key();
+    let Some(e) = conntrack::lookup(&w.key) else {
+        return pass(ctx);
+    };
+    if !conntrack::arrives_from_outside(e) {
+        return pass(ctx);
+    }
+    let t = now();
+    // SAFETY: read of a map value.
+    let to = unsafe { (*e).xlate.dst_addr };
+    let Some(hop) = nexthop::peer_hop(cfg, conntrack::meta(e), &to, t) else {
+        return pass(ctx);
+    };
+    conntrack::touch(ctx, e, p, t)?;
+    count(Reason::CtHit, ctx.bytes());
+    nat::apply(ctx, p, conntrack::xlate(e))?;
+    deliver(ctx, p, &hop)
+}
+
 #[inline(always)]
 fn hop_of(ep: &Endpoint) -> Hop {
     Hop {
@@ -118,7 +179,7 @@ fn hop_of(ep: &Endpoint) -> Hop {
 /// Redirect the translated frame to the container's host veth; the veth hands it to its peer,
 /// the container's interface (which needs NAPI: GRO on, set up by `container add`).
 #[inline(always)]
-fn deliver(ctx: &XdpContext, p: &mut parse::Ip4, hop: &Hop) -> Result<u32, Reason> {
+fn deliver<A: Fam>(ctx: &XdpContext, p: &mut parse::Ip<A>, hop: &Hop) -> Result<u32, Reason> {
     nat::dec_ttl(ctx, p)?;
     forward::set_macs(ctx, hop.dmac, hop.smac)?;
     count(Reason::XdpDeliver, ctx.bytes());

@@ -193,17 +193,23 @@ fn port_unreachable_reaches_the_sender_in_both_directions() {
 }
 
 #[test]
-fn port_unreachable_reaches_the_container_over_ipv6() {
+fn port_unreachable_reaches_the_sender_in_both_directions_over_ipv6() {
     let lab = lab("icmpunreach6");
     uplink_v6(&lab);
     lab.ok(&["up", "--uplink", UPLINK, "--subnet6", "fd00:88::/64"])
         .unwrap();
     let c = lab.name("c");
     lab.ok(&["container", "add", &c]).unwrap();
+    lab.ok(&["port", "add", &c, "5353:53/udp"]).unwrap();
     let before = counter(&lab, "icmp_error");
     assert!(
         udp_refused(&lab.container_ns(&c), v6(EXT6, 9999)),
         "error of a masqueraded flow"
     );
-    assert!(counter(&lab, "icmp_error") > before);
+    // Outside -> published port, nothing listening in the container: the container refuses.
+    assert!(
+        udp_refused(&lab.ext, v6(bpfnat_tests::NODE6, 5353)),
+        "error of a published flow"
+    );
+    assert!(counter(&lab, "icmp_error") >= before + 2);
 }

@@ -3,20 +3,14 @@
 
 use std::{net::Ipv4Addr, process::Command, time::Duration};
 
-use bpfnat_tests::{EXT_ADDR, NODE_ADDR, json, lab_up, traffic, v4};
+use bpfnat_tests::{EXT_ADDR, NODE_ADDR, UPLINK, json, lab_up, traffic, v4};
 
 const WINDOW: Duration = Duration::from_secs(20);
 const NODE_ADDR2: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 3);
 
 fn add_node_address(lab: &bpfnat_tests::Lab, addr: Ipv4Addr) {
     let mut c = Command::new("ip");
-    c.args([
-        "addr",
-        "add",
-        &format!("{addr}/24"),
-        "dev",
-        bpfnat_tests::UPLINK,
-    ]);
+    c.args(["addr", "add", &format!("{addr}/24"), "dev", UPLINK]);
     nat_plumbing::netns::command_in(&mut c, &lab.node).unwrap();
     assert!(c.status().unwrap().success());
 }
@@ -177,23 +171,47 @@ fn ports_are_added_and_removed_on_a_running_container() {
 #[test]
 fn a_new_mapping_is_not_shadowed_by_earlier_traffic() {
     let lab = lab_up("stale");
+    no_stale_shadowing(
+        &lab,
+        v4(EXT_ADDR, 45000),
+        v4(NODE_ADDR, 5353),
+        v4(Ipv4Addr::UNSPECIFIED, 53),
+    );
+}
+
+#[test]
+fn a_new_ipv6_mapping_is_not_shadowed_by_earlier_traffic() {
+    let lab = bpfnat_tests::lab("stale6");
+    bpfnat_tests::uplink_v6(&lab);
+    lab.ok(&["up", "--uplink", UPLINK, "--subnet6", "fd00:88::/64"])
+        .unwrap();
+    let v6 = |ip: &str, port| std::net::SocketAddr::new(ip.parse().unwrap(), port);
+    no_stale_shadowing(
+        &lab,
+        v6(bpfnat_tests::EXT6, 45000),
+        v6(bpfnat_tests::NODE6, 5353),
+        v6("::", 53),
+    );
+}
+
+/// Traffic from `client` to host port `target` before anything is published, then after it
+/// is published to one container, then moved to another: the first packet after each change
+/// follows the mapping (containers listen on `listen`).
+fn no_stale_shadowing(
+    lab: &bpfnat_tests::Lab,
+    client: std::net::SocketAddr,
+    target: std::net::SocketAddr,
+    listen: std::net::SocketAddr,
+) {
     let (a, b) = (lab.name("a"), lab.name("b"));
     lab.ok(&["container", "add", &a]).unwrap();
     lab.ok(&["container", "add", &b]).unwrap();
-    let client = v4(EXT_ADDR, 45000);
-    let target = v4(NODE_ADDR, 5353);
     // Traffic to the host port before anything is published (Docker's and kube-proxy's
     // UDP case: the kernel tracked it as the node's own).
     assert!(traffic::udp_ask(&lab.ext, client, target, b"early").is_err());
 
     lab.ok(&["port", "add", &a, "5353:53/udp"]).unwrap();
-    let ea = traffic::udp_echo(
-        &lab.container_ns(&a),
-        v4(Ipv4Addr::UNSPECIFIED, 53),
-        1,
-        WINDOW,
-    )
-    .unwrap();
+    let ea = traffic::udp_echo(&lab.container_ns(&a), listen, 1, WINDOW).unwrap();
     assert!(
         traffic::udp_ask(&lab.ext, client, target, b"one").is_ok(),
         "the first packet after publishing gets through"
@@ -203,13 +221,7 @@ fn a_new_mapping_is_not_shadowed_by_earlier_traffic() {
     // Move the mapping to another container: the same client flow follows at once.
     lab.ok(&["port", "del", &a, "5353:53/udp"]).unwrap();
     lab.ok(&["port", "add", &b, "5353:53/udp"]).unwrap();
-    let eb = traffic::udp_echo(
-        &lab.container_ns(&b),
-        v4(Ipv4Addr::UNSPECIFIED, 53),
-        1,
-        WINDOW,
-    )
-    .unwrap();
+    let eb = traffic::udp_echo(&lab.container_ns(&b), listen, 1, WINDOW).unwrap();
     assert!(traffic::udp_ask(&lab.ext, client, target, b"two").is_ok());
     assert_eq!(
         eb.join().unwrap().len(),

@@ -176,3 +176,52 @@ fn native_xdp_on_a_jumbo_veth_is_refused_clearly_and_changes_nothing() {
         .unwrap();
     assert_eq!(json(&lab, &["status"])["uplink_xdp"], "generic");
 }
+
+#[test]
+fn generic_xdp_delivers_ipv6_published_ports_and_nat66_replies() {
+    let lab = lab("xdp6");
+    lab.ext_tx_checksum(false).unwrap();
+    bpfnat_tests::uplink_v6(&lab);
+    lab.ok(&[
+        "up",
+        "--uplink",
+        UPLINK,
+        "--xdp",
+        "generic",
+        "--subnet6",
+        "fd00:88::/64",
+    ])
+    .unwrap();
+    let c = lab.name("web");
+    lab.ok(&["container", "add", &c, "-p", "8080:80"]).unwrap();
+    let ns = lab.container_ns(&c);
+    let v6 = |ip: &str, port| std::net::SocketAddr::new(ip.parse().unwrap(), port);
+    let (node6, ext6) = (bpfnat_tests::NODE6, bpfnat_tests::EXT6);
+
+    // F3 over IPv6: the connections' segments after the SYN come in through XDP.
+    let before = counter(&lab, "xdp_deliver");
+    let srv = traffic::http_server(&ns, v6("::", 80), "web", 3, WINDOW).unwrap();
+    for _ in 0..3 {
+        let body = traffic::http_get(&lab.ext, v6(node6, 8080)).unwrap();
+        assert!(body.starts_with("hello from web"), "{body}");
+    }
+    assert!(
+        srv.join()
+            .unwrap()
+            .iter()
+            .all(|a| a.ip().to_string() == ext6)
+    );
+    let after = counter(&lab, "xdp_deliver");
+    assert!(after >= before + 6, "through XDP ({before} -> {after})");
+
+    // F2 over IPv6: the replies of a masqueraded connection come back through XDP.
+    let before = counter(&lab, "xdp_deliver");
+    let srv = traffic::http_server(&lab.ext, v6("::", 9000), "ext", 1, WINDOW).unwrap();
+    traffic::http_get(&ns, v6(ext6, 9000)).unwrap();
+    assert_eq!(
+        srv.join().unwrap()[0].ip().to_string(),
+        node6,
+        "masqueraded"
+    );
+    assert!(counter(&lab, "xdp_deliver") > before);
+}
