@@ -694,14 +694,12 @@ fn extension_headers_and_fragments_follow_their_rules() {
     let (action, out) = run(packet::ipv6_frame((me, peer), macs, (44, &later), &body));
     assert_eq!(action, REDIRECT, "later fragment");
     assert_eq!(src_of(&out), node, "translated as its first fragment");
-    // Truncated: the fixed header, or an extension header that claims more than is there.
+    // Truncated: an extension header cut short. (A cut fixed header never reaches a program
+    // through BPF_PROG_TEST_RUN, which pulls it first.)
     let truncated = counter(&lab, "drop_truncated");
-    let mut short = udp(0, &hop, 41004, None);
-    short.truncate(14 + 30);
-    assert_eq!(run(short).0, SHOT);
     let cut_ext = packet::ipv6_frame((me, peer), macs, (0, &[PROTO_UDP, 0, 1]), &[]);
     assert_eq!(run(cut_ext).0, SHOT);
-    assert_eq!(counter(&lab, "drop_truncated"), truncated + 2);
+    assert_eq!(counter(&lab, "drop_truncated"), truncated + 1);
 
     // A later fragment whose first was never seen cannot be translated.
     let orphan = [PROTO_UDP, 0, 0, 5 << 3, 0, 0, 0x56, 0x78];
