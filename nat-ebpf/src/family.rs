@@ -103,41 +103,64 @@ const ICMPV6_ERRORS: core::ops::RangeInclusive<u8> = 1..=4;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
+/// The map operations of `Fam` for one family: its two connection tables, its scratch
+/// slots and its fragment table (keyed by `$frag_key`).
+macro_rules! family_maps {
+    ($ct:ident, $ct_new:ident, $scratch:ident, $frags:ident, $frag_key:ident) => {
+        #[inline(always)]
+        fn ct_get(k: &CtKey<Self>, fresh: bool) -> Option<*mut CtEntry<Self>> {
+            if fresh {
+                $ct_new.get_ptr_mut(k)
+            } else {
+                $ct.get_ptr_mut(k)
+            }
+        }
+
+        #[inline(always)]
+        fn ct_insert(k: &CtKey<Self>, v: &CtEntry<Self>, fresh: bool, flags: u64) -> bool {
+            if fresh {
+                $ct_new.insert(k, v, flags).is_ok()
+            } else {
+                $ct.insert(k, v, flags).is_ok()
+            }
+        }
+
+        #[inline(always)]
+        fn ct_remove(k: &CtKey<Self>, fresh: bool) {
+            let _ = if fresh {
+                $ct_new.remove(k)
+            } else {
+                $ct.remove(k)
+            };
+        }
+
+        #[inline(always)]
+        fn scratch(i: u32) -> Option<*mut CtEntry<Self>> {
+            $scratch.get_ptr_mut(i)
+        }
+
+        #[inline(always)]
+        fn frags_get(p: &Ip<Self>) -> Option<*mut FragPorts> {
+            $frags.get_ptr_mut(&$frag_key(p))
+        }
+
+        #[inline(always)]
+        fn frags_insert(p: &Ip<Self>, v: &FragPorts) {
+            let _ = $frags.insert(&$frag_key(p), v, u64::from(BPF_ANY));
+        }
+
+        #[inline(always)]
+        fn frags_remove(p: &Ip<Self>) {
+            let _ = $frags.remove(&$frag_key(p));
+        }
+    };
+}
+
 impl Fam for Addr4 {
     const SRC_OFF: usize = IP_SRC_OFF;
     const DST_OFF: usize = IP_DST_OFF;
 
-    #[inline(always)]
-    fn ct_get(k: &CtKey<Self>, fresh: bool) -> Option<*mut CtEntry<Self>> {
-        if fresh {
-            CONNTRACK_NEW.get_ptr_mut(k)
-        } else {
-            CONNTRACK.get_ptr_mut(k)
-        }
-    }
-
-    #[inline(always)]
-    fn ct_insert(k: &CtKey<Self>, v: &CtEntry<Self>, fresh: bool, flags: u64) -> bool {
-        if fresh {
-            CONNTRACK_NEW.insert(k, v, flags).is_ok()
-        } else {
-            CONNTRACK.insert(k, v, flags).is_ok()
-        }
-    }
-
-    #[inline(always)]
-    fn ct_remove(k: &CtKey<Self>, fresh: bool) {
-        let _ = if fresh {
-            CONNTRACK_NEW.remove(k)
-        } else {
-            CONNTRACK.remove(k)
-        };
-    }
-
-    #[inline(always)]
-    fn scratch(i: u32) -> Option<*mut CtEntry<Self>> {
-        SCRATCH.get_ptr_mut(i)
-    }
+    family_maps!(CONNTRACK, CONNTRACK_NEW, SCRATCH, FRAGS, frag_key4);
 
     #[inline(always)]
     fn set_addr(
@@ -212,21 +235,6 @@ impl Fam for Addr4 {
     }
 
     #[inline(always)]
-    fn frags_get(p: &Ip<Self>) -> Option<*mut FragPorts> {
-        FRAGS.get_ptr_mut(&frag_key4(p))
-    }
-
-    #[inline(always)]
-    fn frags_insert(p: &Ip<Self>, v: &FragPorts) {
-        let _ = FRAGS.insert(&frag_key4(p), v, u64::from(BPF_ANY));
-    }
-
-    #[inline(always)]
-    fn frags_remove(p: &Ip<Self>) {
-        let _ = FRAGS.remove(&frag_key4(p));
-    }
-
-    #[inline(always)]
     fn is_icmp_error(icmp_type: u8) -> bool {
         matches!(
             icmp_type,
@@ -296,37 +304,7 @@ impl Fam for Addr6 {
     const SRC_OFF: usize = IP_OFF + 8;
     const DST_OFF: usize = IP_OFF + 24;
 
-    #[inline(always)]
-    fn ct_get(k: &CtKey<Self>, fresh: bool) -> Option<*mut CtEntry<Self>> {
-        if fresh {
-            CONNTRACK6_NEW.get_ptr_mut(k)
-        } else {
-            CONNTRACK6.get_ptr_mut(k)
-        }
-    }
-
-    #[inline(always)]
-    fn ct_insert(k: &CtKey<Self>, v: &CtEntry<Self>, fresh: bool, flags: u64) -> bool {
-        if fresh {
-            CONNTRACK6_NEW.insert(k, v, flags).is_ok()
-        } else {
-            CONNTRACK6.insert(k, v, flags).is_ok()
-        }
-    }
-
-    #[inline(always)]
-    fn ct_remove(k: &CtKey<Self>, fresh: bool) {
-        let _ = if fresh {
-            CONNTRACK6_NEW.remove(k)
-        } else {
-            CONNTRACK6.remove(k)
-        };
-    }
-
-    #[inline(always)]
-    fn scratch(i: u32) -> Option<*mut CtEntry<Self>> {
-        SCRATCH6.get_ptr_mut(i)
-    }
+    family_maps!(CONNTRACK6, CONNTRACK6_NEW, SCRATCH6, FRAGS6, frag_key6);
 
     /// IPv6 has no header checksum; the L4 one (ICMPv6's included) covers both addresses
     /// through the pseudo-header, updated by the difference of the two 16-byte values.
@@ -432,21 +410,6 @@ impl Fam for Addr6 {
         }
         // SAFETY: the value is copied out at once.
         unsafe { STATIC_NAT6.get(a) }.copied()
-    }
-
-    #[inline(always)]
-    fn frags_get(p: &Ip<Self>) -> Option<*mut FragPorts> {
-        FRAGS6.get_ptr_mut(&frag_key6(p))
-    }
-
-    #[inline(always)]
-    fn frags_insert(p: &Ip<Self>, v: &FragPorts) {
-        let _ = FRAGS6.insert(&frag_key6(p), v, u64::from(BPF_ANY));
-    }
-
-    #[inline(always)]
-    fn frags_remove(p: &Ip<Self>) {
-        let _ = FRAGS6.remove(&frag_key6(p));
     }
 
     /// Only a quoted packet whose upper-layer header follows the fixed header: one with

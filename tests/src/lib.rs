@@ -338,6 +338,17 @@ pub fn uplink_v6(lab: &Lab) {
     );
 }
 
+/// A lab with IPv6 on the uplink's link (`uplink_v6`), up with the IPv6 subnet
+/// `fd00:88::/64` beside the IPv4 one.
+#[must_use]
+pub fn lab_up6(test: &str) -> Lab {
+    let lab = lab(test);
+    uplink_v6(&lab);
+    lab.ok(&["up", "--uplink", UPLINK, "--subnet6", "fd00:88::/64"])
+        .expect("up --subnet6");
+    lab
+}
+
 /// IPv6 on a routed lab (`Lab::with_router`): node `NODE6` ── `EXT6` router 2001:db8:2::1
 /// ── `FAR6`, with default routes both ways and the router forwarding.
 pub fn routed_v6(lab: &Lab) {
@@ -396,4 +407,37 @@ pub fn routed_v6(lab: &Lab) {
         &lab.ext,
         &["-6", "route", "add", "default", "via", "2001:db8:2::1"],
     );
+}
+
+/// What a program did with a frame under BPF_PROG_TEST_RUN.
+pub struct Ran {
+    pub action: u32,
+    pub out: Vec<u8>,
+}
+
+/// Run the pinned TC program `prog` once on `frame`, as if it arrived on interface
+/// `ifindex`, from the lab's node namespace (so FIB lookups see the lab's routes).
+#[must_use]
+pub fn test_run(lab: &Lab, prog: &str, ifindex: u32, frame: Vec<u8>) -> Ran {
+    use aya::{TestRun as _, TestRunOptions, programs::SchedClassifier};
+    let pin = pins(lab).prog(prog);
+    netns::run_in(&lab.node, move || {
+        let p = SchedClassifier::from_pin(&pin)?;
+        // struct __sk_buff: only `ifindex` (offset 40) set; the kernel takes skb->dev from it.
+        let mut ctx = [0u8; 192];
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len() + 64];
+        let r = p.test_run(TestRunOptions {
+            data_in: Some(&frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::default()
+        })?;
+        out.truncate(r.data_size_out as usize);
+        Ok(Ran {
+            action: r.return_value,
+            out,
+        })
+    })
+    .expect("BPF_PROG_TEST_RUN")
 }

@@ -4,48 +4,17 @@
 
 use std::net::Ipv4Addr;
 
-use aya::{
-    TestRun as _, TestRunOptions,
-    programs::{SchedClassifier, Xdp},
-};
+use aya::{TestRun as _, TestRunOptions, programs::Xdp};
 use bpfnat_tests::{
-    ContainerInfo, EXT_ADDR, Lab, NODE_ADDR, UPLINK, add_container, counter, json, lab,
+    ContainerInfo, EXT_ADDR, Lab, NODE_ADDR, Ran, UPLINK, add_container, counter, json, lab,
     packet::{self, PROTO_ICMP, PROTO_TCP, PROTO_UDP},
+    test_run as run,
 };
 
 const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 const SYN: u8 = 0x02;
 const ACK: u8 = 0x10;
-
-struct Ran {
-    action: u32,
-    out: Vec<u8>,
-}
-
-/// Run pinned program `prog` once on `frame`, as if it arrived on interface `ifindex`.
-fn run(lab: &Lab, prog: &str, ifindex: u32, frame: Vec<u8>) -> Ran {
-    let pin = bpfnat_tests::pins(lab).prog(prog);
-    nat_plumbing::netns::run_in(&lab.node, move || {
-        let p = SchedClassifier::from_pin(&pin)?;
-        // struct __sk_buff: only `ifindex` (offset 40) set; the kernel takes skb->dev from it.
-        let mut ctx = [0u8; 192];
-        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-        let mut out = vec![0u8; frame.len() + 64];
-        let r = p.test_run(TestRunOptions {
-            data_in: Some(&frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            ..TestRunOptions::default()
-        })?;
-        out.truncate(r.data_size_out as usize);
-        Ok(Ran {
-            action: r.return_value,
-            out,
-        })
-    })
-    .expect("BPF_PROG_TEST_RUN")
-}
 
 /// Run the pinned XDP program once on `frame`.
 fn run_xdp(lab: &Lab, frame: Vec<u8>) -> Ran {

@@ -2,7 +2,9 @@
 
 use std::{net::Ipv4Addr, time::Duration};
 
-use bpfnat_tests::{EXT_ADDR, NODE_ADDR, UPLINK, counter, flows, json, lab_up, ping, traffic, v4};
+use bpfnat_tests::{
+    EXT_ADDR, NODE_ADDR, UPLINK, counter, flows, json, lab_up, lab_up6, ping, traffic, v4,
+};
 
 const C1: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 2);
 const C2: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 3);
@@ -362,10 +364,7 @@ fn masquerade_carries_200_concurrent_connections() {
 
 #[test]
 fn nat66_carries_200_concurrent_connections() {
-    let lab = bpfnat_tests::lab("f2many6");
-    bpfnat_tests::uplink_v6(&lab);
-    lab.ok(&["up", "--uplink", UPLINK, "--subnet6", "fd00:88::/64"])
-        .unwrap();
+    let lab = lab_up6("f2many6");
     let c = lab.name("c");
     lab.ok(&["container", "add", &c]).unwrap();
     let ext6: std::net::Ipv6Addr = bpfnat_tests::EXT6.parse().unwrap();

@@ -11,8 +11,8 @@ use std::{
 };
 
 use bpfnat_tests::{
-    EXT_ADDR, EXT6, FAR_ADDR, FAR6, Lab, NODE_ADDR, ROUTER_ADDR, UPLINK, bin, counter, lab, lab_up,
-    routed_v6, run_in_ns, udp_refused, uplink_v6, v4,
+    EXT_ADDR, EXT6, FAR_ADDR, FAR6, Lab, NODE_ADDR, ROUTER_ADDR, UPLINK, bin, counter, lab_up,
+    lab_up6, routed_v6, run_in_ns, udp_refused, v4,
 };
 
 const BULK: usize = 256 * 1024;
@@ -194,10 +194,7 @@ fn port_unreachable_reaches_the_sender_in_both_directions() {
 
 #[test]
 fn port_unreachable_reaches_the_sender_in_both_directions_over_ipv6() {
-    let lab = lab("icmpunreach6");
-    uplink_v6(&lab);
-    lab.ok(&["up", "--uplink", UPLINK, "--subnet6", "fd00:88::/64"])
-        .unwrap();
+    let lab = lab_up6("icmpunreach6");
     let c = lab.name("c");
     lab.ok(&["container", "add", &c]).unwrap();
     lab.ok(&["port", "add", &c, "5353:53/udp"]).unwrap();

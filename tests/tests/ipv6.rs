@@ -12,21 +12,10 @@ use std::{
 };
 
 use bpfnat_tests::{
-    EXT6, NODE_ADDR, NODE6, UPLINK, counter, flows, json, lab, status, traffic, uplink_v6, v4,
+    EXT6, NODE_ADDR, NODE6, UPLINK, counter, flows, ip_in, json, lab, lab_up6, status, traffic,
+    uplink_v6, v4,
 };
 use nat_plumbing::netns;
-
-fn ip(ns: &Path, args: &[&str]) {
-    let mut c = Command::new("ip");
-    c.args(args);
-    netns::command_in(&mut c, ns).unwrap();
-    let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// `ping -6` from `ns` (from `src` if given) to `to`: whether an answer came.
 fn ping6(ns: &Path, src: Option<&str>, to: &str) -> bool {
@@ -104,7 +93,7 @@ fn containers_reach_each_other_and_the_node_over_ipv6() {
     );
 
     // Another container's address is refused (with a control from a's own).
-    ip(
+    ip_in(
         &na,
         &[
             "-6",
@@ -123,7 +112,7 @@ fn containers_reach_each_other_and_the_node_over_ipv6() {
 
     // Out by the uplink while the node has no global IPv6 address to masquerade with:
     // dropped rather than leaked (the route exists; the node's own forwarding is on).
-    ip(
+    ip_in(
         &lab.node,
         &["-6", "route", "add", "2001:db8:99::/64", "dev", UPLINK],
     );
@@ -133,7 +122,7 @@ fn containers_reach_each_other_and_the_node_over_ipv6() {
 
     // From outside, a container's IPv6 address stays unreachable, even with the node
     // forwarding IPv6 and the outside routing the subnet to it (control: the node itself).
-    ip(
+    ip_in(
         &lab.node,
         &[
             "-6",
@@ -145,7 +134,7 @@ fn containers_reach_each_other_and_the_node_over_ipv6() {
             "nodad",
         ],
     );
-    ip(
+    ip_in(
         &lab.ext,
         &[
             "-6",
@@ -157,7 +146,7 @@ fn containers_reach_each_other_and_the_node_over_ipv6() {
             "nodad",
         ],
     );
-    ip(
+    ip_in(
         &lab.ext,
         &["-6", "route", "add", "fd00:88::/64", "via", "2001:db8:1::1"],
     );
@@ -197,10 +186,7 @@ fn a_node_without_an_ipv6_subnet_refuses_ip6_and_leaves_ipv6_alone() {
 
 #[test]
 fn containers_reach_outside_masqueraded_to_the_uplinks_ipv6_address() {
-    let lab = lab("nat66");
-    uplink_v6(&lab);
-    lab.ok(&["up", "--uplink", UPLINK, "--subnet6", "fd00:88::/64"])
-        .unwrap();
+    let lab = lab_up6("nat66");
     let (_, st) = status(&lab);
     assert_eq!(st["node"]["snat_ip6"], "2001:db8:1::1", "{st}");
     assert_eq!(st["node"]["snat6_from_uplink"], true, "{st}");
@@ -254,7 +240,7 @@ fn containers_reach_outside_masqueraded_to_the_uplinks_ipv6_address() {
     assert!(flows(&lab).is_empty());
 
     // An unsolicited packet from outside for the container's address is still refused.
-    ip(
+    ip_in(
         &lab.ext,
         &["-6", "route", "add", "fd00:88::/64", "via", "2001:db8:1::1"],
     );
@@ -268,7 +254,7 @@ fn snat_ip6_fixes_the_ipv6_masquerade_address_and_is_checked() {
     let lab = lab("snat6");
     uplink_v6(&lab);
     // A second address on the uplink, chosen over the first.
-    ip(
+    ip_in(
         &lab.node,
         &[
             "-6",
@@ -322,10 +308,7 @@ fn snat_ip6_fixes_the_ipv6_masquerade_address_and_is_checked() {
 
 #[test]
 fn a_published_port_answers_over_ipv6_too() {
-    let lab = lab("pub6");
-    uplink_v6(&lab);
-    lab.ok(&["up", "--uplink", UPLINK, "--subnet6", "fd00:88::/64"])
-        .unwrap();
+    let lab = lab_up6("pub6");
     let web = lab.name("web");
     lab.ok(&[
         "container",
@@ -342,7 +325,7 @@ fn a_published_port_answers_over_ipv6_too() {
 
     // A client outside that claims a container address is refused (control: the same
     // datagram from its own address is answered).
-    ip(
+    ip_in(
         &lab.ext,
         &[
             "-6",
@@ -406,10 +389,7 @@ fn a_published_port_answers_over_ipv6_too() {
 
 #[test]
 fn ipv6_host_addresses_publish_over_ipv6_only() {
-    let lab = lab("hostip6");
-    uplink_v6(&lab);
-    lab.ok(&["up", "--uplink", UPLINK, "--subnet6", "fd00:88::/64"])
-        .unwrap();
+    let lab = lab_up6("hostip6");
     let web = lab.name("web");
     let on_node6 = format!("[{NODE6}]:8082:80");
     lab.ok(&[
@@ -489,10 +469,7 @@ fn an_ipv6_host_address_needs_an_ipv6_subnet() {
 
 #[test]
 fn node_processes_reach_published_ports_over_ipv6() {
-    let lab = lab("f4v6");
-    uplink_v6(&lab);
-    lab.ok(&["up", "--uplink", UPLINK, "--subnet6", "fd00:88::/64"])
-        .unwrap();
+    let lab = lab_up6("f4v6");
     let web = lab.name("web");
     lab.ok(&[
         "container",
@@ -544,10 +521,7 @@ fn node_processes_reach_published_ports_over_ipv6() {
 
 #[test]
 fn a_static_ipv6_mapping_reaches_its_container_both_ways() {
-    let lab = lab("static6");
-    uplink_v6(&lab);
-    lab.ok(&["up", "--uplink", UPLINK, "--subnet6", "fd00:88::/64"])
-        .unwrap();
+    let lab = lab_up6("static6");
     let c = lab.name("c");
     lab.ok(&["container", "add", &c, "--ip6", "fd00:88::5"])
         .unwrap();
@@ -600,7 +574,7 @@ fn a_static_ipv6_mapping_reaches_its_container_both_ways() {
     // Removed: the external address answers no more.
     lab.ok(&["nat", "del", "--external", "2001:db8:1::10"])
         .unwrap();
-    ip(&lab.ext, &["-6", "neigh", "flush", "dev", "eth0"]);
+    ip_in(&lab.ext, &["-6", "neigh", "flush", "dev", "eth0"]);
     assert!(!ping6(&lab.ext, None, "2001:db8:1::10"));
 }
 
@@ -609,33 +583,18 @@ fn a_static_ipv6_mapping_reaches_its_container_both_ways() {
 /// dropped with their reason, or matched to their first fragment.
 #[test]
 fn extension_headers_and_fragments_follow_their_rules() {
-    use aya::{TestRun as _, TestRunOptions, programs::SchedClassifier};
     use bpfnat_tests::packet::{self, PROTO_UDP};
 
-    let lab = lab("ext6");
-    uplink_v6(&lab);
-    lab.ok(&["up", "--uplink", UPLINK, "--subnet6", "fd00:88::/64"])
-        .unwrap();
+    let lab = lab_up6("ext6");
     let c = bpfnat_tests::add_container(&lab, "c", &["--ip6", "fd00:88::5"]);
-    let pin = bpfnat_tests::pins(&lab).prog(nat_common::prog_names::TC_CONTAINER);
-    let run = |frame: Vec<u8>| -> (u32, Vec<u8>) {
-        let pin = pin.clone();
-        let ifindex = c.host_ifindex;
-        netns::run_in(&lab.node, move || {
-            let p = SchedClassifier::from_pin(&pin)?;
-            let mut ctx = [0u8; 192];
-            ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-            let mut out = vec![0u8; frame.len() + 64];
-            let r = p.test_run(TestRunOptions {
-                data_in: Some(&frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::default()
-            })?;
-            out.truncate(r.data_size_out as usize);
-            Ok((r.return_value, out))
-        })
-        .unwrap()
+    let run = |frame: Vec<u8>| {
+        let r = bpfnat_tests::test_run(
+            &lab,
+            nat_common::prog_names::TC_CONTAINER,
+            c.host_ifindex,
+            frame,
+        );
+        (r.action, r.out)
     };
     const SHOT: u32 = 2;
     const REDIRECT: u32 = 7;
@@ -711,10 +670,7 @@ fn extension_headers_and_fragments_follow_their_rules() {
 
 #[test]
 fn fragmented_udp_datagrams_cross_nat66_both_ways() {
-    let lab = lab("frags6");
-    uplink_v6(&lab);
-    lab.ok(&["up", "--uplink", UPLINK, "--subnet6", "fd00:88::/64"])
-        .unwrap();
+    let lab = lab_up6("frags6");
     let c = lab.name("c");
     lab.ok(&["container", "add", &c, "-p", "5353:53/udp"])
         .unwrap();

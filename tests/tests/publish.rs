@@ -3,7 +3,7 @@
 
 use std::{net::Ipv4Addr, process::Command, time::Duration};
 
-use bpfnat_tests::{EXT_ADDR, NODE_ADDR, UPLINK, json, lab_up, traffic, v4};
+use bpfnat_tests::{EXT_ADDR, NODE_ADDR, UPLINK, json, lab_up, lab_up6, traffic, v4};
 
 const WINDOW: Duration = Duration::from_secs(20);
 const NODE_ADDR2: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 3);
@@ -181,10 +181,7 @@ fn a_new_mapping_is_not_shadowed_by_earlier_traffic() {
 
 #[test]
 fn a_new_ipv6_mapping_is_not_shadowed_by_earlier_traffic() {
-    let lab = bpfnat_tests::lab("stale6");
-    bpfnat_tests::uplink_v6(&lab);
-    lab.ok(&["up", "--uplink", UPLINK, "--subnet6", "fd00:88::/64"])
-        .unwrap();
+    let lab = lab_up6("stale6");
     let v6 = |ip: &str, port| std::net::SocketAddr::new(ip.parse().unwrap(), port);
     no_stale_shadowing(
         &lab,
