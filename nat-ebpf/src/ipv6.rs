@@ -118,12 +118,18 @@ fn dispatch(ctx: &TcContext) -> Result<i32, Reason> {
     {
         return Ok(nd::solicitation(ctx));
     }
-    if is_local_scope(src) || is_local_scope(dst) {
+    if is_local_scope(src) {
+        // Link-local or unspecified sources (DAD, router solicitation, MLD): the stack's.
         return pass(ctx);
     }
+    // A global source must be the sender's own, whatever the destination (a multicast
+    // Neighbour Advertisement claiming another container's address included).
     let me = endpoint6(src).ok_or(Reason::DropSpoof)?;
     if me.ifindex != ifindex || me.mac != eth_src {
         return Err(Reason::DropSpoof);
+    }
+    if is_local_scope(dst) {
+        return pass(ctx);
     }
     if in_subnet6(cfg, dst) && *dst != cfg.v6.gateway_addr {
         // F1: one flat L2 segment, as on a bridge: no hop limit change.

@@ -289,6 +289,27 @@ pub fn udp6(
     ipv6_frame((src, dst), (eth_src, eth_dst), (first, ext), &u)
 }
 
+/// An Ethernet frame with an ICMPv6 message `msg` (its checksum field zero) from `src` to
+/// `dst`, hop limit 255, checksummed over the pseudo-header.
+#[must_use]
+pub fn icmpv6(
+    (src, dst): (std::net::Ipv6Addr, std::net::Ipv6Addr),
+    (eth_src, eth_dst): ([u8; 6], [u8; 6]),
+    msg: &[u8],
+) -> Vec<u8> {
+    let mut m = msg.to_vec();
+    let c = csum(&m, pseudo6(src, dst, nat_common::PROTO_ICMPV6, m.len()));
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut f = ipv6_frame(
+        (src, dst),
+        (eth_src, eth_dst),
+        (nat_common::PROTO_ICMPV6, &[]),
+        &m,
+    );
+    f[21] = 255;
+    f
+}
+
 /// An Ethernet frame carrying an IPv6 header, `ext` (first next-header `first`) and `body`.
 #[must_use]
 pub fn ipv6_frame(

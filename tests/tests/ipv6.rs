@@ -697,3 +697,57 @@ fn fragmented_udp_datagrams_cross_nat66_both_ways() {
     assert_eq!(echo.join().unwrap().len(), 1);
     assert_eq!(counter(&lab, "drop_fragment"), 0);
 }
+
+/// A container that advertises another container's address (an unsolicited Neighbour
+/// Advertisement with the override flag, from its own address or from the victim's) changes
+/// nothing: the node's entries for containers are permanent, other containers' neighbours
+/// are answered by the datapath, and a forged source is dropped.
+#[test]
+fn a_container_cannot_claim_another_containers_ipv6_address() {
+    use bpfnat_tests::{add_container, packet, wire};
+    let lab = lab_up6("na6");
+    let a = add_container(&lab, "a", &["--ip6", "fd00:88::2"]);
+    let b = add_container(&lab, "b", &["--ip6", "fd00:88::3"]);
+    let c = add_container(&lab, "c", &["--ip6", "fd00:88::4"]);
+    let victim: Ipv6Addr = "fd00:88::3".parse().unwrap();
+    let all_nodes: Ipv6Addr = "ff02::1".parse().unwrap();
+    let advert = |from: Ipv6Addr| {
+        // Type 136, code 0, checksum, flags (override), target, target link-layer option.
+        let mut m = vec![136, 0, 0, 0, 0x20, 0, 0, 0];
+        m.extend_from_slice(&victim.octets());
+        m.extend_from_slice(&[2, 1]);
+        m.extend_from_slice(&a.mac);
+        packet::icmpv6((from, all_nodes), (a.mac, [0x33, 0x33, 0, 0, 0, 1]), &m)
+    };
+    let spoofed = counter(&lab, "drop_spoof");
+    wire::send(
+        &a.ns,
+        "eth0",
+        vec![advert("fd00:88::2".parse().unwrap()), advert(victim)],
+    );
+    assert_eq!(
+        counter(&lab, "drop_spoof"),
+        spoofed + 1,
+        "the advertisement from the victim's address is dropped"
+    );
+    // Control and check: the victim is still reached, by the node and by another container,
+    // and the node still has its own entry for it.
+    assert!(ping6(&lab.node, None, "fd00:88::3"), "the node reaches b");
+    assert!(ping6(&c.ns, None, "fd00:88::3"), "c reaches b");
+    let mac = b
+        .mac
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    let out = Command::new("ip")
+        .args(["-n", lab.node.file_name().unwrap().to_str().unwrap()])
+        .args(["-6", "neigh", "show", "fd00:88::3"])
+        .output()
+        .unwrap();
+    let neigh = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        neigh.contains(&mac) && neigh.contains("PERMANENT"),
+        "{neigh}"
+    );
+}
