@@ -13,7 +13,7 @@ use aya_ebpf::{
     helpers::bpf_redirect,
     programs::XdpContext,
 };
-use nat_common::{Endpoint, NET_CLUSTER_SRC, Reason, STATIC_EXTERNAL, tcp_flags};
+use nat_common::{Config, CtEntry, Endpoint, NET_CLUSTER_SRC, Reason, STATIC_EXTERNAL, tcp_flags};
 
 use crate::{
     addr,
@@ -104,20 +104,31 @@ fn fast4(ctx: &XdpContext) -> Result<u32, Reason> {
     let Some(e) = conntrack::lookup(&p.key()) else {
         return pass(ctx);
     };
+    established(ctx, cfg, &mut p, e)
+}
+
+/// A packet of the tracked connection `e`, either family: translated and delivered when it
+/// comes from outside and ends in a container (the cached hop says so), else TC's.
+#[inline(always)]
+fn established<A: Fam>(
+    ctx: &XdpContext,
+    cfg: &Config,
+    p: &mut parse::Ip<A>,
+    e: *mut CtEntry<A>,
+) -> Result<u32, Reason> {
     if !conntrack::arrives_from_outside(e) {
         return pass(ctx);
     }
     let t = now();
-    // Only connections that end in a container are XDP's; the cached hop says so.
     // SAFETY: read of a map value.
     let to = unsafe { (*e).xlate.dst_addr };
     let Some(hop) = nexthop::peer_hop(cfg, conntrack::meta(e), &to, t) else {
         return pass(ctx);
     };
-    conntrack::touch(ctx, e, &p, t)?;
+    conntrack::touch(ctx, e, p, t)?;
     count(Reason::CtHit, ctx.bytes());
-    nat::apply(ctx, &mut p, conntrack::xlate(e))?;
-    deliver(ctx, &mut p, &hop)
+    nat::apply(ctx, p, conntrack::xlate(e))?;
+    deliver(ctx, p, &hop)
 }
 
 /// The IPv6 fast path: a tracked connection's packet from outside that ends in a container.
@@ -152,19 +163,7 @@ fn fast6(ctx: &XdpContext) -> Result<u32, Reason> {
     let Some(e) = conntrack::lookup(&w.key) else {
         return pass(ctx);
     };
-    if !conntrack::arrives_from_outside(e) {
-        return pass(ctx);
-    }
-    let t = now();
-    // SAFETY: read of a map value.
-    let to = unsafe { (*e).xlate.dst_addr };
-    let Some(hop) = nexthop::peer_hop(cfg, conntrack::meta(e), &to, t) else {
-        return pass(ctx);
-    };
-    conntrack::touch(ctx, e, p, t)?;
-    count(Reason::CtHit, ctx.bytes());
-    nat::apply(ctx, p, conntrack::xlate(e))?;
-    deliver(ctx, p, &hop)
+    established(ctx, cfg, p, e)
 }
 
 #[inline(always)]
