@@ -9,7 +9,7 @@
 
 /// Version of the pinned layout. Bumped whenever a map's key or value changes, so that a new
 /// loader never silently reuses an old, differently shaped map pinned by an earlier version.
-pub const PIN_VERSION: &str = "v3";
+pub const PIN_VERSION: &str = "v4";
 
 mod addr;
 mod cluster;

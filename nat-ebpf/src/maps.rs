@@ -1,5 +1,5 @@
 //! Map definitions. Every map is a BTF map, so `bpftool map dump` prints named fields; the
-//! loader pins them under `<bpffs-dir>/v3/` and overrides sizes where the user asks. Each one
+//! loader pins them under `<bpffs-dir>/v4/` and overrides sizes where the user asks. Each one
 //! is described in `nat_common::MAP_SPECS` too (the macro wants its name as a literal); a
 //! test compares the two.
 
