@@ -441,3 +441,14 @@ pub fn test_run(lab: &Lab, prog: &str, ifindex: u32, frame: Vec<u8>) -> Ran {
     })
     .expect("BPF_PROG_TEST_RUN")
 }
+
+/// Run `bpfnat ARGS` in the lab, which must fail saying `needle`.
+pub fn fails_with(lab: &Lab, args: &[&str], needle: &str) {
+    let out = lab.run(args).expect("run bpfnat");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "bpfnat {args:?} should fail");
+    assert!(
+        err.contains(needle),
+        "bpfnat {args:?}: stderr {err:?} lacks {needle:?}"
+    );
+}

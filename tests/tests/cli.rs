@@ -3,17 +3,9 @@
 
 use std::{path::Path, process::Command};
 
-use bpfnat_tests::{EXT_ADDR, NODE_ADDR, UPLINK, json, lab, lab_up, link_exists, traffic, v4};
-
-fn fails_with(lab: &bpfnat_tests::Lab, args: &[&str], needle: &str) {
-    let out = lab.run(args).unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "bpfnat {args:?} should fail");
-    assert!(
-        err.contains(needle),
-        "bpfnat {args:?}: stderr {err:?} lacks {needle:?}"
-    );
-}
+use bpfnat_tests::{
+    EXT_ADDR, NODE_ADDR, UPLINK, fails_with, json, lab, lab_up, link_exists, traffic, v4,
+};
 
 fn host_if(lab: &bpfnat_tests::Lab, name: &str) -> String {
     json(lab, &["container", "list"])

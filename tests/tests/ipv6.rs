@@ -12,8 +12,8 @@ use std::{
 };
 
 use bpfnat_tests::{
-    EXT6, NODE_ADDR, NODE6, UPLINK, counter, flows, ip_in, json, lab, lab_up6, status, traffic,
-    uplink_v6, v4,
+    EXT6, NODE_ADDR, NODE6, UPLINK, counter, fails_with, flows, ip_in, json, lab, lab_up6, status,
+    traffic, uplink_v6, v4,
 };
 use nat_plumbing::netns;
 
@@ -63,12 +63,7 @@ fn containers_reach_each_other_and_the_node_over_ipv6() {
         let name = lab.name("x");
         cmd.push(&name);
         cmd.extend(args.iter().copied());
-        let out = lab.run(&cmd).unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success() && err.contains(why),
-            "{args:?}: {err}"
-        );
+        fails_with(&lab, &cmd, why);
     }
     let (na, nb) = (lab.container_ns(&a), lab.container_ns(&b));
 
@@ -165,11 +160,11 @@ fn containers_reach_each_other_and_the_node_over_ipv6() {
 fn a_node_without_an_ipv6_subnet_refuses_ip6_and_leaves_ipv6_alone() {
     let lab = lab("v6off");
     lab.ok(&["up", "--uplink", UPLINK]).unwrap();
-    let out = lab
-        .run(&["container", "add", &lab.name("a"), "--ip6", "fd00:88::2"])
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no IPv6 subnet"));
+    fails_with(
+        &lab,
+        &["container", "add", &lab.name("a"), "--ip6", "fd00:88::2"],
+        "no IPv6 subnet",
+    );
     let c = lab.name("b");
     lab.ok(&["container", "add", &c]).unwrap();
     let v = json(&lab, &["container", "inspect", &c]);
@@ -275,12 +270,7 @@ fn snat_ip6_fixes_the_ipv6_masquerade_address_and_is_checked() {
     ] {
         let mut cmd = vec!["up", "--uplink", UPLINK];
         cmd.extend(args.iter().copied());
-        let out = lab.run(&cmd).unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success() && err.contains(why),
-            "{args:?}: {err}"
-        );
+        fails_with(&lab, &cmd, why);
         assert_eq!(status(&lab).0, 3, "nothing was set up");
     }
     lab.ok(&[
@@ -437,9 +427,7 @@ fn ipv6_host_addresses_publish_over_ipv6_only() {
         ("8081:81", "already published"),
         ("[2001:db8:99::1]:8084:80", "not an address of this node"),
     ] {
-        let out = lab.run(&["port", "add", &web, spec]).unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && err.contains(why), "{spec}: {err}");
+        fails_with(&lab, &["port", "add", &web, spec], why);
     }
     // IPv4 on the same port as an IPv6-only mapping is free; IPv6 loopback is the node's
     // processes' (F4), as 127.0.0.1 is.
@@ -531,11 +519,11 @@ fn a_static_ipv6_mapping_reaches_its_container_both_ways() {
         ("2001:db8:1::10", "fd00:99::5", "not a container address"),
         ("fe80::10", "fd00:88::5", "not global unicast"),
     ] {
-        let out = lab
-            .run(&["nat", "add", "--external", ext, "--internal", int])
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && err.contains(why), "{ext}: {err}");
+        fails_with(
+            &lab,
+            &["nat", "add", "--external", ext, "--internal", int],
+            why,
+        );
     }
     lab.ok(&[
         "nat",
