@@ -330,18 +330,39 @@ impl Netlink {
             | AddressFlags::Dadfailed
             | AddressFlags::Deprecated
             | AddressFlags::Secondary;
-        let mut s = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute();
+        Ok(self
+            .ipv6_globals(Some(index))
+            .await?
+            .into_iter()
+            .filter(|(_, _, flags)| !flags.intersects(unusable))
+            .map(|(_, a, _)| a)
+            .collect())
+    }
+
+    /// Every global IPv6 address (scope universe) of the namespace, with the ifindex that
+    /// holds it.
+    pub async fn all_global_ipv6_addrs(&self) -> Result<Vec<(u32, Ipv6Addr)>> {
+        Ok(self
+            .ipv6_globals(None)
+            .await?
+            .into_iter()
+            .map(|(i, a, _)| (i, a))
+            .collect())
+    }
+
+    /// The global IPv6 addresses of link `index` (of every link: `None`), each with its
+    /// ifindex and flags (the 32-bit flags attribute when present, else the header's 8 bits).
+    async fn ipv6_globals(&self, index: Option<u32>) -> Result<Vec<(u32, Ipv6Addr, AddressFlags)>> {
+        let mut req = self.handle.address().get();
+        if let Some(index) = index {
+            req = req.set_link_index_filter(index);
+        }
+        let mut s = req.execute();
         let mut out = Vec::new();
         while let Some(m) = s.try_next().await.context("list addresses")? {
             if m.header.scope != AddressScope::Universe {
                 continue;
             }
-            // The 32-bit flags attribute when present, else the header's 8 bits.
             let flags = m
                 .attributes
                 .iter()
@@ -350,30 +371,9 @@ impl Netlink {
                     _ => None,
                 })
                 .unwrap_or_else(|| AddressFlags::from_bits_retain(m.header.flags.bits().into()));
-            if flags.intersects(unusable) {
-                continue;
-            }
             for a in &m.attributes {
                 if let AddressAttribute::Address(IpAddr::V6(v6)) = a {
-                    out.push(*v6);
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Every global IPv6 address of the namespace (scope universe), with the ifindex that
-    /// holds it.
-    pub async fn all_global_ipv6_addrs(&self) -> Result<Vec<(u32, Ipv6Addr)>> {
-        let mut s = self.handle.address().get().execute();
-        let mut out = Vec::new();
-        while let Some(m) = s.try_next().await.context("list addresses")? {
-            if m.header.scope != AddressScope::Universe {
-                continue;
-            }
-            for a in &m.attributes {
-                if let AddressAttribute::Address(IpAddr::V6(v6)) = a {
-                    out.push((m.header.index, *v6));
+                    out.push((m.header.index, *v6, flags));
                 }
             }
         }

@@ -779,7 +779,9 @@ impl Maps {
                 }
                 // `8080:80` on a container without IPv6: its IPv4 side only.
                 (Some(_), None) if m.host_ip.is_none() => Ok(()),
-                (Some(_), None) => Err(anyhow!("the container has no IPv6 address")),
+                (Some(_), None) => Err(anyhow!(
+                    "the container has no IPv6 address: publish on an IPv4 address, or on every address (8080:80)"
+                )),
                 (None, _) => Ok(()),
             });
             if let Err(e) = r {
