@@ -78,6 +78,24 @@ pub struct Net4 {
     pub subnet_mask: Addr4,
 }
 
+impl Net4 {
+    /// A v6-only node's IPv4 part: the "subnet" 0.0.0.0/32 and every address 0.0.0.0, which
+    /// is a martian everywhere the datapath looks (it is dropped before any of these
+    /// matter), so no IPv4 address is a container's, the gateway's or the node's. With no
+    /// IPv4 endpoint, every IPv4 packet a container sends is `drop_spoof`; IPv4 from outside
+    /// is the stack's.
+    #[must_use]
+    pub const fn none() -> Self {
+        Self {
+            snat_addr: [0; 4],
+            gateway_addr: [0; 4],
+            node_addr: [0; 4],
+            subnet_addr: [0; 4],
+            subnet_mask: [255; 4],
+        }
+    }
+}
+
 /// `node_addrs` hash map value, keyed by one of the node's own unicast IPv4 addresses
 /// (`Addr4`; loopback and container-subnet addresses are not listed). Only
 /// these (and `Net4::node_addr`) are DNAT destinations for packets from outside, as

@@ -16,7 +16,7 @@ use crate::{
     datapath::{self, Hook, Maps},
     env::Env,
     ethtool::{self, Offload},
-    net::{Cidr, Cidr6, mac_for},
+    net::mac_for,
     netlink::Netlink,
     netns,
     node::{self, NodeSpec, Upped, require_node},
@@ -107,32 +107,34 @@ fn parse_sysctls(raw: &[String]) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
-fn subnet_of(node: &Node) -> Cidr {
-    Cidr {
-        addr: node.subnet,
-        prefix: node.prefix_len,
-    }
-}
-
-fn pick_ip(state: &State, node: &Node, want: Option<Ipv4Addr>) -> Result<Ipv4Addr> {
-    let subnet = subnet_of(node);
-    let used = |ip: Ipv4Addr| ip == node.gateway || state.containers.values().any(|c| c.ip == ip);
+/// The container's IPv4 address: `want` if it is a free host address of the node's subnet,
+/// else the lowest free one; none on a v6-only node.
+fn pick_ip(state: &State, node: &Node, want: Option<Ipv4Addr>) -> Result<Option<Ipv4Addr>> {
+    let Some(v4) = &node.v4 else {
+        if let Some(ip) = want {
+            bail!("--ip {ip}: this node is IPv6-only (it has no IPv4 subnet)");
+        }
+        return Ok(None);
+    };
+    let subnet = v4.cidr();
+    let holder = |ip: Ipv4Addr| state.containers.values().find(|c| c.ip == Some(ip));
     match want {
         Some(ip) => {
             if !subnet.contains(ip) || ip == subnet.addr || ip == subnet.broadcast() {
                 bail!("address {ip} is not a host address of the container subnet {subnet}");
             }
-            if ip == node.gateway {
+            if ip == v4.gateway {
                 bail!("address {ip} is the gateway's");
             }
-            if let Some(c) = state.containers.values().find(|c| c.ip == ip) {
+            if let Some(c) = holder(ip) {
                 bail!("address {ip} is already used by container {}", c.name);
             }
-            Ok(ip)
+            Ok(Some(ip))
         }
         None => subnet
             .hosts()
-            .find(|ip| !used(*ip))
+            .find(|ip| *ip != v4.gateway && holder(*ip).is_none())
+            .map(Some)
             .ok_or_else(|| anyhow!("no free address left in {subnet}")),
     }
 }
@@ -146,10 +148,7 @@ fn pick_ip6(state: &State, node: &Node, want: Option<Ipv6Addr>) -> Result<Option
         }
         return Ok(None);
     };
-    let net = Cidr6 {
-        addr: v6.subnet,
-        prefix: v6.prefix_len,
-    };
+    let net = v6.cidr();
     let holder = |ip: Ipv6Addr| state.containers.values().find(|c| c.ip6 == Some(ip));
     match want {
         Some(ip) => {
@@ -226,8 +225,8 @@ fn is_local_addr(ip: IpAddr) -> bool {
 }
 
 /// Refuse host addresses that are not the node's: nothing could be published on them; and
-/// IPv6 ones on a node without an IPv6 subnet (`v6`).
-pub fn check_host_addrs(specs: &[PortSpec], v6: bool) -> Result<()> {
+/// those of a family the node has no subnet of (`v4`, `v6`: which it has).
+pub fn check_host_addrs(specs: &[PortSpec], v4: bool, v6: bool) -> Result<()> {
     for ip in specs
         .iter()
         .flat_map(|s| &s.requests)
@@ -235,6 +234,11 @@ pub fn check_host_addrs(specs: &[PortSpec], v6: bool) -> Result<()> {
     {
         if ip.is_ipv6() && !v6 {
             bail!("cannot publish on [{ip}]: the node has no IPv6 subnet (up --subnet6)");
+        }
+        if ip.is_ipv4() && !v4 {
+            bail!(
+                "cannot publish on {ip}: the node is IPv6-only (publish on an IPv6 address, or on every address: 8080:80)"
+            );
         }
         if ip.is_unspecified() {
             continue;
@@ -250,7 +254,9 @@ pub fn check_host_addrs(specs: &[PortSpec], v6: bool) -> Result<()> {
 
 /// Choose host ports for `specs` (where they leave a choice) and check the result.
 pub fn resolve_ports(state: &State, specs: &[PortSpec]) -> Result<Vec<PortMapping>> {
-    check_host_addrs(specs, state.node.as_ref().is_some_and(|n| n.v6.is_some()))?;
+    if let Some(node) = &state.node {
+        check_host_addrs(specs, node.v4.is_some(), node.v6.is_some())?;
+    }
     let ephemeral = node::ephemeral_range();
     let mut book = PortBook::of(state);
     let mut all: Vec<PortMapping> = Vec::new();
@@ -338,7 +344,7 @@ pub async fn create(ctx: &Env, req: AddRequest) -> Result<Container> {
         name: name.clone(),
         ip,
         ip6,
-        mac: mac_for(ip),
+        mac: mac_for(ip, ip6),
         host_if,
         host_ifindex: 0,
         host_mac: [0; 6],
@@ -403,9 +409,11 @@ async fn wire(
     inner
         .set_alias(eth0.index, &owner_alias(&c.host_if, c.owns_netns))
         .await?;
-    inner.add_addr(eth0.index, c.ip, node.prefix_len).await?;
     inner.set_up(eth0.index).await?;
-    inner.add_default_route(node.gateway, eth0.index).await?;
+    if let (Some(v4), Some(ip)) = (&node.v4, c.ip) {
+        inner.add_addr(eth0.index, ip, v4.prefix_len).await?;
+        inner.add_default_route(v4.gateway, eth0.index).await?;
+    }
     if let (Some(v6), Some(ip6)) = (&node.v6, c.ip6) {
         inner.add_addr6(eth0.index, ip6, v6.prefix_len).await?;
         inner.add_default_route(v6.gateway, eth0.index).await?;
@@ -418,7 +426,9 @@ async fn wire(
     }
 
     nl.set_up(host.index).await?;
-    nl.add_host_route(c.ip, host.index, node.gateway).await?;
+    if let (Some(v4), Some(ip)) = (&node.v4, c.ip) {
+        nl.add_host_route(ip, host.index, v4.gateway).await?;
+    }
     if let Some(ip6) = c.ip6 {
         nl.add_host_route6(ip6, host.index).await?;
         // The node knows the container's MAC (bpfnat chose it): no solicitation needed, and
@@ -439,7 +449,7 @@ async fn wire(
     maps.put_ports(&c.ports, (c.ip, c.ip6), generation)
 }
 
-/// The datapath's endpoints of `c`: by its IPv4 address, and by its IPv6 one if it has one.
+/// The datapath's endpoints of `c`: by each of its addresses.
 fn put_endpoints(maps: &mut Maps, c: &Container) -> Result<()> {
     let ep = Endpoint {
         ifindex: c.host_ifindex,
@@ -447,7 +457,9 @@ fn put_endpoints(maps: &mut Maps, c: &Container) -> Result<()> {
         mac: c.mac,
         host_mac: c.host_mac,
     };
-    maps.put_endpoint(c.ip, &ep)?;
+    if let Some(ip) = c.ip {
+        maps.put_endpoint(ip, &ep)?;
+    }
     if let Some(ip6) = c.ip6 {
         maps.put_endpoint6(ip6, &ep)?;
     }
@@ -460,7 +472,9 @@ pub async fn remove(ctx: &Env, nl: &Netlink, c: &Container) -> Result<()> {
     if ctx.pins.installed() {
         let mut maps = Maps::open(&ctx.pins)?;
         maps.remove_ports(&c.ports)?;
-        maps.remove_endpoint(c.ip)?;
+        if let Some(ip) = c.ip {
+            maps.remove_endpoint(ip)?;
+        }
         if let Some(ip6) = c.ip6 {
             maps.remove_endpoint6(ip6)?;
         }
@@ -521,7 +535,11 @@ async fn rewire_all(ctx: &Env, node: &Node, only_missing: bool) -> Result<()> {
         let Some(c) = state.containers.get(&name).cloned() else {
             continue;
         };
-        if c.pending || (only_missing && maps.has_endpoint(c.ip)?) {
+        // Its first address stands for all: they are written together.
+        let first = c.ip.map(IpAddr::from).or(c.ip6.map(IpAddr::from));
+        if c.pending
+            || (only_missing && first.map(|a| maps.has_endpoint(a)).transpose()? == Some(true))
+        {
             // A killed add: the next command for it finishes or undoes it.
             continue;
         }

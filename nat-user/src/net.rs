@@ -139,10 +139,20 @@ impl FromStr for PortRange {
     }
 }
 
-/// Docker's MAC scheme: `02:42` followed by the IPv4 address.
+/// Docker's MAC scheme: `02:42` followed by the IPv4 address; on a v6-only node, by the
+/// IPv6 address's last four bytes (unique among addresses handed out in order, which differ
+/// there first; the datapath forwards by interface, so a chosen address that repeats them
+/// costs nothing but a confusing neighbour table).
 #[must_use]
-pub fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
-    let o = ip.octets();
+pub fn mac_for(ip: Option<Ipv4Addr>, ip6: Option<std::net::Ipv6Addr>) -> [u8; 6] {
+    let o = match (ip, ip6) {
+        (Some(ip), _) => ip.octets(),
+        (None, Some(ip6)) => {
+            let b = ip6.octets();
+            [b[12], b[13], b[14], b[15]]
+        }
+        (None, None) => [0; 4],
+    };
     [0x02, 0x42, o[0], o[1], o[2], o[3]]
 }
 
@@ -211,7 +221,7 @@ mod tests {
     #[test]
     fn macs_follow_docker() {
         assert_eq!(
-            fmt_mac(&mac_for(Ipv4Addr::new(10, 88, 0, 2))),
+            fmt_mac(&mac_for(Some(Ipv4Addr::new(10, 88, 0, 2)), None)),
             "02:42:0a:58:00:02"
         );
     }

@@ -13,7 +13,7 @@ use crate::{
     net::{Cidr, Cidr6, PortRange},
     netlink::{Link, Netlink},
     netns,
-    state::{Node, State, Store, Subnet6, XdpSetting},
+    state::{Node, State, Store, Subnet4, Subnet6, XdpSetting},
 };
 
 /// The interface that holds the container gateway address (one end of a veth pair whose
@@ -31,7 +31,9 @@ pub const DEFAULT_PORT_RANGE: &str = "1024-65535";
 pub struct NodeSpec {
     /// The interface that leads outside (its address is the MASQUERADE address).
     pub uplink: String,
-    pub subnet: Cidr,
+    /// Default: `DEFAULT_SUBNET`, except on a v6-only node (`--subnet6` alone, on an uplink
+    /// without an IPv4 address), which has none.
+    pub subnet: Option<Cidr>,
     /// Default: the subnet's first address.
     pub gateway: Option<Ipv4Addr>,
     /// Default: the uplink's own address.
@@ -56,7 +58,7 @@ impl NodeSpec {
     pub fn new(uplink: String) -> Self {
         Self {
             uplink,
-            subnet: DEFAULT_SUBNET.parse().expect("the default subnet parses"),
+            subnet: None,
             gateway: None,
             snat_ip: None,
             port_range: DEFAULT_PORT_RANGE
@@ -134,10 +136,6 @@ pub fn require_node(state: &State) -> Result<&Node> {
 
 /// The datapath's `config` for `node`; `static_nat`: whether any static NAT mapping exists.
 pub fn config_of(node: &Node, static_nat: bool) -> Config {
-    let subnet = Cidr {
-        addr: node.subnet,
-        prefix: node.prefix_len,
-    };
     Config {
         uplink_ifindex: node.uplink_ifindex,
         flags: CFG_MASQUERADE | if static_nat { CFG_STATIC_NAT } else { 0 },
@@ -147,13 +145,13 @@ pub fn config_of(node: &Node, static_nat: bool) -> Config {
         host_port_max: node.host_port_max,
         uplink_mac: node.uplink_mac,
         netns_cookie: node.netns_cookie,
-        v4: Net4 {
-            snat_addr: node.snat_ip.octets(),
-            gateway_addr: node.gateway.octets(),
-            node_addr: node.node_addr.octets(),
-            subnet_addr: node.subnet.octets(),
-            subnet_mask: subnet.mask().octets(),
-        },
+        v4: node.v4.as_ref().map_or_else(Net4::none, |v| Net4 {
+            snat_addr: v.snat_ip.octets(),
+            gateway_addr: v.gateway.octets(),
+            node_addr: v.node_addr.octets(),
+            subnet_addr: v.subnet.octets(),
+            subnet_mask: v.cidr().mask().octets(),
+        }),
         v6: node.v6.as_ref().map_or_else(Net6::default, |v| Net6 {
             subnet_addr: v.subnet.octets(),
             gateway_addr: v.gateway.octets(),
@@ -202,15 +200,6 @@ pub async fn up(ctx: &Env, a: NodeSpec) -> Result<Upped> {
             a.conntrack_max
         );
     }
-    let gateway = a
-        .gateway
-        .unwrap_or_else(|| a.subnet.hosts().next().unwrap_or(a.subnet.addr));
-    if !a.subnet.contains(gateway) || gateway == a.subnet.addr || gateway == a.subnet.broadcast() {
-        bail!(
-            "gateway {gateway} is not a host address of subnet {}",
-            a.subnet
-        );
-    }
     // (1, 0): an empty range, nothing avoided.
     let host_ports = if a.masquerade_avoid_host_ports {
         ephemeral_range()
@@ -247,27 +236,16 @@ pub async fn up(ctx: &Env, a: NodeSpec) -> Result<Upped> {
     {
         v6.snat = nl.global_ipv6_addrs(uplink.index).await?.first().copied();
     }
-    let snat_ip = match (a.snat_ip, uplink_addr) {
-        (Some(ip), _) | (None, Some(ip)) => ip,
-        (None, None) => bail!(
-            "uplink {} has no IPv4 address to masquerade with: add one or pass --snat-ip",
-            a.uplink
-        ),
-    };
+    let had_v4 = state.node.as_ref().map(|n| n.v4.is_some());
     let node = Node {
         uplink: a.uplink.clone(),
         uplink_ifindex: uplink.index,
-        subnet: a.subnet.addr,
-        prefix_len: a.subnet.prefix,
-        gateway,
-        snat_ip,
-        snat_from_uplink: a.snat_ip.is_none(),
+        v4: subnet4(&a, uplink_addr, had_v4)?,
         port_min: a.port_range.min,
         port_max: a.port_range.max,
         gateway_ifindex: 0,
         gateway_if: GATEWAY_IF.to_owned(),
         uplink_mac: uplink.mac,
-        node_addr: uplink_addr.unwrap_or(snat_ip),
         netns_cookie: datapath::netns_cookie()?,
         host_port_min: host_ports.0,
         host_port_max: host_ports.1,
@@ -292,24 +270,63 @@ pub async fn up(ctx: &Env, a: NodeSpec) -> Result<Upped> {
         }
         if *old == same {
             // Recorded, but the datapath is gone: put it back with the recorded settings.
-            let node = install_node(ctx, &nl, old.clone(), gateway, a.conntrack_max, a.xdp).await?;
+            let node = install_node(ctx, &nl, old.clone(), a.conntrack_max, a.xdp).await?;
             state.node = Some(node.clone());
             store.save(&state)?;
             return Ok(Upped::Repaired(node));
         }
         bail!(
-            "bpfnat is already up with other settings (uplink {}, subnet {}/{}, XDP {}): run `bpfnat down` first to change them",
+            "bpfnat is already up with other settings (uplink {}, subnets {}, XDP {}): run `bpfnat down` first to change them",
             old.uplink,
-            old.subnet,
-            old.prefix_len,
+            old.subnets(),
             old.xdp
         );
     }
 
-    let node = install_node(ctx, &nl, node, gateway, a.conntrack_max, a.xdp).await?;
+    let node = install_node(ctx, &nl, node, a.conntrack_max, a.xdp).await?;
     state.node = Some(node.clone());
     store.save(&state)?;
     Ok(Upped::Fresh(node))
+}
+
+/// The IPv4 subnet `up` asks for, checked: the gateway a host address of it, the MASQUERADE
+/// source the uplink's address unless given. `None` makes a v6-only node, as Docker's
+/// `--ipv4=false`: `--subnet6` with nothing IPv4 asked for, on an uplink without an IPv4
+/// address (`had_v4`: the recorded node's choice, which a repeated `up` keeps).
+fn subnet4(
+    a: &NodeSpec,
+    uplink_addr: Option<Ipv4Addr>,
+    had_v4: Option<bool>,
+) -> Result<Option<Subnet4>> {
+    let asked = a.subnet.is_some() || a.gateway.is_some() || a.snat_ip.is_some();
+    if !asked && a.subnet6.is_some() && !had_v4.unwrap_or(uplink_addr.is_some()) {
+        return Ok(None);
+    }
+    let subnet = match a.subnet {
+        Some(s) => s,
+        None => DEFAULT_SUBNET.parse()?,
+    };
+    let gateway = a
+        .gateway
+        .unwrap_or_else(|| subnet.hosts().next().unwrap_or(subnet.addr));
+    if !subnet.contains(gateway) || gateway == subnet.addr || gateway == subnet.broadcast() {
+        bail!("gateway {gateway} is not a host address of subnet {subnet}");
+    }
+    let snat_ip = match (a.snat_ip, uplink_addr) {
+        (Some(ip), _) | (None, Some(ip)) => ip,
+        (None, None) => bail!(
+            "uplink {} has no IPv4 address to masquerade with: add one or pass --snat-ip (or, for an IPv6-only node, give --subnet6 alone)",
+            a.uplink
+        ),
+    };
+    Ok(Some(Subnet4 {
+        subnet: subnet.addr,
+        prefix_len: subnet.prefix,
+        gateway,
+        snat_ip,
+        snat_from_uplink: a.snat_ip.is_none(),
+        node_addr: uplink_addr.unwrap_or(snat_ip),
+    }))
 }
 
 /// The IPv6 subnet `up` asks for, checked: the gateway a host address of it, the NAT66
@@ -364,12 +381,11 @@ async fn install_node(
     ctx: &Env,
     nl: &Netlink,
     node: Node,
-    gateway: Ipv4Addr,
     ct_max: u32,
     xdp: XdpChoice,
 ) -> Result<Node> {
     datapath::ensure_bpffs(&ctx.bpffs_dir)?;
-    match bring_up(ctx, nl, node, gateway, ct_max, xdp).await {
+    match bring_up(ctx, nl, node, ct_max, xdp).await {
         Ok(node) => Ok(node),
         Err(e) => {
             let _ = teardown(ctx, nl).await;
@@ -382,17 +398,18 @@ async fn bring_up(
     ctx: &Env,
     nl: &Netlink,
     mut node: Node,
-    gateway: Ipv4Addr,
     ct_max: u32,
     xdp: XdpChoice,
 ) -> Result<Node> {
-    netns::set_own_sysctl("net.ipv4.ip_forward", "1")?;
     if let Some(stale) = nl.link(GATEWAY_IF).await? {
         nl.del_link(stale.index).await?;
     }
     nl.add_local_veth(GATEWAY_IF, GATEWAY_PEER).await?;
     let gw = nl.require_link(GATEWAY_IF).await?;
-    nl.add_addr(gw.index, gateway, 32).await?;
+    if let Some(v4) = &node.v4 {
+        netns::set_own_sysctl("net.ipv4.ip_forward", "1")?;
+        nl.add_addr(gw.index, v4.gateway, 32).await?;
+    }
     if let Some(v6) = &node.v6 {
         // The node answers its containers on the IPv6 gateway address too (F6). Forwarding
         // on, as for IPv4: the datapath's FIB lookups for NAT66 need it, and what the
@@ -431,23 +448,17 @@ async fn bring_up(
 /// the namespace but loopback and the container subnet, whose gateway address the node
 /// holds): the only destinations a packet from outside is DNATed from.
 pub async fn sync_node_addrs(nl: &Netlink, maps: &mut Maps, node: &Node) -> Result<()> {
-    let subnet = Cidr {
-        addr: node.subnet,
-        prefix: node.prefix_len,
-    };
+    let subnet = node.v4.as_ref().map(Subnet4::cidr);
     let addrs: Vec<(Ipv4Addr, u32)> = nl
         .all_ipv4_addrs()
         .await?
         .into_iter()
-        .filter(|(_, a)| !a.is_loopback() && !subnet.contains(*a))
+        .filter(|(_, a)| !a.is_loopback() && !subnet.is_some_and(|n| n.contains(*a)))
         .map(|(i, a)| (a, i))
         .collect();
     maps.set_node_addrs(&addrs)?;
     // The same over IPv6: global addresses, the containers' subnet left out.
-    let v6 = node.v6.as_ref().map(|v| Cidr6 {
-        addr: v.subnet,
-        prefix: v.prefix_len,
-    });
+    let v6 = node.v6.as_ref().map(Subnet6::cidr);
     let addrs6: Vec<(Ipv6Addr, u32)> = nl
         .all_global_ipv6_addrs()
         .await?

@@ -13,19 +13,21 @@ use std::{
 use anyhow::{Context as _, Result, anyhow};
 use serde::{Deserialize, Serialize};
 
-use crate::spec::PortMapping;
+use crate::{
+    net::{Cidr, Cidr6},
+    spec::PortMapping,
+};
 
 /// The node-wide settings `up` was given and derived.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {
     pub uplink: String,
     pub uplink_ifindex: u32,
-    pub subnet: Ipv4Addr,
-    pub prefix_len: u8,
-    pub gateway: Ipv4Addr,
-    pub snat_ip: Ipv4Addr,
-    /// `snat_ip` is the uplink's own address rather than one given with `--snat-ip`.
-    pub snat_from_uplink: bool,
+    /// The container subnet's IPv4 part; absent on a v6-only node (`up --subnet6` alone on
+    /// an uplink without an IPv4 address). Flattened: a record has these fields at its top
+    /// level, as before nodes could be v6-only.
+    #[serde(flatten)]
+    pub v4: Option<Subnet4>,
     pub port_min: u16,
     pub port_max: u16,
     /// ifindex of the interface that holds the gateway address.
@@ -33,8 +35,6 @@ pub struct Node {
     pub gateway_if: String,
     /// The uplink's MAC (ARP answers for static NAT addresses).
     pub uplink_mac: [u8; 6],
-    /// The uplink's own address (host processes reach published ports on it).
-    pub node_addr: Ipv4Addr,
     /// Cookie of the node's network namespace.
     pub netns_cookie: u64,
     /// The node's ephemeral port range: MASQUERADE leaves it to the node's own sockets.
@@ -48,6 +48,52 @@ pub struct Node {
     /// The container subnet's IPv6 part (`up --subnet6`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub v6: Option<Subnet6>,
+}
+
+impl Node {
+    /// The container subnets, CIDR, for messages: `10.88.0.0/16`, `10.88.0.0/16 fd00:88::/64`
+    /// or `fd00:88::/64`.
+    #[must_use]
+    pub fn subnets(&self) -> String {
+        let v4 = self.v4.as_ref().map(|v| v.cidr().to_string());
+        let v6 = self.v6.as_ref().map(|v| v.cidr().to_string());
+        v4.into_iter().chain(v6).collect::<Vec<_>>().join(" ")
+    }
+}
+
+/// A node's IPv4 container subnet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subnet4 {
+    pub subnet: Ipv4Addr,
+    pub prefix_len: u8,
+    /// The containers' gateway, held by the node.
+    pub gateway: Ipv4Addr,
+    /// MASQUERADE's source: `--snat-ip`, or the uplink's own address.
+    pub snat_ip: Ipv4Addr,
+    /// `snat_ip` is the uplink's own address rather than one given with `--snat-ip`.
+    pub snat_from_uplink: bool,
+    /// The uplink's own address (host processes reach published ports on it).
+    pub node_addr: Ipv4Addr,
+}
+
+impl Subnet4 {
+    #[must_use]
+    pub const fn cidr(&self) -> Cidr {
+        Cidr {
+            addr: self.subnet,
+            prefix: self.prefix_len,
+        }
+    }
+}
+
+impl Subnet6 {
+    #[must_use]
+    pub const fn cidr(&self) -> Cidr6 {
+        Cidr6 {
+            addr: self.subnet,
+            prefix: self.prefix_len,
+        }
+    }
 }
 
 /// A node's IPv6 container subnet.
@@ -92,7 +138,9 @@ impl std::fmt::Display for XdpSetting {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Container {
     pub name: String,
-    pub ip: Ipv4Addr,
+    /// Its IPv4 address; none on a v6-only node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Ipv4Addr>,
     /// Its IPv6 address, on a node with an IPv6 subnet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip6: Option<std::net::Ipv6Addr>,
@@ -137,14 +185,14 @@ impl Container {
     #[must_use]
     pub fn sides(&self, m: &PortMapping) -> Vec<(PortMapping, std::net::IpAddr)> {
         let mut out = Vec::new();
-        if let Some(a) = m.v4() {
+        if let (Some(a), Some(ip)) = (m.v4(), self.ip) {
             let host = a.unwrap_or(Ipv4Addr::UNSPECIFIED);
             out.push((
                 PortMapping {
                     host_ip: Some(host.into()),
                     ..*m
                 },
-                self.ip.into(),
+                ip.into(),
             ));
         }
         if let (Some(a), Some(ip6)) = (m.v6(), self.ip6) {
@@ -290,4 +338,32 @@ pub fn write_durably(path: &Path, content: &[u8], mode: u32) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .with_context(|| format!("sync directory {}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BEFORE_V6_ONLY: &str = r#"{"uplink":"eth0","uplink_ifindex":2,"subnet":"10.88.0.0",
+        "prefix_len":16,"gateway":"10.88.0.1","snat_ip":"198.51.100.2","snat_from_uplink":true,
+        "port_min":1024,"port_max":65535,"gateway_ifindex":5,"gateway_if":"bn-gw",
+        "uplink_mac":[2,0,0,0,0,1],"node_addr":"198.51.100.2","netns_cookie":1}"#;
+
+    #[test]
+    fn records_from_before_v6_only_nodes_keep_their_ipv4_subnet() {
+        let n: Node = serde_json::from_str(BEFORE_V6_ONLY).unwrap();
+        let v4 = n.v4.as_ref().expect("the IPv4 subnet");
+        assert_eq!(v4.cidr().to_string(), "10.88.0.0/16");
+        assert_eq!(v4.node_addr, Ipv4Addr::new(198, 51, 100, 2));
+        // Written back, the record has the same shape.
+        let again: serde_json::Value = serde_json::to_value(&n).unwrap();
+        let before: serde_json::Value = serde_json::from_str(BEFORE_V6_ONLY).unwrap();
+        for k in ["subnet", "prefix_len", "gateway", "snat_ip", "node_addr"] {
+            assert_eq!(again[k], before[k], "{k}");
+        }
+        let v6_only = Node { v4: None, ..n };
+        let text = serde_json::to_string(&v6_only).unwrap();
+        assert!(!text.contains("\"subnet\""), "{text}");
+        assert_eq!(serde_json::from_str::<Node>(&text).unwrap(), v6_only);
+    }
 }

@@ -547,3 +547,41 @@ fn a_dual_stack_network_gives_each_attachment_an_address_of_each_family() {
         "nothing touched"
     );
 }
+
+#[test]
+fn an_ipv6_only_network_gives_ipv6_addresses_only() {
+    let lab = lab("cni6only");
+    bpfnat_tests::uplink_v6(&lab);
+    bpfnat_tests::ip_in(
+        &lab.node,
+        &["-4", "addr", "flush", "dev", bpfnat_tests::UPLINK],
+    );
+    let mut c = conf(&lab, "1.1.0", json!({"subnet6": "fd00:88::/64"}));
+    c.as_object_mut().unwrap().remove("subnet");
+    let ns = sandbox(&lab, "p1");
+    let (ok, r) = cni(&lab, "ADD", "d1", &ns, &c);
+    assert!(ok, "{r}");
+    assert_eq!(
+        r["ips"],
+        json!([{"address": "fd00:88::2/64", "gateway": "fd00:88::1", "interface": 1}])
+    );
+    assert_eq!(r["routes"], json!([{"dst": "::/0", "gw": "fd00:88::1"}]));
+    let mut good = c.clone();
+    good["prevResult"] = r.clone();
+    assert!(cni(&lab, "CHECK", "d1", &ns, &good).0);
+
+    // An IPv4 host address cannot be published on it; nothing is left of the refused ADD.
+    let mut v4port = c.clone();
+    v4port["runtimeConfig"] = json!({"portMappings": [
+        {"hostPort": 8080, "containerPort": 80, "protocol": "tcp", "hostIP": "0.0.0.0"}
+    ]});
+    let ns2 = sandbox(&lab, "p2");
+    let (ok, e) = cni(&lab, "ADD", "d2", &ns2, &v4port);
+    assert!(
+        !ok && e["msg"].as_str().unwrap().contains("IPv6-only"),
+        "{e}"
+    );
+    assert!(!link_exists(&ns2, "eth0"));
+    assert!(cni(&lab, "DEL", "d1", &ns, &c).0);
+    assert!(!link_exists(&ns, "eth0"));
+}

@@ -5,15 +5,15 @@
 //! container addresses unreachable from outside.
 
 use std::{
-    net::{Ipv6Addr, SocketAddr, TcpStream},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     path::Path,
     process::{Command, Stdio},
     time::Duration,
 };
 
 use bpfnat_tests::{
-    EXT6, NODE_ADDR, NODE6, UPLINK, counter, fails_with, flows, ip_in, json, lab, lab_up6, status,
-    traffic, uplink_v6, v4,
+    EXT_ADDR, EXT6, NODE_ADDR, NODE6, UPLINK, counter, fails_with, flows, ip_in, json, lab,
+    lab_up6, ping, status, traffic, uplink_v6, v4,
 };
 use nat_plumbing::netns;
 
@@ -738,4 +738,115 @@ fn a_container_cannot_claim_another_containers_ipv6_address() {
         neigh.contains(&mac) && neigh.contains("PERMANENT"),
         "{neigh}"
     );
+}
+
+#[test]
+fn subnet6_alone_on_an_uplink_without_ipv4_makes_an_ipv6_only_node() {
+    let lab = lab("v6only");
+    uplink_v6(&lab);
+    ip_in(&lab.node, &["-4", "addr", "flush", "dev", UPLINK]);
+    let up = ["up", "--uplink", UPLINK, "--subnet6", "fd00:88::/64"];
+    lab.ok(&up).unwrap();
+    let (_, st) = status(&lab);
+    assert_eq!(st["node"]["subnet6"], "fd00:88::/64", "{st}");
+    for k in ["subnet", "gateway", "snat_ip", "node_addr"] {
+        assert!(st["node"][k].is_null(), "no IPv4 {k}: {st}");
+    }
+    // Repeated, it is the same node (even once the uplink has an IPv4 address again).
+    ip_in(
+        &lab.node,
+        &["addr", "add", &format!("{NODE_ADDR}/24"), "dev", UPLINK],
+    );
+    lab.ok(&up).unwrap();
+    assert!(status(&lab).1["node"]["subnet"].is_null());
+
+    // Nothing IPv4 can be asked of it.
+    let x = lab.name("x");
+    fails_with(
+        &lab,
+        &["container", "add", &x, "--ip", "10.88.0.5"],
+        "IPv6-only",
+    );
+    fails_with(
+        &lab,
+        &["container", "add", &x, "-p", "0.0.0.0:8080:80"],
+        "IPv6-only",
+    );
+    fails_with(
+        &lab,
+        &[
+            "nat",
+            "add",
+            "--external",
+            "198.51.100.7",
+            "--internal",
+            "10.88.0.2",
+        ],
+        "IPv6-only",
+    );
+    assert!(
+        json(&lab, &["container", "list"])
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+
+    // A container gets an IPv6 address and route only; `8080:80` publishes over IPv6.
+    let (web, cli) = (lab.name("web"), lab.name("cli"));
+    lab.ok(&["container", "add", &web, "-p", "8080:80"])
+        .unwrap();
+    lab.ok(&["container", "add", &cli]).unwrap();
+    let c = json(&lab, &["container", "inspect", &web]);
+    assert!(c["ip"].is_null(), "{c}");
+    assert_eq!(c["ip6"], "fd00:88::2", "{c}");
+    assert_eq!(c["mac"], "02:42:00:00:00:02", "{c}");
+    let (nw, nc) = (lab.container_ns(&web), lab.container_ns(&cli));
+    let (_, addrs) = bpfnat_tests::run_in_ns(&nw, "ip", &["-4", "addr", "show", "dev", "eth0"]);
+    assert!(!addrs.contains("inet "), "{addrs}");
+    let text = lab.ok(&["port", &web]).unwrap();
+    assert!(
+        text.contains("80/tcp -> [::]:8080") && !text.contains("0.0.0.0"),
+        "{text}"
+    );
+    let window = Duration::from_secs(10);
+
+    // F1, F2 (NAT66 to the uplink's address) and F3 (the client kept).
+    assert!(ping6(&nc, None, "fd00:88::2"), "cli -> web");
+    let srv = traffic::http_server(&lab.ext, v6("::", 80), "ext", 1, window).unwrap();
+    let got = traffic::http_get(&nw, v6(EXT6, 80));
+    assert!(got.is_ok(), "{got:?}");
+    assert_eq!(srv.join().unwrap()[0].ip().to_string(), NODE6);
+    let srv = traffic::http_server(&nw, v6("::", 80), "web", 1, window).unwrap();
+    let got = traffic::http_get(&lab.ext, v6(NODE6, 8080));
+    assert!(
+        got.as_ref().is_ok_and(|b| b.starts_with("hello from web")),
+        "{got:?}"
+    );
+    assert_eq!(srv.join().unwrap()[0].ip().to_string(), EXT6);
+
+    // IPv4 a container sends goes nowhere, even from an address it gave itself and with
+    // its frames addressed to the gateway's MAC; the node's own IPv4 (the address added
+    // above) is untouched.
+    let host_mac = c["host_mac"].as_str().unwrap().to_owned();
+    ip_in(&nw, &["addr", "add", "192.0.2.50/32", "dev", "eth0"]);
+    ip_in(&nw, &["route", "add", "198.51.100.0/24", "dev", "eth0"]);
+    ip_in(
+        &nw,
+        &[
+            "neigh",
+            "add",
+            "198.51.100.1",
+            "lladdr",
+            &host_mac,
+            "dev",
+            "eth0",
+        ],
+    );
+    let echo = traffic::udp_echo(&lab.ext, v4(EXT_ADDR, 7), 1, Duration::from_secs(3)).unwrap();
+    let spoofed = counter(&lab, "drop_spoof");
+    let got = traffic::udp_ask(&nw, v4(Ipv4Addr::UNSPECIFIED, 0), v4(EXT_ADDR, 7), b"x");
+    assert!(got.is_err(), "{got:?}");
+    assert!(echo.join().unwrap().is_empty());
+    assert!(counter(&lab, "drop_spoof") > spoofed);
+    assert!(ping(&lab.ext, NODE_ADDR), "the node's own IPv4");
 }

@@ -258,8 +258,9 @@ fn check_subnet(ctx: &Env, cfg: &AgentConfig) -> Result<()> {
     };
     let state = ctx.store()?.load()?;
     if let Some(n) = &state.node {
-        let have = format!("{}/{}", n.subnet, n.prefix_len);
-        if have != want {
+        let have = n.v4.as_ref().map(|v| v.cidr().to_string());
+        if have.as_deref() != Some(want) {
+            let have = have.unwrap_or_else(|| "none (IPv6-only)".to_owned());
             bail!(
                 "this node's datapath uses subnet {have}, but its cluster block is {want}: run `bpfnat down` to start it over on the block"
             );
@@ -318,7 +319,7 @@ async fn bring_up(ctx: &Env, cfg: &AgentConfig) -> Result<()> {
     };
     let mut spec = NodeSpec::new(uplink);
     if let Some(subnet) = cfg.subnet.as_deref() {
-        spec.subnet = subnet.parse::<Cidr>()?;
+        spec.subnet = Some(subnet.parse::<Cidr>()?);
     }
     spec.gateway = cfg.gateway;
     spec.snat_ip = cfg.snat_ip;
@@ -385,15 +386,17 @@ fn install_cni(ctx: &Env, cfg: &AgentConfig) -> Result<()> {
             "plugins": [{
                 "type": "bpfnat",
                 "uplink": node.uplink,
-                "subnet": format!("{}/{}", node.subnet, node.prefix_len),
                 "bpffsDir": ctx.bpffs_dir,
                 "stateDir": ctx.state_dir,
                 "capabilities": {"portMappings": true}
             }]
         });
+        if let Some(v4) = &node.v4 {
+            conf["plugins"][0]["subnet"] = v4.cidr().to_string().into();
+        }
         if let Some(v6) = &node.v6 {
             // Dual-stack: an address of each family per pod.
-            conf["plugins"][0]["subnet6"] = format!("{}/{}", v6.subnet, v6.prefix_len).into();
+            conf["plugins"][0]["subnet6"] = v6.cidr().to_string().into();
             conf["plugins"][0]["gateway6"] = v6.gateway.to_string().into();
         }
         let path = dir.join("10-bpfnat.conflist");
@@ -473,22 +476,24 @@ async fn follow_uplink(ctx: &Env) -> Result<()> {
             changed = true;
         }
     }
-    match nl
-        .ipv4_addrs(node.uplink_ifindex)
-        .await?
-        .first()
-        .map(|(a, _)| *a)
-    {
-        None => warn!(uplink = %node.uplink, "the uplink has no IPv4 address"),
-        Some(addr) if addr != node.node_addr || (node.snat_from_uplink && addr != node.snat_ip) => {
-            info!(uplink = %node.uplink, old = %node.node_addr, new = %addr, "uplink address changed");
-            node.node_addr = addr;
-            if node.snat_from_uplink {
-                node.snat_ip = addr;
+    if let Some(v4) = node.v4.as_mut() {
+        match nl
+            .ipv4_addrs(node.uplink_ifindex)
+            .await?
+            .first()
+            .map(|(a, _)| *a)
+        {
+            None => warn!(uplink = %node.uplink, "the uplink has no IPv4 address"),
+            Some(addr) if addr != v4.node_addr || (v4.snat_from_uplink && addr != v4.snat_ip) => {
+                info!(uplink = %node.uplink, old = %v4.node_addr, new = %addr, "uplink address changed");
+                v4.node_addr = addr;
+                if v4.snat_from_uplink {
+                    v4.snat_ip = addr;
+                }
+                changed = true;
             }
-            changed = true;
+            Some(_) => {}
         }
-        Some(_) => {}
     }
     if !changed {
         return Ok(());

@@ -2,7 +2,7 @@
 //! `endpoints`'s.
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
 };
 
@@ -104,10 +104,9 @@ async fn add(
     .await?;
     ctx.emit("Container", &ContainerView::of(&c), || {
         let mut s = format!(
-            "container {} added: {}{} ({}) on {}, netns {}",
+            "container {} added: {} ({}) on {}, netns {}",
             c.name,
-            c.ip,
-            c.ip6.map_or_else(String::new, |ip| format!(" {ip}")),
+            addresses(c.ip, c.ip6),
             fmt_mac(&c.mac),
             c.host_if,
             c.netns.display()
@@ -143,10 +142,7 @@ fn list(ctx: &Ctx) -> Result<()> {
                         } else {
                             r.name.clone()
                         },
-                        match r.ip6 {
-                            Some(ip6) => format!("{} {ip6}", r.ip),
-                            None => r.ip.to_string(),
-                        },
+                        addresses(r.ip, r.ip6),
                         r.mac.clone(),
                         r.host_if.clone(),
                         r.netns.clone(),
@@ -156,6 +152,17 @@ fn list(ctx: &Ctx) -> Result<()> {
                 .collect::<Vec<_>>(),
         )
     })
+}
+
+/// A container's addresses, IPv4 first, space-separated.
+fn addresses(ip: Option<Ipv4Addr>, ip6: Option<Ipv6Addr>) -> String {
+    let ip = ip.map(IpAddr::from);
+    let ip6 = ip6.map(IpAddr::from);
+    ip.into_iter()
+        .chain(ip6)
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn port_text(p: &PortView) -> String {
@@ -178,7 +185,7 @@ fn inspect(ctx: &Ctx, name: &str) -> Result<()> {
         let mut t = format!(
             "name:       {}\naddress:    {} ({} {})\nhost side:  {} ({}, ifindex {})\nnetns:      {}{}",
             v.name,
-            v.ip,
+            addresses(v.ip, v.ip6),
             v.ifname,
             v.mac,
             v.host_if,

@@ -10,8 +10,6 @@ use serde::Serialize;
 use super::{Ctx, table};
 use crate::{
     datapath::Maps,
-    net::Cidr,
-    net::Cidr6,
     node::{config_of, require_node},
     state::{Node, StaticMapping},
 };
@@ -138,25 +136,25 @@ fn owner(state: &crate::state::State, ip: IpAddr) -> Option<String> {
     state
         .containers
         .values()
-        .find(|c| IpAddr::from(c.ip) == ip || c.ip6.map(IpAddr::from) == Some(ip))
+        .find(|c| c.ip.map(IpAddr::from) == Some(ip) || c.ip6.map(IpAddr::from) == Some(ip))
         .map(|c| c.name.clone())
 }
 
 /// An IPv4 mapping: the external address outside the container subnet and not the node's,
 /// the internal one a container address of it.
 fn check4(node: &Node, external: Ipv4Addr, internal: Ipv4Addr) -> Result<()> {
-    let subnet = Cidr {
-        addr: node.subnet,
-        prefix: node.prefix_len,
+    let Some(v4) = &node.v4 else {
+        bail!("the node is IPv6-only: it has no IPv4 subnet to map {external} to");
     };
+    let subnet = v4.cidr();
     if subnet.contains(external) {
         bail!("external address {external} is inside the container subnet {subnet}");
     }
-    if external == node.snat_ip || external.is_loopback() || external.is_unspecified() {
+    if external == v4.snat_ip || external.is_loopback() || external.is_unspecified() {
         bail!("external address {external} cannot be mapped (it is the node's own or not unicast)");
     }
     if !subnet.contains(internal)
-        || internal == node.gateway
+        || internal == v4.gateway
         || internal == subnet.broadcast()
         || internal == subnet.addr
     {
@@ -170,10 +168,7 @@ fn check6(node: &Node, external: Ipv6Addr, internal: Ipv6Addr) -> Result<()> {
     let Some(v6) = &node.v6 else {
         bail!("the node has no IPv6 subnet (up --subnet6) to map {external} to");
     };
-    let subnet = Cidr6 {
-        addr: v6.subnet,
-        prefix: v6.prefix_len,
-    };
+    let subnet = v6.cidr();
     if subnet.contains(external) {
         bail!("external address {external} is inside the container subnet {subnet}");
     }

@@ -22,7 +22,7 @@ use crate::{
     env::{DEFAULT_BPFFS_DIR, DEFAULT_STATE_DIR},
     net::{Cidr, Cidr6, PortRange},
     netlink::Netlink,
-    node::{DEFAULT_PORT_RANGE, DEFAULT_SUBNET, NodeSpec, Upped, XdpChoice},
+    node::{DEFAULT_PORT_RANGE, NodeSpec, Upped, XdpChoice},
     state::{Node, XdpSetting},
 };
 
@@ -31,9 +31,10 @@ pub struct UpArgs {
     /// The interface that leads outside (its address is the MASQUERADE address).
     #[arg(long)]
     pub uplink: String,
-    /// The container subnet.
-    #[arg(long, default_value = DEFAULT_SUBNET)]
-    pub subnet: Cidr,
+    /// The container subnet [default: 10.88.0.0/16; none on an IPv6-only node: `--subnet6`
+    /// alone, on an uplink without an IPv4 address].
+    #[arg(long)]
+    pub subnet: Option<Cidr>,
     /// The containers' gateway address (default: the subnet's first address).
     #[arg(long)]
     pub gateway: Option<Ipv4Addr>,
@@ -59,7 +60,8 @@ pub struct UpArgs {
     pub xdp: XdpChoice,
     /// An IPv6 container subnet beside the IPv4 one, e.g. `fd00:88::/64`: containers get an
     /// address of each, reach each other and the node over both, and reach outside over
-    /// IPv6 masqueraded (NAT66) to the uplink's first global IPv6 address.
+    /// IPv6 masqueraded (NAT66) to the uplink's first global IPv6 address. Alone, on an
+    /// uplink without an IPv4 address, the node is IPv6-only.
     #[arg(long)]
     pub subnet6: Option<Cidr6>,
     /// The containers' IPv6 gateway (default: the IPv6 subnet's first address, `::1`).
@@ -100,14 +102,30 @@ pub async fn up(ctx: &Ctx, a: UpArgs) -> Result<()> {
             )
         }),
         Upped::Fresh(node) => ctx.emit("Node", &NodeView::of(&node), || {
+            let v4 = node.v4.as_ref().map(|v| {
+                format!(
+                    "{} via {} (masquerade as {})",
+                    v.cidr(),
+                    v.gateway,
+                    v.snat_ip
+                )
+            });
+            let v6 = node.v6.as_ref().map(|v| {
+                format!(
+                    "{} via {} (masquerade as {})",
+                    v.cidr(),
+                    v.gateway,
+                    v.snat.map_or_else(
+                        || "nothing until the uplink has a global address".to_owned(),
+                        |a| a.to_string()
+                    )
+                )
+            });
             format!(
-                "bpfnat is up: uplink {} (masquerade as {}, XDP {}), containers in {}/{} via {}, pins in {}",
+                "bpfnat is up: uplink {} (XDP {}), containers in {}, pins in {}",
                 node.uplink,
-                node.snat_ip,
                 node.xdp,
-                node.subnet,
-                node.prefix_len,
-                node.gateway,
+                v4.into_iter().chain(v6).collect::<Vec<_>>().join(" and "),
                 ctx.pins.root().display()
             )
         }),
@@ -212,6 +230,16 @@ pub async fn status(ctx: &Ctx) -> Result<()> {
         let Some(n) = &state.node else {
             return "bpfnat is down".to_owned();
         };
+        let subnet4 = n.v4.as_ref().map_or_else(String::new, |v| {
+            format!(
+                "\nmasquerade:   {} (ports {}-{})\nsubnet:       {} gateway {}",
+                v.snat_ip,
+                n.port_min,
+                n.port_max,
+                v.cidr(),
+                v.gateway
+            )
+        });
         let subnet6 = n.v6.as_ref().map_or_else(String::new, |v| {
             format!(
                 "\nsubnet6:      {}/{} gateway {}, masquerade as {}",
@@ -233,7 +261,7 @@ pub async fn status(ctx: &Ctx) -> Result<()> {
             )
         });
         format!(
-            "state:        {}\nuplink:       {} (ifindex {}, tc ingress: {}, xdp: {})\nmasquerade:   {} (ports {}-{})\nsubnet:       {}/{} gateway {}{subnet6}\ncontainers:   {}\nports:        {}\nconntrack:    {} entries\npins:         {}{cluster}",
+            "state:        {}\nuplink:       {} (ifindex {}, tc ingress: {}, xdp: {}){subnet4}{subnet6}\ncontainers:   {}\nports:        {}\nconntrack:    {} entries\npins:         {}{cluster}",
             match &s.repair {
                 None => "up".to_owned(),
                 Some(cmd) => format!("degraded: the pinned datapath is gone; `{cmd}` restores it with every recorded container"),
@@ -246,12 +274,6 @@ pub async fn status(ctx: &Ctx) -> Result<()> {
                 (want, Some(have)) if want.to_string() == have => have.to_owned(),
                 (want, have) => format!("{want} configured, {} attached", have.unwrap_or("none")),
             },
-            n.snat_ip,
-            n.port_min,
-            n.port_max,
-            n.subnet,
-            n.prefix_len,
-            n.gateway,
             s.containers,
             s.published_ports,
             s.conntrack_entries.unwrap_or(0),
@@ -276,20 +298,20 @@ fn repair_command(ctx: &Ctx, n: &Node) -> String {
         cmd.push(format!("--state-dir {}", ctx.state_dir.display()));
     }
     cmd.push(format!(
-        "up --uplink {} --subnet {}/{} --gateway {} --port-range {}-{}",
-        n.uplink, n.subnet, n.prefix_len, n.gateway, n.port_min, n.port_max
+        "up --uplink {} --port-range {}-{}",
+        n.uplink, n.port_min, n.port_max
     ));
-    if !n.snat_from_uplink {
-        cmd.push(format!("--snat-ip {}", n.snat_ip));
+    if let Some(v4) = &n.v4 {
+        cmd.push(format!("--subnet {} --gateway {}", v4.cidr(), v4.gateway));
+        if !v4.snat_from_uplink {
+            cmd.push(format!("--snat-ip {}", v4.snat_ip));
+        }
     }
     if n.host_port_min <= n.host_port_max {
         cmd.push("--masquerade-avoid-host-ports".to_owned());
     }
     if let Some(v6) = &n.v6 {
-        cmd.push(format!(
-            "--subnet6 {}/{} --gateway6 {}",
-            v6.subnet, v6.prefix_len, v6.gateway
-        ));
+        cmd.push(format!("--subnet6 {} --gateway6 {}", v6.cidr(), v6.gateway));
         if !v6.snat_from_uplink
             && let Some(ip) = v6.snat
         {

@@ -57,14 +57,20 @@ pub struct NodeView {
     pub uplink: String,
     pub uplink_ifindex: u32,
     pub uplink_mac: String,
-    /// The node's own address on the uplink.
-    pub node_addr: Ipv4Addr,
+    /// The node's own address on the uplink. This and the next four are absent on an
+    /// IPv6-only node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_addr: Option<Ipv4Addr>,
     /// The container subnet, CIDR.
-    pub subnet: String,
-    pub gateway: Ipv4Addr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<Ipv4Addr>,
     /// The MASQUERADE source address, and whether it follows the uplink's address.
-    pub snat_ip: Ipv4Addr,
-    pub snat_from_uplink: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snat_ip: Option<Ipv4Addr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snat_from_uplink: Option<bool>,
     /// Ports MASQUERADE may allocate.
     pub port_range: Range,
     /// The node's ephemeral ports, which MASQUERADE leaves alone; absent unless
@@ -93,11 +99,11 @@ impl NodeView {
             uplink: n.uplink.clone(),
             uplink_ifindex: n.uplink_ifindex,
             uplink_mac: fmt_mac(&n.uplink_mac),
-            node_addr: n.node_addr,
-            subnet: format!("{}/{}", n.subnet, n.prefix_len),
-            gateway: n.gateway,
-            snat_ip: n.snat_ip,
-            snat_from_uplink: n.snat_from_uplink,
+            node_addr: n.v4.as_ref().map(|v| v.node_addr),
+            subnet: n.v4.as_ref().map(|v| v.cidr().to_string()),
+            gateway: n.v4.as_ref().map(|v| v.gateway),
+            snat_ip: n.v4.as_ref().map(|v| v.snat_ip),
+            snat_from_uplink: n.v4.as_ref().map(|v| v.snat_from_uplink),
             port_range: Range {
                 min: n.port_min,
                 max: n.port_max,
@@ -107,10 +113,7 @@ impl NodeView {
                 max: n.host_port_max,
             }),
             xdp: n.xdp.to_string(),
-            subnet6: n
-                .v6
-                .as_ref()
-                .map(|v| format!("{}/{}", v.subnet, v.prefix_len)),
+            subnet6: n.v6.as_ref().map(|v| v.cidr().to_string()),
             gateway6: n.v6.as_ref().map(|v| v.gateway),
             snat_ip6: n.v6.as_ref().and_then(|v| v.snat),
             snat6_from_uplink: n.v6.as_ref().map(|v| v.snat_from_uplink),
@@ -160,7 +163,9 @@ pub struct CniView {
 #[derive(Serialize)]
 pub struct ContainerView {
     pub name: String,
-    pub ip: Ipv4Addr,
+    /// Its IPv4 address; absent on an IPv6-only node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Ipv4Addr>,
     /// Its IPv6 address, on a node with an IPv6 subnet.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ip6: Option<Ipv6Addr>,

@@ -277,13 +277,13 @@ impl Key {
     }
 }
 
-/// The configuration's subnet (or the default), refused with code 7 when it is malformed or
-/// unusable for containers (loopback, multicast, link-local …).
-fn conf_subnet(conf: &NetConf) -> Result<Cidr, CniError> {
+/// The configuration's subnet, if any (`NodeSpec` has the default), refused with code 7
+/// when it is malformed or unusable for containers (loopback, multicast, link-local …).
+fn conf_subnet(conf: &NetConf) -> Result<Option<Cidr>, CniError> {
     conf.subnet
         .as_deref()
-        .unwrap_or(node::DEFAULT_SUBNET)
-        .parse()
+        .map(str::parse)
+        .transpose()
         .map_err(|e: anyhow::Error| err(code::INVALID_CONFIG, e.to_string()))
 }
 
@@ -323,13 +323,16 @@ async fn ensure_up(ctx: &Env, conf: &NetConf) -> Result<(), CniError> {
 }
 
 fn result(version: &str, c: &Container, node: &Node, prev: Option<&Value>) -> Value {
-    let mut ip = json!({
-        "address": format!("{}/{}", c.ip, node.prefix_len),
-        "gateway": node.gateway.to_string(),
+    let v4 = node.v4.as_ref().zip(c.ip).map(|(v, ip4)| {
+        let mut ip = json!({
+            "address": format!("{ip4}/{}", v.prefix_len),
+            "gateway": v.gateway.to_string(),
+        });
+        if version == "0.4.0" {
+            ip["version"] = json!("4");
+        }
+        (ip, json!({"dst": "0.0.0.0/0", "gw": v.gateway.to_string()}))
     });
-    if version == "0.4.0" {
-        ip["version"] = json!("4");
-    }
     // Dual-stack: the IPv6 address and route beside the IPv4 ones.
     let v6 = node.v6.as_ref().zip(c.ip6).map(|(v, ip6)| {
         let mut ip = json!({
@@ -349,12 +352,9 @@ fn result(version: &str, c: &Container, node: &Node, prev: Option<&Value>) -> Va
     interfaces.push(
         json!({"name": c.ifname, "mac": fmt_mac(&c.mac), "sandbox": c.netns.display().to_string()}),
     );
-    ip["interface"] = json!(base + 1);
     let mut ips = out["ips"].as_array().cloned().unwrap_or_default();
-    ips.push(ip);
     let mut routes = out["routes"].as_array().cloned().unwrap_or_default();
-    routes.push(json!({"dst": "0.0.0.0/0", "gw": node.gateway.to_string()}));
-    if let Some((mut ip, route)) = v6 {
+    for (mut ip, route) in v4.into_iter().chain(v6) {
         ip["interface"] = json!(base + 1);
         ips.push(ip);
         routes.push(route);
@@ -417,7 +417,8 @@ async fn add(ctx: &Env, conf: &NetConf) -> Result<Value, CniError> {
         .iter()
         .map(port_request)
         .collect::<Result<Vec<_>, _>>()?;
-    endpoints::check_host_addrs(&ports, conf.subnet6.is_some())
+    // Whether the node is IPv6-only is known once it is up: `create` checks that side.
+    endpoints::check_host_addrs(&ports, true, conf.subnet6.is_some())
         .map_err(|e| err(code::INVALID_CONFIG, format!("portMappings: {e:#}")))?;
     ensure_up(ctx, conf).await?;
     let c = endpoints::create(
@@ -491,7 +492,10 @@ fn check_prev_result(prev: &Value, c: &Container, node: &Node) -> Result<(), Cni
             c.ifname, mac, ifs[i]["mac"]
         )));
     }
-    let mut addresses = vec![format!("{}/{}", c.ip, node.prefix_len)];
+    let mut addresses = Vec::new();
+    if let (Some(v4), Some(ip)) = (&node.v4, c.ip) {
+        addresses.push(format!("{ip}/{}", v4.prefix_len));
+    }
     if let (Some(v6), Some(ip6)) = (&node.v6, c.ip6) {
         addresses.push(format!("{ip6}/{}", v6.prefix_len));
     }

@@ -720,8 +720,12 @@ impl Maps {
     }
 
     /// Whether the datapath has an endpoint at `ip`.
-    pub fn has_endpoint(&self, ip: Ipv4Addr) -> Result<bool> {
-        match self.endpoints.get(&ip.octets(), 0) {
+    pub fn has_endpoint(&self, ip: IpAddr) -> Result<bool> {
+        let r = match ip {
+            IpAddr::V4(a) => self.endpoints.get(&a.octets(), 0),
+            IpAddr::V6(a) => self.endpoints6.get(&a.octets(), 0),
+        };
+        match r {
             Ok(_) => Ok(true),
             Err(aya::maps::MapError::KeyNotFound) => Ok(false),
             Err(e) => Err(anyhow!(e).context(format!("read endpoint {ip}"))),
@@ -751,21 +755,28 @@ impl Maps {
     pub fn put_ports(
         &mut self,
         ms: &[PortMapping],
-        (target, target6): (Ipv4Addr, Option<Ipv6Addr>),
+        (target, target6): (Option<Ipv4Addr>, Option<Ipv6Addr>),
         generation: u32,
     ) -> Result<()> {
         for (i, m) in ms.iter().enumerate() {
             let generation = generation.wrapping_add(i as u32);
             let port = m.container_port.to_be_bytes();
-            let t = PortTarget4 {
-                addr: target.octets(),
-                port,
-                _pad: [0; 2],
-                generation,
-            };
-            let r = match port_key(m) {
-                Some(k) => self.ports.insert(k, t, 0).map_err(anyhow::Error::from),
-                None => Ok(()),
+            let r = match (port_key(m), target) {
+                (Some(k), Some(ip)) => {
+                    let t = PortTarget4 {
+                        addr: ip.octets(),
+                        port,
+                        _pad: [0; 2],
+                        generation,
+                    };
+                    self.ports.insert(k, t, 0).map_err(anyhow::Error::from)
+                }
+                // `8080:80` on a container without IPv4 (a v6-only node): its IPv6 side only.
+                (Some(_), None) if m.host_ip.is_none() => Ok(()),
+                (Some(_), None) => Err(anyhow!(
+                    "the container has no IPv4 address: publish on an IPv6 address, or on every address (8080:80)"
+                )),
+                (None, _) => Ok(()),
             }
             .and_then(|()| match (port_key6(m), target6) {
                 (Some(k6), Some(ip6)) => {
