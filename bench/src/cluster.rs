@@ -81,7 +81,7 @@ fn routed(lab: &ClusterLab, prefix: &str) -> Result<Endpoints> {
     Ok(Endpoints {
         client: pods[0].clone(),
         server: pods[1].clone(),
-        target: Ipv4Addr::new(10, 244, 2, 2),
+        target: Ipv4Addr::new(10, 244, 2, 2).into(),
     })
 }
 
@@ -166,7 +166,7 @@ fn bpfnat(lab: &ClusterLab, xdp: &str) -> Result<(Vec<Agent>, Endpoints)> {
         Endpoints {
             client: pods[0].0.clone(),
             server: pods[1].0.clone(),
-            target: pods[1].1,
+            target: pods[1].1.into(),
         },
     ))
 }

@@ -4,7 +4,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -89,6 +89,14 @@ fn output(mut c: Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The unspecified address of `a`'s family: servers listen on it, senders bind to it.
+fn any(a: IpAddr) -> IpAddr {
+    match a {
+        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    }
+}
+
 /// Measure `metric` for `secs` seconds between the endpoints; `me` is this binary (the
 /// RR/CRR tools are its hidden subcommands).
 pub fn measure(me: &Path, e: &Endpoints, metric: Metric, secs: u32) -> Result<f64> {
@@ -109,7 +117,7 @@ pub fn measure(me: &Path, e: &Endpoints, metric: Metric, secs: u32) -> Result<f6
                 .ok_or_else(|| anyhow!("no throughput in iperf3 output"))
         }
         Metric::UdpPps => {
-            let listen = SocketAddr::from((Ipv4Addr::UNSPECIFIED, IPERF_PORT)).to_string();
+            let listen = SocketAddr::from((any(e.target), IPERF_PORT)).to_string();
             // The sink counts for the flood's duration plus a margin, then prints its count.
             let window = (secs + 1).to_string();
             let sink = pinned(
@@ -137,7 +145,7 @@ pub fn measure(me: &Path, e: &Endpoints, metric: Metric, secs: u32) -> Result<f6
             Ok(received / f64::from(secs))
         }
         Metric::Crr | Metric::Rr => {
-            let listen = SocketAddr::from((Ipv4Addr::UNSPECIFIED, RR_PORT)).to_string();
+            let listen = SocketAddr::from((any(e.target), RR_PORT)).to_string();
             let _srv = start(pinned(&e.server, me, &["rr-server", "--listen", &listen])?)?;
             let addr = SocketAddr::from((e.target, RR_PORT)).to_string();
             let mode = if metric == Metric::Crr { "crr" } else { "rr" };
@@ -223,7 +231,7 @@ fn headers(iov: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
 /// `udp-flood`: send 64-byte datagrams to `addr` for `secs` seconds, 64 per sendmmsg; prints
 /// how many were sent.
 pub fn udp_flood(addr: SocketAddr, secs: u64) -> Result<u64> {
-    let sock = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    let sock = std::net::UdpSocket::bind((any(addr.ip()), 0))?;
     sock.connect(addr)?;
     let payload = [0x5au8; DGRAM];
     let mut iov: Vec<libc::iovec> = (0..BATCH)

@@ -329,7 +329,9 @@ fn axis(s: &mut String, (w, h, left, bottom, plot_h): (f64, f64, f64, f64, f64),
 
 /// Grouped bars: one group per flow, one bar per datapath.
 fn bars(r: &Report<'_>, m: Metric) -> String {
-    let (w, h, left, bottom) = (760.0, 340.0, 70.0, 60.0);
+    // Wide enough for each flow's label under its group.
+    let w = 90.0 + 200.0 * Flow::ALL.len() as f64;
+    let (h, left, bottom) = (340.0, 70.0, 60.0);
     let max = Flow::ALL
         .iter()
         .flat_map(|f| Dp::ALL.iter().map(move |d| stat(r, *d, *f, m).0))
