@@ -1,6 +1,8 @@
 //! Traffic: iperf3 for throughput and small-packet UDP, and our own request/response tools for
-//! transactions and new connections per second. Every endpoint runs pinned to one CPU, so a
-//! rate reads as the CPU cost of one operation through the datapath.
+//! transactions and new connections per second. Endpoints run pinned, in one of two
+//! placements (`Placement`): both on one CPU, so a rate reads as the CPU cost of one operation
+//! through the datapath with the receiver's work included; or the receiver on the other CPU,
+//! so it reads as the cost of sending and forwarding alone.
 
 use std::{
     io::{Read as _, Write as _},
@@ -17,6 +19,36 @@ use crate::topo::{Endpoints, IPERF_PORT, RR_PORT};
 
 /// The CPU the endpoints share (CPU 0 keeps the harness).
 pub const BENCH_CPU: usize = 1;
+/// The receiver's CPU when it is not the sender's.
+pub const OTHER_CPU: usize = 0;
+
+/// Where the two ends of a measurement run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Client and server on `BENCH_CPU`.
+    Shared,
+    /// Client (the sender, and the forwarding its packets cause) on `BENCH_CPU`, server (the
+    /// receiver) on `OTHER_CPU`.
+    Split,
+}
+
+impl Placement {
+    pub const ALL: [Self; 2] = [Self::Shared, Self::Split];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Shared => "receiver on the sender's CPU",
+            Self::Split => "receiver on the other CPU",
+        }
+    }
+
+    const fn server_cpu(self) -> usize {
+        match self {
+            Self::Shared => BENCH_CPU,
+            Self::Split => OTHER_CPU,
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Metric {
@@ -44,12 +76,9 @@ impl Metric {
     }
 }
 
-fn pinned(ns: &Path, program: &Path, args: &[&str]) -> Result<Command> {
+fn pinned(cpu: usize, ns: &Path, program: &Path, args: &[&str]) -> Result<Command> {
     let mut c = Command::new("taskset");
-    c.arg("-c")
-        .arg(BENCH_CPU.to_string())
-        .arg(program)
-        .args(args);
+    c.arg("-c").arg(cpu.to_string()).arg(program).args(args);
     netns::command_in(&mut c, ns)?;
     Ok(c)
 }
@@ -97,19 +126,36 @@ fn any(a: IpAddr) -> IpAddr {
     }
 }
 
-/// Measure `metric` for `secs` seconds between the endpoints; `me` is this binary (the
-/// RR/CRR tools are its hidden subcommands).
+/// Measure `metric` for `secs` seconds between the endpoints, both on one CPU; `me` is this
+/// binary (the RR/CRR tools are its hidden subcommands).
 pub fn measure(me: &Path, e: &Endpoints, metric: Metric, secs: u32) -> Result<f64> {
+    measure_placed(me, e, metric, secs, Placement::Shared)
+}
+
+/// `measure` with the endpoints placed as `at` says.
+pub fn measure_placed(
+    me: &Path,
+    e: &Endpoints,
+    metric: Metric,
+    secs: u32,
+    at: Placement,
+) -> Result<f64> {
+    let (client, server) = (BENCH_CPU, at.server_cpu());
     let iperf = Path::new("iperf3");
     let t = secs.to_string();
     let target = e.target.to_string();
     match metric {
         Metric::TcpGbps => {
             let port = IPERF_PORT.to_string();
-            let _srv = start(pinned(&e.server, iperf, &["-s", "-1", "-p", &port])?)?;
+            let _srv = start(pinned(
+                server,
+                &e.server,
+                iperf,
+                &["-s", "-1", "-p", &port],
+            )?)?;
             let args = ["-c", &target, "-p", &port, "-t", &t, "-J"];
             let json: serde_json::Value =
-                serde_json::from_str(&output(pinned(&e.client, iperf, &args)?)?)
+                serde_json::from_str(&output(pinned(client, &e.client, iperf, &args)?)?)
                     .context("parse iperf3 JSON")?;
             json["end"]["sum_received"]["bits_per_second"]
                 .as_f64()
@@ -121,6 +167,7 @@ pub fn measure(me: &Path, e: &Endpoints, metric: Metric, secs: u32) -> Result<f6
             // The sink counts for the flood's duration plus a margin, then prints its count.
             let window = (secs + 1).to_string();
             let sink = pinned(
+                server,
                 &e.server,
                 me,
                 &["udp-sink", "--listen", &listen, "--secs", &window],
@@ -132,6 +179,7 @@ pub fn measure(me: &Path, e: &Endpoints, metric: Metric, secs: u32) -> Result<f6
             std::thread::sleep(Duration::from_millis(150));
             let addr = SocketAddr::from((e.target, IPERF_PORT)).to_string();
             let sent = output(pinned(
+                client,
                 &e.client,
                 me,
                 &["udp-flood", "--addr", &addr, "--secs", &t],
@@ -146,10 +194,16 @@ pub fn measure(me: &Path, e: &Endpoints, metric: Metric, secs: u32) -> Result<f6
         }
         Metric::Crr | Metric::Rr => {
             let listen = SocketAddr::from((any(e.target), RR_PORT)).to_string();
-            let _srv = start(pinned(&e.server, me, &["rr-server", "--listen", &listen])?)?;
+            let _srv = start(pinned(
+                server,
+                &e.server,
+                me,
+                &["rr-server", "--listen", &listen],
+            )?)?;
             let addr = SocketAddr::from((e.target, RR_PORT)).to_string();
             let mode = if metric == Metric::Crr { "crr" } else { "rr" };
             let out = output(pinned(
+                client,
                 &e.client,
                 me,
                 &["rr-client", "--addr", &addr, "--secs", &t, "--mode", mode],

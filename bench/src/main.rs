@@ -21,7 +21,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 
 use crate::{
-    load::Metric,
+    load::{Metric, Placement},
     report::{ControlPlane, Samples, Scaling, XdpSection},
     topo::{Dp, Flow, Opts, RR_PORT, Topo},
 };
@@ -60,6 +60,14 @@ enum Cmd {
         bin: Option<PathBuf>,
         #[arg(long, default_value_t = 2)]
         secs: u32,
+    },
+    /// Only the control-plane timings (publishing, adding containers by CLI and by CNI).
+    Control {
+        #[arg(long)]
+        bin: Option<PathBuf>,
+        /// 200 containers and 10,000 ports instead of 1,000 and 50,000.
+        #[arg(long)]
+        quick: bool,
     },
     /// Only the agent's /metrics scrape against a full conntrack table.
     Scrape {
@@ -140,6 +148,11 @@ fn main() -> Result<()> {
                     v(1) / v(0)
                 );
             }
+            Ok(())
+        }
+        Cmd::Control { bin, quick } => {
+            let me = std::env::current_exe().context("find this binary")?;
+            control_plane(&bpfnat_bin(&me, bin)?, quick)?;
             Ok(())
         }
         Cmd::Scrape { bin, entries } => {
@@ -264,28 +277,37 @@ fn run(me: &Path, bin: &Path, quick: bool, out: &Path) -> Result<()> {
         }
     }
 
-    let mut samples = Samples::new();
+    // One set of samples per placement, in `Placement::ALL`'s order.
+    let mut samples = vec![Samples::new(); Placement::ALL.len()];
     for rep in 0..reps {
-        for f in Flow::ALL {
-            for m in Metric::ALL {
-                for t in &topos {
-                    let v = load::measure(me, &t.endpoints(f), m, secs)
-                        .with_context(|| format!("{} {} {}", t.dp.label(), f.label(), m.label()))?;
-                    println!(
-                        "bench: rep {} {:<28} {:<24} {:<14} {v:.2}",
-                        rep + 1,
-                        f.label(),
-                        m.label(),
-                        t.dp.label()
-                    );
-                    samples.entry(report::key(t.dp, f, m)).or_default().push(v);
+        for (pi, at) in Placement::ALL.iter().enumerate() {
+            for f in Flow::ALL {
+                for m in Metric::ALL {
+                    for t in &topos {
+                        let v = load::measure_placed(me, &t.endpoints(f), m, secs, *at)
+                            .with_context(|| {
+                                format!("{} {} {}", t.dp.label(), f.label(), m.label())
+                            })?;
+                        println!(
+                            "bench: rep {} {:<8} {:<32} {:<24} {:<14} {v:.2}",
+                            rep + 1,
+                            if pi == 0 { "shared" } else { "split" },
+                            f.label(),
+                            m.label(),
+                            t.dp.label()
+                        );
+                        samples[pi]
+                            .entry(report::key(t.dp, f, m))
+                            .or_default()
+                            .push(v);
+                    }
                 }
             }
         }
     }
 
     let scaling = scale(me, &topos, quick)?;
-    let control = control_plane(bin)?;
+    let control = control_plane(bin, quick)?;
 
     let d = topos
         .iter()
@@ -489,30 +511,108 @@ fn scale(me: &Path, topos: &[Topo], quick: bool) -> Result<Scaling> {
     Ok(Scaling { ports, series })
 }
 
-/// Wall-clock time of the control-plane operations users wait for.
-fn control_plane(bin: &Path) -> Result<ControlPlane> {
+/// Wall-clock time of the control-plane operations users wait for: publishing a range of
+/// ports at once, adding containers one CLI call at a time, and adding them through the CNI
+/// plugin with 8 ADDs in flight, as a runtime starting pods does.
+fn control_plane(bin: &Path, quick: bool) -> Result<ControlPlane> {
+    let (ports, containers) = if quick {
+        (10_000, 200)
+    } else {
+        (50_000, 1_000)
+    };
     let lab = bpfnat_lab::Lab::new("bnb-cp", bin)?;
     lab.ok(&["up", "--uplink", bpfnat_lab::UPLINK])?;
     let c = lab.name("p");
     lab.ok(&["container", "add", &c])?;
     let t = Instant::now();
-    lab.ok(&["port", "add", &c, "10000-19999:10000-19999"])?;
-    let publish = t.elapsed().as_secs_f64();
+    let last = 10_000 + ports - 1;
+    lab.ok(&["port", "add", &c, &format!("10000-{last}:10000-{last}")])?;
+    let publish_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    for i in 0..200 {
+    for i in 0..containers {
         lab.ok(&["container", "add", &lab.name(&format!("n{i}"))])?;
     }
-    let add = t.elapsed().as_secs_f64();
-    println!("bench: publish 10,000 ports {publish:.2} s, add 200 containers {add:.2} s");
+    let add_s = t.elapsed().as_secs_f64();
+    println!(
+        "bench: publish {ports} ports {publish_s:.2} s, add {containers} containers {add_s:.2} s"
+    );
     drop(lab);
+    let cni_s = cni_adds(bin, containers, 8)?;
+    println!("bench: {containers} CNI ADDs, 8 at a time: {cni_s:.2} s");
     let scrape = scrape::measure(bin, 1_000_000)?;
     println!(
         "bench: /metrics with 1,000,000 conntrack entries: {:.1} ms during the gc walk, {:.1} ms after; the walk {:.2} s",
         scrape.during_gc_ms, scrape.after_gc_ms, scrape.gc_s
     );
     Ok(ControlPlane {
-        publish_10k_ports_s: publish,
-        add_200_containers_s: add,
+        ports,
+        publish_s,
+        containers,
+        add_s,
+        cni_s,
         scrape,
     })
+}
+
+/// Seconds for `n` CNI ADDs of the plugin (`bin`, as a runtime runs it: environment,
+/// configuration on stdin), `parallel` at a time, each for a sandbox namespace of its own.
+fn cni_adds(bin: &Path, n: u32, parallel: u32) -> Result<f64> {
+    use std::io::Write as _;
+    let lab = bpfnat_lab::Lab::new("bnb-cni", bin)?;
+    let conf = serde_json::json!({
+        "cniVersion": "1.1.0",
+        "name": "bpfnat",
+        "type": "bpfnat",
+        "uplink": bpfnat_lab::UPLINK,
+        "bpffsDir": lab.bpffs_dir,
+        "stateDir": lab.state_dir,
+    })
+    .to_string();
+    let sandboxes: Vec<PathBuf> = (0..n)
+        .map(|i| nat_plumbing::netns::create(&lab.name(&format!("s{i}"))))
+        .collect::<Result<_>>()?;
+    let add = |i: usize| -> Result<()> {
+        let mut c = std::process::Command::new(bin);
+        c.env("CNI_COMMAND", "ADD")
+            .env("CNI_CONTAINERID", format!("bench{i}"))
+            .env("CNI_NETNS", &sandboxes[i])
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/opt/cni/bin")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        nat_plumbing::netns::command_in(&mut c, &lab.node)?;
+        let mut child = c.spawn().context("run the CNI plugin")?;
+        child
+            .stdin
+            .take()
+            .ok_or_else(|| anyhow!("no stdin"))?
+            .write_all(conf.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("CNI ADD {i}: {}", String::from_utf8_lossy(&out.stdout));
+        }
+        Ok(())
+    };
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..parallel)
+            .map(|_| {
+                s.spawn(|| -> Result<()> {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= sandboxes.len() {
+                            return Ok(());
+                        }
+                        add(i)?;
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().map_err(|_| anyhow!("a CNI worker panicked"))?)
+    })?;
+    Ok(t.elapsed().as_secs_f64())
 }

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 use anyhow::{Context as _, Result};
 
 use crate::{
-    load::Metric,
+    load::{Metric, Placement},
     testrun::PathCost,
     topo::{Dp, Flow},
 };
@@ -50,8 +50,14 @@ pub struct Scaling {
 }
 
 pub struct ControlPlane {
-    pub publish_10k_ports_s: f64,
-    pub add_200_containers_s: f64,
+    /// Ports published by one `port add` with a range, and the seconds it took.
+    pub ports: u32,
+    pub publish_s: f64,
+    /// Containers added one `container add` at a time, and the seconds it took.
+    pub containers: u32,
+    pub add_s: f64,
+    /// The same number of CNI ADDs, 8 at a time.
+    pub cni_s: f64,
     pub scrape: crate::scrape::Scrape,
 }
 
@@ -69,7 +75,8 @@ pub struct Report<'a> {
     pub quick: bool,
     pub secs: u32,
     pub reps: usize,
-    pub samples: &'a Samples,
+    /// One per `Placement::ALL`.
+    pub samples: &'a [Samples],
     pub scaling: &'a Scaling,
     pub control: &'a ControlPlane,
     pub paths: &'a [PathCost],
@@ -79,8 +86,14 @@ pub struct Report<'a> {
     pub elapsed_s: f64,
 }
 
-fn stat(r: &Report<'_>, dp: Dp, f: Flow, m: Metric) -> (f64, f64, f64) {
-    let v = r.samples.get(&key(dp, f, m)).cloned().unwrap_or_default();
+/// Median, min and max of (dp, f, m) measured with placement `pi`.
+fn stat(r: &Report<'_>, pi: usize, dp: Dp, f: Flow, m: Metric) -> (f64, f64, f64) {
+    let v = r
+        .samples
+        .get(pi)
+        .and_then(|s| s.get(&key(dp, f, m)))
+        .cloned()
+        .unwrap_or_default();
     let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     (median(&v), lo, hi)
@@ -92,51 +105,19 @@ pub fn write(dir: &Path, r: &Report<'_>) -> Result<()> {
     let _ = writeln!(md, "# bpfnat benchmark\n");
     let _ = writeln!(
         md,
-        "{} run: {} s per measurement, {} interleaved repetition(s), endpoints pinned to CPU {}; medians with [min–max], and ratios to (a) plain routing and (b) Docker-style iptables. {:.0} s in all.\n",
+        "{} run: {} s per measurement, {} interleaved repetition(s); medians with [min–max], and ratios to (a) plain routing and (b) Docker-style iptables. {:.0} s in all.\n",
         if r.quick { "Quick" } else { "Full" },
         r.secs,
         r.reps,
-        crate::load::BENCH_CPU,
         r.elapsed_s
     );
     let _ = writeln!(md, "Machine: {}\n", r.machine);
     let _ = writeln!(
         md,
-        "bpfnat runs its TC datapath (XDP off); every datapath sees the same traffic from local sockets with default offloads (TSO/GSO and tx checksum offload on).\n"
+        "bpfnat runs its TC datapath (XDP off); every datapath sees the same traffic from local sockets with default offloads (TSO/GSO and tx checksum offload on). Each flow is measured two ways, interleaved: with the receiver on the sender's CPU (a rate is the CPU cost of one operation, receiving included) and with the receiver on the other CPU (the cost of sending and forwarding it). The charts show the first.\n"
     );
-    for f in Flow::ALL {
-        let _ = writeln!(md, "## {}\n", f.label());
-        let _ = write!(md, "| datapath |");
-        for m in Metric::ALL {
-            let _ = write!(md, " {} | ×(a) | ×(b) |", m.label());
-        }
-        let _ = write!(md, "\n| --- |");
-        for _ in Metric::ALL {
-            let _ = write!(md, " ---: | ---: | ---: |");
-        }
-        md.push('\n');
-        for dp in Dp::ALL {
-            let _ = write!(md, "| {} |", dp.label());
-            for m in Metric::ALL {
-                let (med, lo, hi) = stat(r, dp, f, m);
-                let a = stat(r, Dp::Routing, f, m).0;
-                let b = stat(r, Dp::Iptables, f, m).0;
-                let spread = if r.reps > 1 {
-                    format!(" [{}–{}]", fmt(m, lo), fmt(m, hi))
-                } else {
-                    String::new()
-                };
-                let _ = write!(
-                    md,
-                    " {}{spread} | {:.2} | {:.2} |",
-                    fmt(m, med),
-                    med / a,
-                    med / b
-                );
-            }
-            md.push('\n');
-        }
-        md.push('\n');
+    for (pi, at) in Placement::ALL.iter().enumerate() {
+        flow_tables(&mut md, r, pi, *at);
     }
     for (i, m) in Metric::ALL.iter().enumerate() {
         let _ = writeln!(md, "![{}](chart-{i}.svg)\n", m.label());
@@ -172,15 +153,21 @@ pub fn write(dir: &Path, r: &Report<'_>) -> Result<()> {
 
     let _ = writeln!(md, "## Control plane\n");
     let _ = writeln!(md, "| operation | seconds |\n| --- | ---: |");
+    let cp = r.control;
     let _ = writeln!(
         md,
-        "| publish 10,000 ports (`bpfnat port add` with a range) | {:.2} |",
-        r.control.publish_10k_ports_s
+        "| publish {} ports (`bpfnat port add` with a range) | {:.2} |",
+        cp.ports, cp.publish_s
     );
     let _ = writeln!(
         md,
-        "| add 200 containers (`bpfnat container add`, one by one) | {:.2} |",
-        r.control.add_200_containers_s
+        "| add {} containers (`bpfnat container add`, one by one) | {:.2} |",
+        cp.containers, cp.add_s
+    );
+    let _ = writeln!(
+        md,
+        "| add {} containers through the CNI plugin, 8 ADDs at a time | {:.2} |",
+        cp.containers, cp.cni_s
     );
     let sc = &r.control.scrape;
     let _ = writeln!(
@@ -213,6 +200,50 @@ pub fn write(dir: &Path, r: &Report<'_>) -> Result<()> {
     }
     std::fs::write(dir.join("report.md"), md)?;
     Ok(())
+}
+
+/// One table per flow for the measurements with placement `pi` (`at`).
+fn flow_tables(md: &mut String, r: &Report<'_>, pi: usize, at: Placement) {
+    let _ = writeln!(
+        md,
+        "## Client on CPU {}, {}\n",
+        crate::load::BENCH_CPU,
+        at.label()
+    );
+    for f in Flow::ALL {
+        let _ = writeln!(md, "### {}\n", f.label());
+        let _ = write!(md, "| datapath |");
+        for m in Metric::ALL {
+            let _ = write!(md, " {} | ×(a) | ×(b) |", m.label());
+        }
+        let _ = write!(md, "\n| --- |");
+        for _ in Metric::ALL {
+            let _ = write!(md, " ---: | ---: | ---: |");
+        }
+        md.push('\n');
+        for dp in Dp::ALL {
+            let _ = write!(md, "| {} |", dp.label());
+            for m in Metric::ALL {
+                let (med, lo, hi) = stat(r, pi, dp, f, m);
+                let a = stat(r, pi, Dp::Routing, f, m).0;
+                let b = stat(r, pi, Dp::Iptables, f, m).0;
+                let spread = if r.reps > 1 {
+                    format!(" [{}–{}]", fmt(m, lo), fmt(m, hi))
+                } else {
+                    String::new()
+                };
+                let _ = write!(
+                    md,
+                    " {}{spread} | {:.2} | {:.2} |",
+                    fmt(m, med),
+                    med / a,
+                    med / b
+                );
+            }
+            md.push('\n');
+        }
+        md.push('\n');
+    }
 }
 
 fn cluster_table(md: &mut String, r: &Report<'_>) {
@@ -334,7 +365,7 @@ fn bars(r: &Report<'_>, m: Metric) -> String {
     let (h, left, bottom) = (340.0, 70.0, 60.0);
     let max = Flow::ALL
         .iter()
-        .flat_map(|f| Dp::ALL.iter().map(move |d| stat(r, *d, *f, m).0))
+        .flat_map(|f| Dp::ALL.iter().map(move |d| stat(r, 0, *d, *f, m).0))
         .filter(|v| v.is_finite())
         .fold(0.0_f64, f64::max)
         .max(1e-9);
@@ -348,7 +379,7 @@ fn bars(r: &Report<'_>, m: Metric) -> String {
     for (fi, f) in Flow::ALL.iter().enumerate() {
         let gx = left + fi as f64 * group_w;
         for (di, dp) in Dp::ALL.iter().enumerate() {
-            let v = stat(r, *dp, *f, m).0;
+            let v = stat(r, 0, *dp, *f, m).0;
             let v = if v.is_finite() { v } else { 0.0 };
             let bh = plot_h * v / max;
             let x = gx + (di as f64 + 0.5) * bar_w;
