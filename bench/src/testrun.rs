@@ -123,17 +123,31 @@ pub fn paths(
         });
     };
 
-    // Established: one connection, created by the first packet, hit by every run.
-    let est = move |_| {
+    // Established: one connection, assured by a full handshake as real traffic's is (it then
+    // lives in `conntrack`, found by the first lookup), hit by every run.
+    let seg = move |from_c1: bool, seq: u32, ack: u32, flags: u8| {
+        let (src, dst, sport, dport, mac) = if from_c1 {
+            (C1, far, 33000, 443, c1_mac)
+        } else {
+            (far, NODE, 443, 33000, EXT_MAC)
+        };
         packet::frame(
-            c1_mac,
+            mac,
             ANY,
-            C1,
-            far,
+            src,
+            dst,
             PROTO_TCP,
-            &packet::tcp(C1, far, 33000, 443, 0x10),
+            &packet::tcp_seg(src, dst, sport, dport, seq, ack, flags, true),
         )
     };
+    let (syn, ack) = (0x02, 0x10);
+    let _ = cost(lab, "tc_container", c1_ifindex, 1, move |_| {
+        seg(true, 1000, 0, syn)
+    })?;
+    let _ = cost(lab, "tc_uplink", uplink_ifindex, 1, move |_| {
+        seg(false, 5000, 1001, syn | ack)
+    })?;
+    let est = move |_| seg(true, 1001, 5001, ack);
     let _ = cost(lab, "tc_container", c1_ifindex, 1, est)?;
     add(
         "established (container → outside, conntrack hit)",
@@ -141,16 +155,7 @@ pub fn paths(
     );
 
     // The replies of that connection, inbound: TC, then the XDP fast path.
-    let reply = move |_| {
-        packet::frame(
-            EXT_MAC,
-            ANY,
-            far,
-            NODE,
-            PROTO_TCP,
-            &packet::tcp(far, NODE, 443, 33000, 0x10),
-        )
-    };
+    let reply = move |_| seg(false, 5001, 1001, ack);
     add(
         "established (outside → container, conntrack hit), TC",
         cost(lab, "tc_uplink", uplink_ifindex, runs, reply)?,

@@ -322,28 +322,31 @@ async fn ensure_up(ctx: &Env, conf: &NetConf) -> Result<(), CniError> {
     Ok(())
 }
 
+/// A result's `ips` entry for `addr` and its default route via `gateway`.
+fn ip_and_route(version: &str, addr: IpAddr, prefix: u8, gateway: IpAddr) -> (Value, Value) {
+    let mut ip = json!({
+        "address": format!("{addr}/{prefix}"),
+        "gateway": gateway.to_string(),
+    });
+    if version == "0.4.0" {
+        ip["version"] = json!(if addr.is_ipv4() { "4" } else { "6" });
+    }
+    let default = if addr.is_ipv4() { "0.0.0.0/0" } else { "::/0" };
+    (ip, json!({"dst": default, "gw": gateway.to_string()}))
+}
+
 fn result(version: &str, c: &Container, node: &Node, prev: Option<&Value>) -> Value {
-    let v4 = node.v4.as_ref().zip(c.ip).map(|(v, ip4)| {
-        let mut ip = json!({
-            "address": format!("{ip4}/{}", v.prefix_len),
-            "gateway": v.gateway.to_string(),
-        });
-        if version == "0.4.0" {
-            ip["version"] = json!("4");
-        }
-        (ip, json!({"dst": "0.0.0.0/0", "gw": v.gateway.to_string()}))
-    });
     // Dual-stack: the IPv6 address and route beside the IPv4 ones.
-    let v6 = node.v6.as_ref().zip(c.ip6).map(|(v, ip6)| {
-        let mut ip = json!({
-            "address": format!("{ip6}/{}", v.prefix_len),
-            "gateway": v.gateway.to_string(),
-        });
-        if version == "0.4.0" {
-            ip["version"] = json!("6");
-        }
-        (ip, json!({"dst": "::/0", "gw": v.gateway.to_string()}))
-    });
+    let v4 = node
+        .v4
+        .as_ref()
+        .zip(c.ip)
+        .map(|(v, ip)| ip_and_route(version, ip.into(), v.prefix_len, v.gateway.into()));
+    let v6 = node
+        .v6
+        .as_ref()
+        .zip(c.ip6)
+        .map(|(v, ip)| ip_and_route(version, ip.into(), v.prefix_len, v.gateway.into()));
     let mut out = prev.cloned().unwrap_or_else(|| json!({}));
     out["cniVersion"] = json!(version);
     let mut interfaces = out["interfaces"].as_array().cloned().unwrap_or_default();

@@ -599,6 +599,26 @@ fn port_key(m: &PortMapping) -> Option<PortKey4> {
     })
 }
 
+/// What to write for one family's side of `m` (its key if it listens in that family, the
+/// container's address in it): both, nothing (no side, or `8080:80` on a container without
+/// an address of the family, whose other side is all there is), or an error for a mapping
+/// on an address of a family the container lacks.
+fn side<K, T>(
+    m: &PortMapping,
+    key: Option<K>,
+    target: Option<T>,
+    family: &str,
+    other: &str,
+) -> Result<Option<(K, T)>> {
+    match (key, target) {
+        (Some(k), Some(t)) => Ok(Some((k, t))),
+        (Some(_), None) if m.host_ip.is_some() => Err(anyhow!(
+            "the container has no {family} address: publish on an {other} address, or on every address (8080:80)"
+        )),
+        _ => Ok(None),
+    }
+}
+
 /// The IPv6 side of `m`, if it listens over IPv6: a mapping on every node address does on
 /// both families, as Docker's `-p 8080:80`.
 fn port_key6(m: &PortMapping) -> Option<PortKey6> {
@@ -761,40 +781,31 @@ impl Maps {
         for (i, m) in ms.iter().enumerate() {
             let generation = generation.wrapping_add(i as u32);
             let port = m.container_port.to_be_bytes();
-            let r = match (port_key(m), target) {
-                (Some(k), Some(ip)) => {
-                    let t = PortTarget4 {
-                        addr: ip.octets(),
-                        port,
-                        _pad: [0; 2],
-                        generation,
-                    };
-                    self.ports.insert(k, t, 0).map_err(anyhow::Error::from)
-                }
-                // `8080:80` on a container without IPv4 (a v6-only node): its IPv6 side only.
-                (Some(_), None) if m.host_ip.is_none() => Ok(()),
-                (Some(_), None) => Err(anyhow!(
-                    "the container has no IPv4 address: publish on an IPv6 address, or on every address (8080:80)"
-                )),
-                (None, _) => Ok(()),
-            }
-            .and_then(|()| match (port_key6(m), target6) {
-                (Some(k6), Some(ip6)) => {
-                    let t6 = PortTarget6 {
-                        addr: ip6.octets(),
-                        port,
-                        _pad: [0; 2],
-                        generation,
-                    };
-                    self.ports6.insert(k6, t6, 0).map_err(anyhow::Error::from)
-                }
-                // `8080:80` on a container without IPv6: its IPv4 side only.
-                (Some(_), None) if m.host_ip.is_none() => Ok(()),
-                (Some(_), None) => Err(anyhow!(
-                    "the container has no IPv6 address: publish on an IPv4 address, or on every address (8080:80)"
-                )),
-                (None, _) => Ok(()),
-            });
+            let r = side(m, port_key(m), target, "IPv4", "IPv6")
+                .and_then(|s| match s {
+                    Some((k, ip)) => {
+                        let t = PortTarget4 {
+                            addr: ip.octets(),
+                            port,
+                            _pad: [0; 2],
+                            generation,
+                        };
+                        Ok(self.ports.insert(k, t, 0)?)
+                    }
+                    None => Ok(()),
+                })
+                .and_then(|()| match side(m, port_key6(m), target6, "IPv6", "IPv4")? {
+                    Some((k, ip)) => {
+                        let t = PortTarget6 {
+                            addr: ip.octets(),
+                            port,
+                            _pad: [0; 2],
+                            generation,
+                        };
+                        Ok(self.ports6.insert(k, t, 0)?)
+                    }
+                    None => Ok(()),
+                });
             if let Err(e) = r {
                 let _ = self.remove_ports(&ms[..=i]);
                 return Err(e.context(format!("publish {m}")));
