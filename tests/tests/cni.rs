@@ -578,7 +578,7 @@ fn an_ipv6_only_network_gives_ipv6_addresses_only() {
     let ns2 = sandbox(&lab, "p2");
     let (ok, e) = cni(&lab, "ADD", "d2", &ns2, &v4port);
     assert!(
-        !ok && e["msg"].as_str().unwrap().contains("IPv6-only"),
+        !ok && e["code"] == 7 && e["msg"].as_str().unwrap().contains("IPv6-only"),
         "{e}"
     );
     assert!(!link_exists(&ns2, "eth0"));

@@ -420,10 +420,15 @@ async fn add(ctx: &Env, conf: &NetConf) -> Result<Value, CniError> {
         .iter()
         .map(port_request)
         .collect::<Result<Vec<_>, _>>()?;
-    // Whether the node is IPv6-only is known once it is up: `create` checks that side.
-    endpoints::check_host_addrs(&ports, true, conf.subnet6.is_some())
-        .map_err(|e| err(code::INVALID_CONFIG, format!("portMappings: {e:#}")))?;
+    let bad_ports = |e: anyhow::Error| err(code::INVALID_CONFIG, format!("portMappings: {e:#}"));
+    // Refused before anything is touched as far as the configuration tells; whether the node
+    // is IPv6-only is known once it is up.
+    endpoints::check_host_addrs(&ports, true, conf.subnet6.is_some()).map_err(bad_ports)?;
     ensure_up(ctx, conf).await?;
+    if let Some(node) = Store::open(&ctx.state_dir)?.load()?.node {
+        endpoints::check_host_addrs(&ports, node.v4.is_some(), node.v6.is_some())
+            .map_err(bad_ports)?;
+    }
     let c = endpoints::create(
         ctx,
         AddRequest {
