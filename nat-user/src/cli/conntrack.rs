@@ -35,8 +35,17 @@ struct Cleared {
     connections: usize,
 }
 
+/// One family's share of the tables.
+#[derive(Serialize)]
+struct FamilyStats {
+    entries: usize,
+    new_entries: usize,
+}
+
 #[derive(Serialize)]
 struct CtStats {
+    /// Both families' entries; each family has tables of its own, of `max_entries` and
+    /// `new_max_entries` each (`by_family` has each one's count).
     entries: usize,
     max_entries: u32,
     /// Entries whose partner the LRU evicted when the table was full.
@@ -51,6 +60,7 @@ struct CtStats {
     new_max_entries: u32,
     by_state: BTreeMap<String, usize>,
     by_kind: BTreeMap<String, usize>,
+    by_family: BTreeMap<&'static str, FamilyStats>,
 }
 
 pub fn run(ctx: &Ctx, cmd: ConntrackCmd) -> Result<()> {
@@ -82,6 +92,19 @@ pub fn run(ctx: &Ctx, cmd: ConntrackCmd) -> Result<()> {
                     .or_insert(0) += 1;
                 *by_kind.entry(f.kind.to_owned()).or_insert(0) += 1;
             }
+            let [v4, v6] = maps.ct_lens_by_family()?;
+            let by_family = [("ipv4", v4), ("ipv6", v6)]
+                .into_iter()
+                .map(|(f, (entries, new_entries))| {
+                    (
+                        f,
+                        FamilyStats {
+                            entries,
+                            new_entries,
+                        },
+                    )
+                })
+                .collect();
             let s = CtStats {
                 entries: maps.ct_len()?,
                 max_entries: maps.ct_max_entries(),
@@ -92,18 +115,23 @@ pub fn run(ctx: &Ctx, cmd: ConntrackCmd) -> Result<()> {
                 new_max_entries: maps.ct_new_max_entries(),
                 by_state,
                 by_kind,
+                by_family,
             };
             ctx.emit("ConntrackStats", &s, || {
                 let mut t = format!(
-                    "entries:     {} (assured connections: up to {} entries, the least recently used evicted when full; not assured yet: {} of {}, which floods of new connections churn)\norphans:     {}\nconnections: {} ({} assured)",
-                    s.entries,
-                    s.max_entries,
-                    s.new_entries,
-                    s.new_max_entries,
-                    s.orphans,
-                    s.connections,
-                    s.assured
+                    "entries:     {} (per family, assured connections: up to {} entries, the least recently used evicted when full; not assured yet: up to {}, which floods of new connections churn)",
+                    s.entries, s.max_entries, s.new_max_entries,
                 );
+                for (f, n) in &s.by_family {
+                    t.push_str(&format!(
+                        "\n  {f:<20} {} ({} not assured)",
+                        n.entries, n.new_entries
+                    ));
+                }
+                t.push_str(&format!(
+                    "\norphans:     {}\nconnections: {} ({} assured)",
+                    s.orphans, s.connections, s.assured
+                ));
                 for (k, v) in s.by_kind.iter().chain(s.by_state.iter()) {
                     t.push_str(&format!("\n  {k:<20} {v}"));
                 }

@@ -371,6 +371,15 @@ impl Maps {
         Ok(self.ct4.len()? + self.ct6.len()?)
     }
 
+    /// Each family's entries and entries not assured yet, IPv4 first: each family has
+    /// tables of its own, each of the sizes `ct_max_entries` and `ct_new_max_entries` say.
+    pub fn ct_lens_by_family(&self) -> Result<[(usize, usize); 2]> {
+        Ok([
+            (self.ct4.len()?, self.ct4.new_len()?),
+            (self.ct6.len()?, self.ct6.new_len()?),
+        ])
+    }
+
     /// Entries whose partner is gone (evicted by the LRU when the table was full).
     pub fn ct_orphans(&self) -> Result<usize> {
         Ok(self.ct4.orphans()? + self.ct6.orphans()?)
