@@ -200,13 +200,19 @@ fn paths_of(t: &Topo, runs: u32) -> Result<Vec<testrun::PathCost>> {
         .lab
         .as_ref()
         .ok_or_else(|| anyhow!("bpfnat lab missing"))?;
-    // The node must know its next hop's MAC, as it would after any traffic: otherwise every
-    // run takes the "neighbour unresolved" path.
+    // The node must know its next hops' MACs (both families), as it would after any
+    // traffic: otherwise every run takes the "neighbour unresolved" path.
     let mut ping = std::process::Command::new("ping");
     ping.args(["-c", "1", "-W", "1", &topo::EXT.to_string()])
         .stdout(std::process::Stdio::null());
     nat_plumbing::netns::command_in(&mut ping, &d.node)?;
     let _ = ping.status();
+    let mut ping6 = std::process::Command::new("ping");
+    ping6
+        .args(["-6", "-c", "1", "-W", "1", &topo::EXT6.to_string()])
+        .stdout(std::process::Stdio::null());
+    nat_plumbing::netns::command_in(&mut ping6, &d.node)?;
+    let _ = ping6.status();
     let list: serde_json::Value =
         serde_json::from_str(&d.ok(&["-o", "json", "container", "list"])?)?;
     let c1 = &list["items"][0];

@@ -12,7 +12,7 @@ use aya::{
 use bpfnat_lab::Lab;
 use bpfnat_tests::packet::{self, PROTO_TCP, PROTO_UDP};
 
-use crate::topo::{C1, EXT, NODE, RR_PORT};
+use crate::topo::{C1, C1_6, EXT, EXT6, NODE, NODE6, RR_PORT};
 
 pub struct PathCost {
     pub name: &'static str,
@@ -50,6 +50,9 @@ fn cost(
     let pin = bpfnat_tests::pins(lab).prog(prog);
     let xdp = prog == XDP;
     let samples = nat_plumbing::netns::run_in(&lab.node, move || {
+        // On one CPU throughout: a run migrated between CPUs (different frequency, cold
+        // caches) measured up to twice as long, series by series.
+        pin_to(crate::load::BENCH_CPU)?;
         let mut ctx = [0u8; 192];
         ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
         let mut out = vec![0u8; 2048];
@@ -82,6 +85,20 @@ fn cost(
     })
     .context("BPF_PROG_TEST_RUN")?;
     Ok(median_p90(samples))
+}
+
+/// Pin the calling thread to `cpu`.
+fn pin_to(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed `cpu_set_t` is an empty set; CPU_SET stays within it for cpu < 1024.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = core::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context(format!("pin to CPU {cpu}"));
+    }
+    Ok(())
 }
 
 /// SYNs to the published RR port from a new client tuple each run, from clients
@@ -192,6 +209,42 @@ pub fn paths(
     add(
         "new connection to a published port, XDP (handed to TC)",
         cost(lab, XDP, 0, runs, new_clients(150))?,
+    );
+
+    // Over IPv6 (NAT66), UDP: one flow, assured by an answer and a second datagram, then its
+    // established cost both ways; and a new NAT66 connection per run.
+    let udp6 = |(src, dst), mac: [u8; 6], (sport, dport)| {
+        packet::udp6(
+            (src, dst),
+            (mac, ANY),
+            (PROTO_UDP, &[]),
+            (sport, dport),
+            b"x",
+            None,
+        )
+    };
+    let out6 = move |_| udp6((C1_6, EXT6), c1_mac, (34000, 53));
+    let in6 = move |_| udp6((EXT6, NODE6), EXT_MAC, (53, 34000));
+    let _ = cost(lab, "tc_container", c1_ifindex, 1, out6)?;
+    let _ = cost(lab, "tc_uplink", uplink_ifindex, 1, in6)?;
+    let _ = cost(lab, "tc_container", c1_ifindex, 1, out6)?;
+    add(
+        "IPv6: established UDP (container → outside, NAT66)",
+        cost(lab, "tc_container", c1_ifindex, runs, out6)?,
+    );
+    add(
+        "IPv6: established UDP (outside → container), TC",
+        cost(lab, "tc_uplink", uplink_ifindex, runs, in6)?,
+    );
+    add(
+        "IPv6: established UDP (outside → container), XDP",
+        cost(lab, XDP, 0, runs, in6)?,
+    );
+    add(
+        "IPv6: new NAT66 connection (UDP)",
+        cost(lab, "tc_container", c1_ifindex, runs, move |i: u32| {
+            udp6((C1_6, EXT6), c1_mac, (1024 + (i % 60000) as u16, 54))
+        })?,
     );
 
     let floor = move |_| {

@@ -281,7 +281,12 @@ pub fn udp6(
     u.extend_from_slice(&(len as u16).to_be_bytes());
     u.extend_from_slice(&[0, 0]);
     u.extend_from_slice(payload);
-    let c = csum(&u, pseudo6(src, dst, PROTO_UDP, len));
+    // A computed 0 is sent as 0xffff: over IPv6 a zero UDP checksum means none, which is
+    // invalid (RFC 8200) and dropped.
+    let c = match csum(&u, pseudo6(src, dst, PROTO_UDP, len)) {
+        0 => 0xffff,
+        c => c,
+    };
     u[6..8].copy_from_slice(&c.to_be_bytes());
     if let Some(n) = cut {
         u.truncate(n);

@@ -234,7 +234,10 @@ fn containers_reach_outside_masqueraded_to_the_uplinks_ipv6_address() {
     // `conntrack stats` says which family's tables hold them.
     let st = json(&lab, &["conntrack", "stats"]);
     let fam = |f: &str| st["by_family"][f]["entries"].as_u64().unwrap();
-    assert!(fam("ipv6") >= 6, "three connections, two entries each: {st}");
+    assert!(
+        fam("ipv6") >= 6,
+        "three connections, two entries each: {st}"
+    );
     assert_eq!(fam("ipv4") + fam("ipv6"), st["entries"].as_u64().unwrap());
     lab.ok(&["conntrack", "flush"]).unwrap();
     assert!(flows(&lab).is_empty());
