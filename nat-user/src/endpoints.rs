@@ -399,6 +399,39 @@ async fn wire(
     c.host_ifindex = host.index;
     c.host_mac = host.mac;
 
+    configure_inside(node, c).await?;
+    // The program before the host side comes up, so that no frame of the container reaches
+    // the node without it (it drops them as spoofed until the endpoint is written below).
+    // (Its TCX attach waits out an RCU grace period under the RTNL lock, about 10 ms here:
+    // other netlink work cannot overlap it.)
+    datapath::attach(&ctx.pins, Hook::Container, &c.host_if)?;
+
+    nl.set_up(host.index).await?;
+    if let (Some(v4), Some(ip)) = (&node.v4, c.ip) {
+        nl.add_host_route(ip, host.index, v4.gateway).await?;
+    }
+    if let Some(ip6) = c.ip6 {
+        nl.add_host_route6(ip6, host.index).await?;
+        // The node knows the container's MAC (bpfnat chose it): no solicitation needed, and
+        // the kernel's own would carry the gateway address from another interface, which
+        // the exchange does not survive.
+        nl.add_neigh(ip6.into(), c.mac, host.index).await?;
+    }
+
+    let mut maps = Maps::open(&ctx.pins)?;
+    put_endpoints(&mut maps, c)?;
+    if !c.ports.is_empty() {
+        // An address added to the node since `up` is a DNAT destination from now on.
+        node::sync_node_addrs(nl, &mut maps, node).await?;
+    }
+    let generation = state.next_generation();
+    state.generation = state.generation.wrapping_add(c.ports.len() as u32);
+    maps.put_ports(&c.ports, (c.ip, c.ip6), generation)
+}
+
+/// The container's side of its veth: sysctls, `lo`, the interface up with its addresses
+/// and default routes.
+async fn configure_inside(node: &Node, c: &Container) -> Result<()> {
     // Sysctls first: nothing in the container has used the network yet.
     for (k, v) in &c.sysctls {
         netns::set_sysctl(&c.netns, k, v).with_context(|| format!("container {}", c.name))?;
@@ -424,29 +457,7 @@ async fn wire(
         ethtool::set_in(&c.netns, &c.ifname, Offload::Gro, true)
             .with_context(|| format!("container {}", c.name))?;
     }
-
-    nl.set_up(host.index).await?;
-    if let (Some(v4), Some(ip)) = (&node.v4, c.ip) {
-        nl.add_host_route(ip, host.index, v4.gateway).await?;
-    }
-    if let Some(ip6) = c.ip6 {
-        nl.add_host_route6(ip6, host.index).await?;
-        // The node knows the container's MAC (bpfnat chose it): no solicitation needed, and
-        // the kernel's own would carry the gateway address from another interface, which
-        // the exchange does not survive.
-        nl.add_neigh(ip6.into(), c.mac, host.index).await?;
-    }
-    datapath::attach(&ctx.pins, Hook::Container, &c.host_if)?;
-
-    let mut maps = Maps::open(&ctx.pins)?;
-    put_endpoints(&mut maps, c)?;
-    if !c.ports.is_empty() {
-        // An address added to the node since `up` is a DNAT destination from now on.
-        node::sync_node_addrs(nl, &mut maps, node).await?;
-    }
-    let generation = state.next_generation();
-    state.generation = state.generation.wrapping_add(c.ports.len() as u32);
-    maps.put_ports(&c.ports, (c.ip, c.ip6), generation)
+    Ok(())
 }
 
 /// The datapath's endpoints of `c`: by each of its addresses.
