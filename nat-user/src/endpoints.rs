@@ -20,7 +20,7 @@ use crate::{
     netlink::Netlink,
     netns,
     node::{self, NodeSpec, Upped, require_node},
-    spec::{PortMapping, PortSpec, Proto},
+    spec::{HostPort, PortMapping, PortSpec, Proto},
     state::{CniAttachment, Container, Node, State, XdpSetting},
 };
 
@@ -179,10 +179,26 @@ struct PortBook<'a> {
 }
 
 impl<'a> PortBook<'a> {
-    fn of(state: &'a State) -> Self {
+    /// The book of the host ports `specs` may take (the rest cannot conflict with them: a
+    /// node with a large published range pays nothing for it on every other command).
+    fn of(state: &'a State, specs: &[PortSpec], ephemeral: (u16, u16)) -> Self {
+        let ranges: Vec<(Proto, u16, u16)> = specs
+            .iter()
+            .flat_map(|s| &s.requests)
+            .map(|r| match r.host {
+                HostPort::Exact(p) => (r.proto, p, p),
+                HostPort::OneOf(a, b) => (r.proto, a, b),
+                HostPort::Ephemeral => (r.proto, ephemeral.0, ephemeral.1),
+            })
+            .collect();
+        let wanted = |m: &PortMapping| {
+            ranges
+                .iter()
+                .any(|&(proto, lo, hi)| m.proto == proto && (lo..=hi).contains(&m.host_port))
+        };
         let mut held: HashMap<(Proto, u16), Vec<(PortMapping, &'a str)>> = HashMap::new();
         for c in state.containers.values() {
-            for m in &c.ports {
+            for m in c.ports.iter().filter(|m| wanted(m)) {
                 held.entry((m.proto, m.host_port))
                     .or_default()
                     .push((*m, c.name.as_str()));
@@ -258,7 +274,7 @@ pub fn resolve_ports(state: &State, specs: &[PortSpec]) -> Result<Vec<PortMappin
         check_host_addrs(specs, node.v4.is_some(), node.v6.is_some())?;
     }
     let ephemeral = node::ephemeral_range();
-    let mut book = PortBook::of(state);
+    let mut book = PortBook::of(state, specs, ephemeral);
     let mut all: Vec<PortMapping> = Vec::new();
     for spec in specs {
         let chosen = spec.resolve(ephemeral, |m| book.conflict(m).is_none())?;
