@@ -760,6 +760,11 @@ fn subnet6_alone_on_an_uplink_without_ipv4_makes_an_ipv6_only_node() {
     for k in ["subnet", "gateway", "snat_ip", "node_addr"] {
         assert!(st["node"][k].is_null(), "no IPv4 {k}: {st}");
     }
+    let text = lab.ok(&["status"]).unwrap();
+    assert!(
+        text.contains("snat ports:") && text.contains("subnet6:") && !text.contains("\nsubnet: "),
+        "{text}"
+    );
     // Repeated, it is the same node (even once the uplink has an IPv4 address again).
     ip_in(
         &lab.node,

@@ -232,10 +232,8 @@ pub async fn status(ctx: &Ctx) -> Result<()> {
         };
         let subnet4 = n.v4.as_ref().map_or_else(String::new, |v| {
             format!(
-                "\nmasquerade:   {} (ports {}-{})\nsubnet:       {} gateway {}",
+                "\nmasquerade:   {}\nsubnet:       {} gateway {}",
                 v.snat_ip,
-                n.port_min,
-                n.port_max,
                 v.cidr(),
                 v.gateway
             )
@@ -261,7 +259,7 @@ pub async fn status(ctx: &Ctx) -> Result<()> {
             )
         });
         format!(
-            "state:        {}\nuplink:       {} (ifindex {}, tc ingress: {}, xdp: {}){subnet4}{subnet6}\ncontainers:   {}\nports:        {}\nconntrack:    {} entries\npins:         {}{cluster}",
+            "state:        {}\nuplink:       {} (ifindex {}, tc ingress: {}, xdp: {})\nsnat ports:   {}-{}{subnet4}{subnet6}\ncontainers:   {}\nports:        {}\nconntrack:    {} entries\npins:         {}{cluster}",
             match &s.repair {
                 None => "up".to_owned(),
                 Some(cmd) => format!("degraded: the pinned datapath is gone; `{cmd}` restores it with every recorded container"),
@@ -274,6 +272,8 @@ pub async fn status(ctx: &Ctx) -> Result<()> {
                 (want, Some(have)) if want.to_string() == have => have.to_owned(),
                 (want, have) => format!("{want} configured, {} attached", have.unwrap_or("none")),
             },
+            n.port_min,
+            n.port_max,
             s.containers,
             s.published_ports,
             s.conntrack_entries.unwrap_or(0),
