@@ -217,6 +217,10 @@ pub async fn up(ctx: &Env, a: NodeSpec) -> Result<Upped> {
             host_ports.1
         );
     }
+    if a.subnet.is_some() || a.gateway.is_some() {
+        // Refused before anything is looked at or changed (`subnet4` decides the rest).
+        subnet_and_gateway(&a)?;
+    }
     let mut v6 = subnet6(&a)?;
     let store = ctx.store()?;
     let mut state = store.load()?;
@@ -302,16 +306,7 @@ fn subnet4(
     if !asked && a.subnet6.is_some() && !had_v4.unwrap_or(uplink_addr.is_some()) {
         return Ok(None);
     }
-    let subnet = match a.subnet {
-        Some(s) => s,
-        None => DEFAULT_SUBNET.parse()?,
-    };
-    let gateway = a
-        .gateway
-        .unwrap_or_else(|| subnet.hosts().next().unwrap_or(subnet.addr));
-    if !subnet.contains(gateway) || gateway == subnet.addr || gateway == subnet.broadcast() {
-        bail!("gateway {gateway} is not a host address of subnet {subnet}");
-    }
+    let (subnet, gateway) = subnet_and_gateway(a)?;
     let snat_ip = match (a.snat_ip, uplink_addr) {
         (Some(ip), _) | (None, Some(ip)) => ip,
         (None, None) => bail!(
@@ -327,6 +322,22 @@ fn subnet4(
         snat_from_uplink: a.snat_ip.is_none(),
         node_addr: uplink_addr.unwrap_or(snat_ip),
     }))
+}
+
+/// The IPv4 subnet (given or the default) and its gateway (given or the first address),
+/// checked: the gateway must be a host address of the subnet.
+fn subnet_and_gateway(a: &NodeSpec) -> Result<(Cidr, Ipv4Addr)> {
+    let subnet = match a.subnet {
+        Some(s) => s,
+        None => DEFAULT_SUBNET.parse()?,
+    };
+    let gateway = a
+        .gateway
+        .unwrap_or_else(|| subnet.hosts().next().unwrap_or(subnet.addr));
+    if !subnet.contains(gateway) || gateway == subnet.addr || gateway == subnet.broadcast() {
+        bail!("gateway {gateway} is not a host address of subnet {subnet}");
+    }
+    Ok((subnet, gateway))
 }
 
 /// The IPv6 subnet `up` asks for, checked: the gateway a host address of it, the NAT66

@@ -128,6 +128,22 @@ fn missing_uplink_is_rejected() {
     let (code, st) = bpfnat_tests::status(&lab);
     assert_eq!((code, &st["up"]), (3, &serde_json::json!(false)));
     fails_with(&lab, &["container", "add", &lab.name("c")], "not up");
+    // A gateway outside the subnet is refused before anything is made.
+    fails_with(
+        &lab,
+        &[
+            "up",
+            "--uplink",
+            bpfnat_tests::UPLINK,
+            "--subnet",
+            "10.88.0.0/16",
+            "--gateway",
+            "10.99.0.1",
+        ],
+        "not a host address",
+    );
+    assert_eq!(bpfnat_tests::status(&lab).0, 3);
+    assert!(!link_exists(&lab.node, "bn-gw"));
 }
 
 #[test]
