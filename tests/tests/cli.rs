@@ -134,7 +134,7 @@ fn missing_uplink_is_rejected() {
         &[
             "up",
             "--uplink",
-            bpfnat_tests::UPLINK,
+            UPLINK,
             "--subnet",
             "10.88.0.0/16",
             "--gateway",
