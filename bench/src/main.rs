@@ -53,6 +53,9 @@ enum Cmd {
         bin: Option<PathBuf>,
         #[arg(long, default_value_t = 20_000)]
         runs: u32,
+        /// Only the paths whose name contains this text (for a profile of one path).
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Only pod to pod across two cluster nodes, against plain routing.
     Cluster {
@@ -164,10 +167,10 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Paths { bin, runs } => {
+        Cmd::Paths { bin, runs, only } => {
             let me = std::env::current_exe().context("find this binary")?;
             let topo = Topo::build(Dp::Bpfnat, &bpfnat_bin(&me, bin)?)?;
-            for p in paths_of(&topo, runs)? {
+            for p in paths_of(&topo, runs, only.as_deref())? {
                 println!("{:>6.0} ns  p90 {:>6.0}  {}", p.ns_median, p.ns_p90, p.name);
             }
             if let Some(lab) = &topo.lab {
@@ -195,7 +198,7 @@ fn bpfnat_bin(me: &Path, bin: Option<PathBuf>) -> Result<PathBuf> {
 }
 
 /// The per-path costs on the bpfnat datapath of `t`.
-fn paths_of(t: &Topo, runs: u32) -> Result<Vec<testrun::PathCost>> {
+fn paths_of(t: &Topo, runs: u32, only: Option<&str>) -> Result<Vec<testrun::PathCost>> {
     let d = t
         .lab
         .as_ref()
@@ -231,6 +234,7 @@ fn paths_of(t: &Topo, runs: u32) -> Result<Vec<testrun::PathCost>> {
             .map_err(|_| anyhow!("bad MAC in container list"))?,
         status["node"]["uplink_ifindex"].as_u64().unwrap_or(0) as u32,
         runs,
+        only,
     )
 }
 
@@ -319,7 +323,7 @@ fn run(me: &Path, bin: &Path, quick: bool, out: &Path) -> Result<()> {
         .iter()
         .find(|t| t.dp == Dp::Bpfnat)
         .ok_or_else(|| anyhow!("bpfnat datapath missing"))?;
-    let paths = paths_of(d, if quick { 2_000 } else { 20_000 })?;
+    let paths = paths_of(d, if quick { 2_000 } else { 20_000 }, None)?;
     drop(topos);
     let xdp = xdp_section(me, bin, quick, secs, reps)?;
     println!("bench: pod to pod across two cluster nodes");

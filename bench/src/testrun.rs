@@ -127,17 +127,28 @@ pub fn paths(
     c1_mac: [u8; 6],
     uplink_ifindex: u32,
     runs: u32,
+    only: Option<&str>,
 ) -> Result<Vec<PathCost>> {
     const ANY: [u8; 6] = [0xee; 6];
     const EXT_MAC: [u8; 6] = [2, 0, 198, 51, 100, 1];
     let far = Ipv4Addr::new(203, 0, 113, 80);
     let mut out = Vec::new();
-    let mut add = |name: &'static str, (ns_median, ns_p90): (f64, f64)| {
+    // Measures one named path, unless `only` leaves it out (profiling one path at a time).
+    let mut add = |name: &'static str,
+                   prog: &str,
+                   ifindex: u32,
+                   make: Box<dyn Fn(u32) -> Vec<u8> + Send>|
+     -> Result<()> {
+        if only.is_some_and(|o| !name.contains(o)) {
+            return Ok(());
+        }
+        let (ns_median, ns_p90) = cost(lab, prog, ifindex, runs, make)?;
         out.push(PathCost {
             name,
             ns_median,
             ns_p90,
         });
+        Ok(())
     };
 
     // Established: one connection, assured by a full handshake as real traffic's is (it then
@@ -168,19 +179,25 @@ pub fn paths(
     let _ = cost(lab, "tc_container", c1_ifindex, 1, est)?;
     add(
         "established (container → outside, conntrack hit)",
-        cost(lab, "tc_container", c1_ifindex, runs, est)?,
-    );
+        "tc_container",
+        c1_ifindex,
+        Box::new(est),
+    )?;
 
     // The replies of that connection, inbound: TC, then the XDP fast path.
     let reply = move |_| seg(false, 5001, 1001, ack);
     add(
         "established (outside → container, conntrack hit), TC",
-        cost(lab, "tc_uplink", uplink_ifindex, runs, reply)?,
-    );
+        "tc_uplink",
+        uplink_ifindex,
+        Box::new(reply),
+    )?;
     add(
         "established (outside → container, conntrack hit), XDP",
-        cost(lab, XDP, 0, runs, reply)?,
-    );
+        XDP,
+        0,
+        Box::new(reply),
+    )?;
 
     let snat = move |i: u32| {
         let sport = 1024 + (i % 60000) as u16;
@@ -196,20 +213,26 @@ pub fn paths(
     };
     add(
         "new MASQUERADE connection",
-        cost(lab, "tc_container", c1_ifindex, runs, snat)?,
-    );
+        "tc_container",
+        c1_ifindex,
+        Box::new(snat),
+    )?;
 
     add(
         "new connection to a published port, TC",
-        cost(lab, "tc_uplink", uplink_ifindex, runs, new_clients(100))?,
-    );
+        "tc_uplink",
+        uplink_ifindex,
+        Box::new(new_clients(100)),
+    )?;
     // Other clients than the TC run's, so each run is a new connection again. XDP hands new
     // connections to TC (only TC knows whether their checksum was verified): this is its cost
     // of doing so, before TC's.
     add(
         "new connection to a published port, XDP (handed to TC)",
-        cost(lab, XDP, 0, runs, new_clients(150))?,
-    );
+        XDP,
+        0,
+        Box::new(new_clients(150)),
+    )?;
 
     // Over IPv6 (NAT66), UDP: one flow, assured by an answer and a second datagram, then its
     // established cost both ways; and a new NAT66 connection per run.
@@ -230,22 +253,28 @@ pub fn paths(
     let _ = cost(lab, "tc_container", c1_ifindex, 1, out6)?;
     add(
         "IPv6: established UDP (container → outside, NAT66)",
-        cost(lab, "tc_container", c1_ifindex, runs, out6)?,
-    );
+        "tc_container",
+        c1_ifindex,
+        Box::new(out6),
+    )?;
     add(
         "IPv6: established UDP (outside → container), TC",
-        cost(lab, "tc_uplink", uplink_ifindex, runs, in6)?,
-    );
+        "tc_uplink",
+        uplink_ifindex,
+        Box::new(in6),
+    )?;
     add(
         "IPv6: established UDP (outside → container), XDP",
-        cost(lab, XDP, 0, runs, in6)?,
-    );
+        XDP,
+        0,
+        Box::new(in6),
+    )?;
     add(
         "IPv6: new NAT66 connection (UDP)",
-        cost(lab, "tc_container", c1_ifindex, runs, move |i: u32| {
-            udp6((C1_6, EXT6), c1_mac, (1024 + (i % 60000) as u16, 54))
-        })?,
-    );
+        "tc_container",
+        c1_ifindex,
+        Box::new(move |i: u32| udp6((C1_6, EXT6), c1_mac, (1024 + (i % 60000) as u16, 54))),
+    )?;
 
     let floor = move |_| {
         let mut f = packet::frame(
@@ -262,12 +291,16 @@ pub fn paths(
     };
     add(
         "floor (non-IP frame, passed at once), TC",
-        cost(lab, "tc_uplink", uplink_ifindex, runs, floor)?,
-    );
+        "tc_uplink",
+        uplink_ifindex,
+        Box::new(floor),
+    )?;
     add(
         "floor (non-IP frame, passed at once), XDP",
-        cost(lab, XDP, 0, runs, floor)?,
-    );
+        XDP,
+        0,
+        Box::new(floor),
+    )?;
 
     let miss = move |_| {
         packet::frame(
@@ -281,7 +314,9 @@ pub fn paths(
     };
     add(
         "miss (the node's own traffic, passed to the stack)",
-        cost(lab, "tc_uplink", uplink_ifindex, runs, miss)?,
-    );
+        "tc_uplink",
+        uplink_ifindex,
+        Box::new(miss),
+    )?;
     Ok(out)
 }
