@@ -353,6 +353,9 @@ pub struct NewConn<'a, A> {
     pub generation: u32,
     /// The container the connection belongs to.
     pub owner: &'a Endpoint,
+    /// The caller has just found no entry at `key` in either table (so there is none to
+    /// remove: a delete of an absent key still takes its bucket's lock).
+    pub key_absent: bool,
 }
 
 /// Create both entries of a new connection for `p` and return the original direction's.
@@ -415,8 +418,10 @@ pub fn create<A: Fam>(
     if p.proto == PROTO_TCP {
         tcp::init(ctx, p, &mut orig.meta);
     }
-    // An assured connection on this tuple would shadow the new one.
-    A::ct_remove(n.key, ASSURED);
+    if !n.key_absent {
+        // An assured connection on this tuple would shadow the new one.
+        A::ct_remove(n.key, ASSURED);
+    }
     if !A::ct_insert(n.key, &*orig, FRESH, u64::from(BPF_ANY)) {
         A::ct_remove(&rkey, FRESH);
         return Err(Reason::DropCtFull);
@@ -444,6 +449,8 @@ pub fn create_snat<A: Fam>(
         origin: ORIGIN_MASQUERADE,
         generation: 0,
         owner,
+        // Only a packet that no connection explains is masqueraded.
+        key_absent: true,
     };
     create(ctx, p, &n, cfg, now)
 }
@@ -469,6 +476,8 @@ pub fn create_dnat<A: Fam>(
         origin: ORIGIN_PUBLISHED,
         generation: t.generation,
         owner,
+        // An entry of the tuple that a packet from outside must not use may exist.
+        key_absent: false,
     };
     create(ctx, p, &n, cfg, now)
 }
@@ -495,6 +504,7 @@ pub fn create_hairpin<A: Fam>(
         origin: ORIGIN_HAIRPIN,
         generation: t.generation,
         owner: target,
+        key_absent: true,
     };
     create(ctx, p, &n, cfg, now)
 }

@@ -56,7 +56,10 @@ fn container(ctx: &TcContext) -> Result<i32, Reason> {
     }
     let mut p = parse::ipv4(ctx)?;
     frag::resolve(&mut p);
-    if let Some(e) = owned_connection(cfg, &p, ifindex, eth_src) {
+    let early = early_lookup(cfg, &p);
+    if let Some(Some(e)) = early
+        && owned_by(e, ifindex, eth_src)
+    {
         // The entry vouches for the sender (its veth, MAC and tuple).
         frag::record(&p);
         return tracked(ctx, cfg, &mut p, ifindex, e);
@@ -85,9 +88,13 @@ fn container(ctx: &TcContext) -> Result<i32, Reason> {
     if icmp::is_error(&p) && icmp::translate(ctx, &mut p, false, &mut CtKey4::default())? {
         return deliver(ctx, cfg, &mut p, ifindex);
     }
-    if p.is_trackable()
-        && let Some(e) = conntrack::lookup(&p.key())
-    {
+    // The early lookup's answer stands unless it was skipped (a destination in the subnet).
+    let entry = match early {
+        Some(found) => found,
+        None if p.is_trackable() => conntrack::lookup(&p.key()),
+        None => None,
+    };
+    if let Some(e) = entry {
         return tracked(ctx, cfg, &mut p, ifindex, e);
     }
     if p.dst == cfg.v4.gateway_addr {
@@ -110,25 +117,27 @@ pub fn is_ipv6(ctx: &TcContext) -> bool {
     matches!(parse::l3(ctx), Some((L3::Ipv6, _)))
 }
 
-/// Fast path: a packet of a connection this veth's container owns, leaving the subnet. The
-/// tuple (with the container's own source address), the veth and the MAC are the anti-spoof
-/// check: a conntrack entry records the container its connection belongs to.
+/// Fast path: the entry of a packet leaving the subnet, looked up before anything else (most
+/// packets a container sends belong to a connection). `None` when the lookup does not apply
+/// here: an expiring packet, a destination in the subnet, an untrackable packet.
 #[inline(always)]
-fn owned_connection(
-    cfg: &Config,
-    p: &parse::Ip4,
-    ifindex: u32,
-    eth_src: [u8; 6],
-) -> Option<*mut CtEntry4> {
+fn early_lookup(cfg: &Config, p: &parse::Ip4) -> Option<Option<*mut CtEntry4>> {
     if p.ttl <= 1
         || parse::in_subnet(p.dst, cfg.v4.subnet_addr, cfg.v4.subnet_mask)
         || !p.is_trackable()
     {
         return None;
     }
-    let e = conntrack::lookup(&p.key())?;
+    Some(conntrack::lookup(&p.key()))
+}
+
+/// Whether the connection of `e` belongs to the container behind this veth and MAC: with the
+/// tuple (the container's own source address), the anti-spoof check of a tracked packet; a
+/// conntrack entry records the container its connection belongs to.
+#[inline(always)]
+fn owned_by(e: *mut CtEntry4, ifindex: u32, eth_src: [u8; 6]) -> bool {
     // SAFETY: reads of a map value.
-    unsafe { (*e).meta.ifindex == ifindex && (*e).meta.mac == eth_src }.then_some(e)
+    unsafe { (*e).meta.ifindex == ifindex && (*e).meta.mac == eth_src }
 }
 
 /// The container that sent `p`: its source address, veth and MAC must all be its own.
