@@ -230,8 +230,16 @@ fn container_del_and_down_remove_everything() {
     let (a, b) = (lab.name("a"), lab.name("b"));
     lab.ok(&["container", "add", &a, "-p", "8080:80"]).unwrap();
     let ifa = host_if(&lab, &a);
-    let pin = bpfnat_tests::pins(&lab).link(&ifa);
-    assert!(lab.container_ns(&a).exists() && link_exists(&lab.node, &ifa) && pin.exists());
+    assert!(lab.container_ns(&a).exists() && link_exists(&lab.node, &ifa));
+    // The host veth's program: a tc filter of our priority and handle, not a TCX link.
+    let (ok, filters) =
+        bpfnat_tests::run_in_ns(&lab.node, "tc", &["filter", "show", "dev", &ifa, "ingress"]);
+    assert!(
+        ok && filters.contains("pref 1 bpf")
+            && filters.contains("handle 0x1 tc_container direct-action"),
+        "{filters}"
+    );
+    assert!(!bpfnat_tests::pins(&lab).link(&ifa).exists());
 
     // Leave a tracked connection behind to see it go with the container.
     let srv = traffic::http_server(
@@ -253,8 +261,10 @@ fn container_del_and_down_remove_everything() {
 
     lab.ok(&["container", "del", &a]).unwrap();
     assert!(!lab.container_ns(&a).exists(), "namespace removed");
-    assert!(!link_exists(&lab.node, &ifa), "veth removed");
-    assert!(!pin.exists(), "link pin removed");
+    assert!(
+        !link_exists(&lab.node, &ifa),
+        "veth removed, and its filter with it"
+    );
     assert!(json(&lab, &["port", "list"]).as_array().unwrap().is_empty());
     assert_eq!(
         json(&lab, &["conntrack", "stats"])["entries"],

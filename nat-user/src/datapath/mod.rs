@@ -7,11 +7,12 @@
 //! ```text
 //! <bpffs-dir>/v4/maps/<map>                 every map of MAP_SPECS marked pinned
 //! <bpffs-dir>/v4/progs/{tc_container,tc_uplink,xdp_uplink,sock_*}
-//! <bpffs-dir>/v4/links/<interface>          one TCX ingress link per interface
+//! <bpffs-dir>/v4/links/<interface>          the uplink's TCX ingress link
 //! <bpffs-dir>/v4/xdp-links/<interface>      the uplink's XDP link (`up --xdp native|generic`)
 //! <bpffs-dir>/v4/cgroup-links/<program>     the socket programs' links
 //! ```
-//! Links are pinned, so the datapath keeps running after the loader exits.
+//! Links are pinned, so the datapath keeps running after the loader exits. Container veths
+//! carry a tc filter instead (`attach_filter`), which is the device's own.
 
 mod conntrack;
 
@@ -30,8 +31,8 @@ use aya::{
         lpm_trie::{Key, LpmTrie},
     },
     programs::{
-        CgroupAttachMode, CgroupSockAddr, CgroupSockAddrAttachType, Program, SchedClassifier,
-        TcAttachType, Xdp, XdpMode, links::FdLink,
+        CgroupAttachMode, CgroupSockAddr, CgroupSockAddrAttachType, Program, ProgramError,
+        SchedClassifier, TcAttachType, Xdp, XdpMode, links::FdLink, tc,
     },
 };
 use nat_common::{
@@ -434,14 +435,81 @@ pub enum Hook {
 }
 
 /// Attach the program for `hook` to TC ingress of `ifname` (in the calling thread's
-/// namespace) and pin the link, replacing an earlier link of ours on that interface.
+/// namespace), replacing an earlier attachment of ours on that interface.
 pub fn attach(pins: &Pins, hook: Hook, ifname: &str) -> Result<()> {
-    let name = match hook {
-        Hook::Container => prog_names::TC_CONTAINER,
-        Hook::Uplink => prog_names::TC_UPLINK,
+    match hook {
+        Hook::Container => attach_filter(pins, ifname),
+        Hook::Uplink => attach_link(pins, ifname),
+    }
+}
+
+/// The tc filter that runs `tc_container` on a container's host veth: its priority (`tc
+/// filter … pref`) and handle. Fixed, so that a reinstall replaces the program in place.
+pub const CONTAINER_FILTER_PRIO: u16 = 1;
+pub const CONTAINER_FILTER_HANDLE: u32 = 1;
+
+/// A container's host veth gets its program as a cls_bpf filter (direct action) on a clsact
+/// qdisc, not a TCX link: attaching the first TCX link of a device waits out an RCU grace
+/// period under the RTNL lock (about 10 ms here, most of a `container add`), a filter does
+/// not. The filter lives and goes with the device, so nothing is pinned; on an interface
+/// that has it already, cls_bpf swaps the program atomically.
+fn attach_filter(pins: &Pins, ifname: &str) -> Result<()> {
+    let name = prog_names::TC_CONTAINER;
+    let mut prog = open_tc(pins, name)?;
+    // A TCX link (what earlier versions attached) would run ahead of the filter.
+    remove_pin(&pins.link(ifname))?;
+    match tc::qdisc_add_clsact(ifname) {
+        Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() != Some(libc::EEXIST) => {
+            return Err(anyhow!(e).context(format!("add the clsact qdisc to {ifname}")));
+        }
+        Err(e @ (tc::TcError::IoError(_) | tc::TcError::NulError(_))) => {
+            return Err(anyhow!(e).context(format!("add the clsact qdisc to {ifname}")));
+        }
+        _ => {}
+    }
+    let handle = tc::TcHandle::from(CONTAINER_FILTER_HANDLE);
+    let options = tc::NlOptions {
+        priority: CONTAINER_FILTER_PRIO,
+        handle,
+        ..tc::NlOptions::default()
     };
-    let mut prog = SchedClassifier::from_pin(pins.prog(name))
-        .with_context(|| format!("open pinned program {name} (is the datapath up?)"))?;
+    let id = match prog.attach_with_options(
+        ifname,
+        TcAttachType::Ingress,
+        tc::TcAttachOptions::Netlink(options),
+    ) {
+        Ok(id) => id,
+        Err(ProgramError::TcError(tc::TcError::NetlinkError(e)))
+            if e.raw_os_error() == Some(libc::EEXIST) =>
+        {
+            let ours = tc::SchedClassifierLink::attached(
+                ifname,
+                TcAttachType::Ingress,
+                CONTAINER_FILTER_PRIO,
+                handle,
+                None,
+            )
+            .with_context(|| format!("find the tc filter on {ifname}"))?;
+            prog.attach_to_link(ours)
+                .with_context(|| format!("replace the tc filter on {ifname}"))?
+        }
+        Err(e) => return Err(anyhow!(e).context(format!("attach a tc filter to {ifname}"))),
+    };
+    // Dropping the program would delete its filter: the filter is the device's now.
+    std::mem::forget(prog.take_link(id).context("take the tc filter")?);
+    Ok(())
+}
+
+fn open_tc(pins: &Pins, name: &str) -> Result<SchedClassifier> {
+    SchedClassifier::from_pin(pins.prog(name))
+        .with_context(|| format!("open pinned program {name} (is the datapath up?)"))
+}
+
+/// The uplink's program through a pinned TCX link: it is attached once per `up`, and the link
+/// is owned (no other loader's program can replace it unseen).
+fn attach_link(pins: &Pins, ifname: &str) -> Result<()> {
+    let name = prog_names::TC_UPLINK;
+    let mut prog = open_tc(pins, name)?;
     let prog_id = prog
         .info()
         .with_context(|| format!("read pinned program {name}"))?
@@ -489,10 +557,29 @@ fn wait_released(ifname: &str, prog_id: u32) -> Result<()> {
     Ok(())
 }
 
-/// Detach what we attached to `ifname` (removing the pin drops the last reference).
+/// Detach what we attached to `ifname` (removing a pin drops the last reference; a
+/// container's filter goes with its veth, and is deleted here if the veth stays).
 pub fn detach(pins: &Pins, ifname: &str) -> Result<()> {
     remove_pin(&pins.xdp_link(ifname))?;
-    remove_pin(&pins.link(ifname))
+    remove_pin(&pins.link(ifname))?;
+    match tc::qdisc_detach_program(ifname, TcAttachType::Ingress, prog_names::TC_CONTAINER) {
+        Ok(()) => Ok(()),
+        // No filter, or no such interface (any more).
+        Err(tc::TcError::IoError(e))
+            if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ENODEV) =>
+        {
+            Ok(())
+        }
+        Err(tc::TcError::NetlinkError(e))
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENODEV | libc::EINVAL | libc::ENOENT)
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(anyhow!(e).context(format!("detach the tc filter from {ifname}"))),
+    }
 }
 
 /// How the uplink's XDP program runs.
@@ -519,7 +606,7 @@ pub fn attach_xdp(pins: &Pins, ifname: &str, how: XdpAttach) -> Result<()> {
     let id = prog.attach(ifname, mode).map_err(|e| {
         let erange = matches!(
             &e,
-            aya::programs::ProgramError::SyscallError(s)
+            ProgramError::SyscallError(s)
                 if s.io_error.raw_os_error() == Some(libc::ERANGE)
         );
         let hint = if erange {
