@@ -3,7 +3,7 @@
 //! The CLI's `container` commands and the CNI plugin call these.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
 };
@@ -66,8 +66,7 @@ pub async fn remove_leftovers(ctx: &Env, nl: &Netlink) -> Result<Vec<String>> {
     if ours.is_empty() {
         return Ok(Vec::new());
     }
-    let owned: std::collections::HashSet<String> =
-        ours.iter().map(|l| owner_alias(&l.name, true)).collect();
+    let owned: HashSet<String> = ours.iter().map(|l| owner_alias(&l.name, true)).collect();
     // Other namespaces come and go meanwhile: one that cannot be read is not ours to judge.
     if let Ok(dir) = std::fs::read_dir(netns::NETNS_DIR) {
         for entry in dir.flatten() {
@@ -131,11 +130,15 @@ fn pick_ip(state: &State, node: &Node, want: Option<Ipv4Addr>) -> Result<Option<
             }
             Ok(Some(ip))
         }
-        None => subnet
-            .hosts()
-            .find(|ip| *ip != v4.gateway && holder(*ip).is_none())
-            .map(Some)
-            .ok_or_else(|| anyhow!("no free address left in {subnet}")),
+        None => {
+            // A set, not a scan per candidate: the search is linear in the containers.
+            let used: HashSet<Ipv4Addr> = state.containers.values().filter_map(|c| c.ip).collect();
+            subnet
+                .hosts()
+                .find(|ip| *ip != v4.gateway && !used.contains(ip))
+                .map(Some)
+                .ok_or_else(|| anyhow!("no free address left in {subnet}"))
+        }
     }
 }
 
@@ -164,11 +167,14 @@ fn pick_ip6(state: &State, node: &Node, want: Option<Ipv6Addr>) -> Result<Option
             Ok(Some(ip))
         }
         // Bounded: a /64 is not searched to its end.
-        None => (1..=65_536u128)
-            .filter_map(|n| net.nth(n))
-            .find(|ip| *ip != v6.gateway && holder(*ip).is_none())
-            .map(Some)
-            .ok_or_else(|| anyhow!("no free address left in {net}")),
+        None => {
+            let used: HashSet<Ipv6Addr> = state.containers.values().filter_map(|c| c.ip6).collect();
+            (1..=65_536u128)
+                .filter_map(|n| net.nth(n))
+                .find(|ip| *ip != v6.gateway && !used.contains(ip))
+                .map(Some)
+                .ok_or_else(|| anyhow!("no free address left in {net}"))
+        }
     }
 }
 

@@ -387,7 +387,7 @@ impl Store {
     }
 
     pub fn save(&self, state: &State) -> Result<()> {
-        let data = serde_json::to_vec_pretty(state).context("serialize state")?;
+        let data = serde_json::to_vec(state).context("serialize state")?;
         write_durably(&self.file(), &data, 0o644)
     }
 
