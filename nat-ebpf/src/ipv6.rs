@@ -122,6 +122,22 @@ fn dispatch(ctx: &TcContext) -> Result<i32, Reason> {
         // Link-local or unspecified sources (DAD, router solicitation, MLD): the stack's.
         return pass(ctx);
     }
+    // Beyond the subnet: most packets belong to a connection, whose entry vouches for the
+    // sender (its veth, MAC and tuple) at the price of the lookup the packet needs anyway.
+    let outside = !is_local_scope(dst) && !in_subnet6(cfg, dst);
+    let mut missed = false;
+    if outside {
+        match owned_connection(ctx, ifindex, eth_src) {
+            GO_ON => {}
+            MISSED => missed = true,
+            action => return Ok(action),
+        }
+    }
+    // Read again: the verifier forgets packet pointers across a call that could have moved
+    // the packet.
+    let ip = ptr_at::<Ip6Hdr>(ctx, ETH_LEN).ok_or(Reason::DropTruncated)?;
+    // SAFETY: as above.
+    let (src, dst) = unsafe { (&(*ip).src, &(*ip).dst) };
     // A global source must be the sender's own, whatever the destination (a multicast
     // Neighbour Advertisement claiming another container's address included).
     let me = endpoint6(src).ok_or(Reason::DropSpoof)?;
@@ -144,9 +160,14 @@ fn dispatch(ctx: &TcContext) -> Result<i32, Reason> {
     // For the gateway address: the node's (F6), unless it answers a hairpin connection,
     // whose source became the gateway.
     // The source is the sender's own: its first fragments may record ports.
-    match parse(ctx, true) {
-        GO_ON => {}
-        action => return Ok(action),
+    if outside {
+        // Parsed by `owned_connection` already.
+        frag::record(&work()?.p);
+    } else {
+        match parse(ctx, true) {
+            GO_ON => {}
+            action => return Ok(action),
+        }
     }
     let w = work()?;
     let to_gateway = w.p.dst == cfg.v6.gateway_addr;
@@ -161,7 +182,7 @@ fn dispatch(ctx: &TcContext) -> Result<i32, Reason> {
             action => return Ok(action),
         }
     }
-    if let Some(e) = tracked_entry(w) {
+    if !missed && let Some(e) = tracked_entry(w) {
         return Ok(tracked6(ctx, e));
     }
     if to_gateway {
@@ -182,6 +203,39 @@ fn dispatch(ctx: &TcContext) -> Result<i32, Reason> {
     }
     valid_for_state(ctx, &work()?.p)?;
     Ok(masquerade(ctx, &me))
+}
+
+/// `owned_connection`'s answer that the packet's tuple is in neither conntrack table (it is
+/// left in `work6.key`).
+const MISSED: i32 = i32::MIN + 3;
+
+/// The fast path for a packet leaving the subnet: parse it into `work6` and, if its
+/// connection belongs to the container behind this veth and MAC, send it on as tracked.
+/// `MISSED` when no connection has its tuple; `GO_ON` when the lookup does not apply (an
+/// expiring or untrackable packet) or the connection is not this sender's: the caller checks
+/// the sender and goes on (looking up again in the last case). First fragments record their
+/// ports only once the sender is known (here, or in the caller).
+#[inline(never)]
+fn owned_connection(ctx: &TcContext, ifindex: u32, eth_src: [u8; 6]) -> i32 {
+    match parse(ctx, false) {
+        GO_ON => {}
+        action => return action,
+    }
+    let Ok(w) = work() else {
+        return GO_ON;
+    };
+    if w.p.ttl <= 1 || !w.p.is_trackable() {
+        return GO_ON;
+    }
+    let Some(e) = tracked_entry(w) else {
+        return MISSED;
+    };
+    // SAFETY: reads of a map value.
+    if unsafe { (*e).meta.ifindex != ifindex || (*e).meta.mac != eth_src } {
+        return GO_ON;
+    }
+    frag::record(&w.p);
+    tracked6(ctx, e)
 }
 
 /// `leaves_by_uplink`'s answer that the sender has a static mapping (its external address

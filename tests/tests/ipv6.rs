@@ -863,3 +863,39 @@ fn subnet6_alone_on_an_uplink_without_ipv4_makes_an_ipv6_only_node() {
     assert!(counter(&lab, "drop_spoof") > spoofed);
     assert!(ping(&lab.ext, NODE_ADDR), "the node's own IPv4");
 }
+
+/// Over IPv6, a connection's entry vouches for its sender only on the veth and MAC that
+/// opened it: another container sending on that connection's tuple is dropped as spoofed,
+/// and the owner's next datagram on it still goes out (the control).
+#[test]
+fn a_container_cannot_send_on_another_containers_ipv6_connection() {
+    use bpfnat_tests::{add_container, packet, wire};
+    let lab = lab_up6("own6");
+    let a = add_container(&lab, "a", &["--ip6", "fd00:88::2"]);
+    let b = add_container(&lab, "b", &["--ip6", "fd00:88::3"]);
+    let echo = traffic::udp_echo(&lab.ext, v6(EXT6, 7777), 3, Duration::from_secs(3)).unwrap();
+    traffic::udp_ask(&a.ns, v6("::", 27000), v6(EXT6, 7777), b"first").unwrap();
+    let forged = packet::udp6(
+        ("fd00:88::2".parse().unwrap(), EXT6.parse().unwrap()),
+        (b.mac, b.host_mac),
+        (packet::PROTO_UDP, &[]),
+        (27000, 7777),
+        b"forged",
+        None,
+    );
+    let spoofed = counter(&lab, "drop_spoof");
+    wire::send(&b.ns, "eth0", vec![forged]);
+    traffic::udp_ask(&a.ns, v6("::", 27000), v6(EXT6, 7777), b"second").unwrap();
+    let seen = echo.join().unwrap();
+    assert_eq!(
+        seen.len(),
+        2,
+        "only the owner's two datagrams got out: {seen:?}"
+    );
+    assert!(seen.iter().all(|p| p.ip().to_string() == NODE6), "{seen:?}");
+    assert_eq!(
+        counter(&lab, "drop_spoof"),
+        spoofed + 1,
+        "the forgery is dropped and counted"
+    );
+}
