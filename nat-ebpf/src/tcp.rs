@@ -15,6 +15,9 @@
 //! exactly that SYN (RFC 9293, SYN-SENT). A connection picked up mid-stream (its SYNs never
 //! seen, so its window scaling unknown) is tracked without judging windows, as nf_conntrack
 //! does, until a SYN starts it over.
+//!
+//! One exception: a plain segment (no SYN, FIN or RST) from the container's side of an
+//! assured, established connection is learned from without the check (`steady_from_inside`).
 
 use core::ffi::c_void;
 
@@ -25,7 +28,7 @@ use nat_common::{
 };
 
 use crate::{
-    conntrack::{lookup, meta},
+    conntrack::{arrives_from_outside, lookup, meta},
     family::Fam,
     maps::CSUM_BUF,
     parse::{Ip, ptr_at},
@@ -294,10 +297,35 @@ pub fn track<A: Fam>(ctx: &impl Pkt, e: *mut CtEntry<A>, p: &Ip<A>) -> Result<bo
     let Some(s) = seg(ctx, p) else {
         return Ok(false);
     };
+    if steady_from_inside(e, &s) {
+        // SAFETY: as below.
+        learn(unsafe { &mut (*e).meta }, &s);
+        return Ok(false);
+    }
     // SAFETY: `e` points into the map value; concurrent writers of one connection race to
     // similar values, as in nf_conntrack without its lock, and never past the window rules.
     let peer = lookup(&unsafe { (*e).peer_key() }).map(meta);
     track_seg(ctx, p, &s, meta(e), peer)
+}
+
+/// Whether segment `s` of `e`'s direction can be learned from without the peer's entry (the
+/// second hash lookup of every tracked TCP segment): a plain segment (no SYN, FIN or RST) of
+/// an assured, established connection, from the container's side. Its sender is the container
+/// (its veth and MAC vouched for it before its entry was used), and the window check would
+/// only decide whether to learn from it: learning from the container's own out-of-window
+/// segments can at most loosen the checks on the packets from outside of its own connection,
+/// which it could end itself anyway. Such a segment changes no state. Segments from outside
+/// are always checked.
+#[inline(always)]
+fn steady_from_inside<A>(e: *const CtEntry<A>, s: &Seg) -> bool {
+    let ctl = tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST;
+    // SAFETY: reads of a live map value.
+    let m = unsafe { &(*e).meta };
+    s.flags & ctl == 0
+        && m.assured == 1
+        && m.state == tcp_state::ESTABLISHED
+        && m.tcp_track & TCP_SEEN != 0
+        && !arrives_from_outside(e)
 }
 
 /// `track` for either family: `e` is the segment's direction, `peer` the other one when
