@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use nat_common::{
     Addr4, Addr6, CFG_STATIC_NAT, Config, CtEntry, CtKey, Endpoint, Family, FragKey4, FragKey6,
-    FragPorts, Port, PortKey6, PortTarget, Reason, StaticNat,
+    FragPorts, Port, PortKey6, PortTarget, Reason, StaticNat, csum_diff16,
 };
 use network_types::ip::Ipv4Hdr;
 
@@ -318,14 +318,7 @@ impl Fam for Addr6 {
         flags: u64,
     ) -> Result<(), Reason> {
         if let Some((csum_off, true)) = l4 {
-            let mut o = words(old);
-            let mut n = words(new);
-            // SAFETY: two 16-byte arrays on the stack.
-            let diff = unsafe { bpf_csum_diff(o.as_mut_ptr(), 16, n.as_mut_ptr(), 16, 0) };
-            if diff < 0 {
-                return Err(Reason::DropHelper);
-            }
-            ctx.csum_l4_diff(csum_off, diff as u32, flags)?;
+            ctx.csum_l4_diff(csum_off, csum_diff16(old, new), flags)?;
         }
         ctx.put(off, new)
     }
@@ -431,15 +424,8 @@ impl Fam for Addr6 {
         new: &Self,
         icmp_csum_off: usize,
     ) -> Result<(), Reason> {
-        let mut o = words(old);
-        let mut n = words(new);
-        // SAFETY: two 16-byte arrays on the stack.
-        let diff = unsafe { bpf_csum_diff(o.as_mut_ptr(), 16, n.as_mut_ptr(), 16, 0) };
-        if diff < 0 {
-            return Err(Reason::DropHelper);
-        }
         // Part of the message, not of the pseudo-header.
-        ctx.csum_l4_diff(icmp_csum_off, diff as u32, 0)?;
+        ctx.csum_l4_diff(icmp_csum_off, csum_diff16(old, new), 0)?;
         ctx.put(ip_off + field, new)
     }
 }
