@@ -126,6 +126,34 @@ mod tests {
     }
 
     #[test]
+    fn an_address_replaced_through_its_difference_gives_the_recomputed_checksum() {
+        let mut pkt = [0u8; 64];
+        for (i, b) in pkt.iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(37).wrapping_add(11);
+        }
+        let cases: [([u8; 16], [u8; 16]); 3] = [
+            (
+                [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+                [0xfd, 0, 0, 0x88, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3],
+            ),
+            ([0xff; 16], [0; 16]),
+            ([0; 16], [0xff; 16]),
+        ];
+        for (old, new) in cases {
+            pkt[8..24].copy_from_slice(&old);
+            let before = full(&pkt);
+            pkt[8..24].copy_from_slice(&new);
+            let after = full(&pkt);
+            let got = csum_add_diff(before, csum_diff16(&old, &new));
+            // 0 and 0xffff are the same value in ones' complement.
+            assert!(
+                got == after || (got ^ after) == 0xffff && (got == 0 || after == 0),
+                "{old:?} -> {new:?}: {got:#x} vs {after:#x}"
+            );
+        }
+    }
+
+    #[test]
     fn incremental_checksum_matches_a_recomputation() {
         // An IPv4 header with its checksum, then every 4-byte and 2-byte rewrite NAT does.
         let mut h: [u8; 20] = [
