@@ -182,6 +182,8 @@ fn dispatch(ctx: &TcContext) -> Result<i32, Reason> {
             action => return Ok(action),
         }
     }
+    // `missed` leaves the tuple `owned_connection` looked up in `work6.key`: only trackable
+    // packets are looked up, and an ICMP error (whose translation uses that slot) is not one.
     if !missed && let Some(e) = tracked_entry(w) {
         return Ok(tracked6(ctx, e));
     }
