@@ -308,8 +308,14 @@ pub struct AddRequest {
     pub cni: Option<CniAttachment>,
 }
 
+/// A container `create` made, and the node it was made on (what a CNI result describes).
+pub struct Added {
+    pub container: Container,
+    pub node: Node,
+}
+
 /// Create a container's network; on failure nothing is left behind.
-pub async fn create(ctx: &Env, req: AddRequest) -> Result<Container> {
+pub async fn create(ctx: &Env, req: AddRequest) -> Result<Added> {
     let AddRequest {
         name,
         ip,
@@ -395,7 +401,7 @@ pub async fn create(ctx: &Env, req: AddRequest) -> Result<Container> {
             c.pending = false;
             state.containers.insert(name, c.clone());
             store.save(&state)?;
-            Ok(c)
+            Ok(Added { container: c, node })
         }
         Err(e) => {
             let _ = remove(ctx, &nl, &c).await;

@@ -86,6 +86,16 @@ pub enum Upped {
     Repaired(Node),
 }
 
+impl Upped {
+    /// The node as it is now, however it got there.
+    #[must_use]
+    pub fn into_node(self) -> Node {
+        match self {
+            Self::Already(n) | Self::Fresh(n) | Self::Repaired(n) => n,
+        }
+    }
+}
+
 /// The uplink's inbound XDP fast path (`up --xdp`). `auto`: native XDP on a physical uplink,
 /// TC alone on a virtual one (veth, bridge, …), where XDP measured slower than TC's
 /// bpf_redirect_peer and cannot handle the partial checksums of local senders.

@@ -14,7 +14,7 @@ use super::{
     view::{ContainerView, PortView},
 };
 use crate::{
-    endpoints::{AddRequest, create, destroy},
+    endpoints::{AddRequest, Added, create, destroy},
     net::fmt_mac,
     spec::PortSpec,
 };
@@ -88,7 +88,7 @@ async fn add(
     sysctl: Vec<String>,
     netns_path: Option<PathBuf>,
 ) -> Result<()> {
-    let c = create(
+    let Added { container: c, .. } = create(
         ctx,
         AddRequest {
             name,

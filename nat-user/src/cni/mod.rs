@@ -11,13 +11,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::{
     datapath,
-    endpoints::{self, AddRequest},
+    endpoints::{self, AddRequest, Added},
     env::{DEFAULT_BPFFS_DIR, DEFAULT_STATE_DIR, Env},
     net::{Cidr, Cidr6, fmt_mac},
     netlink::Netlink,
@@ -296,13 +296,16 @@ fn conf_subnet6(conf: &NetConf) -> Result<Option<Cidr6>, CniError> {
         .map_err(|e: anyhow::Error| err(code::INVALID_CONFIG, e.to_string()))
 }
 
-async fn ensure_up(ctx: &Env, conf: &NetConf) -> Result<(), CniError> {
+/// The node, brought up first when it is not (as the configuration says).
+async fn ensure_up(ctx: &Env, conf: &NetConf) -> Result<Node, CniError> {
     {
         let store = Store::open(&ctx.state_dir)?;
         let mut state = store.load()?;
         node::forget_stale_node(ctx, &store, &mut state)?;
-        if ctx.pins.installed() && state.node.is_some() {
-            return Ok(());
+        if ctx.pins.installed()
+            && let Some(node) = state.node
+        {
+            return Ok(node);
         }
     }
     let uplink = conf.uplink.clone().ok_or_else(|| {
@@ -318,8 +321,7 @@ async fn ensure_up(ctx: &Env, conf: &NetConf) -> Result<(), CniError> {
     spec.snat_ip = conf.snat_ip;
     spec.subnet6 = conf_subnet6(conf)?;
     spec.gateway6 = conf.gateway6;
-    endpoints::up(ctx, spec).await?;
-    Ok(())
+    Ok(endpoints::up(ctx, spec).await?.into_node())
 }
 
 /// A result's `ips` entry for `addr` and its default route via `gateway`.
@@ -424,12 +426,10 @@ async fn add(ctx: &Env, conf: &NetConf) -> Result<Value, CniError> {
     // Refused before anything is touched as far as the configuration tells; whether the node
     // is IPv6-only is known once it is up.
     endpoints::check_host_addrs(&ports, true, conf.subnet6.is_some()).map_err(bad_ports)?;
-    ensure_up(ctx, conf).await?;
-    if let Some(node) = Store::open(&ctx.state_dir)?.load()?.node {
-        endpoints::check_host_addrs(&ports, node.v4.is_some(), node.v6.is_some())
-            .map_err(bad_ports)?;
-    }
-    let c = endpoints::create(
+    let node = ensure_up(ctx, conf).await?;
+    endpoints::check_host_addrs(&ports, node.v4.is_some(), node.v6.is_some()).map_err(bad_ports)?;
+    // The node the container was made on: a `down` and `up` in between may have changed it.
+    let Added { container, node } = endpoints::create(
         ctx,
         AddRequest {
             name: key.record_name(),
@@ -446,13 +446,9 @@ async fn add(ctx: &Env, conf: &NetConf) -> Result<Value, CniError> {
         },
     )
     .await?;
-    let node = Store::open(&ctx.state_dir)?
-        .load()?
-        .node
-        .context("the datapath went down during ADD")?;
     Ok(result(
         &conf.cni_version,
-        &c,
+        &container,
         &node,
         conf.prev_result.as_ref(),
     ))
