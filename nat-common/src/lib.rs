@@ -17,6 +17,7 @@ mod conntrack;
 mod csum;
 mod frag;
 mod maps;
+mod monitor;
 mod node;
 mod ports;
 mod reason;
@@ -29,6 +30,7 @@ pub use conntrack::*;
 pub use csum::*;
 pub use frag::*;
 pub use maps::*;
+pub use monitor::*;
 pub use node::*;
 pub use ports::*;
 pub use reason::*;
@@ -68,8 +70,9 @@ pub const PROTO_ICMPV6: u8 = 58;
 mod user {
     use super::{
         ClusterNet, Config, Counter, CtEntry4, CtEntry6, CtKey4, CtKey6, CtMeta, Endpoint,
-        FragKey4, FragKey6, FragPorts, Net4, Net6, NodeAddr, PortKey4, PortKey6, PortTarget4,
-        PortTarget6, SockKey4, SockKey6, SockOrig4, SockOrig6, StaticNat4, StaticNat6,
+        FragKey4, FragKey6, FragPorts, MonitorCpu, MonitorCtl, Net4, Net6, NodeAddr, PortKey4,
+        PortKey6, PortTarget4, PortTarget6, SockKey4, SockKey6, SockOrig4, SockOrig6, StaticNat4,
+        StaticNat6,
     };
 
     /// `aya::Pod` for map key and value types.
@@ -106,6 +109,8 @@ mod user {
         NodeAddr,
         ClusterNet,
         Net6,
+        MonitorCtl,
+        MonitorCpu,
     );
 }
 

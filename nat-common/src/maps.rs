@@ -6,9 +6,10 @@
 use core::mem::size_of;
 
 use crate::{
-    Addr4, Addr6, ClusterNet, Config, Counter, CtEntry4, CtEntry6, CtKey4, CtKey6, Endpoint,
-    FragKey4, FragKey6, FragPorts, Lpm4, NodeAddr, PortKey4, PortKey6, PortTarget4, PortTarget6,
-    REASON_COUNT, SockKey4, SockKey6, SockOrig4, SockOrig6, StaticNat4, StaticNat6,
+    Addr4, Addr6, ClusterNet, Config, Counter, CtEntry4, CtEntry6, CtKey4, CtKey6, EVENTS_BYTES,
+    Endpoint, FragKey4, FragKey6, FragPorts, Lpm4, MonitorCpu, MonitorCtl, NodeAddr, PortKey4,
+    PortKey6, PortTarget4, PortTarget6, REASON_COUNT, SockKey4, SockKey6, SockOrig4, SockOrig6,
+    StaticNat4, StaticNat6,
 };
 
 /// Map names as the kernel and bpftool see them (also the pin file names).
@@ -52,6 +53,12 @@ pub mod map_names {
     pub const WORK6: &str = "work6";
     /// Per-CPU room for checksum chunks and TCP options.
     pub const CSUM_BUF: &str = "csum_buf";
+    /// What the programs emit for `bpfnat monitor` (`MonitorCtl`; zero: nothing).
+    pub const MONITOR: &str = "monitor";
+    /// Per-CPU rate limit and lost-event counts of the monitor (`MonitorCpu`).
+    pub const MONITOR_CPU: &str = "monitor_cpu";
+    /// The ring buffer of `MonitorEvent`s.
+    pub const EVENTS: &str = "events";
 }
 
 /// Default size of the conntrack table (entries; two per connection).
@@ -89,6 +96,8 @@ pub enum MapKind {
     PerCpuArray,
     /// Longest-prefix match (`BPF_F_NO_PREALLOC`).
     LpmTrie,
+    /// A ring buffer: no key or value; its size in bytes is its entries.
+    RingBuf,
 }
 
 /// One map of the eBPF object.
@@ -127,8 +136,8 @@ const PINNED: bool = true;
 const PER_LOAD: bool = false;
 
 /// Every map of the eBPF object.
-pub const MAP_SPECS: [MapSpec; 23] = {
-    use MapKind::{Array, Hash, LpmTrie, LruHash, PerCpuArray};
+pub const MAP_SPECS: [MapSpec; 26] = {
+    use MapKind::{Array, Hash, LpmTrie, LruHash, PerCpuArray, RingBuf};
     use map_names as n;
     [
         map::<u32, Config>(n::CONFIG, Array, Some(1), PINNED),
@@ -154,5 +163,8 @@ pub const MAP_SPECS: [MapSpec; 23] = {
         map::<u32, CtEntry6>(n::SCRATCH6, PerCpuArray, Some(SCRATCH_SLOTS), PER_LOAD),
         map::<u32, [u64; WORK6_LEN / 8]>(n::WORK6, PerCpuArray, Some(1), PER_LOAD),
         map::<u32, [u8; CSUM_BUF_LEN]>(n::CSUM_BUF, PerCpuArray, Some(1), PER_LOAD),
+        map::<u32, MonitorCtl>(n::MONITOR, Array, Some(1), PINNED),
+        map::<u32, MonitorCpu>(n::MONITOR_CPU, PerCpuArray, Some(1), PINNED),
+        map::<(), ()>(n::EVENTS, RingBuf, Some(EVENTS_BYTES), PINNED),
     ]
 };

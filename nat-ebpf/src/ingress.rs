@@ -15,7 +15,7 @@ use crate::{
     family::Fam,
     forward, frag, icmp,
     lookup::{cluster_flags, config, container_at, endpoint, port_target, static_nat},
-    nat,
+    monitor, nat,
     nexthop::{self, Way},
     parse::{self, L3},
     stats::count,
@@ -162,6 +162,7 @@ fn hairpin(
     valid_for_state(ctx, p)?;
     let gw = cfg.v4.gateway_addr;
     let e = conntrack::create_hairpin(ctx, p, (&p.key(), gw), t, cfg, &target, now())?;
+    monitor::traced(Reason::HairpinNew, p, e, target.ifindex);
     nat::apply(ctx, p, e)?;
     count(Reason::HairpinNew, ctx.len());
     forward::to_endpoint(ctx, p, &target, true, Reason::Deliver)
@@ -220,6 +221,7 @@ fn leave(
     }
     valid_for_state(ctx, p)?;
     let e = conntrack::create_snat(ctx, p, &p.key(), cfg.v4.snat_addr, cfg, me, now())?;
+    monitor::traced(Reason::SnatNew, p, e, nh.ifindex);
     nat::apply(ctx, p, e)?;
     count(Reason::SnatNew, ctx.len());
     forward::route(ctx, p, ifindex, Some(nh))
@@ -250,10 +252,17 @@ pub fn tracked<A: Fam>(
         count(Reason::MtuExceeded, ctx.len());
         return Ok(TC_ACT_OK);
     }
-    nat::apply(ctx, p, x)?;
     match way {
-        Way::Peer(hop) => forward::to_hop(ctx, p, &hop),
-        Way::Out(nh) => forward::route(ctx, p, ifindex, Some(nh)),
+        Way::Peer(hop) => {
+            monitor::traced(Reason::CtHit, p, x, hop.ifindex);
+            nat::apply(ctx, p, x)?;
+            forward::to_hop(ctx, p, &hop)
+        }
+        Way::Out(nh) => {
+            monitor::traced(Reason::CtHit, p, x, nh.ifindex);
+            nat::apply(ctx, p, x)?;
+            forward::route(ctx, p, ifindex, Some(nh))
+        }
     }
 }
 
@@ -429,6 +438,7 @@ fn dnat_new(
     not_expiring(p)?;
     valid_for_state(ctx, p)?;
     let e = conntrack::create_dnat(ctx, p, &p.key(), t, cfg, &ep, now())?;
+    monitor::traced(Reason::DnatNew, p, e, ep.ifindex);
     count(Reason::DnatNew, ctx.len());
     nat::apply(ctx, p, e)?;
     deliver(ctx, cfg, p, ifindex)

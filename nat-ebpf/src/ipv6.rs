@@ -26,7 +26,7 @@ use crate::{
     ingress::{ifindex, tracked, valid_for_state},
     lookup::config,
     maps::{ENDPOINTS6, WORK6},
-    nat, nd,
+    monitor, nat, nd,
     nexthop::{self, NextHop},
     parse::{self, ETH_LEN, IP6_LEN, Ip6, Ip6Hdr, ptr_at},
     pkt::Pkt,
@@ -410,6 +410,7 @@ fn dnat_new(ctx: &TcContext) -> Result<i32, Reason> {
     }
     valid_for_state(ctx, &w.p)?;
     let e = conntrack::create_dnat(ctx, &w.p, &w.key, &w.t, cfg, &ep, now())?;
+    monitor::traced(Reason::DnatNew, &w.p, e, ep.ifindex);
     count(Reason::DnatNew, ctx.len());
     nat::apply(ctx, &mut w.p, e)?;
     forward::to_endpoint(ctx, &mut w.p, &ep, true, Reason::Deliver)
@@ -429,6 +430,7 @@ fn hairpin_new(ctx: &TcContext) -> Result<i32, Reason> {
     let target = endpoint6(&w.t.addr).ok_or(Reason::DropNoEndpoint)?;
     let gw = cfg.v6.gateway_addr;
     let e = conntrack::create_hairpin(ctx, &w.p, (&w.key, gw), &w.t, cfg, &target, now())?;
+    monitor::traced(Reason::HairpinNew, &w.p, e, target.ifindex);
     nat::apply(ctx, &mut w.p, e)?;
     count(Reason::HairpinNew, ctx.len());
     forward::to_endpoint(ctx, &mut w.p, &target, true, Reason::Deliver)
@@ -541,6 +543,7 @@ fn masquerade_new(ctx: &TcContext, me: &Endpoint) -> Result<i32, Reason> {
     let cfg = config()?;
     let w = work()?;
     let e = conntrack::create_snat(ctx, &w.p, &w.key, cfg.v6.snat_addr, cfg, me, now())?;
+    monitor::traced(Reason::SnatNew, &w.p, e, w.nh.ifindex);
     nat::apply(ctx, &mut w.p, e)?;
     count(Reason::SnatNew, ctx.len());
     forward::route(ctx, &mut w.p, ifindex(ctx), Some(w.nh))

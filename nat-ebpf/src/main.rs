@@ -24,6 +24,7 @@ mod ingress;
 mod ipv6;
 mod lookup;
 mod maps;
+mod monitor;
 mod nat;
 mod nd;
 mod nexthop;
@@ -51,6 +52,7 @@ pub(crate) const TC_ACT_SHOT: i32 = 2;
 pub(crate) fn verdict(ctx: &TcContext, r: Result<i32, nat_common::Reason>) -> i32 {
     r.unwrap_or_else(|reason| {
         stats::count(reason, ctx.len());
+        monitor::dropped(reason);
         TC_ACT_SHOT
     })
 }
@@ -58,25 +60,33 @@ pub(crate) fn verdict(ctx: &TcContext, r: Result<i32, nat_common::Reason>) -> i3
 /// TC ingress of a container's host-side veth.
 #[classifier]
 pub fn tc_container(ctx: TcContext) -> i32 {
-    if ingress::is_ipv6(&ctx) {
-        return ipv6::from_container(&ctx);
-    }
-    ingress::from_container(&ctx)
+    let action = if ingress::is_ipv6(&ctx) {
+        ipv6::from_container(&ctx)
+    } else {
+        ingress::from_container(&ctx)
+    };
+    monitor::report(&ctx);
+    action
 }
 
 /// TC ingress of the uplink.
 #[classifier]
 pub fn tc_uplink(ctx: TcContext) -> i32 {
-    if ingress::is_ipv6(&ctx) {
-        return ipv6::from_uplink(&ctx);
-    }
-    ingress::from_uplink(&ctx)
+    let action = if ingress::is_ipv6(&ctx) {
+        ipv6::from_uplink(&ctx)
+    } else {
+        ingress::from_uplink(&ctx)
+    };
+    monitor::report(&ctx);
+    action
 }
 
 /// XDP on the uplink: the inbound fast path in front of `tc_uplink`.
 #[xdp]
 pub fn xdp_uplink(ctx: XdpContext) -> u32 {
-    xdp::from_uplink(&ctx)
+    let action = xdp::from_uplink(&ctx);
+    monitor::report(&ctx);
+    action
 }
 
 /// cgroup connect4: node processes connecting to a published port (F4).

@@ -4,16 +4,16 @@
 //! test compares the two.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
     macros::btf_map,
 };
 use nat_common::{
     Addr4, Addr6, CLUSTER_NETS_MAX_ENTRIES, CONNTRACK_MAX_ENTRIES, ClusterNet, Config, Counter,
-    CtEntry4, CtEntry6, CtKey4, CtKey6, ENDPOINTS_MAX_ENTRIES, Endpoint, FRAGS_MAX_ENTRIES,
-    FragKey4, FragKey6, FragPorts, NODE_ADDRS_MAX_ENTRIES, NodeAddr, PORTS_MAX_ENTRIES, PortKey4,
-    PortKey6, PortTarget4, PortTarget6, REASON_COUNT, SCRATCH_SLOTS, SOCK_RNAT_MAX_ENTRIES,
-    STATIC_NAT_MAX_ENTRIES, SockKey4, SockKey6, SockOrig4, SockOrig6, StaticNat4, StaticNat6,
-    WORK6_LEN, conntrack_new_max,
+    CtEntry4, CtEntry6, CtKey4, CtKey6, ENDPOINTS_MAX_ENTRIES, EVENTS_BYTES, Endpoint,
+    FRAGS_MAX_ENTRIES, FragKey4, FragKey6, FragPorts, MonitorCpu, MonitorCtl,
+    NODE_ADDRS_MAX_ENTRIES, NodeAddr, PORTS_MAX_ENTRIES, PortKey4, PortKey6, PortTarget4,
+    PortTarget6, REASON_COUNT, SCRATCH_SLOTS, SOCK_RNAT_MAX_ENTRIES, STATIC_NAT_MAX_ENTRIES,
+    SockKey4, SockKey6, SockOrig4, SockOrig6, StaticNat4, StaticNat6, WORK6_LEN, conntrack_new_max,
 };
 
 #[btf_map(name = "config")]
@@ -126,3 +126,15 @@ pub static CSUM_BUF: PerCpuArray<[u8; crate::csum::BUF_LEN], 1> = PerCpuArray::n
 #[btf_map(name = "cluster_nets")]
 pub static CLUSTER_NETS: LpmTrie<Addr4, ClusterNet, { CLUSTER_NETS_MAX_ENTRIES as usize }> =
     LpmTrie::new();
+
+/// What `bpfnat monitor` asks for (`monitor.rs`); zero while nobody listens.
+#[btf_map(name = "monitor")]
+pub static MONITOR: Array<MonitorCtl, 1> = Array::new();
+
+/// The monitor's per-CPU token bucket and lost-event counts.
+#[btf_map(name = "monitor_cpu")]
+pub static MONITOR_CPU: PerCpuArray<MonitorCpu, 1> = PerCpuArray::new();
+
+/// The monitor's events.
+#[btf_map(name = "events")]
+pub static EVENTS: RingBuf<(), { EVENTS_BYTES as usize }> = RingBuf::new();

@@ -21,7 +21,7 @@ use crate::{
     family::Fam,
     forward, icmp, ipv6,
     lookup::{cluster_flags, config, container_at, endpoint, static_nat},
-    nat,
+    monitor, nat,
     nexthop::{self, Hop},
     parse::{self, L3},
     pkt::Pkt,
@@ -42,6 +42,7 @@ fn pass(ctx: &XdpContext) -> Result<u32, Reason> {
 pub fn verdict(ctx: &XdpContext, r: Result<u32, Reason>) -> u32 {
     r.unwrap_or_else(|reason| {
         count(reason, ctx.bytes());
+        monitor::dropped(reason);
         XDP_DROP
     })
 }
@@ -127,6 +128,7 @@ fn established<A: Fam>(
     };
     conntrack::touch(ctx, e, p, t)?;
     count(Reason::CtHit, ctx.bytes());
+    monitor::traced(Reason::CtHit, p, conntrack::xlate(e), hop.ifindex);
     nat::apply(ctx, p, conntrack::xlate(e))?;
     deliver(ctx, p, &hop)
 }

@@ -32,3 +32,9 @@ macro_rules! say {
         $crate::stdout::line(&format!($($arg)*))
     };
 }
+
+/// Whether the reader of standard output is gone (a write found the pipe closed): a command
+/// that streams stops then.
+pub fn closed() -> bool {
+    CLOSED.load(Ordering::Relaxed)
+}

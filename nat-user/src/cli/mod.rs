@@ -3,6 +3,7 @@
 mod cluster;
 mod conntrack;
 mod container;
+mod monitor;
 mod nat;
 mod port;
 mod stats;
@@ -72,6 +73,9 @@ pub enum Command {
     Conntrack(ConntrackCmd),
     /// Per-reason packet counters of the datapath.
     Stats,
+    /// Live datapath events: dropped packets with their reason, and (`--type trace`) new
+    /// connections and translations, one line each, until Ctrl-C.
+    Monitor(monitor::MonitorArgs),
     /// This node in its cluster: its block, the datastore's health, the other nodes and
     /// the routes to their pods.
     #[command(subcommand)]
@@ -186,6 +190,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Command::Nat(c) => nat::run(&ctx, c),
             Command::Conntrack(c) => conntrack::run(&ctx, c),
             Command::Stats => stats::run(&ctx),
+            Command::Monitor(a) => monitor::run(&ctx, a).await,
             Command::Cluster(c) => cluster::run(&ctx, c).await,
             Command::Agent { config } => {
                 let cfg = crate::agent::load_config(config.as_deref())?;

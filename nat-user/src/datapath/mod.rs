@@ -15,6 +15,7 @@
 //! carry a tc filter instead (`attach_filter`), which is the device's own.
 
 mod conntrack;
+pub mod monitor;
 
 use std::{
     collections::BTreeMap,
@@ -199,6 +200,7 @@ fn map_type(kind: MapKind) -> MapType {
         MapKind::LruHash => MapType::LruHash,
         MapKind::PerCpuArray => MapType::PerCpuArray,
         MapKind::LpmTrie => MapType::LpmTrie,
+        MapKind::RingBuf => MapType::RingBuf,
     }
 }
 

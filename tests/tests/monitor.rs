@@ -1,0 +1,365 @@
+//! `bpfnat monitor`: what a user watching the datapath sees for real packets on the wire —
+//! the drops with their reason and tuple, the translations of a new connection — what its
+//! filters leave out, and that the programs stop emitting once it exits.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::Ipv4Addr,
+    process::{Child, Stdio},
+    sync::mpsc::{Receiver, RecvTimeoutError, channel},
+    time::{Duration, Instant},
+};
+
+use bpfnat_tests::{
+    EXT_ADDR, Lab, NODE_ADDR, UPLINK, add_container, counter, lab_up,
+    packet::{self, PROTO_TCP, PROTO_UDP},
+    pins, traffic, uplink_mac, v4, wire,
+};
+use serde_json::Value;
+
+const EXT_MAC: [u8; 6] = [0x02, 0, 198, 51, 100, 1];
+/// A source address no container owns.
+const FORGED: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 99);
+const SYN: u8 = 0x02;
+
+/// A running `bpfnat -o json monitor …`: its events, one JSON object per line. Stopped with
+/// SIGINT (as Ctrl-C would) when dropped.
+struct Monitor {
+    child: Child,
+    lines: Receiver<Value>,
+}
+
+impl Monitor {
+    fn start(lab: &Lab, args: &[&str]) -> Self {
+        let mut a = vec!["-o", "json", "monitor"];
+        a.extend_from_slice(args);
+        let mut child = lab
+            .bpfnat(&a)
+            .unwrap()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start bpfnat monitor");
+        // Ready once it says so on stderr: the programs emit from then on.
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut first = String::new();
+        err.read_line(&mut first).unwrap();
+        assert!(
+            first.starts_with("bpfnat monitor:"),
+            "monitor said: {first}"
+        );
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for l in out.lines().map_while(Result::ok) {
+                let v: Value = serde_json::from_str(&l).expect("one JSON object per line");
+                assert_eq!(v["apiVersion"], "bpfnat/v1", "{l}");
+                if tx.send(v).is_err() {
+                    return;
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// Every event that arrives within `window`.
+    fn events(&self, window: Duration) -> Vec<Value> {
+        let end = Instant::now() + window;
+        let mut out = Vec::new();
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(v) if v["kind"] == "MonitorEvent" => out.push(v),
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return out,
+            }
+        }
+    }
+
+    /// Ctrl-C, and its exit status.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.stop();
+        }
+    }
+}
+
+fn from_segment(lab: &Lab, dst: Ipv4Addr, l4: Vec<u8>, proto: u8) -> Vec<u8> {
+    packet::frame(EXT_MAC, uplink_mac(lab), EXT_ADDR, dst, proto, &l4)
+}
+
+fn tuple(v: &Value) -> (String, u64, String, u64) {
+    (
+        v["src"].as_str().unwrap_or_default().to_owned(),
+        v["sport"].as_u64().unwrap_or_default(),
+        v["dst"].as_str().unwrap_or_default().to_owned(),
+        v["dport"].as_u64().unwrap_or_default(),
+    )
+}
+
+fn with_reason<'a>(events: &'a [Value], reason: &str) -> Vec<&'a Value> {
+    events.iter().filter(|e| e["reason"] == reason).collect()
+}
+
+#[test]
+fn drops_show_their_reason_tuple_and_container() {
+    let lab = lab_up("mon-drop");
+    let c = add_container(&lab, "c", &[]);
+    let name = lab.name("c");
+    let mon = Monitor::start(&lab, &[]);
+
+    // A container forging its source, an outside host knocking on a port nobody
+    // published, and a packet whose IP header claims more than the frame holds.
+    let spoof = packet::frame(
+        c.mac,
+        c.host_mac,
+        FORGED,
+        EXT_ADDR,
+        PROTO_UDP,
+        &packet::udp(FORGED, EXT_ADDR, 5555, 53, true),
+    );
+    wire::send(&c.ns, "eth0", vec![spoof]);
+    let knock = from_segment(
+        &lab,
+        c.ip,
+        packet::tcp(EXT_ADDR, c.ip, 40000, 22, SYN),
+        PROTO_TCP,
+    );
+    let mut short = from_segment(
+        &lab,
+        NODE_ADDR,
+        packet::udp(EXT_ADDR, NODE_ADDR, 4000, 4001, true),
+        PROTO_UDP,
+    );
+    short[16..18].copy_from_slice(&400u16.to_be_bytes());
+    wire::send(&lab.ext, "eth0", vec![knock, short]);
+
+    let events = mon.events(Duration::from_secs(2));
+    let spoofed = with_reason(&events, "drop_spoof");
+    assert_eq!(spoofed.len(), 1, "{events:#?}");
+    let e = spoofed[0];
+    assert_eq!(
+        (&e["type"], &e["verdict"], &e["program"], &e["proto"]),
+        (
+            &Value::from("drop"),
+            &Value::from("drop"),
+            &Value::from("tc_container"),
+            &Value::from("udp")
+        )
+    );
+    assert_eq!(e["container"], name.as_str(), "{e}");
+    assert_eq!(
+        tuple(&e["before"]),
+        (FORGED.to_string(), 5555, EXT_ADDR.to_string(), 53)
+    );
+    assert!(e["after"].is_null());
+
+    let knocked = with_reason(&events, "drop_not_published");
+    assert_eq!(knocked.len(), 1, "{events:#?}");
+    assert_eq!(knocked[0]["program"], "tc_uplink");
+    assert_eq!(knocked[0]["interface"], UPLINK);
+    assert_eq!(
+        tuple(&knocked[0]["before"]),
+        (EXT_ADDR.to_string(), 40000, c.ip.to_string(), 22)
+    );
+    assert_eq!(knocked[0]["proto"], "tcp");
+
+    let truncated = with_reason(&events, "drop_truncated");
+    assert_eq!(truncated.len(), 1, "{events:#?}");
+    assert_eq!(
+        tuple(&truncated[0]["before"]),
+        (EXT_ADDR.to_string(), 4000, NODE_ADDR.to_string(), 4001)
+    );
+    // Each event is the drop the counters count.
+    for r in ["drop_spoof", "drop_not_published", "drop_truncated"] {
+        assert_eq!(counter(&lab, r), 1, "{r}");
+    }
+}
+
+#[test]
+fn a_trace_shows_a_new_masquerade_connection_and_its_translation() {
+    let lab = lab_up("mon-trace");
+    let c = add_container(&lab, "c", &[]);
+    let mon = Monitor::start(&lab, &["--type", "trace", "--proto", "udp"]);
+    let echo = traffic::udp_echo(
+        &lab.ext,
+        v4(Ipv4Addr::UNSPECIFIED, 7000),
+        1,
+        Duration::from_secs(3),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let answer = traffic::udp_ask(&c.ns, v4(c.ip, 41000), v4(EXT_ADDR, 7000), b"hi").unwrap();
+    assert!(answer.ends_with("hi"), "{answer}");
+    let seen = echo.join().unwrap();
+    let events = mon.events(Duration::from_secs(1));
+
+    let new = with_reason(&events, "snat_new");
+    assert_eq!(new.len(), 1, "{events:#?}");
+    let e = new[0];
+    assert_eq!(
+        (&e["type"], &e["verdict"]),
+        (&Value::from("trace"), &Value::from("forward"))
+    );
+    assert_eq!(
+        tuple(&e["before"]),
+        (c.ip.to_string(), 41000, EXT_ADDR.to_string(), 7000)
+    );
+    // The source the peer saw is the one the event says the packet left with.
+    let (src, sport, dst, dport) = tuple(&e["after"]);
+    assert_eq!(
+        (src.as_str(), dst.as_str(), dport),
+        (
+            NODE_ADDR.to_string().as_str(),
+            EXT_ADDR.to_string().as_str(),
+            7000
+        )
+    );
+    assert_eq!(seen, vec![v4(NODE_ADDR, sport as u16)]);
+    assert_eq!(e["out_interface"], UPLINK);
+
+    // The answer: a tracked packet translated back into the container.
+    let back: Vec<_> = with_reason(&events, "ct_hit")
+        .into_iter()
+        .filter(|e| e["program"] == "tc_uplink")
+        .collect();
+    assert_eq!(back.len(), 1, "{events:#?}");
+    assert_eq!(
+        tuple(&back[0]["after"]),
+        (EXT_ADDR.to_string(), 7000, c.ip.to_string(), 41000)
+    );
+    assert_eq!(back[0]["out_container"], lab.name("c").as_str());
+    // Nothing but UDP passed the filter.
+    assert!(events.iter().all(|e| e["proto"] == "udp"), "{events:#?}");
+}
+
+#[test]
+fn filters_leave_out_what_they_do_not_name() {
+    let lab = lab_up("mon-filter");
+    let c = add_container(&lab, "c", &[]);
+    let mon = Monitor::start(&lab, &["--reason", "drop_spoof", "--port", "5555"]);
+    let spoof = |sport: u16| {
+        packet::frame(
+            c.mac,
+            c.host_mac,
+            FORGED,
+            EXT_ADDR,
+            PROTO_UDP,
+            &packet::udp(FORGED, EXT_ADDR, sport, 53, true),
+        )
+    };
+    // Kept: a spoof from port 5555. Left out: a spoof from another port, and a drop of
+    // another reason on port 5555.
+    wire::send(&c.ns, "eth0", vec![spoof(5555), spoof(6666)]);
+    let knock = from_segment(
+        &lab,
+        c.ip,
+        packet::tcp(EXT_ADDR, c.ip, 5555, 22, SYN),
+        PROTO_TCP,
+    );
+    wire::send(&lab.ext, "eth0", vec![knock]);
+    let events = mon.events(Duration::from_secs(2));
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(events[0]["reason"], "drop_spoof");
+    assert_eq!(events[0]["before"]["sport"], 5555);
+    // All three were dropped.
+    assert_eq!(counter(&lab, "drop_spoof"), 2);
+    assert_eq!(counter(&lab, "drop_not_published"), 1);
+
+    let bad = lab.run(&["monitor", "--reason", "spoof"]).unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("drop_spoof"));
+}
+
+#[test]
+fn the_programs_stop_emitting_when_the_monitor_exits() {
+    let lab = lab_up("mon-exit");
+    let c = add_container(&lab, "c", &[]);
+    let requested = || bpfnat::datapath::monitor::requested(&pins(&lab)).unwrap();
+    assert_eq!(requested(), 0, "nobody listens yet");
+    let mut mon = Monitor::start(&lab, &["--type", "all"]);
+    assert_ne!(requested(), 0, "the programs emit while the monitor runs");
+    // One reader at a time.
+    let second = lab.run(&["monitor"]).unwrap();
+    assert!(!second.status.success());
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("another `bpfnat monitor`"),
+        "{second:?}"
+    );
+    let spoof = packet::frame(
+        c.mac,
+        c.host_mac,
+        FORGED,
+        EXT_ADDR,
+        PROTO_UDP,
+        &packet::udp(FORGED, EXT_ADDR, 5555, 53, true),
+    );
+    wire::send(&c.ns, "eth0", vec![spoof.clone()]);
+    assert_eq!(
+        with_reason(&mon.events(Duration::from_secs(1)), "drop_spoof").len(),
+        1
+    );
+    assert!(mon.stop().success(), "Ctrl-C ends the monitor cleanly");
+    assert_eq!(requested(), 0, "nothing is emitted once it is gone");
+    // The datapath goes on dropping and counting without it.
+    wire::send(&c.ns, "eth0", vec![spoof]);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(counter(&lab, "drop_spoof"), 2);
+}
+
+#[test]
+fn a_closed_pipe_ends_the_monitor_quietly() {
+    let lab = lab_up("mon-pipe");
+    let c = add_container(&lab, "c", &[]);
+    let mut child = lab
+        .bpfnat(&["monitor"])
+        .unwrap()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut ready = String::new();
+    err.read_line(&mut ready).unwrap();
+    let spoof = packet::frame(
+        c.mac,
+        c.host_mac,
+        FORGED,
+        EXT_ADDR,
+        PROTO_UDP,
+        &packet::udp(FORGED, EXT_ADDR, 5555, 53, true),
+    );
+    // `bpfnat monitor | head -1`: one line read, then the reader is gone.
+    wire::send(&c.ns, "eth0", vec![spoof.clone()]);
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.contains("drop_spoof"), "{line}");
+    drop(out);
+    let end = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        // The next event finds the pipe closed.
+        wire::send(&c.ns, "eth0", vec![spoof.clone()]);
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < end, "the monitor outlived its reader");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    assert!(status.success(), "{status}: {rest}");
+    assert!(rest.is_empty(), "{rest}");
+    assert_eq!(
+        bpfnat::datapath::monitor::requested(&pins(&lab)).unwrap(),
+        0
+    );
+}
