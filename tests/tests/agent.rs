@@ -125,6 +125,16 @@ fn a_stream_keeps_flowing_across_agent_kill_and_restart_and_metrics_count_it() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(metric(&m, "bpfnat_snat_ports_in_use{proto=\"tcp\"}"), 1.0);
+    // Who holds them: the container, by name.
+    let of_c = format!("{{container=\"{c}\"}}");
+    assert_eq!(
+        metric(&m, &format!("bpfnat_container_conntrack_entries{of_c}")),
+        2.0
+    );
+    assert_eq!(
+        metric(&m, &format!("bpfnat_container_snat_ports{of_c}")),
+        1.0
+    );
     assert!(metric(&m, "bpfnat_conntrack_gc_runs_total") >= 1.0);
     assert_eq!(metric(&m, "bpfnat_datapath_up"), 1.0);
     assert!(m.contains("bpfnat_build_info{version=\""), "{m}");

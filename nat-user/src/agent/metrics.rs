@@ -35,8 +35,9 @@ use prometheus_client::{
 
 use crate::{
     cluster::follow::ClusterMetrics,
-    datapath::{CtSummary, Maps},
+    datapath::{CtSummary, Maps, Usage},
     env::Env,
+    state,
 };
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -263,6 +264,7 @@ impl Collector for Datapath {
             "Size of the table of connections not assured yet",
             &ConstGauge::new(i64::from(maps.ct_new_max_entries())),
         )?;
+        let state = self.env.store().and_then(|s| s.load()).ok();
         let snapshot = self.snapshot.lock().ok().and_then(|s| s.clone());
         if let Some((s, at)) = snapshot {
             let gauge = |n: usize| ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX));
@@ -307,8 +309,32 @@ impl Collector for Datapath {
                 "MASQUERADE source ports in use, per protocol",
                 &ports,
             )?;
+            let rows = by_container(&s, state.as_ref());
+            let entries: Vec<_> = rows
+                .iter()
+                .map(|(c, u)| ([("container", c.as_str())], gauge(u.entries)))
+                .collect();
+            labelled(
+                &mut e,
+                "bpfnat_container_conntrack_entries",
+                "Conntrack entries of each container's connections (the largest holders; the rest as \"(other)\")",
+                &entries,
+            )?;
+            let ports: Vec<_> = rows
+                .iter()
+                .map(|(c, u)| {
+                    let p = u.snat_ports;
+                    ([("container", c.as_str())], gauge(p.tcp + p.udp + p.icmp))
+                })
+                .collect();
+            labelled(
+                &mut e,
+                "bpfnat_container_snat_ports",
+                "MASQUERADE source ports each container's connections hold, all protocols",
+                &ports,
+            )?;
         }
-        if let Ok(state) = self.env.store().and_then(|s| s.load()) {
+        if let Some(state) = &state {
             one(
                 &mut e,
                 "bpfnat_containers",
@@ -343,6 +369,35 @@ impl Collector for Datapath {
             &runs,
         )
     }
+}
+
+/// Containers with a series of their own in the per-container metrics: the largest holders
+/// of the table; the others are summed up as `(other)`, so the series stay bounded however
+/// many containers a node runs.
+const TOP_CONTAINERS: usize = 10;
+
+/// Per-container usage, named, the largest `TOP_CONTAINERS` and `(other)`.
+fn by_container(s: &CtSummary, state: Option<&state::State>) -> Vec<(String, Usage)> {
+    let name = |ifindex: u32| {
+        state
+            .and_then(|st| st.containers.values().find(|c| c.host_ifindex == ifindex))
+            .map_or_else(|| "(gone)".to_owned(), |c| c.name.clone())
+    };
+    let mut rows: Vec<(String, Usage)> = s.by_owner.iter().map(|(i, u)| (name(*i), *u)).collect();
+    rows.sort_by(|a, b| b.1.entries.cmp(&a.1.entries).then_with(|| a.0.cmp(&b.0)));
+    if rows.len() > TOP_CONTAINERS {
+        let rest = rows.split_off(TOP_CONTAINERS);
+        let mut other = Usage::default();
+        for (_, u) in rest {
+            other.entries += u.entries;
+            other.connections += u.connections;
+            other.snat_ports.tcp += u.snat_ports.tcp;
+            other.snat_ports.udp += u.snat_ports.udp;
+            other.snat_ports.icmp += u.snat_ports.icmp;
+        }
+        rows.push(("(other)".to_owned(), other));
+    }
+    rows
 }
 
 /// The standard process metrics (`process_*`), from `/proc/self`.
@@ -402,5 +457,30 @@ impl Collector for ProcessMetrics {
             )?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_container_series_stay_bounded() {
+        let mut s = CtSummary::default();
+        for i in 0..(TOP_CONTAINERS as u32 + 5) {
+            let u = s.by_owner.entry(100 + i).or_default();
+            u.entries = 2 * (i as usize + 1);
+            u.connections = i as usize + 1;
+            u.snat_ports.tcp = 1;
+        }
+        let rows = by_container(&s, None);
+        assert_eq!(rows.len(), TOP_CONTAINERS + 1);
+        // Largest first; the five smallest (2, 4, 6, 8, 10 entries) summed up.
+        assert_eq!(rows[0].1.entries, 2 * (TOP_CONTAINERS + 5));
+        let (name, other) = rows.last().unwrap();
+        assert_eq!(name, "(other)");
+        assert_eq!((other.entries, other.snat_ports.tcp), (30, 5));
+        let total: usize = rows.iter().map(|(_, u)| u.entries).sum();
+        assert_eq!(total, s.by_owner.values().map(|u| u.entries).sum::<usize>());
     }
 }

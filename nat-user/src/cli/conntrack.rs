@@ -15,10 +15,19 @@ pub enum ConntrackCmd {
     List,
     /// Forget every tracked connection.
     Flush,
-    /// Table occupancy and connections per state.
-    Stats,
+    /// Table occupancy and connections per state; `--by container`: who holds the table
+    /// (as `bpfnat top`).
+    Stats {
+        #[arg(long, value_enum)]
+        by: Option<StatsBy>,
+    },
     /// Remove connections idle past their timeout and half connections the LRU broke.
     Gc,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StatsBy {
+    Container,
 }
 
 fn tuple(e: &crate::datapath::FlowEnd) -> String {
@@ -64,6 +73,12 @@ struct CtStats {
 }
 
 pub fn run(ctx: &Ctx, cmd: ConntrackCmd) -> Result<()> {
+    if let ConntrackCmd::Stats {
+        by: Some(StatsBy::Container),
+    } = cmd
+    {
+        return super::top::run(ctx);
+    }
     let mut maps = Maps::open(&ctx.pins)?;
     match cmd {
         ConntrackCmd::List => {
@@ -82,7 +97,7 @@ pub fn run(ctx: &Ctx, cmd: ConntrackCmd) -> Result<()> {
                 format!("expired {n} connection(s)")
             })
         }
-        ConntrackCmd::Stats => {
+        ConntrackCmd::Stats { .. } => {
             let flows = maps.flows()?;
             let mut by_state = BTreeMap::new();
             let mut by_kind = BTreeMap::new();

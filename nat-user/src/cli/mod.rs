@@ -7,6 +7,7 @@ mod monitor;
 mod nat;
 mod port;
 mod stats;
+mod top;
 mod up;
 pub mod view;
 
@@ -73,6 +74,9 @@ pub enum Command {
     Conntrack(ConntrackCmd),
     /// Per-reason packet counters of the datapath.
     Stats,
+    /// Who holds the conntrack table and the MASQUERADE ports: connections, entries and
+    /// SNAT ports per container, largest first.
+    Top,
     /// Live datapath events: dropped packets with their reason, and (`--type trace`) new
     /// connections and translations, one line each, until Ctrl-C.
     Monitor(monitor::MonitorArgs),
@@ -191,6 +195,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Command::Conntrack(c) => conntrack::run(&ctx, c),
             Command::Stats => stats::run(&ctx),
             Command::Monitor(a) => monitor::run(&ctx, a).await,
+            Command::Top => top::run(&ctx),
             Command::Cluster(c) => cluster::run(&ctx, c).await,
             Command::Agent { config } => {
                 let cfg = crate::agent::load_config(config.as_deref())?;

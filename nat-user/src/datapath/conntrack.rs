@@ -442,17 +442,37 @@ where
             }
         }
         let originals = || all.iter().filter(|(_, e)| e.meta.dir == DIR_ORIGINAL);
-        let mut ports: HashSet<(u8, Port)> = HashSet::new();
+        // (owner, protocol, port): a port two containers' connections share (to different
+        // destinations) is in use by each.
+        let mut ports: HashSet<(u32, u8, Port)> = HashSet::new();
         for (k, e) in originals().filter(|(_, e)| e.meta.origin == ORIGIN_MASQUERADE) {
             let proto = if k.proto == PROTO_ICMPV6 {
                 PROTO_ICMP
             } else {
                 k.proto
             };
-            ports.insert((proto, e.xlate.src_port));
+            ports.insert((e.meta.ifindex, proto, e.xlate.src_port));
         }
         for (i, p) in [PROTO_TCP, PROTO_UDP, PROTO_ICMP].into_iter().enumerate() {
-            sum.snat_ports[i].1 += ports.iter().filter(|(q, _)| *q == p).count();
+            let of_proto: HashSet<Port> = ports
+                .iter()
+                .filter(|(_, q, _)| *q == p)
+                .map(|(_, _, port)| *port)
+                .collect();
+            sum.snat_ports[i].1 += of_proto.len();
+        }
+        for (_, e) in &all {
+            let u = sum.by_owner.entry(e.meta.ifindex).or_default();
+            u.entries += 1;
+            u.connections += usize::from(e.meta.dir == DIR_ORIGINAL);
+        }
+        for (owner, proto, _) in ports {
+            let u = sum.by_owner.entry(owner).or_default();
+            match proto {
+                PROTO_TCP => u.snat_ports.tcp += 1,
+                PROTO_UDP => u.snat_ports.udp += 1,
+                _ => u.snat_ports.icmp += 1,
+            }
         }
         sum.entries += all.len();
         sum.connections += originals().count();
@@ -513,4 +533,33 @@ pub struct CtSummary {
     pub assured: usize,
     /// MASQUERADE source ports in use, per protocol (`tcp`, `udp`, `icmp`: echo ids).
     pub snat_ports: Vec<(&'static str, usize)>,
+    /// Who holds the table: usage by the ifindex of the container's host veth each
+    /// connection belongs to.
+    pub by_owner: std::collections::BTreeMap<u32, Usage>,
+}
+
+/// One container's share of the conntrack tables.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    /// Entries, two per connection (one while its partner is evicted).
+    pub entries: usize,
+    pub connections: usize,
+    /// MASQUERADE source ports its connections hold.
+    pub snat_ports: PortsByProto,
+}
+
+/// A count of ports per protocol (`icmp`: echo ids, both families).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PortsByProto {
+    pub tcp: usize,
+    pub udp: usize,
+    pub icmp: usize,
+}
+
+impl PortsByProto {
+    /// The most ports of one protocol: what runs out first.
+    #[must_use]
+    pub fn most(&self) -> usize {
+        self.tcp.max(self.udp).max(self.icmp)
+    }
 }

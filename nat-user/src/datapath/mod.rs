@@ -43,7 +43,7 @@ use nat_common::{
 };
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 
-pub use conntrack::{CtSummary, Flow, FlowEnd, ct_now_ns};
+pub use conntrack::{CtSummary, Flow, FlowEnd, PortsByProto, Usage, ct_now_ns};
 
 use crate::{
     net::Cidr,
