@@ -410,6 +410,9 @@ pub fn create<A: Fam>(
     // SAFETY: per-CPU scratch slot, as above.
     let orig = unsafe { &mut *slot };
     init_entry(orig, p, now, n.owner);
+    // The packet that opens the connection is its first (as nf_conntrack's accounting).
+    orig.meta.packets = 1;
+    orig.meta.bytes = u64::from(p.tot_len);
     orig.xlate = rkey.reversed();
     orig.meta.nat = nat;
     orig.meta.dir = DIR_ORIGINAL;
