@@ -3,6 +3,7 @@
 mod cluster;
 mod conntrack;
 mod container;
+mod map;
 mod monitor;
 mod nat;
 mod port;
@@ -74,6 +75,9 @@ pub enum Command {
     Conntrack(ConntrackCmd),
     /// Per-reason packet counters of the datapath.
     Stats,
+    /// Any pinned map, decoded: `map list`, `map dump NAME`.
+    #[command(subcommand)]
+    Map(map::MapCmd),
     /// Who holds the conntrack table and the MASQUERADE ports: connections, entries and
     /// SNAT ports per container, largest first.
     Top,
@@ -196,6 +200,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Command::Stats => stats::run(&ctx),
             Command::Monitor(a) => monitor::run(&ctx, a).await,
             Command::Top => top::run(&ctx),
+            Command::Map(c) => map::run(&ctx, c),
             Command::Cluster(c) => cluster::run(&ctx, c).await,
             Command::Agent { config } => {
                 let cfg = crate::agent::load_config(config.as_deref())?;

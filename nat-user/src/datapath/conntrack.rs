@@ -101,7 +101,7 @@ pub struct Flow {
     pub assured: bool,
 }
 
-fn proto_name(p: u8) -> &'static str {
+pub(super) fn proto_name(p: u8) -> &'static str {
     match p {
         PROTO_TCP => "tcp",
         PROTO_UDP => "udp",
@@ -111,7 +111,7 @@ fn proto_name(p: u8) -> &'static str {
     }
 }
 
-fn state_name(proto: u8, s: u8) -> &'static str {
+pub(super) fn state_name(proto: u8, s: u8) -> &'static str {
     if proto == PROTO_TCP {
         match s {
             tcp_state::SYN_SENT => "SYN_SENT",

@@ -15,6 +15,7 @@
 //! carry a tc filter instead (`attach_filter`), which is the device's own.
 
 mod conntrack;
+pub mod dump;
 pub mod monitor;
 
 use std::{

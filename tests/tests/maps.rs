@@ -1,0 +1,111 @@
+//! `bpfnat map list` and `bpfnat map dump NAME`: the pinned maps, decoded, against what the
+//! lab did to them.
+
+use std::{net::Ipv4Addr, time::Duration};
+
+use bpfnat_tests::{EXT_ADDR, NODE_ADDR, add_container, fails_with, json, lab_up, traffic, v4};
+use serde_json::Value;
+
+fn mac(m: [u8; 6]) -> String {
+    m.map(|b| format!("{b:02x}")).join(":")
+}
+
+#[test]
+fn maps_are_listed_and_dumped_decoded() {
+    let lab = lab_up("maps");
+    let c = add_container(&lab, "c", &["-p", "8080:80"]);
+    let echo = traffic::udp_echo(
+        &lab.ext,
+        v4(Ipv4Addr::UNSPECIFIED, 7200),
+        1,
+        Duration::from_secs(3),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    traffic::udp_ask(&c.ns, v4(c.ip, 42000), v4(EXT_ADDR, 7200), b"x").unwrap();
+    echo.join().unwrap();
+
+    let list = json(&lab, &["map", "list"]);
+    let entries = |name: &str| -> Value {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not listed: {list:#?}"))["entries"]
+            .clone()
+    };
+    assert_eq!(entries("endpoints"), 1);
+    assert_eq!(entries("ports"), 1);
+    assert_eq!(
+        entries("conntrack_new"),
+        2,
+        "one connection, not assured yet"
+    );
+    assert!(
+        entries("events").is_null(),
+        "a ring buffer has no entries to count"
+    );
+
+    let ports = json(&lab, &["map", "dump", "ports"]);
+    assert_eq!(ports.as_array().unwrap().len(), 1, "{ports:#?}");
+    let p = &ports[0];
+    assert_eq!(
+        (
+            &p["key"]["host_addr"],
+            &p["key"]["host_port"],
+            &p["key"]["proto"]
+        ),
+        (
+            &Value::from("0.0.0.0"),
+            &Value::from(8080),
+            &Value::from("tcp")
+        )
+    );
+    assert_eq!(p["value"]["addr"], c.ip.to_string());
+    assert_eq!(p["value"]["port"], 80);
+
+    let eps = json(&lab, &["map", "dump", "endpoints"]);
+    assert_eq!(eps[0]["key"]["address"], c.ip.to_string());
+    assert_eq!(eps[0]["value"]["mac"], mac(c.mac));
+    assert_eq!(eps[0]["value"]["ifindex"], c.host_ifindex);
+    assert_eq!(eps[0]["value"]["flags"], serde_json::json!(["container"]));
+
+    let ct = json(&lab, &["map", "dump", "conntrack_new"]);
+    let orig = ct
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["value"]["dir"] == "original")
+        .unwrap_or_else(|| panic!("{ct:#?}"));
+    assert_eq!(orig["key"]["proto"], "udp");
+    assert_eq!(orig["key"]["src"], c.ip.to_string());
+    assert_eq!(orig["key"]["sport"], 42000);
+    assert_eq!(orig["value"]["origin"], "masquerade");
+    assert_eq!(orig["value"]["xlate"]["src"], NODE_ADDR.to_string());
+    assert_eq!(orig["value"]["ifindex"], c.host_ifindex);
+    assert_eq!(orig["value"]["packets"], 1);
+
+    let stats = json(&lab, &["map", "dump", "stats"]);
+    let snat = stats
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["key"]["reason"] == "snat_new")
+        .unwrap();
+    assert_eq!(snat["value"]["packets"], 1);
+
+    // Text: one line per entry, fields by name.
+    let text = lab.ok(&["map", "dump", "ports"]).unwrap();
+    assert!(
+        text.contains("host_addr=0.0.0.0 host_port=8080 proto=tcp =>"),
+        "{text}"
+    );
+
+    fails_with(
+        &lab,
+        &["map", "dump", "nosuch"],
+        "the pinned maps are config",
+    );
+    fails_with(&lab, &["map", "dump", "scratch"], "not pinned");
+    fails_with(&lab, &["map", "dump", "events"], "bpfnat monitor");
+}
