@@ -75,8 +75,11 @@ pub fn run(ctx: &Ctx) -> Result<()> {
 
 pub fn text(rows: &[UsageView], sum: &CtSummary, max: u32) -> String {
     let mut t = format!(
-        "conntrack: {} entries in use ({} connections), tables of {} entries per family\n",
-        sum.entries, sum.connections, max
+        "conntrack: {} entries in use ({} connection{}), tables of {} entries per family\n",
+        sum.entries,
+        sum.connections,
+        if sum.connections == 1 { "" } else { "s" },
+        max
     );
     if rows.is_empty() {
         t.push_str("no tracked connections");
