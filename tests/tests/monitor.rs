@@ -363,3 +363,39 @@ fn a_closed_pipe_ends_the_monitor_quietly() {
         0
     );
 }
+
+#[test]
+fn the_xdp_fast_path_traces_what_it_translates() {
+    let lab = bpfnat_tests::lab("mon-xdp");
+    // XDP cannot complete partial checksums: the outside host sends complete ones.
+    lab.ext_tx_checksum(false).unwrap();
+    lab.ok(&["up", "--uplink", UPLINK, "--xdp", "generic"])
+        .unwrap();
+    let c = add_container(&lab, "c", &[]);
+    let mon = Monitor::start(&lab, &["--type", "trace"]);
+    let echo = traffic::udp_echo(
+        &lab.ext,
+        v4(Ipv4Addr::UNSPECIFIED, 7300),
+        1,
+        Duration::from_secs(3),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let answer = traffic::udp_ask(&c.ns, v4(c.ip, 43000), v4(EXT_ADDR, 7300), b"x").unwrap();
+    assert!(answer.ends_with('x'), "{answer}");
+    echo.join().unwrap();
+    let events = mon.events(Duration::from_secs(1));
+    // Out by TC (a new connection), back by XDP (a tracked packet), each with its tuples.
+    let out = with_reason(&events, "snat_new");
+    assert_eq!(out.len(), 1, "{events:#?}");
+    assert_eq!(out[0]["program"], "tc_container");
+    let back = with_reason(&events, "ct_hit");
+    assert_eq!(back.len(), 1, "{events:#?}");
+    assert_eq!(back[0]["program"], "xdp_uplink");
+    assert_eq!(back[0]["interface"], UPLINK);
+    assert_eq!(
+        tuple(&back[0]["after"]),
+        (EXT_ADDR.to_string(), 7300, c.ip.to_string(), 43000)
+    );
+    assert_eq!(counter(&lab, "xdp_deliver"), 1);
+}
