@@ -162,10 +162,10 @@ fn hairpin(
     valid_for_state(ctx, p)?;
     let gw = cfg.v4.gateway_addr;
     let e = conntrack::create_hairpin(ctx, p, (&p.key(), gw), t, cfg, &target, now())?;
-    monitor::traced(Reason::HairpinNew, p, e, target.ifindex);
+    let d = monitor::traced(Reason::HairpinNew, p, e, target.ifindex);
     nat::apply(ctx, p, e)?;
     count(Reason::HairpinNew, ctx.len());
-    forward::to_endpoint(ctx, p, &target, true, Reason::Deliver)
+    Ok(forward::to_endpoint(ctx, p, &target, true, Reason::Deliver)? | monitor::tc_mark(d))
 }
 
 /// A new packet for outside: whatever the FIB does not send out by the uplink is the stack's;
@@ -221,10 +221,10 @@ fn leave(
     }
     valid_for_state(ctx, p)?;
     let e = conntrack::create_snat(ctx, p, &p.key(), cfg.v4.snat_addr, cfg, me, now())?;
-    monitor::traced(Reason::SnatNew, p, e, nh.ifindex);
+    let d = monitor::traced(Reason::SnatNew, p, e, nh.ifindex);
     nat::apply(ctx, p, e)?;
     count(Reason::SnatNew, ctx.len());
-    forward::route(ctx, p, ifindex, Some(nh))
+    Ok(forward::route(ctx, p, ifindex, Some(nh))? | monitor::tc_mark(d))
 }
 
 /// A packet of a tracked connection, either way: check what could change its state, account
@@ -254,14 +254,14 @@ pub fn tracked<A: Fam>(
     }
     match way {
         Way::Peer(hop) => {
-            monitor::traced(Reason::CtHit, p, x, hop.ifindex);
+            let d = monitor::traced(Reason::CtHit, p, x, hop.ifindex);
             nat::apply(ctx, p, x)?;
-            forward::to_hop(ctx, p, &hop)
+            Ok(forward::to_hop(ctx, p, &hop)? | monitor::tc_mark(d))
         }
         Way::Out(nh) => {
-            monitor::traced(Reason::CtHit, p, x, nh.ifindex);
+            let d = monitor::traced(Reason::CtHit, p, x, nh.ifindex);
             nat::apply(ctx, p, x)?;
-            forward::route(ctx, p, ifindex, Some(nh))
+            Ok(forward::route(ctx, p, ifindex, Some(nh))? | monitor::tc_mark(d))
         }
     }
 }
@@ -438,8 +438,8 @@ fn dnat_new(
     not_expiring(p)?;
     valid_for_state(ctx, p)?;
     let e = conntrack::create_dnat(ctx, p, &p.key(), t, cfg, &ep, now())?;
-    monitor::traced(Reason::DnatNew, p, e, ep.ifindex);
+    let d = monitor::traced(Reason::DnatNew, p, e, ep.ifindex);
     count(Reason::DnatNew, ctx.len());
     nat::apply(ctx, p, e)?;
-    deliver(ctx, cfg, p, ifindex)
+    Ok(deliver(ctx, cfg, p, ifindex)? | monitor::tc_mark(d))
 }

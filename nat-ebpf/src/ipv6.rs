@@ -410,10 +410,10 @@ fn dnat_new(ctx: &TcContext) -> Result<i32, Reason> {
     }
     valid_for_state(ctx, &w.p)?;
     let e = conntrack::create_dnat(ctx, &w.p, &w.key, &w.t, cfg, &ep, now())?;
-    monitor::traced(Reason::DnatNew, &w.p, e, ep.ifindex);
+    let d = monitor::traced(Reason::DnatNew, &w.p, e, ep.ifindex);
     count(Reason::DnatNew, ctx.len());
     nat::apply(ctx, &mut w.p, e)?;
-    forward::to_endpoint(ctx, &mut w.p, &ep, true, Reason::Deliver)
+    Ok(forward::to_endpoint(ctx, &mut w.p, &ep, true, Reason::Deliver)? | monitor::tc_mark(d))
 }
 
 /// F5 over IPv6: a container reaches the published port in `work6.t` on a node address.
@@ -430,10 +430,10 @@ fn hairpin_new(ctx: &TcContext) -> Result<i32, Reason> {
     let target = endpoint6(&w.t.addr).ok_or(Reason::DropNoEndpoint)?;
     let gw = cfg.v6.gateway_addr;
     let e = conntrack::create_hairpin(ctx, &w.p, (&w.key, gw), &w.t, cfg, &target, now())?;
-    monitor::traced(Reason::HairpinNew, &w.p, e, target.ifindex);
+    let d = monitor::traced(Reason::HairpinNew, &w.p, e, target.ifindex);
     nat::apply(ctx, &mut w.p, e)?;
     count(Reason::HairpinNew, ctx.len());
-    forward::to_endpoint(ctx, &mut w.p, &target, true, Reason::Deliver)
+    Ok(forward::to_endpoint(ctx, &mut w.p, &target, true, Reason::Deliver)? | monitor::tc_mark(d))
 }
 
 /// A packet of a tracked IPv6 connection, either way (`ingress::tracked`).
@@ -543,10 +543,10 @@ fn masquerade_new(ctx: &TcContext, me: &Endpoint) -> Result<i32, Reason> {
     let cfg = config()?;
     let w = work()?;
     let e = conntrack::create_snat(ctx, &w.p, &w.key, cfg.v6.snat_addr, cfg, me, now())?;
-    monitor::traced(Reason::SnatNew, &w.p, e, w.nh.ifindex);
+    let d = monitor::traced(Reason::SnatNew, &w.p, e, w.nh.ifindex);
     nat::apply(ctx, &mut w.p, e)?;
     count(Reason::SnatNew, ctx.len());
-    forward::route(ctx, &mut w.p, ifindex(ctx), Some(w.nh))
+    Ok(forward::route(ctx, &mut w.p, ifindex(ctx), Some(w.nh))? | monitor::tc_mark(d))
 }
 
 /// On the uplink: the replies of masqueraded connections go back to their containers; any

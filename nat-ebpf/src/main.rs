@@ -52,8 +52,7 @@ pub(crate) const TC_ACT_SHOT: i32 = 2;
 pub(crate) fn verdict(ctx: &TcContext, r: Result<i32, nat_common::Reason>) -> i32 {
     r.unwrap_or_else(|reason| {
         stats::count(reason, ctx.len());
-        monitor::dropped(reason);
-        TC_ACT_SHOT
+        TC_ACT_SHOT | monitor::tc_mark(monitor::dropped(reason))
     })
 }
 
@@ -65,8 +64,7 @@ pub fn tc_container(ctx: TcContext) -> i32 {
     } else {
         ingress::from_container(&ctx)
     };
-    monitor::report(&ctx);
-    action
+    monitor::report_tc(&ctx, action)
 }
 
 /// TC ingress of the uplink.
@@ -77,16 +75,13 @@ pub fn tc_uplink(ctx: TcContext) -> i32 {
     } else {
         ingress::from_uplink(&ctx)
     };
-    monitor::report(&ctx);
-    action
+    monitor::report_tc(&ctx, action)
 }
 
 /// XDP on the uplink: the inbound fast path in front of `tc_uplink`.
 #[xdp]
 pub fn xdp_uplink(ctx: XdpContext) -> u32 {
-    let action = xdp::from_uplink(&ctx);
-    monitor::report(&ctx);
-    action
+    monitor::report_xdp(&ctx, xdp::from_uplink(&ctx))
 }
 
 /// cgroup connect4: node processes connecting to a published port (F4).

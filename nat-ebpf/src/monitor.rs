@@ -1,11 +1,12 @@
 //! Events for `bpfnat monitor`: a dropped packet, a new connection, a tracked packet's
 //! translation. While nobody listens the `monitor` word is zero, and a packet pays one array
-//! read and a test at its program's entry (`report`) and where a decision is traced.
+//! read and a test where a decision is traced or a drop decided.
 //!
 //! A decision deep in the call chain only fills in this CPU's draft event (`dropped`,
-//! `traced`); the entry point sends it as the program returns (`report`), where the 512-byte
-//! stack has room for the call that does, straight into the ring buffer's memory, after a
-//! per-CPU token bucket admits it.
+//! `traced`) and sets `DRAFTED` in the action it returns; the entry point strips the bit
+//! and sends the event (`report_tc`, `report_xdp`), where the 512-byte stack has room for
+//! the call that does, straight into the ring buffer's memory, after a per-CPU token bucket
+//! admits it.
 
 use core::mem::size_of;
 
@@ -37,21 +38,40 @@ fn cpu() -> Option<&'static mut MonitorCpu> {
     MONITOR_CPU.get_ptr_mut(0).map(|c| unsafe { &mut *c })
 }
 
-/// A packet is dropped for `reason` (called by the programs' verdicts, wherever they are).
+/// The bit a decision that drafted an event sets in its program's action (TC and XDP
+/// actions are small non-negative numbers).
+const DRAFTED: u32 = 1 << 30;
+
+/// `DRAFTED` as a TC action bit, when `drafted`.
 #[inline(always)]
-pub fn dropped(reason: Reason) {
+pub fn tc_mark(drafted: bool) -> i32 {
+    if drafted { DRAFTED as i32 } else { 0 }
+}
+
+/// `DRAFTED` as an XDP action bit, when `drafted`.
+#[inline(always)]
+pub fn xdp_mark(drafted: bool) -> u32 {
+    if drafted { DRAFTED } else { 0 }
+}
+
+/// A packet is dropped for `reason` (called by the programs' verdicts, wherever they are).
+/// Whether an event was drafted.
+#[inline(always)]
+pub fn dropped(reason: Reason) -> bool {
     if wanted(MON_DROP)
         && let Some(c) = cpu()
     {
         c.draft.kind = EV_DROP;
         c.draft.reason = reason as u32;
+        return true;
     }
+    false
 }
 
 /// A decision that sends a packet of `p`'s tuple on as `x` (a new connection's translation,
-/// a tracked packet's) to the interface `out`.
+/// a tracked packet's) to the interface `out`. Whether an event was drafted.
 #[inline(always)]
-pub fn traced<A: Fam>(reason: Reason, p: &Ip<A>, x: &CtKey<A>, out: u32) {
+pub fn traced<A: Fam>(reason: Reason, p: &Ip<A>, x: &CtKey<A>, out: u32) -> bool {
     if wanted(MON_TRACE)
         && let Some(c) = cpu()
     {
@@ -69,7 +89,9 @@ pub fn traced<A: Fam>(reason: Reason, p: &Ip<A>, x: &CtKey<A>, out: u32) {
             x.src_port,
             x.dst_port,
         );
+        return true;
     }
+    false
 }
 
 #[inline(always)]
@@ -84,13 +106,25 @@ fn fill<A>(t: &mut EvTuple, src: &A, dst: &A, sport: [u8; 2], dport: [u8; 2]) {
     t.dport = dport;
 }
 
-/// At a program's entry point, as it returns: send the packet's event, if a decision drafted
-/// one.
+/// At a TC program's entry point, as it returns `action`: send the event a decision drafted,
+/// if one did, and return the action without its `DRAFTED` bit.
 #[inline(always)]
-pub fn report<C: Seen>(ctx: &C) {
-    if wanted(MON_DROP | MON_TRACE) {
+pub fn report_tc(ctx: &TcContext, action: i32) -> i32 {
+    if action >= 0 && action as u32 & DRAFTED != 0 {
         send(ctx);
+        return action & !(DRAFTED as i32);
     }
+    action
+}
+
+/// The same for XDP.
+#[inline(always)]
+pub fn report_xdp(ctx: &XdpContext, action: u32) -> u32 {
+    if action & DRAFTED != 0 {
+        send(ctx);
+        return action & !DRAFTED;
+    }
+    action
 }
 
 /// The program a packet is seen by, and the interface it arrived on.

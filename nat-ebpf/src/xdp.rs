@@ -42,8 +42,7 @@ fn pass(ctx: &XdpContext) -> Result<u32, Reason> {
 pub fn verdict(ctx: &XdpContext, r: Result<u32, Reason>) -> u32 {
     r.unwrap_or_else(|reason| {
         count(reason, ctx.bytes());
-        monitor::dropped(reason);
-        XDP_DROP
+        XDP_DROP | monitor::xdp_mark(monitor::dropped(reason))
     })
 }
 
@@ -128,9 +127,9 @@ fn established<A: Fam>(
     };
     conntrack::touch(ctx, e, p, t)?;
     count(Reason::CtHit, ctx.bytes());
-    monitor::traced(Reason::CtHit, p, conntrack::xlate(e), hop.ifindex);
+    let d = monitor::traced(Reason::CtHit, p, conntrack::xlate(e), hop.ifindex);
     nat::apply(ctx, p, conntrack::xlate(e))?;
-    deliver(ctx, p, &hop)
+    Ok(deliver(ctx, p, &hop)? | monitor::xdp_mark(d))
 }
 
 /// The IPv6 fast path: a tracked connection's packet from outside that ends in a container.
