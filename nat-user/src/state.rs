@@ -355,15 +355,7 @@ pub struct Store {
 impl Store {
     /// Create the directory if needed and take the lock (waits for other bpfnat commands).
     pub fn open(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("create state directory {}", dir.display()))?;
-        let lock_path = dir.join("lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .with_context(|| format!("open {}", lock_path.display()))?;
+        let (lock, lock_path) = lock_file(dir, "lock")?;
         lock.lock()
             .with_context(|| format!("lock {}", lock_path.display()))?;
         Ok(Self {
@@ -399,6 +391,21 @@ impl Store {
             Err(e) => Err(anyhow!(e).context("remove state file")),
         }
     }
+}
+
+/// The lock file `name` in the state directory `dir` (both created if needed), open and not
+/// locked yet, and its path.
+pub fn lock_file(dir: &Path, name: &str) -> Result<(File, PathBuf)> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("create state directory {}", dir.display()))?;
+    let path = dir.join(name);
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("open {}", path.display()))?;
+    Ok((f, path))
 }
 
 /// Replace `path` with `content` (mode `mode`) atomically and durably: readers see the old

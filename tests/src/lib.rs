@@ -452,3 +452,22 @@ pub fn fails_with(lab: &Lab, args: &[&str], needle: &str) {
         "bpfnat {args:?}: stderr {err:?} lacks {needle:?}"
     );
 }
+
+/// UDP datagrams from container `c`, one from each of `sports`, to an echo server on the
+/// lab's outside host at `port`, each answered: the sources the server saw.
+pub fn udp_out(lab: &Lab, c: &ContainerInfo, sports: &[u16], port: u16) -> Vec<SocketAddr> {
+    let window = std::time::Duration::from_secs(3);
+    let echo = traffic::udp_echo(
+        &lab.ext,
+        v4(Ipv4Addr::UNSPECIFIED, port),
+        sports.len(),
+        window,
+    )
+    .expect("echo server");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    for s in sports {
+        let answer = traffic::udp_ask(&c.ns, v4(c.ip, *s), v4(EXT_ADDR, port), b"x").expect("ask");
+        assert!(answer.ends_with('x'), "{answer}");
+    }
+    echo.join().expect("echo server")
+}

@@ -1,9 +1,7 @@
 //! `bpfnat map list` and `bpfnat map dump NAME`: the pinned maps, decoded, against what the
 //! lab did to them.
 
-use std::{net::Ipv4Addr, time::Duration};
-
-use bpfnat_tests::{EXT_ADDR, NODE_ADDR, add_container, fails_with, json, lab_up, traffic, v4};
+use bpfnat_tests::{NODE_ADDR, add_container, fails_with, json, lab_up, udp_out};
 use serde_json::Value;
 
 fn mac(m: [u8; 6]) -> String {
@@ -14,16 +12,7 @@ fn mac(m: [u8; 6]) -> String {
 fn maps_are_listed_and_dumped_decoded() {
     let lab = lab_up("maps");
     let c = add_container(&lab, "c", &["-p", "8080:80"]);
-    let echo = traffic::udp_echo(
-        &lab.ext,
-        v4(Ipv4Addr::UNSPECIFIED, 7200),
-        1,
-        Duration::from_secs(3),
-    )
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(100));
-    traffic::udp_ask(&c.ns, v4(c.ip, 42000), v4(EXT_ADDR, 7200), b"x").unwrap();
-    echo.join().unwrap();
+    udp_out(&lab, &c, &[42000], 7200);
 
     let list = json(&lab, &["map", "list"]);
     let entries = |name: &str| -> Value {

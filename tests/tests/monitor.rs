@@ -11,9 +11,9 @@ use std::{
 };
 
 use bpfnat_tests::{
-    EXT_ADDR, Lab, NODE_ADDR, UPLINK, add_container, counter, lab_up,
+    ContainerInfo, EXT_ADDR, Lab, NODE_ADDR, UPLINK, add_container, counter, lab_up,
     packet::{self, PROTO_TCP, PROTO_UDP},
-    pins, traffic, uplink_mac, v4, wire,
+    pins, udp_out, uplink_mac, v4, wire,
 };
 use serde_json::Value;
 
@@ -92,6 +92,18 @@ impl Drop for Monitor {
     }
 }
 
+/// A UDP datagram container `c` sends from `FORGED` (an address it does not own).
+fn spoof(c: &ContainerInfo, sport: u16) -> Vec<u8> {
+    packet::frame(
+        c.mac,
+        c.host_mac,
+        FORGED,
+        EXT_ADDR,
+        PROTO_UDP,
+        &packet::udp(FORGED, EXT_ADDR, sport, 53, true),
+    )
+}
+
 fn from_segment(lab: &Lab, dst: Ipv4Addr, l4: Vec<u8>, proto: u8) -> Vec<u8> {
     packet::frame(EXT_MAC, uplink_mac(lab), EXT_ADDR, dst, proto, &l4)
 }
@@ -118,15 +130,8 @@ fn drops_show_their_reason_tuple_and_container() {
 
     // A container forging its source, an outside host knocking on a port nobody
     // published, and a packet whose IP header claims more than the frame holds.
-    let spoof = packet::frame(
-        c.mac,
-        c.host_mac,
-        FORGED,
-        EXT_ADDR,
-        PROTO_UDP,
-        &packet::udp(FORGED, EXT_ADDR, 5555, 53, true),
-    );
-    wire::send(&c.ns, "eth0", vec![spoof]);
+    let forged = spoof(&c, 5555);
+    wire::send(&c.ns, "eth0", vec![forged]);
     let knock = from_segment(
         &lab,
         c.ip,
@@ -189,17 +194,7 @@ fn a_trace_shows_a_new_masquerade_connection_and_its_translation() {
     let lab = lab_up("mon-trace");
     let c = add_container(&lab, "c", &[]);
     let mon = Monitor::start(&lab, &["--type", "trace", "--proto", "udp"]);
-    let echo = traffic::udp_echo(
-        &lab.ext,
-        v4(Ipv4Addr::UNSPECIFIED, 7000),
-        1,
-        Duration::from_secs(3),
-    )
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(100));
-    let answer = traffic::udp_ask(&c.ns, v4(c.ip, 41000), v4(EXT_ADDR, 7000), b"hi").unwrap();
-    assert!(answer.ends_with("hi"), "{answer}");
-    let seen = echo.join().unwrap();
+    let seen = udp_out(&lab, &c, &[41000], 7000);
     let events = mon.events(Duration::from_secs(1));
 
     let new = with_reason(&events, "snat_new");
@@ -246,19 +241,9 @@ fn filters_leave_out_what_they_do_not_name() {
     let lab = lab_up("mon-filter");
     let c = add_container(&lab, "c", &[]);
     let mon = Monitor::start(&lab, &["--reason", "drop_spoof", "--port", "5555"]);
-    let spoof = |sport: u16| {
-        packet::frame(
-            c.mac,
-            c.host_mac,
-            FORGED,
-            EXT_ADDR,
-            PROTO_UDP,
-            &packet::udp(FORGED, EXT_ADDR, sport, 53, true),
-        )
-    };
     // Kept: a spoof from port 5555. Left out: a spoof from another port, and a drop of
     // another reason on port 5555.
-    wire::send(&c.ns, "eth0", vec![spoof(5555), spoof(6666)]);
+    wire::send(&c.ns, "eth0", vec![spoof(&c, 5555), spoof(&c, 6666)]);
     let knock = from_segment(
         &lab,
         c.ip,
@@ -294,15 +279,8 @@ fn the_programs_stop_emitting_when_the_monitor_exits() {
         String::from_utf8_lossy(&second.stderr).contains("another `bpfnat monitor`"),
         "{second:?}"
     );
-    let spoof = packet::frame(
-        c.mac,
-        c.host_mac,
-        FORGED,
-        EXT_ADDR,
-        PROTO_UDP,
-        &packet::udp(FORGED, EXT_ADDR, 5555, 53, true),
-    );
-    wire::send(&c.ns, "eth0", vec![spoof.clone()]);
+    let forged = spoof(&c, 5555);
+    wire::send(&c.ns, "eth0", vec![forged.clone()]);
     assert_eq!(
         with_reason(&mon.events(Duration::from_secs(1)), "drop_spoof").len(),
         1
@@ -310,7 +288,7 @@ fn the_programs_stop_emitting_when_the_monitor_exits() {
     assert!(mon.stop().success(), "Ctrl-C ends the monitor cleanly");
     assert_eq!(requested(), 0, "nothing is emitted once it is gone");
     // The datapath goes on dropping and counting without it.
-    wire::send(&c.ns, "eth0", vec![spoof]);
+    wire::send(&c.ns, "eth0", vec![forged]);
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(counter(&lab, "drop_spoof"), 2);
 }
@@ -329,16 +307,9 @@ fn a_closed_pipe_ends_the_monitor_quietly() {
     let mut err = BufReader::new(child.stderr.take().unwrap());
     let mut ready = String::new();
     err.read_line(&mut ready).unwrap();
-    let spoof = packet::frame(
-        c.mac,
-        c.host_mac,
-        FORGED,
-        EXT_ADDR,
-        PROTO_UDP,
-        &packet::udp(FORGED, EXT_ADDR, 5555, 53, true),
-    );
+    let forged = spoof(&c, 5555);
     // `bpfnat monitor | head -1`: one line read, then the reader is gone.
-    wire::send(&c.ns, "eth0", vec![spoof.clone()]);
+    wire::send(&c.ns, "eth0", vec![forged.clone()]);
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
@@ -347,7 +318,7 @@ fn a_closed_pipe_ends_the_monitor_quietly() {
     let end = Instant::now() + Duration::from_secs(5);
     let status = loop {
         // The next event finds the pipe closed.
-        wire::send(&c.ns, "eth0", vec![spoof.clone()]);
+        wire::send(&c.ns, "eth0", vec![forged.clone()]);
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
@@ -373,17 +344,7 @@ fn the_xdp_fast_path_traces_what_it_translates() {
         .unwrap();
     let c = add_container(&lab, "c", &[]);
     let mon = Monitor::start(&lab, &["--type", "trace"]);
-    let echo = traffic::udp_echo(
-        &lab.ext,
-        v4(Ipv4Addr::UNSPECIFIED, 7300),
-        1,
-        Duration::from_secs(3),
-    )
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(100));
-    let answer = traffic::udp_ask(&c.ns, v4(c.ip, 43000), v4(EXT_ADDR, 7300), b"x").unwrap();
-    assert!(answer.ends_with('x'), "{answer}");
-    echo.join().unwrap();
+    udp_out(&lab, &c, &[43000], 7300);
     let events = mon.events(Duration::from_secs(1));
     // Out by TC (a new connection), back by XDP (a tracked packet), each with its tuples.
     let out = with_reason(&events, "snat_new");

@@ -1,9 +1,7 @@
 //! `bpfnat top` and `conntrack stats --by container`: the connections, entries and
 //! MASQUERADE ports each container holds, attributed to the container that made them.
 
-use std::{net::Ipv4Addr, time::Duration};
-
-use bpfnat_tests::{EXT_ADDR, add_container, json, lab_up, traffic, v4};
+use bpfnat_tests::{add_container, json, lab_up, udp_out};
 
 #[test]
 fn top_attributes_entries_and_ports_to_the_containers_that_made_them() {
@@ -11,20 +9,9 @@ fn top_attributes_entries_and_ports_to_the_containers_that_made_them() {
     let a = add_container(&lab, "a", &[]);
     let b = add_container(&lab, "b", &[]);
     let _idle = add_container(&lab, "idle", &[]);
-    let echo = traffic::udp_echo(
-        &lab.ext,
-        v4(Ipv4Addr::UNSPECIFIED, 7100),
-        4,
-        Duration::from_secs(3),
-    )
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(100));
     // a: three connections (three source ports); b: one.
-    for port in [41001, 41002, 41003] {
-        traffic::udp_ask(&a.ns, v4(a.ip, port), v4(EXT_ADDR, 7100), b"a").unwrap();
-    }
-    traffic::udp_ask(&b.ns, v4(b.ip, 41001), v4(EXT_ADDR, 7100), b"b").unwrap();
-    echo.join().unwrap();
+    udp_out(&lab, &a, &[41001, 41002, 41003], 7100);
+    udp_out(&lab, &b, &[41001], 7100);
 
     let rows = json(&lab, &["top"]);
     let rows = rows.as_array().unwrap();

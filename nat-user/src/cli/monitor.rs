@@ -3,7 +3,6 @@
 
 use std::{
     collections::HashMap,
-    fs::OpenOptions,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::{Duration, Instant, SystemTime},
 };
@@ -116,15 +115,7 @@ pub struct LostView {
 pub async fn run(ctx: &Ctx, a: MonitorArgs) -> Result<()> {
     let reason = a.reason.as_deref().map(reason_named).transpose()?;
     // One reader at a time: each event goes to one of them.
-    let lock_path = ctx.state_dir.join("monitor.lock");
-    std::fs::create_dir_all(&ctx.state_dir)
-        .with_context(|| format!("create {}", ctx.state_dir.display()))?;
-    let lock = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .with_context(|| format!("open {}", lock_path.display()))?;
+    let (lock, _) = crate::state::lock_file(&ctx.state_dir, "monitor.lock")?;
     if lock.try_lock().is_err() {
         bail!("another `bpfnat monitor` is reading this node's events; stop it first");
     }
