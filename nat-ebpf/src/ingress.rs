@@ -77,7 +77,9 @@ fn container(ctx: &TcContext) -> Result<i32, Reason> {
     }
     // F1: the subnet is one flat L2 segment, as on a bridge: no TTL change.
     if let Some(peer) = container_at(cfg, &p.dst) {
-        return forward::to_endpoint(ctx, &mut p, &peer, false, Reason::Forward);
+        let d = monitor::traced_addrs(Reason::Forward, &p, (&p.src, &p.dst), peer.ifindex);
+        let action = forward::to_endpoint(ctx, &mut p, &peer, false, Reason::Forward)?;
+        return Ok(action | monitor::tc_mark(d));
     }
     if p.ttl <= 1 {
         // Everything below is routed or the node's: a packet that expires here is the
@@ -205,9 +207,10 @@ fn leave(
             // About a packet from outside to the external address: quote that address.
             icmp::translate_static(ctx, p, icmp::QUOTED_DST, p.src, s.peer)?;
         }
+        let d = monitor::traced_addrs(Reason::StaticNat, p, (&s.peer, &p.dst), nh.ifindex);
         nat::set_src(ctx, p, s.peer)?;
         count(Reason::StaticNat, ctx.len());
-        return forward::route(ctx, p, ifindex, Some(nh));
+        return Ok(forward::route(ctx, p, ifindex, Some(nh))? | monitor::tc_mark(d));
     }
     if cfg.flags & CFG_MASQUERADE == 0 {
         return pass(ctx);
@@ -414,10 +417,13 @@ fn to_static(ctx: &TcContext, p: &mut parse::Ip4, internal: Addr4) -> Result<i32
         // About a packet the container sent from its external address.
         icmp::translate_static(ctx, p, icmp::QUOTED_SRC, p.dst, internal)?;
     }
+    let ep = endpoint(&internal);
+    let out = ep.as_ref().map_or(0, |e| e.ifindex);
+    let d = monitor::traced_addrs(Reason::StaticNat, p, (&p.src, &internal), out);
     nat::set_dst(ctx, p, internal)?;
     count(Reason::StaticNat, ctx.len());
-    let ep = endpoint(&p.dst).ok_or(Reason::DropNoEndpoint)?;
-    forward::to_endpoint(ctx, p, &ep, true, Reason::Deliver)
+    let ep = ep.ok_or(Reason::DropNoEndpoint)?;
+    Ok(forward::to_endpoint(ctx, p, &ep, true, Reason::Deliver)? | monitor::tc_mark(d))
 }
 
 /// F3: a new connection from outside to the published port `t`. Nothing that would be

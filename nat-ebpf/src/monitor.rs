@@ -75,23 +75,39 @@ pub fn traced<A: Fam>(reason: Reason, p: &Ip<A>, x: &CtKey<A>, out: u32) -> bool
     if wanted(MON_TRACE)
         && let Some(c) = cpu()
     {
-        let d = &mut c.draft;
-        d.kind = EV_TRACE;
-        d.reason = reason as u32;
-        d.family = if size_of::<A>() == 4 { 4 } else { 6 };
-        d.proto = p.proto;
-        d.out_ifindex = out;
-        fill(&mut d.before, &p.src, &p.dst, p.sport, p.dport);
-        fill(
-            &mut d.after,
-            &x.src_addr,
-            &x.dst_addr,
-            x.src_port,
-            x.dst_port,
-        );
+        draft(c, reason, p, out);
+        let after = &mut c.draft.after;
+        fill(after, &x.src_addr, &x.dst_addr, x.src_port, x.dst_port);
         return true;
     }
     false
+}
+
+/// A decision without a connection (forwarding between containers, static NAT) that sends
+/// `p` on with the addresses `(src, dst)` and its ports as they are. Whether an event was
+/// drafted.
+#[inline(always)]
+pub fn traced_addrs<A: Fam>(reason: Reason, p: &Ip<A>, (src, dst): (&A, &A), out: u32) -> bool {
+    if wanted(MON_TRACE)
+        && let Some(c) = cpu()
+    {
+        draft(c, reason, p, out);
+        fill(&mut c.draft.after, src, dst, p.sport, p.dport);
+        return true;
+    }
+    false
+}
+
+/// A trace draft's common part: the decision, the packet as it arrived, where it goes.
+#[inline(always)]
+fn draft<A: Fam>(c: &mut MonitorCpu, reason: Reason, p: &Ip<A>, out: u32) {
+    let d = &mut c.draft;
+    d.kind = EV_TRACE;
+    d.reason = reason as u32;
+    d.family = if size_of::<A>() == 4 { 4 } else { 6 };
+    d.proto = p.proto;
+    d.out_ifindex = out;
+    fill(&mut d.before, &p.src, &p.dst, p.sport, p.dport);
 }
 
 #[inline(always)]

@@ -85,9 +85,10 @@ fn fast4(ctx: &XdpContext) -> Result<u32, Reason> {
         let Some(ep) = endpoint(&s.peer) else {
             return pass(ctx);
         };
+        let d = monitor::traced_addrs(Reason::StaticNat, &p, (&p.src, &s.peer), ep.ifindex);
         nat::set_dst(ctx, &mut p, s.peer)?;
         count(Reason::StaticNat, ctx.bytes());
-        return deliver(ctx, &mut p, &hop_of(&ep));
+        return Ok(deliver(ctx, &mut p, &hop_of(&ep))? | monitor::xdp_mark(d));
     }
     if let Some(ep) = container_at(cfg, &p.dst)
         && cluster_flags(&p.src) & NET_CLUSTER_SRC != 0

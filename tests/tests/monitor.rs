@@ -13,7 +13,7 @@ use std::{
 use bpfnat_tests::{
     ContainerInfo, EXT_ADDR, Lab, NODE_ADDR, UPLINK, add_container, counter, lab_up,
     packet::{self, PROTO_TCP, PROTO_UDP},
-    pins, udp_out, uplink_mac, v4, wire,
+    pins, traffic, udp_out, uplink_mac, v4, wire,
 };
 use serde_json::Value;
 
@@ -359,4 +359,63 @@ fn the_xdp_fast_path_traces_what_it_translates() {
         (EXT_ADDR.to_string(), 7300, c.ip.to_string(), 43000)
     );
     assert_eq!(counter(&lab, "xdp_deliver"), 1);
+}
+
+#[test]
+fn traces_show_forwarding_between_containers_and_static_nat() {
+    let lab = lab_up("mon-stateless");
+    let a = add_container(&lab, "a", &[]);
+    let b = add_container(&lab, "b", &[]);
+    let internal: Ipv4Addr = "10.88.0.50".parse().unwrap();
+    let external: Ipv4Addr = "198.51.100.10".parse().unwrap();
+    let s = bpfnat_tests::static_container(&lab, "s", "10.88.0.50", "198.51.100.10");
+    let mon = Monitor::start(&lab, &["--type", "trace", "--proto", "udp"]);
+
+    // F1: a to b, untranslated, straight into b.
+    let window = Duration::from_secs(3);
+    let echo = traffic::udp_echo(&b.ns, v4(b.ip, 7400), 1, window).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    traffic::udp_ask(&a.ns, v4(a.ip, 44000), v4(b.ip, 7400), b"x").unwrap();
+    assert_eq!(echo.join().unwrap(), vec![v4(a.ip, 44000)]);
+    // F8: the outside host to the external address, translated to the internal one.
+    let echo = traffic::udp_echo(&s, v4(internal, 7500), 1, window).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    traffic::udp_ask(&lab.ext, v4(EXT_ADDR, 45000), v4(external, 7500), b"y").unwrap();
+    assert_eq!(echo.join().unwrap(), vec![v4(EXT_ADDR, 45000)]);
+    let events = mon.events(Duration::from_secs(1));
+
+    let f1: Vec<_> = with_reason(&events, "forward")
+        .into_iter()
+        .filter(|e| e["container"] == lab.name("a").as_str())
+        .collect();
+    assert_eq!(f1.len(), 1, "{events:#?}");
+    let ab = (a.ip.to_string(), 44000, b.ip.to_string(), 7400);
+    assert_eq!(tuple(&f1[0]["before"]), ab);
+    assert_eq!(tuple(&f1[0]["after"]), ab);
+    assert_eq!(f1[0]["out_container"], lab.name("b").as_str());
+
+    let inbound: Vec<_> = with_reason(&events, "static_nat")
+        .into_iter()
+        .filter(|e| e["program"] == "tc_uplink")
+        .collect();
+    assert_eq!(inbound.len(), 1, "{events:#?}");
+    assert_eq!(
+        tuple(&inbound[0]["before"]),
+        (EXT_ADDR.to_string(), 45000, external.to_string(), 7500)
+    );
+    assert_eq!(
+        tuple(&inbound[0]["after"]),
+        (EXT_ADDR.to_string(), 45000, internal.to_string(), 7500)
+    );
+    assert_eq!(inbound[0]["out_container"], lab.name("s").as_str());
+    // The answer leaves with the external address.
+    let outbound: Vec<_> = with_reason(&events, "static_nat")
+        .into_iter()
+        .filter(|e| e["program"] == "tc_container")
+        .collect();
+    assert_eq!(outbound.len(), 1, "{events:#?}");
+    assert_eq!(
+        tuple(&outbound[0]["after"]),
+        (external.to_string(), 7500, EXT_ADDR.to_string(), 45000)
+    );
 }
