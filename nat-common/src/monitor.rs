@@ -25,6 +25,16 @@ pub struct MonitorCtl {
     /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) time after which nothing is emitted whatever `flags` say: the
     /// monitor renews it every second, so one that was killed stops costing within seconds.
     pub lease_until_ns: u64,
+    /// Filters, applied before the rate limit so that it is spent on what the monitor shows;
+    /// zero: any. The interface a packet arrived on or is sent to (a container's host veth).
+    pub ifindex: u32,
+    /// The `Reason` plus one.
+    pub reason: u32,
+    /// A source or destination port, before or after translation (network order).
+    pub port: [u8; 2],
+    /// The IP protocol; `PROTO_ICMP` stands for ICMPv6 too.
+    pub proto: u8,
+    pub _pad: [u8; 5],
 }
 
 /// The per-CPU entry of `monitor_cpu`: a token bucket, and the events it or the ring buffer

@@ -13,8 +13,8 @@ use core::mem::size_of;
 use aya_ebpf::programs::{TcContext, XdpContext};
 use nat_common::{
     CtKey, EV_DROP, EV_TRACE, EvTuple, HOOK_TC_CONTAINER, HOOK_TC_UPLINK, HOOK_XDP_UPLINK,
-    MON_DROP, MON_TRACE, MonitorCpu, MonitorEvent, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
-    Reason,
+    MON_DROP, MON_TRACE, MonitorCpu, MonitorCtl, MonitorEvent, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
+    PROTO_UDP, Reason,
 };
 
 use crate::{
@@ -211,6 +211,28 @@ fn send<C: Seen>(ctx: &C) {
         return;
     }
     c.draft.kind = 0;
+    let Some(ctl) = MONITOR.get(0) else {
+        return;
+    };
+    let d = &mut c.draft;
+    if kind == EV_DROP {
+        // A drop's tuple is what its headers show.
+        let reason = d.reason;
+        // SAFETY: a map value of `MonitorEvent` (8-aligned); all-zero is valid.
+        unsafe { zero(d) };
+        d.reason = reason;
+        peek(ctx, d);
+    }
+    let (hook, ifindex) = ctx.seen();
+    d.kind = kind;
+    d.hook = hook;
+    d.ifindex = ifindex;
+    d.len = ctx.bytes();
+    let keep = shown(ctl, d);
+    d.kind = 0;
+    if !keep {
+        return;
+    }
     // The precise clock for the event's time (the coarse one ticks in milliseconds).
     // SAFETY: helper without arguments.
     let t = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
@@ -221,28 +243,31 @@ fn send<C: Seen>(ctx: &C) {
         lost_full(c);
         return;
     };
-    let ev = entry.as_mut_ptr();
-    // SAFETY: the reservation is a whole, 8-aligned `MonitorEvent`; all-zero is valid.
-    unsafe { zero(ev) };
-    // SAFETY: as above.
-    let e = unsafe { &mut *ev };
-    let (hook, ifindex) = ctx.seen();
-    e.time_ns = t;
+    // SAFETY: the reservation is a whole, 8-aligned `MonitorEvent`, written whole here.
+    let e = unsafe { &mut *entry.as_mut_ptr() };
+    *e = c.draft;
     e.kind = kind;
-    e.hook = hook;
-    e.reason = c.draft.reason;
-    e.ifindex = ifindex;
-    e.len = ctx.bytes();
-    if kind == EV_TRACE {
-        e.family = c.draft.family;
-        e.proto = c.draft.proto;
-        e.out_ifindex = c.draft.out_ifindex;
-        e.before = c.draft.before;
-        e.after = c.draft.after;
-    } else {
-        peek(ctx, e);
-    }
+    e.time_ns = t;
     entry.submit(0);
+}
+
+/// Whether the monitor's filters (`MonitorCtl`) let the event `d` through.
+#[inline(always)]
+fn shown(ctl: &MonitorCtl, d: &MonitorEvent) -> bool {
+    let iface = ctl.ifindex == 0 || d.ifindex == ctl.ifindex || d.out_ifindex == ctl.ifindex;
+    let reason = ctl.reason == 0 || d.reason + 1 == ctl.reason;
+    let proto = match ctl.proto {
+        0 => true,
+        PROTO_ICMP => d.proto == PROTO_ICMP || d.proto == PROTO_ICMPV6,
+        p => d.proto == p,
+    };
+    let p = ctl.port;
+    let port = p == [0, 0]
+        || d.before.sport == p
+        || d.before.dport == p
+        || d.after.sport == p
+        || d.after.dport == p;
+    iface && reason && proto && port
 }
 
 /// The addresses, protocol and ports of the packet as it is, read straight from its headers

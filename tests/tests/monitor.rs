@@ -419,3 +419,36 @@ fn traces_show_forwarding_between_containers_and_static_nat() {
         (external.to_string(), 7500, EXT_ADDR.to_string(), 45000)
     );
 }
+
+#[test]
+fn the_programs_filter_before_the_rate_limit() {
+    let lab = lab_up("mon-rate");
+    let c = add_container(&lab, "c", &[]);
+    // One event per second and CPU: twenty drops of another reason come first, and would
+    // use it up if they were filtered only after it.
+    let mon = Monitor::start(&lab, &["--reason", "drop_spoof", "--rate", "1"]);
+    let knocks: Vec<Vec<u8>> = (0..20)
+        .map(|i| {
+            let l4 = packet::tcp(EXT_ADDR, c.ip, 40000 + i, 22, SYN);
+            from_segment(&lab, c.ip, l4, PROTO_TCP)
+        })
+        .collect();
+    wire::send(&lab.ext, "eth0", knocks);
+    wire::send(&c.ns, "eth0", vec![spoof(&c, 5555)]);
+    let mut got = Vec::new();
+    let end = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < end {
+        match mon.lines.recv_timeout(Duration::from_millis(100)) {
+            Ok(v) => got.push(v),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    assert_eq!(counter(&lab, "drop_not_published"), 20);
+    let spoofs: Vec<_> = got.iter().filter(|v| v["reason"] == "drop_spoof").collect();
+    assert_eq!(spoofs.len(), 1, "{got:#?}");
+    assert!(
+        got.iter().all(|v| v["kind"] != "MonitorLost"),
+        "nothing was lost to the rate: {got:#?}"
+    );
+}

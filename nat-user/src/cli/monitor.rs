@@ -11,7 +11,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Args, ValueEnum};
 use nat_common::{
     EV_DROP, EvTuple, HOOK_TC_CONTAINER, HOOK_TC_UPLINK, HOOK_XDP_UPLINK, MON_DROP, MON_TRACE,
-    MonitorEvent, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Reason,
+    MonitorCtl, MonitorEvent, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Reason,
 };
 use nat_plumbing::{netlink::Netlink, stdout};
 use serde::Serialize;
@@ -61,6 +61,15 @@ pub enum ProtoFilter {
 }
 
 impl ProtoFilter {
+    /// The protocol number the programs filter on (`PROTO_ICMP` stands for ICMPv6 too).
+    const fn number(self) -> u8 {
+        match self {
+            Self::Tcp => PROTO_TCP,
+            Self::Udp => PROTO_UDP,
+            Self::Icmp => PROTO_ICMP,
+        }
+    }
+
     fn matches(self, proto: u8) -> bool {
         match self {
             Self::Tcp => proto == PROTO_TCP,
@@ -135,7 +144,17 @@ pub async fn run(ctx: &Ctx, a: MonitorArgs) -> Result<()> {
     let mut mon = Monitor::open(&ctx.pins)?;
     let mut sigint = signal(SignalKind::interrupt()).context("catch SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("catch SIGTERM")?;
-    mon.start(flags, a.rate)?;
+    // The programs filter too, so that the rate is spent on what is shown; the same filter
+    // runs here as well (`Filter::keeps`), which is what the tests of its meaning exercise.
+    mon.start(MonitorCtl {
+        flags,
+        rate: a.rate,
+        ifindex: container_if.unwrap_or(0),
+        reason: reason.map_or(0, |r| r + 1),
+        port: a.port.unwrap_or(0).to_be_bytes(),
+        proto: a.proto.map_or(0, ProtoFilter::number),
+        ..MonitorCtl::default()
+    })?;
     let clock = Clock::now();
     eprintln!(
         "bpfnat monitor: {} events, at most {} per second per CPU (Ctrl-C to stop)",

@@ -54,22 +54,22 @@ impl Monitor {
         })
     }
 
-    /// Make the programs emit `flags` events, at most `rate` per second on each CPU, from
-    /// fresh counters; what is already in the ring buffer is skipped.
-    pub fn start(&mut self, flags: u32, rate: u32) -> Result<()> {
+    /// Make the programs emit what `want` asks for (its flags, rate and filters), from fresh
+    /// counters; what is already in the ring buffer is skipped.
+    pub fn start(&mut self, want: MonitorCtl) -> Result<()> {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
         let fresh = PerCpuValues::try_from(vec![MonitorCpu::default(); cpus])?;
         self.cpu
             .set(0, fresh, 0)
             .context("reset the monitor's per-CPU state")?;
         while self.events.get_mut().next().is_some() {}
-        self.write(flags, rate)
+        self.write(want)
     }
 
-    /// Extend the lease of the current flags.
+    /// Extend the lease of what the programs are asked for.
     pub fn renew(&mut self) -> Result<()> {
         let c = self.ctl.get(&0, 0).context("read the monitor map")?;
-        self.write(c.flags, c.rate)
+        self.write(c)
     }
 
     /// No more events: the programs go back to testing one word.
@@ -79,11 +79,10 @@ impl Monitor {
             .context("clear the monitor map")
     }
 
-    fn write(&mut self, flags: u32, rate: u32) -> Result<()> {
+    fn write(&mut self, want: MonitorCtl) -> Result<()> {
         let ctl = MonitorCtl {
-            flags,
-            rate,
             lease_until_ns: ct_now_ns() + LEASE.as_nanos() as u64,
+            ..want
         };
         self.ctl.set(0, ctl, 0).context("write the monitor map")
     }
