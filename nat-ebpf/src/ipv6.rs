@@ -152,8 +152,10 @@ fn dispatch(ctx: &TcContext) -> Result<i32, Reason> {
         let peer = endpoint6(dst).ok_or(Reason::DropNoEndpoint)?;
         set_macs(ctx, peer.mac, peer.host_mac)?;
         count(Reason::Forward, ctx.len());
+        let d = monitor::traced_as_is(Reason::Forward, peer.ifindex);
         // SAFETY: plain helper call.
-        return Ok(unsafe { bpf_redirect_peer(peer.ifindex, 0) } as i32);
+        let action = unsafe { bpf_redirect_peer(peer.ifindex, 0) } as i32;
+        return Ok(action | monitor::tc_mark(d));
     }
     // Beyond the subnet: a tracked connection's packet, or a new one for outside. The
     // source is the sender's own (checked above), so is any connection of this tuple.
@@ -502,9 +504,10 @@ fn from_static(ctx: &TcContext) -> i32 {
         if icmp::is_error(&w.p) {
             icmp::translate_static(ctx, &w.p, icmp::QUOTED_DST, w.p.src, external)?;
         }
+        let d = monitor::traced_addrs(Reason::StaticNat, &w.p, (&external, &w.p.dst), w.nh.ifindex);
         nat::set_src(ctx, &mut w.p, external)?;
         count(Reason::StaticNat, ctx.len());
-        forward::route(ctx, &mut w.p, ifindex(ctx), Some(w.nh))
+        Ok(forward::route(ctx, &mut w.p, ifindex(ctx), Some(w.nh))? | monitor::tc_mark(d))
     });
     verdict(ctx, r)
 }
@@ -513,6 +516,7 @@ fn from_static(ctx: &TcContext) -> i32 {
 /// (`work6.peer`); an ICMPv6 error about a packet the container sent quotes it back.
 #[inline(never)]
 fn to_static(ctx: &TcContext) -> i32 {
+    let mut drafted = false;
     let r = work().and_then(|w| {
         if w.p.ttl <= 1 {
             return Err(Reason::DropTtl);
@@ -521,12 +525,13 @@ fn to_static(ctx: &TcContext) -> i32 {
         if icmp::is_error(&w.p) {
             icmp::translate_static(ctx, &w.p, icmp::QUOTED_SRC, w.p.dst, internal)?;
         }
+        drafted = monitor::traced_addrs(Reason::StaticNat, &w.p, (&w.p.src, &internal), 0);
         nat::set_dst(ctx, &mut w.p, internal)?;
         count(Reason::StaticNat, ctx.len());
         Ok(TRANSLATED)
     });
     match verdict(ctx, r) {
-        TRANSLATED => deliver(ctx),
+        TRANSLATED => deliver(ctx) | monitor::tc_mark(drafted),
         action => action,
     }
 }

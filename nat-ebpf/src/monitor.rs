@@ -98,6 +98,25 @@ pub fn traced_addrs<A: Fam>(reason: Reason, p: &Ip<A>, (src, dst): (&A, &A), out
     false
 }
 
+/// A decision that sends the packet on untranslated to `out` (forwarding between containers
+/// before the packet is parsed): its tuple is read from its headers when the event is sent.
+/// Whether an event was drafted.
+#[inline(always)]
+pub fn traced_as_is(reason: Reason, out: u32) -> bool {
+    if wanted(MON_TRACE)
+        && let Some(c) = cpu()
+    {
+        let d = &mut c.draft;
+        d.kind = EV_TRACE;
+        d.reason = reason as u32;
+        d.out_ifindex = out;
+        // No family yet: `send` reads the headers.
+        d.family = 0;
+        return true;
+    }
+    false
+}
+
 /// A trace draft's common part: the decision, the packet as it arrived, where it goes.
 #[inline(always)]
 fn draft<A: Fam>(c: &mut MonitorCpu, reason: Reason, p: &Ip<A>, out: u32) {
@@ -215,13 +234,17 @@ fn send<C: Seen>(ctx: &C) {
         return;
     };
     let d = &mut c.draft;
-    if kind == EV_DROP {
-        // A drop's tuple is what its headers show.
-        let reason = d.reason;
+    if kind == EV_DROP || d.family == 0 {
+        // A drop's tuple, and an untranslated packet's, is what its headers show.
+        let (reason, out) = (d.reason, d.out_ifindex);
         // SAFETY: a map value of `MonitorEvent` (8-aligned); all-zero is valid.
         unsafe { zero(d) };
         d.reason = reason;
         peek(ctx, d);
+        if kind == EV_TRACE {
+            d.out_ifindex = out;
+            d.after = d.before;
+        }
     }
     let (hook, ifindex) = ctx.seen();
     d.kind = kind;
