@@ -197,7 +197,8 @@ fn leave(
         // routed with the container's own address (the node's route for the peer's block);
         // the answer arrives from a cluster source and is delivered as it is.
         count(Reason::ClusterRoute, ctx.len());
-        return forward::route(ctx, p, ifindex, Some(nh));
+        let d = monitor::traced_addrs(Reason::ClusterRoute, p, (&p.src, &p.dst), nh.ifindex);
+        return Ok(forward::route(ctx, p, ifindex, Some(nh))? | monitor::tc_mark(d));
     }
     if let Some(s) = static_nat(cfg, &p.src)
         && s.kind == STATIC_INTERNAL
@@ -395,7 +396,8 @@ fn from_cluster(ctx: &TcContext, p: &mut parse::Ip4) -> Result<i32, Reason> {
     not_expiring(p)?;
     let ep = endpoint(&p.dst).ok_or(Reason::DropNoEndpoint)?;
     count(Reason::ClusterDeliver, ctx.len());
-    forward::to_endpoint(ctx, p, &ep, true, Reason::Deliver)
+    let d = monitor::traced_addrs(Reason::ClusterDeliver, p, (&p.src, &p.dst), ep.ifindex);
+    Ok(forward::to_endpoint(ctx, p, &ep, true, Reason::Deliver)? | monitor::tc_mark(d))
 }
 
 /// A packet from outside that would be routed into a container must not expire here: it is

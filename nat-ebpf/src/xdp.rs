@@ -95,7 +95,8 @@ fn fast4(ctx: &XdpContext) -> Result<u32, Reason> {
     {
         // Another node's pod (or another node) to a local pod: untracked, as TC would.
         count(Reason::ClusterDeliver, ctx.bytes());
-        return deliver(ctx, &mut p, &hop_of(&ep));
+        let d = monitor::traced_addrs(Reason::ClusterDeliver, &p, (&p.src, &p.dst), ep.ifindex);
+        return Ok(deliver(ctx, &mut p, &hop_of(&ep))? | monitor::xdp_mark(d));
     }
     if !p.is_trackable() || p.tcp_flags & CTL != 0 {
         return pass(ctx);

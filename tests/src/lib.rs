@@ -12,6 +12,7 @@ pub use bpfnat_lab::{EXT_ADDR, FAR_ADDR, Lab, NODE_ADDR, ROUTER_ADDR, UPLINK, tr
 use nat_plumbing::netns;
 
 pub mod kube_api;
+pub mod monitor;
 pub mod packet;
 pub mod wire;
 

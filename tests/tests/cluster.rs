@@ -18,6 +18,7 @@ use bpfnat_lab::{
 use bpfnat_tests::{
     bin,
     kube_api::{self, KubeApi},
+    monitor::Monitor,
     v4,
 };
 use nat_plumbing::netns;
@@ -381,7 +382,12 @@ fn pods_reach_each_other_across_nodes_with_their_own_addresses() {
     );
 
     // Pod to pod across nodes, every pair in a ring: TCP, UDP and ping, with the receiver
-    // seeing the sender's own pod address.
+    // seeing the sender's own pod address. The first node's monitor traces both ways.
+    let mon = Monitor::spawn(
+        lab.nodes[0]
+            .bpfnat(&["-o", "json", "monitor", "--type", "trace", "--proto", "udp"])
+            .unwrap(),
+    );
     for (a, b) in [(0, 1), (1, 2), (2, 0)] {
         assert_eq!(
             tcp_source(&pods[a], &pods[b]),
@@ -416,6 +422,29 @@ fn pods_reach_each_other_across_nodes_with_their_own_addresses() {
             pods[b].0
         );
     }
+    let events = mon.events(Duration::from_millis(500));
+    let traced = |reason: &str| {
+        events
+            .iter()
+            .filter(|e| e["reason"] == reason)
+            .map(|e| (e["before"]["src"].clone(), e["after"]["dst"].clone()))
+            .collect::<Vec<_>>()
+    };
+    // Out from the first node's pod to the second's, untranslated; in from the third's.
+    let (p0, p1, p2) = (
+        pods[0].1.to_string(),
+        pods[1].1.to_string(),
+        pods[2].1.to_string(),
+    );
+    assert!(
+        traced("cluster_route").contains(&(p0.clone().into(), p1.into())),
+        "{events:#?}"
+    );
+    assert!(
+        traced("cluster_deliver").contains(&(p2.into(), p0.into())),
+        "{events:#?}"
+    );
+    drop(mon);
     // ICMP errors too: a datagram to a closed port of another node's pod comes back as
     // "port unreachable" to the sender's own address.
     let p0 = pods[0].1;

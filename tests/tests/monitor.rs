@@ -5,13 +5,14 @@
 use std::{
     io::{BufRead as _, BufReader},
     net::Ipv4Addr,
-    process::{Child, Stdio},
-    sync::mpsc::{Receiver, RecvTimeoutError, channel},
+    process::Stdio,
+    sync::mpsc::RecvTimeoutError,
     time::{Duration, Instant},
 };
 
 use bpfnat_tests::{
     ContainerInfo, EXT_ADDR, Lab, NODE_ADDR, UPLINK, add_container, counter, lab_up,
+    monitor::Monitor,
     packet::{self, PROTO_TCP, PROTO_UDP},
     pins, traffic, udp_out, uplink_mac, v4, wire,
 };
@@ -21,76 +22,6 @@ const EXT_MAC: [u8; 6] = [0x02, 0, 198, 51, 100, 1];
 /// A source address no container owns.
 const FORGED: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 99);
 const SYN: u8 = 0x02;
-
-/// A running `bpfnat -o json monitor …`: its events, one JSON object per line. Stopped with
-/// SIGINT (as Ctrl-C would) when dropped.
-struct Monitor {
-    child: Child,
-    lines: Receiver<Value>,
-}
-
-impl Monitor {
-    fn start(lab: &Lab, args: &[&str]) -> Self {
-        let mut a = vec!["-o", "json", "monitor"];
-        a.extend_from_slice(args);
-        let mut child = lab
-            .bpfnat(&a)
-            .unwrap()
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start bpfnat monitor");
-        // Ready once it says so on stderr: the programs emit from then on.
-        let mut err = BufReader::new(child.stderr.take().unwrap());
-        let mut first = String::new();
-        err.read_line(&mut first).unwrap();
-        assert!(
-            first.starts_with("bpfnat monitor:"),
-            "monitor said: {first}"
-        );
-        let out = BufReader::new(child.stdout.take().unwrap());
-        let (tx, lines) = channel();
-        std::thread::spawn(move || {
-            for l in out.lines().map_while(Result::ok) {
-                let v: Value = serde_json::from_str(&l).expect("one JSON object per line");
-                assert_eq!(v["apiVersion"], "bpfnat/v1", "{l}");
-                if tx.send(v).is_err() {
-                    return;
-                }
-            }
-        });
-        Self { child, lines }
-    }
-
-    /// Every event that arrives within `window`.
-    fn events(&self, window: Duration) -> Vec<Value> {
-        let end = Instant::now() + window;
-        let mut out = Vec::new();
-        loop {
-            let left = end.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(v) if v["kind"] == "MonitorEvent" => out.push(v),
-                Ok(_) => {}
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return out,
-            }
-        }
-    }
-
-    /// Ctrl-C, and its exit status.
-    fn stop(&mut self) -> std::process::ExitStatus {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for Monitor {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            self.stop();
-        }
-    }
-}
 
 /// A UDP datagram container `c` sends from `FORGED` (an address it does not own).
 fn spoof(c: &ContainerInfo, sport: u16) -> Vec<u8> {
