@@ -48,6 +48,14 @@ fn tuple(v: &Value) -> (String, u64, String, u64) {
     )
 }
 
+/// The events of `reason` whose `field` is `value`.
+fn where_<'a>(events: &'a [Value], reason: &str, field: &str, value: &str) -> Vec<&'a Value> {
+    with_reason(events, reason)
+        .into_iter()
+        .filter(|e| e[field] == value)
+        .collect()
+}
+
 fn with_reason<'a>(events: &'a [Value], reason: &str) -> Vec<&'a Value> {
     events.iter().filter(|e| e["reason"] == reason).collect()
 }
@@ -153,10 +161,7 @@ fn a_trace_shows_a_new_masquerade_connection_and_its_translation() {
     assert_eq!(e["out_interface"], UPLINK);
 
     // The answer: a tracked packet translated back into the container.
-    let back: Vec<_> = with_reason(&events, "ct_hit")
-        .into_iter()
-        .filter(|e| e["program"] == "tc_uplink")
-        .collect();
+    let back = where_(&events, "ct_hit", "program", "tc_uplink");
     assert_eq!(back.len(), 1, "{events:#?}");
     assert_eq!(
         tuple(&back[0]["after"]),
@@ -315,20 +320,14 @@ fn traces_show_forwarding_between_containers_and_static_nat() {
     assert_eq!(echo.join().unwrap(), vec![v4(EXT_ADDR, 45000)]);
     let events = mon.events(Duration::from_secs(1));
 
-    let f1: Vec<_> = with_reason(&events, "forward")
-        .into_iter()
-        .filter(|e| e["container"] == lab.name("a").as_str())
-        .collect();
+    let f1 = where_(&events, "forward", "container", &lab.name("a"));
     assert_eq!(f1.len(), 1, "{events:#?}");
     let ab = (a.ip.to_string(), 44000, b.ip.to_string(), 7400);
     assert_eq!(tuple(&f1[0]["before"]), ab);
     assert_eq!(tuple(&f1[0]["after"]), ab);
     assert_eq!(f1[0]["out_container"], lab.name("b").as_str());
 
-    let inbound: Vec<_> = with_reason(&events, "static_nat")
-        .into_iter()
-        .filter(|e| e["program"] == "tc_uplink")
-        .collect();
+    let inbound = where_(&events, "static_nat", "program", "tc_uplink");
     assert_eq!(inbound.len(), 1, "{events:#?}");
     assert_eq!(
         tuple(&inbound[0]["before"]),
@@ -340,10 +339,7 @@ fn traces_show_forwarding_between_containers_and_static_nat() {
     );
     assert_eq!(inbound[0]["out_container"], lab.name("s").as_str());
     // The answer leaves with the external address.
-    let outbound: Vec<_> = with_reason(&events, "static_nat")
-        .into_iter()
-        .filter(|e| e["program"] == "tc_container")
-        .collect();
+    let outbound = where_(&events, "static_nat", "program", "tc_container");
     assert_eq!(outbound.len(), 1, "{events:#?}");
     assert_eq!(
         tuple(&outbound[0]["after"]),
@@ -425,10 +421,7 @@ fn ipv6_forwarding_and_static_nat66_are_traced() {
     let seen = echo.join().unwrap();
     let events = mon.events(Duration::from_secs(1));
 
-    let f1: Vec<_> = with_reason(&events, "forward")
-        .into_iter()
-        .filter(|e| e["container"] == a.as_str())
-        .collect();
+    let f1 = where_(&events, "forward", "container", &a);
     assert_eq!(f1.len(), 1, "{events:#?}");
     let ab = (
         "fd00:88::a".to_owned(),
@@ -441,10 +434,7 @@ fn ipv6_forwarding_and_static_nat66_are_traced() {
     assert_eq!(f1[0]["out_container"], b.as_str());
 
     let client = seen[0].ip().to_string();
-    let inbound: Vec<_> = with_reason(&events, "static_nat")
-        .into_iter()
-        .filter(|e| e["program"] == "tc_uplink")
-        .collect();
+    let inbound = where_(&events, "static_nat", "program", "tc_uplink");
     // One or two: the first datagram may wait on neighbour discovery and be asked again.
     assert!(!inbound.is_empty(), "{events:#?}");
     assert_eq!(
@@ -455,10 +445,7 @@ fn ipv6_forwarding_and_static_nat66_are_traced() {
         tuple(&inbound[0]["after"]),
         (client.clone(), 47000, "fd00:88::5".to_owned(), 7700)
     );
-    let outbound: Vec<_> = with_reason(&events, "static_nat")
-        .into_iter()
-        .filter(|e| e["program"] == "tc_container")
-        .collect();
+    let outbound = where_(&events, "static_nat", "program", "tc_container");
     assert_eq!(outbound.len(), 1, "{events:#?}");
     assert_eq!(
         tuple(&outbound[0]["after"]),
