@@ -15,6 +15,7 @@ mod addr;
 mod cluster;
 mod conntrack;
 mod csum;
+mod explain;
 mod frag;
 mod maps;
 mod monitor;
@@ -28,6 +29,7 @@ pub use addr::*;
 pub use cluster::*;
 pub use conntrack::*;
 pub use csum::*;
+pub use explain::*;
 pub use frag::*;
 pub use maps::*;
 pub use monitor::*;
@@ -69,10 +71,10 @@ pub const PROTO_ICMPV6: u8 = 58;
 #[cfg(feature = "user")]
 mod user {
     use super::{
-        ClusterNet, Config, Counter, CtEntry4, CtEntry6, CtKey4, CtKey6, CtMeta, Endpoint,
-        FragKey4, FragKey6, FragPorts, MonitorCpu, MonitorCtl, Net4, Net6, NodeAddr, PortKey4,
-        PortKey6, PortTarget4, PortTarget6, SockKey4, SockKey6, SockOrig4, SockOrig6, StaticNat4,
-        StaticNat6,
+        ClusterNet, Config, Counter, CtEntry4, CtEntry6, CtKey4, CtKey6, CtMeta, Endpoint, Explain,
+        FibStep, FragKey4, FragKey6, FragPorts, Lpm4, MonitorCpu, MonitorCtl, Net4, Net6, NodeAddr,
+        PortKey4, PortKey6, PortTarget4, PortTarget6, RedirectStep, SockKey4, SockKey6, SockOrig4,
+        SockOrig6, StaticNat4, StaticNat6, Step, Trail,
     };
 
     /// `aya::Pod` for map key and value types.
@@ -108,9 +110,15 @@ mod user {
         FragPorts,
         NodeAddr,
         ClusterNet,
+        Lpm4,
         Net6,
         MonitorCtl,
         MonitorCpu,
+        Trail,
+        Explain,
+        Step,
+        FibStep,
+        RedirectStep,
     );
 }
 

@@ -59,6 +59,8 @@ pub mod map_names {
     pub const MONITOR_CPU: &str = "monitor_cpu";
     /// The ring buffer of `MonitorEvent`s.
     pub const EVENTS: &str = "events";
+    /// `bpfnat explain`'s build only: its global data, the trail of a dry run (`Explain`).
+    pub const EXPLAIN_BSS: &str = ".bss";
 }
 
 /// Default size of the conntrack table (entries; two per connection).

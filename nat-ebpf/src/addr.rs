@@ -24,7 +24,12 @@ pub fn is_group(a: Addr4) -> bool {
 /// userspace keeps them in `node_addrs`).
 #[inline(always)]
 pub fn is_node_addr(cfg: &Config, a: &Addr4) -> bool {
-    *a == cfg.v4.node_addr || NODE_ADDRS.get_ptr(a).is_some()
+    // SAFETY: the value is copied out at once.
+    *a == cfg.v4.node_addr
+        || crate::explain::found(nat_common::trail_map::NODE_ADDRS, a, unsafe {
+            NODE_ADDRS.get(a)
+        })
+        .is_some()
 }
 
 /// A source address no packet from outside may carry: a martian, a group address, the

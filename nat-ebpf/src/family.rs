@@ -5,18 +5,15 @@
 
 use core::ptr::null_mut;
 
-use aya_ebpf::{
-    bindings::{BPF_ANY, bpf_fib_lookup as FibParams},
-    helpers::bpf_csum_diff,
-};
+use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, helpers::bpf_csum_diff};
 use nat_common::{
     Addr4, Addr6, CFG_STATIC_NAT, Config, CtEntry, CtKey, Endpoint, Family, FragKey4, FragKey6,
-    FragPorts, Port, PortKey6, PortTarget, Reason, StaticNat, csum_diff16,
+    FragPorts, Port, PortKey6, PortTarget, Reason, StaticNat, csum_diff16, trail_map,
 };
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
-    addr, ipv6,
+    addr, explain, ipv6,
     lookup::{container_at, published_port, static_nat},
     maps::{
         CONNTRACK, CONNTRACK_NEW, CONNTRACK6, CONNTRACK6_NEW, FRAGS, FRAGS6, NODE_ADDRS6, PORTS6,
@@ -104,18 +101,21 @@ const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
 /// The map operations of `Fam` for one family: its two connection tables, its scratch
-/// slots and its fragment table (keyed by `$frag_key`).
+/// slots and its fragment table (keyed by `$frag_key`), with their `trail_map` ids. The
+/// `explain` build records them and commits nothing (`explain.rs`).
 macro_rules! family_maps {
-    ($ct:ident, $ct_new:ident, $scratch:ident, $frags:ident, $frag_key:ident) => {
+    ($ct:ident, $ct_new:ident, $scratch:ident, $frags:ident, $frag_key:ident,
+     $ct_id:expr, $ct_new_id:expr, $frags_id:expr) => {
         #[inline(always)]
         fn ct_get(k: &CtKey<Self>, fresh: bool) -> Option<*mut CtEntry<Self>> {
             if fresh {
-                $ct_new.get_ptr_mut(k)
+                explain::found_ptr($ct_new_id, k, $ct_new.get_ptr_mut(k))
             } else {
-                $ct.get_ptr_mut(k)
+                explain::found_ptr($ct_id, k, $ct.get_ptr_mut(k))
             }
         }
 
+        #[cfg(not(feature = "explain"))]
         #[inline(always)]
         fn ct_insert(k: &CtKey<Self>, v: &CtEntry<Self>, fresh: bool, flags: u64) -> bool {
             if fresh {
@@ -125,6 +125,21 @@ macro_rules! family_maps {
             }
         }
 
+        /// What the insert would do: `BPF_NOEXIST` fails where the key is taken.
+        #[cfg(feature = "explain")]
+        #[inline(always)]
+        fn ct_insert(k: &CtKey<Self>, v: &CtEntry<Self>, fresh: bool, flags: u64) -> bool {
+            let (id, taken) = if fresh {
+                ($ct_new_id, $ct_new.get_ptr(k).is_some())
+            } else {
+                ($ct_id, $ct.get_ptr(k).is_some())
+            };
+            let ok = flags != u64::from(aya_ebpf::bindings::BPF_NOEXIST) || !taken;
+            explain::insert(id, k, v, ok);
+            ok
+        }
+
+        #[cfg(not(feature = "explain"))]
         #[inline(always)]
         fn ct_remove(k: &CtKey<Self>, fresh: bool) {
             let _ = if fresh {
@@ -134,6 +149,12 @@ macro_rules! family_maps {
             };
         }
 
+        #[cfg(feature = "explain")]
+        #[inline(always)]
+        fn ct_remove(k: &CtKey<Self>, fresh: bool) {
+            explain::remove(if fresh { $ct_new_id } else { $ct_id }, k);
+        }
+
         #[inline(always)]
         fn scratch(i: u32) -> Option<*mut CtEntry<Self>> {
             $scratch.get_ptr_mut(i)
@@ -141,17 +162,24 @@ macro_rules! family_maps {
 
         #[inline(always)]
         fn frags_get(p: &Ip<Self>) -> Option<*mut FragPorts> {
-            $frags.get_ptr_mut(&$frag_key(p))
+            let k = $frag_key(p);
+            explain::found_ptr($frags_id, &k, $frags.get_ptr_mut(&k))
         }
 
         #[inline(always)]
         fn frags_insert(p: &Ip<Self>, v: &FragPorts) {
-            let _ = $frags.insert(&$frag_key(p), v, u64::from(BPF_ANY));
+            #[cfg(not(feature = "explain"))]
+            let _ = $frags.insert(&$frag_key(p), v, u64::from(aya_ebpf::bindings::BPF_ANY));
+            #[cfg(feature = "explain")]
+            explain::insert($frags_id, &$frag_key(p), v, true);
         }
 
         #[inline(always)]
         fn frags_remove(p: &Ip<Self>) {
+            #[cfg(not(feature = "explain"))]
             let _ = $frags.remove(&$frag_key(p));
+            #[cfg(feature = "explain")]
+            explain::remove($frags_id, &$frag_key(p));
         }
     };
 }
@@ -160,7 +188,16 @@ impl Fam for Addr4 {
     const SRC_OFF: usize = IP_SRC_OFF;
     const DST_OFF: usize = IP_DST_OFF;
 
-    family_maps!(CONNTRACK, CONNTRACK_NEW, SCRATCH, FRAGS, frag_key4);
+    family_maps!(
+        CONNTRACK,
+        CONNTRACK_NEW,
+        SCRATCH,
+        FRAGS,
+        frag_key4,
+        trail_map::CONNTRACK,
+        trail_map::CONNTRACK_NEW,
+        trail_map::FRAGS
+    );
 
     #[inline(always)]
     fn set_addr(
@@ -304,7 +341,16 @@ impl Fam for Addr6 {
     const SRC_OFF: usize = IP_OFF + 8;
     const DST_OFF: usize = IP_OFF + 24;
 
-    family_maps!(CONNTRACK6, CONNTRACK6_NEW, SCRATCH6, FRAGS6, frag_key6);
+    family_maps!(
+        CONNTRACK6,
+        CONNTRACK6_NEW,
+        SCRATCH6,
+        FRAGS6,
+        frag_key6,
+        trail_map::CONNTRACK6,
+        trail_map::CONNTRACK6_NEW,
+        trail_map::FRAGS6
+    );
 
     /// IPv6 has no header checksum; the L4 one (ICMPv6's included) covers both addresses
     /// through the pseudo-header, updated by the difference of the two 16-byte values.
@@ -383,17 +429,18 @@ impl Fam for Addr6 {
             _pad: 0,
         };
         // SAFETY: the value is copied out at once.
-        if let Some(t) = unsafe { PORTS6.get(&key) } {
+        if let Some(t) = explain::found(trail_map::PORTS6, &key, unsafe { PORTS6.get(&key) }) {
             return Some(*t);
         }
         key.host_addr = [0; 16];
         // SAFETY: as above.
-        unsafe { PORTS6.get(&key) }.copied()
+        explain::found(trail_map::PORTS6, &key, unsafe { PORTS6.get(&key) }).copied()
     }
 
     #[inline(always)]
     fn is_node_addr(_: &Config, a: &Self) -> bool {
-        NODE_ADDRS6.get_ptr(a).is_some()
+        // SAFETY: the value is copied out at once.
+        explain::found(trail_map::NODE_ADDRS6, a, unsafe { NODE_ADDRS6.get(a) }).is_some()
     }
 
     #[inline(always)]
@@ -402,7 +449,7 @@ impl Fam for Addr6 {
             return None;
         }
         // SAFETY: the value is copied out at once.
-        unsafe { STATIC_NAT6.get(a) }.copied()
+        explain::found(trail_map::STATIC_NAT6, a, unsafe { STATIC_NAT6.get(a) }).copied()
     }
 
     /// Only a quoted packet whose upper-layer header follows the fixed header: one with

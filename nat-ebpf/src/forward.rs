@@ -7,10 +7,10 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
-use nat_common::{Endpoint, Reason};
+use nat_common::{Endpoint, REDIRECT_EGRESS, REDIRECT_NEIGH, REDIRECT_PEER, Reason};
 
 use crate::{
-    TC_ACT_OK,
+    TC_ACT_OK, explain,
     family::Fam,
     nat::dec_ttl,
     nexthop::{Hop, NO_NEIGH, NextHop, SUCCESS, fib},
@@ -42,6 +42,7 @@ pub fn to_endpoint<A: Fam>(
     }
     set_macs(ctx, ep.mac, ep.host_mac)?;
     count(reason, ctx.len());
+    explain::redirect(ep.ifindex, REDIRECT_PEER);
     // SAFETY: plain helper call.
     Ok(unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32)
 }
@@ -52,6 +53,7 @@ pub fn to_hop<A: Fam>(ctx: &TcContext, p: &mut Ip<A>, hop: &Hop) -> Result<i32, 
     dec_ttl(ctx, p)?;
     set_macs(ctx, hop.dmac, hop.smac)?;
     count(Reason::Deliver, ctx.len());
+    explain::redirect(hop.ifindex, REDIRECT_PEER);
     // SAFETY: plain helper call.
     Ok(unsafe { bpf_redirect_peer(hop.ifindex, 0) } as i32)
 }
@@ -81,12 +83,14 @@ pub fn route<A: Fam>(
             },
             ctx.len(),
         );
+        explain::redirect(f.ifindex, REDIRECT_EGRESS);
         // SAFETY: plain helper call.
         return Ok(unsafe { bpf_redirect(f.ifindex, 0) } as i32);
     }
     if rc == NO_NEIGH {
         dec_ttl(ctx, p)?;
         count(Reason::NeighRedirect, ctx.len());
+        explain::redirect(f.ifindex, REDIRECT_NEIGH);
         // SAFETY: a null `params` asks the kernel to resolve the next hop itself.
         return Ok(unsafe { bpf_redirect_neigh(f.ifindex, null_mut(), 0, 0) } as i32);
     }

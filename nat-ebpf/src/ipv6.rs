@@ -47,7 +47,10 @@ pub fn pass(ctx: &TcContext) -> Result<i32, Reason> {
 #[inline(always)]
 pub fn endpoint6(addr: &Addr6) -> Option<Endpoint> {
     // SAFETY: the value is copied out at once.
-    unsafe { ENDPOINTS6.get(addr).copied() }
+    crate::explain::found(nat_common::trail_map::ENDPOINTS6, addr, unsafe {
+        ENDPOINTS6.get(addr)
+    })
+    .copied()
 }
 
 /// The container at `addr`, if any (only addresses in the subnet are looked up).
@@ -153,6 +156,7 @@ fn dispatch(ctx: &TcContext) -> Result<i32, Reason> {
         set_macs(ctx, peer.mac, peer.host_mac)?;
         count(Reason::Forward, ctx.len());
         let d = monitor::traced_as_is(Reason::Forward, peer.ifindex);
+        crate::explain::redirect(peer.ifindex, nat_common::REDIRECT_PEER);
         // SAFETY: plain helper call.
         let action = unsafe { bpf_redirect_peer(peer.ifindex, 0) } as i32;
         return Ok(action | monitor::tc_mark(d));

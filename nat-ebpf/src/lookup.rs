@@ -4,10 +4,11 @@
 
 use nat_common::{
     Addr4, CFG_STATIC_NAT, Config, Endpoint, PROTO_TCP, PROTO_UDP, Port, PortKey4, PortTarget4,
-    Reason, StaticNat4,
+    Reason, StaticNat4, trail_map,
 };
 
 use crate::{
+    explain,
     maps::{CLUSTER_NETS, CONFIG, ENDPOINTS, PORTS, STATIC_NAT},
     parse::{self, Ip4},
 };
@@ -25,7 +26,7 @@ pub fn config() -> Result<&'static Config, Reason> {
 #[inline(always)]
 pub fn endpoint(addr: &Addr4) -> Option<Endpoint> {
     // SAFETY: the value is copied out at once.
-    unsafe { ENDPOINTS.get(addr).copied() }
+    explain::found(trail_map::ENDPOINTS, addr, unsafe { ENDPOINTS.get(addr) }).copied()
 }
 
 /// The static NAT entry for `addr`, if any. Skips the lookup while no mapping exists.
@@ -35,16 +36,15 @@ pub fn static_nat(cfg: &Config, addr: &Addr4) -> Option<StaticNat4> {
         return None;
     }
     // SAFETY: the value is copied out at once.
-    unsafe { STATIC_NAT.get(addr).copied() }
+    explain::found(trail_map::STATIC_NAT, addr, unsafe { STATIC_NAT.get(addr) }).copied()
 }
 
 /// The `NET_*` flags of the cluster prefix `addr` falls in (0 outside the cluster, and on a
 /// node that is not in one).
 #[inline(always)]
 pub fn cluster_flags(addr: &Addr4) -> u32 {
-    CLUSTER_NETS
-        .get(&aya_ebpf::btf_maps::lpm_trie::Key::new(32, *addr))
-        .map_or(0, |n| n.flags)
+    let key = aya_ebpf::btf_maps::lpm_trie::Key::new(32, *addr);
+    explain::found(trail_map::CLUSTER_NETS, &key, CLUSTER_NETS.get(&key)).map_or(0, |n| n.flags)
 }
 
 /// The container at `addr`, if any. Addresses outside the subnet skip the map lookup: that is
@@ -70,12 +70,12 @@ pub fn published_port(dst: Addr4, port: Port, proto: u8) -> Option<PortTarget4> 
         _pad: 0,
     };
     // SAFETY: the value is copied out at once.
-    if let Some(t) = unsafe { PORTS.get(&key) } {
+    if let Some(t) = explain::found(trail_map::PORTS, &key, unsafe { PORTS.get(&key) }) {
         return Some(*t);
     }
     key.host_addr = [0; 4];
     // SAFETY: as above.
-    unsafe { PORTS.get(&key) }.copied()
+    explain::found(trail_map::PORTS, &key, unsafe { PORTS.get(&key) }).copied()
 }
 
 /// The mapping for `p`'s destination port (TCP and UDP with their header only).

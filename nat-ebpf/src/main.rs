@@ -16,6 +16,7 @@ mod addr;
 mod arp;
 mod conntrack;
 mod csum;
+mod explain;
 mod family;
 mod forward;
 mod frag;
@@ -59,6 +60,7 @@ pub(crate) fn verdict(ctx: &TcContext, r: Result<i32, nat_common::Reason>) -> i3
 /// TC ingress of a container's host-side veth.
 #[classifier]
 pub fn tc_container(ctx: TcContext) -> i32 {
+    explain::reset();
     let action = if ingress::is_ipv6(&ctx) {
         ipv6::from_container(&ctx)
     } else {
@@ -70,6 +72,7 @@ pub fn tc_container(ctx: TcContext) -> i32 {
 /// TC ingress of the uplink.
 #[classifier]
 pub fn tc_uplink(ctx: TcContext) -> i32 {
+    explain::reset();
     let action = if ingress::is_ipv6(&ctx) {
         ipv6::from_uplink(&ctx)
     } else {
@@ -81,6 +84,7 @@ pub fn tc_uplink(ctx: TcContext) -> i32 {
 /// XDP on the uplink: the inbound fast path in front of `tc_uplink`.
 #[xdp]
 pub fn xdp_uplink(ctx: XdpContext) -> u32 {
+    explain::reset();
     monitor::report_xdp(&ctx, xdp::from_uplink(&ctx))
 }
 

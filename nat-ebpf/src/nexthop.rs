@@ -149,7 +149,7 @@ pub fn fib<A: Fam>(ctx: &TcContext, p: &Ip<A>, ifindex: u32) -> NextHop {
             0,
         )
     };
-    NextHop {
+    let nh = NextHop {
         rc: rc as i32,
         ifindex: f.ifindex,
         dmac: f.dmac,
@@ -157,7 +157,9 @@ pub fn fib<A: Fam>(ctx: &TcContext, p: &Ip<A>, ifindex: u32) -> NextHop {
         // SAFETY: after the lookup the kernel has written the MTU over `tot_len`.
         mtu: u32::from(unsafe { f.__bindgen_anon_1.mtu_result }),
         cached: false,
-    }
+    };
+    crate::explain::fib(&p.dst, &nh);
+    nh
 }
 
 /// The way out for a packet of the tracked direction `e`: the next hop the FIB gave is kept in

@@ -185,6 +185,7 @@ fn deliver<A: Fam>(ctx: &XdpContext, p: &mut parse::Ip<A>, hop: &Hop) -> Result<
     nat::dec_ttl(ctx, p)?;
     forward::set_macs(ctx, hop.dmac, hop.smac)?;
     count(Reason::XdpDeliver, ctx.bytes());
+    crate::explain::redirect(hop.ifindex, nat_common::REDIRECT_EGRESS);
     // SAFETY: plain helper call; in XDP it returns XDP_REDIRECT.
     Ok(unsafe { bpf_redirect(hop.ifindex, 0) } as u32)
 }

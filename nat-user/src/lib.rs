@@ -11,6 +11,7 @@ pub mod cni;
 pub mod datapath;
 mod endpoints;
 mod env;
+mod explain;
 mod net;
 mod node;
 mod spec;

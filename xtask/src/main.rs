@@ -167,21 +167,22 @@ fn main() -> Result<()> {
                 "warnings",
             ]))?;
             // The rustup proxy, not $CARGO: only the proxy understands `+nightly`.
-            let ebpf = run(Command::new("cargo")
-                .current_dir(root().join("nat-ebpf"))
-                .env("PATH", setup::path_with_cargo_bin())
-                .args([
-                    "+nightly",
-                    "clippy",
-                    "--target",
-                    "bpfel-unknown-none",
-                    "-Z",
-                    "build-std=core",
-                    "--",
-                    "-D",
-                    "warnings",
-                ]));
-            ebpf?;
+            // Both builds: the production programs and `bpfnat explain`'s.
+            for features in [&[][..], &["--features", "explain"][..]] {
+                run(Command::new("cargo")
+                    .current_dir(root().join("nat-ebpf"))
+                    .env("PATH", setup::path_with_cargo_bin())
+                    .args([
+                        "+nightly",
+                        "clippy",
+                        "--target",
+                        "bpfel-unknown-none",
+                        "-Z",
+                        "build-std=core",
+                    ])
+                    .args(features)
+                    .args(["--", "-D", "warnings"]))?;
+            }
             // The verifier's view needs root; without it the frames go unchecked, said so.
             if nix_is_root() {
                 frames::check(&root())

@@ -60,7 +60,7 @@ pub fn run(ctx: &Ctx, cmd: MapCmd) -> Result<()> {
 }
 
 /// An object as `name=value` pairs, nested objects as `outer.inner=value`, nulls left out.
-fn fields(v: &Value) -> String {
+pub(super) fn fields(v: &Value) -> String {
     fn walk(prefix: &str, v: &Value, out: &mut Vec<String>) {
         match v {
             Value::Object(m) => {

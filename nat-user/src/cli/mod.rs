@@ -3,6 +3,7 @@
 mod cluster;
 mod conntrack;
 mod container;
+mod explain;
 mod map;
 mod monitor;
 mod nat;
@@ -84,6 +85,10 @@ pub enum Command {
     /// Live datapath events: dropped packets with their reason, and (`--type trace`) new
     /// connections and translations, one line each, until Ctrl-C.
     Monitor(monitor::MonitorArgs),
+    /// What the datapath would do with one packet, decided by its programs on a crafted
+    /// frame without committing anything: each map consulted with its key and what it
+    /// found, the translation, the verdict and where the packet would go.
+    Explain(explain::ExplainArgs),
     /// This node in its cluster: its block, the datastore's health, the other nodes and
     /// the routes to their pods.
     #[command(subcommand)]
@@ -199,6 +204,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Command::Conntrack(c) => conntrack::run(&ctx, c),
             Command::Stats => stats::run(&ctx),
             Command::Monitor(a) => monitor::run(&ctx, a).await,
+            Command::Explain(a) => explain::run(&ctx, a).await,
             Command::Top => top::run(&ctx),
             Command::Map(c) => map::run(&ctx, c),
             Command::Cluster(c) => cluster::run(&ctx, c).await,

@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result, bail};
 use aya::maps::{Array, HashMap, LpmTrie, MapData, MapInfo, PerCpuArray, lpm_trie::Key as LpmKey};
 use nat_common::{
     Addr4, Addr6, CFG_MASQUERADE, CFG_STATIC_NAT, ClusterNet, Config, Counter, CtEntry, CtKey,
-    DIR_ORIGINAL, EP_CONTAINER, Endpoint, FragKey4, FragKey6, FragPorts, MAP_SPECS, MON_DROP,
+    DIR_ORIGINAL, EP_CONTAINER, Endpoint, FragKey4, FragKey6, FragPorts, Lpm4, MAP_SPECS, MON_DROP,
     MON_TRACE, MapKind, MonitorCpu, MonitorCtl, NAT_DNAT, NAT_SNAT, NET_CLUSTER_SRC, NET_NO_MASQ,
     NodeAddr, ORIGIN_HAIRPIN, ORIGIN_MASQUERADE, ORIGIN_PUBLISHED, Port, PortKey, PortTarget,
     Reason, STATIC_EXTERNAL, STATIC_INTERNAL, SockKey4, SockKey6, SockOrig4, SockOrig6, StaticNat,
@@ -110,48 +110,6 @@ pub fn dump(pins: &Pins, name: &str) -> Result<Vec<Entry>> {
                 value: config(&a.get(&0, 0).context("read config")?),
             }])
         }
-        n::ENDPOINTS => hash::<Addr4, Endpoint>(pins, name, |k| addr_key(ip4(*k)), endpoint),
-        n::ENDPOINTS6 => hash::<Addr6, Endpoint>(pins, name, |k| addr_key(ip6(*k)), endpoint),
-        n::PORTS => hash::<PortKey<Addr4>, PortTarget<Addr4>>(
-            pins,
-            name,
-            |k| port_key(ip4(k.host_addr), k.host_port, k.proto),
-            |v| port_target(ip4(v.addr), v),
-        ),
-        n::PORTS6 => hash::<PortKey<Addr6>, PortTarget<Addr6>>(
-            pins,
-            name,
-            |k| port_key(ip6(k.host_addr), k.host_port, k.proto),
-            |v| port_target(ip6(v.addr), v),
-        ),
-        n::CONNTRACK | n::CONNTRACK_NEW => hash::<CtKey<Addr4>, CtEntry<Addr4>>(
-            pins,
-            name,
-            |k| {
-                tuple(
-                    ip4(k.src_addr),
-                    k.src_port,
-                    ip4(k.dst_addr),
-                    k.dst_port,
-                    k.proto,
-                )
-            },
-            |e| ct_entry(e, ip4(e.xlate.src_addr), ip4(e.xlate.dst_addr), now),
-        ),
-        n::CONNTRACK6 | n::CONNTRACK6_NEW => hash::<CtKey<Addr6>, CtEntry<Addr6>>(
-            pins,
-            name,
-            |k| {
-                tuple(
-                    ip6(k.src_addr),
-                    k.src_port,
-                    ip6(k.dst_addr),
-                    k.dst_port,
-                    k.proto,
-                )
-            },
-            |e| ct_entry(e, ip6(e.xlate.src_addr), ip6(e.xlate.dst_addr), now),
-        ),
         n::STATS => {
             let a: PerCpuArray<MapData, Counter> = open_map(pins, name)?.try_into()?;
             Reason::ALL
@@ -168,58 +126,6 @@ pub fn dump(pins: &Pins, name: &str) -> Result<Vec<Entry>> {
                 })
                 .collect()
         }
-        n::STATIC_NAT => hash::<Addr4, StaticNat<Addr4>>(
-            pins,
-            name,
-            |k| addr_key(ip4(*k)),
-            |v| static_nat(ip4(v.peer), v.kind),
-        ),
-        n::STATIC_NAT6 => hash::<Addr6, StaticNat<Addr6>>(
-            pins,
-            name,
-            |k| addr_key(ip6(*k)),
-            |v| static_nat(ip6(v.peer), v.kind),
-        ),
-        n::SOCK_RNAT => hash::<SockKey4, SockOrig4>(
-            pins,
-            name,
-            |k| sock_key(k.cookie, ip4(k.addr), k.port),
-            |v| addr_port(ip4(v.addr), v.port),
-        ),
-        n::SOCK_RNAT6 => hash::<SockKey6, SockOrig6>(
-            pins,
-            name,
-            |k| sock_key(k.cookie, ip6(k.addr), k.port),
-            |v| addr_port(ip6(v.addr), v.port),
-        ),
-        n::FRAGS => hash::<FragKey4, FragPorts>(
-            pins,
-            name,
-            |k| {
-                frag_key(
-                    ip4(k.src_addr),
-                    ip4(k.dst_addr),
-                    u32::from(u16::from_be_bytes(k.id)),
-                    k.proto,
-                )
-            },
-            |v| frag_ports(v, now),
-        ),
-        n::FRAGS6 => hash::<FragKey6, FragPorts>(
-            pins,
-            name,
-            |k| {
-                frag_key(
-                    ip6(k.src_addr),
-                    ip6(k.dst_addr),
-                    u32::from_be_bytes(k.id),
-                    k.proto,
-                )
-            },
-            |v| frag_ports(v, now),
-        ),
-        n::NODE_ADDRS => hash::<Addr4, NodeAddr>(pins, name, |k| addr_key(ip4(*k)), node_addr),
-        n::NODE_ADDRS6 => hash::<Addr6, NodeAddr>(pins, name, |k| addr_key(ip6(*k)), node_addr),
         n::CLUSTER_NETS => {
             let t: LpmTrie<MapData, Addr4, ClusterNet> = open_map(pins, name)?.try_into()?;
             t.iter()
@@ -227,9 +133,7 @@ pub fn dump(pins: &Pins, name: &str) -> Result<Vec<Entry>> {
                     let (k, v): (LpmKey<Addr4>, ClusterNet) = r.context("read cluster_nets")?;
                     Ok(Entry {
                         key: json!({ "prefix": format!("{}/{}", ip4(k.data()), k.prefix_len()) }),
-                        value: json!({
-                            "flags": names(v.flags, &[(NET_NO_MASQ, "no_masquerade"), (NET_CLUSTER_SRC, "cluster_source")]),
-                        }),
+                        value: cluster_net(&v),
                     })
                 })
                 .collect()
@@ -263,8 +167,164 @@ pub fn dump(pins: &Pins, name: &str) -> Result<Vec<Entry>> {
                 .collect())
         }
         n::EVENTS => bail!("events is the monitor's ring buffer: `bpfnat monitor` reads it"),
-        other => bail!("no decoder for map {other}"),
+        other => codec(other, FromPin { pins, name, now })
+            .unwrap_or_else(|| bail!("no decoder for map {other}")),
     }
+}
+
+/// Receives the key and value decoders of a hash map (`codec`), typed.
+trait Visit {
+    type Out;
+    fn visit<K: aya::Pod, V: aya::Pod>(
+        self,
+        key: fn(&K) -> Value,
+        value: fn(&V, u64) -> Value,
+    ) -> Self::Out;
+}
+
+/// The decoders of the hash map `name` (of every kind but arrays), given to `v`; `None` for
+/// another map. The one place that knows how each map's keys and values read.
+fn codec<T: Visit>(name: &str, v: T) -> Option<T::Out> {
+    Some(match name {
+        n::ENDPOINTS => v.visit::<Addr4, Endpoint>(|k| addr_key(ip4(*k)), |e, _| endpoint(e)),
+        n::ENDPOINTS6 => v.visit::<Addr6, Endpoint>(|k| addr_key(ip6(*k)), |e, _| endpoint(e)),
+        n::PORTS => v.visit::<PortKey<Addr4>, PortTarget<Addr4>>(
+            |k| port_key(ip4(k.host_addr), k.host_port, k.proto),
+            |t, _| port_target(ip4(t.addr), t),
+        ),
+        n::PORTS6 => v.visit::<PortKey<Addr6>, PortTarget<Addr6>>(
+            |k| port_key(ip6(k.host_addr), k.host_port, k.proto),
+            |t, _| port_target(ip6(t.addr), t),
+        ),
+        n::CONNTRACK | n::CONNTRACK_NEW => v.visit::<CtKey<Addr4>, CtEntry<Addr4>>(
+            |k| {
+                tuple(
+                    ip4(k.src_addr),
+                    k.src_port,
+                    ip4(k.dst_addr),
+                    k.dst_port,
+                    k.proto,
+                )
+            },
+            |e, now| ct_entry(e, ip4(e.xlate.src_addr), ip4(e.xlate.dst_addr), now),
+        ),
+        n::CONNTRACK6 | n::CONNTRACK6_NEW => v.visit::<CtKey<Addr6>, CtEntry<Addr6>>(
+            |k| {
+                tuple(
+                    ip6(k.src_addr),
+                    k.src_port,
+                    ip6(k.dst_addr),
+                    k.dst_port,
+                    k.proto,
+                )
+            },
+            |e, now| ct_entry(e, ip6(e.xlate.src_addr), ip6(e.xlate.dst_addr), now),
+        ),
+        n::STATIC_NAT => v.visit::<Addr4, StaticNat<Addr4>>(
+            |k| addr_key(ip4(*k)),
+            |s, _| static_nat(ip4(s.peer), s.kind),
+        ),
+        n::STATIC_NAT6 => v.visit::<Addr6, StaticNat<Addr6>>(
+            |k| addr_key(ip6(*k)),
+            |s, _| static_nat(ip6(s.peer), s.kind),
+        ),
+        n::SOCK_RNAT => v.visit::<SockKey4, SockOrig4>(
+            |k| sock_key(k.cookie, ip4(k.addr), k.port),
+            |o, _| addr_port(ip4(o.addr), o.port),
+        ),
+        n::SOCK_RNAT6 => v.visit::<SockKey6, SockOrig6>(
+            |k| sock_key(k.cookie, ip6(k.addr), k.port),
+            |o, _| addr_port(ip6(o.addr), o.port),
+        ),
+        n::FRAGS => v.visit::<FragKey4, FragPorts>(
+            |k| {
+                frag_key(
+                    ip4(k.src_addr),
+                    ip4(k.dst_addr),
+                    u32::from(u16::from_be_bytes(k.id)),
+                    k.proto,
+                )
+            },
+            frag_ports,
+        ),
+        n::FRAGS6 => v.visit::<FragKey6, FragPorts>(
+            |k| {
+                frag_key(
+                    ip6(k.src_addr),
+                    ip6(k.dst_addr),
+                    u32::from_be_bytes(k.id),
+                    k.proto,
+                )
+            },
+            frag_ports,
+        ),
+        n::NODE_ADDRS => v.visit::<Addr4, NodeAddr>(|k| addr_key(ip4(*k)), |a, _| node_addr(a)),
+        n::NODE_ADDRS6 => v.visit::<Addr6, NodeAddr>(|k| addr_key(ip6(*k)), |a, _| node_addr(a)),
+        n::CLUSTER_NETS => v.visit::<Lpm4, ClusterNet>(
+            |k| json!({ "prefix": format!("{}/{}", ip4(k.addr), { k.prefix_len }) }),
+            |c, _| cluster_net(c),
+        ),
+        _ => return None,
+    })
+}
+
+/// `codec` over a pinned map's entries.
+struct FromPin<'a> {
+    pins: &'a Pins,
+    name: &'a str,
+    now: u64,
+}
+
+impl Visit for FromPin<'_> {
+    type Out = Result<Vec<Entry>>;
+
+    fn visit<K: aya::Pod, V: aya::Pod>(
+        self,
+        key: fn(&K) -> Value,
+        value: fn(&V, u64) -> Value,
+    ) -> Self::Out {
+        hash::<K, V>(self.pins, self.name, key, |v| value(v, self.now))
+    }
+}
+
+/// `codec` over one key and value as the map stores them.
+struct FromBytes<'a> {
+    key: &'a [u8],
+    value: Option<&'a [u8]>,
+    now: u64,
+}
+
+impl Visit for FromBytes<'_> {
+    type Out = Option<(Value, Option<Value>)>;
+
+    fn visit<K: aya::Pod, V: aya::Pod>(
+        self,
+        key: fn(&K) -> Value,
+        value: fn(&V, u64) -> Value,
+    ) -> Self::Out {
+        let k = read::<K>(self.key)?;
+        let v = match self.value {
+            Some(b) => Some(value(&read::<V>(b)?, self.now)),
+            None => None,
+        };
+        Some((key(&k), v))
+    }
+}
+
+fn read<T: aya::Pod>(b: &[u8]) -> Option<T> {
+    // SAFETY: `aya::Pod`: any bytes of the right length are a valid `T`.
+    (b.len() == size_of::<T>()).then(|| unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<T>()) })
+}
+
+/// A key of the map `name` and the value found for it, decoded from the bytes the map stores
+/// (`bpfnat explain`'s trail); `None` when the map has no decoder or the lengths are wrong.
+pub fn decode(
+    name: &str,
+    key: &[u8],
+    value: Option<&[u8]>,
+    now: u64,
+) -> Option<(Value, Option<Value>)> {
+    codec(name, FromBytes { key, value, now }).flatten()
 }
 
 /// A hash map's entries, each side decoded by its function.
@@ -445,6 +505,12 @@ fn frag_ports(f: &FragPorts, now: u64) -> Value {
         "seen_bytes": f.seen,
         "total_bytes": f.total,
         "age_ms": now.saturating_sub(f.created_ns) / 1_000_000,
+    })
+}
+
+fn cluster_net(c: &ClusterNet) -> Value {
+    json!({
+        "flags": names(c.flags, &[(NET_NO_MASQ, "no_masquerade"), (NET_CLUSTER_SRC, "cluster_source")]),
     })
 }
 

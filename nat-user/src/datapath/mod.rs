@@ -16,6 +16,7 @@
 
 mod conntrack;
 pub mod dump;
+pub mod explain;
 pub mod monitor;
 
 use std::{
