@@ -21,7 +21,8 @@ pub mod op {
     /// An insert the production programs would make (`value`: the entry); `found`: 1 if it
     /// would succeed.
     pub const INSERT: u8 = 2;
-    /// A delete the production programs would make.
+    /// A delete the production programs would make; `Step::found`: whether the key is
+    /// there to delete.
     pub const REMOVE: u8 = 3;
     /// A FIB lookup: `key` the destination address, `value` a `FibStep`.
     pub const FIB: u8 = 4;

@@ -129,12 +129,14 @@ pub fn insert<K, V>(map: u8, key: &K, v: &V, ok: bool) {
     }
 }
 
-/// A delete of `key` from `map` the production programs would make.
+/// A delete of `key` from `map` the production programs would make; `present`: whether
+/// there is an entry to delete.
 #[cfg(feature = "explain")]
 #[inline(always)]
-pub fn remove<K>(map: u8, key: &K) {
+pub fn remove<K>(map: u8, key: &K, present: bool) {
     if let Some((s, _)) = next(op::REMOVE, map) {
         s.key_len = put(&mut s.key, key);
+        s.found = u8::from(present);
     }
 }
 

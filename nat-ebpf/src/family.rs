@@ -152,7 +152,12 @@ macro_rules! family_maps {
         #[cfg(feature = "explain")]
         #[inline(always)]
         fn ct_remove(k: &CtKey<Self>, fresh: bool) {
-            explain::remove(if fresh { $ct_new_id } else { $ct_id }, k);
+            let (id, present) = if fresh {
+                ($ct_new_id, $ct_new.get_ptr(k).is_some())
+            } else {
+                ($ct_id, $ct.get_ptr(k).is_some())
+            };
+            explain::remove(id, k, present);
         }
 
         #[inline(always)]
@@ -179,7 +184,7 @@ macro_rules! family_maps {
             #[cfg(not(feature = "explain"))]
             let _ = $frags.remove(&$frag_key(p));
             #[cfg(feature = "explain")]
-            explain::remove($frags_id, &$frag_key(p));
+            explain::remove($frags_id, &$frag_key(p), true);
         }
     };
 }

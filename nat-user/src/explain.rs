@@ -122,10 +122,12 @@ pub enum StepView {
         value: serde_json::Value,
         ok: bool,
     },
-    /// An entry the datapath would delete.
+    /// An entry the datapath would delete (`present`: there is one; the datapath deletes a
+    /// tuple without looking first).
     Remove {
         map: &'static str,
         key: serde_json::Value,
+        present: bool,
     },
     /// A FIB lookup: the route to `dst`.
     Fib {
@@ -413,14 +415,14 @@ fn step_view(s: &TrailStep, iface: &dyn Fn(u32) -> Interface) -> StepView {
             value,
             ok,
         },
-        TrailStep::Remove { map, key } => StepView::Remove { map, key },
+        TrailStep::Remove { map, key, present } => StepView::Remove { map, key, present },
         TrailStep::Fib { dst, fib } => {
             let routed = matches!(fib.rc, 0 | 7 | 8);
             StepView::Fib {
                 dst,
                 result: fib_result(fib.rc),
                 out: routed.then(|| iface(fib.ifindex)),
-                mtu: routed.then_some(fib.mtu),
+                mtu: (fib.rc == 0 || fib.rc == 8).then_some(fib.mtu),
             }
         }
         TrailStep::Redirect { ifindex, how } => StepView::Redirect {

@@ -6,6 +6,7 @@ use std::{collections::HashMap, fmt::Write as _, net::SocketAddr};
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, ValueEnum};
 use nat_plumbing::netlink::Netlink;
+use serde_json::Value;
 
 use super::{Ctx, map::fields};
 use crate::explain::{self, Explanation, From, Interface, Proto, Query, StepView, TcpFlags};
@@ -151,6 +152,39 @@ fn text(e: &Explanation) -> String {
     s
 }
 
+/// A value as `name=value` pairs; a connection's entry by what tells it apart (`-o json`
+/// and `map dump` have every field).
+fn value_text(map: &str, v: &Value) -> String {
+    if !map.starts_with("conntrack") {
+        return fields(v);
+    }
+    let x = &v["xlate"];
+    let mut t = format!(
+        "xlate={}:{}->{}:{}",
+        x["src"].as_str().unwrap_or("?"),
+        x["sport"],
+        x["dst"].as_str().unwrap_or("?"),
+        x["dport"]
+    );
+    for k in [
+        "dir",
+        "state",
+        "origin",
+        "assured",
+        "packets",
+        "bytes",
+        "idle_secs",
+    ] {
+        let f = &v[k];
+        let _ = write!(
+            t,
+            " {k}={}",
+            f.as_str().map_or_else(|| f.to_string(), str::to_owned)
+        );
+    }
+    t
+}
+
 fn step_text(step: &StepView) -> String {
     match step {
         StepView::Lookup { map, key, value } => format!(
@@ -158,7 +192,7 @@ fn step_text(step: &StepView) -> String {
             fields(key),
             value
                 .as_ref()
-                .map_or_else(|| "not found".to_owned(), fields)
+                .map_or_else(|| "not found".to_owned(), |v| value_text(map, v))
         ),
         StepView::Insert {
             map,
@@ -169,9 +203,13 @@ fn step_text(step: &StepView) -> String {
             "{} {map:<14} {} => {}",
             if *ok { "create  " } else { "refused " },
             fields(key),
-            fields(value)
+            value_text(map, value)
         ),
-        StepView::Remove { map, key } => format!("delete   {map:<14} {}", fields(key)),
+        StepView::Remove { map, key, present } => format!(
+            "delete   {map:<14} {}{}",
+            fields(key),
+            if *present { "" } else { " => not there" }
+        ),
         StepView::Fib {
             dst,
             result,

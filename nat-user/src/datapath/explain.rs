@@ -70,8 +70,12 @@ pub enum TrailStep {
         value: Value,
         ok: bool,
     },
-    /// An entry the production programs would delete.
-    Remove { map: &'static str, key: Value },
+    /// An entry the production programs would delete (`present`: there is one).
+    Remove {
+        map: &'static str,
+        key: Value,
+        present: bool,
+    },
     /// A FIB lookup for `dst`.
     Fib { dst: std::net::IpAddr, fib: FibStep },
     /// The packet is sent to `ifindex` (`how`: `nat_common::REDIRECT_*`).
@@ -224,7 +228,11 @@ fn decode(s: &Step, now: u64) -> Option<TrailStep> {
                     value: v?,
                     ok: found,
                 },
-                _ => TrailStep::Remove { map, key: k },
+                _ => TrailStep::Remove {
+                    map,
+                    key: k,
+                    present: found,
+                },
             })
         }
         op::FIB => {
