@@ -17,7 +17,7 @@ use nat_common::{CtKey, PROTO_TCP, PROTO_UDP, Port, Reason};
 use crate::{
     conntrack,
     family::Fam,
-    nat,
+    monitor, nat,
     parse::{IP_OFF, Ip, ptr_at},
     pkt::Pkt,
     stats::count,
@@ -149,7 +149,8 @@ fn set_inner_port<A>(
     nat::set_port(ctx, p, off, old, new)
 }
 
-/// Translate the error `p` if it is about a tracked connection. `Ok(false)`: it is not.
+/// Translate the error `p` if it is about a tracked connection (and draft its monitor event:
+/// the caller marks its action, `monitor::traced_icmp_error`). `Ok(false)`: it is not.
 /// `from_outside`: it arrived on the uplink (else from a container, whose address anti-spoofing
 /// has checked). `key`: room for the lookup's key (the IPv6 path keeps it off the stack).
 #[inline(always)]
@@ -178,6 +179,12 @@ pub fn translate<A: Fam>(
         return Err(Reason::DropIcmpMismatch);
     }
     let e = conntrack::xlate(e);
+    let src = if p.src == i.key.dst_addr {
+        &e.src_addr
+    } else {
+        &p.src
+    };
+    monitor::traced_icmp_error(p, (src, &e.dst_addr));
 
     // Outer: to whom the error goes, and from whom if the quoted packet's receiver sent it
     // (a router on the way outside keeps its own address).

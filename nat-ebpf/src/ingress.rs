@@ -88,7 +88,7 @@ fn container(ctx: &TcContext) -> Result<i32, Reason> {
         return pass(ctx);
     }
     if icmp::is_error(&p) && icmp::translate(ctx, &mut p, false, &mut CtKey4::default())? {
-        return deliver(ctx, cfg, &mut p, ifindex);
+        return Ok(deliver(ctx, cfg, &mut p, ifindex)? | monitor::tc_mark(true));
     }
     // The early lookup's answer stands unless it was skipped (a destination in the subnet).
     let entry = match early {
@@ -355,7 +355,7 @@ fn uplink(ctx: &TcContext) -> Result<i32, Reason> {
     if icmp::is_error(&p) {
         not_expiring(&p)?;
         if icmp::translate(ctx, &mut p, true, &mut CtKey4::default())? {
-            return deliver(ctx, cfg, &mut p, ifindex);
+            return Ok(deliver(ctx, cfg, &mut p, ifindex)? | monitor::tc_mark(true));
         }
     }
     if !p.is_trackable() {

@@ -331,7 +331,8 @@ fn tracked_entry(w: &mut Work6) -> Option<*mut CtEntry6> {
 #[inline(always)]
 fn icmp_error(ctx: &TcContext, from_outside: bool) -> i32 {
     match translate_error(ctx, from_outside) {
-        TRANSLATED => deliver(ctx),
+        // Marked whether or not an event was drafted (`monitor::traced_icmp_error`).
+        TRANSLATED => deliver(ctx) | monitor::tc_mark(true),
         action => action,
     }
 }

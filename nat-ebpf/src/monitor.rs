@@ -99,6 +99,15 @@ pub fn traced_addrs<A: Fam>(reason: Reason, p: &Ip<A>, (src, dst): (&A, &A), out
     false
 }
 
+/// An ICMP error about a tracked connection, sent on with the outer addresses `(src, dst)`
+/// (F7). Its caller marks its action `DRAFTED` whether or not an event was drafted (`send`
+/// finds none then): errors are rare, and a constant mark leaves the verifier one path
+/// through the delivery that follows instead of two.
+#[inline(always)]
+pub fn traced_icmp_error<A: Fam>(p: &Ip<A>, (src, dst): (&A, &A)) {
+    let _ = traced_addrs(Reason::IcmpError, p, (src, dst), 0);
+}
+
 /// A decision that sends the packet on untranslated to `out` (forwarding between containers
 /// before the packet is parsed): its tuple is read from its headers when the event is sent.
 /// Whether an event was drafted.
@@ -234,6 +243,11 @@ fn send<C: Seen>(ctx: &C) {
     let Some(ctl) = MONITOR.get(0) else {
         return;
     };
+    // A draft left behind by a decision that ended otherwise, under other flags.
+    let wants = if kind == EV_DROP { MON_DROP } else { MON_TRACE };
+    if ctl.flags & wants == 0 {
+        return;
+    }
     let d = &mut c.draft;
     if kind == EV_DROP || d.family == 0 {
         // A drop's tuple, and an untranslated packet's, is what its headers show.

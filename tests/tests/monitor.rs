@@ -452,3 +452,41 @@ fn ipv6_forwarding_and_static_nat66_are_traced() {
         ("2001:db8:1::10".to_owned(), 7700, client, 47000)
     );
 }
+
+#[test]
+fn icmp_errors_are_traced_with_their_translation() {
+    let lab = lab_up("mon-icmperr");
+    let c = add_container(&lab, "c", &[]);
+    let mut mon = Monitor::start(&lab, &["--type", "trace", "--proto", "icmp"]);
+    // Nothing listens on the outside host's port 9: its "port unreachable" comes back to
+    // the node's address and is translated to the container.
+    assert!(
+        bpfnat_tests::udp_refused(&c.ns, v4(EXT_ADDR, 9)),
+        "the container sees the port refused"
+    );
+    let events = mon.events(Duration::from_secs(1));
+    let errors = with_reason(&events, "icmp_error");
+    assert_eq!(errors.len(), 1, "{events:#?}");
+    let e = errors[0];
+    assert_eq!(
+        (&e["program"], &e["proto"]),
+        (&Value::from("tc_uplink"), &Value::from("icmp"))
+    );
+    assert_eq!(
+        tuple(&e["before"]),
+        (EXT_ADDR.to_string(), 0, NODE_ADDR.to_string(), 0)
+    );
+    assert_eq!(
+        tuple(&e["after"]),
+        (EXT_ADDR.to_string(), 0, c.ip.to_string(), 0)
+    );
+    mon.stop();
+
+    // Nobody listening: the same error is translated, and its action's mark finds no
+    // draft to send; a monitor started after it finds nothing left in the ring buffer.
+    assert!(bpfnat_tests::udp_refused(&c.ns, v4(EXT_ADDR, 9)));
+    assert_eq!(counter(&lab, "icmp_error"), 2);
+    let mon = Monitor::start(&lab, &["--type", "all"]);
+    let events = mon.events(Duration::from_secs(1));
+    assert!(with_reason(&events, "icmp_error").is_empty(), "{events:#?}");
+}

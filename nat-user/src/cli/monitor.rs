@@ -450,8 +450,12 @@ fn endpoint(ip: IpAddr, port: u16) -> String {
     }
 }
 
-/// `src:sport > dst:dport`, as tcpdump writes a packet; ICMP echo as `src > dst id N`.
+/// `src:sport > dst:dport`, as tcpdump writes a packet; ICMP echo as `src > dst id N`, an ICMP
+/// error (no id) as `src > dst`.
 fn flow(t: &TupleView, icmp: bool) -> String {
+    if icmp && t.sport == 0 && t.dport == 0 {
+        return format!("{} > {}", t.src, t.dst);
+    }
     if icmp {
         let id = if t.sport != 0 { t.sport } else { t.dport };
         return format!("{} > {} id {id}", t.src, t.dst);
