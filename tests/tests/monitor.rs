@@ -490,3 +490,28 @@ fn icmp_errors_are_traced_with_their_translation() {
     let events = mon.events(Duration::from_secs(1));
     assert!(with_reason(&events, "icmp_error").is_empty(), "{events:#?}");
 }
+
+#[test]
+fn icmpv6_errors_are_traced_too() {
+    let lab = bpfnat_tests::lab_up6("mon-icmp6err");
+    let c = add_container(&lab, "c", &[]);
+    let ip6 = bpfnat_tests::json(&lab, &["container", "inspect", &lab.name("c")])["ip6"]
+        .as_str()
+        .expect("ip6")
+        .to_owned();
+    let mon = Monitor::start(&lab, &["--type", "trace", "--proto", "icmp"]);
+    let ext: std::net::SocketAddr = "[2001:db8:1::2]:9".parse().expect("address");
+    assert!(bpfnat_tests::udp_refused(&c.ns, ext), "refused over IPv6");
+    let events = mon.events(Duration::from_secs(1));
+    let errors = with_reason(&events, "icmp_error");
+    assert_eq!(errors.len(), 1, "{events:#?}");
+    assert_eq!(errors[0]["proto"], "icmpv6");
+    assert_eq!(
+        tuple(&errors[0]["before"]),
+        ("2001:db8:1::2".to_owned(), 0, "2001:db8:1::1".to_owned(), 0)
+    );
+    assert_eq!(
+        tuple(&errors[0]["after"]),
+        ("2001:db8:1::2".to_owned(), 0, ip6, 0)
+    );
+}
