@@ -33,6 +33,12 @@ pub fn record<A: Fam>(p: &Ip<A>) {
     if !p.frag || !p.l4_present || (p.proto != PROTO_TCP && p.proto != PROTO_UDP) {
         return;
     }
+    record_first(p);
+}
+
+/// `record`'s work, for a first fragment of TCP or UDP.
+#[inline(always)]
+fn record_first<A: Fam>(p: &Ip<A>) {
     let f = FragPorts {
         src_port: p.sport,
         dst_port: p.dport,
@@ -52,6 +58,26 @@ pub fn resolve<A: Fam>(p: &mut Ip<A>) {
     if !p.frag || p.l4_present || (p.proto != PROTO_TCP && p.proto != PROTO_UDP) {
         return;
     }
+    resolve_later(p);
+}
+
+/// `record` and `resolve` in one call, where both follow each other: a first fragment is
+/// recorded, a later one resolved. Whole packets (nearly all) pay one call, not two.
+#[inline(never)]
+pub fn follow<A: Fam>(p: &mut Ip<A>) {
+    if !p.frag || (p.proto != PROTO_TCP && p.proto != PROTO_UDP) {
+        return;
+    }
+    if p.l4_present {
+        record_first(p);
+    } else {
+        resolve_later(p);
+    }
+}
+
+/// `resolve`'s work, for a later fragment of TCP or UDP.
+#[inline(always)]
+fn resolve_later<A: Fam>(p: &mut Ip<A>) {
     let Some(f) = A::frags_get(p) else {
         return;
     };

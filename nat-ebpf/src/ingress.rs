@@ -345,8 +345,7 @@ fn uplink(ctx: &TcContext) -> Result<i32, Reason> {
     if addr::is_martian(p.dst) || addr::forged_outside_src(cfg, p.src) {
         return Err(Reason::DropMartian);
     }
-    frag::record(&p);
-    frag::resolve(&mut p);
+    frag::follow(&mut p);
     if let Some(s) = static_nat(cfg, &p.dst)
         && s.kind == STATIC_EXTERNAL
     {

@@ -275,9 +275,10 @@ const _: () = assert!(size_of::<Work6>() <= WORK6_LEN && align_of::<Work6>() <= 
 fn parse(ctx: &TcContext, record: bool) -> i32 {
     let r = parsed(ctx).map(|w| {
         if record {
-            frag::record(&w.p);
+            frag::follow(&mut w.p);
+        } else {
+            frag::resolve(&mut w.p);
         }
-        frag::resolve(&mut w.p);
         GO_ON
     });
     verdict(ctx, r)
