@@ -377,15 +377,19 @@ fn find_published() -> bool {
         return false;
     };
     let p = &w.p;
-    if (p.proto != PROTO_TCP && p.proto != PROTO_UDP) || !p.l4_present {
+    // The address first: a new connection to the outside then costs one lookup, not two.
+    if (p.proto != PROTO_TCP && p.proto != PROTO_UDP)
+        || !p.l4_present
+        || !Addr6::is_node_addr(cfg, &p.dst)
+    {
         return false;
     }
     match Addr6::port_target(&p.dst, p.dport, p.proto) {
-        Some(t) if Addr6::is_node_addr(cfg, &p.dst) => {
+        Some(t) => {
             w.t = t;
             true
         }
-        _ => false,
+        None => false,
     }
 }
 
