@@ -274,6 +274,10 @@ const _: () = assert!(size_of::<Work6>() <= WORK6_LEN && align_of::<Work6>() <= 
 #[inline(never)]
 fn parse(ctx: &TcContext, record: bool) -> i32 {
     let r = parsed(ctx).map(|w| {
+        // A fragment from one of the node's own addresses is forged: never recorded. (The
+        // lookup only for fragments: `martian_outside_src` leaves it out.)
+        let record =
+            record && !(w.p.frag && config().is_ok_and(|cfg| Addr6::is_node_addr(cfg, &w.p.src)));
         if record {
             frag::follow(&mut w.p);
         } else {
@@ -395,11 +399,20 @@ fn find_published() -> bool {
 
 /// A source no packet from outside may carry into a container: unspecified, loopback,
 /// multicast, link-local (not routable back), the container subnet (the gateway included)
-/// or one of the node's own addresses.
+/// or one of the node's own addresses. Where state would be created.
 #[inline(always)]
 pub fn forged_outside_src(cfg: &Config, a: &Addr6) -> bool {
+    martian_outside_src(cfg, a) || Addr6::is_node_addr(cfg, a)
+}
+
+/// `forged_outside_src` but for the node's own addresses, which take a lookup: what every
+/// packet from outside is checked against. As over IPv4 (`addr::forged_outside_src`), the
+/// node's addresses are checked where state would be created; a tracked packet needs its
+/// connection's tuple, which no connection gives a node address from outside.
+#[inline(always)]
+pub fn martian_outside_src(cfg: &Config, a: &Addr6) -> bool {
     let loopback = *a == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-    is_local_scope(a) || loopback || in_subnet6(cfg, a) || Addr6::is_node_addr(cfg, a)
+    is_local_scope(a) || loopback || in_subnet6(cfg, a)
 }
 
 /// F3 over IPv6: a client outside opens a connection to the published port in `work6.t`;
@@ -589,8 +602,9 @@ fn uplink(ctx: &TcContext) -> Result<i32, Reason> {
     }
     // Fragments, as over IPv4: only a source that may come from outside records ports.
     let src = ptr_at::<Addr6>(ctx, ETH_LEN + 8).ok_or(Reason::DropTruncated)?;
-    // SAFETY: bounds checked by `ptr_at`.
-    let genuine = !forged_outside_src(cfg, unsafe { &*src });
+    // SAFETY: bounds checked by `ptr_at`. (`parse` asks about the node's own addresses,
+    // for first fragments only.)
+    let genuine = !martian_outside_src(cfg, unsafe { &*src });
     match parse(ctx, genuine) {
         GO_ON => {}
         action => return Ok(action),

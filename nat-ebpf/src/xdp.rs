@@ -158,7 +158,7 @@ fn fast6(ctx: &XdpContext) -> Result<u32, Reason> {
         || icmp::is_error(p)
         || !p.is_trackable()
         || p.tcp_flags & CTL != 0
-        || ipv6::forged_outside_src(cfg, &p.src)
+        || ipv6::martian_outside_src(cfg, &p.src)
     {
         return pass(ctx);
     }
