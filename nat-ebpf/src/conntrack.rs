@@ -459,12 +459,12 @@ pub fn create_snat<A: Fam>(
 }
 
 /// A client outside connects to the published port `t`; its address is kept. `key`: the
-/// packet's tuple.
+/// packet's tuple, and whether the caller has just found no entry of it in either table.
 #[inline(always)]
 pub fn create_dnat<A: Fam>(
     ctx: &impl Pkt,
     p: &Ip<A>,
-    key: &CtKey<A>,
+    (key, key_absent): (&CtKey<A>, bool),
     t: &PortTarget<A>,
     cfg: &Config,
     owner: &Endpoint,
@@ -479,8 +479,8 @@ pub fn create_dnat<A: Fam>(
         origin: ORIGIN_PUBLISHED,
         generation: t.generation,
         owner,
-        // An entry of the tuple that a packet from outside must not use may exist.
-        key_absent: false,
+        // Else an entry of the tuple that a packet from outside must not use may exist.
+        key_absent,
     };
     create(ctx, p, &n, cfg, now)
 }

@@ -371,7 +371,8 @@ fn uplink(ctx: &TcContext) -> Result<i32, Reason> {
         return pass(ctx);
     }
 
-    if let Some(e) = conntrack::lookup(&p.key())
+    let found = conntrack::lookup(&p.key());
+    if let Some(e) = found
         && conntrack::arrives_from_outside(e)
     {
         // Expiring here, it changes nothing in its connection.
@@ -379,7 +380,7 @@ fn uplink(ctx: &TcContext) -> Result<i32, Reason> {
         return tracked(ctx, cfg, &mut p, ifindex, e);
     }
     if let Some(t) = published(cfg, &p) {
-        return dnat_new(ctx, cfg, &mut p, &t, ifindex);
+        return dnat_new(ctx, cfg, &mut p, &t, found.is_none());
     }
     if parse::in_subnet(p.dst, cfg.v4.subnet_addr, cfg.v4.subnet_mask) {
         return from_cluster(ctx, &mut p);
@@ -438,7 +439,7 @@ fn dnat_new(
     cfg: &Config,
     p: &mut parse::Ip4,
     t: &PortTarget4,
-    ifindex: u32,
+    key_absent: bool,
 ) -> Result<i32, Reason> {
     if addr::is_node_addr(cfg, &p.src) {
         // The node's own address from outside: a forged source (rp_filter's rule).
@@ -447,9 +448,10 @@ fn dnat_new(
     let ep = endpoint(&t.addr).ok_or(Reason::DropNoEndpoint)?;
     not_expiring(p)?;
     valid_for_state(ctx, p)?;
-    let e = conntrack::create_dnat(ctx, p, &p.key(), t, cfg, &ep, now())?;
+    let e = conntrack::create_dnat(ctx, p, (&p.key(), key_absent), t, cfg, &ep, now())?;
     let d = monitor::traced(Reason::DnatNew, p, e, ep.ifindex);
     count(Reason::DnatNew, ctx.len());
     nat::apply(ctx, p, e)?;
-    Ok(deliver(ctx, cfg, p, ifindex)? | monitor::tc_mark(d))
+    // Into `ep`, whose address the destination now is (no second lookup of it).
+    Ok(forward::to_endpoint(ctx, p, &ep, true, Reason::Deliver)? | monitor::tc_mark(d))
 }

@@ -434,7 +434,7 @@ fn dnat_new(ctx: &TcContext) -> Result<i32, Reason> {
         return Err(Reason::DropTtl);
     }
     valid_for_state(ctx, &w.p)?;
-    let e = conntrack::create_dnat(ctx, &w.p, &w.key, &w.t, cfg, &ep, now())?;
+    let e = conntrack::create_dnat(ctx, &w.p, (&w.key, false), &w.t, cfg, &ep, now())?;
     let d = monitor::traced(Reason::DnatNew, &w.p, e, ep.ifindex);
     count(Reason::DnatNew, ctx.len());
     nat::apply(ctx, &mut w.p, e)?;
