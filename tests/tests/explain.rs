@@ -370,41 +370,28 @@ fn the_text_form_and_bad_input() {
     ] {
         assert!(out.contains(needle), "{needle:?} missing from:\n{out}");
     }
-    fails_with(
-        &lab,
-        &["explain", "udp", "198.51.100.1", "198.51.100.2:2"],
-        "ADDR:PORT",
-    );
-    fails_with(
-        &lab,
-        &["explain", "udp", "198.51.100.1:1", "[2001:db8::1]:2"],
-        "one family",
-    );
-    fails_with(
-        &lab,
-        &[
-            "explain",
-            "udp",
-            "198.51.100.1:1",
-            "198.51.100.2:2",
-            "--from",
-            "container",
-            "nope",
-        ],
-        "no such container",
-    );
-    fails_with(
-        &lab,
-        &[
-            "explain",
-            "udp",
-            "198.51.100.1:1",
-            "198.51.100.2:2",
-            "--from",
-            "elsewhere",
-        ],
-        "--from takes",
-    );
+    let any = ["explain", "udp", "198.51.100.1:1", "198.51.100.2:2"];
+    let bad: [(Vec<&str>, &str); 4] = [
+        (
+            vec!["explain", "udp", "198.51.100.1", "198.51.100.2:2"],
+            "ADDR:PORT",
+        ),
+        (
+            vec!["explain", "udp", "198.51.100.1:1", "[2001:db8::1]:2"],
+            "one family",
+        ),
+        (
+            [&any[..], &["--from", "container", "nope"]].concat(),
+            "no such container",
+        ),
+        (
+            [&any[..], &["--from", "elsewhere"]].concat(),
+            "--from takes",
+        ),
+    ];
+    for (args, needle) in bad {
+        fails_with(&lab, &args, needle);
+    }
 }
 
 #[test]
