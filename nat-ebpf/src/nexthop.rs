@@ -131,9 +131,15 @@ impl NextHop {
 /// FIB lookup for `p` as if it arrived on `ifindex`.
 #[inline(always)]
 pub fn fib<A: Fam>(ctx: &TcContext, p: &Ip<A>, ifindex: u32) -> NextHop {
-    // SAFETY: an all-zero `bpf_fib_lookup` is a valid input.
-    let mut f: FibParams = unsafe { core::mem::zeroed() };
-    A::fib_addrs(&mut f, p);
+    // Zeroed a word at a time: `zeroed()` became a call to `memset`, a byte loop on the BPF
+    // target (about 40 ns for these 64 bytes).
+    let mut f = core::mem::MaybeUninit::<FibParams>::uninit();
+    // SAFETY: `zero` writes every byte of the (4-aligned) struct; all-zero is a valid input.
+    let f = unsafe {
+        crate::pkt::zero(f.as_mut_ptr());
+        &mut *f.as_mut_ptr()
+    };
+    A::fib_addrs(f, p);
     f.l4_protocol = p.proto;
     f.sport = u16::from_ne_bytes(p.sport);
     f.dport = u16::from_ne_bytes(p.dport);
@@ -144,7 +150,7 @@ pub fn fib<A: Fam>(ctx: &TcContext, p: &Ip<A>, ifindex: u32) -> NextHop {
     let rc = unsafe {
         bpf_fib_lookup(
             ctx.skb.skb as *mut c_void,
-            &mut f,
+            f,
             size_of::<FibParams>() as i32,
             0,
         )
