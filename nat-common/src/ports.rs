@@ -7,8 +7,10 @@ use bytemuck::{Pod, Zeroable};
 use crate::{Addr4, Addr6, Port};
 
 /// `ports` (`PortKey4`) and `ports6` (`PortKey6`) hash map key: a published port. `host_addr`
-/// all zero means every node address of the family.
-#[repr(C)]
+/// all zero means every node address of the family. Aligned to 4 (8 and 20 bytes: no
+/// padding), so the datapath writes the address a word at a time: a 1-aligned IPv6 address
+/// was zeroed by a call to `memset`, a byte loop on the BPF target.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PortKey<A> {
     /// Host address the port is bound to, network order; all zero = any.

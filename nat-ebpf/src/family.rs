@@ -437,7 +437,9 @@ impl Fam for Addr6 {
         if let Some(t) = explain::found(trail_map::PORTS6, &key, unsafe { PORTS6.get(&key) }) {
             return Some(*t);
         }
-        key.host_addr = [0; 16];
+        // Word by word: `= [0; 16]` became a call to `memset`, a byte loop on the BPF
+        // target. SAFETY: the key is 4-aligned (`PortKey`), the address its first field.
+        unsafe { crate::pkt::zero(&raw mut key.host_addr) };
         // SAFETY: as above.
         explain::found(trail_map::PORTS6, &key, unsafe { PORTS6.get(&key) }).copied()
     }

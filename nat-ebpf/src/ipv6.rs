@@ -390,7 +390,9 @@ fn find_published() -> bool {
     }
     match Addr6::port_target(&p.dst, p.dport, p.proto) {
         Some(t) => {
-            w.t = t;
+            // SAFETY: a stack value into this CPU's `work6` (not `w.t = t`, which the
+            // compiler made a `memmove` call, a byte loop on the BPF target).
+            unsafe { core::ptr::copy_nonoverlapping(&raw const t, &raw mut w.t, 1) };
             true
         }
         None => false,

@@ -283,7 +283,10 @@ fn send<C: Seen>(ctx: &C) {
     };
     // SAFETY: the reservation is a whole, 8-aligned `MonitorEvent`, written whole here.
     let e = unsafe { &mut *entry.as_mut_ptr() };
-    *e = c.draft;
+    // Not `*e = c.draft`: between two map values the compiler made that a `memmove` call,
+    // a byte loop on the BPF target; this is expanded in line.
+    // SAFETY: the draft (this CPU's map value) and the reservation are distinct.
+    unsafe { core::ptr::copy_nonoverlapping(&raw const c.draft, e, 1) };
     e.kind = kind;
     e.time_ns = t;
     entry.submit(0);
