@@ -435,13 +435,18 @@ impl Fam for Addr6 {
         };
         // SAFETY: the value is copied out at once.
         if let Some(t) = explain::found(trail_map::PORTS6, &key, unsafe { PORTS6.get(&key) }) {
-            return Some(*t);
+            // A volatile read: copied out as loads, not merged with the caller's copy into
+            // a `memmove` between two map values (a byte loop on the BPF target).
+            // SAFETY: `t` is a live map value.
+            return Some(unsafe { core::ptr::read_volatile(t) });
         }
         // Word by word: `= [0; 16]` became a call to `memset`, a byte loop on the BPF
         // target. SAFETY: the key is 4-aligned (`PortKey`), the address its first field.
         unsafe { crate::pkt::zero(&raw mut key.host_addr) };
         // SAFETY: as above.
-        explain::found(trail_map::PORTS6, &key, unsafe { PORTS6.get(&key) }).copied()
+        explain::found(trail_map::PORTS6, &key, unsafe { PORTS6.get(&key) })
+            // SAFETY: as above.
+            .map(|t| unsafe { core::ptr::read_volatile(t) })
     }
 
     #[inline(always)]
