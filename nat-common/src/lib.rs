@@ -144,20 +144,27 @@ mod tests {
         for (i, b) in pkt.iter_mut().enumerate() {
             *b = (i as u8).wrapping_mul(37).wrapping_add(11);
         }
-        let cases: [([u8; 16], [u8; 16]); 3] = [
+        let cases: [([u8; 16], [u8; 16]); 4] = [
             (
                 [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
                 [0xfd, 0, 0, 0x88, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 3],
             ),
             ([0xff; 16], [0; 16]),
             ([0; 16], [0xff; 16]),
+            // Word sums that carry out of 32 bits.
+            ([0; 16], [0xfe; 16]),
         ];
         for (old, new) in cases {
             pkt[8..24].copy_from_slice(&old);
             let before = full(&pkt);
             pkt[8..24].copy_from_slice(&new);
             let after = full(&pkt);
-            let got = csum_add_diff(before, csum_diff16(&old, &new));
+            let words = |a: [u8; 16]| -> [u32; 4] {
+                core::array::from_fn(|i| {
+                    u32::from_ne_bytes(a[4 * i..4 * i + 4].try_into().unwrap())
+                })
+            };
+            let got = csum_add_diff(before, csum_diff16(words(old), words(new)));
             // 0 and 0xffff are the same value in ones' complement.
             assert!(
                 got == after || (got ^ after) == 0xffff && (got == 0 || after == 0),

@@ -8,7 +8,7 @@ use core::ptr::null_mut;
 use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, helpers::bpf_csum_diff};
 use nat_common::{
     Addr4, Addr6, CFG_STATIC_NAT, Config, CtEntry, CtKey, Endpoint, Family, FragKey4, FragKey6,
-    FragPorts, Port, PortKey6, PortTarget, Reason, StaticNat, csum_diff16, trail_map,
+    FragPorts, Port, PortKey6, PortTarget, Reason, StaticNat, trail_map,
 };
 use network_types::ip::Ipv4Hdr;
 
@@ -23,6 +23,7 @@ use crate::{
         self, IP_CSUM_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF, IP_TTL_OFF, IP6_LEN, Ip, Ip6Hdr, ptr_at,
     },
     pkt::Pkt,
+    words::{self, words},
 };
 
 /// The family-specific operations, implemented for `Addr4` and `Addr6`.
@@ -332,13 +333,6 @@ fn frag_key6(p: &Ip<Addr6>) -> FragKey6 {
     }
 }
 
-/// An IPv6 address as four native-order words (the byte order stays the packet's).
-#[inline(always)]
-pub fn words(a: &Addr6) -> [u32; 4] {
-    // SAFETY: 16 bytes either way; any bits are valid words.
-    unsafe { core::mem::transmute::<Addr6, [u32; 4]>(*a) }
-}
-
 /// Offset of the IPv6 hop limit.
 const HOP_LIMIT_OFF: usize = IP_OFF + 7;
 
@@ -369,7 +363,7 @@ impl Fam for Addr6 {
         flags: u64,
     ) -> Result<(), Reason> {
         if let Some((csum_off, true)) = l4 {
-            ctx.csum_l4_diff(csum_off, csum_diff16(old, new), flags)?;
+            ctx.csum_l4_diff(csum_off, words::csum_diff(old, new), flags)?;
         }
         ctx.put(off, new)
     }
@@ -484,7 +478,7 @@ impl Fam for Addr6 {
         icmp_csum_off: usize,
     ) -> Result<(), Reason> {
         // Part of the message, not of the pseudo-header.
-        ctx.csum_l4_diff(icmp_csum_off, csum_diff16(old, new), 0)?;
+        ctx.csum_l4_diff(icmp_csum_off, words::csum_diff(old, new), 0)?;
         ctx.put(ip_off + field, new)
     }
 }

@@ -21,6 +21,7 @@ use crate::{
     parse::{IP_OFF, Ip, ptr_at},
     pkt::Pkt,
     stats::count,
+    words,
 };
 
 /// Whether `p` is an ICMP (ICMPv6) error message.
@@ -127,7 +128,7 @@ fn set_inner_addr<A: Fam>(
     old: &A,
     new: &A,
 ) -> Result<(), Reason> {
-    if old == new {
+    if words::same(old, new) {
         return Ok(());
     }
     A::set_quoted_addr(ctx, ip_off, field, old, new, p.l4_off + 2)
@@ -172,34 +173,32 @@ pub fn translate<A: Fam>(
     // It must go back to the quoted packet's sender (nf_conntrack's rule) along a direction
     // that starts where it came in. From a container it must be about a packet that
     // container received, so that its outer source is always translated below.
-    if p.dst != i.key.src_addr
+    // (`key` is the quoted tuple reversed: its destination is the quoted source.)
+    if !words::same(&p.dst, &key.dst_addr)
         || conntrack::arrives_from_outside(e) != from_outside
-        || (!from_outside && p.src != i.key.dst_addr)
+        || (!from_outside && !words::same(&p.src, &key.src_addr))
     {
         return Err(Reason::DropIcmpMismatch);
     }
     let e = conntrack::xlate(e);
-    let src = if p.src == i.key.dst_addr {
-        &e.src_addr
-    } else {
-        &p.src
-    };
+    let quoted_receiver = words::same(&p.src, &key.src_addr);
+    let src = if quoted_receiver { &e.src_addr } else { &p.src };
     monitor::traced_icmp_error(p, (src, &e.dst_addr));
 
     // Outer: to whom the error goes, and from whom if the quoted packet's receiver sent it
     // (a router on the way outside keeps its own address).
-    if p.src == i.key.dst_addr {
-        nat::set_src(ctx, p, e.src_addr)?;
+    if quoted_receiver {
+        nat::set_src(ctx, p, &e.src_addr)?;
     }
-    nat::set_dst(ctx, p, e.dst_addr)?;
+    nat::set_dst(ctx, p, &e.dst_addr)?;
 
-    // Quoted: the packet as its sender saw it.
+    // Quoted: the packet as its sender saw it (its addresses are `key`'s, swapped).
     set_inner_addr(
         ctx,
         p,
         i.ip_off,
         A::SRC_OFF - IP_OFF,
-        &i.key.src_addr,
+        &key.dst_addr,
         &e.dst_addr,
     )?;
     set_inner_addr(
@@ -207,7 +206,7 @@ pub fn translate<A: Fam>(
         p,
         i.ip_off,
         A::DST_OFF - IP_OFF,
-        &i.key.dst_addr,
+        &key.src_addr,
         &e.src_addr,
     )?;
     if i.key.proto == A::PROTO_ICMP {

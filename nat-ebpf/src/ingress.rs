@@ -209,7 +209,7 @@ fn leave(
             icmp::translate_static(ctx, p, icmp::QUOTED_DST, p.src, s.peer)?;
         }
         let d = monitor::traced_addrs(Reason::StaticNat, p, (&s.peer, &p.dst), nh.ifindex);
-        nat::set_src(ctx, p, s.peer)?;
+        nat::set_src(ctx, p, &s.peer)?;
         count(Reason::StaticNat, ctx.len());
         return Ok(forward::route(ctx, p, ifindex, Some(nh))? | monitor::tc_mark(d));
     }
@@ -425,7 +425,7 @@ fn to_static(ctx: &TcContext, p: &mut parse::Ip4, internal: Addr4) -> Result<i32
     let ep = endpoint(&internal);
     let out = ep.as_ref().map_or(0, |e| e.ifindex);
     let d = monitor::traced_addrs(Reason::StaticNat, p, (&p.src, &internal), out);
-    nat::set_dst(ctx, p, internal)?;
+    nat::set_dst(ctx, p, &internal)?;
     count(Reason::StaticNat, ctx.len());
     let ep = ep.ok_or(Reason::DropNoEndpoint)?;
     Ok(forward::to_endpoint(ctx, p, &ep, true, Reason::Deliver)? | monitor::tc_mark(d))

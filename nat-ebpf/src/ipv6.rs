@@ -31,7 +31,7 @@ use crate::{
     parse::{self, ETH_LEN, IP6_LEN, Ip6, Ip6Hdr, ptr_at},
     pkt::Pkt,
     stats::count,
-    verdict,
+    verdict, words,
 };
 
 pub const NEXT_ICMPV6: u8 = PROTO_ICMPV6;
@@ -176,7 +176,7 @@ fn dispatch(ctx: &TcContext) -> Result<i32, Reason> {
         }
     }
     let w = work()?;
-    let to_gateway = w.p.dst == cfg.v6.gateway_addr;
+    let to_gateway = words::same(&w.p.dst, &cfg.v6.gateway_addr);
     if w.p.ttl <= 1 && !to_gateway {
         // Expiring here: the kernel answers it with Time Exceeded.
         return pass(ctx);
@@ -530,7 +530,7 @@ fn from_static(ctx: &TcContext) -> i32 {
             icmp::translate_static(ctx, &w.p, icmp::QUOTED_DST, w.p.src, external)?;
         }
         let d = monitor::traced_addrs(Reason::StaticNat, &w.p, (&external, &w.p.dst), w.nh.ifindex);
-        nat::set_src(ctx, &mut w.p, external)?;
+        nat::set_src(ctx, &mut w.p, &w.peer)?;
         count(Reason::StaticNat, ctx.len());
         Ok(forward::route(ctx, &mut w.p, ifindex(ctx), Some(w.nh))? | monitor::tc_mark(d))
     });
@@ -551,7 +551,7 @@ fn to_static(ctx: &TcContext) -> i32 {
             icmp::translate_static(ctx, &w.p, icmp::QUOTED_SRC, w.p.dst, internal)?;
         }
         drafted = monitor::traced_addrs(Reason::StaticNat, &w.p, (&w.p.src, &internal), 0);
-        nat::set_dst(ctx, &mut w.p, internal)?;
+        nat::set_dst(ctx, &mut w.p, &w.peer)?;
         count(Reason::StaticNat, ctx.len());
         Ok(TRANSLATED)
     });

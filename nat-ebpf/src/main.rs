@@ -34,6 +34,7 @@ mod pkt;
 mod sock;
 mod stats;
 mod tcp;
+mod words;
 mod xdp;
 
 use aya_ebpf::{

@@ -5,7 +5,7 @@ use aya_ebpf::bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR};
 use nat_common::{CtKey, PROTO_UDP, Port, Reason};
 
 use crate::parse::{Ip, l4_csum_off};
-use crate::{family::Fam, pkt::Pkt};
+use crate::{family::Fam, pkt::Pkt, words};
 
 #[inline(always)]
 fn l4_flags<A>(p: &Ip<A>) -> u64 {
@@ -15,16 +15,6 @@ fn l4_flags<A>(p: &Ip<A>) -> u64 {
     } else {
         0
     }
-}
-
-/// `*dst = *src` for an address. The two never overlap (the packet's parsed copy and a
-/// connection's entry), but the compiler cannot tell once both are map values, and an
-/// assignment then becomes a call to `memmove`, which the BPF target has only as a byte loop
-/// (about 20 ns for an IPv6 address); `copy_nonoverlapping` is expanded in line.
-#[inline(always)]
-fn copy_addr<A>(dst: &mut A, src: &A) {
-    // SAFETY: two distinct places of one type (`&mut` excludes overlap).
-    unsafe { core::ptr::copy_nonoverlapping(src, dst, 1) };
 }
 
 /// Replace one address (at `addr_off`) and fix the checksums that cover it.
@@ -63,13 +53,13 @@ pub fn set_port<A>(
 /// the first carry no L4 header: only their addresses change.
 #[inline(always)]
 pub fn apply<A: Fam>(ctx: &impl Pkt, p: &mut Ip<A>, e: &CtKey<A>) -> Result<(), Reason> {
-    if e.src_addr != p.src {
+    if !words::same(&e.src_addr, &p.src) {
         set_addr(ctx, p, A::SRC_OFF, &p.src, &e.src_addr)?;
-        copy_addr(&mut p.src, &e.src_addr);
+        words::copy(&mut p.src, &e.src_addr);
     }
-    if e.dst_addr != p.dst {
+    if !words::same(&e.dst_addr, &p.dst) {
         set_addr(ctx, p, A::DST_OFF, &p.dst, &e.dst_addr)?;
-        copy_addr(&mut p.dst, &e.dst_addr);
+        words::copy(&mut p.dst, &e.dst_addr);
     }
     if !p.l4_present {
         p.sport = e.src_port;
@@ -104,16 +94,16 @@ pub fn apply<A: Fam>(ctx: &impl Pkt, p: &mut Ip<A>, e: &CtKey<A>) -> Result<(), 
 /// Static 1:1 NAT: rewrite only the source or the destination address, whatever the
 /// protocol (ports, ICMP ids and fragments stay as they are).
 #[inline(always)]
-pub fn set_src<A: Fam>(ctx: &impl Pkt, p: &mut Ip<A>, new: A) -> Result<(), Reason> {
-    set_addr(ctx, p, A::SRC_OFF, &p.src, &new)?;
-    p.src = new;
+pub fn set_src<A: Fam>(ctx: &impl Pkt, p: &mut Ip<A>, new: &A) -> Result<(), Reason> {
+    set_addr(ctx, p, A::SRC_OFF, &p.src, new)?;
+    words::copy(&mut p.src, new);
     Ok(())
 }
 
 #[inline(always)]
-pub fn set_dst<A: Fam>(ctx: &impl Pkt, p: &mut Ip<A>, new: A) -> Result<(), Reason> {
-    set_addr(ctx, p, A::DST_OFF, &p.dst, &new)?;
-    p.dst = new;
+pub fn set_dst<A: Fam>(ctx: &impl Pkt, p: &mut Ip<A>, new: &A) -> Result<(), Reason> {
+    set_addr(ctx, p, A::DST_OFF, &p.dst, new)?;
+    words::copy(&mut p.dst, new);
     Ok(())
 }
 

@@ -70,14 +70,32 @@ pub fn arp(ctx: &impl Pkt) -> Option<ArpHdr> {
 }
 
 /// The fields of an IP packet the datapath decides on, for either family (`Ip4`, `Ip6`).
+///
+/// In C order, the 8-byte offset first: the addresses then sit at 8-byte aligned offsets, so
+/// the compiler compares and copies them a word at a time (byte by byte, an IPv6 address
+/// costs about 50 instructions per comparison). The order of the rest packs it to 40 bytes
+/// (IPv4) and 64 (IPv6).
+#[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Ip<A> {
+    /// Offset of the L4 header (Ethernet + IP header with options or extension headers).
+    pub l4_off: usize,
     pub src: A,
     pub dst: A,
     /// Source port, or for ICMP echo the id of a request (0 for a reply).
     pub sport: Port,
     /// Destination port, or for ICMP echo the id of a reply (0 for a request).
     pub dport: Port,
+    /// The IP datagram's length, headers included (IPv6: 40 + payload length).
+    pub tot_len: u16,
+    /// Fragment offset in 8-byte units.
+    pub frag_offset: u16,
+    /// Where the fragmentable data starts, counted from the IP header: IPv4's header length,
+    /// or the end of IPv6's Fragment header (the offsets count from there).
+    pub frag_data_off: u16,
+    /// IPv4: identification (first two bytes); IPv6: the Fragment header's. Fragments of
+    /// one datagram share it.
+    pub id: [u8; 4],
     /// IP protocol (IPv6: the upper-layer header's next header value).
     pub proto: u8,
     /// TTL, or IPv6 hop limit.
@@ -92,24 +110,14 @@ pub struct Ip<A> {
     pub l4_present: bool,
     /// A non-first fragment whose ports were learned from its first fragment.
     pub ports_known: bool,
-    /// IPv4 identification (fragments of one datagram share it).
-    /// IPv4: identification (first two bytes); IPv6: the Fragment header's.
-    pub id: [u8; 4],
-    /// Offset of the L4 header (Ethernet + IP header with options or extension headers).
-    pub l4_off: usize,
-    /// The IP datagram's length, headers included (IPv6: 40 + payload length).
-    pub tot_len: u16,
-    /// Fragment offset in 8-byte units.
-    pub frag_offset: u16,
     /// MF: more fragments follow.
     pub more_fragments: bool,
-    /// Where the fragmentable data starts, counted from the IP header: IPv4's header length,
-    /// or the end of IPv6's Fragment header (the offsets count from there).
-    pub frag_data_off: u16,
     /// IPv6: an extension header NAT66 must not pass (a routing header with segments left,
     /// or a chain longer than `EXT_MAX`): `drop_ipv6_ext` where it would be translated.
     pub bad_ext: bool,
 }
+
+const _: () = assert!(size_of::<Ip<Addr4>>() == 40 && size_of::<Ip<Addr6>>() == 64);
 
 pub type Ip4 = Ip<Addr4>;
 pub type Ip6 = Ip<Addr6>;

@@ -15,7 +15,7 @@ use aya_ebpf::{
 use nat_common::{Addr6, PROTO_TCP, PROTO_UDP, Reason, SockKey4, SockKey6, SockOrig4, SockOrig6};
 
 use crate::{
-    family::{Fam as _, words},
+    family::Fam as _,
     lookup,
     maps::{SOCK_RNAT, SOCK_RNAT6},
     stats::count,
@@ -125,6 +125,14 @@ fn addr6(w: &[u32; 4]) -> Addr6 {
     };
     // SAFETY: 16 bytes either way; the words hold the address in network order.
     unsafe { core::mem::transmute::<[u32; 4], Addr6>(w) }
+}
+
+/// An IPv6 address as four native-order words, copied (it may sit anywhere on the stack,
+/// where the word loads of `words.rs` would have to be aligned).
+#[inline(always)]
+fn words(a: &Addr6) -> [u32; 4] {
+    // SAFETY: 16 bytes either way; any bits are valid words.
+    unsafe { core::mem::transmute::<Addr6, [u32; 4]>(*a) }
 }
 
 /// Write `a` into a `bpf_sock_addr`'s `user_ip6`, with 4-byte stores only (as for loads).

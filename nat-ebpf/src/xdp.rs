@@ -86,7 +86,7 @@ fn fast4(ctx: &XdpContext) -> Result<u32, Reason> {
             return pass(ctx);
         };
         let d = monitor::traced_addrs(Reason::StaticNat, &p, (&p.src, &s.peer), ep.ifindex);
-        nat::set_dst(ctx, &mut p, s.peer)?;
+        nat::set_dst(ctx, &mut p, &s.peer)?;
         count(Reason::StaticNat, ctx.bytes());
         return Ok(deliver(ctx, &mut p, &hop_of(&ep))? | monitor::xdp_mark(d));
     }
