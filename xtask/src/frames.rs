@@ -13,8 +13,8 @@ use anyhow::{Context as _, Result, bail};
 
 /// Per program: the largest single frame in bytes, and verified instructions.
 const BUDGETS: [(&str, u32, u64); 3] = [
-    ("tc_container", 448, 500_000),
-    ("tc_uplink", 400, 250_000),
+    ("tc_container", 448, 350_000),
+    ("tc_uplink", 400, 180_000),
     ("xdp_uplink", 448, 100_000),
 ];
 
