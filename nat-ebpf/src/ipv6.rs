@@ -88,7 +88,10 @@ fn in_subnet6(cfg: &Config, a: &Addr6) -> bool {
 /// as Linux does.
 #[inline(always)]
 fn is_local_scope(a: &Addr6) -> bool {
-    (a[0] == 0xfe && a[1] & 0xc0 == 0x80) || a[0] == 0xff || *a == [0; 16]
+    (a[0] == 0xfe && a[1] & 0xc0 == 0x80) || a[0] == 0xff || {
+        let w = words::words(a);
+        w[0] | w[1] | w[2] | w[3] == 0
+    }
 }
 
 /// Everything a container sends over IPv6 (`tc_container` hands it over). The stack is the
@@ -413,7 +416,8 @@ pub fn forged_outside_src(cfg: &Config, a: &Addr6) -> bool {
 /// connection's tuple, which no connection gives a node address from outside.
 #[inline(always)]
 pub fn martian_outside_src(cfg: &Config, a: &Addr6) -> bool {
-    let loopback = *a == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    let w = words::words(a);
+    let loopback = w[0] | w[1] | w[2] == 0 && w[3] == 1u32.to_be();
     is_local_scope(a) || loopback || in_subnet6(cfg, a)
 }
 
