@@ -72,9 +72,9 @@ pub fn arp(ctx: &impl Pkt) -> Option<ArpHdr> {
 /// The fields of an IP packet the datapath decides on, for either family (`Ip4`, `Ip6`).
 ///
 /// In C order, the 8-byte offset first: the addresses then sit at 8-byte aligned offsets, so
-/// the compiler compares and copies them a word at a time (byte by byte, an IPv6 address
-/// costs about 50 instructions per comparison). The order of the rest packs it to 40 bytes
-/// (IPv4) and 64 (IPv6).
+/// the compiler copies them a word at a time and `words.rs` may compare them so (byte by
+/// byte, an IPv6 address costs about 50 instructions per comparison). The order of the rest
+/// packs it to 40 bytes (IPv4) and 64 (IPv6).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Ip<A> {
