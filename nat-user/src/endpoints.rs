@@ -6,6 +6,7 @@ use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::PathBuf,
+    sync::Arc,
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -386,7 +387,7 @@ pub async fn create(ctx: &Env, req: AddRequest) -> Result<Added> {
         pending: true,
     };
     // The intent first: whatever is created below, a killed command leaves a record of it.
-    state.containers.insert(name.clone(), c.clone());
+    state.containers.insert(name.clone(), Arc::new(c.clone()));
     store.save(&state)?;
     let made = async {
         if owns_netns && let Err(e) = netns::create(&name) {
@@ -399,7 +400,7 @@ pub async fn create(ctx: &Env, req: AddRequest) -> Result<Added> {
     match made.await {
         Ok(()) => {
             c.pending = false;
-            state.containers.insert(name, c.clone());
+            state.containers.insert(name, Arc::new(c.clone()));
             store.save(&state)?;
             Ok(Added { container: c, node })
         }
@@ -592,7 +593,7 @@ async fn rewire_all(ctx: &Env, node: &Node, only_missing: bool) -> Result<()> {
             &Container {
                 host_ifindex: host.index,
                 host_mac: host.mac,
-                ..c.clone()
+                ..(*c).clone()
             },
         )?;
         let generation = state.next_generation();
@@ -668,7 +669,7 @@ pub async fn destroy(ctx: &Env, name: &str) -> Result<Option<Container>> {
     remove(ctx, &nl, &c).await?;
     state.containers.remove(name);
     store.save(&state)?;
-    Ok(Some(c))
+    Ok(Some(Arc::unwrap_or_clone(c)))
 }
 
 #[cfg(test)]

@@ -216,10 +216,20 @@ fn range(s: &str, what: &str) -> Result<(u16, u16)> {
     }
 }
 
-impl FromStr for PortSpec {
-    type Err = anyhow::Error;
+/// A `-p` argument's parts before they are expanded into one request per port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortRange {
+    pub host_ip: Option<IpAddr>,
+    /// The host port range, `None` for an ephemeral port (`80`, `127.0.0.1::80`).
+    pub host: Option<(u16, u16)>,
+    pub container: (u16, u16),
+    pub proto: Proto,
+}
 
-    fn from_str(spec: &str) -> Result<Self> {
+impl PortRange {
+    /// Parse and check a `-p` argument (a host range of one port for several container
+    /// ports is refused, a host range for one container port means any one of them).
+    pub fn parse(spec: &str) -> Result<Self> {
         let err = |why: &str| {
             anyhow!(
                 "invalid port spec {spec:?}: {why} (expected [[HOST_IP:]HOST_PORT[-END]:]CONTAINER_PORT[-END][/tcp|/udp])"
@@ -265,17 +275,38 @@ impl FromStr for PortSpec {
             }
         };
         let (c0, c1) = range(cont, "container").map_err(|e| err(&e.to_string()))?;
-        let hosts: Vec<HostPort> = if host.is_empty() {
-            vec![HostPort::Ephemeral; usize::from(c1 - c0) + 1]
+        let host = if host.is_empty() {
+            None
         } else {
             let (h0, h1) = range(host, "host").map_err(|e| err(&e.to_string()))?;
-            if c0 == c1 && h0 != h1 {
-                vec![HostPort::OneOf(h0, h1)]
-            } else if h1 - h0 == c1 - c0 {
-                (h0..=h1).map(HostPort::Exact).collect()
-            } else {
+            if !(c0 == c1 || h1 - h0 == c1 - c0) {
                 return Err(err("host and container ranges differ in length"));
             }
+            Some((h0, h1))
+        };
+        Ok(Self {
+            host_ip,
+            host,
+            container: (c0, c1),
+            proto,
+        })
+    }
+}
+
+impl FromStr for PortSpec {
+    type Err = anyhow::Error;
+
+    fn from_str(spec: &str) -> Result<Self> {
+        let PortRange {
+            host_ip,
+            host,
+            container: (c0, c1),
+            proto,
+        } = PortRange::parse(spec)?;
+        let hosts: Vec<HostPort> = match host {
+            None => vec![HostPort::Ephemeral; usize::from(c1 - c0) + 1],
+            Some((h0, h1)) if c0 == c1 && h0 != h1 => vec![HostPort::OneOf(h0, h1)],
+            Some((h0, h1)) => (h0..=h1).map(HostPort::Exact).collect(),
         };
         let requests = hosts
             .into_iter()

@@ -178,12 +178,9 @@ fn state_left_by_a_node_namespace_that_is_gone_is_cleared_by_the_next_up() {
     assert!(!bpfnat_tests::pins(&lab).root().exists(), "no pins left");
 }
 
-/// The state file survives a crash or power loss: it is written to a temporary file that is
-/// synced, renamed over `state.json`, and the directory is synced after the rename, as the
-/// system calls of a `container add` show.
-#[test]
-fn the_state_file_is_replaced_atomically_and_durably() {
-    let lab = lab_up("durable");
+/// The system calls of `bpfnat ARGS` that write the state directory, as `strace -y` shows
+/// them (file descriptors with their paths).
+fn state_syscalls(lab: &Lab, args: &[&str]) -> Vec<String> {
     let trace = lab.state_dir.join("strace.out");
     let mut cmd = std::process::Command::new("strace");
     cmd.args([
@@ -191,7 +188,7 @@ fn the_state_file_is_replaced_atomically_and_durably() {
         "-qq",
         "-y",
         "-e",
-        "trace=fsync,fdatasync,rename,renameat,renameat2",
+        "trace=write,fsync,fdatasync,rename,renameat,renameat2",
         "-o",
     ])
     .arg(&trace)
@@ -200,7 +197,7 @@ fn the_state_file_is_replaced_atomically_and_durably() {
     .arg(&lab.bpffs_dir)
     .arg("--state-dir")
     .arg(&lab.state_dir)
-    .args(["container", "add", &lab.name("c")]);
+    .args(args);
     nat_plumbing::netns::command_in(&mut cmd, &lab.node).unwrap();
     let out = cmd
         .output()
@@ -211,8 +208,38 @@ fn the_state_file_is_replaced_atomically_and_durably() {
         String::from_utf8_lossy(&out.stderr)
     );
     let calls = std::fs::read_to_string(&trace).unwrap();
-    let lines: Vec<&str> = calls.lines().collect();
+    std::fs::remove_file(&trace).unwrap();
     let dir = lab.state_dir.display().to_string();
+    calls
+        .lines()
+        .filter(|l| l.contains(&dir))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The record survives a crash or power loss. A snapshot (here, of a static NAT change) is
+/// written to a temporary file that is synced, renamed over `state.json`, and the directory
+/// is synced after the rename; a container's change is a line appended to `state.journal`
+/// with one write, synced before the command goes on.
+#[test]
+fn the_state_file_is_replaced_atomically_and_durably() {
+    let lab = lab_up("durable");
+    let dir = lab.state_dir.display().to_string();
+    let c = lab.name("c");
+    lab.ok(&["container", "add", &c]).unwrap();
+
+    let lines = state_syscalls(
+        &lab,
+        &[
+            "nat",
+            "add",
+            "--external",
+            "203.0.113.10",
+            "--internal",
+            "10.88.0.2",
+        ],
+    );
+    let calls = lines.join("\n");
     let state = format!("{dir}/state.json\"");
     let renames: Vec<usize> = (0..lines.len())
         .filter(|&i| lines[i].contains("rename") && lines[i].contains(&state))
@@ -234,4 +261,34 @@ fn the_state_file_is_replaced_atomically_and_durably() {
             "{dir} is synced after the rename:\n{calls}"
         );
     }
+
+    let lines = state_syscalls(&lab, &["container", "add", &lab.name("d")]);
+    let calls = lines.join("\n");
+    let journal = format!("<{dir}/state.journal>");
+    let appends: Vec<usize> = (0..lines.len())
+        .filter(|&i| {
+            lines[i].starts_with(|c: char| c.is_ascii_digit())
+                && lines[i].contains(" write(")
+                && lines[i].contains(&journal)
+        })
+        .collect();
+    assert_eq!(
+        appends.len(),
+        2,
+        "the intent and the finished record, a write each:\n{calls}"
+    );
+    for i in appends {
+        let next = lines[i + 1..].first().map_or("", String::as_str);
+        assert!(
+            next.contains("fdatasync(") && next.contains(&journal),
+            "the journal is synced right after each line:\n{calls}"
+        );
+    }
+    assert!(
+        !calls.contains(&state),
+        "a container add does not rewrite the snapshot:\n{calls}"
+    );
+    // And what was written is what the next command reads.
+    let list = lab.ok(&["container", "list"]).unwrap();
+    assert!(list.contains(&lab.name("d")) && list.contains(&c), "{list}");
 }

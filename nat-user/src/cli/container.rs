@@ -129,7 +129,11 @@ async fn del(ctx: &Ctx, name: &str) -> Result<()> {
 
 fn list(ctx: &Ctx) -> Result<()> {
     let state = ctx.store()?.load()?;
-    let rows: Vec<ContainerView> = state.containers.values().map(ContainerView::of).collect();
+    let rows: Vec<ContainerView> = state
+        .containers
+        .values()
+        .map(|c| ContainerView::of(c))
+        .collect();
     ctx.emit_list("ContainerList", &rows, || {
         table(
             &["NAME", "IP", "MAC", "HOST-IF", "NETNS", "PORTS"],

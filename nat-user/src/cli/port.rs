@@ -1,6 +1,9 @@
 //! `bpfnat port NAME`, `port add / del / list`.
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use anyhow::{Result, anyhow, bail};
 use clap::{Args, Subcommand};
@@ -172,7 +175,7 @@ pub async fn run(ctx: &Ctx, args: PortArgs) -> Result<()> {
             let done = mappings;
             let items = PortView::all(&state.containers[&name], &done);
             if let Some(c) = state.containers.get_mut(&name) {
-                c.ports.extend(done.iter().copied());
+                Arc::make_mut(c).ports.extend(done.iter().copied());
             }
             store.save(&state)?;
             ctx.emit_list("PortMappingList", &items, || {
@@ -183,10 +186,12 @@ pub async fn run(ctx: &Ctx, args: PortArgs) -> Result<()> {
             })
         }
         PortCmd::Del { name, spec } => {
-            let c = state
-                .containers
-                .get_mut(&name)
-                .ok_or_else(|| anyhow!("no such container: {name}"))?;
+            let c = Arc::make_mut(
+                state
+                    .containers
+                    .get_mut(&name)
+                    .ok_or_else(|| anyhow!("no such container: {name}"))?,
+            );
             let mut gone = Vec::new();
             for r in &spec.requests {
                 let m = c

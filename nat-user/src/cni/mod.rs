@@ -274,6 +274,7 @@ impl Key {
             .containers
             .values()
             .find(|c| c.is_cni_attachment(&self.id, &self.ifname, &self.network))
+            .map(|c| &**c)
     }
 }
 

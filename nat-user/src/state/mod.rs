@@ -1,16 +1,12 @@
-//! The small on-disk record of the node and its containers (`<state-dir>/state.json`).
-//! Every command holds an exclusive lock on `<state-dir>/lock` while it reads and writes it;
-//! writes go to a temporary file that is synced and renamed into place (`write_durably`).
+//! The record of the node and its containers, and where it is kept (`store`: a snapshot
+//! and a journal under `--state-dir`, behind a lock).
 
-use std::{
-    collections::BTreeMap,
-    fs::{File, OpenOptions},
-    io,
-    net::Ipv4Addr,
-    path::{Path, PathBuf},
-};
+mod store;
 
-use anyhow::{Context as _, Result, anyhow};
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, sync::Arc};
+
+pub use store::{Store, lock_file, write_durably};
+
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -232,7 +228,7 @@ mod port_runs {
 
     use serde::{Deserialize, Deserializer, Serialize, Serializer, de::Error as _};
 
-    use crate::spec::{HostPort, PortMapping, PortSpec};
+    use crate::spec::{PortMapping, PortRange};
 
     pub fn serialize<S: Serializer>(ms: &[PortMapping], s: S) -> Result<S::Ok, S::Error> {
         runs(ms).serialize(s)
@@ -296,20 +292,23 @@ mod port_runs {
             match stored {
                 Stored::One(m) => out.push(m),
                 Stored::Run(spec) => {
-                    let parsed: PortSpec = spec.parse().map_err(D::Error::custom)?;
-                    for r in parsed.requests {
-                        let HostPort::Exact(host_port) = r.host else {
-                            return Err(D::Error::custom(format!(
-                                "recorded port run {spec:?} leaves host ports open"
-                            )));
-                        };
-                        out.push(PortMapping {
+                    // Expanded in place: a node's record can hold runs of 50,000 ports.
+                    let r = PortRange::parse(&spec).map_err(D::Error::custom)?;
+                    let (c0, c1) = r.container;
+                    let Some((h0, h1)) = r.host.filter(|(h0, h1)| h1 - h0 == c1 - c0) else {
+                        return Err(D::Error::custom(format!(
+                            "recorded port run {spec:?} leaves host ports open"
+                        )));
+                    };
+                    out.reserve(usize::from(c1 - c0) + 1);
+                    out.extend((h0..=h1).zip(c0..=c1).map(|(host_port, container_port)| {
+                        PortMapping {
                             host_ip: r.host_ip,
                             host_port,
-                            container_port: r.container_port,
+                            container_port,
                             proto: r.proto,
-                        });
-                    }
+                        }
+                    }));
                 }
             }
         }
@@ -332,11 +331,17 @@ pub struct StaticMapping {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct State {
     pub node: Option<Node>,
-    pub containers: BTreeMap<String, Container>,
+    /// Shared so that the store's baseline of what it saved costs no copy: a container that
+    /// changes is replaced (or `Arc::make_mut`), which is how the store tells it changed.
+    pub containers: BTreeMap<String, Arc<Container>>,
     #[serde(default)]
     pub static_nat: Vec<StaticMapping>,
     /// Last generation handed to a port mapping.
     pub generation: u32,
+    /// The last journal entry this snapshot includes (`store`; 0 in records written before
+    /// the journal). Set by `Store::save`: a caller's value is not read.
+    #[serde(default)]
+    pub journal_seq: u64,
 }
 
 impl State {
@@ -344,102 +349,6 @@ impl State {
         self.generation = self.generation.wrapping_add(1).max(1);
         self.generation
     }
-}
-
-/// The locked state directory. The lock is released on drop.
-pub struct Store {
-    dir: PathBuf,
-    _lock: File,
-}
-
-impl Store {
-    /// Create the directory if needed and take the lock (waits for other bpfnat commands).
-    pub fn open(dir: &Path) -> Result<Self> {
-        let (lock, lock_path) = lock_file(dir, "lock")?;
-        lock.lock()
-            .with_context(|| format!("lock {}", lock_path.display()))?;
-        Ok(Self {
-            dir: dir.to_owned(),
-            _lock: lock,
-        })
-    }
-
-    fn file(&self) -> PathBuf {
-        self.dir.join("state.json")
-    }
-
-    pub fn load(&self) -> Result<State> {
-        let path = self.file();
-        match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .with_context(|| format!("parse {} (remove it to start over)", path.display())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(State::default()),
-            Err(e) => Err(anyhow!(e).context(format!("read {}", path.display()))),
-        }
-    }
-
-    pub fn save(&self, state: &State) -> Result<()> {
-        let data = serde_json::to_vec(state).context("serialize state")?;
-        write_durably(&self.file(), &data, 0o644)
-    }
-
-    /// Remove the state file (after `down`). The directory and lock file stay.
-    pub fn clear(&self) -> Result<()> {
-        match std::fs::remove_file(self.file()) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(anyhow!(e).context("remove state file")),
-        }
-    }
-}
-
-/// The lock file `name` in the state directory `dir` (both created if needed), open and not
-/// locked yet, and its path.
-pub fn lock_file(dir: &Path, name: &str) -> Result<(File, PathBuf)> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("create state directory {}", dir.display()))?;
-    let path = dir.join(name);
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("open {}", path.display()))?;
-    Ok((f, path))
-}
-
-/// Replace `path` with `content` (mode `mode`) atomically and durably: readers see the old
-/// file or the new one, never half of one, and after a crash or power loss the new one is
-/// there once this returns (the file is synced before the rename, the directory after it).
-pub fn write_durably(path: &Path, content: &[u8], mode: u32) -> Result<()> {
-    use std::{
-        io::Write as _,
-        os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| anyhow!("{} names no file", path.display()))?;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.bpfnat-tmp", name.to_string_lossy()));
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("create {}", tmp.display()))?;
-    f.set_permissions(std::fs::Permissions::from_mode(mode))
-        .and_then(|()| f.write_all(content))
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("write {}", tmp.display()))?;
-    drop(f);
-    std::fs::rename(&tmp, path).with_context(|| format!("replace {}", path.display()))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("sync directory {}", dir.display()))
 }
 
 #[cfg(test)]
