@@ -14,7 +14,7 @@ use nat_common::{EP_CONTAINER, Endpoint};
 use serde::Serialize;
 
 use crate::{
-    datapath::{self, Hook, Maps},
+    datapath::{self, Maps},
     env::Env,
     ethtool::{self, Offload},
     net::mac_for,
@@ -433,7 +433,7 @@ async fn wire(
     // the node without it (it drops them as spoofed until the endpoint is written below).
     // (Its TCX attach waits out an RCU grace period under the RTNL lock, about 10 ms here:
     // other netlink work cannot overlap it.)
-    datapath::attach(&ctx.pins, Hook::Container, &c.host_if)?;
+    datapath::attach_container(&ctx.pins, nl, &c.host_if, host.index).await?;
 
     nl.set_up(host.index).await?;
     if let (Some(v4), Some(ip)) = (&node.v4, c.ip) {
@@ -587,7 +587,7 @@ async fn rewire_all(ctx: &Env, node: &Node, only_missing: bool) -> Result<()> {
             missing.push(name);
             continue;
         };
-        datapath::attach(&ctx.pins, Hook::Container, &c.host_if)?;
+        datapath::attach_container(&ctx.pins, &nl, &c.host_if, host.index).await?;
         put_endpoints(
             &mut maps,
             &Container {

@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use nat_common::{CFG_MASQUERADE, CFG_STATIC_NAT, CONNTRACK_MAX_ENTRIES, Config, Net4, Net6};
 
 use crate::{
-    datapath::{self, Hook, Maps, XdpAttach},
+    datapath::{self, Maps, XdpAttach},
     env::Env,
     net::{Cidr, Cidr6, PortRange},
     netlink::{Link, Netlink},
@@ -445,7 +445,7 @@ async fn bring_up(
     let mut maps = Maps::open(&ctx.pins)?;
     maps.set_config(&config_of(&node, false))?;
     sync_node_addrs(nl, &mut maps, &node).await?;
-    datapath::attach(&ctx.pins, Hook::Uplink, &node.uplink)?;
+    datapath::attach_uplink(&ctx.pins, &node.uplink)?;
     let how = match node.xdp {
         XdpSetting::Off => None,
         XdpSetting::Native => Some(XdpAttach::Native),

@@ -7,6 +7,8 @@ use std::{
     path::Path,
 };
 
+mod tc;
+
 use anyhow::{Context as _, Result, anyhow, bail};
 use futures::TryStreamExt as _;
 use rtnetlink::{
@@ -20,6 +22,8 @@ use rtnetlink::{
         },
     },
 };
+
+pub use tc::BpfFilter;
 
 /// A link as bpfnat cares about it.
 #[derive(Clone, Debug)]

@@ -23,6 +23,7 @@ use std::{
     collections::BTreeMap,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
@@ -35,7 +36,7 @@ use aya::{
     },
     programs::{
         CgroupAttachMode, CgroupSockAddr, CgroupSockAddrAttachType, Program, ProgramError,
-        SchedClassifier, TcAttachType, Xdp, XdpMode, links::FdLink, tc,
+        ProgramInfo, SchedClassifier, TcAttachType, Xdp, XdpMode, links::FdLink, tc,
     },
 };
 use nat_common::{
@@ -43,6 +44,7 @@ use nat_common::{
     PIN_VERSION, Port, PortKey4, PortKey6, PortTarget4, PortTarget6, Reason, STATIC_EXTERNAL,
     STATIC_INTERNAL, StaticNat4, StaticNat6, map_names, prog_names,
 };
+use nat_plumbing::netlink::{BpfFilter, Netlink};
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 
 pub use conntrack::{CtSummary, Flow, FlowEnd, PortsByProto, Usage, ct_now_ns};
@@ -429,24 +431,6 @@ fn remove_pin(path: &Path) -> Result<()> {
     }
 }
 
-/// Which program an interface gets.
-#[derive(Clone, Copy, Debug)]
-pub enum Hook {
-    /// A container's host-side veth.
-    Container,
-    /// The node's uplink.
-    Uplink,
-}
-
-/// Attach the program for `hook` to TC ingress of `ifname` (in the calling thread's
-/// namespace), replacing an earlier attachment of ours on that interface.
-pub fn attach(pins: &Pins, hook: Hook, ifname: &str) -> Result<()> {
-    match hook {
-        Hook::Container => attach_filter(pins, ifname),
-        Hook::Uplink => attach_link(pins, ifname),
-    }
-}
-
 /// The tc filter that runs `tc_container` on a container's host veth: its priority (`tc
 /// filter … pref`) and handle. Fixed, so that a reinstall replaces the program in place.
 pub const CONTAINER_FILTER_PRIO: u16 = 1;
@@ -456,52 +440,29 @@ pub const CONTAINER_FILTER_HANDLE: u32 = 1;
 /// qdisc, not a TCX link: attaching the first TCX link of a device waits out an RCU grace
 /// period under the RTNL lock (about 10 ms here, most of a `container add`), a filter does
 /// not. The filter lives and goes with the device, so nothing is pinned; on an interface
-/// that has it already, cls_bpf swaps the program atomically.
-fn attach_filter(pins: &Pins, ifname: &str) -> Result<()> {
+/// that has it already, cls_bpf swaps the program atomically. `ifname` is link `index` of
+/// `nl`'s namespace.
+pub async fn attach_container(pins: &Pins, nl: &Netlink, ifname: &str, index: u32) -> Result<()> {
     let name = prog_names::TC_CONTAINER;
-    let mut prog = open_tc(pins, name)?;
+    // The program's fd without `SchedClassifier::from_pin`, whose feature probes cost more
+    // than the rest of the attach (`nat_plumbing::netlink::BpfFilter`).
+    let prog = ProgramInfo::from_pin(pins.prog(name))
+        .and_then(|info| info.fd())
+        .with_context(|| format!("open pinned program {name} (is the datapath up?)"))?;
     // A TCX link (what earlier versions attached) would run ahead of the filter.
     remove_pin(&pins.link(ifname))?;
-    match tc::qdisc_add_clsact(ifname) {
-        Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() != Some(libc::EEXIST) => {
-            return Err(anyhow!(e).context(format!("add the clsact qdisc to {ifname}")));
-        }
-        Err(e @ (tc::TcError::IoError(_) | tc::TcError::NulError(_))) => {
-            return Err(anyhow!(e).context(format!("add the clsact qdisc to {ifname}")));
-        }
-        _ => {}
-    }
-    let handle = tc::TcHandle::from(CONTAINER_FILTER_HANDLE);
-    let options = tc::NlOptions {
-        priority: CONTAINER_FILTER_PRIO,
-        handle,
-        ..tc::NlOptions::default()
-    };
-    let id = match prog.attach_with_options(
-        ifname,
-        TcAttachType::Ingress,
-        tc::TcAttachOptions::Netlink(options),
-    ) {
-        Ok(id) => id,
-        Err(ProgramError::TcError(tc::TcError::NetlinkError(e)))
-            if e.raw_os_error() == Some(libc::EEXIST) =>
-        {
-            let ours = tc::SchedClassifierLink::attached(
-                ifname,
-                TcAttachType::Ingress,
-                CONTAINER_FILTER_PRIO,
-                handle,
-                None,
-            )
-            .with_context(|| format!("find the tc filter on {ifname}"))?;
-            prog.attach_to_link(ours)
-                .with_context(|| format!("replace the tc filter on {ifname}"))?
-        }
-        Err(e) => return Err(anyhow!(e).context(format!("attach a tc filter to {ifname}"))),
-    };
-    // Dropping the program would delete its filter: the filter is the device's now.
-    std::mem::forget(prog.take_link(id).context("take the tc filter")?);
-    Ok(())
+    nl.add_clsact(index).await?;
+    nl.put_ingress_filter(
+        index,
+        &BpfFilter {
+            prog: prog.as_fd(),
+            name,
+            priority: CONTAINER_FILTER_PRIO,
+            handle: CONTAINER_FILTER_HANDLE,
+        },
+    )
+    .await
+    .with_context(|| format!("attach {name} to {ifname}"))
 }
 
 fn open_tc(pins: &Pins, name: &str) -> Result<SchedClassifier> {
@@ -509,9 +470,10 @@ fn open_tc(pins: &Pins, name: &str) -> Result<SchedClassifier> {
         .with_context(|| format!("open pinned program {name} (is the datapath up?)"))
 }
 
-/// The uplink's program through a pinned TCX link: it is attached once per `up`, and the link
-/// is owned (no other loader's program can replace it unseen).
-fn attach_link(pins: &Pins, ifname: &str) -> Result<()> {
+/// The uplink's program on TC ingress of `ifname` (in the calling thread's namespace) through
+/// a pinned TCX link: it is attached once per `up`, and the link is owned (no other loader's
+/// program can replace it unseen).
+pub fn attach_uplink(pins: &Pins, ifname: &str) -> Result<()> {
     let name = prog_names::TC_UPLINK;
     let mut prog = open_tc(pins, name)?;
     let prog_id = prog
