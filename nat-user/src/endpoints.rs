@@ -388,7 +388,7 @@ pub async fn create(ctx: &Env, req: AddRequest) -> Result<Added> {
     };
     // The intent first: whatever is created below, a killed command leaves a record of it.
     state.containers.insert(name.clone(), Arc::new(c.clone()));
-    store.save(&state)?;
+    store.save_intent(&state)?;
     let made = async {
         if owns_netns && let Err(e) = netns::create(&name) {
             // Not ours after all: the cleanup below must leave it alone.
