@@ -431,6 +431,15 @@ mod tests {
         (store, s)
     }
 
+    /// `two`, then a container `c` added through the journal; the store closed again.
+    fn three(tag: &str) -> Dir {
+        let dir = Dir::new(tag);
+        let (store, mut s) = two(&dir);
+        s.containers.insert("c".to_owned(), container("c", 4));
+        store.save(&s).unwrap();
+        dir
+    }
+
     #[test]
     fn container_changes_are_journaled_and_read_back() {
         let dir = Dir::new("journal");
@@ -468,11 +477,7 @@ mod tests {
 
     #[test]
     fn a_half_written_line_is_dropped_and_cut_off() {
-        let dir = Dir::new("torn");
-        let (store, mut s) = two(&dir);
-        s.containers.insert("c".to_owned(), container("c", 4));
-        store.save(&s).unwrap();
-        drop(store);
+        let dir = three("torn");
         let whole = dir.journal();
         let mut torn = whole.clone();
         torn.extend_from_slice(br#"{"seq":2,"generation":0,"del":["#);
@@ -537,11 +542,7 @@ mod tests {
 
     #[test]
     fn a_journal_without_its_snapshot_is_not_applied() {
-        let dir = Dir::new("orphan");
-        let (store, mut s) = two(&dir);
-        s.containers.insert("c".to_owned(), container("c", 4));
-        store.save(&s).unwrap();
-        drop(store);
+        let dir = three("orphan");
         std::fs::remove_file(dir.0.join("state.json")).unwrap();
 
         let store = Store::open(&dir.0).unwrap();
