@@ -6,6 +6,7 @@
 
 mod cluster;
 mod load;
+mod profile;
 mod report;
 mod scrape;
 mod testrun;
@@ -56,6 +57,17 @@ enum Cmd {
         /// Only the paths whose name contains this text (for a profile of one path).
         #[arg(long)]
         only: Option<String>,
+    },
+    /// Where one path's time goes: `perf` samples of the benchmark CPU while `paths` runs it,
+    /// by line of the eBPF source (through the JIT's line info) and by kernel function.
+    Profile {
+        #[arg(long)]
+        bin: Option<PathBuf>,
+        #[arg(long, default_value_t = 2_000_000)]
+        runs: u32,
+        /// The paths whose name contains this text (`paths` lists them all).
+        #[arg(long)]
+        only: String,
     },
     /// Only pod to pod across two cluster nodes, against plain routing.
     Cluster {
@@ -166,6 +178,24 @@ fn main() -> Result<()> {
                 s.entries, s.during_gc_ms, s.after_gc_ms, s.gc_s
             );
             Ok(())
+        }
+        Cmd::Profile { bin, runs, only } => {
+            let me = std::env::current_exe().context("find this binary")?;
+            let topo = Topo::build(Dp::Bpfnat, &bpfnat_bin(&me, bin)?)?;
+            let lab = topo
+                .lab
+                .as_ref()
+                .ok_or_else(|| anyhow!("bpfnat lab missing"))?;
+            profile::profile(&bpfnat_tests::pins(lab), load::BENCH_CPU, || {
+                let paths = paths_of(&topo, runs, Some(&only))?;
+                if paths.is_empty() {
+                    bail!("no path's name contains {only:?} (`bpfnat-bench paths` lists them)");
+                }
+                for p in paths {
+                    println!("{:>6.0} ns  p90 {:>6.0}  {}", p.ns_median, p.ns_p90, p.name);
+                }
+                Ok(())
+            })
         }
         Cmd::Paths { bin, runs, only } => {
             let me = std::env::current_exe().context("find this binary")?;
