@@ -398,8 +398,12 @@ pub fn create<A: Fam>(
             rkey.dst_port = probe_port(rkey, cfg, avoid_host)?;
         }
     } else {
-        // Published: the client's own tuple, taken over whatever held it.
-        A::ct_remove(&rkey, ASSURED);
+        // Published: the client's own tuple, taken over whatever held it. Looked up first: a
+        // delete takes the bucket's lock with interrupts off even for a key that is not there,
+        // which it almost never is (6 % of the CPU's samples, more than the program's own).
+        if A::ct_get(&rkey, ASSURED).is_some() {
+            A::ct_remove(&rkey, ASSURED);
+        }
         if !A::ct_insert(&rkey, &*reply, FRESH, u64::from(BPF_ANY)) {
             return Err(Reason::DropCtFull);
         }

@@ -362,8 +362,8 @@ fn the_text_form_and_bad_input() {
         "tc_uplink: redirect",
         "lookup   ports",
         "create   conntrack_new",
-        // The datapath deletes the new tuple from the assured table without looking first.
-        "dport=40000 => not there",
+        // The client's tuple is looked up in the assured table before it is taken over.
+        "lookup   conntrack      proto=tcp src=10.88.0.2 sport=80 dst=198.51.100.1 dport=40000 => not found",
         "verdict     forward (dnat_new, deliver)",
         "translated  tcp 198.51.100.1:40000 -> 10.88.0.2:80",
         "committed   nothing",
