@@ -431,8 +431,6 @@ async fn wire(
     configure_inside(node, c).await?;
     // The program before the host side comes up, so that no frame of the container reaches
     // the node without it (it drops them as spoofed until the endpoint is written below).
-    // (Its TCX attach waits out an RCU grace period under the RTNL lock, about 10 ms here:
-    // other netlink work cannot overlap it.)
     datapath::attach_container(&ctx.pins, nl, &c.host_if, host.index).await?;
 
     nl.set_up(host.index).await?;

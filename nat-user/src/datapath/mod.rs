@@ -12,7 +12,7 @@
 //! <bpffs-dir>/v4/cgroup-links/<program>     the socket programs' links
 //! ```
 //! Links are pinned, so the datapath keeps running after the loader exits. Container veths
-//! carry a tc filter instead (`attach_filter`), which is the device's own.
+//! carry a tc filter instead (`attach_container`), which is the device's own.
 
 mod conntrack;
 pub mod dump;
