@@ -15,8 +15,11 @@ use crate::run;
 /// Debian packages the build and the tests use, and a command each provides (shown when
 /// missing).
 const PACKAGES: &[(&str, &str)] = &[
-    // etcd-client compiles etcd's protobuf definitions when it builds.
+    // etcd-client compiles etcd's protobuf definitions when it builds; they import the
+    // well-known types (`google/protobuf/*.proto`), which only the -dev package ships (a
+    // recommendation of protobuf-compiler's, which `--no-install-recommends` leaves out).
     ("protobuf-compiler", "protoc"),
+    ("libprotobuf-dev", "/usr/include/google/protobuf/descriptor.proto"),
     ("bpftool", "bpftool"),
     ("iproute2", "ip"),
     ("iputils-ping", "ping"),
