@@ -19,7 +19,10 @@ const PACKAGES: &[(&str, &str)] = &[
     // well-known types (`google/protobuf/*.proto`), which only the -dev package ships (a
     // recommendation of protobuf-compiler's, which `--no-install-recommends` leaves out).
     ("protobuf-compiler", "protoc"),
-    ("libprotobuf-dev", "/usr/include/google/protobuf/descriptor.proto"),
+    (
+        "libprotobuf-dev",
+        "/usr/include/google/protobuf/descriptor.proto",
+    ),
     ("bpftool", "bpftool"),
     ("iproute2", "ip"),
     ("iputils-ping", "ping"),
