@@ -54,6 +54,10 @@ enum Cmd {
         bin: Option<PathBuf>,
         #[arg(long, default_value_t = 20_000)]
         runs: u32,
+        /// Interleaved series the runs are split into (each path's cost over the floor is
+        /// the least over them).
+        #[arg(long, default_value_t = 5)]
+        series: u32,
         /// Only the paths whose name contains this text (for a profile of one path).
         #[arg(long)]
         only: Option<String>,
@@ -187,7 +191,7 @@ fn main() -> Result<()> {
                 .as_ref()
                 .ok_or_else(|| anyhow!("bpfnat lab missing"))?;
             profile::profile(&bpfnat_tests::pins(lab), load::BENCH_CPU, || {
-                let paths = paths_of(&topo, runs, Some(&only))?;
+                let paths = paths_of(&topo, (runs, 1), Some(&only))?;
                 if paths.is_empty() {
                     bail!("no path's name contains {only:?} (`bpfnat-bench paths` lists them)");
                 }
@@ -197,11 +201,22 @@ fn main() -> Result<()> {
                 Ok(())
             })
         }
-        Cmd::Paths { bin, runs, only } => {
+        Cmd::Paths {
+            bin,
+            runs,
+            series,
+            only,
+        } => {
             let me = std::env::current_exe().context("find this binary")?;
             let topo = Topo::build(Dp::Bpfnat, &bpfnat_bin(&me, bin)?)?;
-            for p in paths_of(&topo, runs, only.as_deref())? {
-                println!("{:>6.0} ns  p90 {:>6.0}  {}", p.ns_median, p.ns_p90, p.name);
+            for p in paths_of(&topo, (runs, series), only.as_deref())? {
+                let over = p
+                    .ns_over_floor
+                    .map_or_else(|| "-".to_owned(), |o| format!("{o:.0}"));
+                println!(
+                    "{:>6.0} ns  p90 {:>6.0}  over floor {over:>5}  {}",
+                    p.ns_median, p.ns_p90, p.name
+                );
             }
             if let Some(lab) = &topo.lab {
                 let stats = lab.ok(&["stats"])?;
@@ -228,7 +243,11 @@ fn bpfnat_bin(me: &Path, bin: Option<PathBuf>) -> Result<PathBuf> {
 }
 
 /// The per-path costs on the bpfnat datapath of `t`.
-fn paths_of(t: &Topo, runs: u32, only: Option<&str>) -> Result<Vec<testrun::PathCost>> {
+fn paths_of(
+    t: &Topo,
+    runs_series: (u32, u32),
+    only: Option<&str>,
+) -> Result<Vec<testrun::PathCost>> {
     let d = t
         .lab
         .as_ref()
@@ -263,7 +282,7 @@ fn paths_of(t: &Topo, runs: u32, only: Option<&str>) -> Result<Vec<testrun::Path
         mac.try_into()
             .map_err(|_| anyhow!("bad MAC in container list"))?,
         status["node"]["uplink_ifindex"].as_u64().unwrap_or(0) as u32,
-        runs,
+        runs_series,
         only,
     )
 }
@@ -353,7 +372,7 @@ fn run(me: &Path, bin: &Path, quick: bool, out: &Path) -> Result<()> {
         .iter()
         .find(|t| t.dp == Dp::Bpfnat)
         .ok_or_else(|| anyhow!("bpfnat datapath missing"))?;
-    let paths = paths_of(d, if quick { 2_000 } else { 20_000 }, None)?;
+    let paths = paths_of(d, if quick { (2_000, 2) } else { (20_000, 5) }, None)?;
     drop(topos);
     let xdp = xdp_section(me, bin, quick, secs, reps)?;
     println!("bench: pod to pod across two cluster nodes");

@@ -1,8 +1,10 @@
 //! Per-program cost with BPF_PROG_TEST_RUN: each run gets a fresh copy of its packet (the
 //! kernel's `repeat` would rerun on the already rewritten buffer), and each "new connection"
-//! run a new source port, so every run measures the path it is named after.
+//! run a new source port, so every run measures the path it is named after. The paths are
+//! measured in interleaved series, each with its own floor: a VM's speed drifts by tens of
+//! percent between series, which one series per path would book to the path.
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, sync::Arc};
 
 use anyhow::{Context as _, Result};
 use aya::{
@@ -16,9 +18,28 @@ use crate::topo::{C1, C1_6, EXT, EXT6, NODE, NODE6, RR_PORT};
 
 pub struct PathCost {
     pub name: &'static str,
+    /// The median of the series' medians, harness included.
     pub ns_median: f64,
+    /// The median of the series' 90th percentiles.
     pub ns_p90: f64,
+    /// The least, over the series, of the path's median less its floor's median in the same
+    /// series (TC or XDP); `None` when the floor was not measured (`--only`).
+    pub ns_over_floor: Option<f64>,
 }
+
+/// Builds packet `i` of a path's runs.
+type Make = Arc<dyn Fn(u32) -> Vec<u8> + Send + Sync>;
+
+/// A path to measure: its name, program, interface and packets.
+struct Path {
+    name: &'static str,
+    prog: &'static str,
+    ifindex: u32,
+    make: Make,
+}
+
+const FLOOR_TC: &str = "floor (non-IP frame, passed at once), TC";
+const FLOOR_XDP: &str = "floor (non-IP frame, passed at once), XDP";
 
 fn median_p90(mut v: Vec<u64>) -> (f64, f64) {
     v.sort_unstable();
@@ -39,12 +60,12 @@ enum Loaded {
 const XDP: &str = "xdp_uplink";
 
 /// `runs` runs of program `prog` (TC as if on `ifindex`, or `XDP`), packet `i` from
-/// `make(i)`.
+/// `make(first + i)`.
 fn cost(
     lab: &Lab,
     prog: &str,
     ifindex: u32,
-    runs: u32,
+    (first, runs): (u32, u32),
     make: impl Fn(u32) -> Vec<u8> + Send + 'static,
 ) -> Result<(f64, f64)> {
     let pin = bpfnat_tests::pins(lab).prog(prog);
@@ -65,7 +86,7 @@ fn cost(
         } else {
             Loaded::Tc(SchedClassifier::from_pin(&pin)?)
         };
-        for i in 0..runs {
+        for i in first..first + runs {
             let data = make(i);
             let mut opts = TestRunOptions {
                 data_in: Some(&data),
@@ -103,7 +124,7 @@ fn pin_to(cpu: usize) -> Result<()> {
 
 /// SYNs to the published RR port from a new client tuple each run, from clients
 /// `198.51.100.<base>` and up (different bases keep two series apart).
-fn new_clients(base: u8) -> impl Fn(u32) -> Vec<u8> + Send + Copy + 'static {
+fn new_clients(base: u8) -> impl Fn(u32) -> Vec<u8> + Send + Sync + Copy + 'static {
     const ANY: [u8; 6] = [0xee; 6];
     const EXT_MAC: [u8; 6] = [2, 0, 198, 51, 100, 1];
     move |i: u32| {
@@ -120,36 +141,33 @@ fn new_clients(base: u8) -> impl Fn(u32) -> Vec<u8> + Send + Copy + 'static {
     }
 }
 
-/// The four paths, measured on the bpfnat lab (whose c1 publishes RR_PORT).
+/// The paths, measured on the bpfnat lab (whose c1 publishes RR_PORT) in `series`
+/// interleaved series of `runs / series` runs each.
 pub fn paths(
     lab: &Lab,
     c1_ifindex: u32,
     c1_mac: [u8; 6],
     uplink_ifindex: u32,
-    runs: u32,
+    (runs, series): (u32, u32),
     only: Option<&str>,
 ) -> Result<Vec<PathCost>> {
     const ANY: [u8; 6] = [0xee; 6];
     const EXT_MAC: [u8; 6] = [2, 0, 198, 51, 100, 1];
     let far = Ipv4Addr::new(203, 0, 113, 80);
-    let mut out = Vec::new();
-    // Measures one named path, unless `only` leaves it out (profiling one path at a time).
-    let mut add = |name: &'static str,
-                   prog: &str,
-                   ifindex: u32,
-                   make: Box<dyn Fn(u32) -> Vec<u8> + Send>|
-     -> Result<()> {
-        if only.is_some_and(|o| !name.contains(o)) {
-            return Ok(());
-        }
-        let (ns_median, ns_p90) = cost(lab, prog, ifindex, runs, make)?;
-        out.push(PathCost {
-            name,
-            ns_median,
-            ns_p90,
-        });
-        Ok(())
-    };
+    let mut list: Vec<Path> = Vec::new();
+    // Lists one named path, unless `only` leaves it out (profiling one path at a time).
+    let mut add =
+        |name: &'static str, prog: &'static str, ifindex: u32, make: Make| -> Result<()> {
+            if only.is_none_or(|o| name.contains(o)) {
+                list.push(Path {
+                    name,
+                    prog,
+                    ifindex,
+                    make,
+                });
+            }
+            Ok(())
+        };
 
     // Established: one connection, assured by a full handshake as real traffic's is (it then
     // lives in `conntrack`, found by the first lookup), hit by every run.
@@ -169,19 +187,19 @@ pub fn paths(
         )
     };
     let (syn, ack) = (0x02, 0x10);
-    let _ = cost(lab, "tc_container", c1_ifindex, 1, move |_| {
+    let _ = cost(lab, "tc_container", c1_ifindex, (0, 1), move |_| {
         seg(true, 1000, 0, syn)
     })?;
-    let _ = cost(lab, "tc_uplink", uplink_ifindex, 1, move |_| {
+    let _ = cost(lab, "tc_uplink", uplink_ifindex, (0, 1), move |_| {
         seg(false, 5000, 1001, syn | ack)
     })?;
     let est = move |_| seg(true, 1001, 5001, ack);
-    let _ = cost(lab, "tc_container", c1_ifindex, 1, est)?;
+    let _ = cost(lab, "tc_container", c1_ifindex, (0, 1), est)?;
     add(
         "established (container → outside, conntrack hit)",
         "tc_container",
         c1_ifindex,
-        Box::new(est),
+        Arc::new(est),
     )?;
 
     // The replies of that connection, inbound: TC, then the XDP fast path.
@@ -190,13 +208,13 @@ pub fn paths(
         "established (outside → container, conntrack hit), TC",
         "tc_uplink",
         uplink_ifindex,
-        Box::new(reply),
+        Arc::new(reply),
     )?;
     add(
         "established (outside → container, conntrack hit), XDP",
         XDP,
         0,
-        Box::new(reply),
+        Arc::new(reply),
     )?;
 
     let snat = move |i: u32| {
@@ -215,14 +233,14 @@ pub fn paths(
         "new MASQUERADE connection",
         "tc_container",
         c1_ifindex,
-        Box::new(snat),
+        Arc::new(snat),
     )?;
 
     add(
         "new connection to a published port, TC",
         "tc_uplink",
         uplink_ifindex,
-        Box::new(new_clients(100)),
+        Arc::new(new_clients(100)),
     )?;
     // Other clients than the TC run's, so each run is a new connection again. XDP hands new
     // connections to TC (only TC knows whether their checksum was verified): this is its cost
@@ -231,7 +249,7 @@ pub fn paths(
         "new connection to a published port, XDP (handed to TC)",
         XDP,
         0,
-        Box::new(new_clients(150)),
+        Arc::new(new_clients(150)),
     )?;
 
     // Over IPv6 (NAT66), UDP: one flow, assured by an answer and a second datagram, then its
@@ -248,32 +266,32 @@ pub fn paths(
     };
     let out6 = move |_| udp6((C1_6, EXT6), c1_mac, (34000, 53));
     let in6 = move |_| udp6((EXT6, NODE6), EXT_MAC, (53, 34000));
-    let _ = cost(lab, "tc_container", c1_ifindex, 1, out6)?;
-    let _ = cost(lab, "tc_uplink", uplink_ifindex, 1, in6)?;
-    let _ = cost(lab, "tc_container", c1_ifindex, 1, out6)?;
+    let _ = cost(lab, "tc_container", c1_ifindex, (0, 1), out6)?;
+    let _ = cost(lab, "tc_uplink", uplink_ifindex, (0, 1), in6)?;
+    let _ = cost(lab, "tc_container", c1_ifindex, (0, 1), out6)?;
     add(
         "IPv6: established UDP (container → outside, NAT66)",
         "tc_container",
         c1_ifindex,
-        Box::new(out6),
+        Arc::new(out6),
     )?;
     add(
         "IPv6: established UDP (outside → container), TC",
         "tc_uplink",
         uplink_ifindex,
-        Box::new(in6),
+        Arc::new(in6),
     )?;
     add(
         "IPv6: established UDP (outside → container), XDP",
         XDP,
         0,
-        Box::new(in6),
+        Arc::new(in6),
     )?;
     add(
         "IPv6: new NAT66 connection (UDP)",
         "tc_container",
         c1_ifindex,
-        Box::new(move |i: u32| udp6((C1_6, EXT6), c1_mac, (1024 + (i % 60000) as u16, 54))),
+        Arc::new(move |i: u32| udp6((C1_6, EXT6), c1_mac, (1024 + (i % 60000) as u16, 54))),
     )?;
 
     let floor = move |_| {
@@ -289,18 +307,8 @@ pub fn paths(
         f[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
         f
     };
-    add(
-        "floor (non-IP frame, passed at once), TC",
-        "tc_uplink",
-        uplink_ifindex,
-        Box::new(floor),
-    )?;
-    add(
-        "floor (non-IP frame, passed at once), XDP",
-        XDP,
-        0,
-        Box::new(floor),
-    )?;
+    add(FLOOR_TC, "tc_uplink", uplink_ifindex, Arc::new(floor))?;
+    add(FLOOR_XDP, XDP, 0, Arc::new(floor))?;
 
     let miss = move |_| {
         packet::frame(
@@ -316,7 +324,54 @@ pub fn paths(
         "miss (the node's own traffic, passed to the stack)",
         "tc_uplink",
         uplink_ifindex,
-        Box::new(miss),
+        Arc::new(miss),
     )?;
-    Ok(out)
+    measure(lab, &list, runs, series)
+}
+
+/// Every path of `list` in `series` rounds, one series of `runs / series` runs per path and
+/// round; new-connection paths get new packets in every round (`first`).
+fn measure(lab: &Lab, list: &[Path], runs: u32, series: u32) -> Result<Vec<PathCost>> {
+    let series = series.max(1);
+    let per = (runs / series).max(1);
+    // medians[path][round], p90s[path][round]
+    let mut medians = vec![Vec::new(); list.len()];
+    let mut p90s = vec![Vec::new(); list.len()];
+    for round in 0..series {
+        for (i, p) in list.iter().enumerate() {
+            let make = Arc::clone(&p.make);
+            let (m, p90) = cost(lab, p.prog, p.ifindex, (round * per, per), move |i| make(i))?;
+            medians[i].push(m);
+            p90s[i].push(p90);
+        }
+    }
+    let floor_of = |name: &str| list.iter().position(|p| p.name == name);
+    let (floor_tc, floor_xdp) = (floor_of(FLOOR_TC), floor_of(FLOOR_XDP));
+    Ok(list
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let floor = if p.prog == XDP { floor_xdp } else { floor_tc };
+            let ns_over_floor = floor.map(|f| {
+                medians[i]
+                    .iter()
+                    .zip(&medians[f])
+                    .map(|(m, fl)| m - fl)
+                    .fold(f64::INFINITY, f64::min)
+            });
+            PathCost {
+                name: p.name,
+                ns_median: middle(&medians[i]),
+                ns_p90: middle(&p90s[i]),
+                ns_over_floor,
+            }
+        })
+        .collect())
+}
+
+/// The median of a few values (the upper middle one of an even count).
+fn middle(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
