@@ -3,12 +3,10 @@
 //! a family's connections, how an address is rewritten (IPv4 has a header checksum, IPv6 has
 //! none), the hop limit, the FIB lookup's address fields and the checksum's pseudo-header.
 
-use core::ptr::null_mut;
-
-use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, helpers::bpf_csum_diff};
+use aya_ebpf::bindings::bpf_fib_lookup as FibParams;
 use nat_common::{
     Addr4, Addr6, CFG_STATIC_NAT, Config, CtEntry, CtKey, Endpoint, Family, FragKey4, FragKey6,
-    FragPorts, Port, PortKey6, PortTarget, Reason, StaticNat, trail_map,
+    FragPorts, Port, PortKey6, PortTarget, Reason, StaticNat, csum_fold32, trail_map,
 };
 use network_types::ip::Ipv4Hdr;
 
@@ -54,8 +52,9 @@ pub trait Fam: Family {
     fn dec_ttl(ctx: &impl Pkt, p: &mut Ip<Self>) -> Result<(), Reason>;
     /// Fill the FIB lookup's family and addresses.
     fn fib_addrs(f: &mut FibParams, p: &Ip<Self>);
-    /// The sum of the L4 pseudo-header for `len` bytes of `proto`, as `bpf_csum_diff` sums.
-    fn pseudo_sum(p: &Ip<Self>, len: u32) -> Option<u32>;
+    /// The sum of the L4 pseudo-header for `len` bytes of `proto`, as `bpf_csum_diff` would
+    /// sum it (ones' complement, folded to 32 bits), in a few adds instead of a helper call.
+    fn pseudo_sum(p: &Ip<Self>, len: u32) -> u32;
     /// The container at `addr`, if any (only addresses in the family's subnet are looked up).
     fn container_at(cfg: &Config, addr: &Self) -> Option<Endpoint>;
     /// Whether the IP header's checksum holds (IPv6 has none).
@@ -241,15 +240,18 @@ impl Fam for Addr4 {
     }
 
     #[inline(always)]
-    fn pseudo_sum(p: &Ip<Self>, len: u32) -> Option<u32> {
-        let mut ph: [u32; 3] = [
-            u32::from_ne_bytes(p.src),
-            u32::from_ne_bytes(p.dst),
-            u32::from_ne_bytes([0, p.proto, (len >> 8) as u8, len as u8]),
-        ];
-        // SAFETY: a 12-byte array on the stack.
-        let s = unsafe { bpf_csum_diff(null_mut(), 0, ph.as_mut_ptr(), 12, 0) };
-        (s >= 0).then_some(s as u32)
+    fn pseudo_sum(p: &Ip<Self>, len: u32) -> u32 {
+        // Summed here rather than by `bpf_csum_diff`: three words cost less than a call.
+        csum_fold32(
+            u64::from(u32::from_ne_bytes(p.src))
+                + u64::from(u32::from_ne_bytes(p.dst))
+                + u64::from(u32::from_ne_bytes([
+                    0,
+                    p.proto,
+                    (len >> 8) as u8,
+                    len as u8,
+                ])),
+        )
     }
 
     #[inline(always)]
@@ -384,24 +386,13 @@ impl Fam for Addr6 {
     }
 
     #[inline(always)]
-    fn pseudo_sum(p: &Ip<Self>, len: u32) -> Option<u32> {
-        let s = words(&p.src);
-        let d = words(&p.dst);
-        let mut ph: [u32; 10] = [
-            s[0],
-            s[1],
-            s[2],
-            s[3],
-            d[0],
-            d[1],
-            d[2],
-            d[3],
-            len.to_be(),
-            u32::from(p.proto).to_be(),
-        ];
-        // SAFETY: a 40-byte array on the stack.
-        let r = unsafe { bpf_csum_diff(null_mut(), 0, ph.as_mut_ptr(), 40, 0) };
-        (r >= 0).then_some(r as u32)
+    fn pseudo_sum(p: &Ip<Self>, len: u32) -> u32 {
+        let (s, d) = (words(&p.src), words(&p.dst));
+        let mut sum = u64::from(len.to_be()) + u64::from(u32::from(p.proto).to_be());
+        for i in 0..4 {
+            sum += u64::from(s[i]) + u64::from(d[i]);
+        }
+        csum_fold32(sum)
     }
 
     #[inline(always)]
