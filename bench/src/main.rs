@@ -58,6 +58,11 @@ enum Cmd {
         /// the least over them).
         #[arg(long, default_value_t = 5)]
         series: u32,
+        /// Another bpfnat build to compare with, run by run in alternation on a lab of its
+        /// own (then with the labs swapped): prints each build's median and the median of
+        /// the run-by-run differences (against − bin).
+        #[arg(long)]
+        against: Option<PathBuf>,
         /// Only the paths whose name contains this text (for a profile of one path).
         #[arg(long)]
         only: Option<String>,
@@ -205,6 +210,48 @@ fn main() -> Result<()> {
             bin,
             runs,
             series,
+            against: Some(against),
+            only,
+        } => {
+            let me = std::env::current_exe().context("find this binary")?;
+            let bin = bpfnat_bin(&me, bin)?;
+            // Each build on each lab in turn: the second lab measured up to 5 % faster than
+            // the first with the same build on both (memory placement), a bias that the
+            // swap cancels.
+            let mut orders = Vec::new();
+            for (first, second) in [(&bin, &against), (&against, &bin)] {
+                let l1 = Topo::build(Dp::Bpfnat, first)?;
+                let l2 = Topo::build_with(
+                    Dp::Bpfnat,
+                    second,
+                    Opts {
+                        tag: "b",
+                        ..Opts::DEFAULT
+                    },
+                )?;
+                let (t1, t2) = (target_of(&l1)?, target_of(&l2)?);
+                orders.push(testrun::paired(&t1, &t2, (runs, series), only.as_deref())?);
+            }
+            println!("   bin ns  against ns   difference  path");
+            if let [ab, ba] = orders.as_slice() {
+                for (x, y) in ab.iter().zip(ba) {
+                    // x: bin on lab 1, against on lab 2; y: the other way round.
+                    println!(
+                        "{:>9.0} {:>11.0} {:>+12.0}  {}",
+                        (x.a_ns + y.b_ns) / 2.0,
+                        (x.b_ns + y.a_ns) / 2.0,
+                        (x.diff_ns - y.diff_ns) / 2.0,
+                        x.name
+                    );
+                }
+            }
+            Ok(())
+        }
+        Cmd::Paths {
+            bin,
+            runs,
+            series,
+            against: None,
             only,
         } => {
             let me = std::env::current_exe().context("find this binary")?;
@@ -248,6 +295,11 @@ fn paths_of(
     runs_series: (u32, u32),
     only: Option<&str>,
 ) -> Result<Vec<testrun::PathCost>> {
+    testrun::paths(&target_of(t)?, runs_series, only)
+}
+
+/// The bpfnat lab of `t`, ready for BPF_PROG_TEST_RUN.
+fn target_of(t: &Topo) -> Result<testrun::Target<'_>> {
     let d = t
         .lab
         .as_ref()
@@ -276,15 +328,14 @@ fn paths_of(
         .filter_map(|b| u8::from_str_radix(b, 16).ok())
         .collect();
     let status: serde_json::Value = serde_json::from_str(&d.ok(&["-o", "json", "status"])?)?;
-    testrun::paths(
-        d,
-        c1["host_ifindex"].as_u64().unwrap_or(0) as u32,
-        mac.try_into()
+    Ok(testrun::Target {
+        lab: d,
+        c1_ifindex: c1["host_ifindex"].as_u64().unwrap_or(0) as u32,
+        c1_mac: mac
+            .try_into()
             .map_err(|_| anyhow!("bad MAC in container list"))?,
-        status["node"]["uplink_ifindex"].as_u64().unwrap_or(0) as u32,
-        runs_series,
-        only,
-    )
+        uplink_ifindex: status["node"]["uplink_ifindex"].as_u64().unwrap_or(0) as u32,
+    })
 }
 
 fn machine() -> String {

@@ -74,38 +74,107 @@ fn cost(
         // On one CPU throughout: a run migrated between CPUs (different frequency, cold
         // caches) measured up to twice as long, series by series.
         pin_to(crate::load::BENCH_CPU)?;
-        let mut ctx = [0u8; 192];
-        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let ctx = tc_ctx(ifindex);
         let mut out = vec![0u8; 2048];
         let mut v = Vec::with_capacity(runs as usize);
-        let prog = if xdp {
-            Loaded::Xdp(Xdp::from_pin(
-                &pin,
-                aya_obj::programs::XdpAttachType::Interface,
-            )?)
-        } else {
-            Loaded::Tc(SchedClassifier::from_pin(&pin)?)
-        };
+        let prog = Loaded::from_pin(&pin, xdp)?;
         for i in first..first + runs {
-            let data = make(i);
-            let mut opts = TestRunOptions {
-                data_in: Some(&data),
-                data_out: Some(&mut out),
-                ..TestRunOptions::default()
-            };
-            let r = match &prog {
-                Loaded::Tc(p) => {
-                    opts.ctx_in = Some(&ctx);
-                    p.test_run(opts)?
-                }
-                Loaded::Xdp(p) => p.test_run(opts)?,
-            };
-            v.push(r.duration.as_nanos() as u64);
+            v.push(prog.run(&make(i), &ctx, &mut out)?);
         }
         Ok(v)
     })
     .context("BPF_PROG_TEST_RUN")?;
     Ok(median_p90(samples))
+}
+
+impl Loaded {
+    fn from_pin(pin: &std::path::Path, xdp: bool) -> Result<Self> {
+        Ok(if xdp {
+            Self::Xdp(Xdp::from_pin(
+                pin,
+                aya_obj::programs::XdpAttachType::Interface,
+            )?)
+        } else {
+            Self::Tc(SchedClassifier::from_pin(pin)?)
+        })
+    }
+
+    /// One run on `data` (TC with the context `ctx`); its duration in ns.
+    fn run(&self, data: &[u8], ctx: &[u8], out: &mut [u8]) -> Result<u64> {
+        let mut opts = TestRunOptions {
+            data_in: Some(data),
+            data_out: Some(out),
+            ..TestRunOptions::default()
+        };
+        let r = match self {
+            Self::Tc(p) => {
+                opts.ctx_in = Some(ctx);
+                p.test_run(opts)?
+            }
+            Self::Xdp(p) => p.test_run(opts)?,
+        };
+        Ok(r.duration.as_nanos() as u64)
+    }
+}
+
+/// The TC context for a run as if on `ifindex`.
+fn tc_ctx(ifindex: u32) -> [u8; 192] {
+    let mut ctx = [0u8; 192];
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
+/// Enter the network namespace open as `ns` (this thread only).
+fn enter(ns: &std::fs::File) -> Result<()> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: a valid namespace file descriptor; only this thread's namespace changes.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("enter a lab's network namespace");
+    }
+    Ok(())
+}
+
+/// What one side of a paired measurement runs.
+struct Side {
+    ns: std::fs::File,
+    prog: std::path::PathBuf,
+    ifindex: u32,
+    make: Make,
+}
+
+/// `runs` paired runs of the same path on two labs, alternating run by run (which side goes
+/// first alternates too), on one CPU: both sides share every phase of the machine. Each
+/// side's median, and the median of the run-by-run differences (b − a).
+fn cost_pair(a: Side, b: Side, xdp: bool, (first, runs): (u32, u32)) -> Result<(f64, f64, f64)> {
+    std::thread::spawn(move || -> Result<(f64, f64, f64)> {
+        pin_to(crate::load::BENCH_CPU)?;
+        let mut out = vec![0u8; 2048];
+        let (ctx_a, ctx_b) = (tc_ctx(a.ifindex), tc_ctx(b.ifindex));
+        enter(&a.ns)?;
+        let pa = Loaded::from_pin(&a.prog, xdp)?;
+        enter(&b.ns)?;
+        let pb = Loaded::from_pin(&b.prog, xdp)?;
+        let (mut va, mut vb, mut diff) = (Vec::new(), Vec::new(), Vec::new());
+        for i in first..first + runs {
+            let (da, db) = (a.make.as_ref()(i), b.make.as_ref()(i));
+            let run_a = |out: &mut [u8]| enter(&a.ns).and_then(|()| pa.run(&da, &ctx_a, out));
+            let run_b = |out: &mut [u8]| enter(&b.ns).and_then(|()| pb.run(&db, &ctx_b, out));
+            let (ta, tb) = if i % 2 == 0 {
+                let ta = run_a(&mut out)?;
+                (ta, run_b(&mut out)?)
+            } else {
+                let tb = run_b(&mut out)?;
+                (run_a(&mut out)?, tb)
+            };
+            va.push(ta as f64);
+            vb.push(tb as f64);
+            diff.push(tb as f64 - ta as f64);
+        }
+        Ok((middle(&va), middle(&vb), middle(&diff)))
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("paired measurement thread panicked"))?
+    .context("BPF_PROG_TEST_RUN, paired")
 }
 
 /// Pin the calling thread to `cpu`.
@@ -141,16 +210,87 @@ fn new_clients(base: u8) -> impl Fn(u32) -> Vec<u8> + Send + Sync + Copy + 'stat
     }
 }
 
-/// The paths, measured on the bpfnat lab (whose c1 publishes RR_PORT) in `series`
-/// interleaved series of `runs / series` runs each.
+/// A bpfnat lab to measure: c1 (which publishes RR_PORT) by its host-side interface and
+/// MAC, and the uplink.
+pub struct Target<'a> {
+    pub lab: &'a Lab,
+    pub c1_ifindex: u32,
+    pub c1_mac: [u8; 6],
+    pub uplink_ifindex: u32,
+}
+
+/// The paths, measured on `t` in `series` interleaved series of `runs / series` runs each.
 pub fn paths(
-    lab: &Lab,
-    c1_ifindex: u32,
-    c1_mac: [u8; 6],
-    uplink_ifindex: u32,
+    t: &Target<'_>,
     (runs, series): (u32, u32),
     only: Option<&str>,
 ) -> Result<Vec<PathCost>> {
+    let list = prepare(t, only)?;
+    measure(t.lab, &list, runs, series)
+}
+
+/// A path's cost on two builds, measured run by run in alternation.
+pub struct PairCost {
+    pub name: &'static str,
+    pub a_ns: f64,
+    pub b_ns: f64,
+    /// The median of the run-by-run differences, b − a.
+    pub diff_ns: f64,
+}
+
+/// The paths on two labs, run by run in alternation (`cost_pair`), in `series` rounds.
+pub fn paired(
+    a: &Target<'_>,
+    b: &Target<'_>,
+    (runs, series): (u32, u32),
+    only: Option<&str>,
+) -> Result<Vec<PairCost>> {
+    let (la, lb) = (prepare(a, only)?, prepare(b, only)?);
+    let series = series.max(1);
+    let per = (runs / series).max(1);
+    let mut acc: Vec<(Vec<f64>, Vec<f64>, Vec<f64>)> = vec![Default::default(); la.len()];
+    for round in 0..series {
+        for (i, (pa, pb)) in la.iter().zip(&lb).enumerate() {
+            let side = |t: &Target<'_>, p: &Path| -> Result<Side> {
+                Ok(Side {
+                    ns: std::fs::File::open(&t.lab.node).context("open a lab's namespace")?,
+                    prog: bpfnat_tests::pins(t.lab).prog(p.prog),
+                    ifindex: p.ifindex,
+                    make: Arc::clone(&p.make),
+                })
+            };
+            let (ma, mb, d) = cost_pair(
+                side(a, pa)?,
+                side(b, pb)?,
+                pa.prog == XDP,
+                (round * per, per),
+            )?;
+            acc[i].0.push(ma);
+            acc[i].1.push(mb);
+            acc[i].2.push(d);
+        }
+    }
+    Ok(la
+        .iter()
+        .zip(acc)
+        .map(|(p, (va, vb, vd))| PairCost {
+            name: p.name,
+            a_ns: middle(&va),
+            b_ns: middle(&vb),
+            diff_ns: middle(&vd),
+        })
+        .collect())
+}
+
+/// Set `t` up for the paths (an assured TCP connection, an assured NAT66 flow) and list
+/// them, less those `only` leaves out.
+fn prepare(t: &Target<'_>, only: Option<&str>) -> Result<Vec<Path>> {
+    let Target {
+        lab,
+        c1_ifindex,
+        c1_mac,
+        uplink_ifindex,
+    } = *t;
     const ANY: [u8; 6] = [0xee; 6];
     const EXT_MAC: [u8; 6] = [2, 0, 198, 51, 100, 1];
     let far = Ipv4Addr::new(203, 0, 113, 80);
@@ -326,7 +466,7 @@ pub fn paths(
         uplink_ifindex,
         Arc::new(miss),
     )?;
-    measure(lab, &list, runs, series)
+    Ok(list)
 }
 
 /// Every path of `list` in `series` rounds, one series of `runs / series` runs per path and
