@@ -27,6 +27,11 @@ pub struct PathCost {
     pub ns_over_floor: Option<f64>,
 }
 
+/// A Linux client's SYN options: MSS 1460, SACK permitted, timestamps, NOP, window scale 7.
+const LINUX_SYN_OPTS: [u8; 20] = [
+    2, 4, 5, 0xb4, 4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0, 1, 3, 3, 7,
+];
+
 /// Builds packet `i` of a path's runs.
 type Make = Arc<dyn Fn(u32) -> Vec<u8> + Send + Sync>;
 
@@ -192,7 +197,8 @@ fn pin_to(cpu: usize) -> Result<()> {
 }
 
 /// SYNs to the published RR port from a new client tuple each run, from clients
-/// `198.51.100.<base>` and up (different bases keep two series apart).
+/// `198.51.100.<base>` and up (different bases keep two series apart), with the options a
+/// Linux client sends (MSS, SACK permitted, timestamps, NOP, window scale).
 fn new_clients(base: u8) -> impl Fn(u32) -> Vec<u8> + Send + Sync + Copy + 'static {
     const ANY: [u8; 6] = [0xee; 6];
     const EXT_MAC: [u8; 6] = [2, 0, 198, 51, 100, 1];
@@ -205,7 +211,7 @@ fn new_clients(base: u8) -> impl Fn(u32) -> Vec<u8> + Send + Sync + Copy + 'stat
             src,
             NODE,
             PROTO_TCP,
-            &packet::tcp(src, NODE, sport, RR_PORT, 0x02),
+            &packet::tcp_syn_opts(src, NODE, sport, RR_PORT, &LINUX_SYN_OPTS),
         )
     }
 }

@@ -105,18 +105,14 @@ struct Opts {
     wscale: u32,
 }
 
-/// Byte `k` of the options (1 stops the walk). Steps go byte by byte, acting only where an
-/// option starts: indexing by the loop counter, which the verifier does not track exactly,
-/// lets it verify the callback once instead of once per possible cursor value.
-unsafe extern "C" fn opt_step(k: u64, ctx: *mut c_void) -> i64 {
+/// The option at the cursor (1 stops the walk): one step per option, so a SYN's usual five
+/// options take five steps, not one per byte.
+unsafe extern "C" fn opt_step(_i: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the `Opts` on the caller's stack that `wscale` passed in.
     let o = unsafe { &mut *ctx.cast::<Opts>() };
-    let k = k as u32;
+    let k = o.next;
     if k >= o.len {
         return 1;
-    }
-    if k != o.next {
-        return 0;
     }
     let Some(buf) = CSUM_BUF.get_ptr(0) else {
         return 1;

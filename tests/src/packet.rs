@@ -47,6 +47,24 @@ pub fn tcp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> V
     t
 }
 
+/// A SYN carrying the TCP options `opts` (padded with EOL to a multiple of four bytes),
+/// checksummed for `src -> dst`.
+#[must_use]
+pub fn tcp_syn_opts(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, opts: &[u8]) -> Vec<u8> {
+    let mut t = vec![0u8; 20];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[4..8].copy_from_slice(&1_000u32.to_be_bytes());
+    t.extend_from_slice(opts);
+    t.resize(20 + opts.len().div_ceil(4) * 4, 0);
+    t[12] = ((t.len() / 4) as u8) << 4;
+    t[13] = 0x02;
+    t[14..16].copy_from_slice(&65_535u16.to_be_bytes());
+    let c = csum(&t, pseudo(src, dst, PROTO_TCP, t.len()));
+    t[16..18].copy_from_slice(&c.to_be_bytes());
+    t
+}
+
 /// A TCP segment with the given numbers and no payload, checksummed for `src -> dst`
 /// (`good = false` breaks the checksum).
 #[must_use]

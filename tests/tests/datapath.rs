@@ -195,6 +195,55 @@ fn snat_rewrites_source_and_keeps_checksums_valid() {
 }
 
 #[test]
+fn the_window_scale_a_syn_offers_is_read_whatever_options_come_first() {
+    let lab = lab("tr-wscale");
+    up(&lab, &[]);
+    let c = container(&lab, "c", "10.88.0.2", &[]);
+    const TS: [u8; 10] = [8, 10, 0, 0, 0, 1, 0, 0, 0, 0];
+    let linux: Vec<u8> = [&[2, 4, 5, 0xb4, 4, 2][..], &TS, &[1, 3, 3, 7]].concat();
+    // (source port, options, the scale the entry must hold)
+    let cases: [(u16, Vec<u8>, u64); 6] = [
+        // What Linux sends: MSS, SACK permitted, timestamps, NOP, window scale last.
+        (21001, linux, 7),
+        (21002, vec![3, 3, 5, 1], 5),
+        (21003, [vec![1; 30], vec![3, 3, 9]].concat(), 9),
+        // Larger than RFC 7323's 14: clamped.
+        (21004, vec![3, 3, 20, 1], 14),
+        // None offered; then one behind the end-of-options marker, which does not count.
+        (21005, vec![2, 4, 5, 0xb4, 1, 1, 4, 2], 0),
+        (21006, vec![2, 4, 5, 0xb4, 0, 0, 3, 3, 8], 0),
+    ];
+    for (sport, opts, _) in &cases {
+        let syn = packet::frame(
+            c.mac,
+            ANY_MAC,
+            c.ip,
+            EXT_ADDR,
+            PROTO_TCP,
+            &packet::tcp_syn_opts(c.ip, EXT_ADDR, *sport, 80, opts),
+        );
+        let r = run(&lab, "tc_container", c.host_ifindex, syn);
+        assert_eq!(
+            r.action, TC_ACT_REDIRECT,
+            "SYN from port {sport} masqueraded"
+        );
+    }
+    let ct = json(&lab, &["map", "dump", "conntrack_new"]);
+    for (sport, _, scale) in cases {
+        let e = ct
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["value"]["dir"] == "original" && e["key"]["sport"] == sport)
+            .unwrap_or_else(|| panic!("no entry for port {sport}: {ct:#?}"));
+        assert_eq!(
+            e["value"]["tcp"]["window_scale"], scale,
+            "port {sport}: {e:#?}"
+        );
+    }
+}
+
+#[test]
 fn snat_port_allocation_stays_in_range_and_counts_exhaustion() {
     let lab = lab("tr-ports");
     up(&lab, &["--port-range", "30000-30001"]);
