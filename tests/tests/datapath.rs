@@ -65,6 +65,11 @@ fn from_ext(proto: u8, l4: &[u8]) -> Vec<u8> {
     packet::frame(EXT_MAC, ANY_MAC, EXT_ADDR, NODE_ADDR, proto, l4)
 }
 
+/// A frame from container `c` to the external host.
+fn to_ext(c: &ContainerInfo, proto: u8, l4: &[u8]) -> Vec<u8> {
+    packet::frame(c.mac, ANY_MAC, c.ip, EXT_ADDR, proto, l4)
+}
+
 #[test]
 fn dnat_rewrites_destination_and_keeps_checksums_valid() {
     let lab = lab("tr-dnat");
@@ -137,14 +142,7 @@ fn snat_rewrites_source_and_keeps_checksums_valid() {
     let lab = lab("tr-snat");
     up(&lab, &["--masquerade-avoid-host-ports"]);
     let c = container(&lab, "c", "10.88.0.2", &[]);
-    let syn = packet::frame(
-        c.mac,
-        ANY_MAC,
-        c.ip,
-        EXT_ADDR,
-        PROTO_TCP,
-        &packet::tcp(c.ip, EXT_ADDR, 20000, 80, SYN),
-    );
+    let syn = to_ext(&c, PROTO_TCP, &packet::tcp(c.ip, EXT_ADDR, 20000, 80, SYN));
     let r = run(&lab, "tc_container", c.host_ifindex, syn);
     assert_eq!(r.action, TC_ACT_REDIRECT, "sent on to the uplink");
     let s = packet::verify(&r.out);
@@ -156,14 +154,7 @@ fn snat_rewrites_source_and_keeps_checksums_valid() {
     assert_eq!((s.dst, s.dport, s.ttl), (EXT_ADDR, 80, 63));
 
     // A source port from the node's own ephemeral range is never kept.
-    let syn2 = packet::frame(
-        c.mac,
-        ANY_MAC,
-        c.ip,
-        EXT_ADDR,
-        PROTO_TCP,
-        &packet::tcp(c.ip, EXT_ADDR, 40000, 81, SYN),
-    );
+    let syn2 = to_ext(&c, PROTO_TCP, &packet::tcp(c.ip, EXT_ADDR, 40000, 81, SYN));
     let s2 = packet::verify(&run(&lab, "tc_container", c.host_ifindex, syn2).out);
     assert_eq!(s2.src, NODE_ADDR);
     assert!(
@@ -172,14 +163,7 @@ fn snat_rewrites_source_and_keeps_checksums_valid() {
         s2.sport
     );
 
-    let ping = packet::frame(
-        c.mac,
-        ANY_MAC,
-        c.ip,
-        EXT_ADDR,
-        PROTO_ICMP,
-        &packet::echo_request(777, 1),
-    );
+    let ping = to_ext(&c, PROTO_ICMP, &packet::echo_request(777, 1));
     let s = packet::verify(&run(&lab, "tc_container", c.host_ifindex, ping).out);
     assert_eq!((s.src, s.sport), (NODE_ADDR, 777));
 
@@ -214,11 +198,8 @@ fn the_window_scale_a_syn_offers_is_read_whatever_options_come_first() {
         (21006, vec![2, 4, 5, 0xb4, 0, 0, 3, 3, 8], 0),
     ];
     for (sport, opts, _) in &cases {
-        let syn = packet::frame(
-            c.mac,
-            ANY_MAC,
-            c.ip,
-            EXT_ADDR,
+        let syn = to_ext(
+            &c,
             PROTO_TCP,
             &packet::tcp_syn_opts(c.ip, EXT_ADDR, *sport, 80, opts),
         );
@@ -307,14 +288,7 @@ fn malformed_and_spoofed_packets_are_dropped_and_counted() {
     let lab = lab("tr-drops");
     up(&lab, &[]);
     let c = container(&lab, "c", "10.88.0.2", &[]);
-    let good = packet::frame(
-        c.mac,
-        ANY_MAC,
-        c.ip,
-        EXT_ADDR,
-        PROTO_TCP,
-        &packet::tcp(c.ip, EXT_ADDR, 40000, 80, SYN),
-    );
+    let good = to_ext(&c, PROTO_TCP, &packet::tcp(c.ip, EXT_ADDR, 40000, 80, SYN));
 
     let truncated = good[..14 + 20 + 6].to_vec();
     assert_eq!(
@@ -504,14 +478,7 @@ fn xdp_translates_like_tc_and_passes_on_what_it_does_not_finish() {
     }
 
     // Replies to a masqueraded TCP connection and ping.
-    let out = packet::frame(
-        c.mac,
-        ANY_MAC,
-        c.ip,
-        EXT_ADDR,
-        PROTO_TCP,
-        &packet::tcp(c.ip, EXT_ADDR, 20000, 80, SYN),
-    );
+    let out = to_ext(&c, PROTO_TCP, &packet::tcp(c.ip, EXT_ADDR, 20000, 80, SYN));
     let sent = packet::verify(&run(&lab, "tc_container", c.host_ifindex, out).out);
     let reply = from_ext(
         PROTO_TCP,
@@ -525,14 +492,7 @@ fn xdp_translates_like_tc_and_passes_on_what_it_does_not_finish() {
         (EXT_ADDR, 80, c.ip, 20000)
     );
 
-    let req = packet::frame(
-        c.mac,
-        ANY_MAC,
-        c.ip,
-        EXT_ADDR,
-        PROTO_ICMP,
-        &packet::echo_request(777, 1),
-    );
+    let req = to_ext(&c, PROTO_ICMP, &packet::echo_request(777, 1));
     let sent = packet::verify(&run(&lab, "tc_container", c.host_ifindex, req).out);
     let mut reply = packet::echo_request(sent.sport, 1);
     reply[0] = 0;
