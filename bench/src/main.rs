@@ -368,6 +368,23 @@ fn run(me: &Path, bin: &Path, quick: bool, out: &Path) -> Result<()> {
             bin.display()
         );
     }
+    // What the baselines and the traffic need; `cargo xtask setup` installs them for `cargo
+    // xtask bench`, and a missing one would otherwise fail deep inside a topology build.
+    let missing: Vec<&str> = ["iperf3", "iptables-restore", "nft"]
+        .into_iter()
+        .filter(|tool| {
+            !std::env::var_os("PATH").is_some_and(|path| {
+                std::env::split_paths(&path).any(|dir| dir.join(tool).is_file())
+            })
+        })
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "{} not installed: run the benchmark through `cargo xtask bench`, which installs \
+             them, or install the Debian packages iperf3, iptables and nftables",
+            missing.join(", ")
+        );
+    }
     let started = Instant::now();
     let (secs, reps) = if quick { (1, 1) } else { (3, 3) };
     println!("bench: waiting for an idle machine");
