@@ -186,7 +186,8 @@ pub fn measure(me: &Path, bin: &Path, secs: u32, reps: usize) -> Result<ClusterS
     let mut samples = Samples::new();
     for rep in 0..reps {
         for (mi, m) in Metric::ALL.iter().enumerate() {
-            for (si, e) in setups.iter().enumerate() {
+            for si in load::round(setups.len(), rep + mi) {
+                let e = setups[si];
                 let v = load::measure(me, e, *m, secs)
                     .with_context(|| format!("{} {}", LABELS[si], m.label()))?;
                 println!(

@@ -126,6 +126,14 @@ fn any(a: IpAddr) -> IpAddr {
     }
 }
 
+/// The order in which a round measures `n` setups: starting at `first` (mod `n`), then on.
+/// Rounds start at different setups: in a fixed order each setup always follows the same
+/// other (bpfnat was always last), and whatever a round's drift or a predecessor leaves
+/// behind would land on the same setup every time.
+pub fn round(n: usize, first: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |i| (first + i) % n.max(1))
+}
+
 /// Measure `metric` for `secs` seconds between the endpoints, both on one CPU; `me` is this
 /// binary (the RR/CRR tools are its hidden subcommands).
 pub fn measure(me: &Path, e: &Endpoints, metric: Metric, secs: u32) -> Result<f64> {
@@ -367,5 +375,17 @@ pub fn wait_idle(below: f64, max: Duration) {
             return;
         }
         std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round;
+
+    #[test]
+    fn a_round_visits_every_setup_once_from_its_start() {
+        assert_eq!(round(5, 7).collect::<Vec<_>>(), [2, 3, 4, 0, 1]);
+        assert_eq!(round(2, 0).collect::<Vec<_>>(), [0, 1]);
+        assert_eq!(round(0, 3).count(), 0);
     }
 }

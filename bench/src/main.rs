@@ -408,9 +408,10 @@ fn run(me: &Path, bin: &Path, quick: bool, out: &Path) -> Result<()> {
     let mut samples = vec![Samples::new(); Placement::ALL.len()];
     for rep in 0..reps {
         for (pi, at) in Placement::ALL.iter().enumerate() {
-            for f in Flow::ALL {
-                for m in Metric::ALL {
-                    for t in &topos {
+            for (fi, f) in Flow::ALL.into_iter().enumerate() {
+                for (mi, m) in Metric::ALL.into_iter().enumerate() {
+                    for i in load::round(topos.len(), rep + fi + mi) {
+                        let t = &topos[i];
                         let v = load::measure_placed(me, &t.endpoints(f), m, secs, *at)
                             .with_context(|| {
                                 format!("{} {} {}", t.dp.label(), f.label(), m.label())
@@ -517,8 +518,8 @@ fn xdp_section(me: &Path, bin: &Path, quick: bool, secs: u32, reps: usize) -> Re
     for rep in 0..reps {
         for (fi, f) in flows.iter().enumerate() {
             for (mi, m) in Metric::ALL.iter().enumerate() {
-                for (vi, t) in topos.iter().enumerate() {
-                    let label = variants[vi].0;
+                for vi in load::round(topos.len(), rep + fi + mi) {
+                    let (t, label) = (&topos[vi], variants[vi].0);
                     let v = load::measure(me, &t.endpoints(*f), *m, secs)
                         .with_context(|| format!("{label} {} {}", f.label(), m.label()))?;
                     println!(

@@ -105,7 +105,7 @@ pub fn write(dir: &Path, r: &Report<'_>) -> Result<()> {
     let _ = writeln!(md, "# bpfnat benchmark\n");
     let _ = writeln!(
         md,
-        "{} run: {} s per measurement, {} interleaved repetition(s); medians with [min–max], and ratios to (a) plain routing and (b) Docker-style iptables. {:.0} s in all.\n",
+        "{} run: {} s per measurement, {} interleaved repetition(s), each round of datapaths starting at another one; medians with [min–max], and ratios to (a) plain routing and (b) Docker-style iptables. {:.0} s in all.\n",
         if r.quick { "Quick" } else { "Full" },
         r.secs,
         r.reps,
