@@ -171,7 +171,7 @@ fn bpfnat(lab: &ClusterLab, xdp: &str) -> Result<(Vec<Agent>, Endpoints)> {
     ))
 }
 
-/// Measure every metric on both setups, interleaved, `reps` times.
+/// Measure every metric on both setups, interleaved, `reps` times (`Metric::reps`).
 pub fn measure(me: &Path, bin: &Path, secs: u32, reps: usize) -> Result<ClusterSection> {
     let routing_lab = ClusterLab::new("bnb-cr", bin, 2)?;
     let routing = routed(&routing_lab, "bnb-cr")?;
@@ -184,8 +184,11 @@ pub fn measure(me: &Path, bin: &Path, secs: u32, reps: usize) -> Result<ClusterS
         load::measure(me, e, Metric::Rr, 1).with_context(|| format!("warm-up {label}"))?;
     }
     let mut samples = Samples::new();
-    for rep in 0..reps {
+    for rep in 0..Metric::max_reps(reps) {
         for (mi, m) in Metric::ALL.iter().enumerate() {
+            if rep >= m.reps(reps) {
+                continue;
+            }
             for si in load::round(setups.len(), rep + mi) {
                 let e = setups[si];
                 let v = load::measure(me, e, *m, secs)

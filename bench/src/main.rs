@@ -406,10 +406,13 @@ fn run(me: &Path, bin: &Path, quick: bool, out: &Path) -> Result<()> {
 
     // One set of samples per placement, in `Placement::ALL`'s order.
     let mut samples = vec![Samples::new(); Placement::ALL.len()];
-    for rep in 0..reps {
+    for rep in 0..Metric::max_reps(reps) {
         for (pi, at) in Placement::ALL.iter().enumerate() {
             for (fi, f) in Flow::ALL.into_iter().enumerate() {
                 for (mi, m) in Metric::ALL.into_iter().enumerate() {
+                    if rep >= m.reps(reps) {
+                        continue;
+                    }
                     for i in load::round(topos.len(), rep + fi + mi) {
                         let t = &topos[i];
                         let v = load::measure_placed(me, &t.endpoints(f), m, secs, *at)
@@ -515,9 +518,12 @@ fn xdp_section(me: &Path, bin: &Path, quick: bool, secs: u32, reps: usize) -> Re
         }
     }
     let mut samples = Samples::new();
-    for rep in 0..reps {
+    for rep in 0..Metric::max_reps(reps) {
         for (fi, f) in flows.iter().enumerate() {
             for (mi, m) in Metric::ALL.iter().enumerate() {
+                if rep >= m.reps(reps) {
+                    continue;
+                }
                 for vi in load::round(topos.len(), rep + fi + mi) {
                     let (t, label) = (&topos[vi], variants[vi].0);
                     let v = load::measure(me, &t.endpoints(*f), *m, secs)

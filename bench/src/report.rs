@@ -105,10 +105,11 @@ pub fn write(dir: &Path, r: &Report<'_>) -> Result<()> {
     let _ = writeln!(md, "# bpfnat benchmark\n");
     let _ = writeln!(
         md,
-        "{} run: {} s per measurement, {} interleaved repetition(s), each round of datapaths starting at another one; medians with [min–max], and ratios to (a) plain routing and (b) Docker-style iptables. {:.0} s in all.\n",
+        "{} run: {} s per measurement, {} interleaved repetition(s) ({} of TCP Gbit/s, whose single stream varies most), each round of datapaths starting at another one; medians with [min–max], and ratios to (a) plain routing and (b) Docker-style iptables. {:.0} s in all.\n",
         if r.quick { "Quick" } else { "Full" },
         r.secs,
         r.reps,
+        Metric::TcpGbps.reps(r.reps),
         r.elapsed_s
     );
     let _ = writeln!(md, "Machine: {}\n", r.machine);
