@@ -32,6 +32,15 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// The median of the round-by-round ratios `a[i] / b[i]`. Each round measures every setup
+/// back to back, within seconds, while the VM's speed drifts by tens of percent between
+/// rounds: a ratio within a round cancels that drift, where the ratio of two medians mixes
+/// it in (a setup whose median fell in a fast round against one in a slow round).
+pub fn paired_ratio(a: &[f64], b: &[f64]) -> f64 {
+    let r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+    median(&r)
+}
+
 fn fmt(m: Metric, v: f64) -> String {
     if v.is_nan() {
         return "–".to_owned();
@@ -86,14 +95,18 @@ pub struct Report<'a> {
     pub elapsed_s: f64,
 }
 
-/// Median, min and max of (dp, f, m) measured with placement `pi`.
-fn stat(r: &Report<'_>, pi: usize, dp: Dp, f: Flow, m: Metric) -> (f64, f64, f64) {
-    let v = r
-        .samples
+/// Every sample of (dp, f, m) measured with placement `pi`, in round order.
+fn samples(r: &Report<'_>, pi: usize, dp: Dp, f: Flow, m: Metric) -> Vec<f64> {
+    r.samples
         .get(pi)
         .and_then(|s| s.get(&key(dp, f, m)))
         .cloned()
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// Median, min and max of (dp, f, m) measured with placement `pi`.
+fn stat(r: &Report<'_>, pi: usize, dp: Dp, f: Flow, m: Metric) -> (f64, f64, f64) {
+    let v = samples(r, pi, dp, f, m);
     let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     (median(&v), lo, hi)
@@ -103,13 +116,18 @@ pub fn write(dir: &Path, r: &Report<'_>) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let mut md = String::new();
     let _ = writeln!(md, "# bpfnat benchmark\n");
+    let tcp_reps = Metric::TcpGbps.reps(r.reps);
+    let more = if tcp_reps == r.reps {
+        String::new()
+    } else {
+        format!(" ({tcp_reps} of TCP Gbit/s, whose single stream varies most)")
+    };
     let _ = writeln!(
         md,
-        "{} run: {} s per measurement, {} interleaved repetition(s) ({} of TCP Gbit/s, whose single stream varies most), each round of datapaths starting at another one; medians with [min–max], and ratios to (a) plain routing and (b) Docker-style iptables. {:.0} s in all.\n",
+        "{} run: {} s per measurement, {} interleaved repetition(s){more}, each round of datapaths starting at another one; medians with [min–max]; ratios to (a) plain routing and (b) Docker-style iptables are the medians of the round-by-round ratios (a round measures the datapaths back to back, so the machine's drift between rounds cancels). {:.0} s in all.\n",
         if r.quick { "Quick" } else { "Full" },
         r.secs,
         r.reps,
-        Metric::TcpGbps.reps(r.reps),
         r.elapsed_s
     );
     let _ = writeln!(md, "Machine: {}\n", r.machine);
@@ -251,20 +269,15 @@ fn flow_tables(md: &mut String, r: &Report<'_>, pi: usize, at: Placement) {
             let _ = write!(md, "| {} |", dp.label());
             for m in Metric::ALL {
                 let (med, lo, hi) = stat(r, pi, dp, f, m);
-                let a = stat(r, pi, Dp::Routing, f, m).0;
-                let b = stat(r, pi, Dp::Iptables, f, m).0;
+                let v = samples(r, pi, dp, f, m);
+                let a = paired_ratio(&v, &samples(r, pi, Dp::Routing, f, m));
+                let b = paired_ratio(&v, &samples(r, pi, Dp::Iptables, f, m));
                 let spread = if r.reps > 1 {
                     format!(" [{}–{}]", fmt(m, lo), fmt(m, hi))
                 } else {
                     String::new()
                 };
-                let _ = write!(
-                    md,
-                    " {}{spread} | {:.2} | {:.2} |",
-                    fmt(m, med),
-                    med / a,
-                    med / b
-                );
+                let _ = write!(md, " {}{spread} | {a:.2} | {b:.2} |", fmt(m, med),);
             }
             md.push('\n');
         }
@@ -276,7 +289,7 @@ fn cluster_table(md: &mut String, r: &Report<'_>) {
     let _ = writeln!(md, "## Pod to pod across two nodes\n");
     let _ = writeln!(
         md,
-        "Two nodes on one segment, a pod behind each. (a): a veth per pod and a static route per node to the other's block, the kernel forwarding, nothing else. (d): two `bpfnat agent`s on a real etcd, which lease the blocks and install the routes; pod traffic is routed untranslated and untracked by the programs (`cluster_route` out, `cluster_deliver` in), with the uplink's XDP off (TC only, what `auto` picks on a veth uplink: a native XDP delivery cannot complete the partial checksums a local sender hands to a veth). Ratio to (a).\n"
+        "Two nodes on one segment, a pod behind each. (a): a veth per pod and a static route per node to the other's block, the kernel forwarding, nothing else. (d): two `bpfnat agent`s on a real etcd, which lease the blocks and install the routes; pod traffic is routed untranslated and untracked by the programs (`cluster_route` out, `cluster_deliver` in), with the uplink's XDP off (TC only, what `auto` picks on a veth uplink: a native XDP delivery cannot complete the partial checksums a local sender hands to a veth). Ratio to (a), round by round (the median of the rounds' ratios).\n"
     );
     let _ = write!(md, "| setup |");
     for m in Metric::ALL {
@@ -287,15 +300,14 @@ fn cluster_table(md: &mut String, r: &Report<'_>) {
         let _ = write!(md, " ---: | ---: |");
     }
     md.push('\n');
-    let med = |si: usize, mi: usize| {
-        median(
-            &r.cluster
-                .samples
-                .get(&(si, 0, mi))
-                .cloned()
-                .unwrap_or_default(),
-        )
+    let of = |si: usize, mi: usize| {
+        r.cluster
+            .samples
+            .get(&(si, 0, mi))
+            .cloned()
+            .unwrap_or_default()
     };
+    let med = |si: usize, mi: usize| median(&of(si, mi));
     for (si, label) in crate::cluster::LABELS.iter().enumerate() {
         let _ = write!(md, "| {label} |");
         for (mi, m) in Metric::ALL.iter().enumerate() {
@@ -303,7 +315,7 @@ fn cluster_table(md: &mut String, r: &Report<'_>) {
                 md,
                 " {} | {:.2} |",
                 fmt(*m, med(si, mi)),
-                med(si, mi) / med(0, mi)
+                paired_ratio(&of(si, mi), &of(0, mi))
             );
         }
         md.push('\n');
@@ -316,10 +328,12 @@ fn xdp_tables(md: &mut String, r: &Report<'_>) {
     let _ = writeln!(md, "## XDP on the uplink against TC (veth uplink)\n");
     let _ = writeln!(
         md,
-        "Every figure here has the external host's transmit checksum offload off (and so no TSO): XDP has no skb and cannot complete the partial checksums a local sender hands to a veth, which a NIC never delivers. These figures compare with each other only, not with the tables above. Ratios are to routing and to bpfnat's TC path in this same setting. XDP handles inbound traffic: all of F3, the replies of F2 (a quick run measures F3 only, without generic XDP).\n"
+        "Every figure here has the external host's transmit checksum offload off (and so no TSO): XDP has no skb and cannot complete the partial checksums a local sender hands to a veth, which a NIC never delivers. These figures compare with each other only, not with the tables above. Ratios are to routing and to bpfnat's TC path in this same setting, round by round (the median of the rounds' ratios). XDP handles inbound traffic: all of F3, the replies of F2 (a quick run measures F3 only, without generic XDP).\n"
     );
+    let of =
+        |vi: usize, fi: usize, mi: usize| x.samples.get(&(vi, fi, mi)).cloned().unwrap_or_default();
     let stat = |vi: usize, fi: usize, mi: usize| {
-        let v = x.samples.get(&(vi, fi, mi)).cloned().unwrap_or_default();
+        let v = of(vi, fi, mi);
         let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         (median(&v), lo, hi)
@@ -348,8 +362,8 @@ fn xdp_tables(md: &mut String, r: &Report<'_>) {
                     md,
                     " {}{spread} | {:.2} | {:.2} |",
                     fmt(*m, med),
-                    med / stat(0, fi, mi).0,
-                    med / stat(1, fi, mi).0
+                    paired_ratio(&of(vi, fi, mi), &of(0, fi, mi)),
+                    paired_ratio(&of(vi, fi, mi), &of(1, fi, mi))
                 );
             }
             md.push('\n');
@@ -500,4 +514,20 @@ fn lines(sc: &Scaling) -> String {
     axis(&mut s, (w, h, left, bottom, plot_h), &fmt(Metric::Crr, max));
     s.push_str("</svg>\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{median, paired_ratio};
+
+    #[test]
+    fn a_paired_ratio_compares_within_rounds() {
+        // F2 conn/s of a real run, routing then bpfnat: the third round caught bpfnat in a
+        // slow phase, which the ratio of the medians (0.70) takes for the datapath's cost.
+        let routing = [5789.9, 8391.0, 8342.7];
+        let bpfnat = [5864.0, 9788.9, 5861.4];
+        assert!((median(&bpfnat) / median(&routing) - 0.703).abs() < 0.001);
+        assert!((paired_ratio(&bpfnat, &routing) - 5864.0 / 5789.9).abs() < 1e-12);
+        assert!(paired_ratio(&[], &routing).is_nan());
+    }
 }
