@@ -277,7 +277,7 @@ fn flow_tables(md: &mut String, r: &Report<'_>, pi: usize, at: Placement) {
                 } else {
                     String::new()
                 };
-                let _ = write!(md, " {}{spread} | {a:.2} | {b:.2} |", fmt(m, med),);
+                let _ = write!(md, " {}{spread} | {a:.2} | {b:.2} |", fmt(m, med));
             }
             md.push('\n');
         }
