@@ -667,8 +667,11 @@ fn control_plane(bin: &Path, quick: bool) -> Result<ControlPlane> {
         lab.ok(&["container", "add", &lab.name(&format!("n{i}"))])?;
     }
     let add_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    lab.ok(&["down"])?;
+    let down_s = t.elapsed().as_secs_f64();
     println!(
-        "bench: publish {ports} ports {publish_s:.2} s, add {containers} containers {add_s:.2} s"
+        "bench: publish {ports} ports {publish_s:.2} s, add {containers} containers {add_s:.2} s, down {down_s:.2} s"
     );
     drop(lab);
     let cni_s = cni_adds(bin, containers, 8)?;
@@ -683,6 +686,7 @@ fn control_plane(bin: &Path, quick: bool) -> Result<ControlPlane> {
         publish_s,
         containers,
         add_s,
+        down_s,
         cni_s,
         scrape,
     })

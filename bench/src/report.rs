@@ -65,6 +65,8 @@ pub struct ControlPlane {
     /// Containers added one `container add` at a time, and the seconds it took.
     pub containers: u32,
     pub add_s: f64,
+    /// `bpfnat down` on the node those containers (and the published ports) are on.
+    pub down_s: f64,
     /// The same number of CNI ADDs, 8 at a time.
     pub cni_s: f64,
     pub scrape: crate::scrape::Scrape,
@@ -198,6 +200,12 @@ pub fn write(dir: &Path, r: &Report<'_>) -> Result<()> {
         cp.containers,
         cp.add_s,
         target(full_adds, 10.0)
+    );
+    let _ = writeln!(
+        md,
+        "| take that node down (`bpfnat down` with {} containers) | {:.2} | — |",
+        cp.containers + 1,
+        cp.down_s
     );
     let _ = writeln!(
         md,

@@ -289,6 +289,55 @@ fn container_del_and_down_remove_everything() {
     lab.ok(&["down"]).unwrap();
 }
 
+/// The group of link `name` in `ns` (`ip link … group`).
+fn link_group(ns: &Path, name: &str) -> String {
+    let (ok, out) = bpfnat_tests::run_in_ns(ns, "ip", &["-j", "link", "show", "dev", name]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v[0]["group"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn down_removes_every_container_at_once_and_nothing_else() {
+    let lab = lab_up("downall");
+    let names: Vec<String> = (0..4).map(|i| lab.name(&format!("c{i}"))).collect();
+    for (i, c) in names.iter().enumerate() {
+        let port = format!("{}:80", 8080 + i);
+        lab.ok(&["container", "add", c, "-p", &port]).unwrap();
+    }
+    let runtime = nat_plumbing::netns::create(&lab.name("rt")).unwrap();
+    let r = lab.name("r");
+    lab.ok(&["container", "add", &r, "--netns", runtime.to_str().unwrap()])
+        .unwrap();
+    let ifs: Vec<String> = names.iter().chain([&r]).map(|c| host_if(&lab, c)).collect();
+    // Not bpfnat's: a veth pair of the node's, in a device group of its own.
+    for args in [
+        &[
+            "link", "add", "keep0", "type", "veth", "peer", "name", "keep1",
+        ][..],
+        &["link", "set", "keep0", "group", "7"],
+    ] {
+        let (ok, out) = bpfnat_tests::run_in_ns(&lab.node, "ip", args);
+        assert!(ok, "{out}");
+    }
+    assert!(ifs.iter().all(|i| link_exists(&lab.node, i)));
+
+    let out = lab.ok(&["-o", "json", "down"]).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["containers_removed"].as_array().unwrap().len(), 5);
+    for (c, i) in names.iter().zip(&ifs) {
+        assert!(!link_exists(&lab.node, i), "{c}'s host veth is gone");
+        assert!(!lab.container_ns(c).exists(), "{c}'s namespace is gone");
+    }
+    assert!(!link_exists(&lab.node, &ifs[4]));
+    assert!(runtime.exists(), "the runtime's namespace stays");
+    assert!(!link_exists(&runtime, "eth0"), "but its interface is gone");
+    assert!(link_exists(&lab.node, "keep0") && link_exists(&lab.node, "keep1"));
+    assert_eq!(link_group(&lab.node, "keep0"), "7");
+    assert_eq!(link_group(&lab.node, "keep1"), "default");
+    let _ = nat_plumbing::netns::remove(&runtime);
+}
+
 #[test]
 fn externally_created_namespace_is_attached_and_kept() {
     let lab = lab_up("extns");

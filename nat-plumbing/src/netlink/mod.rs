@@ -38,6 +38,8 @@ pub struct Link {
     pub xdp: Option<&'static str>,
     /// The interface alias (`ip link set … alias`), if set.
     pub alias: Option<String>,
+    /// The device group (`ip link set … group`; 0 by default).
+    pub group: u32,
 }
 
 /// A main-table IPv4 route, as `routes_of` reads it and `replace_route` writes it.
@@ -100,6 +102,7 @@ impl Netlink {
             kind: None,
             xdp: None,
             alias: None,
+            group: 0,
         };
         for a in &msg.attributes {
             match a {
@@ -107,6 +110,7 @@ impl Netlink {
                 LinkAttribute::Address(m) if m.len() == 6 => link.mac.copy_from_slice(m),
                 LinkAttribute::Mtu(m) => link.mtu = *m,
                 LinkAttribute::IfAlias(a) => link.alias = Some(a.clone()),
+                LinkAttribute::Group(g) => link.group = *g,
                 LinkAttribute::LinkInfo(infos) => {
                     for i in infos {
                         if let LinkInfo::Kind(k) = i {
@@ -249,6 +253,59 @@ impl Netlink {
             Err(e) if is_errno(&e, libc::ENODEV) => Ok(()),
             Err(e) => Err(anyhow!(e).context(format!("delete link {index}"))),
         }
+    }
+
+    /// Delete the links `indexes` (those already gone are fine) in one request: they are put
+    /// in a device group no other link is in, and the group is deleted. The kernel then
+    /// unregisters them together and waits out its RCU grace periods once, where a link
+    /// deleted on its own waits for them alone (about 30 ms per veth on a VM).
+    pub async fn del_links(&self, indexes: &[u32]) -> Result<()> {
+        if let [index] = indexes {
+            return self.del_link(*index).await;
+        }
+        if indexes.is_empty() {
+            return Ok(());
+        }
+        let group = self.unused_group().await?;
+        for &index in indexes {
+            match self
+                .handle
+                .link()
+                .set(LinkUnspec::new_with_index(index).link_group(group).build())
+                .execute()
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if is_errno(&e, libc::ENODEV) => {}
+                Err(e) => {
+                    return Err(anyhow!(e).context(format!("put link {index} in group {group}")));
+                }
+            }
+        }
+        let mut del = self.handle.link().del(0);
+        del.message_mut()
+            .attributes
+            .push(LinkAttribute::Group(group));
+        match del.execute().await {
+            Ok(()) => Ok(()),
+            // None of them was left.
+            Err(e) if is_errno(&e, libc::ENODEV) => Ok(()),
+            Err(e) => Err(anyhow!(e).context(format!("delete the links of group {group}"))),
+        }
+    }
+
+    /// A device group no link of the namespace is in: random, so that a group an
+    /// administrator uses is never taken, and checked.
+    async fn unused_group(&self) -> Result<u32> {
+        use std::hash::BuildHasher as _;
+        let taken: std::collections::HashSet<u32> =
+            self.links().await?.iter().map(|l| l.group).collect();
+        let random = std::hash::RandomState::new();
+        (0u32..16)
+            .map(|i| random.hash_one(i) as u32)
+            // Group 0 is every device's default; low numbers are the ones people pick.
+            .find(|g| *g > 0xffff && !taken.contains(g))
+            .ok_or_else(|| anyhow!("no free device group found"))
     }
 
     pub async fn add_addr(&self, index: u32, addr: Ipv4Addr, prefix: u8) -> Result<()> {
