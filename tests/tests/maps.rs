@@ -98,3 +98,22 @@ fn maps_are_listed_and_dumped_decoded() {
     fails_with(&lab, &["map", "dump", "scratch"], "not pinned");
     fails_with(&lab, &["map", "dump", "events"], "bpfnat monitor");
 }
+
+#[test]
+fn a_conntrack_table_larger_than_a_read_batch_is_read_whole() {
+    let lab = lab_up("ctbig");
+    // 6,000 connections are 12,000 entries: the loader reads them in three batches.
+    bpfnat_tests::fill_conntrack(&lab.bpffs_dir, 6_000).unwrap();
+    let s = json(&lab, &["conntrack", "stats"]);
+    assert_eq!(
+        (&s["entries"], &s["connections"], &s["orphans"]),
+        (&Value::from(12_000), &Value::from(6_000), &Value::from(0)),
+        "{s:#}"
+    );
+    assert_eq!(
+        json(&lab, &["conntrack", "list"]).as_array().unwrap().len(),
+        6_000
+    );
+    assert_eq!(json(&lab, &["conntrack", "flush"])["connections"], 6_000);
+    assert_eq!(json(&lab, &["conntrack", "stats"])["entries"], 0);
+}

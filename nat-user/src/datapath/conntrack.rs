@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow};
-use aya::maps::{HashMap, MapData};
+use aya::maps::{HashMap, IterableMap as _, MapData};
 use nat_common::{
     Addr4, Addr6, CtEntry, CtKey, DIR_ORIGINAL, Family, ORIGIN_HAIRPIN, ORIGIN_MASQUERADE,
     ORIGIN_PUBLISHED, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Port, ct_timeout_ns,
@@ -18,7 +18,7 @@ use nat_common::{
 };
 use serde::Serialize;
 
-use super::{Maps, Pins, deleted, open_map, port_key, port_key6};
+use super::{Maps, Pins, batch, deleted, open_map, port_key, port_key6};
 use crate::spec::PortMapping;
 
 /// An address family as the conntrack tables hold it.
@@ -168,19 +168,24 @@ where
     /// Every entry of both tables. An entry of `conntrack_new` whose connection has moved to
     /// `conntrack` (the datapath leaves the old copy behind) is left out.
     fn entries(&self) -> Result<Vec<(CtKey<A>, CtEntry<A>)>> {
-        let mut all: Vec<(CtKey<A>, CtEntry<A>)> = self
-            .assured
-            .iter()
-            .map(|r| r.context("read conntrack map"))
-            .collect::<Result<_>>()?;
+        let mut all = self.assured_entries()?;
         let assured: HashSet<CtKey<A>> = all.iter().map(|(k, _)| *k).collect();
-        for r in self.fresh.iter() {
-            let (k, e) = r.context("read conntrack_new map")?;
+        for (k, e) in self.fresh_entries()? {
             if !assured.contains(&k) {
                 all.push((k, e));
             }
         }
         Ok(all)
+    }
+
+    /// Every entry of `conntrack`, read in batches.
+    fn assured_entries(&self) -> Result<Vec<(CtKey<A>, CtEntry<A>)>> {
+        batch::dump(self.assured.map()).with_context(|| format!("read map {}", A::TABLES.0))
+    }
+
+    /// Every entry of `conntrack_new` (moved copies included), read in batches.
+    fn fresh_entries(&self) -> Result<Vec<(CtKey<A>, CtEntry<A>)>> {
+        batch::dump(self.fresh.map()).with_context(|| format!("read map {}", A::TABLES.1))
     }
 
     /// Delete `k` from both tables (a moved connection's old copy goes too).
@@ -311,9 +316,8 @@ where
     /// Delete the copies in `conntrack_new` of connections that moved to `conntrack`.
     fn drop_moved_copies(&mut self) -> Result<()> {
         let moved: Vec<CtKey<A>> = self
-            .fresh
-            .iter()
-            .filter_map(|r| r.ok())
+            .fresh_entries()?
+            .into_iter()
             .filter(|(_, e)| e.meta.assured != 0)
             .map(|(k, _)| k)
             .collect();
@@ -426,14 +430,9 @@ where
     /// Add this family's tables to `sum`, in one walk of each. MASQUERADE ports are counted
     /// per protocol, ICMPv6 echo ids with ICMP's.
     fn summarize(&self, sum: &mut CtSummary) -> Result<()> {
-        let mut all: Vec<(CtKey<A>, CtEntry<A>)> = self
-            .assured
-            .iter()
-            .map(|r| r.context("read conntrack map"))
-            .collect::<Result<_>>()?;
+        let mut all = self.assured_entries()?;
         let assured_keys: HashSet<CtKey<A>> = all.iter().map(|(k, _)| *k).collect();
-        for r in self.fresh.iter() {
-            let (k, e) = r.context("read conntrack_new map")?;
+        for (k, e) in self.fresh_entries()? {
             if e.meta.assured == 0 {
                 sum.new_entries += 1;
             }
@@ -482,12 +481,11 @@ where
 
     /// Entries in the table of connections not assured yet (copies already moved left out).
     fn new_len(&self) -> Result<usize> {
-        let mut n = 0;
-        for r in self.fresh.iter() {
-            let (_, e) = r.context("read conntrack_new map")?;
-            n += usize::from(e.meta.assured == 0);
-        }
-        Ok(n)
+        Ok(self
+            .fresh_entries()?
+            .iter()
+            .filter(|(_, e)| e.meta.assured == 0)
+            .count())
     }
 }
 

@@ -14,6 +14,7 @@
 //! Links are pinned, so the datapath keeps running after the loader exits. Container veths
 //! carry a tc filter instead (`attach_container`), which is the device's own.
 
+mod batch;
 mod conntrack;
 pub mod dump;
 pub mod explain;
