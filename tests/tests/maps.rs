@@ -114,6 +114,13 @@ fn a_conntrack_table_larger_than_a_read_batch_is_read_whole() {
         json(&lab, &["conntrack", "list"]).as_array().unwrap().len(),
         6_000
     );
+    let dumped = json(&lab, &["map", "dump", "conntrack"]);
+    assert_eq!(dumped.as_array().unwrap().len(), 12_000);
+    assert!(
+        dumped[11_999]["key"]["src"].is_string(),
+        "decoded: {:#}",
+        dumped[11_999]
+    );
     assert_eq!(json(&lab, &["conntrack", "flush"])["connections"], 6_000);
     assert_eq!(json(&lab, &["conntrack", "stats"])["entries"], 0);
 }

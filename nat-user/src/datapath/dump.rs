@@ -5,7 +5,10 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context as _, Result, bail};
-use aya::maps::{Array, HashMap, LpmTrie, MapData, MapInfo, PerCpuArray, lpm_trie::Key as LpmKey};
+use aya::maps::{
+    Array, HashMap, IterableMap as _, LpmTrie, MapData, MapInfo, PerCpuArray,
+    lpm_trie::Key as LpmKey,
+};
 use nat_common::{
     Addr4, Addr6, CFG_MASQUERADE, CFG_STATIC_NAT, ClusterNet, Config, Counter, CtEntry, CtKey,
     DIR_ORIGINAL, EP_CONTAINER, Endpoint, FragKey4, FragKey6, FragPorts, Lpm4, MAP_SPECS, MON_DROP,
@@ -18,7 +21,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::{
-    Pins,
+    Pins, batch,
     conntrack::{proto_name, state_name},
     ct_now_ns, open_map,
 };
@@ -335,15 +338,14 @@ fn hash<K: aya::Pod, V: aya::Pod>(
     value: impl Fn(&V) -> Value,
 ) -> Result<Vec<Entry>> {
     let m: HashMap<MapData, K, V> = open_map(pins, name)?.try_into()?;
-    m.iter()
-        .map(|r| {
-            let (k, v) = r.with_context(|| format!("read map {name}"))?;
-            Ok(Entry {
-                key: key(&k),
-                value: value(&v),
-            })
+    Ok(batch::dump::<K, V>(m.map())
+        .with_context(|| format!("read map {name}"))?
+        .iter()
+        .map(|(k, v)| Entry {
+            key: key(k),
+            value: value(v),
         })
-        .collect()
+        .collect())
 }
 
 fn ip4(a: Addr4) -> IpAddr {
