@@ -514,7 +514,7 @@ fn put_endpoints(maps: &mut Maps, c: &Container) -> Result<()> {
 pub async fn remove(ctx: &Env, nl: &Netlink, c: &Container) -> Result<()> {
     if ctx.pins.installed() {
         let mut maps = Maps::open(&ctx.pins)?;
-        maps.remove_ports(&c.ports)?;
+        maps.unpublish(&c.ports)?;
         if let Some(ip) = c.ip {
             maps.remove_endpoint(ip)?;
         }
@@ -522,12 +522,12 @@ pub async fn remove(ctx: &Env, nl: &Netlink, c: &Container) -> Result<()> {
             maps.remove_endpoint6(ip6)?;
         }
         let ifindex = match c.host_ifindex {
-            0 => nl.link(&c.host_if).await?.map_or(0, |l| l.index),
-            i => i,
+            0 => nl.link(&c.host_if).await?.map(|l| l.index),
+            i => Some(i),
         };
-        if ifindex != 0 {
-            maps.forget_container(ifindex)?;
-        }
+        // Its own connections and those to its ports (hairpins from other containers
+        // included), in one walk.
+        maps.forget(ifindex, &c.ports)?;
     }
     datapath::detach(&ctx.pins, &c.host_if)?;
     if let Some(l) = nl.link(&c.host_if).await? {

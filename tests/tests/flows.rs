@@ -560,6 +560,51 @@ fn hairpin_reaches_published_ports_from_containers_including_their_own() {
 }
 
 #[test]
+fn container_del_forgets_the_connections_to_its_ports_and_keeps_the_others() {
+    let lab = lab_up("delfg");
+    let (web, other) = (lab.name("web"), lab.name("other"));
+    lab.ok(&["container", "add", &web, "-p", "8080:80"])
+        .unwrap();
+    lab.ok(&["container", "add", &other]).unwrap();
+    let srv = traffic::http_server(
+        &lab.container_ns(&web),
+        v4(Ipv4Addr::UNSPECIFIED, 80),
+        "web",
+        1,
+        WINDOW,
+    )
+    .unwrap();
+    let ext = traffic::http_server(&lab.ext, v4(EXT_ADDR, 9000), "ext", 1, WINDOW).unwrap();
+    // From the other container: a hairpin to web's published port (tracked as the other
+    // container's), and a connection of its own to the outside.
+    let ns = lab.container_ns(&other);
+    assert!(
+        traffic::http_get(&ns, v4(NODE_ADDR, 8080))
+            .unwrap()
+            .starts_with("hello from web")
+    );
+    traffic::http_get(&ns, v4(EXT_ADDR, 9000)).unwrap();
+    srv.join().unwrap();
+    ext.join().unwrap();
+    let kinds = |lab: &bpfnat_tests::Lab| -> Vec<String> {
+        let mut k: Vec<String> = flows(lab)
+            .iter()
+            .map(|f| f["kind"].as_str().unwrap().to_owned())
+            .collect();
+        k.sort();
+        k
+    };
+    assert_eq!(kinds(&lab), ["hairpin", "masquerade"]);
+
+    lab.ok(&["container", "del", &web]).unwrap();
+    assert_eq!(
+        kinds(&lab),
+        ["masquerade"],
+        "the hairpin to its port goes with web; the other container's own connection stays"
+    );
+}
+
+#[test]
 fn node_processes_reach_published_ports_on_localhost_and_node_address() {
     let lab = lab_up("f4");
     let web = lab.name("web");

@@ -334,23 +334,19 @@ where
         self.remove_where(|_, _, _| true)
     }
 
-    /// Forget the connections of the container behind host veth `ifindex`.
-    pub fn forget_container(&mut self, ifindex: u32) -> Result<usize> {
-        self.remove_where(|_, e, _| e.meta.ifindex == ifindex)
-    }
-
-    /// Forget connections made to the published ports `keys` (host address, all zero for
-    /// any; host port; protocol), in one pass over the tables.
-    fn forget_ports(&mut self, keys: &HashSet<(A, Port, u8)>) -> Result<()> {
-        if keys.is_empty() {
-            return Ok(());
+    /// Forget the connections of the container behind host veth `ifindex`, if given, and
+    /// those made to the published ports `keys` (host address, all zero for any; host port;
+    /// protocol), in one pass over the tables.
+    fn forget(&mut self, ifindex: Option<u32>, keys: &HashSet<(A, Port, u8)>) -> Result<usize> {
+        if ifindex.is_none() && keys.is_empty() {
+            return Ok(0);
         }
         self.remove_where(|k, e, _| {
-            (e.meta.origin == ORIGIN_PUBLISHED || e.meta.origin == ORIGIN_HAIRPIN)
-                && (keys.contains(&(A::default(), k.dst_port, k.proto))
-                    || keys.contains(&(k.dst_addr, k.dst_port, k.proto)))
+            ifindex == Some(e.meta.ifindex)
+                || ((e.meta.origin == ORIGIN_PUBLISHED || e.meta.origin == ORIGIN_HAIRPIN)
+                    && (keys.contains(&(A::default(), k.dst_port, k.proto))
+                        || keys.contains(&(k.dst_addr, k.dst_port, k.proto))))
         })
-        .map(|_| ())
     }
 }
 
@@ -399,25 +395,26 @@ impl Maps {
         Ok(self.ct4.flush()? + self.ct6.flush()?)
     }
 
-    /// Forget the connections of the container behind host veth `ifindex`.
-    pub fn forget_container(&mut self, ifindex: u32) -> Result<usize> {
-        Ok(self.ct4.forget_container(ifindex)? + self.ct6.forget_container(ifindex)?)
-    }
-
-    /// Forget connections made to the published ports `ms`, over both families.
-    pub fn forget_ports(&mut self, ms: &[PortMapping]) -> Result<()> {
+    /// Forget the connections of the container behind host veth `ifindex` (if known) and
+    /// those made to its published ports `ms`, in one pass over each family's tables: a
+    /// container's removal walks them once, not once per purpose.
+    pub fn forget(&mut self, ifindex: Option<u32>, ms: &[PortMapping]) -> Result<usize> {
         let keys: HashSet<(Addr4, Port, u8)> = ms
             .iter()
             .filter_map(port_key)
             .map(|k| (k.host_addr, k.host_port, k.proto))
             .collect();
-        self.ct4.forget_ports(&keys)?;
         let keys6: HashSet<(Addr6, Port, u8)> = ms
             .iter()
             .filter_map(port_key6)
             .map(|k| (k.host_addr, k.host_port, k.proto))
             .collect();
-        self.ct6.forget_ports(&keys6)
+        Ok(self.ct4.forget(ifindex, &keys)? + self.ct6.forget(ifindex, &keys6)?)
+    }
+
+    /// Forget connections made to the published ports `ms`, over both families.
+    pub fn forget_ports(&mut self, ms: &[PortMapping]) -> Result<()> {
+        self.forget(None, ms).map(|_| ())
     }
 }
 

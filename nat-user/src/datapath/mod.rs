@@ -868,7 +868,14 @@ impl Maps {
         self.forget_ports(ms)
     }
 
+    /// Unpublish `ms` and forget the connections made to them.
     pub fn remove_ports(&mut self, ms: &[PortMapping]) -> Result<()> {
+        self.unpublish(ms)?;
+        self.forget_ports(ms)
+    }
+
+    /// Take `ms` out of the ports maps; their connections stay (`forget`).
+    pub fn unpublish(&mut self, ms: &[PortMapping]) -> Result<()> {
         for m in ms {
             if let Some(k) = port_key(m) {
                 deleted(self.ports.remove(&k)).with_context(|| format!("unpublish {m}"))?;
@@ -877,7 +884,7 @@ impl Maps {
                 deleted(self.ports6.remove(&k6)).with_context(|| format!("unpublish {m}"))?;
             }
         }
-        self.forget_ports(ms)
+        Ok(())
     }
 
     /// Make `node_addrs6` hold exactly `addrs` (address, ifindex): the node's global IPv6
