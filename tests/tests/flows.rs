@@ -11,6 +11,12 @@ const C2: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 3);
 const GW: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
 const WINDOW: Duration = Duration::from_secs(20);
 
+/// An HTTP server on port 80 of every address of namespace `ns`, answering `n` requests
+/// as `tag` within `WINDOW`.
+fn serve80(ns: &std::path::Path, tag: &str, n: usize) -> traffic::Seen {
+    traffic::http_server(ns, v4(Ipv4Addr::UNSPECIFIED, 80), tag, n, WINDOW).unwrap()
+}
+
 #[test]
 fn bridge_forwarding_connects_containers_directly() {
     let lab = lab_up("f1");
@@ -20,14 +26,7 @@ fn bridge_forwarding_connects_containers_directly() {
     lab.ok(&["container", "add", &b, "--ip", "10.88.0.3"])
         .unwrap();
 
-    let srv = traffic::http_server(
-        &lab.container_ns(&b),
-        v4(Ipv4Addr::UNSPECIFIED, 80),
-        "b",
-        1,
-        WINDOW,
-    )
-    .unwrap();
+    let srv = serve80(&lab.container_ns(&b), "b", 1);
     let body = traffic::http_get(&lab.container_ns(&a), v4(C2, 80)).unwrap();
     assert!(body.contains("you are 10.88.0.2:"), "b saw: {body}");
     assert_eq!(srv.join().unwrap()[0].ip(), C1);
@@ -257,14 +256,7 @@ fn published_tcp_port_preserves_client_address() {
     let lab = lab_up("f3tcp");
     let c = lab.name("web");
     lab.ok(&["container", "add", &c, "-p", "8080:80"]).unwrap();
-    let srv = traffic::http_server(
-        &lab.container_ns(&c),
-        v4(Ipv4Addr::UNSPECIFIED, 80),
-        "web",
-        1,
-        WINDOW,
-    )
-    .unwrap();
+    let srv = serve80(&lab.container_ns(&c), "web", 1);
     let body = traffic::http_get(&lab.ext, v4(NODE_ADDR, 8080)).unwrap();
     assert!(body.starts_with("hello from web"));
     let seen = srv.join().unwrap();
@@ -340,7 +332,7 @@ fn node_and_containers_reach_each_other() {
     assert!(ping(&ns, GW), "ping the gateway");
 
     // Node -> container.
-    let srv = traffic::http_server(&ns, v4(Ipv4Addr::UNSPECIFIED, 80), "c", 1, WINDOW).unwrap();
+    let srv = serve80(&ns, "c", 1);
     assert!(
         traffic::http_get(&lab.node, v4(C1, 80))
             .unwrap()
@@ -531,14 +523,7 @@ fn hairpin_reaches_published_ports_from_containers_including_their_own() {
     .unwrap();
     lab.ok(&["container", "add", &other, "--ip", "10.88.0.3"])
         .unwrap();
-    let srv = traffic::http_server(
-        &lab.container_ns(&web),
-        v4(Ipv4Addr::UNSPECIFIED, 80),
-        "web",
-        2,
-        WINDOW,
-    )
-    .unwrap();
+    let srv = serve80(&lab.container_ns(&web), "web", 2);
     let from_other = traffic::http_get(&lab.container_ns(&other), v4(NODE_ADDR, 8080)).unwrap();
     let from_self = traffic::http_get(&lab.container_ns(&web), v4(NODE_ADDR, 8080)).unwrap();
     let seen = srv.join().unwrap();
@@ -566,14 +551,7 @@ fn container_del_forgets_the_connections_to_its_ports_and_keeps_the_others() {
     lab.ok(&["container", "add", &web, "-p", "8080:80"])
         .unwrap();
     lab.ok(&["container", "add", &other]).unwrap();
-    let srv = traffic::http_server(
-        &lab.container_ns(&web),
-        v4(Ipv4Addr::UNSPECIFIED, 80),
-        "web",
-        1,
-        WINDOW,
-    )
-    .unwrap();
+    let srv = serve80(&lab.container_ns(&web), "web", 1);
     let ext = traffic::http_server(&lab.ext, v4(EXT_ADDR, 9000), "ext", 1, WINDOW).unwrap();
     // From the other container: a hairpin to web's published port (tracked as the other
     // container's), and a connection of its own to the outside.
@@ -623,7 +601,7 @@ fn node_processes_reach_published_ports_on_localhost_and_node_address() {
     ])
     .unwrap();
     let ns = lab.container_ns(&web);
-    let srv = traffic::http_server(&ns, v4(Ipv4Addr::UNSPECIFIED, 80), "web", 4, WINDOW).unwrap();
+    let srv = serve80(&ns, "web", 4);
     let localhost = Ipv4Addr::LOCALHOST;
     for target in [
         v4(localhost, 8080),
