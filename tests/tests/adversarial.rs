@@ -9,9 +9,9 @@ use std::{
 };
 
 use bpfnat_tests::{
-    EXT_ADDR, Lab, NODE_ADDR, add_container, counter, json, lab_up,
+    EXT_ADDR, Lab, NODE_ADDR, add_container, counter, json, lab_up, lab_up6,
     packet::{self, PROTO_UDP},
-    traffic, uplink_mac, v4, wire,
+    run_in_ns, traffic, uplink_mac, v4, wire,
 };
 
 const EXT_MAC: [u8; 6] = [0x02, 0, 198, 51, 100, 1];
@@ -160,6 +160,75 @@ fn broadcast_and_multicast_from_containers_are_never_masqueraded() {
     assert_eq!((out[0].0, out[0].2), (NODE_ADDR, EXT_ADDR));
     assert_eq!(counter(&lab, "broadcast"), 2);
     assert!(counter(&lab, "drop_no_endpoint") >= 1);
+}
+
+/// The link-local address Linux gives an interface with MAC `mac` (EUI-64).
+fn link_local(mac: [u8; 6]) -> String {
+    format!(
+        "fe80::{:02x}{:02x}:{:02x}ff:fe{:02x}:{:02x}{:02x}",
+        mac[0] ^ 2,
+        mac[1],
+        mac[2],
+        mac[3],
+        mac[4],
+        mac[5]
+    )
+}
+
+/// The IPv6 addresses of `dev` in `ns`, as `ip -6 -o addr` prints them.
+fn ipv6_addrs(ns: &std::path::Path, dev: &str) -> String {
+    run_in_ns(ns, "ip", &["-6", "-o", "addr", "show", "dev", dev]).1
+}
+
+/// Whether `dev` in `ns` gets a usable link-local address (its duplicate address detection
+/// done) within five seconds.
+fn link_local_ready(ns: &std::path::Path, dev: &str) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let a = ipv6_addrs(ns, dev);
+        if a.contains("fe80::") && !a.contains("tentative") {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether the node answers a ping from the container in `ns` to the link-local address
+/// its host veth has (or would have) by `host_mac`.
+fn node_answers_link_local(ns: &std::path::Path, host_mac: [u8; 6]) -> bool {
+    let to = format!("{}%eth0", link_local(host_mac));
+    run_in_ns(ns, "ping", &["-6", "-c", "1", "-W", "2", &to]).0
+}
+
+#[test]
+fn a_node_without_an_ipv6_subnet_gives_containers_no_ipv6_way_to_it() {
+    // Positive control: on a dual-stack node the host veth has its link-local address, and
+    // the node's stack answers the container on it.
+    let lab6 = lab_up6("adv-ll6");
+    let c6 = add_container(&lab6, "c", &[]);
+    let host_if6 = json(&lab6, &["container", "inspect", &lab6.name("c")])["host_if"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(link_local_ready(&lab6.node, &host_if6));
+    assert!(link_local_ready(&c6.ns, "eth0"));
+    assert!(node_answers_link_local(&c6.ns, c6.host_mac));
+
+    let lab = lab_up("adv-ll4");
+    let c = add_container(&lab, "c", &[]);
+    let host_if = json(&lab, &["container", "inspect", &lab.name("c")])["host_if"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(ipv6_addrs(&lab.node, &host_if), "", "no IPv6 on {host_if}");
+    // The container's own side keeps its IPv6 (it is the container's business).
+    assert!(link_local_ready(&c.ns, "eth0"));
+    assert!(!node_answers_link_local(&c.ns, c.host_mac));
+    // IPv4 to the node still works.
+    assert!(bpfnat_tests::ping(&c.ns, Ipv4Addr::new(10, 88, 0, 1)));
 }
 
 /// `n` UDP flows from namespace `ns` to the external echo server on port 7002: one datagram
