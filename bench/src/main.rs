@@ -8,6 +8,7 @@ mod cluster;
 mod load;
 mod profile;
 mod report;
+mod rundir;
 mod scrape;
 mod testrun;
 mod topo;
@@ -135,7 +136,19 @@ enum Cmd {
 }
 
 fn main() -> Result<()> {
-    match Cli::parse().cmd {
+    let cmd = Cli::parse().cmd;
+    if matches!(
+        cmd,
+        Cmd::Run { .. }
+            | Cmd::Paths { .. }
+            | Cmd::Cluster { .. }
+            | Cmd::Control { .. }
+            | Cmd::Scrape { .. }
+            | Cmd::Profile { .. }
+    ) {
+        rundir::volatile()?;
+    }
+    match cmd {
         Cmd::RrServer { listen } => load::rr_server(listen),
         Cmd::UdpFlood { addr, secs } => {
             println!("{}", load::udp_flood(addr, secs)?);
@@ -654,6 +667,7 @@ fn control_plane(bin: &Path, quick: bool) -> Result<ControlPlane> {
     } else {
         (50_000, 1_000)
     };
+    println!("bench: /run is {}", rundir::describe());
     let lab = bpfnat_lab::Lab::new("bnb-cp", bin)?;
     lab.ok(&["up", "--uplink", bpfnat_lab::UPLINK])?;
     let c = lab.name("p");
@@ -689,6 +703,7 @@ fn control_plane(bin: &Path, quick: bool) -> Result<ControlPlane> {
         down_s,
         cni_s,
         scrape,
+        run_dir: rundir::describe(),
     })
 }
 

@@ -70,6 +70,8 @@ pub struct ControlPlane {
     /// The same number of CNI ADDs, 8 at a time.
     pub cni_s: f64,
     pub scrape: crate::scrape::Scrape,
+    /// What `/run` (the state directory, the namespaces' files) was: `rundir::describe`.
+    pub run_dir: &'static str,
 }
 
 /// The XDP comparison: variants (by label) × flows × metrics.
@@ -226,6 +228,11 @@ pub fn write(dir: &Path, r: &Report<'_>) -> Result<()> {
         md,
         "| that walk (`bpfnat_conntrack_gc_duration_seconds`; on its own task, off the event loop) | {:.2} | — |\n",
         sc.gc_s
+    );
+    let _ = writeln!(
+        md,
+        "`/run`, where the state directories and the namespaces' files are: {}.\n",
+        cp.run_dir
     );
 
     xdp_tables(&mut md, r);
