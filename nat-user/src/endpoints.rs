@@ -210,10 +210,15 @@ impl<'a> PortBook<'a> {
         };
         let mut held: HashMap<(Proto, u16), Vec<(PortMapping, &'a str)>> = HashMap::new();
         for c in state.containers.values() {
-            for m in c.ports.iter().filter(|m| wanted(m)) {
+            let runs = c
+                .ports
+                .runs()
+                .iter()
+                .filter(|r| ranges.iter().any(|&(proto, lo, hi)| r.meets(proto, lo, hi)));
+            for m in runs.flat_map(|r| r.iter()).filter(wanted) {
                 held.entry((m.proto, m.host_port))
                     .or_default()
-                    .push((*m, c.name.as_str()));
+                    .push((m, c.name.as_str()));
             }
         }
         Self { held }
@@ -384,7 +389,7 @@ pub async fn create(ctx: &Env, req: AddRequest) -> Result<Added> {
         host_mac: [0; 6],
         netns: netns_path.unwrap_or_else(|| netns::path_of(&name)),
         owns_netns,
-        ports,
+        ports: ports.into_iter().collect(),
         sysctls,
         ifname,
         cni: cni.is_some(),
@@ -461,7 +466,7 @@ async fn wire(
     }
     let generation = state.next_generation();
     state.generation = state.generation.wrapping_add(c.ports.len() as u32);
-    maps.put_ports(&c.ports, (c.ip, c.ip6), generation)
+    maps.put_ports(&c.ports.to_vec(), (c.ip, c.ip6), generation)
 }
 
 /// Turn IPv6 off on a host veth of a node without an IPv6 subnet, before the link comes up.
@@ -531,7 +536,7 @@ fn put_endpoints(maps: &mut Maps, c: &Container) -> Result<()> {
 pub async fn remove(ctx: &Env, nl: &Netlink, c: &Container) -> Result<()> {
     if ctx.pins.installed() {
         let mut maps = Maps::open(&ctx.pins)?;
-        maps.unpublish(&c.ports)?;
+        maps.unpublish(&c.ports.to_vec())?;
         if let Some(ip) = c.ip {
             maps.remove_endpoint(ip)?;
         }
@@ -544,7 +549,7 @@ pub async fn remove(ctx: &Env, nl: &Netlink, c: &Container) -> Result<()> {
         };
         // Its own connections and those to its ports (hairpins from other containers
         // included), in one walk.
-        maps.forget(ifindex, &c.ports)?;
+        maps.forget(ifindex, &c.ports.to_vec())?;
     }
     datapath::detach(&ctx.pins, &c.host_if)?;
     if let Some(l) = nl.link(&c.host_if).await? {
@@ -618,7 +623,7 @@ async fn rewire_all(ctx: &Env, node: &Node, only_missing: bool) -> Result<()> {
         )?;
         let generation = state.next_generation();
         state.generation = state.generation.wrapping_add(c.ports.len() as u32);
-        maps.put_ports(&c.ports, (c.ip, c.ip6), generation)?;
+        maps.put_ports(&c.ports.to_vec(), (c.ip, c.ip6), generation)?;
     }
     // Rewriting these changes nothing that is already right.
     for m in &state.static_nat {

@@ -111,7 +111,7 @@ async fn add(
             c.host_if,
             c.netns.display()
         );
-        for p in &c.ports {
+        for p in c.ports.iter() {
             s.push_str(&format!("\n  published {p}"));
         }
         s

@@ -117,7 +117,7 @@ fn port_rows(kernel: &[(PortMapping, IpAddr)], state: &State) -> Vec<PortRow> {
         .flat_map(|c| {
             c.ports
                 .iter()
-                .flat_map(|m| c.sides(m))
+                .flat_map(|m| c.sides(&m))
                 .map(move |(m, ip)| (c.name.as_str(), m, ip))
         })
         .collect();
@@ -197,8 +197,7 @@ pub async fn run(ctx: &Ctx, args: PortArgs) -> Result<()> {
                 let m = c
                     .ports
                     .iter()
-                    .find(|m| r.matches(m) && !gone.contains(*m))
-                    .copied()
+                    .find(|m| r.matches(m) && !gone.contains(m))
                     .ok_or_else(|| anyhow!("container {name} does not publish {}", describe(r)))?;
                 gone.push(m);
             }

@@ -215,7 +215,7 @@ impl ContainerView {
             host_mac: fmt_mac(&c.host_mac),
             netns: c.netns.display().to_string(),
             owns_netns: c.owns_netns,
-            ports: PortView::all(c, &c.ports),
+            ports: PortView::all(c, &c.ports.to_vec()),
             sysctls: c.sysctls.iter().cloned().collect(),
             cni,
             pending: c.pending,

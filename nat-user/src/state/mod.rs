@@ -1,10 +1,12 @@
 //! The record of the node and its containers, and where it is kept (`store`: a snapshot
 //! and a journal under `--state-dir`, behind a lock).
 
+mod published;
 mod store;
 
 use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, sync::Arc};
 
+pub use published::Published;
 pub use store::{Store, lock_file, write_durably};
 
 use serde::{Deserialize, Serialize};
@@ -147,8 +149,7 @@ pub struct Container {
     pub netns: PathBuf,
     /// bpfnat created the namespace (and removes it on `container del`).
     pub owns_netns: bool,
-    #[serde(with = "port_runs")]
-    pub ports: Vec<PortMapping>,
+    pub ports: Published,
     pub sysctls: Vec<(String, String)>,
     /// The interface name inside the namespace.
     #[serde(default = "default_ifname")]
@@ -219,103 +220,6 @@ impl Container {
     }
 }
 
-/// `Container::ports` as the record keeps them: each run of consecutive mappings as one
-/// Docker spec (`10000-59999:10000-59999/tcp`), so that a published range costs the record a
-/// few bytes rather than an object per port, which every command would parse and write
-/// back. Records with one object per mapping still read.
-mod port_runs {
-    use std::net::IpAddr;
-
-    use serde::{Deserialize, Deserializer, Serialize, Serializer, de::Error as _};
-
-    use crate::spec::{PortMapping, PortRange};
-
-    pub fn serialize<S: Serializer>(ms: &[PortMapping], s: S) -> Result<S::Ok, S::Error> {
-        runs(ms).serialize(s)
-    }
-
-    /// Whether `m` continues the run that starts at `first` and has `n` mappings so far.
-    fn continues(first: &PortMapping, n: u32, m: &PortMapping) -> bool {
-        m.proto == first.proto
-            && m.host_ip == first.host_ip
-            && u32::from(m.host_port) == u32::from(first.host_port) + n
-            && u32::from(m.container_port) == u32::from(first.container_port) + n
-    }
-
-    pub(super) fn runs(ms: &[PortMapping]) -> Vec<String> {
-        let mut out = Vec::new();
-        let mut rest = ms;
-        while let Some(first) = rest.first() {
-            let n = rest
-                .iter()
-                .zip(0..)
-                .take_while(|(m, i)| continues(first, *i, m))
-                .count();
-            out.push(spec_of(first, n));
-            rest = &rest[n..];
-        }
-        out
-    }
-
-    /// The spec of the run of `n` mappings starting at `m`.
-    fn spec_of(m: &PortMapping, n: usize) -> String {
-        if n <= 1 {
-            return m.to_string();
-        }
-        let host = match m.host_ip {
-            Some(IpAddr::V4(ip)) => format!("{ip}:"),
-            Some(IpAddr::V6(ip)) => format!("[{ip}]:"),
-            None => String::new(),
-        };
-        // A run's ports all exist: its last is at most 65535.
-        let last = |p: u16| u32::from(p) + n as u32 - 1;
-        format!(
-            "{host}{}-{}:{}-{}/{}",
-            m.host_port,
-            last(m.host_port),
-            m.container_port,
-            last(m.container_port),
-            m.proto
-        )
-    }
-
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Stored {
-        Run(String),
-        One(PortMapping),
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<PortMapping>, D::Error> {
-        let mut out = Vec::new();
-        for stored in Vec::<Stored>::deserialize(d)? {
-            match stored {
-                Stored::One(m) => out.push(m),
-                Stored::Run(spec) => {
-                    // Expanded in place: a node's record can hold runs of 50,000 ports.
-                    let r = PortRange::parse(&spec).map_err(D::Error::custom)?;
-                    let (c0, c1) = r.container;
-                    let Some((h0, h1)) = r.host.filter(|(h0, h1)| h1 - h0 == c1 - c0) else {
-                        return Err(D::Error::custom(format!(
-                            "recorded port run {spec:?} leaves host ports open"
-                        )));
-                    };
-                    out.reserve(usize::from(c1 - c0) + 1);
-                    out.extend((h0..=h1).zip(c0..=c1).map(|(host_port, container_port)| {
-                        PortMapping {
-                            host_ip: r.host_ip,
-                            host_port,
-                            container_port,
-                            proto: r.proto,
-                        }
-                    }));
-                }
-            }
-        }
-        Ok(out)
-    }
-}
-
 fn default_ifname() -> String {
     "eth0".to_owned()
 }
@@ -354,54 +258,6 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::Proto;
-
-    #[test]
-    fn port_runs_round_trip_and_older_records_read() {
-        let m = |ip: Option<&str>, h: u16, c: u16, proto| PortMapping {
-            host_ip: ip.map(|i| i.parse().unwrap()),
-            host_port: h,
-            container_port: c,
-            proto,
-        };
-        let mut ms: Vec<PortMapping> = (0..50_000u16)
-            .map(|i| m(None, 10_000 + i, 10_000 + i, Proto::Tcp))
-            .collect();
-        ms.extend([
-            m(None, 8080, 80, Proto::Tcp),
-            m(Some("0.0.0.0"), 53, 53, Proto::Udp),
-            m(Some("0.0.0.0"), 54, 54, Proto::Udp),
-            m(Some("::"), 8443, 443, Proto::Tcp),
-            m(Some("2001:db8::2"), 9000, 9000, Proto::Tcp),
-            m(Some("2001:db8::2"), 9001, 9001, Proto::Tcp),
-            m(None, 65535, 65535, Proto::Udp),
-        ]);
-        assert_eq!(
-            port_runs::runs(&ms),
-            [
-                "10000-59999:10000-59999/tcp",
-                "8080:80/tcp",
-                "0.0.0.0:53-54:53-54/udp",
-                "[::]:8443:443/tcp",
-                "[2001:db8::2]:9000-9001:9000-9001/tcp",
-                "65535:65535/udp",
-            ]
-        );
-        #[derive(Serialize, Deserialize)]
-        struct R {
-            #[serde(with = "port_runs")]
-            ports: Vec<PortMapping>,
-        }
-        let text = serde_json::to_string(&R { ports: ms.clone() }).unwrap();
-        assert!(text.len() < 300, "{text}");
-        assert_eq!(serde_json::from_str::<R>(&text).unwrap().ports, ms);
-        let old =
-            r#"{"ports":[{"host_ip":null,"host_port":8080,"container_port":80,"proto":"tcp"}]}"#;
-        assert_eq!(
-            serde_json::from_str::<R>(old).unwrap().ports,
-            [m(None, 8080, 80, Proto::Tcp)]
-        );
-    }
 
     const BEFORE_V6_ONLY: &str = r#"{"uplink":"eth0","uplink_ifindex":2,"subnet":"10.88.0.0",
         "prefix_len":16,"gateway":"10.88.0.1","snat_ip":"198.51.100.2","snat_from_uplink":true,
