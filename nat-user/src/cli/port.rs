@@ -1,6 +1,7 @@
 //! `bpfnat port NAME`, `port add / del / list`.
 
 use std::{
+    collections::{HashMap, HashSet, VecDeque},
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
@@ -16,7 +17,7 @@ use crate::{
     netlink::Netlink,
     node::{self, require_node},
     spec::{HostPort, PortMapping, PortRequest, PortSpec},
-    state::State,
+    state::{Container, State},
 };
 
 fn describe(r: &PortRequest) -> String {
@@ -192,18 +193,11 @@ pub async fn run(ctx: &Ctx, args: PortArgs) -> Result<()> {
                     .get_mut(&name)
                     .ok_or_else(|| anyhow!("no such container: {name}"))?,
             );
-            let mut gone = Vec::new();
-            for r in &spec.requests {
-                let m = c
-                    .ports
-                    .iter()
-                    .find(|m| r.matches(m) && !gone.contains(m))
-                    .ok_or_else(|| anyhow!("container {name} does not publish {}", describe(r)))?;
-                gone.push(m);
-            }
+            let gone = to_unpublish(c, &spec)?;
             Maps::open(&ctx.pins)?.remove_ports(&gone)?;
             let items = PortView::all(c, &gone);
-            c.ports.retain(|p| !gone.contains(p));
+            let doomed: HashSet<PortMapping> = gone.iter().copied().collect();
+            c.ports.retain(|p| !doomed.contains(p));
             store.save(&state)?;
             ctx.emit_list("PortMappingList", &items, || {
                 gone.iter()
@@ -214,6 +208,32 @@ pub async fn run(ctx: &Ctx, args: PortArgs) -> Result<()> {
         }
         PortCmd::List { name } => list(ctx, &state, name.as_deref(), false),
     }
+}
+
+/// The mappings of `c` that `spec` takes away, one per request in the order asked: each the
+/// first mapping (in publishing order) that the request matches and an earlier one did not
+/// take. Indexed by what a request names besides the host port, so that a range of 50,000
+/// is not 50,000 walks over the container's ports.
+fn to_unpublish(c: &Container, spec: &PortSpec) -> Result<Vec<PortMapping>> {
+    let mut left: HashMap<_, VecDeque<PortMapping>> = HashMap::new();
+    for m in c.ports.iter() {
+        left.entry((m.host_ip, m.container_port, m.proto))
+            .or_default()
+            .push_back(m);
+    }
+    let mut gone = Vec::with_capacity(spec.requests.len());
+    for r in &spec.requests {
+        let same = left.get_mut(&(r.host_ip, r.container_port, r.proto));
+        let m = same
+            .and_then(|l| {
+                l.iter()
+                    .position(|m| r.matches(m))
+                    .and_then(|i| l.remove(i))
+            })
+            .ok_or_else(|| anyhow!("container {} does not publish {}", c.name, describe(r)))?;
+        gone.push(m);
+    }
+    Ok(gone)
 }
 
 /// `port list [NAME]`; `docker_style`: `bpfnat port NAME`'s lines, as `docker port` prints.
@@ -269,4 +289,53 @@ fn list(ctx: &Ctx, state: &State, name: Option<&str>, docker_style: bool) -> Res
                 .collect::<Vec<_>>(),
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn container(ports: &str) -> Container {
+        serde_json::from_str(&format!(
+            r#"{{"name":"c","ip":"10.88.0.2","mac":[2,66,10,88,0,2],"host_if":"bn-1",
+            "host_ifindex":5,"host_mac":[2,0,0,0,0,1],"netns":"/run/netns/c",
+            "owns_netns":true,"ports":{ports},"sysctls":[]}}"#
+        ))
+        .unwrap()
+    }
+
+    fn del(c: &Container, spec: &str) -> Result<Vec<String>> {
+        let gone = to_unpublish(c, &spec.parse()?)?;
+        Ok(gone.iter().map(ToString::to_string).collect())
+    }
+
+    #[test]
+    fn port_del_takes_the_first_match_of_each_request_in_publishing_order() {
+        let c = container(
+            r#"["10000-59999:10000-59999/tcp","8080:80/tcp","8081:80/tcp","127.0.0.1:9000:90/tcp"]"#,
+        );
+        // A whole range, one request per port.
+        assert_eq!(del(&c, "10000-59999:10000-59999").unwrap().len(), 50_000);
+        // Without a host port: the first mapping of the container port, then the next.
+        assert_eq!(del(&c, "80").unwrap(), ["8080:80/tcp"]);
+        assert_eq!(del(&c, "8081:80").unwrap(), ["8081:80/tcp"]);
+        assert_eq!(
+            del(&c, "127.0.0.1:9000:90").unwrap(),
+            ["127.0.0.1:9000:90/tcp"]
+        );
+        // What the container does not publish, or not on that address or protocol.
+        for spec in ["9000:90", "8080:80/udp", "8082:80", "60000:60000"] {
+            let e = del(&c, spec).unwrap_err().to_string();
+            assert!(e.contains("container c does not publish"), "{spec}: {e}");
+        }
+        // A request cannot take a mapping an earlier one of the same command took.
+        let one = container(r#"["8080:80/tcp"]"#);
+        let twice = PortSpec {
+            requests: ["80", "80"]
+                .iter()
+                .flat_map(|s| s.parse::<PortSpec>().unwrap().requests)
+                .collect(),
+        };
+        assert!(to_unpublish(&one, &twice).is_err());
+    }
 }
