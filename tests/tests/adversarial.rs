@@ -203,26 +203,25 @@ fn node_answers_link_local(ns: &std::path::Path, host_mac: [u8; 6]) -> bool {
     run_in_ns(ns, "ping", &["-6", "-c", "1", "-W", "2", &to]).0
 }
 
+/// Container `short` of `lab` (added here) and its host veth's name.
+fn container_and_host_if(lab: &Lab, short: &str) -> (bpfnat_tests::ContainerInfo, String) {
+    let c = add_container(lab, short, &[]);
+    let v = json(lab, &["container", "inspect", &lab.name(short)]);
+    (c, v["host_if"].as_str().unwrap().to_owned())
+}
+
 #[test]
 fn a_node_without_an_ipv6_subnet_gives_containers_no_ipv6_way_to_it() {
     // Positive control: on a dual-stack node the host veth has its link-local address, and
     // the node's stack answers the container on it.
     let lab6 = lab_up6("adv-ll6");
-    let c6 = add_container(&lab6, "c", &[]);
-    let host_if6 = json(&lab6, &["container", "inspect", &lab6.name("c")])["host_if"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (c6, host_if6) = container_and_host_if(&lab6, "c");
     assert!(link_local_ready(&lab6.node, &host_if6));
     assert!(link_local_ready(&c6.ns, "eth0"));
     assert!(node_answers_link_local(&c6.ns, c6.host_mac));
 
     let lab = lab_up("adv-ll4");
-    let c = add_container(&lab, "c", &[]);
-    let host_if = json(&lab, &["container", "inspect", &lab.name("c")])["host_if"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (c, host_if) = container_and_host_if(&lab, "c");
     assert_eq!(ipv6_addrs(&lab.node, &host_if), "", "no IPv6 on {host_if}");
     // The container's own side keeps its IPv6 (it is the container's business).
     assert!(link_local_ready(&c.ns, "eth0"));
