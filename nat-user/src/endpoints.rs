@@ -551,11 +551,13 @@ pub async fn remove(ctx: &Env, nl: &Netlink, c: &Container) -> Result<()> {
         // included), in one walk.
         maps.forget(ifindex, &c.ports.to_vec())?;
     }
-    datapath::detach(&ctx.pins, &c.host_if)?;
+    // The veth goes with its filter still on it: detached first, the container's packets
+    // would reach the node's stack unjudged until the veth is gone.
     if let Some(l) = nl.link(&c.host_if).await? {
         // Deleting one end of a veth deletes both.
         nl.del_link(l.index).await?;
     }
+    datapath::unpin_links(&ctx.pins, &c.host_if)?;
     if c.owns_netns {
         netns::remove(&c.netns)?;
     }

@@ -527,8 +527,7 @@ fn wait_released(ifname: &str, prog_id: u32) -> Result<()> {
 /// Detach what we attached to `ifname` (removing a pin drops the last reference; a
 /// container's filter goes with its veth, and is deleted here if the veth stays).
 pub fn detach(pins: &Pins, ifname: &str) -> Result<()> {
-    remove_pin(&pins.xdp_link(ifname))?;
-    remove_pin(&pins.link(ifname))?;
+    unpin_links(pins, ifname)?;
     match tc::qdisc_detach_program(ifname, TcAttachType::Ingress, prog_names::TC_CONTAINER) {
         Ok(()) => Ok(()),
         // No filter, or no such interface (any more).
@@ -547,6 +546,13 @@ pub fn detach(pins: &Pins, ifname: &str) -> Result<()> {
         }
         Err(e) => Err(anyhow!(e).context(format!("detach the tc filter from {ifname}"))),
     }
+}
+
+/// Remove the pins of `ifname`'s XDP and TCX links (on a container veth, what earlier
+/// versions attached): the links go with their last reference.
+pub fn unpin_links(pins: &Pins, ifname: &str) -> Result<()> {
+    remove_pin(&pins.xdp_link(ifname))?;
+    remove_pin(&pins.link(ifname))
 }
 
 /// How the uplink's XDP program runs.
