@@ -132,6 +132,23 @@ pub fn ephemeral_range() -> (u16, u16) {
         .unwrap_or((32768, 60999))
 }
 
+/// This boot of the kernel, as `/proc/sys/kernel/random/boot_id` names it; `None` where it
+/// cannot be read (no procfs), and then no record is taken for another boot's.
+pub fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+/// The boot `node` came up in and this one, when they differ.
+pub fn earlier_boot(node: &Node) -> Option<(String, String)> {
+    let then = node.boot_id.as_ref()?;
+    boot_id()
+        .filter(|now| now != then)
+        .map(|now| (then.clone(), now))
+}
+
 /// How many ports two inclusive ranges share.
 fn overlap(a: (u16, u16), b: (u16, u16)) -> u32 {
     let lo = a.0.max(b.0);
@@ -174,20 +191,28 @@ pub fn config_of(node: &Node, static_nat: bool) -> Config {
 }
 
 /// When the recorded node lives in another network namespace than this one (the node's
-/// namespace was deleted and made again: a runtime's node, a lab), nothing recorded is true
-/// here: its ifindexes, its cookie, its containers' veths are gone with it, while its pins
-/// (TCX and cgroup links among them) and the namespaces it created stay. Remove those, forget
-/// the record, and say so. Returns whether there was such a record.
+/// namespace was deleted and made again: a runtime's node, a lab), or came up in an earlier
+/// boot (a state dir that outlived a reboot; the host's namespace has the same cookie in
+/// every boot), nothing recorded is true here: its ifindexes, its cookie, its containers'
+/// veths are gone with it, while what it left in files stays (pins of another namespace's
+/// node with their TCX and cgroup links, namespace files). Remove those, forget the record,
+/// and say so. Returns whether there was such a record.
 pub fn forget_stale_node(ctx: &Env, store: &Store, state: &mut State) -> Result<bool> {
     let Some(node) = &state.node else {
         return Ok(false);
     };
     let here = datapath::netns_cookie()?;
-    if node.netns_cookie == here {
-        return Ok(false);
-    }
+    let why = match earlier_boot(node) {
+        Some((then, now)) => {
+            format!("came up in an earlier boot of this machine (boot ID {then}, now {now})")
+        }
+        None if node.netns_cookie != here => {
+            format!("belongs to a network namespace that is not this one (cookie {here})")
+        }
+        None => return Ok(false),
+    };
     eprintln!(
-        "warning: the recorded bpfnat node (uplink {}, netns cookie {}) belongs to a network namespace that is not this one (cookie {here}): removing what is left of it and starting fresh",
+        "warning: the recorded bpfnat node (uplink {}, netns cookie {}) {why}: removing what is left of it and starting fresh",
         node.uplink, node.netns_cookie
     );
     for c in state.containers.values().filter(|c| c.owns_netns) {
@@ -265,10 +290,14 @@ pub async fn up(ctx: &Env, a: NodeSpec) -> Result<Upped> {
         host_port_max: host_ports.1,
         xdp: a.xdp.resolve(&uplink),
         v6,
+        boot_id: boot_id(),
     };
     if let Some(old) = &state.node {
         let same = Node {
             gateway_ifindex: old.gateway_ifindex,
+            // A record of an earlier version has none (`forget_stale_node` took one of
+            // another boot's).
+            boot_id: old.boot_id.clone(),
             // `auto` may have fallen back to off.
             xdp: if a.xdp == XdpChoice::Auto {
                 old.xdp
@@ -280,11 +309,21 @@ pub async fn up(ctx: &Env, a: NodeSpec) -> Result<Upped> {
         if *old == same && ctx.pins.installed() {
             // The node's addresses may have changed since: the next command converges.
             sync_node_addrs(&nl, &mut Maps::open(&ctx.pins)?, old).await?;
-            return Ok(Upped::Already(old.clone()));
+            let mut old = old.clone();
+            if old.boot_id.is_none() && node.boot_id.is_some() {
+                old.boot_id.clone_from(&node.boot_id);
+                state.node = Some(old.clone());
+                store.save(&state)?;
+            }
+            return Ok(Upped::Already(old));
         }
         if *old == same {
             // Recorded, but the datapath is gone: put it back with the recorded settings.
-            let node = install_node(ctx, &nl, old.clone(), a.conntrack_max, a.xdp).await?;
+            let node = Node {
+                boot_id: node.boot_id.clone(),
+                ..old.clone()
+            };
+            let node = install_node(ctx, &nl, node, a.conntrack_max, a.xdp).await?;
             state.node = Some(node.clone());
             store.save(&state)?;
             return Ok(Upped::Repaired(node));

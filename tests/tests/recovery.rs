@@ -294,3 +294,93 @@ fn the_state_file_is_replaced_atomically_and_durably() {
     let list = lab.ok(&["container", "list"]).unwrap();
     assert!(list.contains(&lab.name("d")) && list.contains(&c), "{list}");
 }
+
+/// The record's node, as `state.json` has it (a node's changes are always in the snapshot).
+fn recorded_node(lab: &Lab) -> serde_json::Value {
+    let text = std::fs::read_to_string(lab.state_dir.join("state.json")).unwrap();
+    serde_json::from_str::<serde_json::Value>(&text).unwrap()["node"].clone()
+}
+
+/// Set (or with `None` remove) the recorded node's boot ID.
+fn record_boot_id(lab: &Lab, id: Option<&str>) {
+    let path = lab.state_dir.join("state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let node = state["node"].as_object_mut().unwrap();
+    match id {
+        Some(id) => node.insert("boot_id".into(), id.into()),
+        None => node.remove("boot_id"),
+    };
+    std::fs::write(&path, state.to_string()).unwrap();
+}
+
+#[test]
+fn a_record_that_outlived_a_reboot_is_cleared_by_the_next_up() {
+    let lab = lab_up("reboot");
+    let a = lab.name("a");
+    lab.ok(&["container", "add", &a, "-p", "8089:89"]).unwrap();
+    let this_boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    assert_eq!(recorded_node(&lab)["boot_id"], this_boot.trim());
+
+    // The control: `up` again in the same boot keeps the node and its container, and a
+    // record of an earlier version (no boot ID) is kept and learns this boot's.
+    record_boot_id(&lab, None);
+    let up = lab.run(&["up", "--uplink", bpfnat_tests::UPLINK]).unwrap();
+    let err = String::from_utf8_lossy(&up.stderr);
+    assert!(
+        up.status.success() && !err.contains("starting fresh"),
+        "{err}"
+    );
+    assert_eq!(listed(&lab).len(), 1, "the container is still recorded");
+    assert_eq!(recorded_node(&lab)["boot_id"], this_boot.trim());
+
+    // A reboot with the state dir on disk: bpffs comes back empty, the container's namespace
+    // file stays without its mount (and the namespace goes, its veths with it), the node's
+    // gateway interface is gone; the host's namespace has the same cookie as before.
+    std::fs::remove_dir_all(&lab.bpffs_dir).unwrap();
+    let ns_file = Path::new("/run/netns").join(&a);
+    let umount = std::process::Command::new("umount")
+        .arg("--lazy")
+        .arg(&ns_file)
+        .status()
+        .unwrap();
+    assert!(umount.success(), "umount {}", ns_file.display());
+    assert!(run_in_ns(&lab.node, "ip", &["link", "del", "bn-gw"]).0);
+    record_boot_id(&lab, Some("00000000-0000-4000-8000-000000000000"));
+    let status = lab.run(&["status"]).unwrap();
+    let said = String::from_utf8_lossy(&status.stdout);
+    assert_eq!(status.status.code(), Some(1), "degraded: {said}");
+    assert!(said.contains("earlier boot"), "{said}");
+
+    let up = lab.run(&["up", "--uplink", bpfnat_tests::UPLINK]).unwrap();
+    let err = String::from_utf8_lossy(&up.stderr);
+    assert!(up.status.success(), "up after the reboot: {err}");
+    assert!(
+        err.contains("earlier boot") && err.contains("starting fresh"),
+        "says so: {err}"
+    );
+    assert_eq!(listed(&lab), Vec::<serde_json::Value>::new(), "forgotten");
+    assert!(!ns_file.exists(), "the namespace file it left is removed");
+    assert_eq!(recorded_node(&lab)["boot_id"], this_boot.trim());
+    // The name, its address and its port are free again, and the new datapath works.
+    lab.ok(&["container", "add", &a, "-p", "8089:89"]).unwrap();
+    assert_eq!(listed(&lab)[0]["ip"], "10.88.0.2");
+    let srv = bpfnat_tests::traffic::http_server(
+        &lab.ext,
+        bpfnat_tests::v4(bpfnat_tests::EXT_ADDR, 9000),
+        "ext",
+        1,
+        std::time::Duration::from_secs(10),
+    )
+    .unwrap();
+    let seen = bpfnat_tests::traffic::http_get(
+        &lab.container_ns(&a),
+        bpfnat_tests::v4(bpfnat_tests::EXT_ADDR, 9000),
+    )
+    .unwrap();
+    srv.join().unwrap();
+    assert!(
+        seen.contains(&bpfnat_tests::NODE_ADDR.to_string()),
+        "masqueraded as the node: {seen}"
+    );
+}

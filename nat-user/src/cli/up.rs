@@ -22,7 +22,7 @@ use crate::{
     env::{DEFAULT_BPFFS_DIR, DEFAULT_STATE_DIR},
     net::{Cidr, Cidr6, PortRange},
     netlink::Netlink,
-    node::{DEFAULT_PORT_RANGE, NodeSpec, Upped, XdpChoice},
+    node::{self, DEFAULT_PORT_RANGE, NodeSpec, Upped, XdpChoice},
     state::{Node, XdpSetting},
 };
 
@@ -262,6 +262,7 @@ pub async fn status(ctx: &Ctx) -> Result<()> {
             "state:        {}\nuplink:       {} (ifindex {}, tc ingress: {}, xdp: {})\nsnat ports:   {}-{}{subnet4}{subnet6}\ncontainers:   {}\nports:        {}\nconntrack:    {} entries\npins:         {}{cluster}",
             match &s.repair {
                 None => "up".to_owned(),
+                Some(cmd) if node::earlier_boot(n).is_some() => format!("degraded: the record is of an earlier boot; `{cmd}` starts the node afresh (its recorded containers went with that boot)"),
                 Some(cmd) => format!("degraded: the pinned datapath is gone; `{cmd}` restores it with every recorded container"),
             },
             n.uplink,

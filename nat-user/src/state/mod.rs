@@ -46,6 +46,12 @@ pub struct Node {
     /// The container subnet's IPv6 part (`up --subnet6`), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub v6: Option<Subnet6>,
+    /// The kernel's boot ID when the node came up (`/proc/sys/kernel/random/boot_id`). A
+    /// record kept across a reboot (a state dir on disk) describes namespaces, links and pins
+    /// that went with the old boot. Absent in records of earlier versions, until the next
+    /// `up`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
 }
 
 impl Node {
