@@ -568,3 +568,32 @@ fn a_tracked_connection_is_only_fast_pathed_from_the_veth_it_belongs_to() {
     assert_eq!(r.action, TC_ACT_REDIRECT);
     assert_eq!(counter(&lab, "ct_hit"), 1);
 }
+
+#[test]
+fn connections_are_stamped_with_the_clock_userspace_reads() {
+    // The programs compute the coarse monotonic clock from the tick count, with what the
+    // loader measured; userspace reads the clock itself. Were the two apart, ages would read
+    // 0 (the programs' clock ahead) or far too many seconds (behind), and garbage collection
+    // would expire live connections or keep dead ones.
+    let lab = lab("tr-clock");
+    up(&lab, &[]);
+    let c = container(&lab, "c", "10.88.0.2", &[]);
+    let out = to_ext(&c, PROTO_UDP, &packet::udp(c.ip, EXT_ADDR, 5000, 53, true));
+    assert_eq!(
+        run(&lab, "tc_container", c.host_ifindex, out).action,
+        TC_ACT_REDIRECT
+    );
+    let flow = || json(&lab, &["conntrack", "list"])[0].clone();
+    assert_eq!(flow()["age_secs"], 0, "{}", flow());
+    std::thread::sleep(std::time::Duration::from_millis(2_100));
+    let reply = from_ext(PROTO_UDP, &packet::udp(EXT_ADDR, NODE_ADDR, 53, 5000, true));
+    assert_eq!(
+        run(&lab, "tc_uplink", uplink_ifindex(&lab), reply).action,
+        TC_ACT_REDIRECT
+    );
+    let f = flow();
+    let age = f["age_secs"].as_u64().unwrap();
+    assert!((2..=3).contains(&age), "two seconds old: {f}");
+    assert_eq!(f["idle_secs"], 0, "the reply was just now: {f}");
+    assert_eq!(f["state"], "REPLIED");
+}

@@ -60,8 +60,7 @@ where
 }
 
 /// CLOCK_MONOTONIC_COARSE in nanoseconds: the clock the datapath stamps entries with
-/// (`bpf_ktime_get_coarse_ns`, tick resolution, a fraction of the precise clock's cost per
-/// packet; nf_conntrack's jiffies are as coarse).
+/// (computed from jiffies, `clock.rs`; tick resolution, as nf_conntrack's jiffies).
 pub fn ct_now_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)

@@ -103,6 +103,10 @@ pub fn run(pins: &Pins, prog: &'static str, ifindex: u32, frame: &[u8]) -> Resul
         }
         loader.map_pin_path(name, path.as_path());
     }
+    // The production programs' clock, so that the dry run stamps entries as they would.
+    let clock = super::calibrate_clock();
+    loader.override_global("CLOCK_JIFFY_NS", &clock.jiffy_ns, true);
+    loader.override_global("CLOCK_OFFSET_NS", &clock.offset_ns, true);
     let mut ebpf = loader
         .load(OBJECT)
         .context("load the explain build of the eBPF object")?;

@@ -15,6 +15,7 @@
 //! carry a tc filter instead (`attach_container`), which is the device's own.
 
 mod batch;
+mod clock;
 mod conntrack;
 pub mod dump;
 pub mod explain;
@@ -48,6 +49,7 @@ use nat_common::{
 use nat_plumbing::netlink::{BpfFilter, Netlink};
 use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 
+pub use clock::{Clock, calibrate as calibrate_clock};
 pub use conntrack::{CtSummary, Flow, FlowEnd, PortsByProto, Usage, ct_now_ns};
 
 use crate::{
@@ -267,6 +269,9 @@ pub fn install(pins: &Pins, conntrack_max: u32) -> Result<()> {
         loader.map_max_entries(table, conntrack_max);
         loader.map_max_entries(fresh, nat_common::conntrack_new_max(conntrack_max));
     }
+    let clock = clock::calibrate();
+    loader.override_global("CLOCK_JIFFY_NS", &clock.jiffy_ns, true);
+    loader.override_global("CLOCK_OFFSET_NS", &clock.offset_ns, true);
     let mut ebpf = loader.load(OBJECT).context("load the eBPF object")?;
     let names = PROGS
         .iter()
