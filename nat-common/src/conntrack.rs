@@ -341,9 +341,9 @@ pub struct CtMeta {
     pub tcp_wscale: u8,
     /// TCP: `TCP_SEEN` once a segment of this direction has set the `tcp_*` window fields.
     pub tcp_track: u8,
-    /// `bpf_ktime_get_coarse_ns` at creation (CLOCK_MONOTONIC_COARSE).
+    /// CLOCK_MONOTONIC_COARSE at creation (the programs' `conntrack::now`).
     pub created_ns: u64,
-    /// `bpf_ktime_get_coarse_ns` of the last packet in this direction.
+    /// CLOCK_MONOTONIC_COARSE of the last packet in this direction.
     pub last_seen_ns: u64,
     /// Packets seen in this direction.
     pub packets: u64,
@@ -374,7 +374,7 @@ pub struct CtMeta {
     pub tcp_limit: u32,
     /// The largest scaled window this direction has advertised (at least 1).
     pub tcp_maxwin: u32,
-    /// `bpf_ktime_get_coarse_ns` until which the cached next hop is used without a FIB lookup.
+    /// CLOCK_MONOTONIC_COARSE until which the cached next hop is used without a FIB lookup.
     pub nh_until_ns: u64,
 }
 

@@ -49,7 +49,7 @@ pub struct FragPorts {
     /// 0 until then. The entry is deleted when `seen` reaches it.
     pub total: u32,
     pub _pad: u32,
-    /// `bpf_ktime_get_coarse_ns` of the first fragment: the entry is ignored after
+    /// CLOCK_MONOTONIC_COARSE of the first fragment: the entry is ignored after
     /// `FRAG_TIMEOUT_NS`.
     pub created_ns: u64,
 }
