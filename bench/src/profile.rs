@@ -250,7 +250,7 @@ fn report(progs: &[Prog], script: &str) {
     println!("\nby function, % of all samples (BPF subprograms, kernel and user symbols):");
     let mut funcs: Vec<_> = by_func.into_iter().collect();
     funcs.sort_by_key(|f| std::cmp::Reverse(f.1));
-    for (f, n) in funcs.iter().take(25) {
+    for (f, n) in funcs.iter().take(40) {
         println!("{:>6.2} %  {n:>7}  {f}", pct(*n, total));
     }
     println!(
