@@ -3,7 +3,7 @@
 
 use core::mem::{MaybeUninit, size_of};
 
-use crate::pkt::Pkt;
+use crate::{pkt::Pkt, words};
 use nat_common::{
     Addr4, Addr6, CtKey, Family, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Port, Reason,
 };
@@ -156,8 +156,8 @@ impl<A> Ip<A> {
 #[inline(always)]
 pub fn ipv4(ctx: &impl Pkt) -> Result<Ip4, Reason> {
     let ip = ptr_at::<Ipv4Hdr>(ctx, IP_OFF).ok_or(Reason::DropTruncated)?;
-    // SAFETY: bounds checked by `ptr_at`.
-    let h = unsafe { *ip };
+    // SAFETY: bounds checked by `ptr_at`; read field by field, not copied whole.
+    let h = unsafe { &*ip };
     let ihl = usize::from(h.vihl & 0x0f) * 4;
     if h.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
         return Err(Reason::DropTruncated);
@@ -177,8 +177,8 @@ pub fn ipv4(ctx: &impl Pkt) -> Result<Ip4, Reason> {
     let more_fragments = frags & 0x2000 != 0;
     let offset = frags & 0x1fff;
     let mut p = Ip4 {
-        src: h.src_addr,
-        dst: h.dst_addr,
+        src: words::quad_at::<12>(ip.cast()),
+        dst: words::quad_at::<16>(ip.cast()),
         sport: [0; 2],
         dport: [0; 2],
         proto: h.proto,
@@ -214,10 +214,11 @@ fn l4<A: Family>(ctx: &impl Pkt, p: &mut Ip<A>) -> Result<(), Reason> {
         PROTO_TCP => {
             // The whole fixed header: the checksum a rewrite updates is at offset 16.
             let t = ptr_at::<[u8; 20]>(ctx, p.l4_off).ok_or(Reason::DropTruncated)?;
-            // SAFETY: bounds checked by `ptr_at`.
-            let t = unsafe { *t };
-            p.sport = [t[0], t[1]];
-            p.dport = [t[2], t[3]];
+            let ports = words::quad_at::<0>(t.cast());
+            // SAFETY: bounds checked by `ptr_at`; read in place.
+            let t = unsafe { &*t };
+            p.sport = [ports[0], ports[1]];
+            p.dport = [ports[2], ports[3]];
             p.tcp_flags = t[13];
             let doff = usize::from(t[12] >> 4) * 4;
             if doff < 20 || (!p.frag && doff > l4_len) {
@@ -226,10 +227,11 @@ fn l4<A: Family>(ctx: &impl Pkt, p: &mut Ip<A>) -> Result<(), Reason> {
         }
         PROTO_UDP => {
             let u = ptr_at::<[u8; 8]>(ctx, p.l4_off).ok_or(Reason::DropTruncated)?;
-            // SAFETY: bounds checked by `ptr_at`.
-            let u = unsafe { *u };
-            p.sport = [u[0], u[1]];
-            p.dport = [u[2], u[3]];
+            let ports = words::quad_at::<0>(u.cast());
+            // SAFETY: bounds checked by `ptr_at`; read in place.
+            let u = unsafe { &*u };
+            p.sport = [ports[0], ports[1]];
+            p.dport = [ports[2], ports[3]];
             let ulen = usize::from(u16::from_be_bytes([u[4], u[5]]));
             // Shorter than the packet is padding (udp_rcv trims it); longer is a lie.
             if ulen < 8 || (!p.frag && ulen > l4_len) {

@@ -41,6 +41,13 @@ fn store<const OFF: usize>(p: *mut u8, v: u32) {
     }
 }
 
+/// The four bytes at `p + OFF` in one load (an IPv4 address or a pair of ports read out of
+/// a packet header): copied as bytes, each is loaded, spilled and reassembled on its own.
+#[inline(always)]
+pub fn quad_at<const OFF: usize>(p: *const u8) -> [u8; 4] {
+    load::<OFF>(p).to_ne_bytes()
+}
+
 /// An IPv6 address as four native-order words (the byte order stays the packet's).
 #[inline(always)]
 pub fn words(a: &Addr6) -> [u32; 4] {
