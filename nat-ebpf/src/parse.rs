@@ -173,12 +173,19 @@ pub fn ipv4(ctx: &impl Pkt) -> Result<Ip4, Reason> {
     if usize::from(tot_len) < ihl {
         return Err(Reason::DropInvalid);
     }
+    // SAFETY: both addresses are inside the header `ptr_at` checked.
+    let (src, dst) = unsafe {
+        (
+            words::quad_at::<12>(ip.cast()),
+            words::quad_at::<16>(ip.cast()),
+        )
+    };
     let frags = u16::from_be_bytes(h.frags);
     let more_fragments = frags & 0x2000 != 0;
     let offset = frags & 0x1fff;
     let mut p = Ip4 {
-        src: words::quad_at::<12>(ip.cast()),
-        dst: words::quad_at::<16>(ip.cast()),
+        src,
+        dst,
         sport: [0; 2],
         dport: [0; 2],
         proto: h.proto,
@@ -214,9 +221,8 @@ fn l4<A: Family>(ctx: &impl Pkt, p: &mut Ip<A>) -> Result<(), Reason> {
         PROTO_TCP => {
             // The whole fixed header: the checksum a rewrite updates is at offset 16.
             let t = ptr_at::<[u8; 20]>(ctx, p.l4_off).ok_or(Reason::DropTruncated)?;
-            let ports = words::quad_at::<0>(t.cast());
-            // SAFETY: bounds checked by `ptr_at`; read in place.
-            let t = unsafe { &*t };
+            // SAFETY: bounds checked by `ptr_at` (20 bytes); read in place.
+            let (ports, t) = unsafe { (words::quad_at::<0>(t.cast()), &*t) };
             p.sport = [ports[0], ports[1]];
             p.dport = [ports[2], ports[3]];
             p.tcp_flags = t[13];
@@ -227,9 +233,8 @@ fn l4<A: Family>(ctx: &impl Pkt, p: &mut Ip<A>) -> Result<(), Reason> {
         }
         PROTO_UDP => {
             let u = ptr_at::<[u8; 8]>(ctx, p.l4_off).ok_or(Reason::DropTruncated)?;
-            let ports = words::quad_at::<0>(u.cast());
-            // SAFETY: bounds checked by `ptr_at`; read in place.
-            let u = unsafe { &*u };
+            // SAFETY: bounds checked by `ptr_at` (8 bytes); read in place.
+            let (ports, u) = unsafe { (words::quad_at::<0>(u.cast()), &*u) };
             p.sport = [ports[0], ports[1]];
             p.dport = [ports[2], ports[3]];
             let ulen = usize::from(u16::from_be_bytes([u[4], u[5]]));

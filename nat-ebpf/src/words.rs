@@ -3,7 +3,8 @@
 //! byte by byte: about 50 instructions for one comparison, where four word loads do. The
 //! loads and stores here are single instructions written out (`asm!`), so they are defined
 //! at any alignment; the verifier allows an unaligned one everywhere but on the stack, and
-//! the places they are used on (`Ip`, `CtKey`, map values) are 4-byte aligned anyway.
+//! the places they are used on (`Ip`, `CtKey`, map values) are 4-byte aligned anyway, but
+//! for the packet headers `quad_at` reads.
 
 use core::arch::asm;
 
@@ -43,8 +44,13 @@ fn store<const OFF: usize>(p: *mut u8, v: u32) {
 
 /// The four bytes at `p + OFF` in one load (an IPv4 address or a pair of ports read out of
 /// a packet header): copied as bytes, each is loaded, spilled and reassembled on its own.
+/// Packet headers are often only 2-aligned: the verifier checks a packet access's alignment
+/// only where the architecture lacks efficient unaligned access (not x86-64 or arm64).
+///
+/// # Safety
+/// `p + OFF .. p + OFF + 4` must be readable (inside the bounds the verifier was shown).
 #[inline(always)]
-pub fn quad_at<const OFF: usize>(p: *const u8) -> [u8; 4] {
+pub unsafe fn quad_at<const OFF: usize>(p: *const u8) -> [u8; 4] {
     load::<OFF>(p).to_ne_bytes()
 }
 
