@@ -4,7 +4,7 @@
 //! loads and stores here are single instructions written out (`asm!`), so they are defined
 //! at any alignment; the verifier allows an unaligned one everywhere but on the stack, and
 //! the places they are used on (`Ip`, `CtKey`, map values) are 4-byte aligned anyway, but
-//! for the packet headers `quad_at` reads.
+//! for the packet headers `parse` reads addresses and ports from (see `quad_at`).
 
 use core::arch::asm;
 
