@@ -310,10 +310,8 @@ pub fn ipv6<'a>(ctx: &impl Pkt, out: &'a mut MaybeUninit<Ip6>) -> Result<&'a mut
         return Err(Reason::DropTruncated);
     }
     let p = out.write(Ip6 {
-        // SAFETY: [u32; 4] and [u8; 16] have the same size, any bits valid.
-        src: unsafe { core::mem::transmute::<[u32; 4], Addr6>(words::words(&h.src)) },
-        // SAFETY: as above.
-        dst: unsafe { core::mem::transmute::<[u32; 4], Addr6>(words::words(&h.dst)) },
+        src: words::addr6(&h.src),
+        dst: words::addr6(&h.dst),
         sport: [0; 2],
         dport: [0; 2],
         proto: h.next_hdr,

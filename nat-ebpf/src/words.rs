@@ -44,7 +44,7 @@ fn store<const OFF: usize>(p: *mut u8, v: u32) {
 
 /// The four bytes at `p + OFF` in one load (an IPv4 address or a pair of ports read out of
 /// a packet header): copied as bytes, each is loaded, spilled and reassembled on its own.
-/// Packet headers are often only 2-aligned: the verifier checks a packet access's alignment
+/// A packet header may be only 2-aligned: the verifier checks a packet access's alignment
 /// only where the architecture lacks efficient unaligned access (not x86-64 or arm64).
 ///
 /// # Safety
@@ -52,6 +52,14 @@ fn store<const OFF: usize>(p: *mut u8, v: u32) {
 #[inline(always)]
 pub unsafe fn quad_at<const OFF: usize>(p: *const u8) -> [u8; 4] {
     load::<OFF>(p).to_ne_bytes()
+}
+
+/// A copy of an IPv6 address (in a packet header, say) read a word at a time: copied as
+/// bytes, each byte is loaded and stored on its own.
+#[inline(always)]
+pub fn addr6(a: &Addr6) -> Addr6 {
+    // SAFETY: 16 bytes either way; the words keep the address's byte order.
+    unsafe { core::mem::transmute::<[u32; 4], Addr6>(words(a)) }
 }
 
 /// An IPv6 address as four native-order words (the byte order stays the packet's).
