@@ -690,6 +690,10 @@ fn control_plane(bin: &Path, quick: bool) -> Result<ControlPlane> {
     drop(lab);
     let cni_s = cni_adds(bin, containers, 8)?;
     println!("bench: {containers} CNI ADDs, 8 at a time: {cni_s:.2} s");
+    let cni_bridge_s = cni_bridge_adds(bin, containers, 8)?;
+    println!(
+        "bench: {containers} CNI ADDs of the reference bridge plugin (host-local, ipMasq), 8 at a time: {cni_bridge_s:.2} s"
+    );
     let scrape = scrape::measure(bin, 1_000_000)?;
     println!(
         "bench: /metrics with 1,000,000 conntrack entries: {:.1} ms during the gc walk, {:.1} ms after; the walk {:.2} s",
@@ -702,15 +706,25 @@ fn control_plane(bin: &Path, quick: bool) -> Result<ControlPlane> {
         add_s,
         down_s,
         cni_s,
+        cni_bridge_s,
         scrape,
         run_dir: rundir::describe(),
     })
 }
 
-/// Seconds for `n` CNI ADDs of the plugin (`bin`, as a runtime runs it: environment,
-/// configuration on stdin), `parallel` at a time, each for a sandbox namespace of its own.
+/// A CNI plugin as the bench runs it: its binary, its network configuration (on stdin) and
+/// the `CNI_PATH` it finds its delegates (IPAM) in.
+struct Plugin {
+    bin: PathBuf,
+    conf: String,
+    path: &'static str,
+}
+
+/// The reference plugins' directory (Debian's containernetworking-plugins).
+const CNI_REFERENCE_DIR: &str = "/usr/lib/cni";
+
+/// Seconds for `n` CNI ADDs of bpfnat's plugin (`bin`), `parallel` at a time.
 fn cni_adds(bin: &Path, n: u32, parallel: u32) -> Result<f64> {
-    use std::io::Write as _;
     let lab = bpfnat_lab::Lab::new("bnb-cni", bin)?;
     let conf = serde_json::json!({
         "cniVersion": "1.1.0",
@@ -721,29 +735,77 @@ fn cni_adds(bin: &Path, n: u32, parallel: u32) -> Result<f64> {
         "stateDir": lab.state_dir,
     })
     .to_string();
+    let plugin = Plugin {
+        bin: bin.to_owned(),
+        conf,
+        path: "/opt/cni/bin",
+    };
+    time_cni_adds(&lab, &plugin, n, parallel)
+}
+
+/// The same ADDs through what bpfnat replaces: the reference `bridge` plugin with
+/// `host-local` addresses and `ipMasq` (its iptables chain per container), as a CNI bridge
+/// network (and podman's default one) is configured. Its own lab, whose node namespace
+/// holds the bridge and the rules; `bin` only builds that lab.
+fn cni_bridge_adds(bin: &Path, n: u32, parallel: u32) -> Result<f64> {
+    let lab = bpfnat_lab::Lab::new("bnb-br", bin)?;
+    let conf = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "bnb-bridge",
+        "type": "bridge",
+        "bridge": "cni0",
+        "isGateway": true,
+        "ipMasq": true,
+        "ipam": {
+            "type": "host-local",
+            "ranges": [[{"subnet": "10.88.0.0/16"}]],
+            // Inside the lab's state directory, which goes with the lab.
+            "dataDir": lab.state_dir.join("ipam"),
+        },
+    })
+    .to_string();
+    let plugin = Plugin {
+        bin: Path::new(CNI_REFERENCE_DIR).join("bridge"),
+        conf,
+        path: CNI_REFERENCE_DIR,
+    };
+    time_cni_adds(&lab, &plugin, n, parallel)
+}
+
+/// Seconds for `n` ADDs of `plugin` (as a runtime runs it: environment, configuration on
+/// stdin, in the node's namespace), `parallel` at a time, each for a sandbox namespace of
+/// its own made beforehand.
+fn time_cni_adds(lab: &bpfnat_lab::Lab, plugin: &Plugin, n: u32, parallel: u32) -> Result<f64> {
+    use std::io::Write as _;
     let sandboxes: Vec<PathBuf> = (0..n)
         .map(|i| nat_plumbing::netns::create(&lab.name(&format!("s{i}"))))
         .collect::<Result<_>>()?;
     let add = |i: usize| -> Result<()> {
-        let mut c = std::process::Command::new(bin);
+        let mut c = std::process::Command::new(&plugin.bin);
         c.env("CNI_COMMAND", "ADD")
             .env("CNI_CONTAINERID", format!("bench{i}"))
             .env("CNI_NETNS", &sandboxes[i])
             .env("CNI_IFNAME", "eth0")
-            .env("CNI_PATH", "/opt/cni/bin")
+            .env("CNI_PATH", plugin.path)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
         nat_plumbing::netns::command_in(&mut c, &lab.node)?;
-        let mut child = c.spawn().context("run the CNI plugin")?;
+        let mut child = c
+            .spawn()
+            .with_context(|| format!("run the CNI plugin {}", plugin.bin.display()))?;
         child
             .stdin
             .take()
             .ok_or_else(|| anyhow!("no stdin"))?
-            .write_all(conf.as_bytes())?;
+            .write_all(plugin.conf.as_bytes())?;
         let out = child.wait_with_output()?;
         if !out.status.success() {
-            bail!("CNI ADD {i}: {}", String::from_utf8_lossy(&out.stdout));
+            bail!(
+                "CNI ADD {i} ({}): {}",
+                plugin.bin.display(),
+                String::from_utf8_lossy(&out.stdout)
+            );
         }
         Ok(())
     };
