@@ -302,7 +302,7 @@ unsafe impl Pod for CtEntry4 {}
 unsafe impl Zeroable for CtEntry6 {}
 // SAFETY: as above.
 unsafe impl Pod for CtEntry6 {}
-const _: () = assert!(size_of::<CtEntry4>() == 16 + 96 && size_of::<CtEntry6>() == 40 + 96);
+const _: () = assert!(size_of::<CtEntry4>() == 16 + 112 && size_of::<CtEntry6>() == 40 + 112);
 
 impl<A: Family> CtEntry<A> {
     /// The key of the entry for the other direction of this entry's connection: the reverse
@@ -376,10 +376,22 @@ pub struct CtMeta {
     pub tcp_maxwin: u32,
     /// CLOCK_MONOTONIC_COARSE until which the cached next hop is used without a FIB lookup.
     pub nh_until_ns: u64,
+    /// TCP, a direction whose packets come from outside: the other direction's `tcp_end`,
+    /// `tcp_limit` and `tcp_maxwin` as this entry last read them from the other entry (valid
+    /// with `TCP_PEER_COPY`). While the connection is established they only grow, so a
+    /// segment in the window by this copy is in it by the other entry's own fields: steady
+    /// segments from outside are checked without a second lookup.
+    pub peer_end: u32,
+    pub peer_limit: u32,
+    pub peer_maxwin: u32,
+    pub _pad2: u32,
 }
 
 /// `CtMeta::tcp_track`: this direction's window fields are set.
 pub const TCP_SEEN: u8 = 1;
+/// `CtMeta::tcp_track`: the `peer_*` fields hold a copy of the other direction's window
+/// fields, taken while the connection was established (a new SYN clears it).
+pub const TCP_PEER_COPY: u8 = 16;
 
 /// How long a cached next hop is trusted: route and neighbour changes take effect within it.
 pub const NEXT_HOP_CACHE_NS: u64 = 1_000_000_000;

@@ -9,7 +9,7 @@
 
 /// Version of the pinned layout. Bumped whenever a map's key or value changes, so that a new
 /// loader never silently reuses an old, differently shaped map pinned by an earlier version.
-pub const PIN_VERSION: &str = "v4";
+pub const PIN_VERSION: &str = "v5";
 
 mod addr;
 mod cluster;
@@ -277,10 +277,10 @@ mod tests {
     #[test]
     fn layouts_have_the_sizes_bpftool_shows() {
         assert_eq!(size_of::<CtKey4>(), 16);
-        assert_eq!(size_of::<CtEntry4>(), 112);
+        assert_eq!(size_of::<CtEntry4>(), 128);
         assert_eq!(size_of::<CtKey6>(), 40);
-        assert_eq!(size_of::<CtEntry6>(), 136);
-        assert_eq!(size_of::<CtMeta>(), 96);
+        assert_eq!(size_of::<CtEntry6>(), 152);
+        assert_eq!(size_of::<CtMeta>(), 112);
         assert_eq!(size_of::<Net4>(), 20);
         assert_eq!(size_of::<PortKey4>(), 8);
         assert_eq!(size_of::<PortTarget4>(), 12);

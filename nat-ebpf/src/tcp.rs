@@ -16,15 +16,19 @@
 //! seen, so its window scaling unknown) is tracked without judging windows, as nf_conntrack
 //! does, until a SYN starts it over.
 //!
-//! One exception: a plain segment (no SYN, FIN or RST) from the container's side of an
-//! assured, established connection is learned from without the check (`steady_from_inside`).
+//! Two shortcuts for plain segments (no SYN, FIN or RST) of an assured, established
+//! connection, which otherwise cost a second lookup (the other direction's entry): from the
+//! container's side they are learned from without the check (`steady_from_inside`); from
+//! outside they are checked against the copy of the other direction's fields their own entry
+//! keeps (`steady_from_outside`), and only a segment outside that copy's window reads the
+//! other entry, which refreshes the copy.
 
 use core::ffi::c_void;
 
 use aya_ebpf::helpers::bpf_loop;
 use nat_common::{
-    CtEntry, CtMeta, DIR_ORIGINAL, DIR_REPLY, Reason, TCP_SEEN, tcp_flags, tcp_state,
-    tcp_transition,
+    CtEntry, CtMeta, DIR_ORIGINAL, DIR_REPLY, Reason, TCP_PEER_COPY, TCP_SEEN, tcp_flags,
+    tcp_state, tcp_transition,
 };
 
 use crate::{
@@ -298,10 +302,84 @@ pub fn track<A: Fam>(ctx: &impl Pkt, e: *mut CtEntry<A>, p: &Ip<A>) -> Result<bo
         learn(unsafe { &mut (*e).meta }, &s);
         return Ok(false);
     }
+    if steady_from_outside(e, &s) {
+        // SAFETY: as below.
+        learn(unsafe { &mut (*e).meta }, &s);
+        return Ok(false);
+    }
     // SAFETY: `e` points into the map value; concurrent writers of one connection race to
     // similar values, as in nf_conntrack without its lock, and never past the window rules.
     let peer = lookup(&unsafe { (*e).peer_key() }).map(meta);
-    track_seg(ctx, p, &s, meta(e), peer)
+    let both_seen = track_seg(ctx, p, &s, meta(e), peer)?;
+    if let Some(peer) = peer
+        && arrives_from_outside(e)
+    {
+        copy_peer(meta(e), peer);
+    }
+    Ok(both_seen)
+}
+
+/// Keep the window fields of `peer` (the container's direction) in `e` (the direction from
+/// outside) for `steady_from_outside`: only while the connection is established and both
+/// directions' windows are judged (not picked up mid-stream), when those fields only grow.
+#[inline(always)]
+fn copy_peer(e: *mut CtMeta, peer: *const CtMeta) {
+    // SAFETY: two live map values (a connection's two entries); the other one's fields are
+    // read before this one is written.
+    let (track, end, limit, maxwin) = unsafe {
+        (
+            (*peer).tcp_track,
+            (*peer).tcp_end,
+            (*peer).tcp_limit,
+            (*peer).tcp_maxwin,
+        )
+    };
+    // SAFETY: as above.
+    let e = unsafe { &mut *e };
+    let judged = TCP_SEEN | TCP_ACKED;
+    if e.state != tcp_state::ESTABLISHED
+        || track & (judged | TCP_LIBERAL) != judged
+        || e.tcp_track & TCP_LIBERAL != 0
+    {
+        e.tcp_track &= !TCP_PEER_COPY;
+        return;
+    }
+    e.peer_end = end;
+    e.peer_limit = limit;
+    e.peer_maxwin = maxwin;
+    e.tcp_track |= TCP_PEER_COPY;
+}
+
+/// Whether segment `s` from outside is a plain segment of an assured, established connection
+/// and in the window by the copy of the container's fields its entry keeps. The copy is
+/// older than the container's entry, but those fields only grow while the connection is
+/// established (a new SYN clears the copy), so each bound is at least as tight as
+/// `in_window`'s: the end no later than the copy's limit, no earlier than the oldest byte the
+/// copy's largest window allows, the acknowledgement no later than the copy's end. The lower
+/// bound of the acknowledgement uses this direction's own limit instead of the container's
+/// newest end: a container sends no further than that limit, so it is the tighter one. A
+/// segment outside any of these goes the long way (`in_window` with the other entry).
+#[inline(always)]
+fn steady_from_outside<A>(e: *const CtEntry<A>, s: &Seg) -> bool {
+    let ctl = tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST;
+    // SAFETY: reads of a live map value.
+    let m = unsafe { &(*e).meta };
+    let need = TCP_SEEN | TCP_ACKED | TCP_PEER_COPY;
+    if s.flags & ctl != 0
+        || s.flags & tcp_flags::ACK == 0
+        || m.assured != 1
+        || m.state != tcp_state::ESTABLISHED
+        || m.tcp_track & (need | TCP_LIBERAL) != need
+    {
+        return false;
+    }
+    let oldest = m.tcp_end.wrapping_sub(m.peer_maxwin);
+    let span = m.tcp_maxwin.max(MAX_ACK_WINDOW);
+    !after(s.end, m.peer_limit)
+        && after(s.end, oldest.wrapping_sub(1))
+        && !after(s.ack, m.peer_end)
+        && !before(s.ack, m.tcp_limit.wrapping_sub(span))
+        && arrives_from_outside(e)
 }
 
 /// Whether segment `s` of `e`'s direction can be learned from without the peer's entry (the

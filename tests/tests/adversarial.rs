@@ -712,6 +712,154 @@ fn forged_tcp_segments_outside_the_window_or_with_bad_checksums_change_no_state(
     }
 }
 
+/// The `tcp` part of the assured entry whose key is `src:sport → dst:dport`, as `map dump`
+/// decodes it.
+fn ct_tcp(lab: &Lab, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> serde_json::Value {
+    let ct = json(lab, &["map", "dump", "conntrack"]);
+    ct.as_array()
+        .expect("entry array")
+        .iter()
+        .find(|e| {
+            let k = &e["key"];
+            k["proto"] == "tcp"
+                && k["src"] == src.to_string()
+                && k["sport"] == sport
+                && k["dst"] == dst.to_string()
+                && k["dport"] == dport
+        })
+        .map(|e| e["value"]["tcp"].clone())
+        .unwrap_or_else(|| panic!("no entry {src}:{sport} → {dst}:{dport} in {ct:#}"))
+}
+
+fn num(v: &serde_json::Value) -> u32 {
+    v.as_u64()
+        .and_then(|n| u32::try_from(n).ok())
+        .expect("a u32")
+}
+
+/// Segments from outside of an established connection are checked against the copy of the
+/// container's window fields their entry keeps, without reading the container's entry; the
+/// copy follows the container (a segment acknowledging data sent since it was taken reads the
+/// entry and refreshes it), admits nothing the container's own fields would not (an
+/// acknowledgement of data never sent teaches nothing), and goes with the connection's end.
+#[test]
+fn segments_from_outside_are_checked_against_a_copy_that_admits_nothing_more() {
+    use nat_common::tcp_flags::{ACK, RST};
+    let lab = lab_up("adv-copy");
+    let c = add_container(&lab, "c", &["-p", "8082:82"]);
+    let mut published = hold(
+        &c.ns,
+        v4(Ipv4Addr::UNSPECIFIED, 82),
+        &lab.ext,
+        v4(NODE_ADDR, 8082),
+    );
+    let client_port = match published.client.local_addr().unwrap() {
+        std::net::SocketAddr::V4(a) => a.port(),
+        other => panic!("{other}"),
+    };
+    let mut masq = hold(&lab.ext, v4(EXT_ADDR, 9101), &c.ns, v4(EXT_ADDR, 9101));
+    let masq_port = match masq.client.local_addr().unwrap() {
+        std::net::SocketAddr::V4(a) => a.port(),
+        other => panic!("{other}"),
+    };
+    let node = |port| std::net::SocketAddrV4::new(NODE_ADDR, port);
+    let ext = |port| std::net::SocketAddrV4::new(EXT_ADDR, port);
+    // (connection, outside end, node end as outside sees it, container's own tuple)
+    let seen = masq.seen;
+    let cases = [
+        (
+            &mut published,
+            ext(client_port),
+            node(8082),
+            (82, client_port),
+        ),
+        (&mut masq, ext(9101), seen, (masq_port, 9101)),
+    ];
+    for (h, from, to, (c_sport, c_dport)) in cases {
+        let outside = || ct_tcp(&lab, *from.ip(), from.port(), *to.ip(), to.port());
+        let inside = || ct_tcp(&lab, c.ip, c_sport, EXT_ADDR, c_dport);
+        // Round trips; then time for delayed acknowledgements, so nothing moves below but
+        // what the test sends.
+        assert!(round_trip(h) && round_trip(h), "{to} carries data");
+        std::thread::sleep(Duration::from_millis(300));
+        let (o, i) = (outside(), inside());
+        let copy = &o["peer_copy"];
+        assert!(
+            copy.is_object(),
+            "{to}: no copy in the outside entry: {o:#}"
+        );
+        assert_eq!(
+            copy["end"], i["end"],
+            "{to}: the copy follows the container"
+        );
+        assert!(
+            num(&i["limit"]).wrapping_sub(num(&copy["limit"])) as i32 >= 0,
+            "{to}: the copy's limit is the container's or older: {o:#} {i:#}"
+        );
+
+        let forge = |seq: u32, ack: u32, flags: u8| {
+            packet::frame(
+                EXT_MAC,
+                uplink_mac(&lab),
+                *from.ip(),
+                *to.ip(),
+                packet::PROTO_TCP,
+                &packet::tcp_seg(
+                    *from.ip(),
+                    *to.ip(),
+                    from.port(),
+                    to.port(),
+                    seq,
+                    ack,
+                    flags,
+                    true,
+                ),
+            )
+        };
+        let (seq, ack) = next_numbers(&lab, h, from, to);
+        std::thread::sleep(Duration::from_millis(300));
+        let before = outside();
+        // In the sequence window, acknowledging 16 MiB the container never sent: learned
+        // from, it would raise what the outside side lets the container send.
+        wire::send(
+            &lab.ext,
+            "eth0",
+            vec![forge(seq, ack.wrapping_add(0x0100_0000), ACK)],
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        let after = outside();
+        assert_eq!(
+            after["limit"], before["limit"],
+            "{to}: learned a forged ack"
+        );
+        assert_eq!(after["end"], before["end"], "{to}");
+        assert!(round_trip(h), "{to} carries data after the forged segment");
+
+        // Positive control: the same segment with the real acknowledgement (and a larger
+        // window than the endpoint's own) is learned from.
+        let (seq, ack) = next_numbers(&lab, h, from, to);
+        std::thread::sleep(Duration::from_millis(300));
+        let before = outside();
+        wire::send(&lab.ext, "eth0", vec![forge(seq, ack, ACK)]);
+        std::thread::sleep(Duration::from_millis(200));
+        let after = outside();
+        assert_ne!(
+            after["limit"], before["limit"],
+            "{to}: the honest segment was learned"
+        );
+
+        // The connection's end takes the copy with it.
+        let (seq, ack) = next_numbers(&lab, h, from, to);
+        wire::send(&lab.ext, "eth0", vec![forge(seq, ack, RST | ACK)]);
+        std::thread::sleep(Duration::from_millis(200));
+        let o = outside();
+        assert!(
+            o["peer_copy"].is_null(),
+            "{to}: a closed connection keeps a copy: {o:#}"
+        );
+    }
+}
+
 /// A TCP connection between two namespaces with both ends kept: (client, server).
 fn pair(
     server_ns: &std::path::Path,

@@ -477,6 +477,12 @@ fn ct_entry<A>(e: &CtEntry<A>, xsrc: IpAddr, xdst: IpAddr, now: u64) -> Value {
             "max_window": m.tcp_maxwin,
             "window_scale": m.tcp_wscale,
             "tracked": m.tcp_track != 0,
+            // What packets from outside are checked against before the other entry is read.
+            "peer_copy": (m.tcp_track & nat_common::TCP_PEER_COPY != 0).then(|| json!({
+                "end": m.peer_end,
+                "limit": m.peer_limit,
+                "max_window": m.peer_maxwin,
+            })),
         })),
     })
 }

@@ -5,11 +5,11 @@
 //!
 //! Layout:
 //! ```text
-//! <bpffs-dir>/v4/maps/<map>                 every map of MAP_SPECS marked pinned
-//! <bpffs-dir>/v4/progs/{tc_container,tc_uplink,xdp_uplink,sock_*}
-//! <bpffs-dir>/v4/links/<interface>          the uplink's TCX ingress link
-//! <bpffs-dir>/v4/xdp-links/<interface>      the uplink's XDP link (`up --xdp native|generic`)
-//! <bpffs-dir>/v4/cgroup-links/<program>     the socket programs' links
+//! <bpffs-dir>/v5/maps/<map>                 every map of MAP_SPECS marked pinned
+//! <bpffs-dir>/v5/progs/{tc_container,tc_uplink,xdp_uplink,sock_*}
+//! <bpffs-dir>/v5/links/<interface>          the uplink's TCX ingress link
+//! <bpffs-dir>/v5/xdp-links/<interface>      the uplink's XDP link (`up --xdp native|generic`)
+//! <bpffs-dir>/v5/cgroup-links/<program>     the socket programs' links
 //! ```
 //! Links are pinned, so the datapath keeps running after the loader exits. Container veths
 //! carry a tc filter instead (`attach_container`), which is the device's own.
