@@ -611,6 +611,42 @@ fn next_numbers(
     )
 }
 
+/// A TCP segment from `from` to `to` as a host on the uplink's segment forges it, its
+/// checksum right when `good`.
+fn forged_tcp(
+    lab: &Lab,
+    (from, to): (std::net::SocketAddrV4, std::net::SocketAddrV4),
+    (seq, ack): (u32, u32),
+    flags: u8,
+    good: bool,
+) -> Vec<u8> {
+    packet::frame(
+        EXT_MAC,
+        uplink_mac(lab),
+        *from.ip(),
+        *to.ip(),
+        packet::PROTO_TCP,
+        &packet::tcp_seg(
+            *from.ip(),
+            *to.ip(),
+            from.port(),
+            to.port(),
+            seq,
+            ack,
+            flags,
+            good,
+        ),
+    )
+}
+
+/// The client's own port of a held connection.
+fn local_port(h: &Held) -> u16 {
+    match h.client.local_addr().unwrap() {
+        std::net::SocketAddr::V4(a) => a.port(),
+        other => panic!("{other}"),
+    }
+}
+
 fn tcp_state_of(lab: &Lab, dport: u16) -> String {
     bpfnat_tests::flows(lab)
         .iter()
@@ -634,10 +670,7 @@ fn forged_tcp_segments_outside_the_window_or_with_bad_checksums_change_no_state(
         &lab.ext,
         v4(NODE_ADDR, 8081),
     );
-    let client_port = match published.client.local_addr().unwrap() {
-        std::net::SocketAddr::V4(a) => a.port(),
-        other => panic!("{other}"),
-    };
+    let client_port = local_port(&published);
     let mut masq = hold(&lab.ext, v4(EXT_ADDR, 9100), &c.ns, v4(EXT_ADDR, 9100));
     let cases = [
         (&mut published, ext(client_port), node(8081), 8081u16),
@@ -647,23 +680,7 @@ fn forged_tcp_segments_outside_the_window_or_with_bad_checksums_change_no_state(
         let to = if to.port() == 0 { h.seen } else { to };
         assert_eq!(tcp_state_of(&lab, dport), "ESTABLISHED");
         let forge = |seq: u32, ack: u32, flags: u8, good: bool| {
-            packet::frame(
-                EXT_MAC,
-                uplink_mac(&lab),
-                *from.ip(),
-                *to.ip(),
-                packet::PROTO_TCP,
-                &packet::tcp_seg(
-                    *from.ip(),
-                    *to.ip(),
-                    from.port(),
-                    to.port(),
-                    seq,
-                    ack,
-                    flags,
-                    good,
-                ),
-            )
+            forged_tcp(&lab, (from, to), (seq, ack), flags, good)
         };
         let (seq, ack) = next_numbers(&lab, h, from, to);
         let (win, csum) = (
@@ -753,15 +770,9 @@ fn segments_from_outside_are_checked_against_a_copy_that_admits_nothing_more() {
         &lab.ext,
         v4(NODE_ADDR, 8082),
     );
-    let client_port = match published.client.local_addr().unwrap() {
-        std::net::SocketAddr::V4(a) => a.port(),
-        other => panic!("{other}"),
-    };
+    let client_port = local_port(&published);
     let mut masq = hold(&lab.ext, v4(EXT_ADDR, 9101), &c.ns, v4(EXT_ADDR, 9101));
-    let masq_port = match masq.client.local_addr().unwrap() {
-        std::net::SocketAddr::V4(a) => a.port(),
-        other => panic!("{other}"),
-    };
+    let masq_port = local_port(&masq);
     let node = |port| std::net::SocketAddrV4::new(NODE_ADDR, port);
     let ext = |port| std::net::SocketAddrV4::new(EXT_ADDR, port);
     // (connection, outside end, node end as outside sees it, container's own tuple)
@@ -797,25 +808,8 @@ fn segments_from_outside_are_checked_against_a_copy_that_admits_nothing_more() {
             "{to}: the copy's limit is the container's or older: {o:#} {i:#}"
         );
 
-        let forge = |seq: u32, ack: u32, flags: u8| {
-            packet::frame(
-                EXT_MAC,
-                uplink_mac(&lab),
-                *from.ip(),
-                *to.ip(),
-                packet::PROTO_TCP,
-                &packet::tcp_seg(
-                    *from.ip(),
-                    *to.ip(),
-                    from.port(),
-                    to.port(),
-                    seq,
-                    ack,
-                    flags,
-                    true,
-                ),
-            )
-        };
+        let forge =
+            |seq: u32, ack: u32, flags: u8| forged_tcp(&lab, (from, to), (seq, ack), flags, true);
         let (seq, ack) = next_numbers(&lab, h, from, to);
         std::thread::sleep(Duration::from_millis(300));
         let before = outside();
