@@ -315,7 +315,7 @@ impl<A: Family> CtEntry<A> {
 }
 
 /// The family-neutral part of a conntrack entry: the connection's state, this direction's
-/// counters, next-hop cache and TCP window.
+/// counters, next-hop cache and TCP window, and a copy of the other direction's window.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct CtMeta {
@@ -339,7 +339,9 @@ pub struct CtMeta {
     /// TCP: this direction's window scale (shift) from its SYN; 0 when either SYN lacked the
     /// option (RFC 7323: scaling is used only when both sides offer it).
     pub tcp_wscale: u8,
-    /// TCP: `TCP_SEEN` once a segment of this direction has set the `tcp_*` window fields.
+    /// TCP: `TCP_SEEN` once a segment of this direction has set the `tcp_*` window fields,
+    /// `TCP_PEER_COPY` while `peer_*` hold a copy of the other direction's (the datapath's
+    /// own bits, 2 to 8, are `nat-ebpf/src/tcp.rs`'s).
     pub tcp_track: u8,
     /// CLOCK_MONOTONIC_COARSE at creation (the programs' `conntrack::now`).
     pub created_ns: u64,
@@ -376,14 +378,17 @@ pub struct CtMeta {
     pub tcp_maxwin: u32,
     /// CLOCK_MONOTONIC_COARSE until which the cached next hop is used without a FIB lookup.
     pub nh_until_ns: u64,
-    /// TCP, a direction whose packets come from outside: the other direction's `tcp_end`,
-    /// `tcp_limit` and `tcp_maxwin` as this entry last read them from the other entry (valid
-    /// with `TCP_PEER_COPY`). While the connection is established they only grow, so a
-    /// segment in the window by this copy is in it by the other entry's own fields: steady
-    /// segments from outside are checked without a second lookup.
+    /// TCP, a direction whose packets come from outside (valid with `TCP_PEER_COPY`): the
+    /// other direction's `tcp_end` as this entry last read it from the other entry. The
+    /// three `peer_*` fields only grow while the connection is established, so a segment in
+    /// the window by them is in it by the other entry's own fields: steady segments from
+    /// outside are checked without a second lookup.
     pub peer_end: u32,
+    /// The other direction's `tcp_limit`, read with `peer_end`.
     pub peer_limit: u32,
+    /// The other direction's `tcp_maxwin`, read with `peer_end`.
     pub peer_maxwin: u32,
+    /// Keeps the entry a multiple of 8 bytes without implicit padding.
     pub _pad2: u32,
 }
 
